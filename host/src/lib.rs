@@ -1,0 +1,4 @@
+//! The Gust host: runs user functions as WebAssembly components in Wasmtime.
+
+pub mod gpu;
+pub mod runtime;

@@ -1,0 +1,14 @@
+//! Host bindings generated from `wit/` (the `gust:function/guest` world).
+
+#![allow(missing_docs, unreachable_pub)]
+
+wasmtime::component::bindgen!({
+    path: "../wit",
+    world: "gust:function/guest",
+    imports: { default: async | trappable },
+    exports: { default: async },
+    with: {
+        "gust:gpu/tensors.tensor": crate::gpu::GpuTensor,
+        "gust:gpu/models.model": crate::gpu::GpuModel,
+    },
+});

@@ -1,0 +1,128 @@
+//! Engine-wide configuration of the runtime.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// How instances get their memories, tables and stacks.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(tag = "strategy", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum AllocationConfig {
+    /// Pre-reserved slots reused across calls: the fast path. Each memory slot
+    /// reserves `max_memory_bytes` plus guard pages of *virtual* address
+    /// space, so the totals below should match real concurrency needs.
+    Pooling(PoolingConfig),
+    /// Allocate with `mmap` on every instantiation. Slower, but reserves
+    /// nothing up front.
+    OnDemand,
+}
+
+impl Default for AllocationConfig {
+    fn default() -> Self {
+        Self::Pooling(PoolingConfig::default())
+    }
+}
+
+/// Sizes of the pooling allocator.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolingConfig {
+    /// Component instances that may be live at once (one per running call).
+    pub max_instances: u32,
+    /// Linear memories live at once, across all instances.
+    pub total_memories: u32,
+    /// Tables live at once, across all instances.
+    pub total_tables: u32,
+    /// Core instances live at once, across all instances.
+    pub total_core_instances: u32,
+    /// Core instances one component may create (Rust components need a few,
+    /// interpreters bundled with their libraries need dozens).
+    pub max_core_instances_per_component: u32,
+    /// Memories one component may create.
+    pub max_memories_per_component: u32,
+    /// Tables one component may create.
+    pub max_tables_per_component: u32,
+    /// The largest any single linear memory may grow, in bytes. No tenant's
+    /// memory limit can exceed this.
+    pub max_memory_bytes: u64,
+    /// Elements per table slot.
+    pub table_elements: usize,
+    /// Bytes of each memory slot kept resident (zeroed with `memset`, not
+    /// returned to the kernel) between uses: cheaper reuse of small heaps.
+    pub memory_keep_resident_bytes: usize,
+    /// Bytes of each table slot kept resident between uses.
+    pub table_keep_resident_bytes: usize,
+}
+
+impl Default for PoolingConfig {
+    fn default() -> Self {
+        Self {
+            max_instances: 256,
+            total_memories: 512,
+            total_tables: 512,
+            total_core_instances: 2048,
+            max_core_instances_per_component: 64,
+            max_memories_per_component: 8,
+            max_tables_per_component: 16,
+            max_memory_bytes: 4 << 30,
+            table_elements: 20_000,
+            memory_keep_resident_bytes: 1 << 20,
+            table_keep_resident_bytes: 64 << 10,
+        }
+    }
+}
+
+/// Configuration of a [`Runtime`](super::Runtime).
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Where compiled components are cached (created if missing).
+    pub cache_dir: PathBuf,
+    /// The instance allocation strategy.
+    pub allocation: AllocationConfig,
+    /// How often the epoch ticker advances; deadlines are checked at this
+    /// granularity, so a timeout fires at most one tick late.
+    pub epoch_tick: Duration,
+    /// The most native stack WebAssembly may use before a stack-overflow trap.
+    pub max_wasm_stack_bytes: usize,
+}
+
+impl RuntimeConfig {
+    /// Defaults with the compiled-component cache in `cache_dir`.
+    pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            cache_dir: cache_dir.into(),
+            allocation: AllocationConfig::default(),
+            epoch_tick: Duration::from_millis(10),
+            max_wasm_stack_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Per-call limits and grants. Nothing is granted by default.
+#[derive(Debug, Clone)]
+pub struct CallLimits {
+    /// Wall-clock budget for instantiation plus the call.
+    pub timeout: Duration,
+    /// Total linear-memory bytes the instance may hold.
+    pub memory_bytes: u64,
+    /// Environment variables visible to the guest (shared, not copied, per call).
+    pub env: Arc<[(String, String)]>,
+    /// Captured stdout beyond this many bytes is dropped (and counted).
+    pub stdout_limit: usize,
+    /// Captured stderr beyond this many bytes is dropped (and counted).
+    pub stderr_limit: usize,
+}
+
+impl Default for CallLimits {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(10),
+            memory_bytes: 128 << 20,
+            env: Arc::new([]),
+            stdout_limit: 64 << 10,
+            stderr_limit: 64 << 10,
+        }
+    }
+}

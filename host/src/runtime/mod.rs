@@ -1,0 +1,634 @@
+//! The Wasmtime runtime core: one engine, compiled-component cache, a
+//! pre-instantiated component per loaded version, and one fresh, limited
+//! `Store` per call.
+//!
+//! Every call gets a new instance (fresh state is the isolation guarantee),
+//! instantiated from an [`InstancePre`] on the pooling allocator with
+//! copy-on-write memory images, a memory limit, an epoch deadline and a WASI
+//! context that grants nothing unless the caller's limits say so.
+
+pub(crate) mod bindings;
+mod cache;
+mod capture;
+mod config;
+mod epoch;
+mod imports;
+mod outcome;
+pub(crate) mod state;
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use sha2::{Digest as _, Sha256};
+use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
+use wasmtime::{
+    Engine, InstanceAllocationStrategy, OptLevel, PoolConcurrencyLimitError,
+    PoolingAllocationConfig, Store, Trap, UpdateDeadline, WasmBacktrace,
+};
+
+pub use self::cache::CacheError;
+pub use self::capture::{BoundedCapture, CapturedOutput};
+pub use self::config::{AllocationConfig, CallLimits, PoolingConfig, RuntimeConfig};
+pub use self::outcome::{GuestError, Invocation, Outcome, Request, Response, Timings};
+
+use self::bindings::exports::gust::function::handler as wit_handler;
+use self::bindings::{Guest, GuestPre};
+use self::cache::{CompileCache, Lookup};
+use self::epoch::EpochTicker;
+use self::state::{CallState, WasiGrants};
+
+/// Interface a component must export to be invoked as a handler.
+pub const HANDLER_EXPORT: &str = "gust:function/handler@0.1.0";
+/// Interface a component exports to serve HTTP (`wasi:http/proxy`).
+pub const HTTP_EXPORT_PREFIX: &str = "wasi:http/incoming-handler@";
+
+/// The sha256 of a component's bytes: its identity everywhere in Gust.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest([u8; 32]);
+
+impl Digest {
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        Self(Sha256::digest(bytes).into())
+    }
+
+    /// The raw 32 bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Why a component could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// Zero bytes.
+    #[error("the file is empty; expected a WebAssembly component")]
+    Empty,
+    /// Not WebAssembly at all.
+    #[error("not a WebAssembly binary (no `\\0asm` header); expected a WebAssembly component")]
+    NotWasm,
+    /// A core module, not a component.
+    #[error(
+        "this is a core WebAssembly module, not a component; build for `wasm32-wasip2` or wrap it with `wasm-tools component new`"
+    )]
+    CoreModule,
+    /// The binary failed validation or compilation.
+    #[error("invalid component: {0}")]
+    Invalid(String),
+    /// The component imports interfaces the host does not provide.
+    #[error("the component imports what this host does not provide: {}", .imports.join(", "))]
+    UnsatisfiedImports {
+        /// The unsatisfied import names.
+        imports: Vec<String>,
+        /// Wasmtime's own explanation (the first failure it found).
+        detail: String,
+    },
+    /// The component does not export a world the host can run.
+    #[error(
+        "the component exports neither `{HANDLER_EXPORT}` nor `wasi:http/incoming-handler`; it exports: {}",
+        if .exports.is_empty() { "nothing".to_owned() } else { .exports.join(", ") }
+    )]
+    MissingExport {
+        /// What it does export.
+        exports: Vec<String>,
+    },
+    /// It exports the handler interface, but with the wrong types.
+    #[error("the component's `{HANDLER_EXPORT}` export does not match the contract: {0}")]
+    ExportMismatch(String),
+}
+
+/// Errors creating a [`Runtime`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    /// The engine configuration was rejected.
+    #[error("invalid engine configuration: {0}")]
+    Engine(String),
+    /// The compiled-component cache could not be opened.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    /// Setting up the host's imports failed.
+    #[error("could not set up host imports: {0}")]
+    Linker(String),
+}
+
+/// The world a loaded component targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum World {
+    /// Exports `gust:function/handler`.
+    Handler,
+    /// Exports `wasi:http/incoming-handler`.
+    Http,
+}
+
+impl World {
+    /// The world's name as the API reports it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Handler => "handler",
+            Self::Http => "http",
+        }
+    }
+}
+
+/// Which allocator the engine actually runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllocatorInUse {
+    /// The pooling allocator, as configured.
+    Pooling,
+    /// On-demand allocation, as configured.
+    OnDemand,
+    /// On-demand allocation because the pool could not be reserved.
+    OnDemandFallback {
+        /// Why pooling failed.
+        reason: String,
+    },
+}
+
+/// Counters of the runtime's work, for tests and metrics.
+#[derive(Debug, Default)]
+pub struct RuntimeStats {
+    compiles: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_rejections: AtomicU64,
+    instantiations: AtomicU64,
+}
+
+/// A point-in-time copy of [`RuntimeStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Components compiled with Cranelift.
+    pub compiles: u64,
+    /// Components loaded from the compiled cache.
+    pub cache_hits: u64,
+    /// Cache entries that failed verification and were recompiled.
+    pub cache_rejections: u64,
+    /// Instances created.
+    pub instantiations: u64,
+}
+
+impl RuntimeStats {
+    /// Copies the counters.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            compiles: self.compiles.load(Ordering::Relaxed),
+            cache_hits: self.cache_hits.load(Ordering::Relaxed),
+            cache_rejections: self.cache_rejections.load(Ordering::Relaxed),
+            instantiations: self.instantiations.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// How a component was obtained by [`Runtime::load`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadSource {
+    /// Compiled now (and written to the cache).
+    Compiled,
+    /// Deserialized from the cache.
+    Cache,
+}
+
+enum Prepared {
+    Handler(GuestPre<CallState>),
+    // Served by the HTTP front end, which arrives with the server.
+    #[expect(dead_code, reason = "wasi:http serving lands with the server")]
+    Http(InstancePre<CallState>),
+}
+
+/// A validated, compiled, pre-instantiated component, ready to invoke.
+/// Cheap to clone; share it across calls.
+#[derive(Clone)]
+pub struct LoadedComponent {
+    inner: Arc<LoadedInner>,
+}
+
+struct LoadedInner {
+    digest: Digest,
+    prepared: Prepared,
+    source: LoadSource,
+    imports: Vec<String>,
+}
+
+impl LoadedComponent {
+    /// The sha256 of the component's bytes.
+    pub fn digest(&self) -> Digest {
+        self.inner.digest
+    }
+
+    /// The world it targets.
+    pub fn world(&self) -> World {
+        match self.inner.prepared {
+            Prepared::Handler(_) => World::Handler,
+            Prepared::Http(_) => World::Http,
+        }
+    }
+
+    /// Whether it was compiled or came from the cache.
+    pub fn source(&self) -> LoadSource {
+        self.inner.source
+    }
+
+    /// The interfaces it imports.
+    pub fn imports(&self) -> &[String] {
+        &self.inner.imports
+    }
+}
+
+impl fmt::Debug for LoadedComponent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadedComponent")
+            .field("digest", &self.inner.digest)
+            .field("world", &self.world())
+            .field("source", &self.inner.source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The engine, its linker, cache and epoch ticker. One per host.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<CallState>,
+    cache: CompileCache,
+    stats: RuntimeStats,
+    allocator: AllocatorInUse,
+    config: RuntimeConfig,
+    _ticker: EpochTicker,
+}
+
+impl fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Runtime")
+            .field("allocator", &self.allocator)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn engine_config(config: &RuntimeConfig, pooling: Option<&PoolingConfig>) -> wasmtime::Config {
+    let mut wasm = wasmtime::Config::new();
+    wasm.wasm_component_model(true)
+        .epoch_interruption(true)
+        .cranelift_opt_level(OptLevel::Speed)
+        .parallel_compilation(true)
+        .memory_init_cow(true)
+        .max_wasm_stack(config.max_wasm_stack_bytes)
+        // Host functions called from wasm run on the same fiber stack, so it
+        // needs room beyond what wasm itself may use.
+        .async_stack_size(config.max_wasm_stack_bytes + (1 << 20));
+    if let Some(pool) = pooling {
+        let mut alloc = PoolingAllocationConfig::new();
+        alloc
+            .total_component_instances(pool.max_instances)
+            .total_stacks(pool.max_instances)
+            .total_core_instances(pool.total_core_instances)
+            .total_memories(pool.total_memories)
+            .total_tables(pool.total_tables)
+            .max_core_instances_per_component(pool.max_core_instances_per_component)
+            .max_memories_per_component(pool.max_memories_per_component)
+            .max_tables_per_component(pool.max_tables_per_component)
+            .max_memory_size(usize::try_from(pool.max_memory_bytes).unwrap_or(usize::MAX))
+            .table_elements(pool.table_elements)
+            .linear_memory_keep_resident(pool.memory_keep_resident_bytes)
+            .table_keep_resident(pool.table_keep_resident_bytes);
+        wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(alloc));
+    } else {
+        wasm.allocation_strategy(InstanceAllocationStrategy::OnDemand);
+    }
+    wasm
+}
+
+fn build_engine(config: &RuntimeConfig) -> Result<(Engine, AllocatorInUse), RuntimeError> {
+    match &config.allocation {
+        AllocationConfig::OnDemand => Engine::new(&engine_config(config, None))
+            .map(|engine| (engine, AllocatorInUse::OnDemand))
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}"))),
+        AllocationConfig::Pooling(pool) => {
+            match Engine::new(&engine_config(config, Some(pool))) {
+                Ok(engine) => Ok((engine, AllocatorInUse::Pooling)),
+                Err(pool_error) => {
+                    // Typically the virtual address space reservation failed
+                    // (a ulimit -v, or a small address space). On-demand
+                    // allocation is slower but works.
+                    let reason = format!("{pool_error:#}");
+                    tracing::warn!(%reason, "pooling allocator unavailable; falling back to on-demand allocation");
+                    let engine = Engine::new(&engine_config(config, None))
+                        .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+                    Ok((engine, AllocatorInUse::OnDemandFallback { reason }))
+                }
+            }
+        }
+    }
+}
+
+impl Runtime {
+    /// Creates the engine (falling back to on-demand allocation if the pool
+    /// cannot be reserved), the linker, the cache and the epoch ticker.
+    pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
+        let (engine, allocator) = build_engine(&config)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| RuntimeError::Linker(format!("{e:#}")))?;
+        Guest::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |state| state)
+            .map_err(|e| RuntimeError::Linker(format!("{e:#}")))?;
+        let cache = CompileCache::open(&config.cache_dir, &engine)?;
+        let ticker = EpochTicker::start(engine.clone(), config.epoch_tick);
+        Ok(Self {
+            engine,
+            linker,
+            cache,
+            stats: RuntimeStats::default(),
+            allocator,
+            config,
+            _ticker: ticker,
+        })
+    }
+
+    /// The Wasmtime engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The allocator actually in use.
+    pub fn allocator(&self) -> &AllocatorInUse {
+        &self.allocator
+    }
+
+    /// The configuration the runtime was built with.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// Work counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// Validates `bytes` as a component this host can run, compiles it (or
+    /// loads the verified compiled artifact from the cache) and
+    /// pre-instantiates it. CPU-heavy on a cache miss: call it from a
+    /// blocking thread in async code.
+    pub fn load(&self, bytes: &[u8]) -> Result<LoadedComponent, LoadError> {
+        check_header(bytes)?;
+        let digest = Digest::of(bytes);
+        let (component, source) = match self.cache.load(&self.engine, &digest) {
+            Lookup::Hit(component) => {
+                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                (component, LoadSource::Cache)
+            }
+            lookup => {
+                if let Lookup::Rejected(reason) = lookup {
+                    self.stats.cache_rejections.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%digest, %reason, path = %self.cache.path_for(&digest).display(), "ignoring compiled-cache entry; recompiling");
+                }
+                (self.compile(&digest, bytes)?, LoadSource::Compiled)
+            }
+        };
+        self.prepare(digest, component, source)
+    }
+
+    fn compile(&self, digest: &Digest, bytes: &[u8]) -> Result<Component, LoadError> {
+        self.stats.compiles.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+        tracing::info!(%digest, elapsed = ?started.elapsed(), "compiled component");
+        // A failure to cache costs a recompile later, not this load.
+        match component.serialize() {
+            Ok(artifact) => {
+                if let Err(e) = self.cache.store(digest, &artifact) {
+                    tracing::warn!(%digest, error = %e, "could not write the compiled cache");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "could not serialize the compiled component")
+            }
+        }
+        Ok(component)
+    }
+
+    fn prepare(
+        &self,
+        digest: Digest,
+        component: Component,
+        source: LoadSource,
+    ) -> Result<LoadedComponent, LoadError> {
+        let component_type = component.component_type();
+        let imports: Vec<String> = component_type
+            .imports(&self.engine)
+            .map(|(name, _)| name.to_owned())
+            .collect();
+        let exports: Vec<String> = component_type
+            .exports(&self.engine)
+            .map(|(name, _)| name.to_owned())
+            .collect();
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            let mut unsatisfied: Vec<String> = imports
+                .iter()
+                .filter(|name| !imports::is_provided(name))
+                .cloned()
+                .collect();
+            let detail = format!("{e:#}");
+            if unsatisfied.is_empty() {
+                // Provided by name but with other types (e.g. an
+                // incompatible prerelease of an interface).
+                unsatisfied.push(detail.clone());
+            }
+            LoadError::UnsatisfiedImports {
+                imports: unsatisfied,
+                detail,
+            }
+        })?;
+        let prepared = if exports
+            .iter()
+            .any(|e| imports::same_interface(e, HANDLER_EXPORT))
+        {
+            Prepared::Handler(
+                GuestPre::new(pre).map_err(|e| LoadError::ExportMismatch(format!("{e:#}")))?,
+            )
+        } else if exports.iter().any(|e| e.starts_with(HTTP_EXPORT_PREFIX)) {
+            Prepared::Http(pre)
+        } else {
+            return Err(LoadError::MissingExport { exports });
+        };
+        Ok(LoadedComponent {
+            inner: Arc::new(LoadedInner {
+                digest,
+                prepared,
+                source,
+                imports,
+            }),
+        })
+    }
+
+    /// Runs one invocation of a handler component in a fresh instance.
+    /// Never fails: every way a call can end is an [`Outcome`].
+    pub async fn invoke(
+        &self,
+        component: &LoadedComponent,
+        request: Request,
+        limits: &CallLimits,
+    ) -> Invocation {
+        let started = Instant::now();
+        let stdout = BoundedCapture::new(limits.stdout_limit);
+        let stderr = BoundedCapture::new(limits.stderr_limit);
+        let pre = match &component.inner.prepared {
+            Prepared::Handler(pre) => pre,
+            Prepared::Http(_) => {
+                return Invocation {
+                    outcome: Outcome::HostError {
+                        message: "this component serves wasi:http; invoke it over HTTP".into(),
+                    },
+                    stdout: stdout.take(),
+                    stderr: stderr.take(),
+                    timings: Timings::default(),
+                    peak_memory_bytes: 0,
+                };
+            }
+        };
+        let memory_limit = usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX);
+        let grants = WasiGrants {
+            env: Arc::clone(&limits.env),
+            stdout: stdout.clone(),
+            stderr: stderr.clone(),
+        };
+        let mut store = Store::new(&self.engine, CallState::new(grants, memory_limit));
+        store.limiter(|state| &mut state.limiter);
+        let deadline = started + limits.timeout;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            // Yielding on every tick keeps a busy guest from monopolising an
+            // executor thread; past the deadline, interrupt it.
+            if Instant::now() >= deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        self.stats.instantiations.fetch_add(1, Ordering::Relaxed);
+
+        let mut timings = Timings::default();
+        let request = wit_handler::Request {
+            body: request.body,
+            content_type: request.content_type,
+            headers: request.headers,
+            invocation_id: request.invocation_id,
+        };
+        let run = async {
+            let instance = pre.instantiate_async(&mut store).await?;
+            timings.instantiate = started.elapsed();
+            let result = instance
+                .gust_function_handler()
+                .call_handle(&mut store, &request)
+                .await;
+            timings.call = started.elapsed() - timings.instantiate;
+            result
+        };
+        // Host imports may await (the GPU bridge); the epoch only interrupts
+        // wasm, so bound the whole future as well, one tick past the deadline.
+        let result = tokio::time::timeout(limits.timeout + self.config.epoch_tick, run).await;
+        let limiter = &store.data().limiter;
+        let peak_memory_bytes = limiter.peak_bytes as u64;
+        let denied = limiter.denied_request;
+        drop(store);
+        let stderr = stderr.take();
+        let outcome = match result {
+            Err(_elapsed) => Outcome::Timeout {
+                limit: limits.timeout,
+            },
+            Ok(Ok(Ok(response))) => Outcome::Ok(Response {
+                status: response.status,
+                content_type: response.content_type,
+                headers: response.headers,
+                body: response.body,
+            }),
+            Ok(Ok(Err(error))) => Outcome::GuestError(GuestError {
+                code: error.code,
+                message: error.message,
+                status: error.status,
+            }),
+            Ok(Err(error)) => classify_failure(&error, denied, limits, &stderr.text()),
+        };
+        Invocation {
+            outcome,
+            stdout: stdout.take(),
+            stderr,
+            timings,
+            peak_memory_bytes,
+        }
+    }
+}
+
+fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
+    if bytes.is_empty() {
+        return Err(LoadError::Empty);
+    }
+    if !bytes.starts_with(b"\0asm") {
+        return Err(LoadError::NotWasm);
+    }
+    if wasmtime::wasmparser::Parser::is_core_wasm(bytes) {
+        return Err(LoadError::CoreModule);
+    }
+    if !wasmtime::wasmparser::Parser::is_component(bytes) {
+        return Err(LoadError::Invalid(
+            "unsupported WebAssembly binary version or layer".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn classify_failure(
+    error: &wasmtime::Error,
+    denied_memory: Option<usize>,
+    limits: &CallLimits,
+    stderr: &str,
+) -> Outcome {
+    let backtrace = error
+        .downcast_ref::<WasmBacktrace>()
+        .map(|bt| bt.to_string())
+        .unwrap_or_default();
+    if let Some(requested) = denied_memory {
+        // Rust (and most guest languages) abort when an allocation fails, so
+        // the trap that follows a refused growth is the out-of-memory itself.
+        return Outcome::OutOfMemory {
+            limit_bytes: limits.memory_bytes,
+            requested_bytes: requested as u64,
+        };
+    }
+    if let Some(trap) = error.downcast_ref::<Trap>() {
+        return match trap {
+            Trap::Interrupt => Outcome::Timeout {
+                limit: limits.timeout,
+            },
+            Trap::StackOverflow => Outcome::StackOverflow { backtrace },
+            other => Outcome::Trap {
+                message: other.to_string(),
+                panic_message: outcome::panic_message(stderr),
+                backtrace,
+            },
+        };
+    }
+    if let Some(limit) = error.downcast_ref::<PoolConcurrencyLimitError>() {
+        return Outcome::Overloaded {
+            reason: limit.to_string(),
+        };
+    }
+    Outcome::HostError {
+        message: format!("{error:#}"),
+    }
+}

@@ -1,0 +1,119 @@
+//! The per-call data a `Store` carries.
+
+use std::sync::Arc;
+
+use wasmtime::ResourceLimiter;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::capture::BoundedCapture;
+
+/// Grants for the guest's WASI context; turned into a `WasiCtx` only when
+/// the guest first makes a WASI call. Most handlers make none, and building a
+/// context (two RNGs seeded from the OS, clocks, stdio) is the most expensive
+/// part of a short call.
+pub(crate) struct WasiGrants {
+    pub(crate) env: Arc<[(String, String)]>,
+    pub(crate) stdout: BoundedCapture,
+    pub(crate) stderr: BoundedCapture,
+}
+
+impl WasiGrants {
+    fn build(&self) -> WasiCtx {
+        // Nothing is inherited: no host stdio, env, args, preopens or network
+        // (sockets stay linked but every address is denied by default).
+        let mut builder = WasiCtxBuilder::new();
+        builder
+            .envs(&self.env)
+            .stdout(self.stdout.clone())
+            .stderr(self.stderr.clone())
+            .allow_ip_name_lookup(false)
+            .allow_tcp(false)
+            .allow_udp(false);
+        builder.build()
+    }
+}
+
+/// Linear-memory limiter that remembers a denied growth, so that the trap
+/// that follows (Rust aborts on allocation failure) is reported as
+/// out-of-memory rather than a generic crash.
+pub(crate) struct MemoryLimiter {
+    pub(crate) limit_bytes: usize,
+    pub(crate) denied_request: Option<usize>,
+    /// Bytes of all memories together right now.
+    pub(crate) committed_bytes: usize,
+    /// The most `committed_bytes` ever was.
+    pub(crate) peak_bytes: usize,
+}
+
+/// Tables beyond this many elements are refused (each is a pointer of host memory).
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        // The limit applies to all memories of the instance together.
+        let total = self
+            .committed_bytes
+            .saturating_sub(current)
+            .saturating_add(desired);
+        let allowed = total <= self.limit_bytes && maximum.is_none_or(|max| desired <= max);
+        if allowed {
+            self.committed_bytes = total;
+            self.peak_bytes = self.peak_bytes.max(total);
+        } else {
+            self.denied_request = Some(desired);
+        }
+        Ok(allowed)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS && maximum.is_none_or(|max| desired <= max))
+    }
+}
+
+/// Everything one invocation's `Store` owns.
+pub(crate) struct CallState {
+    pub(crate) grants: WasiGrants,
+    wasi: Option<WasiCtx>,
+    pub(crate) table: ResourceTable,
+    pub(crate) limiter: MemoryLimiter,
+}
+
+impl CallState {
+    pub(crate) fn new(grants: WasiGrants, memory_limit_bytes: usize) -> Self {
+        Self {
+            grants,
+            wasi: None,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter {
+                limit_bytes: memory_limit_bytes,
+                denied_request: None,
+                committed_bytes: 0,
+                peak_bytes: 0,
+            },
+        }
+    }
+}
+
+impl WasiView for CallState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        let Self {
+            grants,
+            wasi,
+            table,
+            ..
+        } = self;
+        let ctx = wasi.get_or_insert_with(|| grants.build());
+        WasiCtxView { ctx, table }
+    }
+}

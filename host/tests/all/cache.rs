@@ -1,0 +1,116 @@
+//! The compiled-component cache: compile once, verify before loading.
+
+use std::path::{Path, PathBuf};
+
+use gust_host::runtime::{LoadSource, Runtime, RuntimeConfig};
+use gust_test_artifacts as artifacts;
+use tempfile::TempDir;
+
+use super::invoke;
+
+fn cache_entries(dir: &Path) -> Vec<PathBuf> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .collect();
+    entries.sort();
+    entries
+}
+
+fn fresh_runtime(cache: &Path) -> Runtime {
+    Runtime::new(RuntimeConfig::new(cache)).unwrap()
+}
+
+#[tokio::test]
+async fn a_second_load_compiles_nothing() {
+    let dir = TempDir::new().unwrap();
+    let bytes = std::fs::read(artifacts::HELLO_COMPONENT).unwrap();
+
+    let first = fresh_runtime(dir.path());
+    let loaded = first.load(&bytes).unwrap();
+    assert_eq!(loaded.source(), LoadSource::Compiled);
+    assert_eq!(first.stats().compiles, 1);
+    assert_eq!(cache_entries(dir.path()).len(), 1);
+    // Same runtime, same bytes: served from the cache.
+    assert_eq!(first.load(&bytes).unwrap().source(), LoadSource::Cache);
+    assert_eq!(first.stats().compiles, 1);
+    drop(first);
+
+    // A "restart": a new engine over the same cache directory.
+    let second = fresh_runtime(dir.path());
+    let loaded = second.load(&bytes).unwrap();
+    assert_eq!(loaded.source(), LoadSource::Cache);
+    let stats = second.stats();
+    assert_eq!(
+        (stats.compiles, stats.cache_hits, stats.cache_rejections),
+        (0, 1, 0)
+    );
+    assert!(invoke(&second, &loaded, "").await.outcome.is_ok());
+}
+
+#[tokio::test]
+async fn a_corrupt_cache_file_is_recompiled() {
+    let dir = TempDir::new().unwrap();
+    let bytes = std::fs::read(artifacts::HELLO_COMPONENT).unwrap();
+    fresh_runtime(dir.path()).load(&bytes).unwrap();
+    let entry = cache_entries(dir.path()).pop().unwrap();
+    let mut artifact = std::fs::read(&entry).unwrap();
+    let middle = artifact.len() / 2;
+    artifact[middle] ^= 0xff;
+    std::fs::write(&entry, &artifact).unwrap();
+
+    let rt = fresh_runtime(dir.path());
+    let loaded = rt.load(&bytes).unwrap();
+    assert_eq!(loaded.source(), LoadSource::Compiled);
+    let stats = rt.stats();
+    assert_eq!((stats.compiles, stats.cache_rejections), (1, 1));
+    assert!(invoke(&rt, &loaded, "").await.outcome.is_ok());
+    // The rewritten entry is trusted again.
+    let again = fresh_runtime(dir.path());
+    assert_eq!(again.load(&bytes).unwrap().source(), LoadSource::Cache);
+}
+
+#[tokio::test]
+async fn a_foreign_or_truncated_file_is_never_loaded() {
+    let dir = TempDir::new().unwrap();
+    let hello = std::fs::read(artifacts::HELLO_COMPONENT).unwrap();
+    let echo = std::fs::read(artifacts::ECHO_COMPONENT).unwrap();
+    let rt = fresh_runtime(dir.path());
+    rt.load(&hello).unwrap();
+    rt.load(&echo).unwrap();
+    drop(rt);
+    let entries = cache_entries(dir.path());
+    assert_eq!(entries.len(), 2);
+    // Swap the two artifacts (each a valid compiled component, with its own
+    // MAC file left in place), then truncate a copy: all must be rejected.
+    let (a, b) = (
+        std::fs::read(&entries[0]).unwrap(),
+        std::fs::read(&entries[1]).unwrap(),
+    );
+    std::fs::write(&entries[0], &b).unwrap();
+    std::fs::write(&entries[1], &a[..a.len() / 3]).unwrap();
+
+    let rt = fresh_runtime(dir.path());
+    assert_eq!(rt.load(&hello).unwrap().source(), LoadSource::Compiled);
+    assert_eq!(rt.load(&echo).unwrap().source(), LoadSource::Compiled);
+    assert_eq!(rt.stats().cache_rejections, 2);
+
+    // Files written by another host (another secret key) are foreign too.
+    std::fs::write(dir.path().join("cache.key"), [7u8; 32]).unwrap();
+    let rt = fresh_runtime(dir.path());
+    assert_eq!(rt.load(&hello).unwrap().source(), LoadSource::Compiled);
+    assert_eq!(rt.stats().cache_rejections, 1);
+}
+
+#[test]
+fn the_cache_key_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new().unwrap();
+    drop(fresh_runtime(dir.path()));
+    let mode = std::fs::metadata(dir.path().join("cache.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "cache key mode {mode:o}");
+}

@@ -1,0 +1,251 @@
+//! One test per guest fixture: each fixture's outcome is classified right.
+//! `foreach_fixture!` fails to compile if a fixture has no test here.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gust_host::runtime::{CallLimits, Outcome};
+use gust_test_artifacts as artifacts;
+
+use super::{invoke, limits, load, request, runtime};
+
+macro_rules! assert_test_exists {
+    ($name:ident) => {
+        #[allow(unused_imports)]
+        use self::$name as _;
+    };
+}
+artifacts::foreach_fixture!(assert_test_exists);
+
+fn ok_text(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Ok(response) => String::from_utf8(response.body.clone()).expect("utf-8 body"),
+        other => panic!("expected ok, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn hello() {
+    let (rt, _dir) = runtime();
+    let hello = load(&rt, artifacts::HELLO_COMPONENT);
+    let empty = invoke(&rt, &hello, "").await;
+    assert_eq!(ok_text(&empty.outcome), "Hello, world!");
+    let named = invoke(&rt, &hello, "Gust").await;
+    assert_eq!(ok_text(&named.outcome), "Hello, Gust!");
+    let Outcome::Ok(response) = named.outcome else {
+        unreachable!()
+    };
+    assert_eq!(response.status, 200);
+    assert!(
+        response.content_type.starts_with("text/plain"),
+        "{}",
+        response.content_type
+    );
+}
+
+#[tokio::test]
+async fn echo() {
+    let (rt, _dir) = runtime();
+    let echo = load(&rt, artifacts::ECHO_COMPONENT);
+    let mut req = request("");
+    req.body = vec![0, 159, 146, 150, 255];
+    req.content_type = "application/x-test".into();
+    req.headers = vec![("x-one".into(), "1".into()), ("x-two".into(), "2".into())];
+    req.invocation_id = "inv_echo".into();
+    let invocation = rt.invoke(&echo, req, &limits()).await;
+    let Outcome::Ok(response) = invocation.outcome else {
+        panic!("echo failed: {:?}", invocation.outcome)
+    };
+    assert_eq!(response.body, vec![0, 159, 146, 150, 255]);
+    assert_eq!(response.content_type, "application/x-test");
+    assert!(response.headers.contains(&("x-one".into(), "1".into())));
+    assert!(response.headers.contains(&("x-two".into(), "2".into())));
+    assert!(
+        response
+            .headers
+            .contains(&("x-invocation-id".into(), "inv_echo".into()))
+    );
+}
+
+#[tokio::test]
+async fn returns_error() {
+    let (rt, _dir) = runtime();
+    let component = load(&rt, artifacts::RETURNS_ERROR_COMPONENT);
+    let invocation = invoke(&rt, &component, "").await;
+    let Outcome::GuestError(error) = invocation.outcome else {
+        panic!("expected a guest error, got {:?}", invocation.outcome)
+    };
+    assert_eq!(error.code, "invalid-input");
+    assert_eq!(error.status, Some(422));
+    assert_eq!(error.http_status(), 422);
+    assert!(error.message.contains("always fails"), "{}", error.message);
+}
+
+#[tokio::test]
+async fn panics() {
+    let (rt, _dir) = runtime();
+    let component = load(&rt, artifacts::PANICS_COMPONENT);
+    let invocation = invoke(&rt, &component, "").await;
+    assert!(
+        invocation.stderr.text().contains("panicked on purpose"),
+        "{:?}",
+        invocation.stderr
+    );
+    let Outcome::Trap {
+        message,
+        panic_message,
+        backtrace,
+    } = &invocation.outcome
+    else {
+        panic!("expected a trap, got {:?}", invocation.outcome)
+    };
+    assert!(message.contains("unreachable"), "{message}");
+    let panic_message = panic_message
+        .as_deref()
+        .expect("panic message found in stderr");
+    assert!(
+        panic_message.contains("the panics fixture panicked on purpose"),
+        "{panic_message}"
+    );
+    assert!(!backtrace.is_empty(), "a guest backtrace is recorded");
+    assert!(invocation.outcome.to_string().starts_with("panicked: "));
+    // The instance is gone; the component still serves.
+    assert!(
+        invoke(&rt, &component, "")
+            .await
+            .stderr
+            .text()
+            .contains("panicked")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn infinite_loop() {
+    let (rt, _dir) = runtime();
+    let tick = rt.config().epoch_tick;
+    let component = load(&rt, artifacts::INFINITE_LOOP_COMPONENT);
+    let hello = load(&rt, artifacts::HELLO_COMPONENT);
+    let timeout = Duration::from_millis(300);
+    let limits = CallLimits {
+        timeout,
+        ..limits()
+    };
+    let started = Instant::now();
+    let invocation = rt.invoke(&component, request(""), &limits).await;
+    let elapsed = started.elapsed();
+    assert_eq!(invocation.outcome, Outcome::Timeout { limit: timeout });
+    assert!(elapsed >= timeout, "fired early: {elapsed:?}");
+    // Deadline plus one epoch tick, plus scheduling slack for a loaded CI machine.
+    let latest = timeout + tick + Duration::from_millis(150);
+    assert!(elapsed <= latest, "fired late: {elapsed:?} > {latest:?}");
+
+    // While a runaway guest burns its budget, other calls are served.
+    let rt = Arc::new(rt);
+    let runaway = {
+        let rt = Arc::clone(&rt);
+        let limits = CallLimits {
+            timeout: Duration::from_secs(2),
+            ..limits.clone()
+        };
+        tokio::spawn(async move { rt.invoke(&component, request(""), &limits).await })
+    };
+    for _ in 0..20 {
+        assert_eq!(
+            ok_text(&invoke(&rt, &hello, "").await.outcome),
+            "Hello, world!"
+        );
+    }
+    assert_eq!(runaway.await.expect("join").outcome.code(), "timeout");
+}
+
+#[tokio::test]
+async fn memory_bomb() {
+    let (rt, _dir) = runtime();
+    let component = load(&rt, artifacts::MEMORY_BOMB_COMPONENT);
+    let limit = 64 << 20;
+    let limits = CallLimits {
+        memory_bytes: limit,
+        ..limits()
+    };
+    let invocation = rt.invoke(&component, request(""), &limits).await;
+    let Outcome::OutOfMemory {
+        limit_bytes,
+        requested_bytes,
+    } = invocation.outcome
+    else {
+        panic!("expected out-of-memory, got {:?}", invocation.outcome)
+    };
+    assert_eq!(limit_bytes, limit);
+    assert!(requested_bytes > limit);
+    assert!(invocation.peak_memory_bytes <= limit);
+    assert!(
+        invocation.peak_memory_bytes > limit / 2,
+        "it really grew: {}",
+        invocation.peak_memory_bytes
+    );
+    // The engine keeps serving.
+    let hello = load(&rt, artifacts::HELLO_COMPONENT);
+    assert_eq!(
+        ok_text(&invoke(&rt, &hello, "").await.outcome),
+        "Hello, world!"
+    );
+}
+
+#[tokio::test]
+async fn deep_recursion() {
+    let (rt, _dir) = runtime();
+    let component = load(&rt, artifacts::DEEP_RECURSION_COMPONENT);
+    let invocation = invoke(&rt, &component, "").await;
+    assert!(
+        matches!(invocation.outcome, Outcome::StackOverflow { .. }),
+        "expected a stack overflow, got {:?}",
+        invocation.outcome
+    );
+}
+
+#[tokio::test]
+async fn stdio() {
+    let (rt, _dir) = runtime();
+    let component = load(&rt, artifacts::STDIO_COMPONENT);
+    let invocation = invoke(&rt, &component, "").await;
+    assert_eq!(ok_text(&invocation.outcome), "ok");
+    assert_eq!(invocation.stdout.text(), "hello stdout\n");
+    assert_eq!(invocation.stderr.text(), "hello stderr\n");
+    assert!(!invocation.stdout.truncated());
+
+    // Output beyond the bound is dropped and counted; the call still succeeds.
+    let limits = CallLimits {
+        stdout_limit: 1000,
+        ..limits()
+    };
+    let flood = rt.invoke(&component, request("100000"), &limits).await;
+    assert_eq!(ok_text(&flood.outcome), "ok");
+    assert_eq!(flood.stdout.bytes.len(), 1000);
+    let written = "hello stdout\n".len() as u64 + 100_000 + 1;
+    assert_eq!(
+        flood.stdout.bytes.len() as u64 + flood.stdout.dropped_bytes,
+        written
+    );
+}
+
+#[tokio::test]
+async fn env_var() {
+    let (rt, _dir) = runtime();
+    let component = load(&rt, artifacts::ENV_VAR_COMPONENT);
+    let granted = CallLimits {
+        env: vec![("GUST_TEST_VAR".to_owned(), "granted value".to_owned())].into(),
+        ..limits()
+    };
+    let invocation = rt.invoke(&component, request(""), &granted).await;
+    assert_eq!(ok_text(&invocation.outcome), "granted value");
+
+    // Nothing is inherited from the host: not even PATH.
+    for name in ["", "PATH", "HOME"] {
+        let invocation = invoke(&rt, &component, name).await;
+        let Outcome::GuestError(error) = invocation.outcome else {
+            panic!("{name}: expected not-set, got {:?}", invocation.outcome)
+        };
+        assert_eq!(error.code, "not-set");
+        assert_eq!(error.http_status(), 404);
+    }
+}

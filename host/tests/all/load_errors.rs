@@ -1,0 +1,102 @@
+//! Inputs that are not runnable components get clear errors.
+
+use gust_host::runtime::LoadError;
+use gust_test_artifacts as artifacts;
+use sha2::{Digest, Sha256};
+
+use super::runtime;
+
+#[test]
+fn an_empty_file() {
+    let (rt, _dir) = runtime();
+    let err = rt.load(&[]).unwrap_err();
+    assert!(matches!(err, LoadError::Empty), "{err:?}");
+    assert!(err.to_string().contains("empty"));
+}
+
+#[test]
+fn random_bytes() {
+    let (rt, _dir) = runtime();
+    let mut bytes = Vec::new();
+    let mut block = Sha256::digest(b"gust random bytes").to_vec();
+    while bytes.len() < 4096 {
+        bytes.extend_from_slice(&block);
+        block = Sha256::digest(&block).to_vec();
+    }
+    let err = rt.load(&bytes).unwrap_err();
+    assert!(matches!(err, LoadError::NotWasm), "{err:?}");
+    assert!(err.to_string().contains("not a WebAssembly binary"));
+
+    // The right magic with garbage after it is caught by validation.
+    let mut garbage = b"\0asm\x0d\0\x01\0".to_vec();
+    garbage.extend_from_slice(&bytes);
+    let err = rt.load(&garbage).unwrap_err();
+    assert!(matches!(err, LoadError::Invalid(_)), "{err:?}");
+}
+
+#[test]
+fn a_core_module_is_not_a_component() {
+    let (rt, _dir) = runtime();
+    let module = wat::parse_str(r#"(module (func (export "handle")))"#).unwrap();
+    let err = rt.load(&module).unwrap_err();
+    assert!(matches!(err, LoadError::CoreModule), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("core WebAssembly module, not a component")
+    );
+}
+
+#[test]
+fn unsatisfied_imports_are_all_listed() {
+    let (rt, _dir) = runtime();
+    let component = wat::parse_str(
+        r#"(component
+            (import "acme:storage/kv@1.0.0" (instance (export "get" (func))))
+            (import "wasi:random/random@0.2.0" (instance
+                (export "get-random-u64" (func (result u64)))))
+            (import "wasi:http/types@0.2.0" (instance (export "f" (func)))))"#,
+    )
+    .unwrap();
+    let err = rt.load(&component).unwrap_err();
+    let LoadError::UnsatisfiedImports { imports, .. } = &err else {
+        panic!("expected unsatisfied imports, got {err:?}")
+    };
+    assert_eq!(imports, &["acme:storage/kv@1.0.0", "wasi:http/types@0.2.0"]);
+    assert!(
+        err.to_string()
+            .contains("acme:storage/kv@1.0.0, wasi:http/types@0.2.0")
+    );
+}
+
+#[test]
+fn a_component_without_the_handler_export() {
+    let (rt, _dir) = runtime();
+    let component = wat::parse_str(
+        r#"(component
+            (core module $m (func (export "f")))
+            (core instance $i (instantiate $m))
+            (func (export "something-else") (canon lift (core func $i "f"))))"#,
+    )
+    .unwrap();
+    let err = rt.load(&component).unwrap_err();
+    let LoadError::MissingExport { exports } = &err else {
+        panic!("expected a missing export, got {err:?}")
+    };
+    assert_eq!(exports, &["something-else"]);
+    assert!(err.to_string().contains("gust:function/handler@0.1.0"));
+}
+
+#[test]
+fn every_fixture_is_a_handler_component() {
+    let (rt, _dir) = runtime();
+    for (name, path) in artifacts::FIXTURES {
+        let bytes = std::fs::read(path).unwrap();
+        let loaded = rt.load(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(loaded.world().as_str(), "handler", "{name}");
+        assert!(
+            !loaded.imports().iter().any(|i| i.starts_with("gust:gpu")),
+            "{name} does not use the GPU, so it must not import it: {:?}",
+            loaded.imports()
+        );
+    }
+}
