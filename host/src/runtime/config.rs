@@ -49,11 +49,15 @@ pub struct PoolingConfig {
     pub max_memory_bytes: u64,
     /// Elements per table slot.
     pub table_elements: usize,
-    /// Bytes of each memory slot kept resident (zeroed with `memset`, not
-    /// returned to the kernel) between uses: cheaper reuse of small heaps.
+    /// Bytes of each memory slot kept resident (reset in place, not returned
+    /// to the kernel) between uses. Used only where `PAGEMAP_SCAN` is
+    /// available (see `pagemap_scan`); otherwise memories are decommitted.
     pub memory_keep_resident_bytes: usize,
     /// Bytes of each table slot kept resident between uses.
     pub table_keep_resident_bytes: usize,
+    /// Use Linux's `PAGEMAP_SCAN` (6.7+), where available, to reset only the
+    /// pages a call dirtied.
+    pub pagemap_scan: bool,
 }
 
 impl Default for PoolingConfig {
@@ -68,8 +72,9 @@ impl Default for PoolingConfig {
             max_tables_per_component: 16,
             max_memory_bytes: 4 << 30,
             table_elements: 20_000,
-            memory_keep_resident_bytes: 1 << 20,
+            memory_keep_resident_bytes: 2 << 20,
             table_keep_resident_bytes: 64 << 10,
+            pagemap_scan: true,
         }
     }
 }

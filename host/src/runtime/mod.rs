@@ -24,7 +24,7 @@ use std::time::Instant;
 use sha2::{Digest as _, Sha256};
 use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
 use wasmtime::{
-    Engine, InstanceAllocationStrategy, OptLevel, PoolConcurrencyLimitError,
+    Enabled, Engine, InstanceAllocationStrategy, OptLevel, PoolConcurrencyLimitError,
     PoolingAllocationConfig, Store, Trap, UpdateDeadline, WasmBacktrace,
 };
 
@@ -292,6 +292,17 @@ fn engine_config(config: &RuntimeConfig, pooling: Option<&PoolingConfig>) -> was
         // needs room beyond what wasm itself may use.
         .async_stack_size(config.max_wasm_stack_bytes + (1 << 20));
     if let Some(pool) = pooling {
+        // With PAGEMAP_SCAN (Linux 6.7+) only the pages a call dirtied are
+        // reset, in place: no madvise, no TLB shootdown and no page faults on
+        // the next call (hello: 38 µs -> 7 µs per call). Without it, keeping
+        // memory resident means memsetting the whole kept region, which costs
+        // more than the madvise it saves, so memories are then decommitted.
+        let scan = pool.pagemap_scan && PoolingAllocationConfig::is_pagemap_scan_available();
+        let memory_keep_resident = if scan {
+            pool.memory_keep_resident_bytes
+        } else {
+            0
+        };
         let mut alloc = PoolingAllocationConfig::new();
         alloc
             .total_component_instances(pool.max_instances)
@@ -304,8 +315,9 @@ fn engine_config(config: &RuntimeConfig, pooling: Option<&PoolingConfig>) -> was
             .max_tables_per_component(pool.max_tables_per_component)
             .max_memory_size(usize::try_from(pool.max_memory_bytes).unwrap_or(usize::MAX))
             .table_elements(pool.table_elements)
-            .linear_memory_keep_resident(pool.memory_keep_resident_bytes)
-            .table_keep_resident(pool.table_keep_resident_bytes);
+            .linear_memory_keep_resident(memory_keep_resident)
+            .table_keep_resident(pool.table_keep_resident_bytes)
+            .pagemap_scan(if scan { Enabled::Yes } else { Enabled::No });
         wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(alloc));
     } else {
         wasm.allocation_strategy(InstanceAllocationStrategy::OnDemand);
