@@ -2,3 +2,5 @@
 
 pub mod gpu;
 pub mod runtime;
+pub mod store;
+pub mod tenancy;

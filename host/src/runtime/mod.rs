@@ -58,6 +58,19 @@ impl Digest {
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
+
+    /// The 64 lowercase hex digits.
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parses `sha256:<64 hex digits>` (the `Display` form).
+    pub fn parse(text: &str) -> Option<Self> {
+        let hex_digits = text.strip_prefix("sha256:")?;
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(hex_digits, &mut bytes).ok()?;
+        Some(Self(bytes))
+    }
 }
 
 impl fmt::Display for Digest {

@@ -1,0 +1,235 @@
+//! Persistent state behind traits, so a shared database can replace the
+//! embedded one: tenants, API-key hashes, functions and their versions,
+//! invocation records ([`MetaStore`]), and component blobs ([`BlobStore`]).
+//!
+//! [`sled`](self::sled) is the single-node implementation of `MetaStore`;
+//! [`FsBlobStore`] keeps blobs as content-addressed files.
+
+mod blobs;
+pub mod sled;
+
+use serde::{Deserialize, Serialize};
+
+pub use self::blobs::{BlobStore, FsBlobStore};
+
+/// Milliseconds since the Unix epoch.
+pub type UnixMillis = u64;
+
+/// The current time as [`UnixMillis`].
+pub fn now_millis() -> UnixMillis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Errors of the stores.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The item already exists (e.g. a tenant name).
+    #[error("{0} already exists")]
+    Conflict(String),
+    /// The item a write depends on does not exist (e.g. the tenant of a key).
+    #[error("{0} does not exist")]
+    Missing(String),
+    /// The database failed.
+    #[error("store backend: {0}")]
+    Backend(String),
+    /// A stored record could not be decoded (corruption or a format change).
+    #[error("corrupt record {key}: {message}")]
+    Corrupt {
+        /// The record's key.
+        key: String,
+        /// What was wrong.
+        message: String,
+    },
+    /// A blob file could not be read or written.
+    #[error("blob store at {path}: {source}")]
+    Io {
+        /// The file involved.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// A tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantRecord {
+    /// Unique name.
+    pub name: String,
+    /// When it was created.
+    pub created_at: UnixMillis,
+}
+
+/// An API key, as stored: never the key itself, only its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKeyRecord {
+    /// Public identifier, `key_<hex>`, safe to show and log.
+    pub id: String,
+    /// The tenant the key acts for.
+    pub tenant: String,
+    /// SHA-256 of the full key string.
+    #[serde(with = "hex::serde")]
+    pub hash: [u8; 32],
+    /// When it was created.
+    pub created_at: UnixMillis,
+}
+
+/// The world a function's component targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FunctionWorld {
+    /// Exports `gust:function/handler`.
+    Handler,
+    /// Exports `wasi:http/incoming-handler`.
+    Http,
+}
+
+/// A deployed function: its current version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionRecord {
+    /// Owning tenant.
+    pub tenant: String,
+    /// Name, unique per tenant.
+    pub name: String,
+    /// Version number, 1 for the first deploy, +1 for each changed deploy.
+    pub version: u64,
+    /// `sha256:<hex>` of the component bytes; the blob's key.
+    pub digest: String,
+    /// Component size in bytes.
+    pub size: u64,
+    /// The component's world.
+    pub world: FunctionWorld,
+    /// Whether `/http/...` serves it without a key.
+    pub public: bool,
+    /// First deploy.
+    pub created_at: UnixMillis,
+    /// Latest changed deploy.
+    pub updated_at: UnixMillis,
+}
+
+/// What a deploy asks to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeployRequest {
+    /// Owning tenant.
+    pub tenant: String,
+    /// Function name.
+    pub name: String,
+    /// `sha256:<hex>` of the (already stored) blob.
+    pub digest: String,
+    /// Component size in bytes.
+    pub size: u64,
+    /// The component's world.
+    pub world: FunctionWorld,
+    /// Public flag.
+    pub public: bool,
+}
+
+/// The result of [`MetaStore::deploy`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deployed {
+    /// The function as now stored.
+    pub function: FunctionRecord,
+    /// False when digest and flags equal the current version (idempotent
+    /// re-deploy: nothing changed, the version is the same).
+    pub changed: bool,
+}
+
+/// Phase timings of an invocation, in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimingsRecord {
+    /// Store creation and instantiation.
+    pub instantiate_us: u64,
+    /// The call itself.
+    pub call_us: u64,
+    /// Everything, including the host's own work.
+    pub total_us: u64,
+}
+
+/// A finished invocation, as kept (with bounded retention).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvocationRecord {
+    /// Unique, time-ordered id (`inv_<hex>`).
+    pub id: String,
+    /// Tenant that invoked.
+    pub tenant: String,
+    /// Function name.
+    pub function: String,
+    /// Function version that ran.
+    pub version: u64,
+    /// Start time.
+    pub started_at: UnixMillis,
+    /// HTTP status the caller got.
+    pub status: u16,
+    /// Outcome code (see `runtime::Outcome::code`).
+    pub outcome: String,
+    /// One-line explanation for failures.
+    pub message: Option<String>,
+    /// Phase timings.
+    pub timings: TimingsRecord,
+    /// Peak linear memory.
+    pub peak_memory_bytes: u64,
+    /// Captured stdout (bounded, lossy UTF-8).
+    pub stdout: String,
+    /// Captured stderr (bounded, lossy UTF-8).
+    pub stderr: String,
+    /// Stdout bytes dropped beyond the bound.
+    pub stdout_dropped_bytes: u64,
+    /// Stderr bytes dropped beyond the bound.
+    pub stderr_dropped_bytes: u64,
+}
+
+/// Metadata store: tenants, keys, functions, invocation records.
+///
+/// Implementations must make each method atomic: a crash leaves either the
+/// state before or the state after a call, never a mix.
+pub trait MetaStore: Send + Sync + 'static {
+    /// Creates a tenant; `Conflict` if the name is taken.
+    fn create_tenant(&self, name: &str) -> Result<TenantRecord, StoreError>;
+    /// A tenant by name.
+    fn tenant(&self, name: &str) -> Result<Option<TenantRecord>, StoreError>;
+    /// All tenants, by name.
+    fn tenants(&self) -> Result<Vec<TenantRecord>, StoreError>;
+
+    /// Adds a key; `Missing` if its tenant does not exist, `Conflict` if the
+    /// id or hash is already present.
+    fn add_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError>;
+    /// The key with this SHA-256, if any (the auth lookup).
+    fn key_by_hash(&self, hash: &[u8; 32]) -> Result<Option<ApiKeyRecord>, StoreError>;
+    /// A tenant's keys, by id.
+    fn keys(&self, tenant: &str) -> Result<Vec<ApiKeyRecord>, StoreError>;
+    /// Removes a tenant's key; false if it has no such key.
+    fn revoke_key(&self, tenant: &str, id: &str) -> Result<bool, StoreError>;
+
+    /// Creates or updates a function (see [`Deployed::changed`]).
+    fn deploy(&self, request: &DeployRequest) -> Result<Deployed, StoreError>;
+    /// A tenant's function.
+    fn function(&self, tenant: &str, name: &str) -> Result<Option<FunctionRecord>, StoreError>;
+    /// A tenant's functions, by name.
+    fn functions(&self, tenant: &str) -> Result<Vec<FunctionRecord>, StoreError>;
+    /// Every function of every tenant (to warm the host at start).
+    fn all_functions(&self) -> Result<Vec<FunctionRecord>, StoreError>;
+    /// Deletes a function and its invocation records; returns what was deleted.
+    fn delete_function(&self, tenant: &str, name: &str)
+    -> Result<Option<FunctionRecord>, StoreError>;
+    /// Whether any function (of any tenant) uses this digest.
+    fn digest_in_use(&self, digest: &str) -> Result<bool, StoreError>;
+
+    /// Records an invocation, then drops the oldest records of that
+    /// function beyond the retention bound.
+    fn record_invocation(&self, record: &InvocationRecord) -> Result<(), StoreError>;
+    /// One of a tenant's invocation records.
+    fn invocation(&self, tenant: &str, id: &str) -> Result<Option<InvocationRecord>, StoreError>;
+    /// A function's most recent invocation records, newest first.
+    fn invocations(
+        &self,
+        tenant: &str,
+        function: &str,
+        limit: usize,
+    ) -> Result<Vec<InvocationRecord>, StoreError>;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<(), StoreError>;
+}
