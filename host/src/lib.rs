@@ -1,5 +1,6 @@
 //! The Gust host: runs user functions as WebAssembly components in Wasmtime.
 
+pub mod api;
 pub mod gpu;
 pub mod runtime;
 pub mod store;

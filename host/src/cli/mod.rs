@@ -1,18 +1,36 @@
 //! Command-line parsing and the subcommands.
 
+use std::io::{stderr, stdout};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod admin;
+mod client;
+mod deploy;
+mod functions;
+mod invoke;
+mod objects;
+mod output;
 mod run;
+mod serve;
 
-/// Exit status when the function ran and failed (error, trap, timeout, ...).
+/// Exit status when the function ran and failed (error, trap, timeout, ...);
+/// for the client subcommands, when the host answered with an error.
 pub(crate) const EXIT_FUNCTION_FAILED: u8 = 1;
-/// Exit status when the component could not be loaded or the input read.
+/// Exit status when the component could not be loaded or the input read; for
+/// the client subcommands, any bad local input (file, flag, missing key).
 pub(crate) const EXIT_BAD_INPUT: u8 = 2;
-/// Exit status when the host itself failed.
+/// Exit status when the host itself failed, or could not be reached.
 pub(crate) const EXIT_HOST: u8 = 3;
+
+const CLIENT_EXIT_STATUS: &str = "The client subcommands (deploy, invoke, ls, rm, logs, tenants, \
+keys) talk plain HTTP to a Gust host; there is no TLS.
+
+Exit status: 0 on success; 1 when the host answered with an error, printed as \
+`error: DETAIL (CODE, HTTP STATUS)`; 2 for bad local input (unreadable file, bad flag, no key); \
+3 when the host cannot be reached or its answer makes no sense.";
 
 /// Gust: a sandboxed function host. User functions are WebAssembly
 /// components run in Wasmtime, each call in a fresh, limited instance.
@@ -38,6 +56,57 @@ enum Command {
     /// timed out, ran out of memory), 2 when the component or input could not
     /// be read or loaded, 3 when the host failed.
     Run(run::RunArgs),
+
+    /// Run the host: the HTTP API for deploying and invoking functions.
+    ///
+    /// On first start with an empty data directory it creates the tenant
+    /// `demo`, writes its key to `<data-dir>/demo.key` (mode 0600) and prints
+    /// it. Stops gracefully on SIGINT/SIGTERM: no new connections, in-flight
+    /// requests finish within `--grace`, the store is flushed.
+    Serve(serve::ServeArgs),
+
+    /// Upload a component as a new version of a function.
+    ///
+    /// Sends `PUT /v1/functions/{name}` and prints `deployed NAME version V
+    /// (sha256:…, world handler|http)`, or `NAME is unchanged (version V)`
+    /// when the bytes and flags match the current version. A slow upload or
+    /// compile shows a progress bar on a terminal.
+    #[command(after_long_help = CLIENT_EXIT_STATUS)]
+    Deploy(deploy::DeployArgs),
+
+    /// Call a deployed function once and print the response body.
+    ///
+    /// Sends `POST /v1/functions/{name}/invoke`; the response body goes to
+    /// stdout. Exit status: 0 for a 2xx response; 1 when the function failed
+    /// or answered with a non-2xx status (its body still goes to stdout, and
+    /// the error, with the invocation id, to stderr); 2 for bad local input;
+    /// 3 when the host cannot be reached.
+    Invoke(invoke::InvokeArgs),
+
+    /// List the caller's functions.
+    #[command(after_long_help = CLIENT_EXIT_STATUS)]
+    Ls(functions::LsArgs),
+
+    /// Delete a function and all its versions.
+    #[command(after_long_help = CLIENT_EXIT_STATUS)]
+    Rm(functions::RmArgs),
+
+    /// Show a function's recent invocations, oldest first: time, id,
+    /// version, status, outcome, total duration and error message.
+    #[command(after_long_help = CLIENT_EXIT_STATUS)]
+    Logs(functions::LogsArgs),
+
+    /// Manage tenants (admin key).
+    ///
+    /// The admin key is `--key`, else `GUST_ADMIN_KEY`, else `GUST_KEY`. A
+    /// host that was not given one generates it into `<data-dir>/admin.key`.
+    #[command(after_long_help = CLIENT_EXIT_STATUS)]
+    Tenants(admin::TenantsArgs),
+
+    /// Manage API keys: the caller's tenant's, or any tenant's with
+    /// `--tenant` and the admin key.
+    #[command(after_long_help = CLIENT_EXIT_STATUS)]
+    Keys(admin::KeysArgs),
 }
 
 /// Where compiled components are cached when `--cache-dir` is not given.
@@ -72,5 +141,34 @@ pub(crate) fn init_tracing(verbose: u8) {
 pub(crate) async fn dispatch(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Run(args) => run::run(args).await,
+        Command::Serve(args) => serve::serve(args).await,
+        Command::Deploy(args) => {
+            client_command(deploy::deploy(&args, &mut stdout(), &mut stderr())).await
+        }
+        Command::Invoke(args) => {
+            client_command(invoke::invoke(&args, &mut stdout(), &mut stderr())).await
+        }
+        Command::Ls(args) => {
+            client_command(functions::ls(&args, &mut stdout(), &mut stderr())).await
+        }
+        Command::Rm(args) => {
+            client_command(functions::rm(&args, &mut stdout(), &mut stderr())).await
+        }
+        Command::Logs(args) => {
+            client_command(functions::logs(&args, &mut stdout(), &mut stderr())).await
+        }
+        Command::Tenants(args) => {
+            client_command(admin::tenants(&args, &mut stdout(), &mut stderr())).await
+        }
+        Command::Keys(args) => {
+            client_command(admin::keys(&args, &mut stdout(), &mut stderr())).await
+        }
     }
+}
+
+/// Runs a client subcommand and maps its failure to a message and exit status.
+async fn client_command(
+    command: impl std::future::Future<Output = Result<(), client::ClientError>>,
+) -> ExitCode {
+    client::exit(command.await, &mut stderr())
 }

@@ -131,6 +131,7 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
         env: args.env.into(),
         stdout_limit: output_limit,
         stderr_limit: output_limit,
+        ..CallLimits::default()
     };
     let request = Request {
         body,

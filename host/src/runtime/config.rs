@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::http::OutboundPolicy;
+
 /// How instances get their memories, tables and stacks.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(tag = "strategy", rename_all = "kebab-case", deny_unknown_fields)]
@@ -118,6 +120,8 @@ pub struct CallLimits {
     pub stdout_limit: usize,
     /// Captured stderr beyond this many bytes is dropped (and counted).
     pub stderr_limit: usize,
+    /// Which outgoing HTTP requests the guest may make (none by default).
+    pub outbound: OutboundPolicy,
 }
 
 impl Default for CallLimits {
@@ -128,6 +132,7 @@ impl Default for CallLimits {
             env: Arc::new([]),
             stdout_limit: 64 << 10,
             stderr_limit: 64 << 10,
+            outbound: OutboundPolicy::default(),
         }
     }
 }

@@ -33,6 +33,8 @@ const PROVIDED: &[&str] = &[
     "wasi:sockets/tcp@0.2.12",
     "wasi:sockets/tcp-create-socket@0.2.12",
     "wasi:sockets/ip-name-lookup@0.2.12",
+    "wasi:http/types@0.2.12",
+    "wasi:http/outgoing-handler@0.2.12",
     "gust:gpu/types@0.1.0",
     "gust:gpu/tensors@0.1.0",
     "gust:gpu/models@0.1.0",
@@ -74,7 +76,8 @@ mod tests {
         assert!(is_provided("wasi:cli/environment@0.2.0"));
         assert!(is_provided("wasi:io/streams@0.2.3"));
         assert!(!is_provided("wasi:io/streams@0.3.0"));
-        assert!(!is_provided("wasi:http/types@0.2.0"));
+        assert!(is_provided("wasi:http/types@0.2.0"));
+        assert!(!is_provided("wasi:http/types@0.3.0"));
         assert!(!is_provided("acme:thing/api@1.0.0"));
         assert!(same_interface(
             "gust:function/handler@0.1.2",

@@ -12,6 +12,7 @@ mod cache;
 mod capture;
 mod config;
 mod epoch;
+mod http;
 mod imports;
 mod outcome;
 pub(crate) mod state;
@@ -22,15 +23,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use sha2::{Digest as _, Sha256};
-use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
+use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{
     Enabled, Engine, InstanceAllocationStrategy, OptLevel, PoolConcurrencyLimitError,
     PoolingAllocationConfig, Store, Trap, UpdateDeadline, WasmBacktrace,
 };
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 pub use self::cache::CacheError;
 pub use self::capture::{BoundedCapture, CapturedOutput};
 pub use self::config::{AllocationConfig, CallLimits, PoolingConfig, RuntimeConfig};
+pub use self::http::{BodyTooLarge, CappedBody, CappedBodyError, OutboundPolicy};
 pub use self::outcome::{GuestError, Invocation, Outcome, Request, Response, Timings};
 
 use self::bindings::exports::gust::function::handler as wit_handler;
@@ -220,8 +225,7 @@ pub enum LoadSource {
 enum Prepared {
     Handler(GuestPre<CallState>),
     // Served by the HTTP front end, which arrives with the server.
-    #[expect(dead_code, reason = "wasi:http serving lands with the server")]
-    Http(InstancePre<CallState>),
+    Http(ProxyPre<CallState>),
 }
 
 /// A validated, compiled, pre-instantiated component, ready to invoke.
@@ -369,6 +373,8 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| RuntimeError::Linker(format!("{e:#}")))?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+            .map_err(|e| RuntimeError::Linker(format!("{e:#}")))?;
         Guest::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |state| state)
             .map_err(|e| RuntimeError::Linker(format!("{e:#}")))?;
         let cache = CompileCache::open(&config.cache_dir, &engine)?;
@@ -487,7 +493,9 @@ impl Runtime {
                 GuestPre::new(pre).map_err(|e| LoadError::ExportMismatch(format!("{e:#}")))?,
             )
         } else if exports.iter().any(|e| e.starts_with(HTTP_EXPORT_PREFIX)) {
-            Prepared::Http(pre)
+            Prepared::Http(
+                ProxyPre::new(pre).map_err(|e| LoadError::ExportMismatch(format!("{e:#}")))?,
+            )
         } else {
             return Err(LoadError::MissingExport { exports });
         };
@@ -501,38 +509,19 @@ impl Runtime {
         })
     }
 
-    /// Runs one invocation of a handler component in a fresh instance.
-    /// Never fails: every way a call can end is an [`Outcome`].
-    pub async fn invoke(
-        &self,
-        component: &LoadedComponent,
-        request: Request,
-        limits: &CallLimits,
-    ) -> Invocation {
+    /// A fresh store for one call: memory limit, deadline, captured stdio.
+    fn new_call(&self, limits: &CallLimits) -> Call {
         let started = Instant::now();
         let stdout = BoundedCapture::new(limits.stdout_limit);
         let stderr = BoundedCapture::new(limits.stderr_limit);
-        let pre = match &component.inner.prepared {
-            Prepared::Handler(pre) => pre,
-            Prepared::Http(_) => {
-                return Invocation {
-                    outcome: Outcome::HostError {
-                        message: "this component serves wasi:http; invoke it over HTTP".into(),
-                    },
-                    stdout: stdout.take(),
-                    stderr: stderr.take(),
-                    timings: Timings::default(),
-                    peak_memory_bytes: 0,
-                };
-            }
-        };
         let memory_limit = usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX);
         let grants = WasiGrants {
             env: Arc::clone(&limits.env),
             stdout: stdout.clone(),
             stderr: stderr.clone(),
         };
-        let mut store = Store::new(&self.engine, CallState::new(grants, memory_limit));
+        let state = CallState::new(grants, limits.outbound.clone(), memory_limit);
+        let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
         let deadline = started + limits.timeout;
         store.set_epoch_deadline(1);
@@ -546,7 +535,31 @@ impl Runtime {
             }
         });
         self.stats.instantiations.fetch_add(1, Ordering::Relaxed);
+        Call {
+            store,
+            stdout,
+            stderr,
+            started,
+            limits: limits.clone(),
+            // Host imports may await (the GPU bridge, outgoing HTTP); the
+            // epoch only interrupts wasm, so the whole call is bounded too,
+            // one tick past the deadline.
+            hard_limit: limits.timeout + self.config.epoch_tick,
+        }
+    }
 
+    /// Runs one invocation of a handler component in a fresh instance.
+    /// Never fails: every way a call can end is an [`Outcome`].
+    pub async fn invoke(
+        &self,
+        component: &LoadedComponent,
+        request: Request,
+        limits: &CallLimits,
+    ) -> Invocation {
+        let Prepared::Handler(pre) = &component.inner.prepared else {
+            return Invocation::host_error("this component serves wasi:http; call it over HTTP");
+        };
+        let mut call = self.new_call(limits);
         let mut timings = Timings::default();
         let request = wit_handler::Request {
             body: request.body,
@@ -554,49 +567,155 @@ impl Runtime {
             headers: request.headers,
             invocation_id: request.invocation_id,
         };
+        let started = call.started;
+        let store = &mut call.store;
         let run = async {
-            let instance = pre.instantiate_async(&mut store).await?;
+            let instance = pre.instantiate_async(&mut *store).await?;
             timings.instantiate = started.elapsed();
             let result = instance
                 .gust_function_handler()
-                .call_handle(&mut store, &request)
+                .call_handle(&mut *store, &request)
                 .await;
             timings.call = started.elapsed() - timings.instantiate;
             result
         };
-        // Host imports may await (the GPU bridge); the epoch only interrupts
-        // wasm, so bound the whole future as well, one tick past the deadline.
-        let result = tokio::time::timeout(limits.timeout + self.config.epoch_tick, run).await;
-        let limiter = &store.data().limiter;
-        let peak_memory_bytes = limiter.peak_bytes as u64;
-        let denied = limiter.denied_request;
-        drop(store);
-        let stderr = stderr.take();
-        let outcome = match result {
-            Err(_elapsed) => Outcome::Timeout {
-                limit: limits.timeout,
-            },
-            Ok(Ok(Ok(response))) => Outcome::Ok(Response {
+        let result = tokio::time::timeout(call.hard_limit, run).await;
+        let result = match result {
+            Err(_elapsed) => Err(None),
+            Ok(Ok(Ok(response))) => Ok(Outcome::Ok(Response {
                 status: response.status,
                 content_type: response.content_type,
                 headers: response.headers,
                 body: response.body,
-            }),
-            Ok(Ok(Err(error))) => Outcome::GuestError(GuestError {
+            })),
+            Ok(Ok(Err(error))) => Ok(Outcome::GuestError(GuestError {
                 code: error.code,
                 message: error.message,
                 status: error.status,
-            }),
-            Ok(Err(error)) => classify_failure(&error, denied, limits, &stderr.text()),
+            })),
+            Ok(Err(error)) => Err(Some(error)),
+        };
+        call.finish(result, timings)
+    }
+
+    /// Serves one HTTP request with a `wasi:http/proxy` component in a fresh
+    /// instance. Returns once the guest has set its response (or failed
+    /// before doing so); the body then streams while the guest keeps running
+    /// in a task of its own, and `completion` resolves when it is done.
+    pub fn serve_http<B>(
+        self: &Arc<Self>,
+        component: &LoadedComponent,
+        request: hyper::Request<B>,
+        limits: &CallLimits,
+    ) -> Result<HttpCall, Box<Invocation>>
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        use wasmtime_wasi_http::WasiHttpView as _;
+
+        let Prepared::Http(pre) = &component.inner.prepared else {
+            return Err(Box::new(Invocation::host_error(
+                "this component exports gust:function/handler; invoke it instead",
+            )));
+        };
+        let pre = pre.clone();
+        let mut call = self.new_call(limits);
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let store = call.store.data_mut();
+        let prepared = store
+            .http()
+            .new_incoming_request(Scheme::Http, request)
+            .and_then(|req| Ok((req, store.http().new_response_outparam(sender)?)));
+        let (req, out) = match prepared {
+            Ok(resources) => resources,
+            Err(e) => return Err(Box::new(Invocation::host_error(&format!("{e:#}")))),
+        };
+        let completion = tokio::spawn(async move {
+            let mut timings = Timings::default();
+            let started = call.started;
+            let store = &mut call.store;
+            let run = async {
+                let proxy = pre.instantiate_async(&mut *store).await?;
+                timings.instantiate = started.elapsed();
+                let result = proxy
+                    .wasi_http_incoming_handler()
+                    .call_handle(&mut *store, req, out)
+                    .await;
+                timings.call = started.elapsed() - timings.instantiate;
+                result
+            };
+            let result = match tokio::time::timeout(call.hard_limit, run).await {
+                Err(_elapsed) => Err(None),
+                // The response (status, headers, body) went to the caller
+                // through the outparam; here only success is recorded.
+                Ok(Ok(())) => Ok(Outcome::Ok(Response::default())),
+                Ok(Err(error)) => Err(Some(error)),
+            };
+            call.finish(result, timings)
+        });
+        Ok(HttpCall {
+            response: receiver,
+            completion,
+        })
+    }
+}
+
+/// One call's store and what it captures.
+struct Call {
+    store: Store<CallState>,
+    stdout: BoundedCapture,
+    stderr: BoundedCapture,
+    started: Instant,
+    limits: CallLimits,
+    hard_limit: std::time::Duration,
+}
+
+impl Call {
+    /// Classifies the result and collects captures. `Err(None)` means the
+    /// hard time limit fired; `Err(Some(e))` is a trap or host failure.
+    fn finish(
+        self,
+        result: Result<Outcome, Option<wasmtime::Error>>,
+        timings: Timings,
+    ) -> Invocation {
+        let limiter = &self.store.data().limiter;
+        let peak_memory_bytes = limiter.peak_bytes as u64;
+        let denied = limiter.denied_request;
+        drop(self.store);
+        let stderr = self.stderr.take();
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            Err(None) => Outcome::Timeout {
+                limit: self.limits.timeout,
+            },
+            Err(Some(error)) => classify_failure(&error, denied, &self.limits, &stderr.text()),
         };
         Invocation {
             outcome,
-            stdout: stdout.take(),
+            stdout: self.stdout.take(),
             stderr,
             timings,
             peak_memory_bytes,
         }
     }
+}
+
+/// A `wasi:http` request in flight; see [`Runtime::serve_http`].
+pub struct HttpCall {
+    /// Resolves to the guest's response once it calls
+    /// `response-outparam.set`; an error (the sender dropped) means the guest
+    /// finished or failed without responding: see `completion`.
+    pub response: tokio::sync::oneshot::Receiver<
+        Result<
+            hyper::Response<HyperOutgoingBody>,
+            wasmtime_wasi_http::p2::bindings::http::types::ErrorCode,
+        >,
+    >,
+    /// Resolves when the guest has finished (its body fully written) with
+    /// the invocation's outcome; for success the outcome's response is empty
+    /// (the real one went out through `response`).
+    pub completion: tokio::task::JoinHandle<Invocation>,
 }
 
 fn check_header(bytes: &[u8]) -> Result<(), LoadError> {

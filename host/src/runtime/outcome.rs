@@ -182,6 +182,21 @@ pub struct Invocation {
     pub peak_memory_bytes: u64,
 }
 
+impl Invocation {
+    /// An invocation that never reached the guest.
+    pub fn host_error(message: &str) -> Self {
+        Self {
+            outcome: Outcome::HostError {
+                message: message.to_owned(),
+            },
+            stdout: CapturedOutput::default(),
+            stderr: CapturedOutput::default(),
+            timings: Timings::default(),
+            peak_memory_bytes: 0,
+        }
+    }
+}
+
 /// Finds the panic message Rust's default hook writes to stderr:
 /// `thread '…' panicked at src/lib.rs:3:5:\nthe message`.
 pub(crate) fn panic_message(stderr: &str) -> Option<String> {

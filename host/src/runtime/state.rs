@@ -5,8 +5,10 @@ use std::sync::Arc;
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::capture::BoundedCapture;
+use super::http::{GustHttpHooks, OutboundPolicy};
 
 /// Grants for the guest's WASI context; turned into a `WasiCtx` only when
 /// the guest first makes a WASI call. Most handlers make none, and building a
@@ -85,15 +87,23 @@ impl ResourceLimiter for MemoryLimiter {
 pub(crate) struct CallState {
     pub(crate) grants: WasiGrants,
     wasi: Option<WasiCtx>,
+    http: WasiHttpCtx,
+    http_hooks: GustHttpHooks,
     pub(crate) table: ResourceTable,
     pub(crate) limiter: MemoryLimiter,
 }
 
 impl CallState {
-    pub(crate) fn new(grants: WasiGrants, memory_limit_bytes: usize) -> Self {
+    pub(crate) fn new(
+        grants: WasiGrants,
+        outbound: OutboundPolicy,
+        memory_limit_bytes: usize,
+    ) -> Self {
         Self {
             grants,
             wasi: None,
+            http: WasiHttpCtx::new(),
+            http_hooks: GustHttpHooks { outbound },
             table: ResourceTable::new(),
             limiter: MemoryLimiter {
                 limit_bytes: memory_limit_bytes,
@@ -115,5 +125,15 @@ impl WasiView for CallState {
         } = self;
         let ctx = wasi.get_or_insert_with(|| grants.build());
         WasiCtxView { ctx, table }
+    }
+}
+
+impl WasiHttpView for CallState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_hooks,
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! embedded one: tenants, API-key hashes, functions and their versions,
 //! invocation records ([`MetaStore`]), and component blobs ([`BlobStore`]).
 //!
-//! [`sled`](self::sled) is the single-node implementation of `MetaStore`;
+//! [`sled::SledStore`] is the single-node implementation of `MetaStore`;
 //! [`FsBlobStore`] keeps blobs as content-addressed files.
 
 mod blobs;
@@ -43,6 +43,15 @@ pub enum StoreError {
         key: String,
         /// What was wrong.
         message: String,
+    },
+    /// Bytes given to [`BlobStore::put`] do not hash to the digest they
+    /// were given under.
+    #[error("blob digest mismatch: expected {expected}, the bytes hash to {actual}")]
+    DigestMismatch {
+        /// The digest the caller named (`sha256:<hex>`).
+        expected: String,
+        /// The digest of the bytes (`sha256:<hex>`).
+        actual: String,
     },
     /// A blob file could not be read or written.
     #[error("blob store at {path}: {source}")]
@@ -212,13 +221,17 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Every function of every tenant (to warm the host at start).
     fn all_functions(&self) -> Result<Vec<FunctionRecord>, StoreError>;
     /// Deletes a function and its invocation records; returns what was deleted.
-    fn delete_function(&self, tenant: &str, name: &str)
-    -> Result<Option<FunctionRecord>, StoreError>;
+    fn delete_function(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Option<FunctionRecord>, StoreError>;
     /// Whether any function (of any tenant) uses this digest.
     fn digest_in_use(&self, digest: &str) -> Result<bool, StoreError>;
 
     /// Records an invocation, then drops the oldest records of that
-    /// function beyond the retention bound.
+    /// function beyond the retention bound. `Missing` if the function does
+    /// not exist (any more): a deleted function's records are not kept.
     fn record_invocation(&self, record: &InvocationRecord) -> Result<(), StoreError>;
     /// One of a tenant's invocation records.
     fn invocation(&self, tenant: &str, id: &str) -> Result<Option<InvocationRecord>, StoreError>;

@@ -1,1 +1,1541 @@
-//! The embedded `MetaStore`.
+//! The embedded [`MetaStore`]: one [`sled`] database on local disk.
+//!
+//! # Layout
+//!
+//! Composite keys join their parts with `push_part`, an escaping that keeps
+//! byte order equal to the order of the parts and makes no encoded key a
+//! prefix of another, so a prefix scan over `part(tenant)` never catches
+//! tenant `acme2` when asked for `acme`. `seq` and `inc` are big-endian
+//! `u64`s from [`sled::Db::generate_id`].
+//!
+//! | tree                | key                                       | value                              |
+//! |---------------------|-------------------------------------------|------------------------------------|
+//! | `tenants`           | tenant name (raw)                         | [`TenantRecord`] (JSON)            |
+//! | `keys`              | part(tenant) part(key id)                 | [`ApiKeyRecord`] (JSON)            |
+//! | `key_ids`           | key id (raw)                              | tenant name (raw)                  |
+//! | `key_hashes`        | SHA-256 (32 bytes)                        | the key's `keys` key               |
+//! | `functions`         | part(tenant) part(name)                   | stored function (JSON, see below)  |
+//! | `digests`           | part(digest) part(tenant) part(name)      | empty                              |
+//! | `invocations`       | part(tenant) part(function) inc seq       | [`InvocationRecord`] (JSON)        |
+//! | `invocation_ids`    | part(tenant) invocation id (raw)          | the record's `invocations` key     |
+//! | `invocation_counts` | part(tenant) part(function)               | live records of the function (u64) |
+//! | `purges`            | part(tenant) part(function) inc           | empty                              |
+//!
+//! The default tree holds `gust_meta_format` = `1`, the layout's version.
+//!
+//! A stored function carries, besides its [`FunctionRecord`], an
+//! *incarnation*: an id drawn at its first deploy and kept across versions.
+//! Invocation keys include it, and reads only show records of the current
+//! incarnation. That is what makes `delete_function` atomic although it
+//! cannot remove an unbounded number of records in one transaction: the
+//! transaction removes the function and queues its records in `purges`; the
+//! records are then invisible (a re-deploy under the same name gets a new
+//! incarnation) and are removed in batches, right away or, after a crash, at
+//! the next [`SledStore::open`].
+//!
+//! Every method that writes several entries does so in one sled transaction.
+//! sled transactions cannot scan, so retention pruning picks its candidates
+//! with a scan first and re-checks each of them inside the transaction.
+
+use std::fmt::{self, Write as _};
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sled::transaction::ConflictableTransactionError::Abort;
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
+};
+use sled::{Db, IVec, Transactional, Tree};
+
+use super::{
+    ApiKeyRecord, DeployRequest, Deployed, FunctionRecord, InvocationRecord, MetaStore, StoreError,
+    TenantRecord, now_millis,
+};
+
+/// Version of the layout above, kept in the default tree; a database written
+/// with another layout is refused rather than misread.
+const FORMAT_VERSION: &[u8] = b"1";
+const FORMAT_KEY: &[u8] = b"gust_meta_format";
+
+/// Invocation records removed per transaction when purging a deleted
+/// function: bounded so that a purge never holds sled's transaction lock for
+/// long.
+const PURGE_BATCH: usize = 256;
+
+/// How often `record_invocation` restarts when the function is deleted and
+/// re-deployed between its scan and its transaction.
+const MAX_ATTEMPTS: usize = 16;
+
+const INVOCATIONS: &str = "invocations";
+
+/// The sled-backed [`MetaStore`].
+///
+/// Writes of tenants, keys and functions are flushed to disk before the
+/// method returns; invocation records are flushed by sled's background
+/// flusher (every 500 ms) or by [`MetaStore::flush`], which keeps the
+/// invocation path free of fsyncs.
+#[derive(Clone)]
+pub struct SledStore {
+    db: Db,
+    tenants: Tree,
+    keys: Tree,
+    key_ids: Tree,
+    key_hashes: Tree,
+    functions: Tree,
+    digests: Tree,
+    invocations: Tree,
+    invocation_ids: Tree,
+    invocation_counts: Tree,
+    purges: Tree,
+    retention: usize,
+}
+
+impl fmt::Debug for SledStore {
+    // sled's own `Debug` dumps the tree internals.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SledStore")
+            .field("retention_per_function", &self.retention)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A function as stored: the record plus its incarnation (see the module
+/// docs).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredFunction {
+    function: FunctionRecord,
+    incarnation: u64,
+}
+
+/// The parts of an invocation record that a purge needs; decoding only these
+/// still works for a record whose other fields are damaged.
+#[derive(Deserialize)]
+struct InvocationIdentity {
+    id: String,
+    tenant: String,
+}
+
+/// An `invocations` key and, where the record decodes, its
+/// `invocation_ids` key.
+type RecordKeys = (IVec, Option<Vec<u8>>);
+
+type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+/// A record for `append_and_prune` to add.
+#[derive(Clone, Copy)]
+struct Append<'a> {
+    /// The invocation id (for messages).
+    id: &'a str,
+    /// Its `invocations` key.
+    record_key: &'a [u8],
+    /// The encoded record.
+    value: &'a [u8],
+    /// Its `invocation_ids` key.
+    id_key: &'a [u8],
+}
+
+/// What one retention transaction did.
+enum Appended {
+    /// Done; the function now has this many records.
+    Count(u64),
+    /// The function was deleted and re-deployed meanwhile: start over.
+    Retry,
+}
+
+impl SledStore {
+    /// Opens (creating) the database at `path`, keeping at most
+    /// `retention_per_function` invocation records per function (0 keeps
+    /// none), and finishes the purges a crash interrupted.
+    pub fn open(path: &Path, retention_per_function: usize) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(path).open().map_err(backend)?;
+        match db.get(FORMAT_KEY).map_err(backend)? {
+            None => {
+                db.insert(FORMAT_KEY, FORMAT_VERSION).map_err(backend)?;
+            }
+            Some(found) if found.as_ref() == FORMAT_VERSION => {}
+            Some(found) => {
+                return Err(StoreError::Backend(format!(
+                    "{}: metadata format {:?}, this build reads {:?}",
+                    path.display(),
+                    String::from_utf8_lossy(&found),
+                    String::from_utf8_lossy(FORMAT_VERSION),
+                )));
+            }
+        }
+        let tree = |name: &str| db.open_tree(name).map_err(backend);
+        let store = Self {
+            tenants: tree("tenants")?,
+            keys: tree("keys")?,
+            key_ids: tree("key_ids")?,
+            key_hashes: tree("key_hashes")?,
+            functions: tree("functions")?,
+            digests: tree("digests")?,
+            invocations: tree(INVOCATIONS)?,
+            invocation_ids: tree("invocation_ids")?,
+            invocation_counts: tree("invocation_counts")?,
+            purges: tree("purges")?,
+            db,
+            retention: retention_per_function,
+        };
+        store.finish_purges()?;
+        Ok(store)
+    }
+
+    /// The retention bound this store was opened with.
+    pub fn retention_per_function(&self) -> usize {
+        self.retention
+    }
+
+    /// Makes the writes so far durable.
+    fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(backend)
+    }
+
+    fn load_function(&self, key: &[u8]) -> Result<Option<StoredFunction>, StoreError> {
+        match self.functions.get(key).map_err(backend)? {
+            Some(value) => decode("functions", key, &value).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn count(&self, function_key: &[u8]) -> Result<u64, StoreError> {
+        decode_count(
+            function_key,
+            self.invocation_counts.get(function_key).map_err(backend)?,
+        )
+    }
+
+    /// The `limit` oldest records under `prefix`: their keys and, where the
+    /// record decodes, their `invocation_ids` key.
+    fn oldest(&self, prefix: &[u8], limit: u64) -> Result<Vec<RecordKeys>, StoreError> {
+        let mut found = Vec::new();
+        if limit == 0 {
+            return Ok(found);
+        }
+        for entry in self.invocations.scan_prefix(prefix) {
+            let (key, value) = entry.map_err(backend)?;
+            // A damaged record must still be prunable, or it would pin the
+            // retention window forever; its id entry is left dangling,
+            // which reads treat as absent.
+            let id_key = serde_json::from_slice::<InvocationIdentity>(&value)
+                .ok()
+                .map(|who| invocation_id_key(&who.tenant, &who.id));
+            found.push((key, id_key));
+            if found.len() as u64 >= limit {
+                break;
+            }
+        }
+        Ok(found)
+    }
+
+    /// One transaction: optionally appends a record, then drops `candidates`
+    /// while the function has more than the retention bound.
+    fn append_and_prune(
+        &self,
+        function_key: &[u8],
+        incarnation: u64,
+        append: Option<Append<'_>>,
+        candidates: &[RecordKeys],
+        what: &str,
+    ) -> Result<Appended, StoreError> {
+        let retention = self.retention as u64;
+        (
+            &self.functions,
+            &self.invocations,
+            &self.invocation_ids,
+            &self.invocation_counts,
+        )
+            .transaction(|(functions, invocations, ids, counts)| {
+                let Some(current) = functions.get(function_key)? else {
+                    return abort(StoreError::Missing(what.to_owned()));
+                };
+                let current: StoredFunction =
+                    decode("functions", function_key, &current).map_err(Abort)?;
+                if current.incarnation != incarnation {
+                    return Ok(Appended::Retry);
+                }
+                let mut count =
+                    decode_count(function_key, counts.get(function_key)?).map_err(Abort)?;
+                if let Some(Append {
+                    id,
+                    record_key,
+                    value,
+                    id_key,
+                }) = append
+                {
+                    if let Some(existing) = ids.get(id_key)? {
+                        // Ids are unique, so an existing one is a retried
+                        // write: fine if it is the same record.
+                        return match invocations.get(&existing)? {
+                            Some(stored) if stored.as_ref() == value => Ok(Appended::Count(count)),
+                            _ => abort(StoreError::Conflict(format!("invocation {id:?}"))),
+                        };
+                    }
+                    invocations.insert(record_key, value)?;
+                    ids.insert(id_key, record_key)?;
+                    count = count.saturating_add(1);
+                }
+                for (key, id_key) in candidates {
+                    if count <= retention {
+                        break;
+                    }
+                    if invocations.remove(key)?.is_some() {
+                        count = count.saturating_sub(1);
+                        if let Some(id_key) = id_key {
+                            remove_if_points_to(ids, id_key, key)?;
+                        }
+                    }
+                }
+                counts.insert(function_key, &count.to_be_bytes()[..])?;
+                Ok(Appended::Count(count))
+            })
+            .map_err(tx_error)
+    }
+
+    /// The atomic part of `delete_function`: removes the function and its
+    /// digest reference and queues its invocation records for purging.
+    fn remove_function(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Option<StoredFunction>, StoreError> {
+        let function_key = function_key(tenant, name);
+        let removed = (
+            &self.functions,
+            &self.digests,
+            &self.invocation_counts,
+            &self.purges,
+        )
+            .transaction(|(functions, digests, counts, purges)| {
+                let Some(value) = functions.remove(function_key.as_slice())? else {
+                    return Ok(None);
+                };
+                let stored: StoredFunction =
+                    decode("functions", &function_key, &value).map_err(Abort)?;
+                digests.remove(digest_key(&stored.function.digest, tenant, name))?;
+                counts.remove(function_key.as_slice())?;
+                purges.insert(invocation_prefix(tenant, name, stored.incarnation), &[][..])?;
+                Ok(Some(stored))
+            })
+            .map_err(tx_error)?;
+        if removed.is_some() {
+            self.sync()?;
+        }
+        Ok(removed)
+    }
+
+    /// Removes every record under `prefix` (a deleted incarnation), in
+    /// batches, then the purge entry itself.
+    fn purge(&self, prefix: &[u8]) -> Result<(), StoreError> {
+        loop {
+            let batch = self.oldest(prefix, PURGE_BATCH as u64)?;
+            if batch.is_empty() {
+                break;
+            }
+            (&self.invocations, &self.invocation_ids)
+                .transaction(|(invocations, ids)| {
+                    for (key, id_key) in &batch {
+                        invocations.remove(key)?;
+                        if let Some(id_key) = id_key {
+                            remove_if_points_to(ids, id_key, key)?;
+                        }
+                    }
+                    Ok(())
+                })
+                .map_err(tx_error)?;
+        }
+        self.purges.remove(prefix).map_err(backend)?;
+        Ok(())
+    }
+
+    fn finish_purges(&self) -> Result<(), StoreError> {
+        // Collected first: `purge` removes entries of the tree being read.
+        let pending = self
+            .purges
+            .iter()
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(backend)?;
+        for prefix in pending {
+            self.purge(&prefix)?;
+        }
+        Ok(())
+    }
+}
+
+impl MetaStore for SledStore {
+    fn create_tenant(&self, name: &str) -> Result<TenantRecord, StoreError> {
+        let record = TenantRecord {
+            name: name.to_owned(),
+            created_at: now_millis(),
+        };
+        let value = encode(&record)?;
+        let swapped = self
+            .tenants
+            .compare_and_swap(name.as_bytes(), None::<&[u8]>, Some(value))
+            .map_err(backend)?;
+        if swapped.is_err() {
+            return Err(StoreError::Conflict(format!("tenant {name:?}")));
+        }
+        self.sync()?;
+        Ok(record)
+    }
+
+    fn tenant(&self, name: &str) -> Result<Option<TenantRecord>, StoreError> {
+        match self.tenants.get(name.as_bytes()).map_err(backend)? {
+            Some(value) => decode("tenants", name.as_bytes(), &value).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn tenants(&self) -> Result<Vec<TenantRecord>, StoreError> {
+        decode_all("tenants", self.tenants.iter())
+    }
+
+    fn add_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+        let record_key = key_key(&key.tenant, &key.id);
+        let value = encode(key)?;
+        (&self.tenants, &self.keys, &self.key_ids, &self.key_hashes)
+            .transaction(|(tenants, keys, key_ids, key_hashes)| {
+                if tenants.get(key.tenant.as_bytes())?.is_none() {
+                    return abort(StoreError::Missing(format!("tenant {:?}", key.tenant)));
+                }
+                if key_ids.get(key.id.as_bytes())?.is_some() {
+                    return abort(StoreError::Conflict(format!("key {:?}", key.id)));
+                }
+                if key_hashes.get(key.hash)?.is_some() {
+                    return abort(StoreError::Conflict("a key with this hash".into()));
+                }
+                keys.insert(record_key.as_slice(), value.as_slice())?;
+                key_ids.insert(key.id.as_bytes(), key.tenant.as_bytes())?;
+                key_hashes.insert(&key.hash[..], record_key.as_slice())?;
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        self.sync()
+    }
+
+    fn key_by_hash(&self, hash: &[u8; 32]) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let Some(record_key) = self.key_hashes.get(hash).map_err(backend)? else {
+            return Ok(None);
+        };
+        // Absent here means revoked between the two reads.
+        match self.keys.get(&record_key).map_err(backend)? {
+            Some(value) => decode("keys", &record_key, &value).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn keys(&self, tenant: &str) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        decode_all("keys", self.keys.scan_prefix(part(tenant)))
+    }
+
+    fn revoke_key(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
+        let record_key = key_key(tenant, id);
+        let revoked = (&self.keys, &self.key_ids, &self.key_hashes)
+            .transaction(|(keys, key_ids, key_hashes)| {
+                let Some(value) = keys.remove(record_key.as_slice())? else {
+                    return Ok(false);
+                };
+                let record: ApiKeyRecord = decode("keys", &record_key, &value).map_err(Abort)?;
+                key_ids.remove(id.as_bytes())?;
+                remove_if_points_to(key_hashes, &record.hash, &record_key)?;
+                Ok(true)
+            })
+            .map_err(tx_error)?;
+        if revoked {
+            self.sync()?;
+        }
+        Ok(revoked)
+    }
+
+    fn deploy(&self, request: &DeployRequest) -> Result<Deployed, StoreError> {
+        let function_key = function_key(&request.tenant, &request.name);
+        let new_ref = digest_key(&request.digest, &request.tenant, &request.name);
+        // Drawn outside the transaction (whose closure may run more than
+        // once); only used by a first deploy.
+        let incarnation = self.db.generate_id().map_err(backend)?;
+        let now = now_millis();
+        let deployed = (&self.functions, &self.digests)
+            .transaction(|(functions, digests)| {
+                let current = match functions.get(&function_key)? {
+                    Some(value) => Some(
+                        decode::<StoredFunction>("functions", &function_key, &value)
+                            .map_err(Abort)?,
+                    ),
+                    None => None,
+                };
+                let stored = match current {
+                    Some(current)
+                        if current.function.digest == request.digest
+                            && current.function.public == request.public =>
+                    {
+                        return Ok(Deployed {
+                            function: current.function,
+                            changed: false,
+                        });
+                    }
+                    Some(current) => {
+                        if current.function.digest != request.digest {
+                            digests.remove(digest_key(
+                                &current.function.digest,
+                                &request.tenant,
+                                &request.name,
+                            ))?;
+                        }
+                        let Some(version) = current.function.version.checked_add(1) else {
+                            return abort(StoreError::Backend(format!(
+                                "function {}/{}: version overflow",
+                                request.tenant, request.name
+                            )));
+                        };
+                        StoredFunction {
+                            function: new_function(
+                                request,
+                                version,
+                                current.function.created_at,
+                                now,
+                            ),
+                            incarnation: current.incarnation,
+                        }
+                    }
+                    None => StoredFunction {
+                        function: new_function(request, 1, now, now),
+                        incarnation,
+                    },
+                };
+                digests.insert(new_ref.as_slice(), &[][..])?;
+                functions.insert(function_key.as_slice(), encode(&stored).map_err(Abort)?)?;
+                Ok(Deployed {
+                    function: stored.function,
+                    changed: true,
+                })
+            })
+            .map_err(tx_error)?;
+        if deployed.changed {
+            self.sync()?;
+        }
+        Ok(deployed)
+    }
+
+    fn function(&self, tenant: &str, name: &str) -> Result<Option<FunctionRecord>, StoreError> {
+        Ok(self
+            .load_function(&function_key(tenant, name))?
+            .map(|stored| stored.function))
+    }
+
+    fn functions(&self, tenant: &str) -> Result<Vec<FunctionRecord>, StoreError> {
+        let stored: Vec<StoredFunction> =
+            decode_all("functions", self.functions.scan_prefix(part(tenant)))?;
+        Ok(stored.into_iter().map(|stored| stored.function).collect())
+    }
+
+    fn all_functions(&self) -> Result<Vec<FunctionRecord>, StoreError> {
+        let stored: Vec<StoredFunction> = decode_all("functions", self.functions.iter())?;
+        Ok(stored.into_iter().map(|stored| stored.function).collect())
+    }
+
+    fn delete_function(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Option<FunctionRecord>, StoreError> {
+        let Some(stored) = self.remove_function(tenant, name)? else {
+            return Ok(None);
+        };
+        // The function is gone and its records invisible whatever happens
+        // now; a failed purge is retried at the next open.
+        let prefix = invocation_prefix(tenant, name, stored.incarnation);
+        if let Err(error) = self.purge(&prefix) {
+            tracing::warn!(%error, tenant, function = name, "purging invocation records failed; retried at next open");
+        }
+        Ok(Some(stored.function))
+    }
+
+    fn digest_in_use(&self, digest: &str) -> Result<bool, StoreError> {
+        match self.digests.scan_prefix(part(digest)).keys().next() {
+            Some(entry) => entry.map(|_| true).map_err(backend),
+            None => Ok(false),
+        }
+    }
+
+    fn record_invocation(&self, record: &InvocationRecord) -> Result<(), StoreError> {
+        let what = format!("function {}/{}", record.tenant, record.function);
+        let function_key = function_key(&record.tenant, &record.function);
+        if self.retention == 0 {
+            // Nothing is kept, but the caller still learns of a missing
+            // function, as with any other retention.
+            return match self.load_function(&function_key)? {
+                Some(_) => Ok(()),
+                None => Err(StoreError::Missing(what)),
+            };
+        }
+        let value = encode(record)?;
+        let id_key = invocation_id_key(&record.tenant, &record.id);
+        let seq = self.db.generate_id().map_err(backend)?;
+        let retention = self.retention as u64;
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(stored) = self.load_function(&function_key)? else {
+                return Err(StoreError::Missing(what));
+            };
+            let prefix = invocation_prefix(&record.tenant, &record.function, stored.incarnation);
+            let mut record_key = prefix.clone();
+            record_key.extend_from_slice(&seq.to_be_bytes());
+            let excess = self
+                .count(&function_key)?
+                .saturating_add(1)
+                .saturating_sub(retention);
+            let candidates = self.oldest(&prefix, excess)?;
+            let appended = self.append_and_prune(
+                &function_key,
+                stored.incarnation,
+                Some(Append {
+                    id: &record.id,
+                    record_key: &record_key,
+                    value: &value,
+                    id_key: &id_key,
+                }),
+                &candidates,
+                &what,
+            )?;
+            let mut count = match appended {
+                Appended::Retry => continue,
+                Appended::Count(count) => count,
+            };
+            // Concurrent appends may have removed the same candidates; trim
+            // until the bound holds (each pass removes at least one record
+            // unless another writer is trimming too).
+            for _ in 0..MAX_ATTEMPTS {
+                if count <= retention {
+                    break;
+                }
+                let candidates = self.oldest(&prefix, count - retention)?;
+                match self.append_and_prune(
+                    &function_key,
+                    stored.incarnation,
+                    None,
+                    &candidates,
+                    &what,
+                )? {
+                    Appended::Count(now) => count = now,
+                    Appended::Retry => break,
+                }
+            }
+            return Ok(());
+        }
+        Err(StoreError::Backend(format!(
+            "{what} was re-deployed concurrently {MAX_ATTEMPTS} times; invocation {} not recorded",
+            record.id
+        )))
+    }
+
+    fn invocation(&self, tenant: &str, id: &str) -> Result<Option<InvocationRecord>, StoreError> {
+        let Some(record_key) = self
+            .invocation_ids
+            .get(invocation_id_key(tenant, id))
+            .map_err(backend)?
+        else {
+            return Ok(None);
+        };
+        // Absent: pruned between the two reads, or a dangling id entry.
+        let Some(value) = self.invocations.get(&record_key).map_err(backend)? else {
+            return Ok(None);
+        };
+        let record: InvocationRecord = decode(INVOCATIONS, &record_key, &value)?;
+        if record.tenant != tenant {
+            return Ok(None);
+        }
+        // Only records of the function's current incarnation exist for
+        // readers; older ones belong to a deleted function awaiting purge.
+        let incarnation = incarnation_of(&record_key);
+        let live = self
+            .load_function(&function_key(tenant, &record.function))?
+            .is_some_and(|stored| Some(stored.incarnation) == incarnation);
+        Ok(live.then_some(record))
+    }
+
+    fn invocations(
+        &self,
+        tenant: &str,
+        function: &str,
+        limit: usize,
+    ) -> Result<Vec<InvocationRecord>, StoreError> {
+        let Some(stored) = self.load_function(&function_key(tenant, function))? else {
+            return Ok(Vec::new());
+        };
+        let prefix = invocation_prefix(tenant, function, stored.incarnation);
+        decode_all(
+            INVOCATIONS,
+            self.invocations.scan_prefix(prefix).rev().take(limit),
+        )
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.sync()
+    }
+}
+
+fn new_function(
+    request: &DeployRequest,
+    version: u64,
+    created_at: u64,
+    updated_at: u64,
+) -> FunctionRecord {
+    FunctionRecord {
+        tenant: request.tenant.clone(),
+        name: request.name.clone(),
+        version,
+        digest: request.digest.clone(),
+        size: request.size,
+        world: request.world,
+        public: request.public,
+        created_at,
+        updated_at,
+    }
+}
+
+/// Appends one key part: `0x00` is escaped as `00 FF` and the part ends with
+/// `00 01`. That keeps byte order equal to part order and makes the encoding
+/// prefix-free, whatever bytes the part holds.
+fn push_part(key: &mut Vec<u8>, part: &str) {
+    for &byte in part.as_bytes() {
+        key.push(byte);
+        if byte == 0 {
+            key.push(0xFF);
+        }
+    }
+    key.extend_from_slice(&[0x00, 0x01]);
+}
+
+fn part(a: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(a.len() + 2);
+    push_part(&mut key, a);
+    key
+}
+
+fn parts(a: &str, b: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(a.len() + b.len() + 4);
+    push_part(&mut key, a);
+    push_part(&mut key, b);
+    key
+}
+
+fn key_key(tenant: &str, id: &str) -> Vec<u8> {
+    parts(tenant, id)
+}
+
+fn function_key(tenant: &str, name: &str) -> Vec<u8> {
+    parts(tenant, name)
+}
+
+fn digest_key(digest: &str, tenant: &str, name: &str) -> Vec<u8> {
+    let mut key = part(digest);
+    push_part(&mut key, tenant);
+    push_part(&mut key, name);
+    key
+}
+
+fn invocation_prefix(tenant: &str, function: &str, incarnation: u64) -> Vec<u8> {
+    let mut key = parts(tenant, function);
+    key.extend_from_slice(&incarnation.to_be_bytes());
+    key
+}
+
+fn invocation_id_key(tenant: &str, id: &str) -> Vec<u8> {
+    let mut key = part(tenant);
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+/// The incarnation inside an `invocations` key (the 8 bytes before `seq`).
+fn incarnation_of(record_key: &[u8]) -> Option<u64> {
+    let end = record_key.len().checked_sub(8)?;
+    let start = end.checked_sub(8)?;
+    let bytes: [u8; 8] = record_key.get(start..end)?.try_into().ok()?;
+    Some(u64::from_be_bytes(bytes))
+}
+
+fn decode_count(function_key: &[u8], value: Option<IVec>) -> Result<u64, StoreError> {
+    let Some(value) = value else {
+        return Ok(0);
+    };
+    let bytes: [u8; 8] = value.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+        key: describe_key("invocation_counts", function_key),
+        message: format!("expected 8 bytes, found {}", value.len()),
+    })?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+/// Removes `key` from `tree` if it still maps to `target` (an index entry
+/// that a later write may have re-pointed).
+fn remove_if_points_to(
+    tree: &TransactionalTree,
+    key: &[u8],
+    target: &[u8],
+) -> Result<(), UnabortableTransactionError> {
+    if tree
+        .get(key)?
+        .is_some_and(|current| current.as_ref() == target)
+    {
+        tree.remove(key)?;
+    }
+    Ok(())
+}
+
+fn encode<T: Serialize>(record: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(record)
+        .map_err(|error| StoreError::Backend(format!("encoding a record: {error}")))
+}
+
+fn decode<T: DeserializeOwned>(tree: &str, key: &[u8], value: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(value).map_err(|error| StoreError::Corrupt {
+        key: describe_key(tree, key),
+        message: error.to_string(),
+    })
+}
+
+fn decode_all<T: DeserializeOwned>(
+    tree: &str,
+    entries: impl Iterator<Item = sled::Result<(IVec, IVec)>>,
+) -> Result<Vec<T>, StoreError> {
+    entries
+        .map(|entry| {
+            let (key, value) = entry.map_err(backend)?;
+            decode(tree, &key, &value)
+        })
+        .collect()
+}
+
+/// A readable name for a key in error messages: `tree/part/part…`, with the
+/// binary `inc`/`seq` suffix of invocation keys as numbers.
+fn describe_key(tree: &str, key: &[u8]) -> String {
+    let (text, numbers) = match tree {
+        INVOCATIONS if key.len() >= 16 => key.split_at(key.len() - 16),
+        _ => (key, &[][..]),
+    };
+    let mut out = String::from(tree);
+    out.push('/');
+    let mut current = Vec::new();
+    let mut bytes = text.iter().copied().peekable();
+    while let Some(byte) = bytes.next() {
+        match (byte, bytes.peek()) {
+            (0x00, Some(0x01)) => {
+                bytes.next();
+                push_readable(&mut out, &current);
+                out.push('/');
+                current.clear();
+            }
+            (0x00, Some(0xFF)) => {
+                bytes.next();
+                current.push(0);
+            }
+            _ => current.push(byte),
+        }
+    }
+    push_readable(&mut out, &current);
+    for chunk in numbers.chunks_exact(8) {
+        let mut be = [0u8; 8];
+        be.copy_from_slice(chunk);
+        let _ = write!(out, "#{}", u64::from_be_bytes(be));
+    }
+    out.trim_end_matches('/').to_owned()
+}
+
+/// Appends a key part as text, with control characters escaped.
+fn push_readable(out: &mut String, part: &[u8]) {
+    out.extend(
+        String::from_utf8_lossy(part)
+            .chars()
+            .flat_map(char::escape_debug),
+    );
+}
+
+fn backend(error: sled::Error) -> StoreError {
+    StoreError::Backend(error.to_string())
+}
+
+fn abort<T>(error: StoreError) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(error))
+}
+
+fn tx_error(error: TransactionError<StoreError>) -> StoreError {
+    match error {
+        TransactionError::Abort(error) => error,
+        TransactionError::Storage(error) => backend(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tempfile::TempDir;
+
+    use super::*;
+    use crate::store::{FunctionWorld, TimingsRecord};
+
+    const DIGEST_A: &str = "sha256:aaaa";
+    const DIGEST_B: &str = "sha256:bbbb";
+
+    fn open(retention: usize) -> (TempDir, SledStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&dir.path().join("meta"), retention).unwrap();
+        (dir, store)
+    }
+
+    fn reopen(dir: &TempDir, store: SledStore, retention: usize) -> SledStore {
+        drop(store);
+        SledStore::open(&dir.path().join("meta"), retention).unwrap()
+    }
+
+    fn request(tenant: &str, name: &str, digest: &str, public: bool) -> DeployRequest {
+        DeployRequest {
+            tenant: tenant.into(),
+            name: name.into(),
+            digest: digest.into(),
+            size: 1234,
+            world: FunctionWorld::Handler,
+            public,
+        }
+    }
+
+    fn key(tenant: &str, id: &str, hash_byte: u8) -> ApiKeyRecord {
+        ApiKeyRecord {
+            id: id.into(),
+            tenant: tenant.into(),
+            hash: [hash_byte; 32],
+            created_at: 7,
+        }
+    }
+
+    fn invocation(tenant: &str, function: &str, id: &str) -> InvocationRecord {
+        InvocationRecord {
+            id: id.into(),
+            tenant: tenant.into(),
+            function: function.into(),
+            version: 1,
+            started_at: 42,
+            status: 200,
+            outcome: "ok".into(),
+            message: None,
+            timings: TimingsRecord {
+                instantiate_us: 1,
+                call_us: 2,
+                total_us: 3,
+            },
+            peak_memory_bytes: 65536,
+            stdout: "out".into(),
+            stderr: String::new(),
+            stdout_dropped_bytes: 0,
+            stderr_dropped_bytes: 0,
+        }
+    }
+
+    fn ids(records: &[InvocationRecord]) -> Vec<&str> {
+        records.iter().map(|record| record.id.as_str()).collect()
+    }
+
+    /// Sets up tenant `acme` with function `hello`.
+    fn with_function(retention: usize) -> (TempDir, SledStore) {
+        let (dir, store) = open(retention);
+        store.create_tenant("acme").unwrap();
+        store
+            .deploy(&request("acme", "hello", DIGEST_A, false))
+            .unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn tenants_are_created_once_and_listed_by_name() {
+        let (_dir, store) = open(10);
+        let before = now_millis();
+        let b = store.create_tenant("beta").unwrap();
+        assert_eq!(b.name, "beta");
+        assert!(b.created_at >= before);
+        store.create_tenant("alpha").unwrap();
+        assert!(matches!(
+            store.create_tenant("beta"),
+            Err(StoreError::Conflict(_))
+        ));
+
+        assert_eq!(store.tenant("beta").unwrap(), Some(b));
+        assert_eq!(store.tenant("gamma").unwrap(), None);
+        let names: Vec<String> = store
+            .tenants()
+            .unwrap()
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        assert_eq!(names, ["alpha", "beta"]);
+    }
+
+    #[test]
+    fn keys_need_their_tenant_and_are_unique_by_id_and_hash() {
+        let (_dir, store) = open(10);
+        assert!(matches!(
+            store.add_key(&key("acme", "key_1", 1)),
+            Err(StoreError::Missing(_))
+        ));
+        store.create_tenant("acme").unwrap();
+        store.create_tenant("other").unwrap();
+        store.add_key(&key("acme", "key_2", 2)).unwrap();
+        store.add_key(&key("acme", "key_1", 1)).unwrap();
+        // Same id (even for another tenant), same hash: refused.
+        assert!(matches!(
+            store.add_key(&key("other", "key_1", 9)),
+            Err(StoreError::Conflict(_))
+        ));
+        assert!(matches!(
+            store.add_key(&key("other", "key_9", 1)),
+            Err(StoreError::Conflict(_))
+        ));
+
+        assert_eq!(
+            store.key_by_hash(&[1; 32]).unwrap(),
+            Some(key("acme", "key_1", 1))
+        );
+        assert_eq!(store.key_by_hash(&[9; 32]).unwrap(), None);
+        assert_eq!(
+            store.keys("acme").unwrap(),
+            vec![key("acme", "key_1", 1), key("acme", "key_2", 2)]
+        );
+        assert!(store.keys("other").unwrap().is_empty());
+    }
+
+    #[test]
+    fn revoke_removes_the_key_and_its_indexes() {
+        let (_dir, store) = open(10);
+        store.create_tenant("acme").unwrap();
+        store.create_tenant("other").unwrap();
+        store.add_key(&key("acme", "key_1", 1)).unwrap();
+
+        // Another tenant cannot revoke it.
+        assert!(!store.revoke_key("other", "key_1").unwrap());
+        assert!(store.key_by_hash(&[1; 32]).unwrap().is_some());
+
+        assert!(store.revoke_key("acme", "key_1").unwrap());
+        assert!(!store.revoke_key("acme", "key_1").unwrap());
+        assert_eq!(store.key_by_hash(&[1; 32]).unwrap(), None);
+        assert!(store.keys("acme").unwrap().is_empty());
+        // Id and hash are free again.
+        store.add_key(&key("other", "key_1", 1)).unwrap();
+        assert_eq!(
+            store.key_by_hash(&[1; 32]).unwrap().unwrap().tenant,
+            "other"
+        );
+    }
+
+    #[test]
+    fn deploy_versions_only_on_change() {
+        let (_dir, store) = open(10);
+        let before = now_millis();
+        let first = store
+            .deploy(&request("acme", "hello", DIGEST_A, false))
+            .unwrap();
+        assert!(first.changed);
+        let v1 = first.function;
+        assert_eq!(v1.version, 1);
+        assert_eq!(v1.created_at, v1.updated_at);
+        assert!(v1.created_at >= before);
+        assert_eq!(
+            (
+                v1.tenant.as_str(),
+                v1.name.as_str(),
+                v1.digest.as_str(),
+                v1.size,
+                v1.public
+            ),
+            ("acme", "hello", DIGEST_A, 1234, false)
+        );
+
+        let again = store
+            .deploy(&request("acme", "hello", DIGEST_A, false))
+            .unwrap();
+        assert!(!again.changed);
+        assert_eq!(again.function, v1);
+
+        let public = store
+            .deploy(&request("acme", "hello", DIGEST_A, true))
+            .unwrap();
+        assert!(public.changed);
+        assert_eq!(public.function.version, 2);
+        assert!(public.function.public);
+
+        let new_bytes = store
+            .deploy(&request("acme", "hello", DIGEST_B, true))
+            .unwrap();
+        assert!(new_bytes.changed);
+        let v3 = new_bytes.function;
+        assert_eq!((v3.version, v3.digest.as_str()), (3, DIGEST_B));
+        assert_eq!(v3.created_at, v1.created_at);
+        assert!(v3.updated_at >= v1.updated_at);
+
+        assert_eq!(store.function("acme", "hello").unwrap(), Some(v3));
+        assert_eq!(store.function("acme", "nope").unwrap(), None);
+    }
+
+    #[test]
+    fn digest_in_use_follows_deploys_and_deletes_across_tenants() {
+        let (_dir, store) = open(10);
+        assert!(!store.digest_in_use(DIGEST_A).unwrap());
+        store.deploy(&request("t1", "f", DIGEST_A, false)).unwrap();
+        store.deploy(&request("t2", "g", DIGEST_A, false)).unwrap();
+        assert!(store.digest_in_use(DIGEST_A).unwrap());
+
+        // Re-deploying t1/f with other bytes drops its reference only.
+        store.deploy(&request("t1", "f", DIGEST_B, false)).unwrap();
+        assert!(store.digest_in_use(DIGEST_A).unwrap());
+        assert!(store.digest_in_use(DIGEST_B).unwrap());
+
+        store.delete_function("t2", "g").unwrap();
+        assert!(!store.digest_in_use(DIGEST_A).unwrap());
+        // A digest that is a prefix of another is not "in use" by it.
+        assert!(!store.digest_in_use("sha256:bb").unwrap());
+        store.delete_function("t1", "f").unwrap();
+        assert!(!store.digest_in_use(DIGEST_B).unwrap());
+    }
+
+    #[test]
+    fn functions_are_listed_per_tenant_by_name() {
+        let (_dir, store) = open(10);
+        // `a` is a prefix of `ab`, and names may hold any bytes: listings
+        // must not mix them up.
+        for (tenant, name) in [
+            ("ab", "x"),
+            ("a", "z"),
+            ("a", "b\0c"),
+            ("a", "b"),
+            ("a\0", "y"),
+        ] {
+            store
+                .deploy(&request(tenant, name, DIGEST_A, false))
+                .unwrap();
+        }
+        let names = |tenant: &str| -> Vec<String> {
+            store
+                .functions(tenant)
+                .unwrap()
+                .into_iter()
+                .map(|f| f.name)
+                .collect()
+        };
+        assert_eq!(names("a"), ["b", "b\0c", "z"]);
+        assert_eq!(names("ab"), ["x"]);
+        assert_eq!(names("a\0"), ["y"]);
+        assert!(names("").is_empty());
+
+        let all: Vec<(String, String)> = store
+            .all_functions()
+            .unwrap()
+            .into_iter()
+            .map(|f| (f.tenant, f.name))
+            .collect();
+        assert_eq!(all.len(), 5);
+        assert!(all.contains(&("ab".into(), "x".into())));
+        assert!(all.contains(&("a\0".into(), "y".into())));
+    }
+
+    #[test]
+    fn invocations_are_newest_first_and_limited() {
+        let (_dir, store) = with_function(100);
+        for id in ["inv_1", "inv_2", "inv_3"] {
+            store
+                .record_invocation(&invocation("acme", "hello", id))
+                .unwrap();
+        }
+        assert_eq!(
+            ids(&store.invocations("acme", "hello", 10).unwrap()),
+            ["inv_3", "inv_2", "inv_1"]
+        );
+        assert_eq!(
+            ids(&store.invocations("acme", "hello", 2).unwrap()),
+            ["inv_3", "inv_2"]
+        );
+        assert!(store.invocations("acme", "hello", 0).unwrap().is_empty());
+        assert!(store.invocations("acme", "missing", 10).unwrap().is_empty());
+        assert_eq!(
+            store.invocation("acme", "inv_2").unwrap(),
+            Some(invocation("acme", "hello", "inv_2"))
+        );
+        assert_eq!(store.invocation("acme", "inv_9").unwrap(), None);
+    }
+
+    #[test]
+    fn recording_for_a_missing_function_is_refused() {
+        let (_dir, store) = with_function(100);
+        let error = store
+            .record_invocation(&invocation("acme", "ghost", "inv_1"))
+            .unwrap_err();
+        assert!(matches!(error, StoreError::Missing(_)), "{error:?}");
+        assert_eq!(store.invocation("acme", "inv_1").unwrap(), None);
+    }
+
+    #[test]
+    fn recording_the_same_id_twice() {
+        let (_dir, store) = with_function(100);
+        let record = invocation("acme", "hello", "inv_1");
+        store.record_invocation(&record).unwrap();
+        // A retried write of the same record is a no-op ...
+        store.record_invocation(&record).unwrap();
+        assert_eq!(store.invocations("acme", "hello", 10).unwrap().len(), 1);
+        // ... a different record under the same id is refused.
+        let mut other = record.clone();
+        other.status = 500;
+        assert!(matches!(
+            store.record_invocation(&other),
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(store.invocation("acme", "inv_1").unwrap(), Some(record));
+    }
+
+    #[test]
+    fn retention_keeps_exactly_the_newest_records() {
+        let (_dir, store) = with_function(3);
+        store
+            .deploy(&request("acme", "other", DIGEST_A, false))
+            .unwrap();
+        store
+            .record_invocation(&invocation("acme", "other", "inv_other"))
+            .unwrap();
+        // Ids deliberately sort opposite to recording order: retention
+        // follows the recording order.
+        let recorded: Vec<String> = (0..10).map(|i| format!("inv_{}", 9 - i)).collect();
+        for id in &recorded {
+            store
+                .record_invocation(&invocation("acme", "hello", id))
+                .unwrap();
+        }
+        assert_eq!(
+            ids(&store.invocations("acme", "hello", 100).unwrap()),
+            ["inv_0", "inv_1", "inv_2"]
+        );
+        for pruned in &recorded[..7] {
+            assert_eq!(store.invocation("acme", pruned).unwrap(), None, "{pruned}");
+        }
+        // The other function's records are its own business.
+        assert_eq!(
+            ids(&store.invocations("acme", "other", 100).unwrap()),
+            ["inv_other"]
+        );
+        // Nothing pruned lingers in the trees.
+        assert_eq!(store.invocations.len(), 4);
+        assert_eq!(store.invocation_ids.len(), 4);
+        assert_eq!(store.count(&function_key("acme", "hello")).unwrap(), 3);
+    }
+
+    #[test]
+    fn retention_zero_keeps_nothing() {
+        let (_dir, store) = with_function(0);
+        store
+            .record_invocation(&invocation("acme", "hello", "inv_1"))
+            .unwrap();
+        assert!(store.invocations("acme", "hello", 10).unwrap().is_empty());
+        assert!(matches!(
+            store.record_invocation(&invocation("acme", "ghost", "inv_2")),
+            Err(StoreError::Missing(_))
+        ));
+    }
+
+    #[test]
+    fn concurrent_recording_respects_retention() {
+        let (_dir, store) = with_function(5);
+        let store = Arc::new(store);
+        std::thread::scope(|scope| {
+            for thread in 0..4 {
+                let store = Arc::clone(&store);
+                scope.spawn(move || {
+                    for i in 0..25 {
+                        let id = format!("inv_{thread}_{i}");
+                        store
+                            .record_invocation(&invocation("acme", "hello", &id))
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(store.invocations("acme", "hello", 100).unwrap().len(), 5);
+        assert_eq!(store.invocations.len(), 5);
+        assert_eq!(store.invocation_ids.len(), 5);
+        assert_eq!(store.count(&function_key("acme", "hello")).unwrap(), 5);
+    }
+
+    #[test]
+    fn delete_function_removes_it_and_its_records() {
+        let (_dir, store) = with_function(100);
+        store
+            .deploy(&request("acme", "keep", DIGEST_B, false))
+            .unwrap();
+        store
+            .record_invocation(&invocation("acme", "keep", "inv_keep"))
+            .unwrap();
+        for i in 0..(PURGE_BATCH + 10) {
+            store
+                .record_invocation(&invocation("acme", "hello", &format!("inv_{i}")))
+                .unwrap();
+        }
+        let deleted = store.delete_function("acme", "hello").unwrap().unwrap();
+        assert_eq!((deleted.name.as_str(), deleted.version), ("hello", 1));
+        assert_eq!(store.delete_function("acme", "hello").unwrap(), None);
+
+        assert_eq!(store.function("acme", "hello").unwrap(), None);
+        assert_eq!(store.invocation("acme", "inv_0").unwrap(), None);
+        assert!(store.invocations("acme", "hello", 10).unwrap().is_empty());
+        assert!(!store.digest_in_use(DIGEST_A).unwrap());
+        // Physically gone, not just hidden; the other function untouched.
+        assert_eq!(store.invocations.len(), 1);
+        assert_eq!(store.invocation_ids.len(), 1);
+        assert!(store.purges.is_empty());
+        assert_eq!(
+            ids(&store.invocations("acme", "keep", 10).unwrap()),
+            ["inv_keep"]
+        );
+
+        // A new function under the old name starts afresh.
+        let again = store
+            .deploy(&request("acme", "hello", DIGEST_A, false))
+            .unwrap();
+        assert_eq!(again.function.version, 1);
+        assert!(store.invocations("acme", "hello", 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_crash_before_the_purge_hides_records_and_open_finishes_it() {
+        let (dir, store) = with_function(100);
+        store
+            .record_invocation(&invocation("acme", "hello", "inv_old"))
+            .unwrap();
+        // The atomic part of delete_function only, as if the process died
+        // right after it.
+        store.remove_function("acme", "hello").unwrap().unwrap();
+        assert_eq!(store.invocation("acme", "inv_old").unwrap(), None);
+
+        // Re-deployed before any purge: the old record stays invisible.
+        store
+            .deploy(&request("acme", "hello", DIGEST_A, false))
+            .unwrap();
+        assert_eq!(store.invocation("acme", "inv_old").unwrap(), None);
+        assert!(store.invocations("acme", "hello", 10).unwrap().is_empty());
+        store
+            .record_invocation(&invocation("acme", "hello", "inv_new"))
+            .unwrap();
+        assert_eq!(
+            ids(&store.invocations("acme", "hello", 10).unwrap()),
+            ["inv_new"]
+        );
+        assert_eq!(store.purges.len(), 1);
+
+        let store = reopen(&dir, store, 100);
+        assert!(store.purges.is_empty());
+        assert_eq!(store.invocations.len(), 1);
+        assert_eq!(store.invocation_ids.len(), 1);
+        assert_eq!(
+            ids(&store.invocations("acme", "hello", 10).unwrap()),
+            ["inv_new"]
+        );
+    }
+
+    #[test]
+    fn tenants_are_isolated() {
+        let (_dir, store) = open(100);
+        for tenant in ["a", "b"] {
+            store.create_tenant(tenant).unwrap();
+        }
+        store.add_key(&key("a", "key_a", 1)).unwrap();
+        store.deploy(&request("a", "f", DIGEST_A, false)).unwrap();
+        store
+            .record_invocation(&invocation("a", "f", "inv_a"))
+            .unwrap();
+
+        assert!(store.keys("b").unwrap().is_empty());
+        assert!(!store.revoke_key("b", "key_a").unwrap());
+        assert_eq!(store.function("b", "f").unwrap(), None);
+        assert!(store.functions("b").unwrap().is_empty());
+        assert_eq!(store.delete_function("b", "f").unwrap(), None);
+        assert_eq!(store.invocation("b", "inv_a").unwrap(), None);
+        assert!(store.invocations("b", "f", 10).unwrap().is_empty());
+        // B deploying a function of the same name does not reach A's records.
+        store.deploy(&request("b", "f", DIGEST_A, false)).unwrap();
+        assert_eq!(store.invocation("b", "inv_a").unwrap(), None);
+        assert!(store.invocations("b", "f", 10).unwrap().is_empty());
+
+        // A still has everything.
+        assert_eq!(store.keys("a").unwrap().len(), 1);
+        assert_eq!(store.function("a", "f").unwrap().unwrap().tenant, "a");
+        assert!(store.invocation("a", "inv_a").unwrap().is_some());
+        assert_eq!(ids(&store.invocations("a", "f", 10).unwrap()), ["inv_a"]);
+    }
+
+    #[test]
+    fn everything_survives_a_reopen() {
+        let (dir, store) = with_function(3);
+        store.add_key(&key("acme", "key_1", 1)).unwrap();
+        store
+            .deploy(&request("acme", "hello", DIGEST_B, true))
+            .unwrap();
+        for i in 0..3 {
+            store
+                .record_invocation(&invocation("acme", "hello", &format!("inv_{i}")))
+                .unwrap();
+        }
+        let tenants = store.tenants().unwrap();
+        let functions = store.all_functions().unwrap();
+        let invocations = store.invocations("acme", "hello", 10).unwrap();
+
+        let store = reopen(&dir, store, 3);
+        assert_eq!(store.tenants().unwrap(), tenants);
+        assert_eq!(store.keys("acme").unwrap(), vec![key("acme", "key_1", 1)]);
+        assert!(store.key_by_hash(&[1; 32]).unwrap().is_some());
+        assert_eq!(store.all_functions().unwrap(), functions);
+        assert_eq!(store.function("acme", "hello").unwrap().unwrap().version, 2);
+        assert!(store.digest_in_use(DIGEST_B).unwrap());
+        assert_eq!(store.invocations("acme", "hello", 10).unwrap(), invocations);
+        assert!(store.invocation("acme", "inv_1").unwrap().is_some());
+
+        // Sequence numbers keep increasing across the restart, so retention
+        // still drops the oldest.
+        store
+            .record_invocation(&invocation("acme", "hello", "inv_3"))
+            .unwrap();
+        assert_eq!(
+            ids(&store.invocations("acme", "hello", 10).unwrap()),
+            ["inv_3", "inv_2", "inv_1"]
+        );
+        assert_eq!(store.retention_per_function(), 3);
+    }
+
+    #[test]
+    fn corrupt_records_are_errors() {
+        let (_dir, store) = with_function(10);
+        store
+            .record_invocation(&invocation("acme", "hello", "inv_1"))
+            .unwrap();
+
+        store.tenants.insert("acme", &b"{not json"[..]).unwrap();
+        assert!(matches!(
+            store.tenant("acme"),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(matches!(store.tenants(), Err(StoreError::Corrupt { .. })));
+
+        let (record_key, _) = store.invocations.iter().next().unwrap().unwrap();
+        store.invocations.insert(&record_key, &b"[]"[..]).unwrap();
+        match store.invocation("acme", "inv_1") {
+            Err(StoreError::Corrupt { key, .. }) => {
+                assert!(key.starts_with("invocations/acme/hello/#"), "{key}")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            store.invocations("acme", "hello", 10),
+            Err(StoreError::Corrupt { .. })
+        ));
+
+        store
+            .functions
+            .insert(function_key("acme", "hello"), &b"\xff"[..])
+            .unwrap();
+        match store.function("acme", "hello") {
+            Err(StoreError::Corrupt { key, .. }) => assert_eq!(key, "functions/acme/hello"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            store.functions("acme"),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            store.all_functions(),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            store.deploy(&request("acme", "hello", DIGEST_B, false)),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            store.delete_function("acme", "hello"),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            store.record_invocation(&invocation("acme", "hello", "inv_2")),
+            Err(StoreError::Corrupt { .. })
+        ));
+        // The failed writes changed nothing.
+        assert_eq!(
+            store
+                .functions
+                .get(function_key("acme", "hello"))
+                .unwrap()
+                .unwrap()
+                .as_ref(),
+            b"\xff"
+        );
+    }
+
+    #[test]
+    fn a_damaged_record_does_not_block_retention() {
+        let (_dir, store) = with_function(2);
+        store
+            .record_invocation(&invocation("acme", "hello", "inv_1"))
+            .unwrap();
+        let (record_key, _) = store.invocations.iter().next().unwrap().unwrap();
+        store
+            .invocations
+            .insert(&record_key, &b"garbage"[..])
+            .unwrap();
+        store
+            .record_invocation(&invocation("acme", "hello", "inv_2"))
+            .unwrap();
+        store
+            .record_invocation(&invocation("acme", "hello", "inv_3"))
+            .unwrap();
+        assert_eq!(
+            ids(&store.invocations("acme", "hello", 10).unwrap()),
+            ["inv_3", "inv_2"]
+        );
+        // Its id entry dangles, which reads as absent.
+        assert_eq!(store.invocation("acme", "inv_1").unwrap(), None);
+    }
+
+    #[test]
+    fn another_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta");
+        {
+            let db = sled::open(&path).unwrap();
+            db.insert(FORMAT_KEY, &b"99"[..]).unwrap();
+        }
+        assert!(matches!(
+            SledStore::open(&path, 10),
+            Err(StoreError::Backend(_))
+        ));
+    }
+
+    #[test]
+    fn key_parts_keep_order_and_are_prefix_free() {
+        let names = ["", "\0", "\0\0", "a", "a\0", "a\0b", "a\u{1}", "ab", "b"];
+        let encoded: Vec<Vec<u8>> = names.iter().map(|name| part(name)).collect();
+        for (i, x) in encoded.iter().enumerate() {
+            for (j, y) in encoded.iter().enumerate() {
+                assert_eq!(
+                    x.cmp(y),
+                    names[i].cmp(names[j]),
+                    "{:?} vs {:?}",
+                    names[i],
+                    names[j]
+                );
+                if i != j {
+                    assert!(
+                        !y.starts_with(x),
+                        "{:?} is a prefix of {:?}",
+                        names[i],
+                        names[j]
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            describe_key("functions", &function_key("a\0b", "c")),
+            "functions/a\\0b/c"
+        );
+    }
+}

@@ -166,3 +166,104 @@ fn help_is_complete() {
         "a bad flag value is a usage error"
     );
 }
+
+/// The client commands against a real server, the way the README tour uses them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_commands_against_a_real_server() {
+    use super::server::{ADMIN_KEY, TestServer};
+
+    let dir = TempDir::new().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let url = server.url("");
+    let key = server.demo_key.clone().unwrap();
+    let cache = TempDir::new().unwrap();
+    let client = move |args: Vec<String>, key: String| {
+        let url = url.clone();
+        let cache_path = cache.path().to_owned();
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_gust"))
+                .args(&args)
+                .env("GUST_URL", &url)
+                .env("GUST_KEY", &key)
+                .env("GUST_CACHE_DIR", &cache_path)
+                .env_remove("GUST_ADMIN_KEY")
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        })
+    };
+    let s = |v: &[&str]| v.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
+
+    let out = client(
+        s(&[
+            "deploy",
+            artifacts::EXAMPLE_HELLO_COMPONENT,
+            "--name",
+            "hello",
+        ]),
+        key.clone(),
+    )
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("deployed hello version 1"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = client(
+        s(&[
+            "deploy",
+            artifacts::EXAMPLE_HELLO_COMPONENT,
+            "--name",
+            "hello",
+        ]),
+        key.clone(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        text(&out.stdout).contains("unchanged"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = client(s(&["invoke", "hello", "--data", "Ada"]), key.clone())
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "Hello, Ada!");
+
+    let out = client(s(&["ls"]), key.clone()).await.unwrap();
+    assert!(text(&out.stdout).contains("hello"), "{}", text(&out.stdout));
+    let out = client(s(&["logs", "hello"]), key.clone()).await.unwrap();
+    assert!(text(&out.stdout).contains("ok"), "{}", text(&out.stdout));
+
+    // An API error is one line and exit 1.
+    let out = client(s(&["invoke", "nope"]), key.clone()).await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("not-found"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Admin: a new tenant's key works and sees none of demo's functions.
+    let out = client(s(&["tenants", "create", "acme"]), ADMIN_KEY.to_owned())
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let acme_key = text(&out.stdout).trim().to_owned();
+    let out = client(s(&["ls", "--json"]), acme_key).await.unwrap();
+    assert!(
+        !text(&out.stdout).contains("hello"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = client(s(&["rm", "hello"]), key.clone()).await.unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = client(s(&["invoke", "hello"]), key).await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    server.stop().await;
+}

@@ -249,3 +249,77 @@ async fn env_var() {
         assert_eq!(error.http_status(), 404);
     }
 }
+
+async fn serve(
+    rt: &Arc<gust_host::runtime::Runtime>,
+    component: &gust_host::runtime::LoadedComponent,
+    method: &str,
+    path: &str,
+    body: &'static str,
+) -> gust_host::runtime::HttpCall {
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(format!("http://localhost{path}"))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            body.as_bytes(),
+        )))
+        .unwrap();
+    match rt.serve_http(component, request, &limits()) {
+        Ok(call) => call,
+        Err(invocation) => panic!("not served: {:?}", invocation.outcome),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_hello() {
+    use http_body_util::BodyExt;
+
+    let (rt, _dir) = runtime();
+    let rt = Arc::new(rt);
+    let component = load(&rt, artifacts::HTTP_HELLO_COMPONENT);
+    assert_eq!(component.world().as_str(), "http");
+
+    let call = serve(&rt, &component, "GET", "/", "").await;
+    let response = call.response.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-fixture"], "http-hello");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"hello from wasi:http");
+    assert!(call.completion.await.unwrap().outcome.is_ok());
+
+    let call = serve(&rt, &component, "POST", "/echo?x=1", "posted body").await;
+    let response = call.response.await.unwrap().unwrap();
+    assert_eq!(response.headers()["x-method"], "POST");
+    assert_eq!(response.headers()["x-path"], "/echo?x=1");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"posted body");
+
+    let call = serve(&rt, &component, "GET", "/status/418", "").await;
+    assert_eq!(call.response.await.unwrap().unwrap().status(), 418);
+
+    // The body streams: the first chunk arrives while the guest still runs.
+    let call = serve(&rt, &component, "GET", "/stream/4", "").await;
+    let mut body = call.response.await.unwrap().unwrap().into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"chunk 0\n");
+    assert!(!call.completion.is_finished(), "the guest is still writing");
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(&rest[..], b"chunk 1\nchunk 2\nchunk 3\n");
+    assert!(call.completion.await.unwrap().outcome.is_ok());
+
+    // Failing before responding: no response, and a classified outcome.
+    let call = serve(&rt, &component, "GET", "/panic", "").await;
+    assert!(call.response.await.is_err());
+    assert_eq!(call.completion.await.unwrap().outcome.code(), "trap");
+    let request = hyper::Request::builder()
+        .uri("http://localhost/loop")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let short = CallLimits {
+        timeout: Duration::from_millis(200),
+        ..limits()
+    };
+    let call = rt.serve_http(&component, request, &short).ok().unwrap();
+    assert!(call.response.await.is_err());
+    assert_eq!(call.completion.await.unwrap().outcome.code(), "timeout");
+}

@@ -54,17 +54,20 @@ fn unsatisfied_imports_are_all_listed() {
             (import "acme:storage/kv@1.0.0" (instance (export "get" (func))))
             (import "wasi:random/random@0.2.0" (instance
                 (export "get-random-u64" (func (result u64)))))
-            (import "wasi:http/types@0.2.0" (instance (export "f" (func)))))"#,
+            (import "wasi:keyvalue/store@0.2.0" (instance (export "f" (func)))))"#,
     )
     .unwrap();
     let err = rt.load(&component).unwrap_err();
     let LoadError::UnsatisfiedImports { imports, .. } = &err else {
         panic!("expected unsatisfied imports, got {err:?}")
     };
-    assert_eq!(imports, &["acme:storage/kv@1.0.0", "wasi:http/types@0.2.0"]);
+    assert_eq!(
+        imports,
+        &["acme:storage/kv@1.0.0", "wasi:keyvalue/store@0.2.0"]
+    );
     assert!(
         err.to_string()
-            .contains("acme:storage/kv@1.0.0, wasi:http/types@0.2.0")
+            .contains("acme:storage/kv@1.0.0, wasi:keyvalue/store@0.2.0")
     );
 }
 
@@ -87,12 +90,17 @@ fn a_component_without_the_handler_export() {
 }
 
 #[test]
-fn every_fixture_is_a_handler_component() {
+fn every_fixture_loads_with_its_world() {
     let (rt, _dir) = runtime();
     for (name, path) in artifacts::FIXTURES {
         let bytes = std::fs::read(path).unwrap();
         let loaded = rt.load(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(loaded.world().as_str(), "handler", "{name}");
+        let world = if *name == "http_hello" {
+            "http"
+        } else {
+            "handler"
+        };
+        assert_eq!(loaded.world().as_str(), world, "{name}");
         assert!(
             !loaded.imports().iter().any(|i| i.starts_with("gust:gpu")),
             "{name} does not use the GPU, so it must not import it: {:?}",

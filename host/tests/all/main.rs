@@ -10,9 +10,11 @@
 
 mod cache;
 mod cli;
+mod crash;
 mod fixtures;
 mod limits;
 mod load_errors;
+mod server;
 
 use std::path::Path;
 use std::time::Duration;

@@ -7,25 +7,31 @@
 //! [`FIXTURES`] and [`EXAMPLES`] lists.
 //!
 //! A new directory with a `Cargo.toml` under `tests/programs` becomes a
-//! fixture on the next build. [`foreach_fixture!`] lists them all, so a test
-//! suite can insist that each has a test:
+//! fixture on the next build. [`foreach_fixture!`] calls a macro once per
+//! fixture name:
 //!
 //! ```
-//! // One test per fixture, named after it.
-//! # #[allow(dead_code)]
-//! mod tests {
-//!     # macro_rules! fake_tests { ($($name:ident)*) => { $(pub(crate) fn $name() {})* } }
-//!     # fake_tests!(hello echo returns_error panics infinite_loop memory_bomb
-//!     #             deep_recursion stdio env_var);
-//!     // Fails to compile when a fixture has no test function of its name.
-//!     macro_rules! assert_test_exists {
-//!         ($name:ident) => {
-//!             #[allow(unused_imports)]
-//!             use self::$name as _;
-//!         };
-//!     }
-//!     gust_test_artifacts::foreach_fixture!(assert_test_exists);
+//! let mut names = Vec::new();
+//! macro_rules! collect {
+//!     ($name:ident) => {
+//!         names.push(stringify!($name));
+//!     };
 //! }
+//! gust_test_artifacts::foreach_fixture!(collect);
+//! assert!(names.contains(&"hello") && names.contains(&"infinite_loop"));
+//! ```
+//!
+//! so a test suite can insist that each fixture has a test of its name (the
+//! host's `tests/all/fixtures.rs` does), failing to compile otherwise:
+//!
+//! ```text
+//! macro_rules! assert_test_exists {
+//!     ($name:ident) => {
+//!         #[allow(unused_imports)]
+//!         use self::$name as _;
+//!     };
+//! }
+//! gust_test_artifacts::foreach_fixture!(assert_test_exists);
 //! ```
 
 include!(concat!(env!("OUT_DIR"), "/artifacts.rs"));

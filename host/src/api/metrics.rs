@@ -1,0 +1,73 @@
+//! Prometheus metrics, recorded per server (not process-global, so several
+//! servers in one process, as in tests, keep separate counts).
+
+use metrics::{counter, gauge, histogram, with_local_recorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use crate::runtime::StatsSnapshot;
+
+const DURATION_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+
+pub(crate) struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full("gust_invocation_duration_seconds".into()),
+                DURATION_BUCKETS,
+            )
+            .map(|builder| builder.build_recorder())
+            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        let handle = recorder.handle();
+        Self { recorder, handle }
+    }
+
+    /// One finished invocation: `outcome` is one of the fixed outcome codes.
+    pub(crate) fn invocation(&self, outcome: &'static str, seconds: f64) {
+        with_local_recorder(&self.recorder, || {
+            counter!("gust_invocations_total", "outcome" => outcome).increment(1);
+            histogram!("gust_invocation_duration_seconds").record(seconds);
+        });
+    }
+
+    /// A request refused before it ran (`reason`: fixed set).
+    pub(crate) fn rejected(&self, reason: &'static str) {
+        with_local_recorder(&self.recorder, || {
+            counter!("gust_rejected_total", "reason" => reason).increment(1);
+        });
+    }
+
+    /// A deploy with its result (`created`, `unchanged`, `invalid`).
+    pub(crate) fn deploy(&self, result: &'static str) {
+        with_local_recorder(&self.recorder, || {
+            counter!("gust_deploys_total", "result" => result).increment(1);
+        });
+    }
+
+    /// Prometheus text, with the runtime's counters and gauges brought up to date.
+    pub(crate) fn render(
+        &self,
+        stats: StatsSnapshot,
+        in_flight: usize,
+        functions: usize,
+    ) -> String {
+        with_local_recorder(&self.recorder, || {
+            counter!("gust_compile_total").absolute(stats.compiles);
+            counter!("gust_cache_hits_total").absolute(stats.cache_hits);
+            counter!("gust_cache_rejections_total").absolute(stats.cache_rejections);
+            counter!("gust_instantiations_total").absolute(stats.instantiations);
+            gauge!("gust_invocations_in_flight").set(in_flight as f64);
+            gauge!("gust_functions_loaded").set(functions as f64);
+        });
+        self.handle.render()
+    }
+}

@@ -1,0 +1,214 @@
+//! The HTTP server: control plane (deploy, list, delete, keys, tenants) and
+//! invoke plane (handler calls and `wasi:http` routes), `/metrics`,
+//! `/healthz` and the OpenAPI document. See `docs/api.md`.
+
+// A `Problem` is built once per failed request and turned into a response
+// right away; boxing it would buy nothing measurable.
+#![allow(clippy::result_large_err)]
+
+mod auth;
+mod handlers;
+mod metrics;
+mod problem;
+mod state;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+pub use self::problem::Problem;
+use self::state::AppState;
+use crate::runtime::{RuntimeConfig, RuntimeError};
+use crate::store::StoreError;
+use crate::tenancy::PolicyError;
+
+/// Boxed error of streamed response bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type of every response the server sends.
+pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A complete body from bytes.
+pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
+    Full::new(bytes.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
+}
+
+/// How to run the server.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Address to listen on (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Where the store, blobs, compiled cache and key files live.
+    pub data_dir: PathBuf,
+    /// Directory of policy files (`default.toml`, `<tenant>.toml`).
+    pub policies_dir: PathBuf,
+    /// The admin key; when `None`, `<data-dir>/admin.key` is used (and
+    /// generated on first start).
+    pub admin_key: Option<String>,
+    /// How long in-flight requests may finish after shutdown begins.
+    pub grace: Duration,
+    /// Invocation records kept per function.
+    pub retention_per_function: usize,
+    /// Runtime configuration; `cache_dir` is replaced by `<data-dir>/compiled`.
+    pub runtime: RuntimeConfig,
+}
+
+impl ServeConfig {
+    /// Defaults for `data_dir` and `policies_dir` on `listen`.
+    pub fn new(listen: SocketAddr, data_dir: PathBuf, policies_dir: PathBuf) -> Self {
+        let runtime = RuntimeConfig::new(data_dir.join("compiled"));
+        Self {
+            listen,
+            data_dir,
+            policies_dir,
+            admin_key: None,
+            grace: Duration::from_secs(10),
+            retention_per_function: 1000,
+            runtime,
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// A policy file is invalid.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The runtime could not be created.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// Files in the data directory, or the listening socket.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A key file is malformed.
+    #[error("{0}")]
+    Key(String),
+}
+
+/// What a first start created, for the operator to see once.
+#[derive(Debug, Clone)]
+pub struct FirstStart {
+    /// The demo tenant's key (also written to `<data-dir>/demo.key`).
+    pub demo_key: String,
+    /// Where it was written.
+    pub demo_key_path: PathBuf,
+}
+
+/// A bound, ready server.
+pub struct Server {
+    state: Arc<AppState>,
+    listener: TcpListener,
+    first_start: Option<FirstStart>,
+}
+
+impl Server {
+    /// Opens the data directory, loads policies, keys and every deployed
+    /// function (from the compiled cache: a restart compiles nothing) and
+    /// binds the listening socket.
+    pub async fn bind(config: ServeConfig) -> Result<Self, ServeError> {
+        let (state, first_start) = AppState::open(config.clone()).await?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServeError::Io {
+                context: format!("listening on {}", config.listen),
+                source,
+            })?;
+        Ok(Self {
+            state: Arc::new(state),
+            listener,
+            first_start,
+        })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> Result<SocketAddr, ServeError> {
+        self.listener.local_addr().map_err(|source| ServeError::Io {
+            context: "reading the bound address".into(),
+            source,
+        })
+    }
+
+    /// Set when this start created the demo tenant.
+    pub fn first_start(&self) -> Option<&FirstStart> {
+        self.first_start.as_ref()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets
+    /// in-flight requests finish within the grace period and flushes the
+    /// store.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+        let Self {
+            state, listener, ..
+        } = self;
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(accepted) => accepted,
+                        Err(e) => {
+                            // Out of file descriptors and the like: back off, keep serving.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    // Without it small responses wait ~40 ms for delayed ACKs.
+                    let _ = stream.set_nodelay(true);
+                    let state = Arc::clone(&state);
+                    let service = service_fn(move |request: hyper::Request<Incoming>| {
+                        let state = Arc::clone(&state);
+                        async move { Ok::<_, Infallible>(handlers::route(state, request).await) }
+                    });
+                    let connection = http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(stream), service);
+                    let connection = graceful.watch(connection);
+                    tokio::spawn(async move {
+                        if let Err(e) = connection.await {
+                            tracing::debug!(%peer, error = %e, "connection ended with an error");
+                        }
+                    });
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        drop(listener);
+        tracing::info!("shutting down: finishing in-flight requests");
+        let grace = state.config.grace;
+        if tokio::time::timeout(grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?grace,
+                "grace period over; dropping the remaining connections"
+            );
+        }
+        state.store.flush()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,129 @@
+//! `gust serve`: the HTTP host.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use gust_host::api::{ServeConfig, Server};
+use gust_host::runtime::{AllocationConfig, PoolingConfig};
+
+use super::{EXIT_BAD_INPUT, EXIT_HOST};
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the address actually
+    /// bound is printed).
+    #[arg(long, default_value = "127.0.0.1:8080", env = "GUST_LISTEN")]
+    listen: SocketAddr,
+
+    /// Data directory: store, component blobs, compiled cache, key files.
+    #[arg(long, default_value = "./gust-data", env = "GUST_DATA_DIR")]
+    data_dir: PathBuf,
+
+    /// Policy directory: `default.toml` and `<tenant>.toml` overrides. A
+    /// missing directory means the built-in defaults.
+    #[arg(long, default_value = "./policies", env = "GUST_POLICIES")]
+    policies: PathBuf,
+
+    /// The admin key. Without it, `<data-dir>/admin.key` is used (generated
+    /// with mode 0600 on first start).
+    #[arg(long, env = "GUST_ADMIN_KEY", hide_env_values = true)]
+    admin_key: Option<String>,
+
+    /// How long in-flight requests may finish after SIGINT/SIGTERM.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    grace: Duration,
+
+    /// Instances that may run at once host-wide (the pooling allocator's
+    /// size); beyond it requests get 503 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    max_instances: u32,
+
+    /// Invocation records kept per function.
+    #[arg(long, default_value_t = 1000)]
+    retention: usize,
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            () = terminate => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
+
+pub(crate) async fn serve(args: ServeArgs) -> ExitCode {
+    let mut config = ServeConfig::new(args.listen, args.data_dir, args.policies);
+    config.admin_key = args.admin_key;
+    config.grace = args.grace;
+    config.retention_per_function = args.retention.max(1);
+    let pool = PoolingConfig {
+        max_instances: args.max_instances.max(1),
+        total_memories: args.max_instances.max(1).saturating_mul(2),
+        total_tables: args.max_instances.max(1).saturating_mul(2),
+        total_core_instances: args.max_instances.max(1).saturating_mul(8),
+        ..PoolingConfig::default()
+    };
+    config.runtime.allocation = AllocationConfig::Pooling(pool);
+    let server = match Server::bind(config).await {
+        Ok(server) => server,
+        Err(e @ gust_host::api::ServeError::Policy(_)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_HOST);
+        }
+    };
+    let address = match server.local_addr() {
+        Ok(address) => address,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_HOST);
+        }
+    };
+    {
+        let mut out = std::io::stdout().lock();
+        if let Some(first) = server.first_start() {
+            let _ = writeln!(
+                out,
+                "gust: first start: created tenant `demo`; its key (also in {}):\n{}",
+                first.demo_key_path.display(),
+                first.demo_key
+            );
+        }
+        // Last, so a supervisor can wait for this line: the host is ready.
+        let _ = writeln!(out, "gust: listening on http://{address}");
+        let _ = out.flush();
+    }
+    match server.run(shutdown_signal()).await {
+        Ok(()) => {
+            eprintln!("gust: stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_HOST)
+        }
+    }
+}

@@ -1,0 +1,1193 @@
+//! Tenant policies: what a tenant's functions may use.
+//!
+//! Policies come from a directory (`gust serve --policies DIR`):
+//!
+//! - `default.toml` applies to every tenant;
+//! - `<tenant>.toml` (optional) overrides keys of the default for one tenant.
+//!
+//! Both are *partial*: a key a file leaves out keeps the value from the layer
+//! below, so the effective policy of a tenant is
+//! built-in defaults ← `default.toml` ← `<tenant>.toml`. A key a file sets
+//! replaces the lower value entirely (lists and the `env` table are not
+//! concatenated); the `[gpu]` table is a group of keys, each overridden
+//! individually. If the directory or `default.toml` is missing the built-in
+//! defaults are used and a message is logged. `policies/README.md` documents
+//! every key.
+//!
+//! Every file is checked completely when the host starts; a mistake stops the
+//! host with an error naming the file, line, column and key
+//! ([`InvalidPolicy`]), rather than surfacing on some later request.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
+use std::fmt;
+use std::fs;
+use std::io;
+use std::ops::{Range, RangeInclusive};
+use std::path::{Component, Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use super::valid_name;
+use crate::runtime::{CallLimits, OutboundPolicy};
+
+#[cfg(test)]
+mod tests;
+
+/// The policy file that applies to every tenant.
+pub const DEFAULT_FILE: &str = "default.toml";
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+/// Allowed `timeout_ms`: up to an hour.
+pub const TIMEOUT_MS_RANGE: RangeInclusive<u64> = 1..=3_600_000;
+/// Allowed `memory_mb`: the pooling allocator reserves at most 4 GiB per
+/// linear memory (`PoolingConfig::max_memory_bytes`).
+pub const MEMORY_MB_RANGE: RangeInclusive<u64> = 1..=4096;
+/// Allowed `max_concurrency`.
+pub const MAX_CONCURRENCY_RANGE: RangeInclusive<u64> = 1..=u32::MAX as u64;
+/// Allowed `max_body_bytes`: bodies are buffered, so keep them bounded.
+pub const MAX_BODY_BYTES_RANGE: RangeInclusive<u64> = 1..=GIB;
+/// Allowed `max_component_bytes`.
+pub const MAX_COMPONENT_BYTES_RANGE: RangeInclusive<u64> = 1..=GIB;
+/// Allowed `log_bytes` (0 keeps no output); every invocation record stores
+/// up to twice this much.
+pub const LOG_BYTES_RANGE: RangeInclusive<u64> = 0..=16 * MIB;
+/// Allowed `gpu.memory_mb` (0: no device memory): up to 1 TiB.
+pub const GPU_MEMORY_MB_RANGE: RangeInclusive<u64> = 0..=1 << 20;
+/// Allowed `gpu.time_ms_per_minute` (0: no device time). More than 60000
+/// only makes sense with several devices or overlapping work.
+pub const GPU_TIME_MS_PER_MINUTE_RANGE: RangeInclusive<u64> = 0..=600_000;
+/// The longest model name in `gpu.models`.
+pub const MAX_MODEL_NAME_LEN: usize = 128;
+
+/// Errors loading a policy directory.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// A file or the directory could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// What could not be read.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// A `.toml` file in the directory is not named after a valid tenant.
+    #[error(
+        "{}: policy files are named `<tenant>.toml` (or `default.toml`), and tenant names match ^[a-z0-9][a-z0-9-]{{0,62}}$",
+        path.display()
+    )]
+    BadFileName {
+        /// The offending file.
+        path: PathBuf,
+    },
+    /// A file is not valid TOML, has an unknown key or a wrong type, or a
+    /// value is out of range or otherwise invalid.
+    #[error(transparent)]
+    Invalid(#[from] InvalidPolicy),
+}
+
+/// Where a policy file is wrong, and why. Displayed as
+/// `<file>:<line>:<column>: key `<key>`: <message>`, for example
+/// ``policies/acme.toml:3:13: key `memory_mb`: must be between 1 and 4096, got 0``.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct InvalidPolicy {
+    /// The file.
+    pub file: PathBuf,
+    /// Where in the file (1-based), if the parser could tell.
+    pub location: Option<Location>,
+    /// The dotted key (`gpu.memory_mb`, `volumes[0].path`, `env.HOME`), if
+    /// the error is about one.
+    pub key: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// A position in a file; both numbers start at 1, the column counts
+/// characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    /// Line number.
+    pub line: usize,
+    /// Column number.
+    pub column: usize,
+}
+
+impl fmt::Display for InvalidPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(Location { line, column }) = self.location {
+            write!(f, ":{line}:{column}")?;
+        }
+        f.write_str(": ")?;
+        if let Some(key) = &self.key {
+            write!(f, "key `{key}`: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Errors resolving a policy's volumes against a tenant's volume root.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// The tenant's volume root does not exist or cannot be read.
+    #[error("volume root {}: {source}", root.display())]
+    Root {
+        /// The volume root.
+        root: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// A volume's directory does not exist or cannot be read.
+    #[error("volume `{volume}`: {}: {source}", path.display())]
+    Unavailable {
+        /// The volume's name.
+        volume: String,
+        /// The directory it names.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// A volume's directory resolves (through a symlink) outside the
+    /// tenant's volume root.
+    #[error("volume `{volume}`: {} resolves to {}, outside the tenant's volume root", path.display(), target.display())]
+    Escapes {
+        /// The volume's name.
+        volume: String,
+        /// The directory it names.
+        path: PathBuf,
+        /// Where that really is.
+        target: PathBuf,
+    },
+    /// A volume names a file, not a directory.
+    #[error("volume `{volume}`: {} is not a directory", path.display())]
+    NotADirectory {
+        /// The volume's name.
+        volume: String,
+        /// What it names.
+        path: PathBuf,
+    },
+}
+
+/// A backend of the GPU bridge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuBackend {
+    /// The bridge's CPU implementation.
+    Cpu,
+    /// Vulkan, Metal or DX12 through wgpu.
+    Wgpu,
+    /// NVIDIA CUDA.
+    Cuda,
+}
+
+impl GpuBackend {
+    /// The name used in policy files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cpu => "cpu",
+            Self::Wgpu => "wgpu",
+            Self::Cuda => "cuda",
+        }
+    }
+}
+
+impl fmt::Display for GpuBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a tenant may do through the `gust:gpu` bridge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuPolicy {
+    /// Backends the tenant's tensors and models may run on; empty means no
+    /// GPU-bridge access at all.
+    pub backends: Vec<GpuBackend>,
+    /// Device memory the tenant may hold at once, in MiB.
+    pub memory_mb: u64,
+    /// Device time the tenant may use per minute of wall-clock time, in ms.
+    pub time_ms_per_minute: u64,
+    /// Models the tenant may load, by name; empty means none.
+    pub models: Vec<String>,
+}
+
+impl Default for GpuPolicy {
+    fn default() -> Self {
+        Self {
+            backends: vec![GpuBackend::Cpu],
+            memory_mb: 1024,
+            time_ms_per_minute: 60_000,
+            models: Vec::new(),
+        }
+    }
+}
+
+impl GpuPolicy {
+    /// Whether the tenant may use `backend`.
+    pub fn allows_backend(&self, backend: GpuBackend) -> bool {
+        self.backends.contains(&backend)
+    }
+
+    /// Whether the tenant may load the model called `name`.
+    pub fn allows_model(&self, name: &str) -> bool {
+        self.models.iter().any(|m| m == name)
+    }
+}
+
+/// A directory of the tenant's volume root made visible to its functions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    /// The volume's name (unique within a policy).
+    pub name: String,
+    /// The directory, relative to the tenant's volume root and normalised
+    /// (no `.` or `..` components; empty for the root itself).
+    pub path: PathBuf,
+    /// Where the guest sees it: an absolute, normalised guest path (unique
+    /// within a policy).
+    pub mount: String,
+    /// Whether the guest may only read.
+    pub read_only: bool,
+}
+
+/// A [`Volume`] resolved to a real directory, ready to be preopened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedVolume {
+    /// The volume's name.
+    pub name: String,
+    /// The canonical host directory (symlinks resolved), inside the
+    /// tenant's volume root.
+    pub host_path: PathBuf,
+    /// The guest path.
+    pub mount: String,
+    /// Whether the guest may only read.
+    pub read_only: bool,
+}
+
+/// The volume root of `tenant`: `<data-dir>/volumes/<tenant>/`, or `None`
+/// if `tenant` is not a valid name (which could otherwise name `..`).
+pub fn volume_root(data_dir: &Path, tenant: &str) -> Option<PathBuf> {
+    valid_name(tenant).then(|| data_dir.join("volumes").join(tenant))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HostPattern {
+    /// Exactly this host.
+    Exact(String),
+    /// Any host with at least one more label before this suffix.
+    Subdomains(String),
+}
+
+/// One allowed destination for outgoing HTTP: `host`, `*.domain`, either
+/// with an optional `:port`.
+///
+/// `*.example.org` matches `a.example.org` and `a.b.example.org`, but not
+/// `example.org` itself (list it separately) and not
+/// `a.example.org.evil.com`. Without a port every port is allowed. Hosts
+/// compare case-insensitively and ignore one trailing dot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundRule {
+    host: HostPattern,
+    port: Option<u16>,
+}
+
+/// Why an `outbound_http` entry is not a valid host pattern.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidOutboundRule(String);
+
+impl FromStr for OutboundRule {
+    type Err = InvalidOutboundRule;
+
+    fn from_str(pattern: &str) -> Result<Self, Self::Err> {
+        let err = |msg: &str| Err(InvalidOutboundRule(msg.to_owned()));
+        if pattern.contains("://") {
+            return err("write a host name such as `api.example.com`, not a URL");
+        }
+        let (host, port) = match pattern.split_once(':') {
+            None => (pattern, None),
+            Some((host, port)) => {
+                if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+                    return err(
+                        "the port must be a number (IPv6 addresses and URLs are not supported; write `host` or `host:port`)",
+                    );
+                }
+                match port.parse::<u16>() {
+                    Ok(p) if p != 0 => (host, Some(p)),
+                    _ => return err("the port must be between 1 and 65535"),
+                }
+            }
+        };
+        let host = host.to_ascii_lowercase();
+        if let Some(suffix) = host.strip_prefix("*.") {
+            if !valid_host(suffix) {
+                return err("after `*.` must come a host name (letters, digits, `-` and dots)");
+            }
+            // `*.com` would open a whole top-level domain.
+            if !suffix.contains('.') {
+                return err("a wildcard must be followed by at least two labels (`*.example.org`)");
+            }
+            return Ok(Self {
+                host: HostPattern::Subdomains(suffix.to_owned()),
+                port,
+            });
+        }
+        if host.contains('*') {
+            return err("`*` is only allowed as the whole first label (`*.example.org`)");
+        }
+        if !valid_host(&host) {
+            return err(
+                "not a host name (letters, digits, `-` and dots; no scheme, path or trailing dot)",
+            );
+        }
+        Ok(Self {
+            host: HostPattern::Exact(host),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for OutboundRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            HostPattern::Exact(host) => f.write_str(host)?,
+            HostPattern::Subdomains(suffix) => write!(f, "*.{suffix}")?,
+        }
+        if let Some(port) = self.port {
+            write!(f, ":{port}")?;
+        }
+        Ok(())
+    }
+}
+
+impl OutboundRule {
+    /// Whether this rule allows a request to `host` on `port`. `host` must
+    /// be a plain host name (no port, no brackets); anything else is denied.
+    pub fn matches(&self, host: &str, port: u16) -> bool {
+        if self.port.is_some_and(|p| p != port) {
+            return false;
+        }
+        let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+        if !valid_host(&host) {
+            return false;
+        }
+        match &self.host {
+            HostPattern::Exact(exact) => host == *exact,
+            HostPattern::Subdomains(suffix) => host
+                .strip_suffix(suffix.as_str())
+                .and_then(|rest| rest.strip_suffix('.'))
+                .is_some_and(|label| !label.is_empty()),
+        }
+    }
+}
+
+/// Whether `host` is a DNS host name (or dotted IPv4 address): labels of
+/// 1 to 63 ASCII letters, digits and inner hyphens, 253 characters at most.
+/// Anything that could smuggle another host in (`@`, `/`, `#`, `:`,
+/// whitespace) fails.
+fn valid_host(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// The effective policy of one tenant.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Wall-clock budget of one invocation, in milliseconds.
+    pub timeout_ms: u64,
+    /// Linear memory one invocation may hold, in MiB.
+    pub memory_mb: u64,
+    /// Invocations of the tenant's functions that may run at once; more are
+    /// answered `429`.
+    pub max_concurrency: u32,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: u64,
+    /// Largest component upload, in bytes.
+    pub max_component_bytes: u64,
+    /// Captured stdout, and separately stderr, kept per invocation, in bytes.
+    pub log_bytes: u64,
+    /// Environment variables granted to the tenant's functions, sorted by
+    /// name.
+    pub env: Arc<[(String, String)]>,
+    /// Directories of the tenant's volume root visible to its functions.
+    pub volumes: Vec<Volume>,
+    /// Where the tenant's functions may send HTTP requests; empty: nowhere.
+    /// Shared so every call's [`OutboundPolicy`] can hold it without copying.
+    pub outbound_http: Arc<[OutboundRule]>,
+    /// GPU-bridge quotas.
+    pub gpu: GpuPolicy,
+}
+
+impl Default for Policy {
+    /// The built-in defaults: what applies when there is no policy file.
+    fn default() -> Self {
+        Self {
+            timeout_ms: 10_000,
+            memory_mb: 128,
+            max_concurrency: 16,
+            max_body_bytes: 10 * MIB,
+            max_component_bytes: 64 * MIB,
+            log_bytes: 64 * KIB,
+            env: Arc::new([]),
+            volumes: Vec::new(),
+            outbound_http: Arc::new([]),
+            gpu: GpuPolicy::default(),
+        }
+    }
+}
+
+// Hand-written so that logging a policy never prints env values, which often
+// carry credentials.
+impl fmt::Debug for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct EnvNames<'a>(&'a [(String, String)]);
+        impl fmt::Debug for EnvNames<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_map()
+                    .entries(self.0.iter().map(|(k, _)| (k, "<redacted>")))
+                    .finish()
+            }
+        }
+        f.debug_struct("Policy")
+            .field("timeout_ms", &self.timeout_ms)
+            .field("memory_mb", &self.memory_mb)
+            .field("max_concurrency", &self.max_concurrency)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_component_bytes", &self.max_component_bytes)
+            .field("log_bytes", &self.log_bytes)
+            .field("env", &EnvNames(&self.env))
+            .field("volumes", &self.volumes)
+            .field("outbound_http", &self.outbound_http)
+            .field("gpu", &self.gpu)
+            .finish()
+    }
+}
+
+impl Policy {
+    /// The per-invocation timeout.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    /// The per-invocation memory limit in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mb.saturating_mul(MIB)
+    }
+
+    /// The runtime limits of one invocation under this policy: timeout,
+    /// memory, env, `log_bytes` for stdout and stderr each, and
+    /// `outbound_http` as the outbound policy. Volumes are not part of
+    /// [`CallLimits`] yet: see [`Policy::resolve_volumes`].
+    pub fn call_limits(&self) -> CallLimits {
+        let log_bytes = usize::try_from(self.log_bytes).unwrap_or(usize::MAX);
+        CallLimits {
+            timeout: self.timeout(),
+            memory_bytes: self.memory_bytes(),
+            env: Arc::clone(&self.env),
+            stdout_limit: log_bytes,
+            stderr_limit: log_bytes,
+            outbound: self.outbound_policy(),
+        }
+    }
+
+    /// `outbound_http` in the form the runtime checks; denies everything
+    /// when the list is empty.
+    pub fn outbound_policy(&self) -> OutboundPolicy {
+        if self.outbound_http.is_empty() {
+            return OutboundPolicy::default();
+        }
+        let rules = Arc::clone(&self.outbound_http);
+        OutboundPolicy::new(move |host, port| rules.iter().any(|r| r.matches(host, port)))
+    }
+
+    /// Whether the tenant's functions may send HTTP requests to `host` on
+    /// `port` (see [`OutboundRule`] for the matching rules).
+    pub fn allows_outbound(&self, host: &str, port: u16) -> bool {
+        self.outbound_http.iter().any(|r| r.matches(host, port))
+    }
+
+    /// Resolves the policy's volumes against the tenant's volume root
+    /// (see [`volume_root`]) to canonical host directories, refusing any
+    /// that does not exist, is not a directory, or leads (through a symlink)
+    /// outside the root. Directories are not created: that would follow
+    /// symlinks too.
+    ///
+    /// This is a check at one moment: the runtime should still open the
+    /// returned directories with cap-std and not follow symlinks that
+    /// a function with write access could plant later.
+    pub fn resolve_volumes(&self, root: &Path) -> Result<Vec<ResolvedVolume>, VolumeError> {
+        let root = fs::canonicalize(root).map_err(|source| VolumeError::Root {
+            root: root.to_path_buf(),
+            source,
+        })?;
+        self.volumes
+            .iter()
+            .map(|volume| {
+                let path = root.join(&volume.path);
+                let target = match fs::canonicalize(&path) {
+                    Ok(target) => target,
+                    Err(source) => {
+                        return Err(VolumeError::Unavailable {
+                            volume: volume.name.clone(),
+                            path,
+                            source,
+                        });
+                    }
+                };
+                // Component-wise, so `/v/acme-evil` is not inside `/v/acme`.
+                if !target.starts_with(&root) {
+                    return Err(VolumeError::Escapes {
+                        volume: volume.name.clone(),
+                        path,
+                        target,
+                    });
+                }
+                if !target.is_dir() {
+                    return Err(VolumeError::NotADirectory {
+                        volume: volume.name.clone(),
+                        path,
+                    });
+                }
+                Ok(ResolvedVolume {
+                    name: volume.name.clone(),
+                    host_path: target,
+                    mount: volume.mount.clone(),
+                    read_only: volume.read_only,
+                })
+            })
+            .collect()
+    }
+
+    /// This policy with the keys set in the TOML document `text` replaced:
+    /// how `default.toml` applies to the built-in defaults and
+    /// `<tenant>.toml` to the default. `file` names the document in errors.
+    pub fn with_overrides(&self, file: &Path, text: &str) -> Result<Policy, InvalidPolicy> {
+        let doc = Doc { file, text };
+        let raw: RawPolicy = toml::from_str(text).map_err(|e| doc.toml_error(&e))?;
+        let mut policy = self.clone();
+        if let Some(v) = raw.timeout_ms {
+            policy.timeout_ms = doc.in_range("timeout_ms", v, TIMEOUT_MS_RANGE)?;
+        }
+        if let Some(v) = raw.memory_mb {
+            policy.memory_mb = doc.in_range("memory_mb", v, MEMORY_MB_RANGE)?;
+        }
+        if let Some(v) = raw.max_concurrency {
+            let span = v.span();
+            let n = doc.in_range("max_concurrency", v, MAX_CONCURRENCY_RANGE)?;
+            policy.max_concurrency = u32::try_from(n)
+                .map_err(|_| doc.error(span, "max_concurrency", "does not fit in 32 bits"))?;
+        }
+        if let Some(v) = raw.max_body_bytes {
+            policy.max_body_bytes =
+                doc.bytes_in_range("max_body_bytes", v, MAX_BODY_BYTES_RANGE)?;
+        }
+        if let Some(v) = raw.max_component_bytes {
+            policy.max_component_bytes =
+                doc.bytes_in_range("max_component_bytes", v, MAX_COMPONENT_BYTES_RANGE)?;
+        }
+        if let Some(v) = raw.log_bytes {
+            policy.log_bytes = doc.bytes_in_range("log_bytes", v, LOG_BYTES_RANGE)?;
+        }
+        if let Some(env) = raw.env {
+            policy.env = doc.env(env)?;
+        }
+        if let Some(volumes) = raw.volumes {
+            policy.volumes = doc.volumes(volumes)?;
+        }
+        if let Some(rules) = raw.outbound_http {
+            policy.outbound_http = rules
+                .into_iter()
+                .enumerate()
+                .map(|(i, rule)| {
+                    rule.get_ref()
+                        .parse::<OutboundRule>()
+                        .map_err(|e| doc.error(rule.span(), format!("outbound_http[{i}]"), e))
+                })
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(gpu) = raw.gpu {
+            doc.gpu(gpu, &mut policy.gpu)?;
+        }
+        Ok(policy)
+    }
+}
+
+/// The policies of all tenants: a default plus per-tenant overrides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicySet {
+    default: Policy,
+    tenants: BTreeMap<String, Policy>,
+}
+
+impl Default for PolicySet {
+    fn default() -> Self {
+        Self::builtin()
+    }
+}
+
+impl PolicySet {
+    /// The built-in defaults for every tenant, no overrides.
+    pub fn builtin() -> Self {
+        Self {
+            default: Policy::default(),
+            tenants: BTreeMap::new(),
+        }
+    }
+
+    /// Loads `dir/default.toml` and every `dir/<tenant>.toml`. Other files
+    /// (`README.md`, subdirectories, dotfiles such as editor swap files) are
+    /// ignored. A missing directory or `default.toml` means built-in
+    /// defaults, logged as a warning; any invalid file is an error.
+    pub fn load(dir: &Path) -> Result<Self, PolicyError> {
+        let read_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| PolicyError::Read { path, source }
+        };
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    "policy directory does not exist; every tenant gets the built-in defaults"
+                );
+                return Ok(Self::builtin());
+            }
+            Err(e) => return Err(read_err(dir)(e)),
+        };
+
+        let mut tenant_files = Vec::new();
+        for entry in entries {
+            let path = entry.map_err(read_err(dir))?.path();
+            let Some(file_name) = path.file_name() else {
+                continue;
+            };
+            if path.extension() != Some(OsStr::new("toml"))
+                || file_name.as_encoded_bytes().starts_with(b".")
+                || file_name == DEFAULT_FILE
+                || path.is_dir()
+            {
+                continue;
+            }
+            match path.file_stem().and_then(OsStr::to_str) {
+                Some(tenant) if valid_name(tenant) => {
+                    tenant_files.push((tenant.to_owned(), path.clone()));
+                }
+                // A typo such as `Acme.toml` would otherwise silently give
+                // the tenant the default policy.
+                _ => return Err(PolicyError::BadFileName { path }),
+            }
+        }
+        tenant_files.sort();
+
+        let default_path = dir.join(DEFAULT_FILE);
+        let default = match fs::read_to_string(&default_path) {
+            Ok(text) => Policy::default().with_overrides(&default_path, &text)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                tracing::warn!(
+                    path = %default_path.display(),
+                    "no default policy file; using the built-in defaults as the default policy"
+                );
+                Policy::default()
+            }
+            Err(e) => return Err(read_err(&default_path)(e)),
+        };
+
+        let mut tenants = BTreeMap::new();
+        for (tenant, path) in tenant_files {
+            let text = fs::read_to_string(&path).map_err(read_err(&path))?;
+            let policy = default.with_overrides(&path, &text)?;
+            tenants.insert(tenant, policy);
+        }
+        tracing::info!(
+            dir = %dir.display(),
+            overrides = tenants.len(),
+            "loaded tenant policies"
+        );
+        Ok(Self { default, tenants })
+    }
+
+    /// The policy of `tenant`: its override if it has one, else the default.
+    pub fn for_tenant(&self, tenant: &str) -> &Policy {
+        self.tenants.get(tenant).unwrap_or(&self.default)
+    }
+
+    /// The policy of tenants without an override file.
+    pub fn default_policy(&self) -> &Policy {
+        &self.default
+    }
+
+    /// Tenants with an override file, in name order (they need not exist).
+    pub fn overridden_tenants(&self) -> impl Iterator<Item = &str> {
+        self.tenants.keys().map(String::as_str)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The file format. Every key is optional (files are partial) and spanned, so
+// that semantic errors can point at the exact line.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    timeout_ms: Option<Spanned<u64>>,
+    memory_mb: Option<Spanned<u64>>,
+    max_concurrency: Option<Spanned<u64>>,
+    max_body_bytes: Option<Spanned<ByteCount>>,
+    max_component_bytes: Option<Spanned<ByteCount>>,
+    log_bytes: Option<Spanned<ByteCount>>,
+    env: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
+    volumes: Option<Vec<RawVolume>>,
+    outbound_http: Option<Vec<Spanned<String>>>,
+    gpu: Option<RawGpu>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVolume {
+    name: Spanned<String>,
+    path: Spanned<String>,
+    mount: Spanned<String>,
+    read_only: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGpu {
+    backends: Option<Vec<Spanned<GpuBackend>>>,
+    memory_mb: Option<Spanned<u64>>,
+    time_ms_per_minute: Option<Spanned<u64>>,
+    models: Option<Vec<Spanned<String>>>,
+}
+
+/// A byte count written as an integer (`10485760`) or a string with a unit
+/// (`"10 MiB"`, `"64KiB"`; `KB`/`MB` are powers of 1000).
+struct ByteCount(u64);
+
+impl<'de> Deserialize<'de> for ByteCount {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ByteCountVisitor;
+        impl Visitor<'_> for ByteCountVisitor {
+            type Value = ByteCount;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a byte count: an integer or a string such as \"10 MiB\"")
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteCount, E> {
+                Ok(ByteCount(v))
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteCount, E> {
+                u64::try_from(v)
+                    .map(ByteCount)
+                    .map_err(|_| E::custom("a byte count cannot be negative"))
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteCount, E> {
+                v.trim()
+                    .parse::<bytesize::ByteSize>()
+                    .map(|b| ByteCount(b.as_u64()))
+                    .map_err(|_| {
+                        E::custom(format!(
+                            "{v:?} is not a byte count (write an integer, or a number and a unit such as \"10 MiB\")"
+                        ))
+                    })
+            }
+        }
+        deserializer.deserialize_any(ByteCountVisitor)
+    }
+}
+
+/// One policy file being checked: turns spans into [`InvalidPolicy`]s.
+struct Doc<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Doc<'_> {
+    fn error(
+        &self,
+        span: Range<usize>,
+        key: impl Into<String>,
+        message: impl fmt::Display,
+    ) -> InvalidPolicy {
+        InvalidPolicy {
+            file: self.file.to_path_buf(),
+            location: Some(location(self.text, span.start)),
+            key: Some(key.into()),
+            message: message.to_string(),
+        }
+    }
+
+    /// Turns a parse or deserialisation error into one naming the key: toml
+    /// reports only a span, so find which key's name or value it falls in.
+    fn toml_error(&self, error: &toml::de::Error) -> InvalidPolicy {
+        let offset = error.span().map(|span| span.start);
+        InvalidPolicy {
+            file: self.file.to_path_buf(),
+            location: offset.map(|o| location(self.text, o)),
+            key: offset.and_then(|o| locate_key(self.text, o)),
+            message: error.message().trim().replace('\n', "; "),
+        }
+    }
+
+    fn in_range(
+        &self,
+        key: &str,
+        value: Spanned<u64>,
+        range: RangeInclusive<u64>,
+    ) -> Result<u64, InvalidPolicy> {
+        let (span, v) = (value.span(), value.into_inner());
+        if range.contains(&v) {
+            return Ok(v);
+        }
+        let (lo, hi) = range.into_inner();
+        let message = if hi >= u64::from(u32::MAX) {
+            format!("must be at least {lo}, got {v}")
+        } else {
+            format!("must be between {lo} and {hi}, got {v}")
+        };
+        Err(self.error(span, key, message))
+    }
+
+    fn bytes_in_range(
+        &self,
+        key: &str,
+        value: Spanned<ByteCount>,
+        range: RangeInclusive<u64>,
+    ) -> Result<u64, InvalidPolicy> {
+        let (span, ByteCount(v)) = (value.span(), value.into_inner());
+        if range.contains(&v) {
+            return Ok(v);
+        }
+        let (lo, hi) = range.into_inner();
+        Err(self.error(
+            span,
+            key,
+            format!(
+                "must be between {} and {}, got {}",
+                human_bytes(lo),
+                human_bytes(hi),
+                human_bytes(v)
+            ),
+        ))
+    }
+
+    fn env(
+        &self,
+        env: BTreeMap<Spanned<String>, Spanned<String>>,
+    ) -> Result<Arc<[(String, String)]>, InvalidPolicy> {
+        env.into_iter()
+            .map(|(name, value)| {
+                let key = format!("env.{}", toml_key(name.get_ref()));
+                if name.get_ref().is_empty() {
+                    return Err(self.error(name.span(), key, "a variable name cannot be empty"));
+                }
+                if name.get_ref().contains(['=', '\0']) {
+                    return Err(self.error(
+                        name.span(),
+                        key,
+                        "a variable name cannot contain `=` or NUL",
+                    ));
+                }
+                if value.get_ref().contains('\0') {
+                    return Err(self.error(value.span(), key, "a value cannot contain NUL"));
+                }
+                Ok((name.into_inner(), value.into_inner()))
+            })
+            .collect()
+    }
+
+    fn volumes(&self, raw: Vec<RawVolume>) -> Result<Vec<Volume>, InvalidPolicy> {
+        let mut names = BTreeSet::new();
+        let mut mounts = BTreeSet::new();
+        let mut volumes = Vec::with_capacity(raw.len());
+        for (i, v) in raw.into_iter().enumerate() {
+            let key = |field: &str| format!("volumes[{i}].{field}");
+            let name = v.name.get_ref();
+            if !valid_name(name) {
+                return Err(self.error(
+                    v.name.span(),
+                    key("name"),
+                    format!("{name:?} is not a valid name (^[a-z0-9][a-z0-9-]{{0,62}}$)"),
+                ));
+            }
+            if !names.insert(name.clone()) {
+                return Err(self.error(
+                    v.name.span(),
+                    key("name"),
+                    format!("a volume named {name:?} is already defined"),
+                ));
+            }
+            let path = volume_path(v.path.get_ref())
+                .map_err(|msg| self.error(v.path.span(), key("path"), msg))?;
+            let mount = guest_mount(v.mount.get_ref())
+                .map_err(|msg| self.error(v.mount.span(), key("mount"), msg))?;
+            if !mounts.insert(mount.clone()) {
+                return Err(self.error(
+                    v.mount.span(),
+                    key("mount"),
+                    format!("another volume is already mounted at {mount:?}"),
+                ));
+            }
+            volumes.push(Volume {
+                name: v.name.into_inner(),
+                path,
+                mount,
+                read_only: v.read_only.unwrap_or(true),
+            });
+        }
+        Ok(volumes)
+    }
+
+    fn gpu(&self, raw: RawGpu, gpu: &mut GpuPolicy) -> Result<(), InvalidPolicy> {
+        if let Some(backends) = raw.backends {
+            let mut seen = Vec::with_capacity(backends.len());
+            for (i, backend) in backends.into_iter().enumerate() {
+                let b = *backend.get_ref();
+                if seen.contains(&b) {
+                    return Err(self.error(
+                        backend.span(),
+                        format!("gpu.backends[{i}]"),
+                        format!("\"{b}\" is listed twice"),
+                    ));
+                }
+                seen.push(b);
+            }
+            gpu.backends = seen;
+        }
+        if let Some(v) = raw.memory_mb {
+            gpu.memory_mb = self.in_range("gpu.memory_mb", v, GPU_MEMORY_MB_RANGE)?;
+        }
+        if let Some(v) = raw.time_ms_per_minute {
+            gpu.time_ms_per_minute =
+                self.in_range("gpu.time_ms_per_minute", v, GPU_TIME_MS_PER_MINUTE_RANGE)?;
+        }
+        if let Some(models) = raw.models {
+            let mut names: Vec<String> = Vec::with_capacity(models.len());
+            for (i, model) in models.into_iter().enumerate() {
+                let key = format!("gpu.models[{i}]");
+                let name = model.get_ref();
+                if name.is_empty()
+                    || name.len() > MAX_MODEL_NAME_LEN
+                    || name.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    return Err(self.error(
+                        model.span(),
+                        key,
+                        format!(
+                            "a model name is 1 to {MAX_MODEL_NAME_LEN} characters without whitespace"
+                        ),
+                    ));
+                }
+                if names.contains(name) {
+                    return Err(self.error(model.span(), key, format!("{name:?} is listed twice")));
+                }
+                names.push(model.into_inner());
+            }
+            gpu.models = names;
+        }
+        Ok(())
+    }
+}
+
+/// Checks a volume's `path` and normalises it: relative, with no `..`, so it
+/// cannot name anything outside the tenant's volume root (symlinks are
+/// checked when it is resolved).
+fn volume_path(path: &str) -> Result<PathBuf, String> {
+    if path.is_empty() {
+        return Err("must not be empty (use \".\" for the whole volume root)".to_owned());
+    }
+    if path.contains('\0') {
+        return Err("must not contain NUL".to_owned());
+    }
+    let mut normal = PathBuf::new();
+    for component in Path::new(path).components() {
+        match component {
+            Component::Normal(part) => normal.push(part),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                return Err(format!(
+                    "{path:?} contains `..`: a volume must stay inside the tenant's volume root"
+                ));
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(format!(
+                    "{path:?} is absolute: a volume path is relative to the tenant's volume root (<data-dir>/volumes/<tenant>/)"
+                ));
+            }
+        }
+    }
+    Ok(normal)
+}
+
+/// Checks a volume's guest `mount`: an absolute path with no empty, `.` or
+/// `..` segments (and no trailing slash), so two spellings of one directory
+/// cannot both pass the uniqueness check.
+fn guest_mount(mount: &str) -> Result<String, String> {
+    let Some(rest) = mount.strip_prefix('/') else {
+        return Err(format!(
+            "{mount:?} must be an absolute guest path such as \"/data\""
+        ));
+    };
+    if mount.contains('\0') {
+        return Err("must not contain NUL".to_owned());
+    }
+    if !rest.is_empty()
+        && rest
+            .split('/')
+            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
+        return Err(format!(
+            "{mount:?} must be a normalised path (no `//`, `.`, `..` or trailing `/`)"
+        ));
+    }
+    Ok(mount.to_owned())
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn location(text: &str, offset: usize) -> Location {
+    let offset = floor_char_boundary(text, offset);
+    let before = text.get(..offset).unwrap_or_default();
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    Location {
+        line: before.matches('\n').count() + 1,
+        column: before.get(line_start..).unwrap_or_default().chars().count() + 1,
+    }
+}
+
+fn floor_char_boundary(text: &str, offset: usize) -> usize {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    offset
+}
+
+/// The dotted path of the key whose name or value contains byte `offset`,
+/// the most specific one if several do.
+fn locate_key(text: &str, offset: usize) -> Option<String> {
+    let (tree, _errors) = DeTable::parse_recoverable(text);
+    let mut best = None;
+    walk_table(tree.get_ref(), None, offset, &mut best);
+    best.map(|(_, key)| key)
+        .or_else(|| key_on_line(text, offset))
+}
+
+fn walk_table(
+    table: &DeTable<'_>,
+    prefix: Option<&str>,
+    offset: usize,
+    best: &mut Option<(usize, String)>,
+) {
+    for (key, value) in table.iter() {
+        let segment = toml_key(key.get_ref());
+        let path = match prefix {
+            Some(prefix) => format!("{prefix}.{segment}"),
+            None => segment,
+        };
+        consider(key.span(), &path, offset, best);
+        consider(value.span(), &path, offset, best);
+        walk_value(value.get_ref(), &path, offset, best);
+    }
+}
+
+fn walk_value(value: &DeValue<'_>, path: &str, offset: usize, best: &mut Option<(usize, String)>) {
+    match value {
+        DeValue::Table(table) => walk_table(table, Some(path), offset, best),
+        DeValue::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let path = format!("{path}[{i}]");
+                consider(item.span(), &path, offset, best);
+                walk_value(item.get_ref(), &path, offset, best);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Keeps `path` if `span` holds `offset` and is no wider than the best so
+/// far; ties go to the later (deeper) key, since parents are visited first.
+fn consider(span: Range<usize>, path: &str, offset: usize, best: &mut Option<(usize, String)>) {
+    let hit = span.contains(&offset) || (span.is_empty() && span.start == offset);
+    let width = span.len();
+    if hit && best.as_ref().is_none_or(|(w, _)| width <= *w) {
+        *best = Some((width, path.to_owned()));
+    }
+}
+
+/// Fallback for syntax errors the parser could not attach to a key (a
+/// duplicate key, say): the bare key written at the start of the error's
+/// line, prefixed with the nearest table header above it.
+fn key_on_line(text: &str, offset: usize) -> Option<String> {
+    let offset = floor_char_boundary(text, offset);
+    let line_start = text.get(..offset)?.rfind('\n').map_or(0, |i| i + 1);
+    let line = text.get(line_start..)?.lines().next()?;
+    let (lhs, _) = line.split_once('=')?;
+    let bare = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    };
+    let key = lhs.trim();
+    if !bare(key) {
+        return None;
+    }
+    let header = text
+        .get(..line_start)?
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .and_then(|l| l.trim_start_matches('[').split(']').next())
+        .map(str::trim)
+        .filter(|h| bare(h));
+    Some(match header {
+        Some(header) => format!("{header}.{key}"),
+        None => key.to_owned(),
+    })
+}
+
+/// A key as written in TOML: bare if it can be, else quoted.
+fn toml_key(key: &str) -> String {
+    if !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        key.to_owned()
+    } else {
+        format!("{key:?}")
+    }
+}
+
+/// Exact human form of a byte count: `10 MiB` where that is exact, else
+/// bytes.
+fn human_bytes(n: u64) -> String {
+    for (unit, size) in [("GiB", GIB), ("MiB", MIB), ("KiB", KIB)] {
+        if n >= size && n.is_multiple_of(size) {
+            return format!("{} {unit}", n / size);
+        }
+    }
+    match n {
+        1 => "1 byte".to_owned(),
+        n => format!("{n} bytes"),
+    }
+}

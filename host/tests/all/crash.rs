@@ -1,0 +1,202 @@
+//! `gust serve` as a process: restarts and `kill -9` in the middle of a deploy.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use gust_test_artifacts as artifacts;
+use tempfile::TempDir;
+
+use super::server::{ADMIN_KEY, policies, request};
+
+/// A `gust serve` child process, killed (SIGKILL) when dropped.
+struct Host {
+    child: Child,
+    url: String,
+    demo_key: Option<String>,
+}
+
+impl Host {
+    fn start(dir: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gust"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--max-instances", "16"])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--policies")
+            .arg(policies(dir))
+            .env("GUST_ADMIN_KEY", ADMIN_KEY)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut demo_key = None;
+        let url = loop {
+            let line = lines
+                .next()
+                .expect("gust serve exited before listening")
+                .unwrap();
+            if let Some(url) = line.strip_prefix("gust: listening on ") {
+                break url.to_owned();
+            }
+            if line.starts_with("gust: first start") {
+                demo_key = lines.next().and_then(Result::ok);
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Self {
+            child,
+            url,
+            demo_key,
+        }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends a PUT of `body` (or of its first `send` bytes) on a raw socket.
+fn raw_put(url: &str, key: &str, name: &str, body: &[u8], send: usize) -> TcpStream {
+    let address = url.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(address).unwrap();
+    let head = format!(
+        "PUT /v1/functions/{name} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {key}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(&body[..send]).unwrap();
+    stream.flush().unwrap();
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_deploys_leaves_the_store_consistent() {
+    let dir = TempDir::new().unwrap();
+    let host = Host::start(dir.path());
+    let key = host
+        .demo_key
+        .clone()
+        .expect("first start prints the demo key");
+    let hello = std::fs::read(artifacts::HELLO_COMPONENT).unwrap();
+    let deployed = request(
+        "PUT",
+        &format!("{}/v1/functions/keep", host.url),
+        Some(&key),
+        hello.clone(),
+    )
+    .await;
+    assert_eq!(deployed.status, 201);
+
+    // Killed mid-upload: the function must be absent.
+    let _socket = raw_put(&host.url, &key, "half", &hello, hello.len() / 2);
+    std::thread::sleep(Duration::from_millis(100));
+    host.kill();
+
+    // Killed at various points after the whole upload (compile, blob
+    // write, metadata commit): present and working, or absent.
+    let echo = std::fs::read(artifacts::ECHO_COMPONENT).unwrap();
+    for (round, delay_ms) in [0u64, 5, 20, 60, 150].into_iter().enumerate() {
+        let host = Host::start(dir.path());
+        let name = format!("crash{round}");
+        let _socket = raw_put(&host.url, &key, &name, &echo, echo.len());
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        host.kill();
+
+        let host = Host::start(dir.path());
+        let list = request("GET", &format!("{}/v1/functions", host.url), Some(&key), "")
+            .await
+            .json();
+        let names: Vec<&str> = list["functions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|f| f["name"].as_str())
+            .collect();
+        assert!(names.contains(&"keep"), "round {round}: {names:?}");
+        assert!(
+            !names.contains(&"half"),
+            "round {round}: a half upload must leave nothing"
+        );
+        if names.contains(&name.as_str()) {
+            let reply = request(
+                "POST",
+                &format!("{}/v1/functions/{name}/invoke", host.url),
+                Some(&key),
+                "still here",
+            )
+            .await;
+            assert_eq!(
+                (reply.status, reply.text()),
+                (200, "still here".to_owned()),
+                "round {round}"
+            );
+        }
+        let keep = request(
+            "POST",
+            &format!("{}/v1/functions/keep/invoke", host.url),
+            Some(&key),
+            "x",
+        )
+        .await;
+        assert_eq!(keep.text(), "Hello, x!");
+        host.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_gracefully_and_a_restart_recompiles_nothing() {
+    let dir = TempDir::new().unwrap();
+    let host = Host::start(dir.path());
+    let key = host.demo_key.clone().unwrap();
+    let hello = std::fs::read(artifacts::HELLO_COMPONENT).unwrap();
+    request(
+        "PUT",
+        &format!("{}/v1/functions/hello", host.url),
+        Some(&key),
+        hello,
+    )
+    .await;
+    let mut host = host;
+    // SIGTERM, then wait for a clean exit.
+    let pid = host.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = host.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    drop(host);
+
+    let host = Host::start(dir.path());
+    let reply = request(
+        "POST",
+        &format!("{}/v1/functions/hello/invoke", host.url),
+        Some(&key),
+        "again",
+    )
+    .await;
+    assert_eq!(reply.text(), "Hello, again!");
+    let metrics = request("GET", &format!("{}/metrics", host.url), None, "")
+        .await
+        .text();
+    assert!(
+        metrics.lines().any(|l| l == "gust_compile_total 0"),
+        "{metrics}"
+    );
+    host.kill();
+}
