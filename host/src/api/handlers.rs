@@ -473,6 +473,33 @@ fn admit(state: &AppState, tenant: &str, policy: &Policy) -> Result<(Permit, Per
     Ok((tenant_permit, host_permit))
 }
 
+/// The policy's limits plus its volumes, resolved (and checked to stay
+/// inside the tenant's volume root) for this call.
+fn call_limits(
+    state: &AppState,
+    tenant: &str,
+    policy: &Policy,
+) -> Result<crate::runtime::CallLimits, Problem> {
+    let mut limits = policy.call_limits();
+    if !policy.volumes.is_empty() {
+        let root = crate::tenancy::volume_root(&state.config.data_dir, tenant)
+            .ok_or_else(|| Problem::internal("invalid tenant name"))?;
+        let volumes = policy.resolve_volumes(&root).map_err(|e| {
+            tracing::error!(%tenant, error = %e, "a volume of the tenant's policy is unusable");
+            Problem::internal(format!("a volume of this tenant is unavailable: {e}"))
+        })?;
+        limits.preopens = volumes
+            .into_iter()
+            .map(|v| crate::runtime::Preopen {
+                host_path: v.host_path,
+                guest_path: v.mount,
+                read_only: v.read_only,
+            })
+            .collect();
+    }
+    Ok(limits)
+}
+
 /// Headers a function never sees: credentials and hop-by-hop headers.
 fn passed_through(name: &HeaderName) -> bool {
     !matches!(
@@ -547,10 +574,8 @@ async fn invoke(state: &Arc<AppState>, name: &str, request: hyper::Request<Incom
         headers,
         invocation_id: id.clone(),
     };
-    let invocation = state
-        .runtime
-        .invoke(&component, call, &policy.call_limits())
-        .await;
+    let limits = call_limits(state, &tenant, &policy)?;
+    let invocation = state.runtime.invoke(&component, call, &limits).await;
     drop(permits);
     let response = outcome_response(&invocation, &id);
     record(
@@ -735,7 +760,7 @@ async fn serve_http(
 
     let call = state
         .runtime
-        .serve_http(&component, request, &policy.call_limits())
+        .serve_http(&component, request, &call_limits(state, tenant, &policy)?)
         .map_err(|invocation| outcome_problem(&invocation.outcome).with_invocation(&id))?;
     let response = call.response.await;
     let (response, status) = match response {

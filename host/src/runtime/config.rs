@@ -122,6 +122,20 @@ pub struct CallLimits {
     pub stderr_limit: usize,
     /// Which outgoing HTTP requests the guest may make (none by default).
     pub outbound: OutboundPolicy,
+    /// Host directories visible to the guest (none by default).
+    pub preopens: Arc<[Preopen]>,
+}
+
+/// A host directory the guest sees at `guest_path`, opened with cap-std so
+/// nothing outside it is reachable (no `..`, no absolute symlinks out).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preopen {
+    /// The directory on the host.
+    pub host_path: PathBuf,
+    /// Where the guest sees it, e.g. `/data`.
+    pub guest_path: String,
+    /// Whether the guest may only read.
+    pub read_only: bool,
 }
 
 impl Default for CallLimits {
@@ -133,6 +147,7 @@ impl Default for CallLimits {
             stdout_limit: 64 << 10,
             stderr_limit: 64 << 10,
             outbound: OutboundPolicy::default(),
+            preopens: Arc::new([]),
         }
     }
 }

@@ -34,7 +34,7 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 pub use self::cache::CacheError;
 pub use self::capture::{BoundedCapture, CapturedOutput};
-pub use self::config::{AllocationConfig, CallLimits, PoolingConfig, RuntimeConfig};
+pub use self::config::{AllocationConfig, CallLimits, PoolingConfig, Preopen, RuntimeConfig};
 pub use self::http::{BodyTooLarge, CappedBody, CappedBodyError, OutboundPolicy};
 pub use self::outcome::{GuestError, Invocation, Outcome, Request, Response, Timings};
 
@@ -517,6 +517,7 @@ impl Runtime {
         let memory_limit = usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX);
         let grants = WasiGrants {
             env: Arc::clone(&limits.env),
+            preopens: Arc::clone(&limits.preopens),
             stdout: stdout.clone(),
             stderr: stderr.clone(),
         };

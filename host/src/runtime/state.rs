@@ -16,6 +16,7 @@ use super::http::{GustHttpHooks, OutboundPolicy};
 /// part of a short call.
 pub(crate) struct WasiGrants {
     pub(crate) env: Arc<[(String, String)]>,
+    pub(crate) preopens: Arc<[super::config::Preopen]>,
     pub(crate) stdout: BoundedCapture,
     pub(crate) stderr: BoundedCapture,
 }
@@ -32,6 +33,18 @@ impl WasiGrants {
             .allow_ip_name_lookup(false)
             .allow_tcp(false)
             .allow_udp(false);
+        for preopen in self.preopens.iter() {
+            let perms = if preopen.read_only {
+                wasmtime_wasi::FsPerms::ReadOnly
+            } else {
+                wasmtime_wasi::FsPerms::ReadWrite
+            };
+            // The directory was checked when the call was admitted; if it
+            // vanished since, the guest simply does not see it.
+            if let Err(e) = builder.preopened_dir(&preopen.host_path, &preopen.guest_path, perms) {
+                tracing::warn!(path = %preopen.host_path.display(), error = %e, "could not preopen a volume");
+            }
+        }
         builder.build()
     }
 }

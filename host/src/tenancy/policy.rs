@@ -504,6 +504,7 @@ impl Policy {
             stdout_limit: log_bytes,
             stderr_limit: log_bytes,
             outbound: self.outbound_policy(),
+            ..CallLimits::default()
         }
     }
 

@@ -200,3 +200,60 @@ async fn sigterm_stops_gracefully_and_a_restart_recompiles_nothing() {
     );
     host.kill();
 }
+
+#[test]
+fn a_bad_policy_stops_the_host_naming_file_line_and_key() {
+    let dir = TempDir::new().unwrap();
+    let policies = policies(dir.path());
+    std::fs::write(
+        policies.join("acme.toml"),
+        "timeout_ms = 1000\nmemory_mb = 0\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gust"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--policies")
+        .arg(&policies)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("acme.toml:2:"), "{stderr}");
+    assert!(stderr.contains("memory_mb"), "{stderr}");
+}
+
+#[test]
+fn the_admin_key_is_generated_private_on_first_start() {
+    let dir = TempDir::new().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gust"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--policies")
+        .arg(policies(dir.path()))
+        .env_remove("GUST_ADMIN_KEY")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    while let Some(Ok(line)) = lines.next() {
+        if line.starts_with("gust: listening on ") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let admin = dir.path().join("data/admin.key");
+    let key = std::fs::read_to_string(&admin).unwrap();
+    assert!(key.trim().starts_with("gust_"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&admin).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+}

@@ -323,3 +323,71 @@ async fn http_hello() {
     assert!(call.response.await.is_err());
     assert_eq!(call.completion.await.unwrap().outcome.code(), "timeout");
 }
+
+#[tokio::test]
+async fn fs_access() {
+    let (rt, dir) = runtime();
+    let component = load(&rt, artifacts::FS_ACCESS_COMPONENT);
+    let data = dir.path().join("data");
+    let shelf = dir.path().join("shelf");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::create_dir_all(&shelf).unwrap();
+    std::fs::write(shelf.join("book.txt"), "read me").unwrap();
+    std::fs::write(dir.path().join("secret.txt"), "outside").unwrap();
+    let limits = CallLimits {
+        preopens: vec![
+            gust_host::runtime::Preopen {
+                host_path: data.clone(),
+                guest_path: "/data".into(),
+                read_only: false,
+            },
+            gust_host::runtime::Preopen {
+                host_path: shelf.clone(),
+                guest_path: "/shelf".into(),
+                read_only: true,
+            },
+        ]
+        .into(),
+        ..limits()
+    };
+    let run = |body: &'static str| rt.invoke(&component, request(body), &limits);
+    assert_eq!(
+        ok_text(&run("read /shelf/book.txt").await.outcome),
+        "read me"
+    );
+    assert_eq!(
+        ok_text(&run("write /data/out.txt hello volume").await.outcome),
+        "written"
+    );
+    assert_eq!(
+        std::fs::read_to_string(data.join("out.txt")).unwrap(),
+        "hello volume"
+    );
+    assert_eq!(ok_text(&run("list /data").await.outcome), "out.txt");
+    for denied in [
+        "write /shelf/new.txt nope", // read-only volume
+        "read /data/../secret.txt",  // no escaping a preopen
+        "read /data/../../secret.txt",
+        "read /etc/passwd", // nothing else is visible
+    ] {
+        let outcome = run(denied).await.outcome;
+        assert!(
+            matches!(&outcome, Outcome::GuestError(e) if e.code == "io"),
+            "{denied}: {outcome:?}"
+        );
+    }
+    assert!(!shelf.join("new.txt").exists());
+    // Without grants the function sees no filesystem at all.
+    let bare = rt
+        .invoke(
+            &component,
+            request("read /shelf/book.txt"),
+            &super::limits(),
+        )
+        .await;
+    assert!(
+        matches!(bare.outcome, Outcome::GuestError(_)),
+        "{:?}",
+        bare.outcome
+    );
+}

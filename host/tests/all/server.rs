@@ -30,6 +30,11 @@ pub(crate) fn policies(dir: &Path) -> PathBuf {
     )
     .unwrap();
     std::fs::write(policies.join("tight.toml"), "max_concurrency = 1\n").unwrap();
+    std::fs::write(
+        policies.join("files.toml"),
+        "[env]\nGREETING = \"from the policy\"\n\n[[volumes]]\nname = \"data\"\npath = \"data\"\nmount = \"/data\"\nread_only = false\n",
+    )
+    .unwrap();
     policies
 }
 
@@ -802,5 +807,58 @@ async fn a_restart_serves_everything_with_zero_recompiles() {
         "{metrics}"
     );
     assert_eq!(metric(&metrics, "gust_cache_hits_total"), Some(2.0));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_grant_env_and_volumes_per_tenant() {
+    let dir = TempDir::new().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let files = tenant(&server, "files").await;
+    let demo = server.demo_key.clone().unwrap();
+    for key in [&files, &demo] {
+        deploy(&server, key, "fs", artifacts::FS_ACCESS_COMPONENT).await;
+        deploy(&server, key, "env", artifacts::ENV_VAR_COMPONENT).await;
+    }
+    let call = |key: &str, name: &str, body: &'static str| {
+        let url = server.url(&format!("/v1/functions/{name}/invoke"));
+        let key = key.to_owned();
+        async move { request("POST", &url, Some(&key), body).await }
+    };
+    // The volume directory must exist: until then calls fail clearly.
+    let unavailable = call(&files, "fs", "list /data")
+        .await
+        .problem(500, "host-error");
+    assert!(
+        unavailable["detail"].as_str().unwrap().contains("volume"),
+        "{unavailable}"
+    );
+    let volume = server.data_dir.join("volumes/files/data");
+    std::fs::create_dir_all(&volume).unwrap();
+
+    assert_eq!(
+        call(&files, "env", "GREETING").await.text(),
+        "from the policy"
+    );
+    call(&demo, "env", "GREETING").await.problem(404, "not-set");
+    assert_eq!(
+        call(&files, "fs", "write /data/note.txt kept").await.text(),
+        "written"
+    );
+    assert_eq!(
+        std::fs::read_to_string(volume.join("note.txt")).unwrap(),
+        "kept"
+    );
+    assert_eq!(
+        call(&files, "fs", "read /data/note.txt").await.text(),
+        "kept"
+    );
+    call(&files, "fs", "read /data/../../demo.key")
+        .await
+        .problem(403, "io");
+    // Another tenant's functions see no volume.
+    call(&demo, "fs", "read /data/note.txt")
+        .await
+        .problem(403, "io");
     server.stop().await;
 }
