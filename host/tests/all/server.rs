@@ -31,6 +31,11 @@ pub(crate) fn policies(dir: &Path) -> PathBuf {
     .unwrap();
     std::fs::write(policies.join("tight.toml"), "max_concurrency = 1\n").unwrap();
     std::fs::write(
+        policies.join("egress.toml"),
+        "outbound_http = [\"127.0.0.1\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
         policies.join("files.toml"),
         "[env]\nGREETING = \"from the policy\"\n\n[[volumes]]\nname = \"data\"\npath = \"data\"\nmount = \"/data\"\nread_only = false\n",
     )
@@ -860,5 +865,92 @@ async fn policies_grant_env_and_volumes_per_tenant() {
     call(&demo, "fs", "read /data/note.txt")
         .await
         .problem(403, "io");
+    server.stop().await;
+}
+
+/// A one-route upstream server on loopback for outbound-HTTP tests.
+async fn upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |request: hyper::Request<hyper::body::Incoming>| async move {
+                        let body = format!("upstream saw {}", request.uri().path());
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from(body),
+                        )))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_http_follows_the_tenant_policy() {
+    let dir = TempDir::new().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let upstream = upstream().await;
+    let egress = tenant(&server, "egress").await;
+    let demo = server.demo_key.clone().unwrap();
+    let bytes = std::fs::read(artifacts::HTTP_HELLO_COMPONENT).unwrap();
+    for key in [&egress, &demo] {
+        let reply = request(
+            "PUT",
+            &server.url("/v1/functions/web?public=true"),
+            Some(key),
+            bytes.clone(),
+        )
+        .await;
+        assert_eq!(reply.status, 201);
+    }
+    // Allowed by `outbound_http = ["127.0.0.1"]`.
+    let allowed = request(
+        "GET",
+        &server.url(&format!("/http/egress/web/fetch/{upstream}/hello")),
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(
+        (allowed.status, allowed.text()),
+        (200, "200 upstream saw /hello".to_owned())
+    );
+    // Denied by default.
+    let denied = request(
+        "GET",
+        &server.url(&format!("/http/demo/web/fetch/{upstream}/hello")),
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(denied.status, 502);
+    assert!(
+        denied.text().contains("HttpRequestDenied"),
+        "{}",
+        denied.text()
+    );
+    // Allowed hosts only: a name that is not listed is denied too.
+    let other = request(
+        "GET",
+        &server.url(&format!(
+            "/http/egress/web/fetch/localhost:{}/x",
+            upstream.port()
+        )),
+        None,
+        "",
+    )
+    .await;
+    assert!(
+        other.text().contains("HttpRequestDenied"),
+        "{}",
+        other.text()
+    );
     server.stop().await;
 }

@@ -6,14 +6,18 @@
 //! * `/echo` → 200, the request body back, headers `x-method` and `x-path`
 //!   (path and query as the component saw them)
 //! * `/stream/{n}` → 200, `n` chunks `chunk {i}\n`, 100 ms apart, each flushed
+//! * `/fetch/{authority}/{path…}` → makes an outgoing `GET http://{authority}/{path…}`
+//!   and answers 200 `{status} {body}`, or 502 with the error code
 //! * `/panic` → panics before responding
 //! * `/loop` → spins forever before responding
 
 use std::hint::black_box;
 
 use wasip2::clocks::monotonic_clock;
+use wasip2::http::outgoing_handler;
 use wasip2::http::types::{
-    Fields, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam,
+    Fields, IncomingRequest, Method, OutgoingBody, OutgoingRequest, OutgoingResponse,
+    ResponseOutparam, Scheme,
 };
 
 wasip2::http::proxy::export!(HttpHello);
@@ -64,6 +68,30 @@ fn read_body(request: &IncomingRequest) -> Vec<u8> {
     data
 }
 
+/// `GET http://{authority}{path}`: the status and body, or the error.
+fn fetch(authority: &str, path: &str) -> Result<String, String> {
+    let request = OutgoingRequest::new(Fields::new());
+    let _ = request.set_scheme(Some(&Scheme::Http));
+    let _ = request.set_authority(Some(authority));
+    let _ = request.set_path_with_query(Some(path));
+    let pending = outgoing_handler::handle(request, None).map_err(|e| format!("{e:?}"))?;
+    pending.subscribe().block();
+    let response = match pending.get() {
+        Some(Ok(Ok(response))) => response,
+        Some(Ok(Err(code))) => return Err(format!("{code:?}")),
+        _ => return Err("no response".to_owned()),
+    };
+    let status = response.status();
+    let body = response.consume().map_err(|()| "no body".to_owned())?;
+    let mut data = Vec::new();
+    if let Ok(stream) = body.stream() {
+        while let Ok(chunk) = stream.blocking_read(64 * 1024) {
+            data.extend_from_slice(&chunk);
+        }
+    }
+    Ok(format!("{status} {}", String::from_utf8_lossy(&data)))
+}
+
 impl wasip2::exports::http::incoming_handler::Guest for HttpHello {
     fn handle(request: IncomingRequest, out: ResponseOutparam) {
         let path = request.path_with_query().unwrap_or_default();
@@ -109,6 +137,13 @@ impl wasip2::exports::http::incoming_handler::Guest for HttpHello {
                     &chunks,
                     100_000_000,
                 );
+            }
+            ["fetch", authority, rest @ ..] => {
+                let path = format!("/{}", rest.join("/"));
+                match fetch(authority, &path) {
+                    Ok(text) => respond(out, 200, &[], &[text.into_bytes()], 0),
+                    Err(error) => respond(out, 502, &[], &[error.into_bytes()], 0),
+                }
             }
             ["panic"] => panic!("the http-hello fixture panicked on purpose"),
             ["loop"] => {
