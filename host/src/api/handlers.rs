@@ -275,7 +275,7 @@ async fn deploy(state: &Arc<AppState>, name: &str, request: hyper::Request<Incom
             ));
         }
     };
-    let policy = state.policies.for_tenant(&tenant).clone();
+    let policy = state.policies.for_tenant(&tenant);
     let (_, bytes) = read_capped(request, policy.max_component_bytes, "the component").await?;
     let digest = crate::runtime::Digest::of(&bytes);
     let size = bytes.len() as u64;
@@ -548,8 +548,8 @@ async fn invoke(state: &Arc<AppState>, name: &str, request: hyper::Request<Incom
             format!("`{name}` serves wasi:http; call it at /http/{tenant}/{name}/"),
         ));
     }
-    let policy = state.policies.for_tenant(&tenant).clone();
-    let permits = admit(state, &tenant, &policy)?;
+    let policy = state.policies.for_tenant(&tenant);
+    let permits = admit(state, &tenant, policy)?;
     let (parts, body) = read_capped(request, policy.max_body_bytes, "the request body").await?;
     let started_at = now_millis();
     let started = Instant::now();
@@ -574,7 +574,7 @@ async fn invoke(state: &Arc<AppState>, name: &str, request: hyper::Request<Incom
         headers,
         invocation_id: id.clone(),
     };
-    let limits = call_limits(state, &tenant, &policy)?;
+    let limits = call_limits(state, &tenant, policy)?;
     let invocation = state.runtime.invoke(&component, call, &limits).await;
     drop(permits);
     let response = outcome_response(&invocation, &id);
@@ -717,7 +717,7 @@ async fn serve_http(
         .component
         .clone()
         .map_err(|reason| Problem::internal(format!("`{name}` could not be loaded: {reason}")))?;
-    let policy = state.policies.for_tenant(tenant).clone();
+    let policy = state.policies.for_tenant(tenant);
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -729,7 +729,7 @@ async fn serve_http(
             "the request body",
         ));
     }
-    let permits = admit(state, tenant, &policy)?;
+    let permits = admit(state, tenant, policy)?;
     let started_at = now_millis();
     let started = Instant::now();
     let id = new_invocation_id(started_at);
@@ -760,7 +760,7 @@ async fn serve_http(
 
     let call = state
         .runtime
-        .serve_http(&component, request, &call_limits(state, tenant, &policy)?)
+        .serve_http(&component, request, &call_limits(state, tenant, policy)?)
         .map_err(|invocation| outcome_problem(&invocation.outcome).with_invocation(&id))?;
     let response = call.response.await;
     let (response, status) = match response {

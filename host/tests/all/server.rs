@@ -29,7 +29,14 @@ pub(crate) fn policies(dir: &Path) -> PathBuf {
         "timeout_ms = 1500\nmemory_mb = 64\nmax_concurrency = 8\nmax_body_bytes = 65536\nmax_component_bytes = 4194304\n",
     )
     .unwrap();
-    std::fs::write(policies.join("tight.toml"), "max_concurrency = 1\n").unwrap();
+    // Long timeouts: these tenants' runaway calls must outlast the checks
+    // made while they run, even on a loaded machine.
+    std::fs::write(
+        policies.join("tight.toml"),
+        "max_concurrency = 1\ntimeout_ms = 5000\n",
+    )
+    .unwrap();
+    std::fs::write(policies.join("other.toml"), "timeout_ms = 5000\n").unwrap();
     std::fs::write(
         policies.join("egress.toml"),
         "outbound_http = [\"127.0.0.1\"]\n",
