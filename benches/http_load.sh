@@ -24,8 +24,7 @@ if ! command -v wrk >/dev/null; then
 fi
 if ! "$TOOLS/bin/wasmtime" --version 2>/dev/null | grep -q '^wasmtime 48\.0\.8'; then
     echo "installing wasmtime-cli 48.0.8 into $TOOLS (once; takes a while)" >&2
-    CARGO_TARGET_DIR="$TOOLS/build" cargo install wasmtime-cli --version 48.0.8 --locked --root "$TOOLS" \
-        --no-default-features --features serve,cranelift,pooling-allocator,parallel-compilation
+    CARGO_TARGET_DIR="$TOOLS/build" cargo install wasmtime-cli --version 48.0.8 --locked --root "$TOOLS"
 fi
 
 cargo build --release -q -p gust-host
