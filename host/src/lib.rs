@@ -1,6 +1,7 @@
 //! The Gust host: runs user functions as WebAssembly components in Wasmtime.
 
 pub mod api;
+mod fsutil;
 pub mod gpu;
 pub mod runtime;
 pub mod store;

@@ -52,15 +52,12 @@ pub(crate) struct RunArgs {
     cache_dir: Option<PathBuf>,
 }
 
+/// `NAME:VALUE`, validated as `gust invoke -H` does, as the strings the
+/// runtime passes to the function.
 fn parse_header(raw: &str) -> Result<(String, String), String> {
-    let (name, value) = raw
-        .split_once(':')
-        .ok_or_else(|| format!("`{raw}` is not NAME:VALUE"))?;
-    let name = name.trim();
-    if name.is_empty() {
-        return Err(format!("`{raw}` has an empty header name"));
-    }
-    Ok((name.to_owned(), value.trim().to_owned()))
+    let (name, value) = super::client::parse_header(raw)?;
+    let value = value.to_str().map_err(|e| e.to_string())?.to_owned();
+    Ok((name.as_str().to_owned(), value))
 }
 
 fn parse_env(raw: &str) -> Result<(String, String), String> {

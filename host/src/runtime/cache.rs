@@ -11,11 +11,10 @@
 //! directory. A corrupt, truncated or foreign file fails the check and is
 //! recompiled, never loaded.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::hash::{Hash, Hasher};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest as _, Sha256};
@@ -162,8 +161,7 @@ impl CompileCache {
         // The artifact goes first: a crash between the two renames leaves an
         // entry whose MAC is missing or stale, which is rejected and rebuilt.
         write_atomically(&entry, artifact)?;
-        write_atomically(&Self::mac_path(&entry), &tag)?;
-        sync_dir(&self.dir)
+        write_atomically(&Self::mac_path(&entry), &tag)
     }
 }
 
@@ -186,41 +184,9 @@ fn load_or_create_key(dir: &Path) -> Result<[u8; KEY_LEN], CacheError> {
     let mut key = [0u8; KEY_LEN];
     getrandom::fill(&mut key).map_err(|e| CacheError::Random(e.to_string()))?;
     write_atomically(&path, &key)?;
-    sync_dir(dir)?;
     Ok(key)
 }
 
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// Writes `bytes` to `path` via a private temporary file, fsync and rename, so
-/// readers see either the old file or the complete new one.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let temp = dir.join(format!(
-        ".tmp-{}-{}",
-        std::process::id(),
-        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| {
-        let mut options = OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(&temp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&temp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&temp);
-    }
-    result.map_err(io_error(path))
-}
-
-fn sync_dir(dir: &Path) -> Result<(), CacheError> {
-    #[cfg(unix)]
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_error(dir))?;
-    Ok(())
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
+    crate::fsutil::write_atomically(path, bytes).map_err(io_error(path))
 }

@@ -1,9 +1,8 @@
 //! Content-addressed component blobs.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write as _};
+use std::fs::{self, File};
+use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::StoreError;
 use crate::runtime::Digest;
@@ -23,11 +22,7 @@ pub trait BlobStore: Send + Sync + 'static {
 
 /// Names of files being written start with this; only [`FsBlobStore::put`]
 /// creates such names, so any found at open are leftovers of a crash.
-const TEMP_PREFIX: &str = ".tmp-";
-
-/// Distinguishes the temp files of concurrent puts within this process
-/// (the process id distinguishes processes).
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+const TEMP_PREFIX: &str = crate::fsutil::TEMP_PREFIX;
 
 /// Blobs as files `<dir>/<hex sha256>.wasm`.
 ///
@@ -97,28 +92,6 @@ impl FsBlobStore {
 
     /// Creates a fresh temp file for `digest`; `create_new` guarantees it is
     /// ours alone.
-    fn create_temp(&self, digest: &Digest) -> Result<(PathBuf, File), StoreError> {
-        loop {
-            let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-            let path = self.dir.join(format!(
-                "{TEMP_PREFIX}{}-{}-{n}",
-                digest.hex(),
-                std::process::id()
-            ));
-            match OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(file) => return Ok((path, file)),
-                // Left by an earlier process with the same id; take the next.
-                Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(error) => {
-                    return Err(StoreError::Io {
-                        path,
-                        source: error,
-                    });
-                }
-            }
-        }
-    }
-
     /// Makes renames and removals in the directory durable.
     fn sync_dir(&self) -> Result<(), StoreError> {
         #[cfg(unix)]
@@ -154,18 +127,8 @@ impl BlobStore for FsBlobStore {
                 });
             }
         }
-        let (temp, mut file) = self.create_temp(digest)?;
-        let written = file.write_all(bytes).and_then(|()| file.sync_all());
-        drop(file);
-        let renamed = written
-            .map_err(io_error(&temp))
-            .and_then(|()| fs::rename(&temp, &path).map_err(io_error(&path)));
-        if let Err(error) = renamed {
-            // Best effort: a temp file left here is removed at next open.
-            let _ = fs::remove_file(&temp);
-            return Err(error);
-        }
-        self.sync_dir()
+        // A temp file a crash leaves behind is removed at the next open.
+        crate::fsutil::write_atomically(&path, bytes).map_err(io_error(&path))
     }
 
     fn get(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {

@@ -10,10 +10,9 @@
 //! cheap.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read as _, Write as _};
+use std::fs::File;
+use std::io::{self, Read as _};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -149,8 +148,6 @@ pub fn looks_like_key(s: &str) -> bool {
     )
 }
 
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
 /// Writes `secret` (and a newline) to `path`, readable and writable by the
 /// owner only (mode 0600), replacing any existing file atomically: readers see
 /// the old file or the complete new one, never a partial key.
@@ -159,47 +156,12 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// narrowed), in the same directory as `path` so the final rename cannot
 /// cross file systems.
 pub fn write_secret_file(path: &Path, secret: &str) -> Result<(), KeyError> {
-    let io_err = |source| KeyError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let file_name = path.file_name().ok_or_else(|| {
-        io_err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a file path",
-        ))
-    })?;
-    let temp = dir.join(format!(
-        ".{}.tmp-{}-{}",
-        file_name.to_string_lossy(),
-        std::process::id(),
-        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| {
-        let mut options = OpenOptions::new();
-        // create_new: never follow a symlink or reuse a file someone else
-        // planted at the temporary name.
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(&temp)?;
-        file.write_all(secret.as_bytes())?;
-        file.write_all(b"\n")?;
-        file.sync_all()?;
-        fs::rename(&temp, path)?;
-        // Persist the rename itself.
-        #[cfg(unix)]
-        File::open(dir)?.sync_all()?;
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&temp);
-    }
-    result.map_err(io_err)
+    crate::fsutil::write_atomically(path, format!("{secret}\n").as_bytes()).map_err(|source| {
+        KeyError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
 }
 
 /// Reads a secret written by [`write_secret_file`] (or by hand), ignoring
@@ -246,6 +208,8 @@ pub fn read_secret_file(path: &Path) -> Result<String, KeyError> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     #[test]
