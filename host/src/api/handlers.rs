@@ -840,19 +840,27 @@ async fn serve_http(
 // ---- keys and tenants -----------------------------------------------------
 
 fn new_key(state: &AppState, tenant: &str) -> Handled {
-    let key = keys::generate().map_err(|e| Problem::internal(e.to_string()))?;
-    let created_at = now_millis();
-    let record = ApiKeyRecord {
-        id: key.id.clone(),
-        tenant: tenant.to_owned(),
-        hash: keys::hash(&key.secret),
-        created_at,
-    };
-    state.store.add_key(&record)?;
-    state.store.flush()?;
-    let mut body = key_json(&record);
-    body["key"] = json!(key.secret);
-    Ok(json_response(StatusCode::CREATED, &body))
+    // Key ids are short (32 bits) to be readable; on the rare clash with an
+    // existing id, draw again rather than fail the request.
+    for _ in 0..4 {
+        let key = keys::generate().map_err(|e| Problem::internal(e.to_string()))?;
+        let record = ApiKeyRecord {
+            id: key.id.clone(),
+            tenant: tenant.to_owned(),
+            hash: keys::hash(&key.secret),
+            created_at: now_millis(),
+        };
+        match state.store.add_key(&record) {
+            Ok(()) => {}
+            Err(crate::store::StoreError::Conflict(_)) => continue,
+            Err(other) => return Err(other.into()),
+        }
+        state.store.flush()?;
+        let mut body = key_json(&record);
+        body["key"] = json!(key.secret);
+        return Ok(json_response(StatusCode::CREATED, &body));
+    }
+    Err(Problem::internal("could not draw an unused key id"))
 }
 
 fn create_own_key(state: &AppState, headers: &HeaderMap) -> Handled {
