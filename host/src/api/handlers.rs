@@ -12,14 +12,16 @@ use serde_json::json;
 
 use super::auth::{self, Caller};
 use super::problem::Problem;
-use super::state::{AppState, Deployment, Permit};
+use super::state::{AppState, Deployment, IssueKeyError, Permit, issue_key};
 use super::{ResponseBody, full};
-use crate::runtime::{CappedBody, Invocation, LoadError, Outcome, Request as CallRequest, World};
+use crate::runtime::{
+    CappedBody, Invocation, LoadError, Outcome, Request as CallRequest, World, new_invocation_id,
+};
 use crate::store::{
     ApiKeyRecord, DeployRequest, FunctionRecord, FunctionWorld, InvocationRecord, TimingsRecord,
     UnixMillis, now_millis,
 };
-use crate::tenancy::{Policy, keys, valid_name};
+use crate::tenancy::{Policy, valid_name};
 
 type Response = http::Response<ResponseBody>;
 type Handled = Result<Response, Problem>;
@@ -177,6 +179,16 @@ fn checked_name<'a>(name: &'a str, what: &str) -> Result<&'a str, Problem> {
     }
 }
 
+/// The body length the client declared, if it sent a valid `Content-Length`.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
 /// Bytes of an oversized body the server still reads (and discards) before
 /// answering 413, so that a client that does not wait for `100 Continue`
 /// gets the answer instead of a broken pipe. Beyond it the connection closes.
@@ -189,11 +201,7 @@ async fn read_capped(
     limit: u64,
     what: &str,
 ) -> Result<(http::request::Parts, Bytes), Problem> {
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(request.headers());
     let (parts, mut body) = request.into_parts();
     if declared.is_some_and(|length| length > limit) {
         if declared.is_some_and(|length| length <= DRAIN_LIMIT) {
@@ -286,13 +294,13 @@ async fn deploy(state: &Arc<AppState>, name: &str, request: hyper::Request<Incom
         // it, so a crash in between leaves an orphan blob, never a function
         // without its component.
         let component = loader_state.runtime.load(&bytes)?;
-        Ok::<_, DeployFailure>((component, loader_state.blobs.put(&digest, &bytes)))
+        Ok::<_, LoadError>((component, loader_state.blobs.put(&digest, &bytes)))
     })
     .await
     .map_err(|e| Problem::internal(format!("compiling panicked: {e}")))?;
     let (component, stored) = match loaded {
         Ok(result) => result,
-        Err(DeployFailure(error)) => {
+        Err(error) => {
             state.metrics.deploy("invalid");
             return Err(load_problem(error));
         }
@@ -310,7 +318,6 @@ async fn deploy(state: &Arc<AppState>, name: &str, request: hyper::Request<Incom
         world,
         public,
     })?;
-    state.store.flush()?;
     state.put_deployment(Deployment {
         record: deployed.function.clone(),
         component: Ok(component),
@@ -326,14 +333,6 @@ async fn deploy(state: &Arc<AppState>, name: &str, request: hyper::Request<Incom
         StatusCode::OK
     };
     Ok(json_response(status, &function_json(&deployed.function)))
-}
-
-struct DeployFailure(LoadError);
-
-impl From<LoadError> for DeployFailure {
-    fn from(error: LoadError) -> Self {
-        Self(error)
-    }
 }
 
 fn load_problem(error: LoadError) -> Problem {
@@ -379,7 +378,6 @@ fn delete_function(state: &AppState, headers: &HeaderMap, name: &str) -> Handled
         .store
         .delete_function(&tenant, name)?
         .ok_or_else(|| Problem::not_found(format!("no function `{name}`")))?;
-    state.store.flush()?;
     state.remove_deployment(&tenant, name);
     // The blob goes when nothing else uses it (another tenant may have
     // deployed the same bytes).
@@ -423,22 +421,6 @@ fn get_invocation(state: &AppState, headers: &HeaderMap, id: &str) -> Handled {
 }
 
 // ---- invocation -----------------------------------------------------------
-
-fn new_invocation_id(started: UnixMillis) -> String {
-    let mut random = [0u8; 8];
-    if getrandom::fill(&mut random).is_err() {
-        random = rand_fallback();
-    }
-    // Time first, so ids sort by start time.
-    format!("inv_{started:012x}{}", hex::encode(random))
-}
-
-fn rand_fallback() -> [u8; 8] {
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    COUNTER
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        .to_be_bytes()
-}
 
 /// Both gates of a call: the tenant's `max_concurrency` and the host's
 /// instance capacity.
@@ -718,12 +700,7 @@ async fn serve_http(
         .clone()
         .map_err(|reason| Problem::internal(format!("`{name}` could not be loaded: {reason}")))?;
     let policy = state.policies.for_tenant(tenant);
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > policy.max_body_bytes) {
+    if declared_length(request.headers()).is_some_and(|length| length > policy.max_body_bytes) {
         return Err(Problem::too_large(
             policy.max_body_bytes,
             "the request body",
@@ -839,28 +816,22 @@ async fn serve_http(
 
 // ---- keys and tenants -----------------------------------------------------
 
+/// A new key of `tenant`, as the API shows it: with the secret, once.
+fn new_key_json(state: &AppState, tenant: &str) -> Result<serde_json::Value, Problem> {
+    let (record, secret) = issue_key(state.store.as_ref(), tenant).map_err(|e| match e {
+        IssueKeyError::Store(store) => Problem::from(store),
+        other => Problem::internal(other.to_string()),
+    })?;
+    let mut body = key_json(&record);
+    body["key"] = json!(secret);
+    Ok(body)
+}
+
 fn new_key(state: &AppState, tenant: &str) -> Handled {
-    // Key ids are short (32 bits) to be readable; on the rare clash with an
-    // existing id, draw again rather than fail the request.
-    for _ in 0..4 {
-        let key = keys::generate().map_err(|e| Problem::internal(e.to_string()))?;
-        let record = ApiKeyRecord {
-            id: key.id.clone(),
-            tenant: tenant.to_owned(),
-            hash: keys::hash(&key.secret),
-            created_at: now_millis(),
-        };
-        match state.store.add_key(&record) {
-            Ok(()) => {}
-            Err(crate::store::StoreError::Conflict(_)) => continue,
-            Err(other) => return Err(other.into()),
-        }
-        state.store.flush()?;
-        let mut body = key_json(&record);
-        body["key"] = json!(key.secret);
-        return Ok(json_response(StatusCode::CREATED, &body));
-    }
-    Err(Problem::internal("could not draw an unused key id"))
+    Ok(json_response(
+        StatusCode::CREATED,
+        &new_key_json(state, tenant)?,
+    ))
 }
 
 fn create_own_key(state: &AppState, headers: &HeaderMap) -> Handled {
@@ -876,7 +847,6 @@ fn list_own_keys(state: &AppState, headers: &HeaderMap) -> Handled {
 
 fn revoke(state: &AppState, tenant: &str, id: &str) -> Handled {
     if state.store.revoke_key(tenant, id)? {
-        state.store.flush()?;
         Ok(empty(StatusCode::NO_CONTENT))
     } else {
         Err(Problem::not_found(format!("no key `{id}`")))
@@ -911,14 +881,7 @@ async fn create_tenant(state: &AppState, request: hyper::Request<Incoming>) -> H
         ),
         other => Problem::from(other),
     })?;
-    let key = new_key(state, name)?;
-    let key_body = key
-        .into_body()
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
-    let key_json: serde_json::Value = serde_json::from_slice(&key_body).unwrap_or_default();
+    let key_json = new_key_json(state, name)?;
     Ok(json_response(
         StatusCode::CREATED,
         &json!({"tenant": {"name": tenant.name, "created_at": rfc3339(tenant.created_at)}, "key": key_json}),

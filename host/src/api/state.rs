@@ -10,7 +10,9 @@ use super::metrics::Metrics;
 use super::{FirstStart, ServeConfig, ServeError};
 use crate::runtime::{AllocationConfig, LoadedComponent, Runtime};
 use crate::store::sled::SledStore;
-use crate::store::{BlobStore, FsBlobStore, FunctionRecord, MetaStore};
+use crate::store::{
+    ApiKeyRecord, BlobStore, FsBlobStore, FunctionRecord, MetaStore, StoreError, now_millis,
+};
 use crate::tenancy::{PolicySet, keys};
 
 /// A deployed function ready to run, or why it is not.
@@ -208,18 +210,47 @@ fn load_or_create_key(path: &Path) -> Result<String, ServeError> {
 
 fn create_demo_tenant(store: &dyn MetaStore, data: &Path) -> Result<FirstStart, ServeError> {
     store.create_tenant("demo")?;
-    let key = keys::generate().map_err(|e| ServeError::Key(e.to_string()))?;
-    store.add_key(&crate::store::ApiKeyRecord {
-        id: key.id.clone(),
-        tenant: "demo".into(),
-        hash: keys::hash(&key.secret),
-        created_at: crate::store::now_millis(),
-    })?;
+    let (_, secret) = issue_key(store, "demo").map_err(|e| ServeError::Key(e.to_string()))?;
     let path = data.join("demo.key");
-    keys::write_secret_file(&path, &key.secret).map_err(|e| ServeError::Key(e.to_string()))?;
-    store.flush()?;
+    keys::write_secret_file(&path, &secret).map_err(|e| ServeError::Key(e.to_string()))?;
     Ok(FirstStart {
-        demo_key: key.secret,
+        demo_key: secret,
         demo_key_path: path,
     })
+}
+
+/// Why a key could not be issued.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum IssueKeyError {
+    #[error(transparent)]
+    Key(#[from] keys::KeyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("could not draw an unused key id")]
+    NoFreeId,
+}
+
+/// Generates and stores a new key of `tenant`; returns its record and the
+/// secret, which is shown once and never stored.
+pub(crate) fn issue_key(
+    store: &dyn MetaStore,
+    tenant: &str,
+) -> Result<(ApiKeyRecord, String), IssueKeyError> {
+    // Key ids are short (32 bits) to be readable; on the rare clash with an
+    // existing id, draw again rather than fail.
+    for _ in 0..4 {
+        let key = keys::generate()?;
+        let record = ApiKeyRecord {
+            id: key.id.clone(),
+            tenant: tenant.to_owned(),
+            hash: keys::hash(&key.secret),
+            created_at: now_millis(),
+        };
+        match store.add_key(&record) {
+            Ok(()) => return Ok((record, key.secret)),
+            Err(StoreError::Conflict(_)) => continue,
+            Err(other) => return Err(other.into()),
+        }
+    }
+    Err(IssueKeyError::NoFreeId)
 }

@@ -82,20 +82,6 @@ fn read_input(input: Option<&str>) -> std::io::Result<Vec<u8>> {
     }
 }
 
-fn random_id() -> String {
-    let mut bytes = [0u8; 12];
-    // An id only has to be unique enough to find a log line; a clock-based
-    // fallback is fine if the OS source fails.
-    if getrandom::fill(&mut bytes).is_err() {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        bytes.copy_from_slice(&nanos.to_le_bytes()[..12]);
-    }
-    format!("inv_{}", hex::encode(bytes))
-}
-
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {message}");
     ExitCode::from(code)
@@ -134,7 +120,7 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
         body,
         content_type: args.content_type,
         headers: args.headers,
-        invocation_id: random_id(),
+        invocation_id: gust_host::runtime::new_invocation_id(gust_host::store::now_millis()),
     };
     let invocation = runtime.invoke(&loaded, request, &limits).await;
 

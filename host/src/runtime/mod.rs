@@ -36,7 +36,9 @@ pub use self::cache::CacheError;
 pub use self::capture::{BoundedCapture, CapturedOutput};
 pub use self::config::{AllocationConfig, CallLimits, PoolingConfig, Preopen, RuntimeConfig};
 pub use self::http::{BodyTooLarge, CappedBody, CappedBodyError, OutboundPolicy};
-pub use self::outcome::{GuestError, Invocation, Outcome, Request, Response, Timings};
+pub use self::outcome::{
+    GuestError, Invocation, Outcome, Request, Response, Timings, new_invocation_id,
+};
 
 use self::bindings::exports::gust::function::handler as wit_handler;
 use self::bindings::{Guest, GuestPre};

@@ -197,6 +197,21 @@ impl Invocation {
     }
 }
 
+/// A new invocation id, `inv_<12 hex: start time in ms><16 hex: random>`:
+/// ids sort by start time and do not repeat.
+pub fn new_invocation_id(started_at_millis: u64) -> String {
+    let mut random = [0u8; 8];
+    if getrandom::fill(&mut random).is_err() {
+        // The OS source failing must not fail a call; a process-wide
+        // counter still keeps ids unique.
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        random = COUNTER
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .to_be_bytes();
+    }
+    format!("inv_{started_at_millis:012x}{}", hex::encode(random))
+}
+
 /// Finds the panic message Rust's default hook writes to stderr:
 /// `thread '…' panicked at src/lib.rs:3:5:\nthe message`.
 pub(crate) fn panic_message(stderr: &str) -> Option<String> {

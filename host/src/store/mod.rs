@@ -193,7 +193,9 @@ pub struct InvocationRecord {
 /// Metadata store: tenants, keys, functions, invocation records.
 ///
 /// Implementations must make each method atomic: a crash leaves either the
-/// state before or the state after a call, never a mix.
+/// state before or the state after a call, never a mix. Writes to tenants,
+/// keys and functions are durable when the method returns; invocation
+/// records may become durable later (or at [`MetaStore::flush`]).
 pub trait MetaStore: Send + Sync + 'static {
     /// Creates a tenant; `Conflict` if the name is taken.
     fn create_tenant(&self, name: &str) -> Result<TenantRecord, StoreError>;
