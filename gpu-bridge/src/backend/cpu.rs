@@ -1,0 +1,759 @@
+//! The CPU backend: always compiled, multi-threaded, and the semantic
+//! reference the other backends are tested against.
+//!
+//! Matrix products go through the `gemm` crate (the kernels candle uses);
+//! elementwise work and row-wise reductions fan out over rayon once they are
+//! big enough to pay for it. `f16`/`bf16` arithmetic widens to `f32`, computes,
+//! and rounds back, which is how mixed-precision CPU kernels usually do it.
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::backend::{Backend, BackendKind, DeviceDescription};
+use crate::dtype::DType;
+use crate::error::{BridgeError, ErrorCode, Result};
+use crate::kernel::{BinaryOp, Kernel, ReduceOp, UnaryOp};
+
+/// Below this many elements a kernel runs on the worker thread alone: the
+/// cost of waking rayon's pool is larger than the work.
+const PARALLEL_THRESHOLD: usize = 1 << 15;
+
+/// Below this many multiply-adds a matrix product runs single-threaded.
+const GEMM_PARALLEL_THRESHOLD: usize = 1 << 18;
+
+/// A CPU "device buffer": 32-bit words so that `f32`/`i32`/`u32` views are
+/// always aligned.
+#[derive(Debug)]
+pub struct CpuBuffer {
+    words: Vec<u32>,
+}
+
+impl CpuBuffer {
+    fn bytes(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.words)
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        bytemuck::cast_slice_mut(&mut self.words)
+    }
+
+    fn f32s(&self) -> &[f32] {
+        bytemuck::cast_slice(&self.words)
+    }
+
+    fn f32s_mut(&mut self) -> &mut [f32] {
+        bytemuck::cast_slice_mut(&mut self.words)
+    }
+}
+
+/// The CPU backend. `memory_bytes` is a budget the host sets, not a
+/// hardware figure: the bridge refuses allocations past it.
+#[derive(Debug)]
+pub struct CpuBackend {
+    memory_bytes: u64,
+    threads: usize,
+}
+
+impl CpuBackend {
+    /// A CPU device that may hold up to `memory_bytes` of tensors.
+    pub fn new(memory_bytes: u64) -> Self {
+        Self {
+            memory_bytes,
+            threads: rayon::current_num_threads(),
+        }
+    }
+}
+
+fn words_for(bytes: usize) -> usize {
+    bytes.div_ceil(4).max(1)
+}
+
+fn try_zeroed_words(count: usize) -> Result<Vec<u32>> {
+    let mut words = Vec::new();
+    words.try_reserve_exact(count).map_err(|_| {
+        BridgeError::new(
+            ErrorCode::OutOfMemory,
+            format!("cannot allocate {} bytes of host memory", count * 4),
+        )
+    })?;
+    words.resize(count, 0);
+    Ok(words)
+}
+
+impl Backend for CpuBackend {
+    type Buffer = CpuBuffer;
+
+    fn describe(&self) -> DeviceDescription {
+        DeviceDescription {
+            kind: BackendKind::Cpu,
+            name: format!("cpu ({} threads)", self.threads),
+            is_gpu: false,
+            memory_bytes: self.memory_bytes,
+        }
+    }
+
+    fn alloc(&mut self, bytes: usize) -> Result<CpuBuffer> {
+        Ok(CpuBuffer {
+            words: try_zeroed_words(words_for(bytes))?,
+        })
+    }
+
+    fn upload(&mut self, data: &[u8]) -> Result<CpuBuffer> {
+        let mut buffer = self.alloc(data.len())?;
+        buffer.bytes_mut()[..data.len()].copy_from_slice(data);
+        Ok(buffer)
+    }
+
+    fn download(&mut self, buffer: &CpuBuffer, bytes: usize) -> Result<Vec<u8>> {
+        buffer
+            .bytes()
+            .get(..bytes)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| BridgeError::invalid(format!("buffer holds fewer than {bytes} bytes")))
+    }
+
+    fn run(
+        &mut self,
+        kernel: &Kernel,
+        inputs: &[&CpuBuffer],
+        output: &mut CpuBuffer,
+    ) -> Result<()> {
+        run_kernel(kernel, inputs, output)
+    }
+
+    fn synchronize(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The element type a float kernel computes in; `None` for kernels that
+/// move raw elements or convert.
+fn compute_dtype(kernel: &Kernel) -> Option<DType> {
+    match kernel {
+        Kernel::Unary { dtype, .. }
+        | Kernel::Affine { dtype, .. }
+        | Kernel::Binary { dtype, .. }
+        | Kernel::Matmul { dtype, .. }
+        | Kernel::Reduce { dtype, .. }
+        | Kernel::Softmax { dtype, .. }
+        | Kernel::LayerNorm { dtype, .. }
+        | Kernel::RmsNorm { dtype, .. } => Some(*dtype),
+        _ => None,
+    }
+}
+
+fn run_kernel(kernel: &Kernel, inputs: &[&CpuBuffer], output: &mut CpuBuffer) -> Result<()> {
+    match compute_dtype(kernel) {
+        Some(DType::F32) | None => run_native(kernel, inputs, output),
+        Some(half @ (DType::F16 | DType::BF16)) => run_widened(kernel, half, inputs, output),
+        Some(other) => Err(BridgeError::shape(format!(
+            "{} needs a float dtype, not {other}",
+            kernel.name()
+        ))),
+    }
+}
+
+/// Run a half-precision kernel by widening every operand to `f32`.
+fn run_widened(
+    kernel: &Kernel,
+    half: DType,
+    inputs: &[&CpuBuffer],
+    output: &mut CpuBuffer,
+) -> Result<()> {
+    let widened: Vec<CpuBuffer> = inputs
+        .iter()
+        .map(|input| {
+            let halves: &[u16] = bytemuck::cast_slice(&input.words);
+            let words = halves
+                .iter()
+                .map(|&bits| half_to_f32(half, bits).to_bits())
+                .collect();
+            CpuBuffer { words }
+        })
+        .collect();
+    let widened_refs: Vec<&CpuBuffer> = widened.iter().collect();
+    let f32_kernel = with_dtype(kernel, DType::F32);
+    let out_elems = output.words.len() * 2;
+    let mut wide_out = CpuBuffer {
+        words: try_zeroed_words(out_elems)?,
+    };
+    run_native(&f32_kernel, &widened_refs, &mut wide_out)?;
+    if matches!(
+        kernel,
+        Kernel::Reduce {
+            op: ReduceOp::ArgMax,
+            ..
+        }
+    ) {
+        // Indices stay u32: copy the words that fit.
+        let n = output.words.len().min(wide_out.words.len());
+        output.words[..n].copy_from_slice(&wide_out.words[..n]);
+        return Ok(());
+    }
+    let out: &mut [u16] = bytemuck::cast_slice_mut(&mut output.words);
+    for (dst, &src) in out.iter_mut().zip(wide_out.f32s()) {
+        *dst = f32_to_half(half, src);
+    }
+    Ok(())
+}
+
+fn with_dtype(kernel: &Kernel, to: DType) -> Kernel {
+    let mut kernel = kernel.clone();
+    match &mut kernel {
+        Kernel::Unary { dtype, .. }
+        | Kernel::Affine { dtype, .. }
+        | Kernel::Binary { dtype, .. }
+        | Kernel::Matmul { dtype, .. }
+        | Kernel::Reduce { dtype, .. }
+        | Kernel::Softmax { dtype, .. }
+        | Kernel::LayerNorm { dtype, .. }
+        | Kernel::RmsNorm { dtype, .. } => *dtype = to,
+        _ => {}
+    }
+    kernel
+}
+
+fn half_to_f32(half: DType, bits: u16) -> f32 {
+    if half == DType::F16 {
+        f16::from_bits(bits).to_f32()
+    } else {
+        bf16::from_bits(bits).to_f32()
+    }
+}
+
+fn f32_to_half(half: DType, value: f32) -> u16 {
+    if half == DType::F16 {
+        f16::from_f32(value).to_bits()
+    } else {
+        bf16::from_f32(value).to_bits()
+    }
+}
+
+fn input<'a>(inputs: &[&'a CpuBuffer], index: usize, kernel: &Kernel) -> Result<&'a CpuBuffer> {
+    inputs
+        .get(index)
+        .copied()
+        .ok_or_else(|| BridgeError::backend(format!("{} is missing input {index}", kernel.name())))
+}
+
+fn run_native(kernel: &Kernel, inputs: &[&CpuBuffer], output: &mut CpuBuffer) -> Result<()> {
+    match kernel {
+        Kernel::Unary { op, len, .. } => {
+            let x = &input(inputs, 0, kernel)?.f32s()[..*len];
+            let out = &mut output.f32s_mut()[..*len];
+            let f = unary_fn(*op);
+            map_into(out, x, f);
+        }
+        Kernel::Affine {
+            len, scale, offset, ..
+        } => {
+            let x = &input(inputs, 0, kernel)?.f32s()[..*len];
+            let out = &mut output.f32s_mut()[..*len];
+            let (scale, offset) = (*scale, *offset);
+            map_into(out, x, move |v| v.mul_add(scale, offset));
+        }
+        Kernel::Binary {
+            op,
+            out_shape,
+            lhs_strides,
+            rhs_strides,
+            ..
+        } => {
+            let lhs = input(inputs, 0, kernel)?.f32s();
+            let rhs = input(inputs, 1, kernel)?.f32s();
+            binary(
+                *op,
+                out_shape,
+                lhs_strides,
+                rhs_strides,
+                lhs,
+                rhs,
+                output.f32s_mut(),
+            );
+        }
+        Kernel::Matmul {
+            m,
+            k,
+            n,
+            lhs_offsets,
+            rhs_offsets,
+            ..
+        } => {
+            let lhs = input(inputs, 0, kernel)?.f32s();
+            let rhs = input(inputs, 1, kernel)?.f32s();
+            matmul(
+                *m,
+                *k,
+                *n,
+                lhs_offsets,
+                rhs_offsets,
+                lhs,
+                rhs,
+                output.f32s_mut(),
+            )?;
+        }
+        Kernel::Reduce {
+            op,
+            outer,
+            len,
+            inner,
+            ..
+        } => {
+            let x = input(inputs, 0, kernel)?.f32s();
+            reduce(*op, *outer, *len, *inner, x, output);
+        }
+        Kernel::Softmax {
+            outer, len, inner, ..
+        } => {
+            let x = input(inputs, 0, kernel)?.f32s();
+            softmax(*outer, *len, *inner, x, output.f32s_mut());
+        }
+        Kernel::LayerNorm {
+            rows,
+            cols,
+            eps,
+            weight,
+            bias,
+            ..
+        } => {
+            let x = input(inputs, 0, kernel)?.f32s();
+            let mut next = 1;
+            let weight = if *weight {
+                next += 1;
+                Some(input(inputs, next - 1, kernel)?.f32s())
+            } else {
+                None
+            };
+            let bias = if *bias {
+                Some(input(inputs, next, kernel)?.f32s())
+            } else {
+                None
+            };
+            let (cols, eps) = (*cols, *eps);
+            for_rows(output.f32s_mut(), x, *rows, cols, |row, out| {
+                let n = cols as f32;
+                let mean = row.iter().sum::<f32>() / n;
+                let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+                let inv = 1.0 / (var + eps).sqrt();
+                for (j, (o, v)) in out.iter_mut().zip(row).enumerate() {
+                    let mut y = (v - mean) * inv;
+                    if let Some(w) = weight {
+                        y *= w[j];
+                    }
+                    if let Some(b) = bias {
+                        y += b[j];
+                    }
+                    *o = y;
+                }
+            });
+        }
+        Kernel::RmsNorm {
+            rows,
+            cols,
+            eps,
+            weight,
+            ..
+        } => {
+            let x = input(inputs, 0, kernel)?.f32s();
+            let weight = if *weight {
+                Some(input(inputs, 1, kernel)?.f32s())
+            } else {
+                None
+            };
+            let (cols, eps) = (*cols, *eps);
+            for_rows(output.f32s_mut(), x, *rows, cols, |row, out| {
+                let mean_square = row.iter().map(|v| v * v).sum::<f32>() / cols as f32;
+                let inv = 1.0 / (mean_square + eps).sqrt();
+                for (j, (o, v)) in out.iter_mut().zip(row).enumerate() {
+                    *o = v * inv * weight.map_or(1.0, |w| w[j]);
+                }
+            });
+        }
+        Kernel::Permute {
+            elem_size,
+            in_shape,
+            perm,
+        } => {
+            let x = input(inputs, 0, kernel)?;
+            if *elem_size == 4 {
+                permute::<u32>(in_shape, perm, &x.words, &mut output.words);
+            } else {
+                permute::<u16>(
+                    in_shape,
+                    perm,
+                    bytemuck::cast_slice(&x.words),
+                    bytemuck::cast_slice_mut(&mut output.words),
+                );
+            }
+        }
+        Kernel::Slice {
+            elem_size,
+            outer,
+            in_len,
+            start,
+            len,
+            inner,
+        } => {
+            let x = input(inputs, 0, kernel)?;
+            let (src, dst) = (x.bytes(), output.bytes_mut());
+            let row_in = in_len * inner * elem_size;
+            let row_out = len * inner * elem_size;
+            let skip = start * inner * elem_size;
+            for o in 0..*outer {
+                dst[o * row_out..(o + 1) * row_out]
+                    .copy_from_slice(&src[o * row_in + skip..o * row_in + skip + row_out]);
+            }
+        }
+        Kernel::Concat {
+            elem_size,
+            outer,
+            lens,
+            inner,
+        } => {
+            let total: usize = lens.iter().sum();
+            let row_out = total * inner * elem_size;
+            let dst = output.bytes_mut();
+            let mut at = 0;
+            for (p, len) in lens.iter().enumerate() {
+                let chunk = len * inner * elem_size;
+                if chunk == 0 {
+                    continue;
+                }
+                let src = input(inputs, p, kernel)?.bytes();
+                for o in 0..*outer {
+                    dst[o * row_out + at..o * row_out + at + chunk]
+                        .copy_from_slice(&src[o * chunk..(o + 1) * chunk]);
+                }
+                at += chunk;
+            }
+        }
+        Kernel::Gather {
+            elem_size,
+            index_dtype,
+            indices,
+            rows,
+            row_len,
+        } => {
+            let table = input(inputs, 0, kernel)?.bytes();
+            let index_words = &input(inputs, 1, kernel)?.words[..*indices];
+            let row_bytes = row_len * elem_size;
+            let dst = output.bytes_mut();
+            for (r, &word) in index_words.iter().enumerate() {
+                let index = match index_dtype {
+                    DType::I32 => usize::try_from(word.cast_signed()).ok(),
+                    _ => usize::try_from(word).ok(),
+                };
+                let out = &mut dst[r * row_bytes..(r + 1) * row_bytes];
+                match index.filter(|i| i < rows) {
+                    Some(i) => out.copy_from_slice(&table[i * row_bytes..(i + 1) * row_bytes]),
+                    None => out.fill(0),
+                }
+            }
+        }
+        Kernel::Cast { from, to, len } => {
+            cast(*from, *to, *len, input(inputs, 0, kernel)?, output);
+        }
+    }
+    Ok(())
+}
+
+fn unary_fn(op: UnaryOp) -> fn(f32) -> f32 {
+    match op {
+        UnaryOp::Relu => |v| v.max(0.0),
+        UnaryOp::Gelu => |v| {
+            let x = f64::from(v);
+            (0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))) as f32
+        },
+        UnaryOp::Silu => |v| v / (1.0 + (-v).exp()),
+        UnaryOp::Tanh => f32::tanh,
+        UnaryOp::Exp => f32::exp,
+    }
+}
+
+fn map_into(out: &mut [f32], x: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) {
+    if out.len() >= PARALLEL_THRESHOLD {
+        out.par_iter_mut()
+            .zip(x.par_iter())
+            .for_each(|(o, &v)| *o = f(v));
+    } else {
+        out.iter_mut().zip(x).for_each(|(o, &v)| *o = f(v));
+    }
+}
+
+fn binary_fn(op: BinaryOp) -> fn(f32, f32) -> f32 {
+    match op {
+        BinaryOp::Add => |a, b| a + b,
+        BinaryOp::Sub => |a, b| a - b,
+        BinaryOp::Mul => |a, b| a * b,
+        BinaryOp::Div => |a, b| a / b,
+    }
+}
+
+fn binary(
+    op: BinaryOp,
+    out_shape: &[usize],
+    lhs_strides: &[usize],
+    rhs_strides: &[usize],
+    lhs: &[f32],
+    rhs: &[f32],
+    out: &mut [f32],
+) {
+    let f = binary_fn(op);
+    let len: usize = out_shape.iter().product();
+    let out = &mut out[..len];
+    let last = out_shape.len() - 1;
+    let row = out_shape[last];
+    let (ls, rs) = (lhs_strides[last], rhs_strides[last]);
+    // Walk the output one innermost row at a time; the row's start offsets
+    // come from the outer indices.
+    let row_op = |r: usize, out_row: &mut [f32]| {
+        let (mut lo, mut ro, mut rem) = (0, 0, r);
+        for d in (0..last).rev() {
+            let i = rem % out_shape[d];
+            rem /= out_shape[d];
+            lo += i * lhs_strides[d];
+            ro += i * rhs_strides[d];
+        }
+        for (j, o) in out_row.iter_mut().enumerate() {
+            *o = f(lhs[lo + j * ls], rhs[ro + j * rs]);
+        }
+    };
+    if len >= PARALLEL_THRESHOLD {
+        out.par_chunks_mut(row)
+            .enumerate()
+            .for_each(|(r, o)| row_op(r, o));
+    } else {
+        out.chunks_mut(row)
+            .enumerate()
+            .for_each(|(r, o)| row_op(r, o));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    m: usize,
+    k: usize,
+    n: usize,
+    lhs_offsets: &[usize],
+    rhs_offsets: &[usize],
+    lhs: &[f32],
+    rhs: &[f32],
+    out: &mut [f32],
+) -> Result<()> {
+    let parallelism = if m * n * k >= GEMM_PARALLEL_THRESHOLD {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    for (b, (&lo, &ro)) in lhs_offsets.iter().zip(rhs_offsets).enumerate() {
+        let a = lhs
+            .get(lo..lo + m * k)
+            .ok_or_else(|| BridgeError::backend("matmul lhs out of bounds"))?;
+        let bm = rhs
+            .get(ro..ro + k * n)
+            .ok_or_else(|| BridgeError::backend("matmul rhs out of bounds"))?;
+        let c = out
+            .get_mut(b * m * n..(b + 1) * m * n)
+            .ok_or_else(|| BridgeError::backend("matmul output out of bounds"))?;
+        if k == 0 {
+            c.fill(0.0);
+            continue;
+        }
+        // SAFETY: the three slices were bounds-checked above to hold m×k,
+        // k×n and m×n row-major matrices (row stride = columns, column
+        // stride = 1); `c` does not alias `a` or `bm` (distinct buffers).
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                k as isize,
+                bm.as_ptr(),
+                1,
+                n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+    }
+    Ok(())
+}
+
+fn reduce(op: ReduceOp, outer: usize, len: usize, inner: usize, x: &[f32], output: &mut CpuBuffer) {
+    let at = |o: usize, j: usize, i: usize| x[(o * len + j) * inner + i];
+    if op == ReduceOp::ArgMax {
+        let out = &mut output.words[..outer * inner];
+        for o in 0..outer {
+            for i in 0..inner {
+                let mut best = 0;
+                let mut best_value = at(o, 0, i);
+                for j in 1..len {
+                    let v = at(o, j, i);
+                    // NaN counts as the maximum, as in PyTorch.
+                    if v > best_value || (v.is_nan() && !best_value.is_nan()) {
+                        best = j;
+                        best_value = v;
+                    }
+                }
+                out[o * inner + i] = best as u32;
+            }
+        }
+        return;
+    }
+    let out = &mut output.f32s_mut()[..outer * inner];
+    out.par_chunks_mut(inner.max(1))
+        .with_min_len((PARALLEL_THRESHOLD / (len * inner).max(1)).max(1))
+        .enumerate()
+        .for_each(|(o, out_row)| {
+            for (i, slot) in out_row.iter_mut().enumerate() {
+                *slot = match op {
+                    ReduceOp::Sum | ReduceOp::Mean => {
+                        // Accumulate in f64: a long f32 sum loses digits the
+                        // 1e-5 accuracy contract needs.
+                        let sum: f64 = (0..len).map(|j| f64::from(at(o, j, i))).sum();
+                        if op == ReduceOp::Mean {
+                            (sum / len as f64) as f32
+                        } else {
+                            sum as f32
+                        }
+                    }
+                    _ => (0..len)
+                        .map(|j| at(o, j, i))
+                        .fold(f32::NEG_INFINITY, |a, v| {
+                            if v.is_nan() || a.is_nan() {
+                                f32::NAN
+                            } else {
+                                a.max(v)
+                            }
+                        }),
+                };
+            }
+        });
+}
+
+fn softmax(outer: usize, len: usize, inner: usize, x: &[f32], out: &mut [f32]) {
+    let block = len * inner;
+    let out = &mut out[..outer * block];
+    out.par_chunks_mut(block)
+        .with_min_len((PARALLEL_THRESHOLD / block.max(1)).max(1))
+        .enumerate()
+        .for_each(|(o, out_block)| {
+            let x_block = &x[o * block..(o + 1) * block];
+            for i in 0..inner {
+                let max = (0..len)
+                    .map(|j| x_block[j * inner + i])
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0f64;
+                for j in 0..len {
+                    let e = (x_block[j * inner + i] - max).exp();
+                    out_block[j * inner + i] = e;
+                    sum += f64::from(e);
+                }
+                let inv = (1.0 / sum) as f32;
+                for j in 0..len {
+                    out_block[j * inner + i] *= inv;
+                }
+            }
+        });
+}
+
+fn for_rows(
+    out: &mut [f32],
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    f: impl Fn(&[f32], &mut [f32]) + Sync + Send,
+) {
+    let out = &mut out[..rows * cols];
+    out.par_chunks_mut(cols)
+        .with_min_len((PARALLEL_THRESHOLD / cols.max(1)).max(1))
+        .zip(x.par_chunks(cols))
+        .for_each(|(o, row)| f(row, o));
+}
+
+fn permute<T: Copy + Send + Sync>(in_shape: &[usize], perm: &[usize], x: &[T], out: &mut [T]) {
+    let rank = in_shape.len();
+    let mut in_strides = vec![1usize; rank];
+    for d in (0..rank.saturating_sub(1)).rev() {
+        in_strides[d] = in_strides[d + 1] * in_shape[d + 1];
+    }
+    let out_shape: Vec<usize> = perm.iter().map(|&p| in_shape[p]).collect();
+    let strides: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
+    let len: usize = in_shape.iter().product();
+    let row = out_shape[rank - 1];
+    let last_stride = strides[rank - 1];
+    let row_op = |r: usize, out_row: &mut [T]| {
+        let (mut src, mut rem) = (0, r);
+        for d in (0..rank - 1).rev() {
+            src += (rem % out_shape[d]) * strides[d];
+            rem /= out_shape[d];
+        }
+        for (j, o) in out_row.iter_mut().enumerate() {
+            *o = x[src + j * last_stride];
+        }
+    };
+    let out = &mut out[..len];
+    if len >= PARALLEL_THRESHOLD {
+        out.par_chunks_mut(row)
+            .enumerate()
+            .for_each(|(r, o)| row_op(r, o));
+    } else {
+        out.chunks_mut(row)
+            .enumerate()
+            .for_each(|(r, o)| row_op(r, o));
+    }
+}
+
+fn cast(from: DType, to: DType, len: usize, x: &CpuBuffer, output: &mut CpuBuffer) {
+    let halves_in: &[u16] = bytemuck::cast_slice(&x.words);
+    let read = |i: usize| -> f64 {
+        match from {
+            DType::F32 => f64::from(f32::from_bits(x.words[i])),
+            DType::I32 => f64::from(x.words[i].cast_signed()),
+            DType::U32 => f64::from(x.words[i]),
+            DType::F16 => f16::from_bits(halves_in[i]).to_f64(),
+            DType::BF16 => bf16::from_bits(halves_in[i]).to_f64(),
+        }
+    };
+    match to {
+        DType::F32 => {
+            for i in 0..len {
+                // Integers above 2^24 must round to nearest from the exact
+                // value, and f64 → f32 does exactly that.
+                output.words[i] = (read(i) as f32).to_bits();
+            }
+        }
+        DType::I32 => {
+            for i in 0..len {
+                output.words[i] = (read(i) as i32).cast_unsigned();
+            }
+        }
+        DType::U32 => {
+            for i in 0..len {
+                output.words[i] = read(i) as u32;
+            }
+        }
+        DType::F16 | DType::BF16 => {
+            let out: &mut [u16] = bytemuck::cast_slice_mut(&mut output.words);
+            for (i, o) in out.iter_mut().enumerate().take(len) {
+                // Round once, from the exact value: going through f32 first
+                // would double-round integers above 2^24.
+                *o = if to == DType::F16 {
+                    f16::from_f64(read(i)).to_bits()
+                } else {
+                    bf16::from_f64(read(i)).to_bits()
+                };
+            }
+        }
+    }
+}

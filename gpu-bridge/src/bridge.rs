@@ -1,0 +1,99 @@
+//! The set of devices a host opens at start.
+
+use tracing::{info, warn};
+
+use crate::backend::BackendKind;
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::CudaBackend;
+use crate::backend::wgpu::{WgpuBackend, WgpuOptions};
+use crate::device::{Device, DeviceOptions};
+use crate::error::Result;
+
+/// Which devices to open and how.
+#[derive(Debug, Clone)]
+pub struct BridgeConfig {
+    /// Bytes of host memory the cpu backend may hold in tensors.
+    pub cpu_memory_bytes: u64,
+    /// Try to open a wgpu adapter.
+    pub wgpu: bool,
+    /// Accept a software wgpu adapter (lavapipe) when there is no GPU.
+    pub wgpu_allow_software: bool,
+    /// Try to open CUDA device 0.
+    pub cuda: bool,
+    /// How each device's worker is set up.
+    pub device: DeviceOptions,
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        Self {
+            cpu_memory_bytes: 4 << 30,
+            wgpu: true,
+            wgpu_allow_software: true,
+            cuda: true,
+            device: DeviceOptions::default(),
+        }
+    }
+}
+
+/// The devices this host offers, the cpu device always among them.
+#[derive(Debug, Clone)]
+pub struct Bridge {
+    devices: Vec<Device>,
+    unavailable: Vec<(BackendKind, String)>,
+}
+
+impl Bridge {
+    /// Open every device `config` asks for. A backend that is not compiled
+    /// in or finds no device is logged and left out; only the cpu device is
+    /// required.
+    pub fn open(config: &BridgeConfig) -> Result<Self> {
+        let mut devices = Vec::new();
+        let mut unavailable = Vec::new();
+        if config.cuda {
+            match CudaBackend::open(0).and_then(|b| Device::start(b, config.device)) {
+                Ok(device) => devices.push(device),
+                Err(e) => unavailable.push((BackendKind::Cuda, e.message)),
+            }
+        }
+        if config.wgpu {
+            let options = WgpuOptions {
+                allow_software: config.wgpu_allow_software,
+            };
+            match WgpuBackend::open(&options).and_then(|b| Device::start(b, config.device)) {
+                Ok(device) => devices.push(device),
+                Err(e) => unavailable.push((BackendKind::Wgpu, e.message)),
+            }
+        }
+        devices.push(Device::start(
+            CpuBackend::new(config.cpu_memory_bytes),
+            config.device,
+        )?);
+        for device in &devices {
+            let d = device.description();
+            info!(backend = %d.kind, name = %d.name, is_gpu = d.is_gpu, memory_bytes = d.memory_bytes, "gpu bridge device ready");
+        }
+        for (kind, why) in &unavailable {
+            warn!(backend = %kind, reason = %why, "gpu bridge backend unavailable");
+        }
+        Ok(Self {
+            devices,
+            unavailable,
+        })
+    }
+
+    /// Open devices, the preferred (fastest) first.
+    pub fn devices(&self) -> &[Device] {
+        &self.devices
+    }
+
+    /// The device of backend `kind`, if it opened.
+    pub fn device(&self, kind: BackendKind) -> Option<&Device> {
+        self.devices.iter().find(|d| d.kind() == kind)
+    }
+
+    /// Backends that were asked for but did not open, with the reason.
+    pub fn unavailable(&self) -> &[(BackendKind, String)] {
+        &self.unavailable
+    }
+}

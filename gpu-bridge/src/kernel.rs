@@ -1,0 +1,312 @@
+//! What a backend runs: ops with every shape question already answered.
+//!
+//! The bridge validates an [`Op`](crate::Op) against its operands' shapes and
+//! dtypes and lowers it to one `Kernel` over flat, contiguous, row-major
+//! buffers. Backends never see a shape they have to check: every count and
+//! stride here is consistent with the buffers they are given, every count
+//! fits in `u32` (the bridge caps tensors at [`MAX_ELEMENTS`]), and an empty
+//! output never reaches a backend.
+//!
+//! `inputs` in [`Backend::run`](crate::Backend::run) are in the order each
+//! variant lists; the output buffer is freshly allocated, holds garbage, and
+//! must be written in full.
+
+use crate::dtype::DType;
+
+/// The largest element count of one tensor, so that GPU kernels can index
+/// with 32-bit integers.
+pub const MAX_ELEMENTS: usize = (1 << 31) - 1;
+
+/// The highest tensor rank the bridge accepts.
+pub const MAX_RANK: usize = 8;
+
+/// Elementwise functions of one operand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UnaryOp {
+    /// `max(x, 0)`.
+    Relu,
+    /// `0.5 x (1 + erf(x / sqrt 2))` (the exact form, not the tanh
+    /// approximation).
+    Gelu,
+    /// `x / (1 + e^-x)`.
+    Silu,
+    /// `tanh x`.
+    Tanh,
+    /// `e^x`.
+    Exp,
+}
+
+/// Elementwise functions of two operands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BinaryOp {
+    /// `a + b`.
+    Add,
+    /// `a - b`.
+    Sub,
+    /// `a * b`.
+    Mul,
+    /// `a / b` (IEEE: division by zero gives ±inf or NaN).
+    Div,
+}
+
+/// Reductions over one dimension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    /// Sum.
+    Sum,
+    /// Arithmetic mean.
+    Mean,
+    /// Maximum (NaN if any element is NaN).
+    Max,
+    /// Index of the first maximum, written as `u32`.
+    ArgMax,
+}
+
+/// One unit of work for a backend. See the module docs for the contract.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Kernel {
+    /// `out[i] = op(x[i])` for `i < len`. Inputs: `[x]`; `x` and `out` are
+    /// `dtype` (a float type).
+    Unary {
+        /// The function.
+        op: UnaryOp,
+        /// Element type of input and output (float).
+        dtype: DType,
+        /// Element count.
+        len: usize,
+    },
+    /// `out[i] = x[i] * scale + offset`. Inputs: `[x]`.
+    Affine {
+        /// Element type of input and output (float).
+        dtype: DType,
+        /// Element count.
+        len: usize,
+        /// Multiplier.
+        scale: f32,
+        /// Addend.
+        offset: f32,
+    },
+    /// `out[idx] = lhs[idx · lhs_strides] op rhs[idx · rhs_strides]` for every
+    /// multi-index `idx` of `out_shape`. A stride of 0 broadcasts that
+    /// dimension. Inputs: `[lhs, rhs]`, both `dtype` (float), as is `out`.
+    Binary {
+        /// The function.
+        op: BinaryOp,
+        /// Element type of operands and output (float).
+        dtype: DType,
+        /// Shape of the output (rank 1..=8; a scalar is `[1]`).
+        out_shape: Vec<usize>,
+        /// Element strides of `lhs` per output dimension (0 = broadcast).
+        lhs_strides: Vec<usize>,
+        /// Element strides of `rhs` per output dimension (0 = broadcast).
+        rhs_strides: Vec<usize>,
+    },
+    /// For each batch entry `b < lhs_offsets.len()`:
+    /// `out[b·m·n ..][m×n] = lhs[lhs_offsets[b] ..][m×k] × rhs[rhs_offsets[b] ..][k×n]`,
+    /// all row-major. Inputs: `[lhs, rhs]`, `dtype` (float).
+    Matmul {
+        /// Element type of operands and output (float).
+        dtype: DType,
+        /// Rows of each left matrix and of each output.
+        m: usize,
+        /// Columns of each left matrix, rows of each right matrix.
+        k: usize,
+        /// Columns of each right matrix and of each output.
+        n: usize,
+        /// Element offset of each batch entry's left matrix (length =
+        /// batch count, at least 1).
+        lhs_offsets: Vec<usize>,
+        /// Element offset of each batch entry's right matrix (same length).
+        rhs_offsets: Vec<usize>,
+    },
+    /// Input viewed as `[outer, len, inner]`, output `[outer, inner]`:
+    /// `out[o, i] = op(x[o, 0..len, i])`. Inputs: `[x]` of `dtype` (float);
+    /// `out` is `dtype` too except for `ArgMax`, whose `out` is `u32`.
+    /// `len` is at least 1.
+    Reduce {
+        /// The reduction.
+        op: ReduceOp,
+        /// Element type of the input (float).
+        dtype: DType,
+        /// Product of the dimensions before the reduced one.
+        outer: usize,
+        /// Size of the reduced dimension.
+        len: usize,
+        /// Product of the dimensions after the reduced one.
+        inner: usize,
+    },
+    /// Input and output viewed as `[outer, len, inner]`: softmax along the
+    /// middle axis, computed stably (subtract the max first). Inputs: `[x]`.
+    Softmax {
+        /// Element type of input and output (float).
+        dtype: DType,
+        /// Product of the dimensions before the softmax one.
+        outer: usize,
+        /// Size of the softmax dimension.
+        len: usize,
+        /// Product of the dimensions after it.
+        inner: usize,
+    },
+    /// Per row of `cols`: `out = (x - mean) / sqrt(var + eps) * w + b` with
+    /// the biased variance. Inputs: `[x]`, then `weight` (`[cols]`) if
+    /// `weight`, then `bias` (`[cols]`) if `bias`.
+    LayerNorm {
+        /// Element type of every operand and the output (float).
+        dtype: DType,
+        /// Row count.
+        rows: usize,
+        /// Row length (at least 1).
+        cols: usize,
+        /// Added to the variance.
+        eps: f32,
+        /// Whether a weight operand follows `x`.
+        weight: bool,
+        /// Whether a bias operand follows (after the weight, if any).
+        bias: bool,
+    },
+    /// Per row of `cols`: `out = x / sqrt(mean(x²) + eps) * w`. Inputs:
+    /// `[x]`, then `weight` (`[cols]`) if `weight`.
+    RmsNorm {
+        /// Element type of every operand and the output (float).
+        dtype: DType,
+        /// Row count.
+        rows: usize,
+        /// Row length (at least 1).
+        cols: usize,
+        /// Added to the mean square.
+        eps: f32,
+        /// Whether a weight operand follows `x`.
+        weight: bool,
+    },
+    /// `out` has shape `in_shape[perm[0]], in_shape[perm[1]], …` and
+    /// `out[j_0, j_1, …] = x[i]` where `i[perm[d]] = j_d`. Moves raw
+    /// elements of `elem_size` bytes (2 or 4), whatever their dtype.
+    /// Inputs: `[x]`.
+    Permute {
+        /// Bytes per element: 2 or 4.
+        elem_size: usize,
+        /// Shape of the input (rank 2..=8).
+        in_shape: Vec<usize>,
+        /// A permutation of `0..rank`.
+        perm: Vec<usize>,
+    },
+    /// Input viewed as `[outer, in_len, inner]`, output `[outer, len, inner]`:
+    /// `out[o, j, i] = x[o, start + j, i]`. Raw elements. Inputs: `[x]`.
+    Slice {
+        /// Bytes per element: 2 or 4.
+        elem_size: usize,
+        /// Product of the dimensions before the sliced one.
+        outer: usize,
+        /// Size of the sliced dimension in the input.
+        in_len: usize,
+        /// First index taken (`start + len <= in_len`).
+        start: usize,
+        /// How many indices are taken (at least 1).
+        len: usize,
+        /// Product of the dimensions after the sliced one.
+        inner: usize,
+    },
+    /// Input `p` viewed as `[outer, lens[p], inner]`; output
+    /// `[outer, sum(lens), inner]` with the inputs placed one after another
+    /// along the middle axis. Raw elements. Inputs: one per entry of `lens`
+    /// (an entry may be 0: that input is empty and has no data to read).
+    Concat {
+        /// Bytes per element: 2 or 4.
+        elem_size: usize,
+        /// Product of the dimensions before the joined one.
+        outer: usize,
+        /// Size of the joined dimension in each input.
+        lens: Vec<usize>,
+        /// Product of the dimensions after the joined one.
+        inner: usize,
+    },
+    /// `out[r, 0..row_len] = table[indices[r], 0..row_len]` for
+    /// `r < indices`; an index outside `0..rows` (negative, for `i32`)
+    /// writes a row of zeros. Raw elements. Inputs: `[table, indices]`.
+    Gather {
+        /// Bytes per element of the table and the output: 2 or 4.
+        elem_size: usize,
+        /// `I32` or `U32`.
+        index_dtype: DType,
+        /// Number of indices (= output rows).
+        indices: usize,
+        /// Rows in the table.
+        rows: usize,
+        /// Elements per row.
+        row_len: usize,
+    },
+    /// `out[i] = x[i] as to`. Float → int truncates toward zero and
+    /// saturates (NaN → 0), as Rust's `as` does; int → float rounds to
+    /// nearest; f32 → f16/bf16 rounds to nearest even. Inputs: `[x]`.
+    Cast {
+        /// Input element type.
+        from: DType,
+        /// Output element type (different from `from`).
+        to: DType,
+        /// Element count.
+        len: usize,
+    },
+}
+
+impl Kernel {
+    /// A short name for metrics, logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Unary { op, .. } => match op {
+                UnaryOp::Relu => "relu",
+                UnaryOp::Gelu => "gelu",
+                UnaryOp::Silu => "silu",
+                UnaryOp::Tanh => "tanh",
+                UnaryOp::Exp => "exp",
+            },
+            Self::Affine { .. } => "affine",
+            Self::Binary { op, .. } => match op {
+                BinaryOp::Add => "add",
+                BinaryOp::Sub => "sub",
+                BinaryOp::Mul => "mul",
+                BinaryOp::Div => "div",
+            },
+            Self::Matmul { .. } => "matmul",
+            Self::Reduce { op, .. } => match op {
+                ReduceOp::Sum => "sum",
+                ReduceOp::Mean => "mean",
+                ReduceOp::Max => "max",
+                ReduceOp::ArgMax => "argmax",
+            },
+            Self::Softmax { .. } => "softmax",
+            Self::LayerNorm { .. } => "layer-norm",
+            Self::RmsNorm { .. } => "rms-norm",
+            Self::Permute { .. } => "permute",
+            Self::Slice { .. } => "slice",
+            Self::Concat { .. } => "concat",
+            Self::Gather { .. } => "gather",
+            Self::Cast { .. } => "cast",
+        }
+    }
+}
+
+impl Kernel {
+    /// For a `Matmul`, the common element strides between consecutive batch
+    /// entries when the offsets are evenly spaced (as strided-batched GEMM
+    /// APIs want; a stride of 0 reuses one matrix), else `None`.
+    pub fn uniform_batch_strides(
+        lhs_offsets: &[usize],
+        rhs_offsets: &[usize],
+    ) -> Option<(usize, usize)> {
+        fn stride(offsets: &[usize]) -> Option<usize> {
+            match offsets {
+                [] => None,
+                [_] => Some(0),
+                [first, second, ..] => {
+                    let step = second.checked_sub(*first)?;
+                    offsets
+                        .windows(2)
+                        .all(|w| w[1].checked_sub(w[0]) == Some(step))
+                        .then_some(step)
+                }
+            }
+        }
+        Some((stride(lhs_offsets)?, stride(rhs_offsets)?))
+    }
+}

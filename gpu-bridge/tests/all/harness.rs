@@ -1,0 +1,144 @@
+//! Devices under test, random inputs, and comparison helpers.
+
+use std::sync::{Arc, OnceLock};
+
+use gust_gpu_bridge::backend::cpu::CpuBackend;
+use gust_gpu_bridge::backend::cuda::CudaBackend;
+use gust_gpu_bridge::backend::wgpu::{WgpuBackend, WgpuOptions};
+use gust_gpu_bridge::{Account, DType, Device, DeviceOptions, Op, Tensor, dtype};
+
+const TEST_OPTIONS: DeviceOptions = DeviceOptions {
+    queue_depth: 64,
+    poison_outputs: true,
+};
+
+/// Every device this build and machine offer, opened once per test binary.
+/// The cpu device is always there; the others print why they are skipped.
+pub(crate) fn devices() -> &'static [Device] {
+    static DEVICES: OnceLock<Vec<Device>> = OnceLock::new();
+    DEVICES.get_or_init(|| {
+        let mut devices = vec![Device::start(CpuBackend::new(1 << 30), TEST_OPTIONS).unwrap()];
+        match WgpuBackend::open(&WgpuOptions {
+            allow_software: true,
+        }) {
+            Ok(b) => devices.push(Device::start(b, TEST_OPTIONS).unwrap()),
+            Err(e) => eprintln!("skipping wgpu tests: {e}"),
+        }
+        match CudaBackend::open(0) {
+            Ok(b) => devices.push(Device::start(b, TEST_OPTIONS).unwrap()),
+            Err(e) => eprintln!("skipping cuda tests: {e}"),
+        }
+        for d in &devices {
+            eprintln!(
+                "testing on {} ({}, is_gpu={})",
+                d.description().name,
+                d.kind(),
+                d.description().is_gpu
+            );
+        }
+        devices
+    })
+}
+
+/// A fresh, unlimited account.
+pub(crate) fn account() -> Arc<Account> {
+    Account::new("test", None, None)
+}
+
+pub(crate) fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    pollster::block_on(f)
+}
+
+/// A small xorshift generator, seeded from the clock so every run draws
+/// fresh inputs; the seed is printed in failure messages.
+pub(crate) struct Rng {
+    state: u64,
+    pub(crate) seed: u64,
+}
+
+impl Rng {
+    pub(crate) fn fresh() -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            | 1;
+        Self::seeded(seed)
+    }
+
+    pub(crate) fn seeded(seed: u64) -> Self {
+        Self {
+            state: seed | 1,
+            seed,
+        }
+    }
+
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        let mut x = self.state;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.state = x;
+        x
+    }
+
+    /// Uniform in [-1, 1).
+    pub(crate) fn unit(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    pub(crate) fn f32s(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.unit() * 2.0).collect()
+    }
+
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+pub(crate) fn upload_f32(
+    device: &Device,
+    shape: &[usize],
+    values: &[f32],
+    account: &Arc<Account>,
+) -> Tensor {
+    block_on(device.upload(DType::F32, shape, dtype::f32_to_bytes(values), account)).unwrap()
+}
+
+pub(crate) fn run(device: &Device, op: Op, operands: &[&Tensor], account: &Arc<Account>) -> Tensor {
+    block_on(device.run(&op, operands, account))
+        .unwrap_or_else(|e| panic!("{} on {}: {e}", op.name(), device.description().name))
+}
+
+pub(crate) fn read_f64(device: &Device, tensor: &Tensor, account: &Arc<Account>) -> Vec<f64> {
+    let bytes = block_on(device.read(tensor, account)).unwrap();
+    dtype::bytes_to_f64(tensor.dtype(), &bytes).unwrap()
+}
+
+/// ‖out − ref‖ / ‖ref‖ (or ‖out‖ when the reference is all zeros); NaN
+/// anywhere in the output fails.
+pub(crate) fn relative_error(out: &[f64], reference: &[f64]) -> f64 {
+    assert_eq!(out.len(), reference.len(), "element count");
+    if out.iter().any(|v| v.is_nan()) {
+        return f64::INFINITY;
+    }
+    let diff: f64 = out
+        .iter()
+        .zip(reference)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f64>()
+        .sqrt();
+    let norm: f64 = reference.iter().map(|v| v * v).sum::<f64>().sqrt();
+    if norm == 0.0 { diff } else { diff / norm }
+}
+
+pub(crate) fn assert_close(what: &str, device: &Device, out: &[f64], reference: &[f64], seed: u64) {
+    let err = relative_error(out, reference);
+    assert!(
+        err <= 1e-5,
+        "{what} on {}: relative error {err:e} > 1e-5 (seed {seed})\n out[..8]={:?}\n ref[..8]={:?}",
+        device.description().name,
+        &out[..out.len().min(8)],
+        &reference[..reference.len().min(8)]
+    );
+}

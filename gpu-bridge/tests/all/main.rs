@@ -1,0 +1,17 @@
+//! Integration tests of the bridge: every op on every compiled backend
+//! against a float64 reference, shape and dtype errors, quotas.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::type_complexity,
+    reason = "test code: a failed expectation is a failed test"
+)]
+
+mod errors;
+mod harness;
+mod memory;
+mod ops;
+mod props;
+mod reference;

@@ -1,0 +1,515 @@
+//! Every op on every device against the float64 reference, on fresh random
+//! inputs, with poisoned outputs (see `harness::devices`).
+
+use gust_gpu_bridge::{BinaryOp, DType, Device, Op, ReduceOp, UnaryOp, dtype};
+
+use crate::harness::{Rng, account, assert_close, block_on, devices, read_f64, run, upload_f32};
+use crate::reference::{self as r, Nd};
+
+fn on_every_device(test: impl Fn(&Device, &mut Rng)) {
+    for device in devices() {
+        let mut rng = Rng::fresh();
+        test(device, &mut rng);
+    }
+}
+
+fn check_f32_op(
+    device: &Device,
+    rng: &mut Rng,
+    op: Op,
+    shapes: &[&[usize]],
+    reference: impl Fn(&[Nd]) -> Nd,
+) {
+    check_f32_op_with(device, rng, op, shapes, |_, v| v, reference);
+}
+
+/// As `check_f32_op`, with `prepare(operand index, value)` shaping the
+/// random inputs (to keep divisors away from zero, say).
+fn check_f32_op_with(
+    device: &Device,
+    rng: &mut Rng,
+    op: Op,
+    shapes: &[&[usize]],
+    prepare: impl Fn(usize, f32) -> f32,
+    reference: impl Fn(&[Nd]) -> Nd,
+) {
+    let acct = account();
+    let inputs: Vec<(Vec<usize>, Vec<f32>)> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            (
+                s.to_vec(),
+                rng.f32s(s.iter().product())
+                    .into_iter()
+                    .map(|v| prepare(i, v))
+                    .collect(),
+            )
+        })
+        .collect();
+    let tensors: Vec<_> = inputs
+        .iter()
+        .map(|(s, v)| upload_f32(device, s, v, &acct))
+        .collect();
+    let refs: Vec<_> = tensors.iter().collect();
+    let out = run(device, op.clone(), &refs, &acct);
+    let expected = reference(
+        &inputs
+            .iter()
+            .map(|(s, v)| Nd::from_f32(s, v))
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(
+        out.shape(),
+        expected.shape.as_slice(),
+        "{} shape",
+        op.name()
+    );
+    let got = read_f64(device, &out, &acct);
+    assert_close(
+        &format!("{} {shapes:?}", op.name()),
+        device,
+        &got,
+        &expected.data,
+        rng.seed,
+    );
+}
+
+#[test]
+fn matmul_matches_reference() {
+    on_every_device(|device, rng| {
+        let cases: &[(&[usize], &[usize])] = &[
+            (&[1, 1], &[1, 1]),
+            (&[33, 17], &[17, 65]),
+            (&[64, 64], &[64, 64]),
+            (&[3, 5, 7], &[3, 7, 4]),
+            (&[2, 3, 5, 7], &[7, 4]),
+            (&[4, 1, 6, 8], &[3, 8, 5]),
+            (&[128, 96], &[96, 80]),
+        ];
+        for (a, b) in cases {
+            check_f32_op(device, rng, Op::Matmul, &[a, b], |x| {
+                r::matmul(&x[0], &x[1])
+            });
+        }
+    });
+}
+
+#[test]
+fn binary_ops_broadcast_like_numpy() {
+    let ops: [(BinaryOp, fn(f64, f64) -> f64); 4] = [
+        (BinaryOp::Add, |a, b| a + b),
+        (BinaryOp::Sub, |a, b| a - b),
+        (BinaryOp::Mul, |a, b| a * b),
+        (BinaryOp::Div, |a, b| a / b),
+    ];
+    on_every_device(|device, rng| {
+        let cases: &[(&[usize], &[usize])] = &[
+            (&[37], &[37]),
+            (&[4, 5], &[5]),
+            (&[4, 1], &[1, 6]),
+            (&[2, 3, 4], &[3, 1]),
+            (&[], &[3, 2]),
+            (&[2, 1, 3, 1, 2], &[4, 1, 5, 1]),
+        ];
+        for (op, f) in ops {
+            for (a, b) in cases {
+                // Keep divisors away from zero so the quotient is tame.
+                let away_from_zero = |i: usize, v: f32| {
+                    if i == 1 && op == BinaryOp::Div {
+                        v.signum() * (v.abs() + 0.5)
+                    } else {
+                        v
+                    }
+                };
+                check_f32_op_with(device, rng, Op::Binary(op), &[a, b], away_from_zero, |x| {
+                    r::binary(&x[0], &x[1], f)
+                });
+            }
+        }
+    });
+}
+
+#[test]
+fn unary_ops_and_affine_match_reference() {
+    let ops: [(UnaryOp, fn(f64) -> f64); 5] = [
+        (UnaryOp::Relu, |v| v.max(0.0)),
+        (UnaryOp::Gelu, r::gelu),
+        (UnaryOp::Silu, |v| v / (1.0 + (-v).exp())),
+        (UnaryOp::Tanh, f64::tanh),
+        (UnaryOp::Exp, f64::exp),
+    ];
+    on_every_device(|device, rng| {
+        for (op, f) in ops {
+            for shape in [&[1][..], &[1000], &[7, 9, 3]] {
+                check_f32_op(device, rng, Op::Unary(op), &[shape], |x| r::map(&x[0], f));
+            }
+        }
+        check_f32_op(
+            device,
+            rng,
+            Op::Affine {
+                scale: -1.5,
+                offset: 0.25,
+            },
+            &[&[5, 11]],
+            |x| r::map(&x[0], |v| v * -1.5 + 0.25),
+        );
+    });
+}
+
+#[test]
+fn softmax_over_any_dim() {
+    on_every_device(|device, rng| {
+        for (shape, dim) in [
+            (&[10][..], 0),
+            (&[4, 33], -1),
+            (&[3, 5, 6], 1),
+            (&[3, 5, 6], 0),
+        ] {
+            check_f32_op(device, rng, Op::Softmax { dim }, &[shape], |x| {
+                r::softmax(&x[0], dim.rem_euclid(shape.len() as i32) as usize)
+            });
+        }
+    });
+}
+
+#[test]
+fn norms_with_and_without_parameters() {
+    on_every_device(|device, rng| {
+        let eps = 1e-5;
+        for (weight, bias) in [(false, false), (true, false), (true, true), (false, true)] {
+            let mut shapes: Vec<&[usize]> = vec![&[6, 48]];
+            shapes.extend(std::iter::repeat_n(
+                &[48usize][..],
+                usize::from(weight) + usize::from(bias),
+            ));
+            check_f32_op(
+                device,
+                rng,
+                Op::LayerNorm { eps, weight, bias },
+                &shapes,
+                |x| {
+                    let w = weight.then(|| x[1].data.as_slice());
+                    let b = bias.then(|| x[if weight { 2 } else { 1 }].data.as_slice());
+                    r::layer_norm(&x[0], w, b, f64::from(eps))
+                },
+            );
+        }
+        for weight in [false, true] {
+            let shapes: Vec<&[usize]> = if weight {
+                vec![&[2, 3, 40], &[40]]
+            } else {
+                vec![&[2, 3, 40]]
+            };
+            check_f32_op(device, rng, Op::RmsNorm { eps, weight }, &shapes, |x| {
+                r::rms_norm(&x[0], weight.then(|| x[1].data.as_slice()), f64::from(eps))
+            });
+        }
+    });
+}
+
+#[test]
+fn reductions_over_any_dim() {
+    on_every_device(|device, rng| {
+        for (shape, dim, keep) in [
+            (&[50][..], 0i32, false),
+            (&[4, 7, 3], 1, true),
+            (&[4, 7, 3], -1, false),
+            (&[4, 7, 3], 0, false),
+        ] {
+            let d = dim.rem_euclid(shape.len() as i32) as usize;
+            check_f32_op(
+                device,
+                rng,
+                Op::Reduce {
+                    op: ReduceOp::Sum,
+                    dim,
+                    keep_dim: keep,
+                },
+                &[shape],
+                |x| r::reduce(&x[0], d, keep, |l| l.iter().sum()),
+            );
+            check_f32_op(
+                device,
+                rng,
+                Op::Reduce {
+                    op: ReduceOp::Mean,
+                    dim,
+                    keep_dim: keep,
+                },
+                &[shape],
+                |x| r::reduce(&x[0], d, keep, |l| l.iter().sum::<f64>() / l.len() as f64),
+            );
+            check_f32_op(
+                device,
+                rng,
+                Op::Reduce {
+                    op: ReduceOp::Max,
+                    dim,
+                    keep_dim: keep,
+                },
+                &[shape],
+                |x| {
+                    r::reduce(&x[0], d, keep, |l| {
+                        l.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
+                    })
+                },
+            );
+            // argmax answers u32 indices: compare exactly.
+            let acct = account();
+            let values = rng.f32s(shape.iter().product());
+            let t = upload_f32(device, shape, &values, &acct);
+            let out = run(
+                device,
+                Op::Reduce {
+                    op: ReduceOp::ArgMax,
+                    dim,
+                    keep_dim: keep,
+                },
+                &[&t],
+                &acct,
+            );
+            assert_eq!(out.dtype(), DType::U32);
+            let expected = r::reduce(&Nd::from_f32(shape, &values), d, keep, r::argmax);
+            assert_eq!(out.shape(), expected.shape.as_slice());
+            assert_eq!(
+                read_f64(device, &out, &acct),
+                expected.data,
+                "argmax on {} (seed {})",
+                device.description().name,
+                rng.seed
+            );
+        }
+    });
+}
+
+#[test]
+fn data_movement_is_exact_for_every_dtype() {
+    on_every_device(|device, rng| {
+        let acct = account();
+        for dtype in DType::ALL {
+            // Random values representable exactly in every dtype: small integers.
+            let shape = [3usize, 5, 7];
+            let n: usize = shape.iter().product();
+            let values: Vec<f64> = (0..n).map(|_| rng.below(64) as f64).collect();
+            let bytes = encode(dtype, &values);
+            let x = block_on(device.upload(dtype, &shape, bytes, &acct)).unwrap();
+            let nd = Nd::new(&shape, values.clone());
+            let cases: Vec<(Op, Nd)> = vec![
+                (
+                    Op::Permute {
+                        dims: vec![2, 0, 1],
+                    },
+                    r::permute(&nd, &[2, 0, 1]),
+                ),
+                (
+                    Op::Transpose { dim0: 0, dim1: -1 },
+                    r::permute(&nd, &[2, 1, 0]),
+                ),
+                (
+                    Op::Slice {
+                        dim: 1,
+                        start: 1,
+                        len: 3,
+                    },
+                    r::slice(&nd, 1, 1, 3),
+                ),
+                (
+                    Op::Slice {
+                        dim: -1,
+                        start: 6,
+                        len: 1,
+                    },
+                    r::slice(&nd, 2, 6, 1),
+                ),
+                (
+                    Op::Reshape { shape: vec![5, -1] },
+                    Nd::new(&[5, 21], values.clone()),
+                ),
+            ];
+            for (op, expected) in cases {
+                let out = run(device, op.clone(), &[&x], &acct);
+                assert_eq!(
+                    out.shape(),
+                    expected.shape.as_slice(),
+                    "{} {dtype}",
+                    op.name()
+                );
+                assert_eq!(
+                    read_f64(device, &out, &acct),
+                    expected.data,
+                    "{} {dtype} on {}",
+                    op.name(),
+                    device.description().name
+                );
+            }
+            let y_values: Vec<f64> = (0..3 * 2 * 7).map(|_| rng.below(64) as f64).collect();
+            let y = block_on(device.upload(dtype, &[3, 2, 7], encode(dtype, &y_values), &acct))
+                .unwrap();
+            let out = run(device, Op::Concat { dim: 1 }, &[&x, &y, &x], &acct);
+            let expected = r::concat(&[nd.clone(), Nd::new(&[3, 2, 7], y_values), nd.clone()], 1);
+            assert_eq!(out.shape(), expected.shape.as_slice());
+            assert_eq!(
+                read_f64(device, &out, &acct),
+                expected.data,
+                "concat {dtype} on {}",
+                device.description().name
+            );
+        }
+    });
+}
+
+#[test]
+fn gather_picks_rows_and_zeroes_out_of_range() {
+    on_every_device(|device, rng| {
+        let acct = account();
+        for (dtype, index_dtype) in [
+            (DType::F32, DType::I32),
+            (DType::F32, DType::U32),
+            (DType::F16, DType::I32),
+            (DType::I32, DType::U32),
+        ] {
+            let table_values: Vec<f64> = (0..10 * 3).map(|_| rng.below(100) as f64).collect();
+            let table =
+                block_on(device.upload(dtype, &[10, 3], encode(dtype, &table_values), &acct))
+                    .unwrap();
+            let mut indices: Vec<i64> = (0..7).map(|_| rng.below(10) as i64).collect();
+            indices.push(12);
+            if index_dtype == DType::I32 {
+                indices.push(-1);
+            }
+            let index_bytes = encode(
+                index_dtype,
+                &indices.iter().map(|&i| i as f64).collect::<Vec<_>>(),
+            );
+            let index_shape = [1, indices.len()];
+            let idx =
+                block_on(device.upload(index_dtype, &index_shape, index_bytes, &acct)).unwrap();
+            let out = run(device, Op::Gather, &[&table, &idx], &acct);
+            let expected = r::gather(&Nd::new(&[10, 3], table_values), &indices, &index_shape);
+            assert_eq!(out.shape(), expected.shape.as_slice());
+            assert_eq!(
+                read_f64(device, &out, &acct),
+                expected.data,
+                "gather {dtype}/{index_dtype} on {}",
+                device.description().name
+            );
+        }
+    });
+}
+
+#[test]
+fn cast_between_every_pair_of_dtypes() {
+    on_every_device(|device, rng| {
+        let acct = account();
+        for from in DType::ALL {
+            for to in DType::ALL {
+                let values: Vec<f64> = (0..33)
+                    .map(|_| match from {
+                        DType::U32 => rng.below(100_000) as f64,
+                        DType::I32 => rng.below(100_000) as f64 - 50_000.0,
+                        _ => f64::from(rng.unit() * 300.0),
+                    })
+                    .collect();
+                let bytes = encode(from, &values);
+                let stored = dtype::bytes_to_f64(from, &bytes).unwrap();
+                let x = block_on(device.upload(from, &[values.len()], bytes, &acct)).unwrap();
+                let out = run(device, Op::Cast { to }, &[&x], &acct);
+                assert_eq!(out.dtype(), to);
+                let expected = dtype::bytes_to_f64(to, &encode(to, &stored)).unwrap();
+                assert_eq!(
+                    read_f64(device, &out, &acct),
+                    expected,
+                    "cast {from}→{to} on {}",
+                    device.description().name
+                );
+            }
+        }
+    });
+}
+
+#[test]
+fn half_precision_arithmetic_on_backends_that_offer_it() {
+    on_every_device(|device, rng| {
+        let acct = account();
+        let values = rng.f32s(64);
+        let x = upload_f32(device, &[8, 8], &values, &acct);
+        for half in [DType::F16, DType::BF16] {
+            let h = run(device, Op::Cast { to: half }, &[&x], &acct);
+            match block_on(device.run(&Op::Matmul, &[&h, &h], &acct)) {
+                Ok(product) => {
+                    let stored = read_f64(device, &h, &acct);
+                    let expected =
+                        r::matmul(&Nd::new(&[8, 8], stored.clone()), &Nd::new(&[8, 8], stored));
+                    let got = read_f64(device, &product, &acct);
+                    // One rounding to half precision per output element.
+                    let tolerance = if half == DType::F16 { 1e-3 } else { 8e-3 };
+                    let err = crate::harness::relative_error(&got, &expected.data);
+                    assert!(
+                        err <= tolerance,
+                        "{half} matmul on {}: {err:e}",
+                        device.description().name
+                    );
+                }
+                Err(e) => {
+                    assert_eq!(e.code, gust_gpu_bridge::ErrorCode::Unsupported, "{e}");
+                    eprintln!("{} has no {half} matmul: {e}", device.description().name);
+                }
+            }
+        }
+    });
+}
+
+#[test]
+fn a_chain_of_ops_never_reads_back_in_between() {
+    // y = softmax(relu(x W + b)) summed over rows, computed in one chain.
+    on_every_device(|device, rng| {
+        let acct = account();
+        let (x, w, b) = (rng.f32s(4 * 16), rng.f32s(16 * 8), rng.f32s(8));
+        let tx = upload_f32(device, &[4, 16], &x, &acct);
+        let tw = upload_f32(device, &[16, 8], &w, &acct);
+        let tb = upload_f32(device, &[8], &b, &acct);
+        let h = run(device, Op::Matmul, &[&tx, &tw], &acct);
+        let h = run(device, Op::Binary(BinaryOp::Add), &[&h, &tb], &acct);
+        let h = run(device, Op::Unary(UnaryOp::Relu), &[&h], &acct);
+        let h = run(device, Op::Softmax { dim: -1 }, &[&h], &acct);
+        let out = run(
+            device,
+            Op::Reduce {
+                op: ReduceOp::Sum,
+                dim: 0,
+                keep_dim: false,
+            },
+            &[&h],
+            &acct,
+        );
+        let xr = Nd::from_f32(&[4, 16], &x);
+        let hr = r::matmul(&xr, &Nd::from_f32(&[16, 8], &w));
+        let hr = r::binary(&hr, &Nd::from_f32(&[8], &b), |a, b| a + b);
+        let hr = r::softmax(&r::map(&hr, |v| v.max(0.0)), 1);
+        let expected = r::reduce(&hr, 0, false, |l| l.iter().sum());
+        assert_close(
+            "chain",
+            device,
+            &read_f64(device, &out, &acct),
+            &expected.data,
+            rng.seed,
+        );
+    });
+}
+
+/// Encode `values` (exactly representable, or to be rounded) as `dtype`.
+pub(crate) fn encode(dtype: DType, values: &[f64]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for &v in values {
+        match dtype {
+            DType::F32 => out.extend((v as f32).to_le_bytes()),
+            DType::I32 => out.extend((v as i32).to_le_bytes()),
+            DType::U32 => out.extend((v as u32).to_le_bytes()),
+            DType::F16 => out.extend(half::f16::from_f64(v).to_le_bytes()),
+            DType::BF16 => out.extend(half::bf16::from_f64(v).to_le_bytes()),
+        }
+    }
+    out
+}
