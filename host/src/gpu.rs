@@ -1,11 +1,22 @@
 //! Host side of `gust:gpu`: the one module that links the WIT imports to
 //! `gust-gpu-bridge`.
 //!
-//! The bridge's devices and ops land with the GPU-bridge work; until then the
-//! contract is complete and every operation answers the `unsupported` error
-//! code, so guests built against `gust:gpu` link, run, and can degrade
-//! gracefully instead of failing to instantiate.
+//! A guest's tensors are entries in its Store's resource table, each holding
+//! a bridge [`Tensor`]. The table is dropped with the Store, whichever way
+//! the call ends (a return, a trap, a timeout), and dropping a tensor frees
+//! its device memory and returns the bytes to the invocation's and the
+//! tenant's quotas: a guest cannot leak device memory past its call.
+//!
+//! Every call charges an [`Account`] that is a child of the tenant's, so the
+//! tenant's `[gpu]` quotas (device memory, device time per minute) hold
+//! across all of its concurrent invocations.
 
+use std::sync::Arc;
+
+use gust_gpu_bridge::{
+    Account, BinaryOp, BridgeError, DType, Device, ErrorCode as BridgeCode, Op, ReduceOp, Tensor,
+    UnaryOp,
+};
 use wasmtime::component::Resource;
 
 use crate::runtime::bindings::gust::function::types as fn_types;
@@ -13,15 +24,166 @@ use crate::runtime::bindings::gust::gpu::models::{self, GenerateParams};
 use crate::runtime::bindings::gust::gpu::tensors::{self, DeviceInfo};
 use crate::runtime::bindings::gust::gpu::types::{self, Dtype, Error, ErrorCode};
 use crate::runtime::state::CallState;
+use crate::tenancy::GpuPolicy;
 
-/// A tensor handle owned by one invocation. No tensor can be created until
-/// the bridge lands, so no value of this type exists yet.
-#[derive(Debug)]
-pub struct GpuTensor {
-    _private: (),
+/// What one invocation may use of the bridge: the devices its tenant's
+/// policy allows (the default first) and the tenant's account.
+#[derive(Clone)]
+pub struct GpuGrant {
+    /// Devices the guest may use, in order of preference; never empty.
+    pub devices: Arc<[Device]>,
+    /// The tenant's account, parent of each invocation's.
+    pub account: Arc<Account>,
 }
 
-/// A handle to a resident model, owned by one invocation.
+impl std::fmt::Debug for GpuGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuGrant")
+            .field(
+                "devices",
+                &self.devices.iter().map(|d| d.kind()).collect::<Vec<_>>(),
+            )
+            .field("account", &self.account.label())
+            .finish()
+    }
+}
+
+/// The host's bridge: its devices and one account per tenant, made on the
+/// tenant's first bridge call from its policy's `[gpu]` quotas.
+pub struct GpuHost {
+    bridge: gust_gpu_bridge::Bridge,
+    accounts: std::sync::Mutex<std::collections::HashMap<String, Arc<Account>>>,
+}
+
+impl std::fmt::Debug for GpuHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuHost")
+            .field("bridge", &self.bridge)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GpuHost {
+    /// Wrap an opened bridge.
+    pub fn new(bridge: gust_gpu_bridge::Bridge) -> Self {
+        Self {
+            bridge,
+            accounts: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// The bridge's devices.
+    pub fn bridge(&self) -> &gust_gpu_bridge::Bridge {
+        &self.bridge
+    }
+
+    /// The account of `tenant`, with the quotas of its policy.
+    pub fn account(&self, tenant: &str, policy: &GpuPolicy) -> Arc<Account> {
+        let mut accounts = self
+            .accounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(accounts.entry(tenant.to_owned()).or_insert_with(|| {
+            Account::new(
+                tenant,
+                Some(policy.memory_mb.saturating_mul(1 << 20)),
+                Some(std::time::Duration::from_millis(policy.time_ms_per_minute)),
+            )
+        }))
+    }
+
+    /// The account of `tenant` if it has used the bridge.
+    pub fn existing_account(&self, tenant: &str) -> Option<Arc<Account>> {
+        let accounts = self
+            .accounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        accounts.get(tenant).cloned()
+    }
+
+    /// What an invocation of `tenant` may use: the bridge's devices of the
+    /// backends its policy lists, in the bridge's order of preference; `None`
+    /// when that leaves nothing.
+    pub fn grant(&self, tenant: &str, policy: &GpuPolicy) -> Option<GpuGrant> {
+        let devices: Arc<[Device]> = self
+            .bridge
+            .devices()
+            .iter()
+            .filter(|d| {
+                policy
+                    .backends
+                    .iter()
+                    .any(|b| b.as_str() == d.kind().as_str())
+            })
+            .cloned()
+            .collect();
+        if devices.is_empty() {
+            return None;
+        }
+        Some(GpuGrant {
+            devices,
+            account: self.account(tenant, policy),
+        })
+    }
+}
+
+/// The bridge state of one invocation. The child account is made on the
+/// first bridge call, so calls that never touch the bridge pay nothing.
+#[derive(Default)]
+pub(crate) struct GpuSession {
+    grant: Option<GpuGrant>,
+    account: Option<Arc<Account>>,
+}
+
+impl GpuSession {
+    pub(crate) fn new(grant: Option<GpuGrant>) -> Self {
+        Self {
+            grant,
+            account: None,
+        }
+    }
+
+    fn grant(&self) -> Result<&GpuGrant, Error> {
+        self.grant.as_ref().ok_or_else(|| Error {
+            code: ErrorCode::Forbidden,
+            message: "this function's tenant may not use the GPU bridge (policy `[gpu] backends` is empty)".into(),
+        })
+    }
+
+    fn account(&mut self) -> Result<Arc<Account>, Error> {
+        if let Some(account) = &self.account {
+            return Ok(Arc::clone(account));
+        }
+        let grant = self.grant()?;
+        let account = grant.account.child("invocation", None);
+        self.account = Some(Arc::clone(&account));
+        Ok(account)
+    }
+
+    fn default_device(&self) -> Result<Device, Error> {
+        let grant = self.grant()?;
+        grant.devices.first().cloned().ok_or_else(|| Error {
+            code: ErrorCode::Forbidden,
+            message: "no device of the backends this tenant may use is available on this host"
+                .into(),
+        })
+    }
+}
+
+/// A guest's tensor: bridge data plus the device that holds it.
+pub struct GpuTensor {
+    tensor: Tensor,
+    device: Device,
+}
+
+impl std::fmt::Debug for GpuTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.tensor.fmt(f)
+    }
+}
+
+/// A handle to a resident model, owned by one invocation. Models arrive
+/// with the resident-models work; until then `load` answers `unsupported`.
 #[derive(Debug)]
 pub struct GpuModel {
     _private: (),
@@ -29,17 +191,131 @@ pub struct GpuModel {
 
 type Outcome<T> = wasmtime::Result<Result<T, Error>>;
 
-fn unsupported<T>(what: &str) -> Outcome<T> {
-    Ok(Err(Error {
-        code: ErrorCode::Unsupported,
-        message: format!("{what}: this host has no GPU bridge yet"),
-    }))
+fn to_wit(e: BridgeError) -> Error {
+    let code = match e.code {
+        BridgeCode::InvalidArgument => ErrorCode::InvalidArgument,
+        BridgeCode::ShapeMismatch => ErrorCode::ShapeMismatch,
+        BridgeCode::NotFound => ErrorCode::NotFound,
+        BridgeCode::Forbidden => ErrorCode::Forbidden,
+        BridgeCode::OutOfMemory => ErrorCode::OutOfMemory,
+        BridgeCode::QuotaExceeded => ErrorCode::QuotaExceeded,
+        BridgeCode::Timeout => ErrorCode::Timeout,
+        BridgeCode::Backend => ErrorCode::Backend,
+        _ => ErrorCode::Unsupported,
+    };
+    Error {
+        code,
+        message: e.message,
+    }
 }
 
-/// Methods on a handle that cannot exist: the guest forged or reused a
-/// handle, which the component model turns into a trap.
-fn no_such<T>(kind: &str) -> wasmtime::Result<T> {
-    Err(wasmtime::format_err!("unknown {kind} handle"))
+fn to_bridge_dtype(dtype: Dtype) -> DType {
+    match dtype {
+        Dtype::F32 => DType::F32,
+        Dtype::F16 => DType::F16,
+        Dtype::Bf16 => DType::BF16,
+        Dtype::I32 => DType::I32,
+        Dtype::U32 => DType::U32,
+    }
+}
+
+fn to_wit_dtype(dtype: DType) -> Dtype {
+    match dtype {
+        DType::F32 => Dtype::F32,
+        DType::F16 => Dtype::F16,
+        DType::BF16 => Dtype::Bf16,
+        DType::I32 => Dtype::I32,
+        DType::U32 => Dtype::U32,
+    }
+}
+
+fn shape_of(shape: &[u32]) -> Vec<usize> {
+    shape.iter().map(|&d| d as usize).collect()
+}
+
+/// Turn a bridge-level result into the WIT's nested result: bridge errors
+/// reach the guest as values; only host faults trap.
+macro_rules! attempt {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e)),
+        }
+    };
+}
+
+impl CallState {
+    fn tensor(&self, handle: &Resource<GpuTensor>) -> wasmtime::Result<(Tensor, Device)> {
+        let entry = self.table.get(handle)?;
+        Ok((entry.tensor.clone(), entry.device.clone()))
+    }
+
+    fn new_tensor(
+        &mut self,
+        tensor: Tensor,
+        device: Device,
+    ) -> wasmtime::Result<Resource<GpuTensor>> {
+        Ok(self.table.push(GpuTensor { tensor, device })?)
+    }
+
+    async fn upload(
+        &mut self,
+        dtype: DType,
+        shape: &[u32],
+        data: Vec<u8>,
+    ) -> Outcome<Resource<GpuTensor>> {
+        let device = attempt!(self.gpu.default_device());
+        let account = attempt!(self.gpu.account());
+        let tensor = attempt!(
+            device
+                .upload(dtype, &shape_of(shape), data, &account)
+                .await
+                .map_err(to_wit)
+        );
+        Ok(Ok(self.new_tensor(tensor, device)?))
+    }
+
+    /// Run `op` on the operands' device; the result lands in the table.
+    async fn op(
+        &mut self,
+        op: Op,
+        operands: &[&Resource<GpuTensor>],
+    ) -> Outcome<Resource<GpuTensor>> {
+        let account = attempt!(self.gpu.account());
+        let mut tensors = Vec::with_capacity(operands.len());
+        let mut device = None;
+        for handle in operands {
+            let (tensor, on) = self.tensor(handle)?;
+            device.get_or_insert(on);
+            tensors.push(tensor);
+        }
+        let device = match device {
+            Some(device) => device,
+            None => attempt!(self.gpu.default_device()),
+        };
+        let refs: Vec<&Tensor> = tensors.iter().collect();
+        let result = attempt!(device.run(&op, &refs, &account).await.map_err(to_wit));
+        Ok(Ok(self.new_tensor(result, device)?))
+    }
+
+    async fn read_back(
+        &mut self,
+        handle: &Resource<GpuTensor>,
+        as_f32: bool,
+    ) -> Outcome<(DType, Vec<u8>)> {
+        let account = attempt!(self.gpu.account());
+        let (mut tensor, device) = self.tensor(handle)?;
+        if as_f32 && tensor.dtype() != DType::F32 {
+            tensor = attempt!(
+                device
+                    .run(&Op::Cast { to: DType::F32 }, &[&tensor], &account)
+                    .await
+                    .map_err(to_wit)
+            );
+        }
+        let bytes = attempt!(device.read(&tensor, &account).await.map_err(to_wit));
+        Ok(Ok((tensor.dtype(), bytes)))
+    }
 }
 
 impl fn_types::Host for CallState {}
@@ -48,47 +324,80 @@ impl types::Host for CallState {}
 impl tensors::HostTensor for CallState {
     async fn from_bytes(
         &mut self,
-        _dtype: Dtype,
-        _shape: Vec<u32>,
-        _data: Vec<u8>,
+        dtype: Dtype,
+        shape: Vec<u32>,
+        data: Vec<u8>,
     ) -> Outcome<Resource<GpuTensor>> {
-        unsupported("tensor.from-bytes")
+        self.upload(to_bridge_dtype(dtype), &shape, data).await
     }
 
     async fn from_f32(
         &mut self,
-        _shape: Vec<u32>,
-        _values: Vec<f32>,
+        shape: Vec<u32>,
+        values: Vec<f32>,
     ) -> Outcome<Resource<GpuTensor>> {
-        unsupported("tensor.from-f32")
+        self.upload(
+            DType::F32,
+            &shape,
+            gust_gpu_bridge::dtype::f32_to_bytes(&values),
+        )
+        .await
     }
 
     async fn from_i32(
         &mut self,
-        _shape: Vec<u32>,
-        _values: Vec<i32>,
+        shape: Vec<u32>,
+        values: Vec<i32>,
     ) -> Outcome<Resource<GpuTensor>> {
-        unsupported("tensor.from-i32")
+        self.upload(
+            DType::I32,
+            &shape,
+            gust_gpu_bridge::dtype::i32_to_bytes(&values),
+        )
+        .await
     }
 
-    async fn zeros(&mut self, _dtype: Dtype, _shape: Vec<u32>) -> Outcome<Resource<GpuTensor>> {
-        unsupported("tensor.zeros")
+    async fn zeros(&mut self, dtype: Dtype, shape: Vec<u32>) -> Outcome<Resource<GpuTensor>> {
+        let device = attempt!(self.gpu.default_device());
+        let account = attempt!(self.gpu.account());
+        let tensor = attempt!(
+            device
+                .zeros(to_bridge_dtype(dtype), &shape_of(&shape), &account)
+                .await
+                .map_err(to_wit)
+        );
+        Ok(Ok(self.new_tensor(tensor, device)?))
     }
 
-    async fn shape(&mut self, _tensor: Resource<GpuTensor>) -> wasmtime::Result<Vec<u32>> {
-        no_such("tensor")
+    async fn shape(&mut self, tensor: Resource<GpuTensor>) -> wasmtime::Result<Vec<u32>> {
+        let entry = self.table.get(&tensor)?;
+        // Every dimension fits: the bridge caps tensors below 2^31 elements.
+        Ok(entry
+            .tensor
+            .shape()
+            .iter()
+            .map(|&d| u32::try_from(d).unwrap_or(u32::MAX))
+            .collect())
     }
 
-    async fn dtype(&mut self, _tensor: Resource<GpuTensor>) -> wasmtime::Result<Dtype> {
-        no_such("tensor")
+    async fn dtype(&mut self, tensor: Resource<GpuTensor>) -> wasmtime::Result<Dtype> {
+        Ok(to_wit_dtype(self.table.get(&tensor)?.tensor.dtype()))
     }
 
-    async fn read(&mut self, _tensor: Resource<GpuTensor>) -> Outcome<Vec<u8>> {
-        no_such("tensor")
+    async fn read(&mut self, tensor: Resource<GpuTensor>) -> Outcome<Vec<u8>> {
+        Ok(self
+            .read_back(&tensor, false)
+            .await?
+            .map(|(_, bytes)| bytes))
     }
 
-    async fn read_f32(&mut self, _tensor: Resource<GpuTensor>) -> Outcome<Vec<f32>> {
-        no_such("tensor")
+    async fn read_f32(&mut self, tensor: Resource<GpuTensor>) -> Outcome<Vec<f32>> {
+        Ok(self.read_back(&tensor, true).await?.map(|(_, bytes)| {
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        }))
     }
 
     async fn drop(&mut self, tensor: Resource<GpuTensor>) -> wasmtime::Result<()> {
@@ -101,83 +410,164 @@ type T = Resource<GpuTensor>;
 
 impl tensors::Host for CallState {
     async fn devices(&mut self) -> wasmtime::Result<Vec<DeviceInfo>> {
-        Ok(Vec::new())
+        let Some(grant) = self.gpu.grant.clone() else {
+            return Ok(Vec::new());
+        };
+        let available = grant.account.available_bytes();
+        Ok(grant
+            .devices
+            .iter()
+            .map(|device| {
+                let d = device.description();
+                let free = d.memory_bytes.saturating_sub(device.used_bytes());
+                DeviceInfo {
+                    backend: d.kind.as_str().to_owned(),
+                    name: d.name.clone(),
+                    is_gpu: d.is_gpu,
+                    memory_available: available.map_or(free, |a| a.min(free)),
+                }
+            })
+            .collect())
     }
-    async fn matmul(&mut self, _a: T, _b: T) -> Outcome<T> {
-        unsupported("matmul")
+    async fn matmul(&mut self, a: T, b: T) -> Outcome<T> {
+        self.op(Op::Matmul, &[&a, &b]).await
     }
-    async fn add(&mut self, _a: T, _b: T) -> Outcome<T> {
-        unsupported("add")
+    async fn add(&mut self, a: T, b: T) -> Outcome<T> {
+        self.op(Op::Binary(BinaryOp::Add), &[&a, &b]).await
     }
-    async fn sub(&mut self, _a: T, _b: T) -> Outcome<T> {
-        unsupported("sub")
+    async fn sub(&mut self, a: T, b: T) -> Outcome<T> {
+        self.op(Op::Binary(BinaryOp::Sub), &[&a, &b]).await
     }
-    async fn mul(&mut self, _a: T, _b: T) -> Outcome<T> {
-        unsupported("mul")
+    async fn mul(&mut self, a: T, b: T) -> Outcome<T> {
+        self.op(Op::Binary(BinaryOp::Mul), &[&a, &b]).await
     }
-    async fn div(&mut self, _a: T, _b: T) -> Outcome<T> {
-        unsupported("div")
+    async fn div(&mut self, a: T, b: T) -> Outcome<T> {
+        self.op(Op::Binary(BinaryOp::Div), &[&a, &b]).await
     }
-    async fn affine(&mut self, _x: T, _scale: f32, _offset: f32) -> Outcome<T> {
-        unsupported("affine")
+    async fn affine(&mut self, x: T, scale: f32, offset: f32) -> Outcome<T> {
+        self.op(Op::Affine { scale, offset }, &[&x]).await
     }
-    async fn relu(&mut self, _x: T) -> Outcome<T> {
-        unsupported("relu")
+    async fn relu(&mut self, x: T) -> Outcome<T> {
+        self.op(Op::Unary(UnaryOp::Relu), &[&x]).await
     }
-    async fn gelu(&mut self, _x: T) -> Outcome<T> {
-        unsupported("gelu")
+    async fn gelu(&mut self, x: T) -> Outcome<T> {
+        self.op(Op::Unary(UnaryOp::Gelu), &[&x]).await
     }
-    async fn silu(&mut self, _x: T) -> Outcome<T> {
-        unsupported("silu")
+    async fn silu(&mut self, x: T) -> Outcome<T> {
+        self.op(Op::Unary(UnaryOp::Silu), &[&x]).await
     }
-    async fn tanh(&mut self, _x: T) -> Outcome<T> {
-        unsupported("tanh")
+    async fn tanh(&mut self, x: T) -> Outcome<T> {
+        self.op(Op::Unary(UnaryOp::Tanh), &[&x]).await
     }
-    async fn exp(&mut self, _x: T) -> Outcome<T> {
-        unsupported("exp")
+    async fn exp(&mut self, x: T) -> Outcome<T> {
+        self.op(Op::Unary(UnaryOp::Exp), &[&x]).await
     }
-    async fn softmax(&mut self, _x: T, _dim: i32) -> Outcome<T> {
-        unsupported("softmax")
+    async fn softmax(&mut self, x: T, dim: i32) -> Outcome<T> {
+        self.op(Op::Softmax { dim }, &[&x]).await
     }
-    async fn layer_norm(&mut self, _x: T, _w: Option<T>, _b: Option<T>, _eps: f32) -> Outcome<T> {
-        unsupported("layer-norm")
+    async fn layer_norm(&mut self, x: T, w: Option<T>, b: Option<T>, eps: f32) -> Outcome<T> {
+        let op = Op::LayerNorm {
+            eps,
+            weight: w.is_some(),
+            bias: b.is_some(),
+        };
+        let operands: Vec<&T> = std::iter::once(&x)
+            .chain(w.as_ref())
+            .chain(b.as_ref())
+            .collect();
+        self.op(op, &operands).await
     }
-    async fn rms_norm(&mut self, _x: T, _w: Option<T>, _eps: f32) -> Outcome<T> {
-        unsupported("rms-norm")
+    async fn rms_norm(&mut self, x: T, w: Option<T>, eps: f32) -> Outcome<T> {
+        let op = Op::RmsNorm {
+            eps,
+            weight: w.is_some(),
+        };
+        let operands: Vec<&T> = std::iter::once(&x).chain(w.as_ref()).collect();
+        self.op(op, &operands).await
     }
-    async fn sum(&mut self, _x: T, _dim: i32, _keep_dim: bool) -> Outcome<T> {
-        unsupported("sum")
+    async fn sum(&mut self, x: T, dim: i32, keep_dim: bool) -> Outcome<T> {
+        self.op(
+            Op::Reduce {
+                op: ReduceOp::Sum,
+                dim,
+                keep_dim,
+            },
+            &[&x],
+        )
+        .await
     }
-    async fn mean(&mut self, _x: T, _dim: i32, _keep_dim: bool) -> Outcome<T> {
-        unsupported("mean")
+    async fn mean(&mut self, x: T, dim: i32, keep_dim: bool) -> Outcome<T> {
+        self.op(
+            Op::Reduce {
+                op: ReduceOp::Mean,
+                dim,
+                keep_dim,
+            },
+            &[&x],
+        )
+        .await
     }
-    async fn max(&mut self, _x: T, _dim: i32, _keep_dim: bool) -> Outcome<T> {
-        unsupported("max")
+    async fn max(&mut self, x: T, dim: i32, keep_dim: bool) -> Outcome<T> {
+        self.op(
+            Op::Reduce {
+                op: ReduceOp::Max,
+                dim,
+                keep_dim,
+            },
+            &[&x],
+        )
+        .await
     }
-    async fn argmax(&mut self, _x: T, _dim: i32, _keep_dim: bool) -> Outcome<T> {
-        unsupported("argmax")
+    async fn argmax(&mut self, x: T, dim: i32, keep_dim: bool) -> Outcome<T> {
+        self.op(
+            Op::Reduce {
+                op: ReduceOp::ArgMax,
+                dim,
+                keep_dim,
+            },
+            &[&x],
+        )
+        .await
     }
-    async fn transpose(&mut self, _x: T, _dim0: i32, _dim1: i32) -> Outcome<T> {
-        unsupported("transpose")
+    async fn transpose(&mut self, x: T, dim0: i32, dim1: i32) -> Outcome<T> {
+        self.op(Op::Transpose { dim0, dim1 }, &[&x]).await
     }
-    async fn permute(&mut self, _x: T, _dims: Vec<u32>) -> Outcome<T> {
-        unsupported("permute")
+    async fn permute(&mut self, x: T, dims: Vec<u32>) -> Outcome<T> {
+        self.op(Op::Permute { dims }, &[&x]).await
     }
-    async fn reshape(&mut self, _x: T, _shape: Vec<i64>) -> Outcome<T> {
-        unsupported("reshape")
+    async fn reshape(&mut self, x: T, shape: Vec<i64>) -> Outcome<T> {
+        self.op(Op::Reshape { shape }, &[&x]).await
     }
-    async fn slice(&mut self, _x: T, _dim: i32, _start: u32, _len: u32) -> Outcome<T> {
-        unsupported("slice")
+    async fn slice(&mut self, x: T, dim: i32, start: u32, len: u32) -> Outcome<T> {
+        self.op(Op::Slice { dim, start, len }, &[&x]).await
     }
-    async fn concat(&mut self, _xs: Vec<T>, _dim: i32) -> Outcome<T> {
-        unsupported("concat")
+    async fn concat(&mut self, xs: Vec<T>, dim: i32) -> Outcome<T> {
+        let operands: Vec<&T> = xs.iter().collect();
+        self.op(Op::Concat { dim }, &operands).await
     }
-    async fn gather(&mut self, _table: T, _indices: T) -> Outcome<T> {
-        unsupported("gather")
+    async fn gather(&mut self, table: T, indices: T) -> Outcome<T> {
+        self.op(Op::Gather, &[&table, &indices]).await
     }
-    async fn cast(&mut self, _x: T, _to: Dtype) -> Outcome<T> {
-        unsupported("cast")
+    async fn cast(&mut self, x: T, to: Dtype) -> Outcome<T> {
+        self.op(
+            Op::Cast {
+                to: to_bridge_dtype(to),
+            },
+            &[&x],
+        )
+        .await
     }
+}
+
+fn no_such<T>(kind: &str) -> wasmtime::Result<T> {
+    Err(wasmtime::format_err!("unknown {kind} handle"))
+}
+
+fn unsupported<T>(what: &str) -> Outcome<T> {
+    Ok(Err(Error {
+        code: ErrorCode::Unsupported,
+        message: format!("{what}: resident models are not available on this host yet"),
+    }))
 }
 
 impl models::HostModel for CallState {

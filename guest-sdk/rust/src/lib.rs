@@ -25,8 +25,9 @@
 //! [`Error`] implements `std::error::Error`; its `Display` comes from
 //! `wit-bindgen` and prints the same as `Debug`.
 //!
-//! The GPU bridge (`gust:gpu`) is available as [`gpu`]. A function that does
-//! not call it does not import it, so it runs on hosts without a GPU.
+//! The GPU bridge (`gust:gpu`) is available as [`Tensor`] (see [`tensor`]),
+//! with the raw bindings in [`gpu`]. A function that does not call it does
+//! not import it, so it runs on hosts without a GPU.
 //!
 //! # Features
 //!
@@ -60,6 +61,10 @@ pub mod bindings {
         generate_all,
     });
 }
+
+pub mod tensor;
+
+pub use tensor::{Tensor, TensorError};
 
 /// The GPU bridge: host-resident tensors and models (`gust:gpu@0.1.0`).
 ///

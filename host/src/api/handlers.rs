@@ -52,6 +52,7 @@ pub(crate) async fn route(state: Arc<AppState>, request: hyper::Request<Incoming
         }
         (["v1", "functions", name, "logs"], &Method::GET) => logs(&state, &request, name),
         (["v1", "invocations", id], &Method::GET) => get_invocation(&state, request.headers(), id),
+        (["v1", "usage"], &Method::GET) => usage(&state, request.headers()),
         (["v1", "keys"], &Method::POST) => create_own_key(&state, request.headers()),
         (["v1", "keys"], &Method::GET) => list_own_keys(&state, request.headers()),
         (["v1", "keys", id], &Method::DELETE) => revoke_own_key(&state, request.headers(), id),
@@ -89,6 +90,7 @@ fn known_path(segments: &[&str]) -> bool {
             | ["v1", "invocations", _]
             | ["v1", "keys"]
             | ["v1", "keys", _]
+            | ["v1", "usage"]
             | ["v1", "tenants"]
             | ["v1", "tenants", _, "keys"]
             | ["v1", "tenants", _, "keys", _]
@@ -157,9 +159,12 @@ fn key_json(record: &ApiKeyRecord) -> serde_json::Value {
 
 fn metrics(state: &AppState) -> Response {
     let loaded = state.functions_loaded();
-    let text = state
-        .metrics
-        .render(state.runtime.stats(), state.host_gate.in_flight(), loaded);
+    let text = state.metrics.render(
+        state.runtime.stats(),
+        state.host_gate.in_flight(),
+        loaded,
+        state.gpu.bridge().devices(),
+    );
     with_type(
         http::Response::new(full(text)),
         "text/plain; version=0.0.4; charset=utf-8",
@@ -463,6 +468,7 @@ fn call_limits(
     policy: &Policy,
 ) -> Result<crate::runtime::CallLimits, Problem> {
     let mut limits = policy.call_limits();
+    limits.gpu = state.gpu.grant(tenant, &policy.gpu);
     if !policy.volumes.is_empty() {
         let root = crate::tenancy::volume_root(&state.config.data_dir, tenant)
             .ok_or_else(|| Problem::internal("invalid tenant name"))?;
@@ -843,6 +849,43 @@ fn list_own_keys(state: &AppState, headers: &HeaderMap) -> Handled {
     let tenant = auth::tenant(state, headers)?;
     let keys: Vec<_> = state.store.keys(&tenant)?.iter().map(key_json).collect();
     Ok(json_response(StatusCode::OK, &json!({ "keys": keys })))
+}
+
+/// The caller's use of the GPU bridge: device time and device memory,
+/// against its policy's quotas. Kept per tenant in the API rather than as a
+/// metric label, since the number of tenants is not bounded.
+fn usage(state: &AppState, headers: &HeaderMap) -> Handled {
+    let tenant = auth::tenant(state, headers)?;
+    let policy = state.policies.for_tenant(&tenant);
+    let account = state.gpu.existing_account(&tenant);
+    let devices: Vec<_> = state
+        .gpu
+        .grant(&tenant, &policy.gpu)
+        .map(|grant| {
+            grant
+                .devices
+                .iter()
+                .map(|d| {
+                    let info = d.description();
+                    json!({"backend": info.kind.as_str(), "name": info.name, "is_gpu": info.is_gpu})
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "tenant": tenant,
+            "gpu": {
+                "devices": devices,
+                "device_seconds": account.as_ref().map_or(0.0, |a| a.device_time().as_secs_f64()),
+                "memory_bytes": account.as_ref().map_or(0, |a| a.used_bytes()),
+                "peak_memory_bytes": account.as_ref().map_or(0, |a| a.peak_bytes()),
+                "memory_limit_bytes": policy.gpu.memory_mb.saturating_mul(1 << 20),
+                "time_ms_per_minute": policy.gpu.time_ms_per_minute,
+            }
+        }),
+    ))
 }
 
 fn revoke(state: &AppState, tenant: &str, id: &str) -> Handled {

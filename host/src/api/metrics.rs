@@ -59,6 +59,7 @@ impl Metrics {
         stats: StatsSnapshot,
         in_flight: usize,
         functions: usize,
+        devices: &[gust_gpu_bridge::Device],
     ) -> String {
         with_local_recorder(&self.recorder, || {
             counter!("gust_compile_total").absolute(stats.compiles);
@@ -67,6 +68,15 @@ impl Metrics {
             counter!("gust_instantiations_total").absolute(stats.instantiations);
             gauge!("gust_invocations_in_flight").set(in_flight as f64);
             gauge!("gust_functions_loaded").set(functions as f64);
+            for device in devices {
+                let backend = device.kind().as_str();
+                // Device time of all tenants; per-tenant figures are in
+                // GET /v1/usage (tenants are unbounded, backends are three).
+                gauge!("gust_gpu_busy_seconds", "backend" => backend)
+                    .set(device.busy_time().as_secs_f64());
+                gauge!("gust_gpu_memory_bytes", "backend" => backend)
+                    .set(device.used_bytes() as f64);
+            }
         });
         self.handle.render()
     }

@@ -63,6 +63,8 @@ pub struct ServeConfig {
     pub retention_per_function: usize,
     /// Runtime configuration; `cache_dir` is replaced by `<data-dir>/compiled`.
     pub runtime: RuntimeConfig,
+    /// Which GPU-bridge devices to open.
+    pub gpu: gust_gpu_bridge::BridgeConfig,
 }
 
 impl ServeConfig {
@@ -77,6 +79,7 @@ impl ServeConfig {
             grace: Duration::from_secs(10),
             retention_per_function: 1000,
             runtime,
+            gpu: gust_gpu_bridge::BridgeConfig::default(),
         }
     }
 }
@@ -88,6 +91,9 @@ pub enum ServeError {
     /// A policy file is invalid.
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    /// The GPU bridge could not start (its cpu device is always required).
+    #[error("starting the GPU bridge: {0}")]
+    Gpu(#[from] gust_gpu_bridge::BridgeError),
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),

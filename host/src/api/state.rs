@@ -70,6 +70,7 @@ pub(crate) struct AppState {
     /// Calls running host-wide; bounded by the instance pool.
     pub(crate) host_gate: Arc<Gate>,
     pub(crate) host_capacity: usize,
+    pub(crate) gpu: Arc<crate::gpu::GpuHost>,
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
@@ -95,6 +96,17 @@ impl AppState {
             AllocationConfig::OnDemand => 1024,
         };
         let runtime = Arc::new(Runtime::new(config.runtime.clone())?);
+        // Opening a wgpu adapter or a CUDA context blocks for a while.
+        let gpu_config = config.gpu.clone();
+        let bridge =
+            tokio::task::spawn_blocking(move || gust_gpu_bridge::Bridge::open(&gpu_config))
+                .await
+                .map_err(|e| {
+                    ServeError::Gpu(gust_gpu_bridge::BridgeError::backend(format!(
+                        "opening devices panicked: {e}"
+                    )))
+                })??;
+        let gpu = Arc::new(crate::gpu::GpuHost::new(bridge));
 
         let admin_key = match config.admin_key.clone() {
             Some(key) => key,
@@ -112,6 +124,7 @@ impl AppState {
             tenant_gates: Mutex::new(HashMap::new()),
             host_gate: Arc::new(Gate::default()),
             host_capacity,
+            gpu,
             config,
             runtime,
             store,

@@ -172,3 +172,34 @@ async fn client_command(
 ) -> ExitCode {
     client::exit(command.await, &mut stderr())
 }
+
+/// A GPU-bridge backend named on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum GpuBackendArg {
+    /// The bridge's CPU backend (always available).
+    Cpu,
+    /// wgpu: Vulkan/Metal/DX12, or lavapipe on a machine without a GPU.
+    Wgpu,
+    /// NVIDIA CUDA (a build with the `cuda` feature, and a driver).
+    Cuda,
+}
+
+impl GpuBackendArg {
+    /// The bridge's name for this backend.
+    pub(crate) fn kind(self) -> gust_gpu_bridge::BackendKind {
+        match self {
+            Self::Cpu => gust_gpu_bridge::BackendKind::Cpu,
+            Self::Wgpu => gust_gpu_bridge::BackendKind::Wgpu,
+            Self::Cuda => gust_gpu_bridge::BackendKind::Cuda,
+        }
+    }
+}
+
+/// Bridge settings that open the devices of `backends` (cpu always).
+pub(crate) fn bridge_config(backends: &[GpuBackendArg]) -> gust_gpu_bridge::BridgeConfig {
+    gust_gpu_bridge::BridgeConfig {
+        wgpu: backends.contains(&GpuBackendArg::Wgpu),
+        cuda: backends.contains(&GpuBackendArg::Cuda),
+        ..gust_gpu_bridge::BridgeConfig::default()
+    }
+}

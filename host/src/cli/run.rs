@@ -47,6 +47,11 @@ pub(crate) struct RunArgs {
     #[arg(long, default_value = "1MiB")]
     output_limit: ByteSize,
 
+    /// GPU-bridge backends the function may use (comma-separated), the
+    /// first available one being its default device.
+    #[arg(long, value_delimiter = ',', default_values = ["cpu"])]
+    gpu: Vec<super::GpuBackendArg>,
+
     /// Directory of the compiled-component cache [default: $XDG_CACHE_HOME/gust/compiled].
     #[arg(long, env = "GUST_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
@@ -108,7 +113,27 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
         Err(e) => return fail(EXIT_HOST, format!("loading panicked: {e}")),
     };
     let output_limit = usize::try_from(args.output_limit.as_u64()).unwrap_or(usize::MAX);
+    let bridge_config = super::bridge_config(&args.gpu);
+    let bridge =
+        match tokio::task::spawn_blocking(move || gust_gpu_bridge::Bridge::open(&bridge_config))
+            .await
+        {
+            Ok(Ok(bridge)) => bridge,
+            Ok(Err(e)) => return fail(EXIT_HOST, format!("starting the GPU bridge: {e}")),
+            Err(e) => return fail(EXIT_HOST, format!("starting the GPU bridge panicked: {e}")),
+        };
+    let devices: Arc<[gust_gpu_bridge::Device]> = bridge
+        .devices()
+        .iter()
+        .filter(|d| args.gpu.iter().any(|b| b.kind() == d.kind()))
+        .cloned()
+        .collect();
+    let gpu = (!devices.is_empty()).then(|| gust_host::gpu::GpuGrant {
+        devices,
+        account: gust_gpu_bridge::Account::new("local", None, None),
+    });
     let limits = CallLimits {
+        gpu,
         timeout: args.timeout,
         memory_bytes: args.memory.as_u64(),
         env: args.env.into(),

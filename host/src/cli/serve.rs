@@ -45,6 +45,12 @@ pub(crate) struct ServeArgs {
     /// Invocation records kept per function.
     #[arg(long, default_value_t = 1000)]
     retention: usize,
+
+    /// GPU-bridge backends to open (comma-separated); each tenant's policy
+    /// then picks among them. A backend that is not compiled in or finds no
+    /// device is logged and skipped; cpu is always open.
+    #[arg(long, value_delimiter = ',', default_values = ["cuda", "wgpu", "cpu"], env = "GUST_GPU")]
+    gpu: Vec<super::GpuBackendArg>,
 }
 
 async fn shutdown_signal() {
@@ -76,6 +82,7 @@ pub(crate) async fn serve(args: ServeArgs) -> ExitCode {
     config.admin_key = args.admin_key;
     config.grace = args.grace;
     config.retention_per_function = args.retention.max(1);
+    config.gpu = super::bridge_config(&args.gpu);
     let pool = PoolingConfig {
         max_instances: args.max_instances.max(1),
         total_memories: args.max_instances.max(1).saturating_mul(2),

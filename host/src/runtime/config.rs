@@ -124,6 +124,9 @@ pub struct CallLimits {
     pub outbound: OutboundPolicy,
     /// Host directories visible to the guest (none by default).
     pub preopens: Arc<[Preopen]>,
+    /// GPU-bridge devices and the tenant's account; `None` makes every
+    /// bridge call answer `forbidden`.
+    pub gpu: Option<crate::gpu::GpuGrant>,
 }
 
 /// A host directory the guest sees at `guest_path`, opened with cap-std so
@@ -148,6 +151,7 @@ impl Default for CallLimits {
             stderr_limit: 64 << 10,
             outbound: OutboundPolicy::default(),
             preopens: Arc::new([]),
+            gpu: None,
         }
     }
 }

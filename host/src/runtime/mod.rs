@@ -523,7 +523,12 @@ impl Runtime {
             stdout: stdout.clone(),
             stderr: stderr.clone(),
         };
-        let state = CallState::new(grants, limits.outbound.clone(), memory_limit);
+        let state = CallState::new(
+            grants,
+            limits.outbound.clone(),
+            memory_limit,
+            limits.gpu.clone(),
+        );
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
         let deadline = started + limits.timeout;

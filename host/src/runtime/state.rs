@@ -104,6 +104,7 @@ pub(crate) struct CallState {
     http_hooks: GustHttpHooks,
     pub(crate) table: ResourceTable,
     pub(crate) limiter: MemoryLimiter,
+    pub(crate) gpu: crate::gpu::GpuSession,
 }
 
 impl CallState {
@@ -111,6 +112,7 @@ impl CallState {
         grants: WasiGrants,
         outbound: OutboundPolicy,
         memory_limit_bytes: usize,
+        gpu: Option<crate::gpu::GpuGrant>,
     ) -> Self {
         Self {
             grants,
@@ -124,6 +126,7 @@ impl CallState {
                 committed_bytes: 0,
                 peak_bytes: 0,
             },
+            gpu: crate::gpu::GpuSession::new(gpu),
         }
     }
 }

@@ -391,3 +391,21 @@ async fn fs_access() {
         bare.outcome
     );
 }
+
+#[tokio::test]
+async fn tensors() {
+    let (rt, _dir) = runtime();
+    let tensors = load(&rt, artifacts::TENSORS_COMPONENT);
+    let device = super::gpu::cpu_device();
+    let account = gust_gpu_bridge::Account::new("t", None, None);
+    let limits = super::gpu::grant(&device, &account);
+    let chain = super::gpu::call(&rt, &tensors, "chain", &limits).await;
+    super::gpu::assert_chain(&ok_text(&chain.outcome));
+    let devices = super::gpu::call(&rt, &tensors, "devices", &limits).await;
+    assert!(
+        ok_text(&devices.outcome).starts_with("cpu cpu ("),
+        "{:?}",
+        devices.outcome
+    );
+    assert_eq!(device.used_bytes(), 0);
+}

@@ -12,6 +12,7 @@ mod cache;
 mod cli;
 mod crash;
 mod fixtures;
+mod gpu;
 mod limits;
 mod load_errors;
 mod server;

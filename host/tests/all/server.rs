@@ -42,6 +42,12 @@ pub(crate) fn policies(dir: &Path) -> PathBuf {
         "outbound_http = [\"127.0.0.1\"]\n",
     )
     .unwrap();
+    std::fs::write(policies.join("nogpu.toml"), "[gpu]\nbackends = []\n").unwrap();
+    std::fs::write(
+        policies.join("smallgpu.toml"),
+        "[gpu]\nbackends = [\"wgpu\", \"cpu\"]\nmemory_mb = 2\n",
+    )
+    .unwrap();
     std::fs::write(
         policies.join("files.toml"),
         "[env]\nGREETING = \"from the policy\"\n\n[[volumes]]\nname = \"data\"\npath = \"data\"\nmount = \"/data\"\nread_only = false\n",
@@ -76,6 +82,10 @@ impl TestServer {
             max_instances,
             ..PoolingConfig::default()
         });
+        // The cpu device only, unless a test asks for more: opening a
+        // software Vulkan adapter per server would slow every test.
+        config.gpu.wgpu = std::env::var_os("GUST_TEST_WGPU").is_some();
+        config.gpu.cuda = false;
         let server = Server::bind(config).await.unwrap();
         let addr = server.local_addr().unwrap();
         let demo_key = server.first_start().map(|f| f.demo_key.clone());
@@ -958,6 +968,74 @@ async fn outbound_http_follows_the_tenant_policy() {
         other.text().contains("HttpRequestDenied"),
         "{}",
         other.text()
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tensors_over_http_with_per_tenant_gpu_policies() {
+    let dir = TempDir::new().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let demo = server.demo_key.clone().unwrap();
+    let nogpu = tenant(&server, "nogpu").await;
+    let small = tenant(&server, "smallgpu").await;
+    for key in [&demo, &nogpu, &small] {
+        deploy(&server, key, "tensors", artifacts::TENSORS_COMPONENT).await;
+    }
+    let invoke = |key: &str, body: &'static str| {
+        let url = server.url("/v1/functions/tensors/invoke");
+        let key = key.to_owned();
+        async move { request("POST", &url, Some(&key), body).await }
+    };
+
+    let chain = invoke(&demo, "chain").await;
+    assert_eq!(chain.status, 200, "{}", chain.text());
+    super::gpu::assert_chain(&chain.text());
+    assert!(invoke(&demo, "devices").await.text().starts_with("cpu "));
+
+    let forbidden = invoke(&nogpu, "chain").await.problem(403, "gpu-forbidden");
+    assert!(
+        forbidden["detail"]
+            .as_str()
+            .unwrap()
+            .contains("may not use the GPU bridge"),
+        "{forbidden}"
+    );
+
+    let held = invoke(&small, "hold 4").await;
+    assert!(
+        held.text()
+            .starts_with("2 quota-exceeded: smallgpu: device memory quota of 2097152 bytes"),
+        "{}",
+        held.text()
+    );
+
+    let usage = request("GET", &server.url("/v1/usage"), Some(&demo), "").await;
+    assert_eq!(usage.status, 200, "{}", usage.text());
+    let gpu = &usage.json()["gpu"];
+    assert!(gpu["device_seconds"].as_f64().unwrap() > 0.0, "{gpu}");
+    assert_eq!(gpu["memory_bytes"], 0, "tensors are freed with their call");
+    assert!(gpu["peak_memory_bytes"].as_u64().unwrap() > 0, "{gpu}");
+    assert_eq!(gpu["devices"][0]["backend"], "cpu");
+    let small_usage = request("GET", &server.url("/v1/usage"), Some(&small), "")
+        .await
+        .json();
+    assert_eq!(small_usage["gpu"]["peak_memory_bytes"], 2 << 20);
+    assert_eq!(small_usage["gpu"]["memory_limit_bytes"], 2 << 20);
+    request("GET", &server.url("/v1/usage"), None, "")
+        .await
+        .problem(401, "unauthorized");
+
+    let metrics = request("GET", &server.url("/metrics"), None, "")
+        .await
+        .text();
+    assert!(
+        metric(&metrics, "gust_gpu_busy_seconds{backend=\"cpu\"}").unwrap() > 0.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "gust_gpu_memory_bytes{backend=\"cpu\"}"),
+        Some(0.0)
     );
     server.stop().await;
 }
