@@ -236,9 +236,11 @@ pub enum Kernel {
         /// Elements per row.
         row_len: usize,
     },
-    /// `out[i] = x[i] as to`. Float → int truncates toward zero and
-    /// saturates (NaN → 0), as Rust's `as` does; int → float rounds to
-    /// nearest; f32 → f16/bf16 rounds to nearest even. Inputs: `[x]`.
+    /// `out[i] = x[i]` converted to `to`, value-preserving where it can be:
+    /// float → int truncates toward zero and saturates (NaN → 0), as Rust's
+    /// `as` does; int → int (i32 ↔ u32) clamps to the target's range rather
+    /// than reinterpreting bits; int → float and float → narrower float
+    /// round once, to nearest even. Inputs: `[x]`.
     Cast {
         /// Input element type.
         from: DType,

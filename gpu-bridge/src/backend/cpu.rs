@@ -714,6 +714,31 @@ fn permute<T: Copy + Send + Sync>(in_shape: &[usize], perm: &[usize], x: &[T], o
     }
 }
 
+/// `f64` → `bf16` rounded once, to nearest even. `half`'s own conversion
+/// truncates the low mantissa bits first, which misrounds some integers
+/// above 2^24 (33685505 → 0x4c00 instead of 0x4c01).
+fn f64_to_bf16(value: f64) -> bf16 {
+    if !value.is_finite() {
+        return bf16::from_f64(value);
+    }
+    // Round the 52-bit mantissa to bf16's 7 bits (drop 45); the result is
+    // exactly representable, so the final conversion cannot round again.
+    // Subnormal bf16 values are below any integer and any f32 we convert,
+    // except f32 subnormals, which f32 → bf16 handles directly below.
+    let as_f32 = value as f32;
+    if f64::from(as_f32) == value {
+        return bf16::from_f32(as_f32);
+    }
+    let bits = value.to_bits();
+    let dropped = 45;
+    let half_ulp = 1u64 << (dropped - 1);
+    let remainder = bits & ((1u64 << dropped) - 1);
+    let kept = bits >> dropped;
+    let round_up = remainder > half_ulp || (remainder == half_ulp && kept & 1 == 1);
+    let rounded = f64::from_bits((kept + u64::from(round_up)) << dropped);
+    bf16::from_f64(rounded)
+}
+
 fn cast(from: DType, to: DType, len: usize, x: &CpuBuffer, output: &mut CpuBuffer) {
     let halves_in: &[u16] = bytemuck::cast_slice(&x.words);
     let read = |i: usize| -> f64 {
@@ -751,9 +776,24 @@ fn cast(from: DType, to: DType, len: usize, x: &CpuBuffer, output: &mut CpuBuffe
                 *o = if to == DType::F16 {
                     f16::from_f64(read(i)).to_bits()
                 } else {
-                    bf16::from_f64(read(i)).to_bits()
+                    f64_to_bf16(read(i)).to_bits()
                 };
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounds_large_integers_once() {
+        assert_eq!(f64_to_bf16(33_685_505.0).to_bits(), 0x4c01);
+        assert_eq!(f64_to_bf16(1.0).to_bits(), bf16::from_f32(1.0).to_bits());
+        // A tie rounds to even: 257 is halfway between 256 and 258.
+        assert_eq!(f64_to_bf16(257.0).to_f32(), 256.0);
+        assert_eq!(f64_to_bf16(259.0).to_f32(), 260.0);
+        assert!(f64_to_bf16(f64::NAN).is_nan());
     }
 }
