@@ -28,6 +28,12 @@ use crate::op::{Op, Operand, Work, element_count};
 /// sleeping worker would add a futex wake-up to every op.
 const WORKER_SPIN: Duration = Duration::from_micros(50);
 
+/// How long a caller polls for its answer before it yields to its executor.
+/// A tiny op on a spinning worker answers in well under a microsecond, and
+/// parking then waking the caller's thread costs several; anything slower
+/// than this is awaited normally, so the executor is never held longer.
+const CALLER_SPIN: Duration = Duration::from_micros(5);
+
 type AnyBuffer = Box<dyn Any + Send + Sync>;
 
 /// [`Backend`] with its buffer type erased, so one worker and one tensor type
@@ -93,6 +99,12 @@ pub struct DeviceOptions {
     /// kernel that leaves elements unwritten fails its tests instead of
     /// passing on zeroed memory. For testing backends; costs one fill per op.
     pub poison_outputs: bool,
+    /// For devices started with [`Device::start_inline`]: work touching at
+    /// most this many elements runs on the caller's thread instead of the
+    /// worker's. Such a kernel takes about as long as the hand-off to the
+    /// worker would (a microsecond or two), so the caller is held no longer
+    /// than it would be waiting, and tiny ops skip two thread hops.
+    pub inline_max_elements: usize,
 }
 
 impl Default for DeviceOptions {
@@ -100,13 +112,30 @@ impl Default for DeviceOptions {
         Self {
             queue_depth: 4096,
             poison_outputs: false,
+            inline_max_elements: 4096,
         }
+    }
+}
+
+/// A backend whose kernels are plain functions over host memory, so a
+/// clone can run small jobs on any thread.
+trait InlineRunner: Send + Sync {
+    fn with_backend(&self, f: &mut dyn FnMut(&mut dyn ErasedBackend));
+}
+
+struct Inline<B>(B);
+
+impl<B: Backend + Clone + Sync> InlineRunner for Inline<B> {
+    fn with_backend(&self, f: &mut dyn FnMut(&mut dyn ErasedBackend)) {
+        let mut backend = self.0.clone();
+        f(&mut backend);
     }
 }
 
 struct DeviceInner {
     description: DeviceDescription,
     poison_outputs: bool,
+    inline: Option<(Box<dyn InlineRunner>, usize)>,
     ordinal: u64,
     queue: SyncSender<Job>,
     used: AtomicU64,
@@ -244,6 +273,29 @@ static NEXT_ORDINAL: AtomicU64 = AtomicU64::new(0);
 impl Device {
     /// Start a worker thread for `backend`.
     pub fn start<B: Backend>(backend: B, options: DeviceOptions) -> Result<Self> {
+        Self::start_with(backend, options, None)
+    }
+
+    /// As [`Device::start`], for a backend whose kernels may also run on the
+    /// caller's thread (the cpu backend): work up to
+    /// `options.inline_max_elements` elements does.
+    pub fn start_inline<B: Backend + Clone + Sync>(
+        backend: B,
+        options: DeviceOptions,
+    ) -> Result<Self> {
+        let inline: Box<dyn InlineRunner> = Box::new(Inline(backend.clone()));
+        Self::start_with(
+            backend,
+            options,
+            Some((inline, options.inline_max_elements)),
+        )
+    }
+
+    fn start_with<B: Backend>(
+        backend: B,
+        options: DeviceOptions,
+        inline: Option<(Box<dyn InlineRunner>, usize)>,
+    ) -> Result<Self> {
         let queue_depth = options.queue_depth;
         let description = backend.describe();
         let ordinal = NEXT_ORDINAL.fetch_add(1, Ordering::Relaxed);
@@ -258,6 +310,7 @@ impl Device {
             inner: Arc::new(DeviceInner {
                 description,
                 poison_outputs: options.poison_outputs,
+                inline,
                 ordinal,
                 queue,
                 used: AtomicU64::new(0),
@@ -286,14 +339,37 @@ impl Device {
         Duration::from_nanos(self.inner.busy_nanos.load(Ordering::Acquire))
     }
 
-    /// Run `job` on the worker and await its answer. The job's wall time is
-    /// charged to `account` as device time.
+    /// Run `job`, which touches `elements` elements, and await its answer:
+    /// on the caller's thread if the device allows it for that size, else on
+    /// the worker. The job's wall time is charged to `account` as device
+    /// time.
     async fn submit<T: Send + 'static>(
         &self,
         account: &Arc<Account>,
+        elements: usize,
         job: impl FnOnce(&mut dyn ErasedBackend) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         account.check_time()?;
+        if let Some((inline, max)) = &self.inner.inline
+            && elements <= *max
+        {
+            let started = Instant::now();
+            let mut job = Some(job);
+            let mut result = None;
+            inline.with_backend(&mut |backend| {
+                if let Some(job) = job.take() {
+                    result = Some(job(backend));
+                }
+            });
+            let spent = started.elapsed();
+            account.charge_time(spent);
+            self.inner.busy_nanos.fetch_add(
+                u64::try_from(spent.as_nanos()).unwrap_or(u64::MAX),
+                Ordering::AcqRel,
+            );
+            return result
+                .unwrap_or_else(|| Err(BridgeError::backend("the inline job did not run")));
+        }
         let (reply, answer) = oneshot::channel();
         let charged = Arc::clone(account);
         let device = Arc::clone(&self.inner);
@@ -325,6 +401,18 @@ impl Device {
                 self.inner.description.name
             )),
         })?;
+        let mut answer = answer;
+        let until = Instant::now() + CALLER_SPIN;
+        loop {
+            match answer.try_recv() {
+                Ok(result) => return result,
+                Err(oneshot::error::TryRecvError::Closed) => break,
+                Err(oneshot::error::TryRecvError::Empty) if Instant::now() < until => {
+                    std::hint::spin_loop()
+                }
+                Err(oneshot::error::TryRecvError::Empty) => break,
+            }
+        }
         answer.await.map_err(|_| {
             BridgeError::backend(format!(
                 "{}: the device worker stopped during the call",
@@ -361,8 +449,9 @@ impl Device {
             )));
         }
         let charge = Charge::new(&self.inner, account, expected as u64)?;
+        let elements = expected / dtype.size();
         let buffer = self
-            .submit(account, move |backend| backend.upload(&data))
+            .submit(account, elements, move |backend| backend.upload(&data))
             .await?;
         Ok(self.tensor(buffer, charge, dtype, shape))
     }
@@ -386,7 +475,7 @@ impl Device {
             return Ok(Vec::new());
         }
         let storage = Arc::clone(&tensor.storage);
-        self.submit(account, move |backend| {
+        self.submit(account, tensor.len(), move |backend| {
             backend.download(storage.buffer.as_ref(), bytes)
         })
         .await
@@ -394,7 +483,9 @@ impl Device {
 
     /// Wait until every job submitted so far has finished on the device.
     pub async fn synchronize(&self, account: &Arc<Account>) -> Result<()> {
-        self.submit(account, |backend| backend.synchronize()).await
+        // Nothing to wait for on an inline device; a worker may be busy.
+        self.submit(account, usize::MAX, |backend| backend.synchronize())
+            .await
     }
 
     /// Validate `op` against `operands` and run it, charging the result's
@@ -428,8 +519,21 @@ impl Device {
                 let inputs: Vec<Arc<Storage>> =
                     operands.iter().map(|t| Arc::clone(&t.storage)).collect();
                 let poison = self.inner.poison_outputs;
+                let work = match &kernel {
+                    Kernel::Matmul {
+                        m,
+                        k,
+                        n,
+                        lhs_offsets,
+                        ..
+                    } => m * k * n * lhs_offsets.len(),
+                    _ => {
+                        operands.iter().map(|t| t.len()).sum::<usize>()
+                            + out_bytes / plan.dtype.size()
+                    }
+                };
                 let buffer = self
-                    .submit(account, move |backend| {
+                    .submit(account, work, move |backend| {
                         let mut output = if poison {
                             backend.upload(&vec![0xFF; out_bytes])?
                         } else {

@@ -48,7 +48,7 @@ impl CpuBuffer {
 
 /// The CPU backend. `memory_bytes` is a budget the host sets, not a
 /// hardware figure: the bridge refuses allocations past it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct CpuBackend {
     memory_bytes: u64,
     threads: usize,
@@ -714,29 +714,34 @@ fn permute<T: Copy + Send + Sync>(in_shape: &[usize], perm: &[usize], x: &[T], o
     }
 }
 
-/// `f64` → `bf16` rounded once, to nearest even. `half`'s own conversion
-/// truncates the low mantissa bits first, which misrounds some integers
-/// above 2^24 (33685505 → 0x4c00 instead of 0x4c01).
-fn f64_to_bf16(value: f64) -> bf16 {
-    if !value.is_finite() {
-        return bf16::from_f64(value);
-    }
-    // Round the 52-bit mantissa to bf16's 7 bits (drop 45); the result is
-    // exactly representable, so the final conversion cannot round again.
-    // Subnormal bf16 values are below any integer and any f32 we convert,
-    // except f32 subnormals, which f32 → bf16 handles directly below.
+/// `f64` → `f16`/`bf16` bits, rounded once, to nearest even. `half`'s own
+/// `from_f64` truncates low mantissa bits first, which misrounds values
+/// just past a tie (f32 `0x3F801001` → f16 `0x3C00` instead of `0x3C01`;
+/// the integer 33685505 → bf16 `0x4c00` instead of `0x4c01`).
+fn f64_to_half_bits(value: f64, to: DType) -> u16 {
+    let from_f32 = |v: f32| {
+        if to == DType::F16 {
+            f16::from_f32(v).to_bits()
+        } else {
+            bf16::from_f32(v).to_bits()
+        }
+    };
+    // Every f32, f16 and bf16 value, and every integer below 2^24, is an
+    // exact f32, and `half` converts from f32 with a single rounding.
     let as_f32 = value as f32;
-    if f64::from(as_f32) == value {
-        return bf16::from_f32(as_f32);
+    if !value.is_finite() || f64::from(as_f32) == value {
+        return from_f32(as_f32);
     }
+    // Larger integers: round the 52-bit mantissa to the target's width
+    // (10 or 7 bits) here; the result converts exactly (or overflows to
+    // infinity, as it should).
+    let dropped = if to == DType::F16 { 42 } else { 45 };
     let bits = value.to_bits();
-    let dropped = 45;
     let half_ulp = 1u64 << (dropped - 1);
     let remainder = bits & ((1u64 << dropped) - 1);
     let kept = bits >> dropped;
     let round_up = remainder > half_ulp || (remainder == half_ulp && kept & 1 == 1);
-    let rounded = f64::from_bits((kept + u64::from(round_up)) << dropped);
-    bf16::from_f64(rounded)
+    from_f32(f64::from_bits((kept + u64::from(round_up)) << dropped) as f32)
 }
 
 fn cast(from: DType, to: DType, len: usize, x: &CpuBuffer, output: &mut CpuBuffer) {
@@ -773,11 +778,7 @@ fn cast(from: DType, to: DType, len: usize, x: &CpuBuffer, output: &mut CpuBuffe
             for (i, o) in out.iter_mut().enumerate().take(len) {
                 // Round once, from the exact value: going through f32 first
                 // would double-round integers above 2^24.
-                *o = if to == DType::F16 {
-                    f16::from_f64(read(i)).to_bits()
-                } else {
-                    f64_to_bf16(read(i)).to_bits()
-                };
+                *o = f64_to_half_bits(read(i), to);
             }
         }
     }
@@ -788,12 +789,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bf16_rounds_large_integers_once() {
-        assert_eq!(f64_to_bf16(33_685_505.0).to_bits(), 0x4c01);
-        assert_eq!(f64_to_bf16(1.0).to_bits(), bf16::from_f32(1.0).to_bits());
+    fn half_conversions_round_once() {
+        let bf = |v: f64| f64_to_half_bits(v, DType::BF16);
+        assert_eq!(bf(33_685_505.0), 0x4c01);
+        assert_eq!(bf(1.0), bf16::from_f32(1.0).to_bits());
         // A tie rounds to even: 257 is halfway between 256 and 258.
-        assert_eq!(f64_to_bf16(257.0).to_f32(), 256.0);
-        assert_eq!(f64_to_bf16(259.0).to_f32(), 260.0);
-        assert!(f64_to_bf16(f64::NAN).is_nan());
+        assert_eq!(bf16::from_bits(bf(257.0)).to_f32(), 256.0);
+        assert_eq!(bf16::from_bits(bf(259.0)).to_f32(), 260.0);
+        assert!(bf16::from_bits(bf(f64::NAN)).is_nan());
+        let just_past_tie = f64::from(f32::from_bits(0x3F80_1001));
+        assert_eq!(f64_to_half_bits(just_past_tie, DType::F16), 0x3C01);
+        assert_eq!(
+            f64_to_half_bits(100_000.0, DType::F16),
+            f16::INFINITY.to_bits()
+        );
+        assert_eq!(
+            f64_to_half_bits(16_777_217.0, DType::F16),
+            f16::INFINITY.to_bits()
+        );
     }
 }

@@ -7,9 +7,12 @@ use gust_gpu_bridge::backend::cuda::CudaBackend;
 use gust_gpu_bridge::backend::wgpu::{WgpuBackend, WgpuOptions};
 use gust_gpu_bridge::{Account, DType, Device, DeviceOptions, Op, Tensor, dtype};
 
+// A low inline threshold sends the small cases to the cpu device's
+// caller-thread path and the larger ones to its worker: both get tested.
 const TEST_OPTIONS: DeviceOptions = DeviceOptions {
     queue_depth: 64,
     poison_outputs: true,
+    inline_max_elements: 256,
 };
 
 /// Every device this build and machine offer, opened once per test binary.
@@ -17,7 +20,8 @@ const TEST_OPTIONS: DeviceOptions = DeviceOptions {
 pub(crate) fn devices() -> &'static [Device] {
     static DEVICES: OnceLock<Vec<Device>> = OnceLock::new();
     DEVICES.get_or_init(|| {
-        let mut devices = vec![Device::start(CpuBackend::new(1 << 30), TEST_OPTIONS).unwrap()];
+        let mut devices =
+            vec![Device::start_inline(CpuBackend::new(1 << 30), TEST_OPTIONS).unwrap()];
         match WgpuBackend::open(&WgpuOptions {
             allow_software: true,
         }) {

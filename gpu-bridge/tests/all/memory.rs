@@ -69,7 +69,7 @@ fn a_full_queue_refuses_instead_of_blocking() {
         CpuBackend::new(1 << 30),
         DeviceOptions {
             queue_depth: 1,
-            poison_outputs: false,
+            ..DeviceOptions::default()
         },
     )
     .unwrap();

@@ -507,8 +507,10 @@ pub(crate) fn encode(dtype: DType, values: &[f64]) -> Vec<u8> {
             DType::F32 => out.extend((v as f32).to_le_bytes()),
             DType::I32 => out.extend((v as i32).to_le_bytes()),
             DType::U32 => out.extend((v as u32).to_le_bytes()),
-            DType::F16 => out.extend(half::f16::from_f64(v).to_le_bytes()),
-            DType::BF16 => out.extend(half::bf16::from_f64(v).to_le_bytes()),
+            // Test values are exact f32s, and `half` rounds f32 once (its
+            // `from_f64` does not).
+            DType::F16 => out.extend(half::f16::from_f32(v as f32).to_le_bytes()),
+            DType::BF16 => out.extend(half::bf16::from_f32(v as f32).to_le_bytes()),
         }
     }
     out

@@ -7,6 +7,8 @@
 //!   many succeeded before the first error (and the error).
 //! - `trap <MiB>`: allocate that many MiB, then trap with them alive.
 //! - `mismatch`: a matmul of incompatible shapes, returned with `?`.
+//! - `relu <N>`: `N` relus of a 16-element tensor, each result dropped (the
+//!   bridge round-trip benchmark); answers `N`.
 
 use gust_sdk::{Error, Request, Response, Tensor};
 
@@ -67,6 +69,16 @@ fn handle(req: Request) -> Result<Response, Error> {
             // Trap with every tensor still alive: the host must free them.
             std::hint::black_box(&held);
             std::process::abort()
+        }
+        "relu" => {
+            let n = arg
+                .parse::<u32>()
+                .map_err(|_| Error::new("bad-request", "expected a count").with_status(400))?;
+            let x = Tensor::from_f32(&[16], &[0.5; 16])?;
+            for _ in 0..n {
+                drop(x.relu()?);
+            }
+            Ok(Response::text(n.to_string()))
         }
         "mismatch" => {
             let a = Tensor::from_f32(&[2, 3], &[0.0; 6])?;

@@ -1,0 +1,193 @@
+//! The bridge against its backends called natively, and the cpu backend
+//! against the `gemm` crate called directly.
+//!
+//! `cargo bench -p gust-gpu-bridge --bench bridge [--features wgpu,cuda]`.
+//!
+//! - `tiny/<backend>/{native,bridge}`: relu of 16 floats, output allocated
+//!   (target: bridge − native ≤ 2 µs).
+//! - `matmul512/<backend>/{native,bridge}`: 512×512 f32 (target: bridge ≥
+//!   0.9× native throughput).
+//! - `gemm/{256,512,1024}/{gemm,cpu}`: GFLOP/s of the cpu backend next to
+//!   `gemm::gemm` with the same threads.
+//!
+//! "Native" runs the backend on the bench thread with no queue, no account
+//! and no validation; "bridge" is `Device::run` awaited, as the host calls
+//! it. GPU backends synchronize after every iteration on both sides.
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use gust_gpu_bridge::backend::cpu::CpuBackend;
+use gust_gpu_bridge::backend::cuda::CudaBackend;
+use gust_gpu_bridge::backend::wgpu::{WgpuBackend, WgpuOptions};
+use gust_gpu_bridge::{
+    Account, Backend, DType, Device, DeviceOptions, Kernel, Op, Operand, UnaryOp, Work, dtype,
+};
+
+fn kernel_for(op: &Op, shapes: &[&[usize]]) -> Kernel {
+    let operands: Vec<Operand<'_>> = shapes
+        .iter()
+        .map(|s| Operand {
+            dtype: DType::F32,
+            shape: s,
+        })
+        .collect();
+    match op.plan(&operands).unwrap().work {
+        Work::Kernel(kernel) => kernel,
+        other => panic!("expected a kernel, got {other:?}"),
+    }
+}
+
+fn values(n: usize) -> Vec<u8> {
+    dtype::f32_to_bytes(
+        &(0..n)
+            .map(|i| ((i % 13) as f32 - 6.0) / 7.0)
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// One backend's side of the comparison: the same work natively and
+/// through a `Device` running a second instance of the backend.
+fn compare<B: Backend>(c: &mut Criterion, name: &str, mut native: B, device: Device, large: bool) {
+    let account = Account::new("bench", None, None);
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+
+    let mut cases: Vec<(&str, Op, Vec<usize>, usize)> =
+        vec![("tiny", Op::Unary(UnaryOp::Relu), vec![16], 16)];
+    if large {
+        cases.push(("matmul512", Op::Matmul, vec![512, 512], 512 * 512));
+    }
+    for (group_name, op, shape, len) in cases {
+        let mut group = c.benchmark_group(format!("{group_name}/{name}"));
+        if group_name == "matmul512" {
+            group.throughput(Throughput::Elements(2 * 512 * 512 * 512));
+        }
+        let shapes: Vec<&[usize]> = match op {
+            Op::Matmul => vec![&shape, &shape],
+            _ => vec![&shape],
+        };
+        let kernel = kernel_for(&op, &shapes);
+        let input = native.upload(&values(len)).unwrap();
+        let inputs: Vec<&B::Buffer> = shapes.iter().map(|_| &input).collect();
+        group.bench_function("native", |b| {
+            b.iter(|| {
+                let mut out = native.alloc(len * 4).unwrap();
+                native.run(&kernel, &inputs, &mut out).unwrap();
+                native.synchronize().unwrap();
+                out
+            });
+        });
+        let tensor = tokio
+            .block_on(device.upload(DType::F32, &shape, values(len), &account))
+            .unwrap();
+        let operands: Vec<&gust_gpu_bridge::Tensor> = shapes.iter().map(|_| &tensor).collect();
+        group.bench_function("bridge", |b| {
+            b.iter(|| {
+                tokio.block_on(async {
+                    let out = device.run(&op, &operands, &account).await.unwrap();
+                    // GPU backends return before the kernel ends; wait, as
+                    // the native side does.
+                    if device.description().is_gpu || name != "cpu" {
+                        device.synchronize(&account).await.unwrap();
+                    }
+                    out
+                })
+            });
+        });
+        group.finish();
+    }
+}
+
+fn bench_backends(c: &mut Criterion) {
+    // The cpu device as the host opens it: tiny ops inline, the rest on
+    // its worker.
+    let cpu = Device::start_inline(CpuBackend::new(1 << 30), DeviceOptions::default()).unwrap();
+    compare(c, "cpu", CpuBackend::new(1 << 30), cpu, true);
+    let options = WgpuOptions {
+        allow_software: true,
+    };
+    match (WgpuBackend::open(&options), WgpuBackend::open(&options)) {
+        (Ok(a), Ok(b)) => {
+            // lavapipe is ~100x slower than the cpu backend: only the tiny op.
+            let large = a.describe().is_gpu;
+            compare(
+                c,
+                "wgpu",
+                a,
+                Device::start(b, DeviceOptions::default()).unwrap(),
+                large,
+            );
+        }
+        (Err(e), _) | (_, Err(e)) => eprintln!("skipping wgpu: {e}"),
+    }
+    match (CudaBackend::open(0), CudaBackend::open(0)) {
+        (Ok(a), Ok(b)) => compare(
+            c,
+            "cuda",
+            a,
+            Device::start(b, DeviceOptions::default()).unwrap(),
+            true,
+        ),
+        (Err(e), _) | (_, Err(e)) => eprintln!("skipping cuda: {e}"),
+    }
+}
+
+/// The cpu backend's matmul next to `gemm::gemm` called directly.
+fn bench_gemm(c: &mut Criterion) {
+    let threads = rayon::current_num_threads();
+    let mut backend = CpuBackend::new(1 << 32);
+    for n in [256usize, 512, 1024] {
+        let mut group = c.benchmark_group(format!("gemm/{n}"));
+        group.throughput(Throughput::Elements((2 * n * n * n) as u64));
+        if n == 1024 {
+            group
+                .sample_size(20)
+                .measurement_time(Duration::from_secs(8));
+        }
+        let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32).collect();
+        let mut out = vec![0f32; n * n];
+        group.bench_function(BenchmarkId::new("gemm", threads), |b| {
+            b.iter(|| unsafe {
+                gemm::gemm(
+                    n,
+                    n,
+                    n,
+                    out.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    a.as_ptr(),
+                    1,
+                    n as isize,
+                    a.as_ptr(),
+                    1,
+                    n as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(0),
+                );
+            });
+        });
+        let kernel = kernel_for(&Op::Matmul, &[&[n, n], &[n, n]]);
+        let input = backend.upload(&dtype::f32_to_bytes(&a)).unwrap();
+        let mut output = backend.alloc(n * n * 4).unwrap();
+        group.bench_function(BenchmarkId::new("cpu", threads), |b| {
+            b.iter(|| {
+                backend
+                    .run(&kernel, &[&input, &input], &mut output)
+                    .unwrap()
+            });
+        });
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench_backends, bench_gemm);
+criterion_main!(benches);
