@@ -39,6 +39,7 @@ Environment:
                         13.0, unless the features include cuda-12)
   GUST_BENCH_TIME       bench measurement seconds per benchmark (default 2)
   GUST_SKIP_BENCHES     set to 1 to run only the tests
+  GUST_BENCH_FILTER     a criterion filter (regex) for the bench binaries
   GUST_TEST_ARGS        extra arguments for the test binaries (e.g. a name
                         filter)
   GUST_REQUIRE_CUDA     `run` sets it to 1 unless it is set already
@@ -203,7 +204,8 @@ run() {
     for bin in "$dir"/bench-*; do
         [[ -e $bin && ${GUST_SKIP_BENCHES:-0} != 1 ]] || continue
         echo "==== $(basename "$bin")"
-        if ! "$bin" --bench --noplot --warm-up-time 1 --measurement-time "${GUST_BENCH_TIME:-2}"; then
+        # shellcheck disable=SC2086 # GUST_BENCH_FILTER is one optional word
+        if ! "$bin" --bench --noplot --warm-up-time 1 --measurement-time "${GUST_BENCH_TIME:-2}" ${GUST_BENCH_FILTER:-}; then
             failed+=("$(basename "$bin")")
         fi
     done

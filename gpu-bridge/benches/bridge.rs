@@ -6,13 +6,14 @@
 //! - `tiny/<backend>/{native,bridge}`: relu of 16 floats, output allocated
 //!   (target: bridge − native ≤ 2 µs).
 //! - `matmul512/<backend>/{native,bridge}`: 512×512 f32 (target: bridge ≥
-//!   0.9× native throughput).
+//!   0.9× native throughput); GPU backends chain 8 products per iteration
+//!   and also run `matmul4096` for TFLOP/s (native cuda is cuBLAS sgemm).
 //! - `gemm/{256,512,1024}/{gemm,cpu}`: GFLOP/s of the cpu backend next to
 //!   `gemm::gemm` with the same threads.
 //!
 //! "Native" runs the backend on the bench thread with no queue, no account
 //! and no validation; "bridge" is `Device::run` awaited, as the host calls
-//! it. GPU backends synchronize after every iteration on both sides.
+//! it. Both sides wait for the device at the end of every iteration.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -50,21 +51,33 @@ fn values(n: usize) -> Vec<u8> {
 
 /// One backend's side of the comparison: the same work natively and
 /// through a `Device` running a second instance of the backend.
-fn compare<B: Backend>(c: &mut Criterion, name: &str, mut native: B, device: Device, large: bool) {
+///
+/// Each iteration runs the op `chain` times, then waits for the device, on
+/// both sides: a guest chains ops without reading back, so on a GPU the
+/// bridge's per-op cost overlaps the kernels, as a backend's own queue does.
+fn compare<B: Backend>(
+    c: &mut Criterion,
+    name: &str,
+    mut native: B,
+    device: Device,
+    sizes: &[usize],
+    chain: usize,
+) {
     let account = Account::new("bench", None, None);
     let tokio = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
 
-    let mut cases: Vec<(&str, Op, Vec<usize>, usize)> =
-        vec![("tiny", Op::Unary(UnaryOp::Relu), vec![16], 16)];
-    if large {
-        cases.push(("matmul512", Op::Matmul, vec![512, 512], 512 * 512));
+    let mut cases: Vec<(String, Op, Vec<usize>, usize, usize)> =
+        vec![("tiny".into(), Op::Unary(UnaryOp::Relu), vec![16], 16, 1)];
+    for &n in sizes {
+        cases.push((format!("matmul{n}"), Op::Matmul, vec![n, n], n * n, chain));
     }
-    for (group_name, op, shape, len) in cases {
+    for (group_name, op, shape, len, repeat) in cases {
         let mut group = c.benchmark_group(format!("{group_name}/{name}"));
-        if group_name == "matmul512" {
-            group.throughput(Throughput::Elements(2 * 512 * 512 * 512));
+        if op == Op::Matmul {
+            let n = shape[0] as u64;
+            group.throughput(Throughput::Elements(2 * n * n * n * repeat as u64));
         }
         let shapes: Vec<&[usize]> = match op {
             Op::Matmul => vec![&shape, &shape],
@@ -75,10 +88,15 @@ fn compare<B: Backend>(c: &mut Criterion, name: &str, mut native: B, device: Dev
         let inputs: Vec<&B::Buffer> = shapes.iter().map(|_| &input).collect();
         group.bench_function("native", |b| {
             b.iter(|| {
-                let mut out = native.alloc(len * 4).unwrap();
-                native.run(&kernel, &inputs, &mut out).unwrap();
+                let outs: Vec<B::Buffer> = (0..repeat)
+                    .map(|_| {
+                        let mut out = native.alloc(len * 4).unwrap();
+                        native.run(&kernel, &inputs, &mut out).unwrap();
+                        out
+                    })
+                    .collect();
                 native.synchronize().unwrap();
-                out
+                outs
             });
         });
         let tensor = tokio
@@ -88,13 +106,12 @@ fn compare<B: Backend>(c: &mut Criterion, name: &str, mut native: B, device: Dev
         group.bench_function("bridge", |b| {
             b.iter(|| {
                 tokio.block_on(async {
-                    let out = device.run(&op, &operands, &account).await.unwrap();
-                    // GPU backends return before the kernel ends; wait, as
-                    // the native side does.
-                    if device.description().is_gpu || name != "cpu" {
-                        device.synchronize(&account).await.unwrap();
+                    let mut outs = Vec::with_capacity(repeat);
+                    for _ in 0..repeat {
+                        outs.push(device.run(&op, &operands, &account).await.unwrap());
                     }
-                    out
+                    device.synchronize(&account).await.unwrap();
+                    outs
                 })
             });
         });
@@ -106,32 +123,28 @@ fn bench_backends(c: &mut Criterion) {
     // The cpu device as the host opens it: tiny ops inline, the rest on
     // its worker.
     let cpu = Device::start_inline(CpuBackend::new(1 << 30), DeviceOptions::default()).unwrap();
-    compare(c, "cpu", CpuBackend::new(1 << 30), cpu, true);
+    compare(c, "cpu", CpuBackend::new(1 << 30), cpu, &[512], 1);
     let options = WgpuOptions {
         allow_software: true,
     };
     match (WgpuBackend::open(&options), WgpuBackend::open(&options)) {
         (Ok(a), Ok(b)) => {
             // lavapipe is ~100x slower than the cpu backend: only the tiny op.
-            let large = a.describe().is_gpu;
-            compare(
-                c,
-                "wgpu",
-                a,
-                Device::start(b, DeviceOptions::default()).unwrap(),
-                large,
-            );
+            let sizes: &[usize] = if a.describe().is_gpu {
+                &[512, 4096]
+            } else {
+                &[]
+            };
+            let device = Device::start(b, DeviceOptions::default()).unwrap();
+            compare(c, "wgpu", a, device, sizes, 8);
         }
         (Err(e), _) | (_, Err(e)) => eprintln!("skipping wgpu: {e}"),
     }
     match (CudaBackend::open(0), CudaBackend::open(0)) {
-        (Ok(a), Ok(b)) => compare(
-            c,
-            "cuda",
-            a,
-            Device::start(b, DeviceOptions::default()).unwrap(),
-            true,
-        ),
+        (Ok(a), Ok(b)) => {
+            let device = Device::start(b, DeviceOptions::default()).unwrap();
+            compare(c, "cuda", a, device, &[512, 4096], 8);
+        }
         (Err(e), _) | (_, Err(e)) => eprintln!("skipping cuda: {e}"),
     }
 }
