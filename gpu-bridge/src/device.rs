@@ -1,20 +1,28 @@
 //! One worker thread per device, and the tensors that live on it.
 //!
 //! A [`Device`] owns its backend on a dedicated thread fed by a bounded
-//! queue. Async callers submit a job and await a oneshot reply, so no
-//! executor thread ever blocks on a kernel, a copy or a driver call. Tensor
-//! data is shared immutably (`Arc`): views such as `reshape` reuse the
-//! buffer, and the buffer — with its device bytes and its owner's quota —
-//! is freed when the last tensor that uses it is dropped, on whatever
-//! thread that happens.
+//! queue, so no executor thread ever blocks on a kernel, a copy or a driver
+//! call. Ops are *pipelined*: `run` validates, reserves the output's memory,
+//! queues the kernel and returns the new tensor at once, without waiting for
+//! the device, as CUDA streams and PyTorch do. The worker runs jobs in queue
+//! order, so a kernel always finds its inputs computed; only `read` (and
+//! `synchronize`) wait, and a failure on the device (a driver error, an
+//! allocation the backend refused) surfaces there, or in any op that uses
+//! the failed tensor. A full queue makes submitters wait (backpressure).
+//!
+//! Tensor data is shared immutably (`Arc`): views such as `reshape` reuse the
+//! buffer, and the buffer — with its device bytes and its owner's quota — is
+//! freed when the last tensor that uses it is dropped, on whatever thread
+//! that happens. A queued kernel whose result nobody holds any more (its
+//! invocation trapped or timed out) is skipped.
 
 use std::any::Any;
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::account::Account;
 use crate::backend::{Backend, BackendKind, DeviceDescription};
@@ -93,7 +101,7 @@ type Job = Box<dyn FnOnce(&mut dyn ErasedBackend) + Send>;
 /// How a device worker is set up.
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceOptions {
-    /// Jobs the worker queues before submissions fail with `quota-exceeded`.
+    /// Jobs the worker queues before submitters wait for room.
     pub queue_depth: usize,
     /// Fill every op's output with NaN bytes before the kernel runs, so a
     /// kernel that leaves elements unwritten fails its tests instead of
@@ -137,9 +145,11 @@ struct DeviceInner {
     poison_outputs: bool,
     inline: Option<(Box<dyn InlineRunner>, usize)>,
     ordinal: u64,
-    queue: SyncSender<Job>,
+    queue: mpsc::Sender<Job>,
     used: AtomicU64,
     busy_nanos: AtomicU64,
+    /// Jobs queued and not yet finished.
+    pending: AtomicU64,
 }
 
 impl DeviceInner {
@@ -194,11 +204,44 @@ impl Drop for Charge {
     }
 }
 
-/// A device buffer and the charge that pays for it. Field order matters:
-/// the buffer is freed before the bytes are returned to the quotas.
+/// A device buffer and the charge that pays for it. The buffer is set by
+/// the job that computes it (at most once); field order matters: the buffer
+/// is freed before the bytes are returned to the quotas.
 struct Storage {
-    buffer: AnyBuffer,
+    buffer: OnceLock<Result<AnyBuffer>>,
     _charge: Charge,
+}
+
+impl Storage {
+    fn pending(charge: Charge) -> Arc<Self> {
+        Arc::new(Self {
+            buffer: OnceLock::new(),
+            _charge: charge,
+        })
+    }
+
+    /// True once the producing job has run (successfully or not).
+    fn is_ready(&self) -> bool {
+        self.buffer.get().is_some()
+    }
+
+    /// The computed buffer, or why there is none.
+    fn buffer(&self) -> Result<&(dyn Any + Send + Sync)> {
+        match self.buffer.get() {
+            Some(Ok(buffer)) => Ok(buffer.as_ref()),
+            Some(Err(e)) => Err(BridgeError::new(
+                e.code,
+                format!(
+                    "an earlier op on this tensor's inputs failed: {}",
+                    e.message
+                ),
+            )),
+            // Jobs run in queue order, so this means a job ran out of order.
+            None => Err(BridgeError::backend(
+                "tensor data used before it was computed",
+            )),
+        }
+    }
 }
 
 /// A tensor on a device: an immutable, shareable handle.
@@ -299,7 +342,7 @@ impl Device {
         let queue_depth = options.queue_depth;
         let description = backend.describe();
         let ordinal = NEXT_ORDINAL.fetch_add(1, Ordering::Relaxed);
-        let (queue, jobs) = mpsc::sync_channel::<Job>(queue_depth.max(1));
+        let (queue, jobs) = mpsc::channel::<Job>(queue_depth.max(1));
         std::thread::Builder::new()
             .name(format!("gust-gpu-{}-{ordinal}", description.kind))
             .spawn(move || worker(backend, jobs))
@@ -315,6 +358,7 @@ impl Device {
                 queue,
                 used: AtomicU64::new(0),
                 busy_nanos: AtomicU64::new(0),
+                pending: AtomicU64::new(0),
             }),
         })
     }
@@ -339,78 +383,114 @@ impl Device {
         Duration::from_nanos(self.inner.busy_nanos.load(Ordering::Acquire))
     }
 
-    /// Run `job`, which touches `elements` elements, and await its answer:
-    /// on the caller's thread if the device allows it for that size, else on
-    /// the worker. The job's wall time is charged to `account` as device
-    /// time.
-    async fn submit<T: Send + 'static>(
+    /// The inline runner, if work of `elements` elements may run on the
+    /// caller's thread and everything it reads is already computed.
+    fn inline_for(&self, elements: usize, inputs: &[&Arc<Storage>]) -> Option<&dyn InlineRunner> {
+        match &self.inner.inline {
+            Some((inline, max)) if elements <= *max && inputs.iter().all(|s| s.is_ready()) => {
+                Some(inline.as_ref())
+            }
+            _ => None,
+        }
+    }
+
+    fn charge_time(&self, account: &Account, spent: Duration) {
+        account.charge_time(spent);
+        self.inner.busy_nanos.fetch_add(
+            u64::try_from(spent.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::AcqRel,
+        );
+    }
+
+    fn run_inline<T>(
+        &self,
+        inline: &dyn InlineRunner,
+        account: &Account,
+        job: impl FnOnce(&mut dyn ErasedBackend) -> Result<T>,
+    ) -> Result<T> {
+        let started = Instant::now();
+        let mut job = Some(job);
+        let mut result = None;
+        inline.with_backend(&mut |backend| {
+            if let Some(job) = job.take() {
+                result = Some(job(backend));
+            }
+        });
+        self.charge_time(account, started.elapsed());
+        result.unwrap_or_else(|| Err(BridgeError::backend("the inline job did not run")))
+    }
+
+    /// Queue `job` behind everything submitted so far, waiting for room if
+    /// the queue is full.
+    async fn enqueue(
         &self,
         account: &Arc<Account>,
-        elements: usize,
-        job: impl FnOnce(&mut dyn ErasedBackend) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        account.check_time()?;
-        if let Some((inline, max)) = &self.inner.inline
-            && elements <= *max
-        {
-            let started = Instant::now();
-            let mut job = Some(job);
-            let mut result = None;
-            inline.with_backend(&mut |backend| {
-                if let Some(job) = job.take() {
-                    result = Some(job(backend));
-                }
-            });
-            let spent = started.elapsed();
-            account.charge_time(spent);
-            self.inner.busy_nanos.fetch_add(
-                u64::try_from(spent.as_nanos()).unwrap_or(u64::MAX),
-                Ordering::AcqRel,
-            );
-            return result
-                .unwrap_or_else(|| Err(BridgeError::backend("the inline job did not run")));
-        }
-        let (reply, answer) = oneshot::channel();
+        job: impl FnOnce(&mut dyn ErasedBackend) + Send + 'static,
+    ) -> Result<()> {
         let charged = Arc::clone(account);
         let device = Arc::clone(&self.inner);
-        let boxed: Job = Box::new(move |backend| {
-            // A caller that gave up (deadline, trap) no longer wants this.
-            if reply.is_closed() {
-                return;
-            }
+        let timed: Job = Box::new(move |backend| {
             let started = Instant::now();
-            let result = job(backend);
+            job(backend);
             let spent = started.elapsed();
             charged.charge_time(spent);
+            device.pending.fetch_sub(1, Ordering::AcqRel);
             device.busy_nanos.fetch_add(
                 u64::try_from(spent.as_nanos()).unwrap_or(u64::MAX),
                 Ordering::AcqRel,
             );
-            let _ = reply.send(result);
         });
-        self.inner.queue.try_send(boxed).map_err(|e| match e {
-            TrySendError::Full(_) => BridgeError::new(
-                ErrorCode::QuotaExceeded,
-                format!(
-                    "{}: the device queue is full; retry later",
-                    self.inner.description.name
-                ),
-            ),
-            TrySendError::Disconnected(_) => BridgeError::backend(format!(
+        self.inner.pending.fetch_add(1, Ordering::AcqRel);
+        self.inner.queue.send(timed).await.map_err(|_| {
+            BridgeError::backend(format!(
                 "{}: the device worker has stopped",
                 self.inner.description.name
-            )),
-        })?;
+            ))
+        })
+    }
+
+    /// Queue a job that computes `output`'s buffer.
+    async fn produce(
+        &self,
+        account: &Arc<Account>,
+        output: &Arc<Storage>,
+        compute: impl FnOnce(&mut dyn ErasedBackend) -> Result<AnyBuffer> + Send + 'static,
+    ) -> Result<()> {
+        let target = Arc::clone(output);
+        self.enqueue(account, move |backend| {
+            // Only this job holds the result: its tensor is gone (the guest
+            // dropped it, trapped or timed out), so skip the work.
+            if Arc::strong_count(&target) == 1 {
+                return;
+            }
+            let _ = target.buffer.set(compute(backend));
+        })
+        .await
+    }
+
+    /// Run `job` after everything submitted so far and await its answer.
+    async fn call<T: Send + 'static>(
+        &self,
+        account: &Arc<Account>,
+        job: impl FnOnce(&mut dyn ErasedBackend) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (reply, answer) = oneshot::channel();
+        self.enqueue(account, move |backend| {
+            // A caller that gave up (deadline, trap) no longer wants this.
+            if !reply.is_closed() {
+                let _ = reply.send(job(backend));
+            }
+        })
+        .await?;
         let mut answer = answer;
         let until = Instant::now() + CALLER_SPIN;
         loop {
             match answer.try_recv() {
                 Ok(result) => return result,
-                Err(oneshot::error::TryRecvError::Closed) => break,
                 Err(oneshot::error::TryRecvError::Empty) if Instant::now() < until => {
                     std::hint::spin_loop()
                 }
-                Err(oneshot::error::TryRecvError::Empty) => break,
+                Err(_) => break,
             }
         }
         answer.await.map_err(|_| {
@@ -448,12 +528,20 @@ impl Device {
                 data.len()
             )));
         }
-        let charge = Charge::new(&self.inner, account, expected as u64)?;
-        let elements = expected / dtype.size();
-        let buffer = self
-            .submit(account, elements, move |backend| backend.upload(&data))
-            .await?;
-        Ok(self.tensor(buffer, charge, dtype, shape))
+        account.check_time()?;
+        let storage = Storage::pending(Charge::new(&self.inner, account, expected as u64)?);
+        if let Some(inline) = self.inline_for(expected / dtype.size(), &[]) {
+            let buffer = self.run_inline(inline, account, |backend| backend.upload(&data))?;
+            let _ = storage.buffer.set(Ok(buffer));
+        } else {
+            self.produce(account, &storage, move |backend| backend.upload(&data))
+                .await?;
+        }
+        Ok(Tensor {
+            storage,
+            dtype,
+            shape: shape.into(),
+        })
     }
 
     /// A tensor of zeros.
@@ -474,18 +562,28 @@ impl Device {
         if bytes == 0 {
             return Ok(Vec::new());
         }
+        account.check_time()?;
         let storage = Arc::clone(&tensor.storage);
-        self.submit(account, tensor.len(), move |backend| {
-            backend.download(storage.buffer.as_ref(), bytes)
+        if let Some(inline) = self.inline_for(tensor.len(), &[&storage]) {
+            return self.run_inline(inline, account, |backend| {
+                backend.download(storage.buffer()?, bytes)
+            });
+        }
+        self.call(account, move |backend| {
+            backend.download(storage.buffer()?, bytes)
         })
         .await
     }
 
     /// Wait until every job submitted so far has finished on the device.
     pub async fn synchronize(&self, account: &Arc<Account>) -> Result<()> {
-        // Nothing to wait for on an inline device; a worker may be busy.
-        self.submit(account, usize::MAX, |backend| backend.synchronize())
-            .await
+        account.check_time()?;
+        // A device whose kernels run synchronously on the host (the cpu
+        // backend) is idle once its queue is: nothing to wait for.
+        if self.inner.inline.is_some() && self.inner.pending.load(Ordering::Acquire) == 0 {
+            return Ok(());
+        }
+        self.call(account, |backend| backend.synchronize()).await
     }
 
     /// Validate `op` against `operands` and run it, charging the result's
@@ -515,7 +613,18 @@ impl Device {
             }
             Work::Empty | Work::Zeros => self.zeros(plan.dtype, &plan.shape, account).await,
             Work::Kernel(kernel) => {
-                let charge = Charge::new(&self.inner, account, out_bytes as u64)?;
+                if let Some(dtype) = kernel.compute_dtype()
+                    && !self.inner.description.arithmetic_dtypes.contains(&dtype)
+                {
+                    return Err(BridgeError::unsupported(format!(
+                        "{} in {dtype} on {}: this backend computes in {:?} only; cast first",
+                        op.name(),
+                        self.inner.description.name,
+                        self.inner.description.arithmetic_dtypes
+                    )));
+                }
+                account.check_time()?;
+                let output = Storage::pending(Charge::new(&self.inner, account, out_bytes as u64)?);
                 let inputs: Vec<Arc<Storage>> =
                     operands.iter().map(|t| Arc::clone(&t.storage)).collect();
                 let poison = self.inner.poison_outputs;
@@ -532,32 +641,34 @@ impl Device {
                             + out_bytes / plan.dtype.size()
                     }
                 };
-                let buffer = self
-                    .submit(account, work, move |backend| {
-                        let mut output = if poison {
-                            backend.upload(&vec![0xFF; out_bytes])?
-                        } else {
-                            backend.alloc(out_bytes)?
-                        };
-                        let refs: Vec<&(dyn Any + Send + Sync)> =
-                            inputs.iter().map(|s| s.buffer.as_ref()).collect();
-                        backend.run(&kernel, &refs, output.as_mut())?;
-                        Ok(output)
-                    })
-                    .await?;
-                Ok(self.tensor(buffer, charge, plan.dtype, &plan.shape))
+                let compute = move |backend: &mut dyn ErasedBackend| -> Result<AnyBuffer> {
+                    let refs = inputs
+                        .iter()
+                        .map(|s| s.buffer())
+                        .collect::<Result<Vec<_>>>()?;
+                    let mut buffer = if poison {
+                        backend.upload(&vec![0xFF; out_bytes])?
+                    } else {
+                        backend.alloc(out_bytes)?
+                    };
+                    backend.run(&kernel, &refs, buffer.as_mut())?;
+                    Ok(buffer)
+                };
+                let input_refs: Vec<&Arc<Storage>> = operands.iter().map(|t| &t.storage).collect();
+                if let Some(inline) = self.inline_for(work, &input_refs) {
+                    // Small work on ready inputs: computed now, so an error
+                    // is the caller's at once.
+                    let buffer = self.run_inline(inline, account, compute)?;
+                    let _ = output.buffer.set(Ok(buffer));
+                } else {
+                    self.produce(account, &output, compute).await?;
+                }
+                Ok(Tensor {
+                    storage: output,
+                    dtype: plan.dtype,
+                    shape: plan.shape.into(),
+                })
             }
-        }
-    }
-
-    fn tensor(&self, buffer: AnyBuffer, charge: Charge, dtype: DType, shape: &[usize]) -> Tensor {
-        Tensor {
-            storage: Arc::new(Storage {
-                buffer,
-                _charge: charge,
-            }),
-            dtype,
-            shape: shape.into(),
         }
     }
 
@@ -567,34 +678,98 @@ impl Device {
     }
 }
 
-fn worker<B: Backend>(mut backend: B, jobs: Receiver<Job>) {
-    loop {
-        let job = match jobs.try_recv() {
-            Ok(job) => job,
-            Err(TryRecvError::Disconnected) => return,
-            Err(TryRecvError::Empty) => match spin_then_wait(&jobs) {
-                Some(job) => job,
-                None => return,
-            },
-        };
+fn worker<B: Backend>(mut backend: B, mut jobs: mpsc::Receiver<Job>) {
+    while let Some(job) = next_job(&mut jobs) {
         job(&mut backend);
     }
 }
 
-fn spin_then_wait(jobs: &Receiver<Job>) -> Option<Job> {
+/// The next job: polled for a short while (a guest chaining small ops
+/// submits the next within microseconds), then waited for. `None` once
+/// every sender is gone.
+fn next_job(jobs: &mut mpsc::Receiver<Job>) -> Option<Job> {
     let until = Instant::now() + WORKER_SPIN;
-    while Instant::now() < until {
+    loop {
         match jobs.try_recv() {
             Ok(job) => return Some(job),
-            Err(TryRecvError::Disconnected) => return None,
-            Err(TryRecvError::Empty) => std::hint::spin_loop(),
+            Err(mpsc::error::TryRecvError::Disconnected) => return None,
+            Err(mpsc::error::TryRecvError::Empty) if Instant::now() < until => {
+                std::hint::spin_loop()
+            }
+            Err(mpsc::error::TryRecvError::Empty) => return jobs.blocking_recv(),
         }
     }
-    loop {
-        match jobs.recv_timeout(Duration::from_secs(3600)) {
-            Ok(job) => return Some(job),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return None,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+
+    /// The cpu backend, except that kernels fail as a driver error would.
+    #[derive(Debug)]
+    struct FailingKernels(CpuBackend);
+
+    impl Backend for FailingKernels {
+        type Buffer = <CpuBackend as Backend>::Buffer;
+
+        fn describe(&self) -> DeviceDescription {
+            self.0.describe()
         }
+
+        fn alloc(&mut self, bytes: usize) -> Result<Self::Buffer> {
+            Backend::alloc(&mut self.0, bytes)
+        }
+
+        fn upload(&mut self, data: &[u8]) -> Result<Self::Buffer> {
+            Backend::upload(&mut self.0, data)
+        }
+
+        fn download(&mut self, buffer: &Self::Buffer, bytes: usize) -> Result<Vec<u8>> {
+            Backend::download(&mut self.0, buffer, bytes)
+        }
+
+        fn run(
+            &mut self,
+            kernel: &Kernel,
+            _: &[&Self::Buffer],
+            _: &mut Self::Buffer,
+        ) -> Result<()> {
+            Err(BridgeError::backend(format!(
+                "{}: launch failed",
+                kernel.name()
+            )))
+        }
+
+        fn synchronize(&mut self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_device_failure_surfaces_on_read_and_in_dependent_ops() {
+        let device = Device::start(
+            FailingKernels(CpuBackend::new(1 << 20)),
+            DeviceOptions::default(),
+        )
+        .unwrap();
+        let account = Account::new("t", None, None);
+        let x = pollster::block_on(device.upload(DType::F32, &[4], vec![0; 16], &account)).unwrap();
+        // Queued, so the failure is not known yet.
+        let y = pollster::block_on(device.run(&Op::Unary(crate::UnaryOp::Relu), &[&x], &account))
+            .unwrap();
+        let z = pollster::block_on(device.run(&Op::Unary(crate::UnaryOp::Exp), &[&y], &account))
+            .unwrap();
+        let err = pollster::block_on(device.read(&y, &account)).unwrap_err();
+        assert_eq!(err.code, ErrorCode::Backend);
+        assert!(err.message.contains("relu: launch failed"), "{err}");
+        let err = pollster::block_on(device.read(&z, &account)).unwrap_err();
+        assert!(err.message.contains("relu: launch failed"), "{err}");
+        assert_eq!(
+            pollster::block_on(device.read(&x, &account)).unwrap(),
+            vec![0; 16]
+        );
+        drop((x, y, z));
+        assert_eq!(account.used_bytes(), 0);
     }
 }

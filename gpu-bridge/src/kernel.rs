@@ -289,6 +289,27 @@ impl Kernel {
 }
 
 impl Kernel {
+    /// The float dtype an arithmetic kernel computes in; `None` for kernels
+    /// that move raw elements or convert (`Permute`, `Slice`, `Concat`,
+    /// `Gather`, `Cast`), which every backend runs for every dtype.
+    pub fn compute_dtype(&self) -> Option<DType> {
+        match self {
+            Self::Unary { dtype, .. }
+            | Self::Affine { dtype, .. }
+            | Self::Binary { dtype, .. }
+            | Self::Matmul { dtype, .. }
+            | Self::Reduce { dtype, .. }
+            | Self::Softmax { dtype, .. }
+            | Self::LayerNorm { dtype, .. }
+            | Self::RmsNorm { dtype, .. } => Some(*dtype),
+            Self::Permute { .. }
+            | Self::Slice { .. }
+            | Self::Concat { .. }
+            | Self::Gather { .. }
+            | Self::Cast { .. } => None,
+        }
+    }
+
     /// For a `Matmul`, the common element strides between consecutive batch
     /// entries when the offsets are evenly spaced (as strided-batched GEMM
     /// APIs want; a stride of 0 reuses one matrix), else `None`.

@@ -89,6 +89,7 @@ impl Backend for CpuBackend {
             name: format!("cpu ({} threads)", self.threads),
             is_gpu: false,
             memory_bytes: self.memory_bytes,
+            arithmetic_dtypes: vec![DType::F32, DType::F16, DType::BF16],
         }
     }
 
@@ -126,24 +127,8 @@ impl Backend for CpuBackend {
     }
 }
 
-/// The element type a float kernel computes in; `None` for kernels that
-/// move raw elements or convert.
-fn compute_dtype(kernel: &Kernel) -> Option<DType> {
-    match kernel {
-        Kernel::Unary { dtype, .. }
-        | Kernel::Affine { dtype, .. }
-        | Kernel::Binary { dtype, .. }
-        | Kernel::Matmul { dtype, .. }
-        | Kernel::Reduce { dtype, .. }
-        | Kernel::Softmax { dtype, .. }
-        | Kernel::LayerNorm { dtype, .. }
-        | Kernel::RmsNorm { dtype, .. } => Some(*dtype),
-        _ => None,
-    }
-}
-
 fn run_kernel(kernel: &Kernel, inputs: &[&CpuBuffer], output: &mut CpuBuffer) -> Result<()> {
-    match compute_dtype(kernel) {
+    match kernel.compute_dtype() {
         Some(DType::F32) | None => run_native(kernel, inputs, output),
         Some(half @ (DType::F16 | DType::BF16)) => run_widened(kernel, half, inputs, output),
         Some(other) => Err(BridgeError::shape(format!(

@@ -538,6 +538,7 @@ impl CudaBackend {
                 name: format!("{name} (sm_{arch})"),
                 is_gpu: true,
                 memory_bytes: u64::try_from(memory).unwrap_or(u64::MAX),
+                arithmetic_dtypes: vec![DType::F32, DType::F16, DType::BF16],
             },
         })
     }

@@ -61,6 +61,10 @@ pub struct DeviceDescription {
     pub is_gpu: bool,
     /// Device memory the bridge may fill, in bytes.
     pub memory_bytes: u64,
+    /// Float dtypes the arithmetic kernels accept (always `F32`; `F16` and
+    /// `BF16` where the backend has them). The bridge refuses others with
+    /// `unsupported` before queuing anything.
+    pub arithmetic_dtypes: Vec<crate::DType>,
 }
 
 /// One device's kernels and memory. See the module docs for threading.
@@ -83,7 +87,12 @@ pub trait Backend: Send + 'static {
 
     /// Run `kernel`, reading `inputs` and writing all of `output`. May
     /// return before the device finishes; later calls see the result.
-    fn run(&mut self, kernel: &Kernel, inputs: &[&Self::Buffer], output: &mut Self::Buffer) -> Result<()>;
+    fn run(
+        &mut self,
+        kernel: &Kernel,
+        inputs: &[&Self::Buffer],
+        output: &mut Self::Buffer,
+    ) -> Result<()>;
 
     /// Wait until all submitted work has finished.
     fn synchronize(&mut self) -> Result<()>;

@@ -258,6 +258,7 @@ impl WgpuBackend {
                 name,
                 is_gpu,
                 memory_bytes,
+                arithmetic_dtypes: vec![DType::F32],
             },
             limits,
             bind_group_layout,

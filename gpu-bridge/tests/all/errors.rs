@@ -269,6 +269,7 @@ fn empty_tensors_and_views_need_no_kernel() {
             vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
         );
         drop(view);
+        block_on(device.synchronize(&acct)).unwrap();
         assert_eq!(acct.used_bytes(), before);
     }
 }

@@ -23,6 +23,8 @@ fn quota_refuses_past_the_limit_and_frees_on_drop() {
             .unwrap_err();
         assert_eq!(err.code, ErrorCode::QuotaExceeded);
         drop((a, b));
+        // Queued jobs hold their tensors until they have run.
+        block_on(device.synchronize(&tenant)).unwrap();
         assert_eq!(tenant.used_bytes(), 0);
         assert_eq!(tenant.peak_bytes(), 800);
     }
@@ -39,6 +41,7 @@ fn device_capacity_gives_out_of_memory() {
     assert_eq!(acct.used_bytes(), 800, "the refused upload is not charged");
     assert_eq!(device.used_bytes(), 800);
     drop(a);
+    block_on(device.synchronize(&acct)).unwrap();
     assert_eq!((device.used_bytes(), acct.used_bytes()), (0, 0));
 }
 
@@ -64,7 +67,7 @@ fn device_time_is_metered_and_limited() {
 }
 
 #[test]
-fn a_full_queue_refuses_instead_of_blocking() {
+fn a_full_queue_makes_submitters_wait_and_loses_nothing() {
     let device = Device::start(
         CpuBackend::new(1 << 30),
         DeviceOptions {
@@ -74,23 +77,40 @@ fn a_full_queue_refuses_instead_of_blocking() {
     )
     .unwrap();
     let acct = Account::new("t", None, None);
-    let x = upload_f32(&device, &[512, 512], &vec![0.5; 512 * 512], &acct);
-    // Futures are lazy: poll each once so all are submitted before the
-    // worker can drain the queue.
+    let x = upload_f32(&device, &[64, 64], &vec![0.5; 64 * 64], &acct);
+    // Pipelined ops return before they run; 64 of them through a queue of
+    // one wait for room instead of failing.
     let op = Op::Matmul;
-    let operands = [&x, &x];
-    let mut pending: Vec<_> = (0..64)
-        .map(|_| Box::pin(device.run(&op, &operands, &acct)))
+    let products: Vec<_> = (0..64)
+        .map(|_| block_on(device.run(&op, &[&x, &x], &acct)).unwrap())
         .collect();
-    let waker = std::task::Waker::noop();
-    let mut cx = std::task::Context::from_waker(waker);
-    let mut refused = 0;
-    for f in &mut pending {
-        if let std::task::Poll::Ready(Err(e)) = f.as_mut().poll(&mut cx) {
-            assert_eq!(e.code, ErrorCode::QuotaExceeded, "{e}");
-            assert!(e.message.contains("queue is full"), "{e}");
-            refused += 1;
-        }
-    }
-    assert!(refused > 0, "a queue of one cannot take 64 jobs at once");
+    let last = block_on(device.read(&products[63], &acct)).unwrap();
+    let values = gust_gpu_bridge::dtype::bytes_to_f64(gust_gpu_bridge::DType::F32, &last).unwrap();
+    assert!(values.iter().all(|&v| v == 16.0), "64 × 0.25 = 16");
+    drop(products);
+    drop(x);
+    block_on(device.synchronize(&acct)).unwrap();
+    assert_eq!(acct.used_bytes(), 0);
+}
+
+#[test]
+fn ops_return_before_the_device_finishes() {
+    // A big product queued on the worker: `run` answers with the tensor at
+    // once, `read` waits for it.
+    let device = Device::start(CpuBackend::new(1 << 30), DeviceOptions::default()).unwrap();
+    let acct = Account::new("t", None, None);
+    let n = 512;
+    let x = upload_f32(&device, &[n, n], &vec![1.0; n * n], &acct);
+    let started = std::time::Instant::now();
+    let chained: Vec<_> = (0..8)
+        .map(|_| block_on(device.run(&Op::Matmul, &[&x, &x], &acct)).unwrap())
+        .collect();
+    let submitted = started.elapsed();
+    let first = block_on(device.read(&chained[7], &acct)).unwrap();
+    let finished = started.elapsed();
+    assert_eq!(first.len(), n * n * 4);
+    assert!(
+        submitted < finished,
+        "submission ({submitted:?}) does not wait for the products ({finished:?})"
+    );
 }

@@ -407,5 +407,6 @@ async fn tensors() {
         "{:?}",
         devices.outcome
     );
+    device.synchronize(&account).await.unwrap();
     assert_eq!(device.used_bytes(), 0);
 }

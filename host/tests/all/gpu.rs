@@ -90,6 +90,8 @@ async fn a_trapping_guest_leaves_no_device_memory_behind() {
         "{:?}",
         trapped.outcome
     );
+    // Ops are pipelined: queued work holds its tensors until it has run.
+    device.synchronize(&tenant).await.unwrap();
     assert_eq!(
         device.used_bytes(),
         0,
@@ -100,6 +102,8 @@ async fn a_trapping_guest_leaves_no_device_memory_behind() {
     // The same holds for a call that returns normally with tensors alive.
     let held = call(&rt, &tensors, "hold 3", &limits).await;
     assert_eq!(text(&held), "3 ");
+    // Ops are pipelined: queued work holds its tensors until it has run.
+    device.synchronize(&tenant).await.unwrap();
     assert_eq!(device.used_bytes(), 0);
 }
 
@@ -118,6 +122,8 @@ async fn a_timed_out_guest_frees_its_tensors_too() {
         "{:?}",
         invocation.outcome
     );
+    // Ops are pipelined: queued work holds its tensors until it has run.
+    device.synchronize(&tenant).await.unwrap();
     assert_eq!(device.used_bytes(), 0);
     assert_eq!(tenant.used_bytes(), 0);
 }
@@ -134,6 +140,8 @@ async fn the_tenant_memory_quota_is_shared_by_its_calls() {
         answer.starts_with("5 quota-exceeded: tenant: device memory quota"),
         "{answer}"
     );
+    // Ops are pipelined: queued work holds its tensors until it has run.
+    device.synchronize(&tenant).await.unwrap();
     assert_eq!(tenant.used_bytes(), 0);
 }
 
