@@ -50,6 +50,10 @@ pub(crate) async fn route(state: Arc<AppState>, request: hyper::Request<Incoming
             let name = (*name).to_owned();
             invoke(&state, &name, request).await
         }
+        (["v1", "functions", name, "map"], &Method::POST) => {
+            let name = (*name).to_owned();
+            super::map::map(&state, &name, request).await
+        }
         (["v1", "functions", name, "logs"], &Method::GET) => logs(&state, &request, name),
         (["v1", "invocations", id], &Method::GET) => get_invocation(&state, request.headers(), id),
         (["v1", "usage"], &Method::GET) => usage(&state, request.headers()),
@@ -86,7 +90,7 @@ fn known_path(segments: &[&str]) -> bool {
             | ["v1", "openapi.json"]
             | ["v1", "functions"]
             | ["v1", "functions", _]
-            | ["v1", "functions", _, "invoke" | "logs"]
+            | ["v1", "functions", _, "invoke" | "logs" | "map"]
             | ["v1", "invocations", _]
             | ["v1", "keys"]
             | ["v1", "keys", _]
@@ -267,7 +271,7 @@ fn query_param<'a>(uri: &'a http::Uri, name: &str) -> Option<&'a str> {
         .map(|(_, value)| value)
 }
 
-fn found(state: &AppState, tenant: &str, name: &str) -> Result<Deployment, Problem> {
+pub(super) fn found(state: &AppState, tenant: &str, name: &str) -> Result<Deployment, Problem> {
     state
         .deployment(tenant, name)
         .ok_or_else(|| Problem::not_found(format!("no function `{name}`")))
@@ -462,7 +466,7 @@ fn admit(state: &AppState, tenant: &str, policy: &Policy) -> Result<(Permit, Per
 
 /// The policy's limits plus its volumes, resolved (and checked to stay
 /// inside the tenant's volume root) for this call.
-fn call_limits(
+pub(super) fn call_limits(
     state: &AppState,
     tenant: &str,
     policy: &Policy,
@@ -609,7 +613,7 @@ fn outcome_response(invocation: &Invocation, id: &str) -> Response {
     }
 }
 
-fn outcome_problem(outcome: &Outcome) -> Problem {
+pub(super) fn outcome_problem(outcome: &Outcome) -> Problem {
     let detail = outcome.to_string();
     match outcome {
         Outcome::GuestError(error) => Problem::new(
@@ -633,7 +637,7 @@ fn outcome_problem(outcome: &Outcome) -> Problem {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn record(
+pub(super) fn record(
     state: &AppState,
     function: &FunctionRecord,
     id: &str,

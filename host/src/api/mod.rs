@@ -8,6 +8,7 @@
 
 mod auth;
 mod handlers;
+mod map;
 mod metrics;
 mod problem;
 mod state;

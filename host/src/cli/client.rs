@@ -349,6 +349,13 @@ pub(crate) enum ClientError {
     Host(String),
     /// Writing our own output failed, e.g. a closed pipe (exit 3).
     Output(std::io::Error),
+    /// `gust map`: some inputs failed (their lines say why) (exit 1).
+    MapFailures {
+        /// Inputs that failed.
+        failed: u64,
+        /// Inputs in all.
+        total: u64,
+    },
 }
 
 impl ClientError {
@@ -356,7 +363,9 @@ impl ClientError {
     pub(crate) fn exit_code(&self) -> u8 {
         match self {
             ClientError::Input(_) => EXIT_BAD_INPUT,
-            ClientError::Api(_) | ClientError::FunctionStatus { .. } => EXIT_FUNCTION_FAILED,
+            ClientError::Api(_)
+            | ClientError::FunctionStatus { .. }
+            | ClientError::MapFailures { .. } => EXIT_FUNCTION_FAILED,
             ClientError::Unreachable { .. } | ClientError::Host(_) | ClientError::Output(_) => {
                 EXIT_HOST
             }
@@ -383,6 +392,9 @@ impl fmt::Display for ClientError {
                 write!(f, "cannot reach the Gust host at {url}: {reason}")
             }
             ClientError::Output(e) => write!(f, "writing output: {e}"),
+            ClientError::MapFailures { failed, total } => {
+                write!(f, "{failed} of {total} inputs failed")
+            }
         }
     }
 }
@@ -1014,6 +1026,8 @@ pub(crate) mod tests {
         ),
         ("/v1/invocations/{id}", &["get"]),
         ("/v1/functions/{name}/logs", &["get"]),
+        ("/v1/functions/{name}/map", &["post"]),
+        ("/v1/usage", &["get"]),
         ("/v1/keys", &["post", "get"]),
         ("/v1/keys/{id}", &["delete"]),
         ("/v1/tenants", &["post", "get"]),

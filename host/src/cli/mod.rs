@@ -11,6 +11,7 @@ mod client;
 mod deploy;
 mod functions;
 mod invoke;
+mod map;
 mod objects;
 mod output;
 mod run;
@@ -83,6 +84,16 @@ enum Command {
     /// 3 when the host cannot be reached.
     Invoke(invoke::InvokeArgs),
 
+    /// Run a function once per input, with the tenant's fan-out.
+    ///
+    /// Streams `--input` (NDJSON: one JSON value per line) to `POST
+    /// /v1/functions/{name}/map` and writes the results to stdout as they
+    /// arrive, in input order, one JSON line each (`{"index", "ok" |
+    /// "error", "invocation_id"}`), with a progress bar and a summary on
+    /// stderr. Exit status 1 if any input failed.
+    #[command(after_long_help = CLIENT_EXIT_STATUS)]
+    Map(map::MapArgs),
+
     /// List the caller's functions.
     #[command(after_long_help = CLIENT_EXIT_STATUS)]
     Ls(functions::LsArgs),
@@ -148,6 +159,7 @@ pub(crate) async fn dispatch(cli: Cli) -> ExitCode {
         Command::Invoke(args) => {
             client_command(invoke::invoke(&args, &mut stdout(), &mut stderr())).await
         }
+        Command::Map(args) => client_command(map::map(&args, &mut stdout(), &mut stderr())).await,
         Command::Ls(args) => {
             client_command(functions::ls(&args, &mut stdout(), &mut stderr())).await
         }

@@ -15,6 +15,7 @@ mod fixtures;
 mod gpu;
 mod limits;
 mod load_errors;
+mod map;
 mod server;
 
 use std::path::Path;

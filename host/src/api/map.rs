@@ -1,0 +1,633 @@
+//! `POST /v1/functions/{name}/map`: one invocation per input, fanned out
+//! with the tenant's concurrency, results streamed back in input order.
+//!
+//! Everything streams: inputs are split out of the request body as it
+//! arrives (a JSON array or NDJSON), and at most a window of inputs is
+//! between "read" and "written back" at any time, so memory stays bounded
+//! for any number of inputs. A failing input is reported on its own line and
+//! the map goes on. If the client goes away, reading, dispatching and the
+//! running invocations stop.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use serde_json::{Value, json};
+use tokio::sync::{Mutex, Semaphore, mpsc};
+
+use super::handlers::{call_limits, found, outcome_problem, record};
+use super::problem::Problem;
+use super::state::{AppState, Deployment, Permit};
+use super::{BoxError, ResponseBody};
+use crate::runtime::{LoadedComponent, Outcome, Request as CallRequest, World, new_invocation_id};
+use crate::store::now_millis;
+
+/// Inputs that may be read ahead of the first one not yet written back, per
+/// unit of fan-out.
+const WINDOW_PER_WORKER: usize = 4;
+
+/// How the request body lists the inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    /// One JSON value per line.
+    Ndjson,
+    /// One JSON array.
+    Array,
+}
+
+/// Why an input could not be run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ItemError {
+    /// The input is longer than the tenant's `max_body_bytes`.
+    TooLarge(u64),
+    /// The input is not valid JSON.
+    Invalid(String),
+}
+
+/// A body-level fault after which no more inputs can be found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Malformed(pub(crate) String);
+
+/// Splits a byte stream into the JSON texts of its inputs without holding
+/// more than one input (capped at `limit` bytes) at a time.
+#[derive(Debug)]
+pub(crate) struct Splitter {
+    format: Format,
+    limit: usize,
+    current: Vec<u8>,
+    overflow: bool,
+    // Array state.
+    opened: bool,
+    closed: bool,
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl Splitter {
+    pub(crate) fn new(format: Format, limit: usize) -> Self {
+        Self {
+            format,
+            limit,
+            current: Vec::new(),
+            overflow: false,
+            opened: false,
+            closed: false,
+            depth: 0,
+            in_string: false,
+            escaped: false,
+        }
+    }
+
+    fn keep(&mut self, byte: u8) {
+        if self.current.len() < self.limit {
+            self.current.push(byte);
+        } else {
+            self.overflow = true;
+        }
+    }
+
+    fn take(&mut self, out: &mut Vec<Result<Vec<u8>, ItemError>>) {
+        let text = std::mem::take(&mut self.current);
+        let overflow = std::mem::replace(&mut self.overflow, false);
+        let trimmed = text.trim_ascii();
+        if overflow {
+            out.push(Err(ItemError::TooLarge(self.limit as u64)));
+        } else if trimmed.is_empty() {
+            if self.format == Format::Array {
+                out.push(Err(ItemError::Invalid("empty array element".into())));
+            }
+        } else {
+            out.push(Ok(trimmed.to_vec()));
+        }
+    }
+
+    /// Feed the next chunk; complete inputs are appended to `out`.
+    pub(crate) fn push(
+        &mut self,
+        chunk: &[u8],
+        out: &mut Vec<Result<Vec<u8>, ItemError>>,
+    ) -> Result<(), Malformed> {
+        for &byte in chunk {
+            match self.format {
+                Format::Ndjson => {
+                    if byte == b'\n' {
+                        self.take(out);
+                    } else {
+                        self.keep(byte);
+                    }
+                }
+                Format::Array => self.push_array_byte(byte, out)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn push_array_byte(
+        &mut self,
+        byte: u8,
+        out: &mut Vec<Result<Vec<u8>, ItemError>>,
+    ) -> Result<(), Malformed> {
+        if self.closed {
+            return if byte.is_ascii_whitespace() {
+                Ok(())
+            } else {
+                Err(Malformed(
+                    "text after the closing `]` of the input array".into(),
+                ))
+            };
+        }
+        if !self.opened {
+            return match byte {
+                b'[' => {
+                    self.opened = true;
+                    Ok(())
+                }
+                b if b.is_ascii_whitespace() => Ok(()),
+                _ => Err(Malformed("expected a JSON array of inputs (or NDJSON with Content-Type application/x-ndjson)".into())),
+            };
+        }
+        if self.in_string {
+            self.keep(byte);
+            if self.escaped {
+                self.escaped = false;
+            } else if byte == b'\\' {
+                self.escaped = true;
+            } else if byte == b'"' {
+                self.in_string = false;
+            }
+            return Ok(());
+        }
+        match byte {
+            b'"' => {
+                self.in_string = true;
+                self.keep(byte);
+            }
+            b'[' | b'{' => {
+                self.depth += 1;
+                self.keep(byte);
+            }
+            b']' | b'}' if self.depth > 0 => {
+                self.depth -= 1;
+                self.keep(byte);
+            }
+            b',' if self.depth == 0 => self.take(out),
+            b']' if self.depth == 0 => {
+                self.closed = true;
+                // `[]` and a trailing element: only a non-empty tail is an input.
+                if !self.current.trim_ascii().is_empty() || self.overflow {
+                    self.take(out);
+                }
+            }
+            _ => self.keep(byte),
+        }
+        Ok(())
+    }
+
+    /// The end of the body: the last input, or what is missing.
+    pub(crate) fn finish(
+        &mut self,
+        out: &mut Vec<Result<Vec<u8>, ItemError>>,
+    ) -> Result<(), Malformed> {
+        match self.format {
+            Format::Ndjson => {
+                self.take(out);
+                Ok(())
+            }
+            Format::Array if self.closed => Ok(()),
+            Format::Array if !self.opened => Err(Malformed(
+                "the body is empty: expected a JSON array of inputs".into(),
+            )),
+            Format::Array => Err(Malformed("the input array is not closed with `]`".into())),
+        }
+    }
+}
+
+/// The request body of one input, and its media type: a JSON string is
+/// passed as its text, any other JSON value as JSON.
+pub(crate) fn input_body(json_text: &[u8]) -> Result<(Vec<u8>, &'static str), ItemError> {
+    match serde_json::from_slice::<Value>(json_text) {
+        Ok(Value::String(text)) => Ok((text.into_bytes(), "text/plain; charset=utf-8")),
+        Ok(_) => Ok((json_text.to_vec(), "application/json")),
+        Err(e) => Err(ItemError::Invalid(format!("input is not valid JSON: {e}"))),
+    }
+}
+
+/// A response body as a JSON value: parsed JSON for a JSON response, text
+/// for UTF-8, else `{"base64": …}`.
+fn output_value(content_type: &str, body: &[u8]) -> Value {
+    if content_type.starts_with("application/json")
+        && let Ok(value) = serde_json::from_slice::<Value>(body)
+    {
+        return value;
+    }
+    match std::str::from_utf8(body) {
+        Ok(text) => Value::String(text.to_owned()),
+        Err(_) => json!({ "base64": base64::engine::general_purpose::STANDARD.encode(body) }),
+    }
+}
+
+fn line(value: &Value) -> Bytes {
+    let mut text = value.to_string();
+    text.push('\n');
+    Bytes::from(text)
+}
+
+fn item_error_line(index: u64, error: &ItemError) -> Bytes {
+    let (code, status, message) = match error {
+        ItemError::TooLarge(limit) => (
+            "payload-too-large",
+            413,
+            format!("the input exceeds the limit of {limit} bytes"),
+        ),
+        ItemError::Invalid(message) => ("invalid-input", 400, message.clone()),
+    };
+    line(
+        &json!({ "index": index, "error": { "code": code, "status": status, "message": message } }),
+    )
+}
+
+/// Wait for a slot of the tenant's and the host's concurrency: a map shares
+/// them with the tenant's other calls rather than failing with 429.
+async fn admit_waiting(state: &AppState, tenant: &str, limit: usize) -> (Permit, Permit) {
+    let gate = state.tenant_gate(tenant);
+    let mut backoff = Duration::from_micros(200);
+    loop {
+        if let Some(tenant_permit) = gate.try_acquire(limit)
+            && let Some(host_permit) = state.host_gate.try_acquire(state.host_capacity)
+        {
+            return (tenant_permit, host_permit);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(20));
+    }
+}
+
+/// Run one input and describe the result as its output line.
+async fn run_one(
+    state: &AppState,
+    tenant: &str,
+    deployment: &Deployment,
+    component: &LoadedComponent,
+    index: u64,
+    input: Result<Vec<u8>, ItemError>,
+) -> Bytes {
+    let (body, content_type) = match input.and_then(|text| input_body(&text)) {
+        Ok(parts) => parts,
+        Err(e) => return item_error_line(index, &e),
+    };
+    let policy = state.policies.for_tenant(tenant);
+    let limits = match call_limits(state, tenant, policy) {
+        Ok(limits) => limits,
+        Err(problem) => {
+            return line(
+                &json!({ "index": index, "error": { "code": problem.code(), "status": problem.status().as_u16(), "message": problem.detail() } }),
+            );
+        }
+    };
+    let permits = admit_waiting(state, tenant, policy.max_concurrency as usize).await;
+    let started_at = now_millis();
+    let started = Instant::now();
+    let id = new_invocation_id(started_at);
+    let call = CallRequest {
+        body,
+        content_type: content_type.to_owned(),
+        headers: Vec::new(),
+        invocation_id: id.clone(),
+    };
+    let invocation = state.runtime.invoke(component, call, &limits).await;
+    drop(permits);
+    let (status, value) = match &invocation.outcome {
+        Outcome::Ok(reply) if reply.status < 400 => (
+            reply.status,
+            json!({ "index": index, "ok": output_value(&reply.content_type, &reply.body), "invocation_id": id }),
+        ),
+        Outcome::Ok(reply) => (
+            reply.status,
+            json!({ "index": index, "error": { "code": format!("status-{}", reply.status), "status": reply.status, "message": String::from_utf8_lossy(&reply.body) }, "invocation_id": id }),
+        ),
+        other => {
+            let problem = outcome_problem(other);
+            let status = problem.status().as_u16();
+            (
+                status,
+                json!({ "index": index, "error": { "code": problem.code(), "status": status, "message": problem.detail() }, "invocation_id": id }),
+            )
+        }
+    };
+    record(
+        state,
+        &deployment.record,
+        &id,
+        started_at,
+        started,
+        status,
+        &invocation,
+    );
+    line(&value)
+}
+
+/// Reads inputs from `body` and hands them out in order, never more than
+/// the window ahead of what has been written back.
+async fn read_inputs(
+    mut body: Incoming,
+    mut splitter: Splitter,
+    window: Arc<Semaphore>,
+    inputs: mpsc::Sender<(u64, Result<Vec<u8>, ItemError>)>,
+    results: mpsc::Sender<(u64, Bytes)>,
+) {
+    let mut index = 0u64;
+    let mut ready = Vec::new();
+    let mut fault = None;
+    loop {
+        let frame = match body.frame().await {
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => {
+                fault = Some(Malformed(format!("reading the request body failed: {e}")));
+                break;
+            }
+            None => {
+                if let Err(e) = splitter.finish(&mut ready) {
+                    fault = Some(e);
+                }
+                break;
+            }
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if let Err(e) = splitter.push(&data, &mut ready) {
+            fault = Some(e);
+            break;
+        }
+        for item in ready.drain(..) {
+            let Ok(permit) = window.acquire().await else {
+                return;
+            };
+            permit.forget();
+            if inputs.send((index, item)).await.is_err() {
+                return;
+            }
+            index += 1;
+        }
+    }
+    for item in ready.drain(..) {
+        let Ok(permit) = window.acquire().await else {
+            return;
+        };
+        permit.forget();
+        if inputs.send((index, item)).await.is_err() {
+            return;
+        }
+        index += 1;
+    }
+    if let Some(Malformed(message)) = fault {
+        // Reported in order, as the line after the last input found.
+        if let Ok(permit) = window.acquire().await {
+            permit.forget();
+            let text = line(
+                &json!({ "index": index, "error": { "code": "invalid-input", "status": 400, "message": message } }),
+            );
+            let _ = results.send((index, text)).await;
+        }
+    }
+}
+
+type Chunk = Result<Frame<Bytes>, BoxError>;
+
+/// The handler. Errors found before any input runs (auth, unknown
+/// function, wrong world) are problems; from then on the answer is `200`
+/// NDJSON, one line per input.
+pub(crate) async fn map(
+    state: &Arc<AppState>,
+    name: &str,
+    request: hyper::Request<Incoming>,
+) -> Result<http::Response<ResponseBody>, Problem> {
+    let tenant = super::auth::tenant(state, request.headers())?;
+    let deployment = found(state, &tenant, name)?;
+    let component = deployment
+        .component
+        .clone()
+        .map_err(|reason| Problem::internal(format!("`{name}` could not be loaded: {reason}")))?;
+    if component.world() != World::Handler {
+        return Err(Problem::bad_request(
+            "wrong-world",
+            format!("`{name}` serves wasi:http; map needs a handler function"),
+        ));
+    }
+    let policy = state.policies.for_tenant(&tenant);
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let format = if content_type.starts_with("application/x-ndjson")
+        || content_type.starts_with("application/jsonl")
+        || content_type.starts_with("application/ndjson")
+    {
+        Format::Ndjson
+    } else {
+        Format::Array
+    };
+    let fan_out = (policy.max_concurrency as usize).max(1);
+    let limit = usize::try_from(policy.max_body_bytes).unwrap_or(usize::MAX);
+    let splitter = Splitter::new(format, limit);
+    let body = request.into_body();
+
+    let (chunks, chunk_stream) = mpsc::channel::<Chunk>(16);
+    let state = Arc::clone(state);
+    tokio::spawn(async move {
+        let window = Arc::new(Semaphore::new(fan_out * WINDOW_PER_WORKER));
+        let (input_tx, input_rx) = mpsc::channel(fan_out);
+        let (result_tx, mut result_rx) = mpsc::channel::<(u64, Bytes)>(fan_out * WINDOW_PER_WORKER);
+        let reader = tokio::spawn(read_inputs(
+            body,
+            splitter,
+            Arc::clone(&window),
+            input_tx,
+            result_tx.clone(),
+        ));
+        let input_rx = Arc::new(Mutex::new(input_rx));
+        let deployment = Arc::new(deployment);
+        let workers: Vec<_> = (0..fan_out)
+            .map(|_| {
+                let (state, tenant, deployment, component) = (
+                    Arc::clone(&state),
+                    tenant.clone(),
+                    Arc::clone(&deployment),
+                    component.clone(),
+                );
+                let (input_rx, result_tx) = (Arc::clone(&input_rx), result_tx.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let next = input_rx.lock().await.recv().await;
+                        let Some((index, input)) = next else { return };
+                        let text =
+                            run_one(&state, &tenant, &deployment, &component, index, input).await;
+                        if result_tx.send((index, text)).await.is_err() {
+                            return;
+                        }
+                    }
+                })
+            })
+            .collect();
+        drop(result_tx);
+
+        let mut waiting = BTreeMap::new();
+        let mut next = 0u64;
+        let mut disconnected = false;
+        'emit: loop {
+            let result = tokio::select! {
+                () = chunks.closed() => { disconnected = true; break 'emit; }
+                result = result_rx.recv() => result,
+            };
+            let Some((index, text)) = result else { break };
+            waiting.insert(index, text);
+            while let Some(text) = waiting.remove(&next) {
+                if chunks.send(Ok(Frame::data(text))).await.is_err() {
+                    disconnected = true;
+                    break 'emit;
+                }
+                next += 1;
+                window.add_permits(1);
+            }
+        }
+        if disconnected {
+            tracing::info!(function = %deployment.record.name, written = next, "map stopped: the client went away");
+            reader.abort();
+            for worker in &workers {
+                worker.abort();
+            }
+        }
+    });
+
+    let stream = futures::stream::unfold(chunk_stream, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    });
+    let mut response = http::Response::new(BodyExt::boxed_unsync(StreamBody::new(stream)));
+    *response.status_mut() = StatusCode::OK;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(
+        format: Format,
+        limit: usize,
+        chunks: &[&str],
+    ) -> (Vec<Result<String, ItemError>>, Result<(), Malformed>) {
+        let mut splitter = Splitter::new(format, limit);
+        let mut out = Vec::new();
+        for chunk in chunks {
+            if let Err(e) = splitter.push(chunk.as_bytes(), &mut out) {
+                return (convert(out), Err(e));
+            }
+        }
+        let end = splitter.finish(&mut out);
+        (convert(out), end)
+    }
+
+    fn convert(items: Vec<Result<Vec<u8>, ItemError>>) -> Vec<Result<String, ItemError>> {
+        items
+            .into_iter()
+            .map(|i| i.map(|b| String::from_utf8(b).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn arrays_split_at_top_level_commas_across_chunks() {
+        let (items, end) = split(
+            Format::Array,
+            100,
+            &[" [1, \"a,]\\\"", "b\", {\"x\": [1,2]}, [3", ",4] ,null]  "],
+        );
+        assert_eq!(end, Ok(()));
+        let items: Vec<_> = items.into_iter().map(Result::unwrap).collect();
+        assert_eq!(
+            items,
+            ["1", "\"a,]\\\"b\"", "{\"x\": [1,2]}", "[3,4]", "null"]
+        );
+        assert_eq!(split(Format::Array, 100, &["[]"]).0, vec![]);
+        assert_eq!(
+            split(Format::Array, 100, &["[1,,2]"]).0[1],
+            Err(ItemError::Invalid("empty array element".into()))
+        );
+    }
+
+    #[test]
+    fn malformed_bodies_are_named() {
+        assert!(
+            split(Format::Array, 100, &["{\"a\": 1}"])
+                .1
+                .unwrap_err()
+                .0
+                .contains("expected a JSON array")
+        );
+        assert!(
+            split(Format::Array, 100, &["[1, 2"])
+                .1
+                .unwrap_err()
+                .0
+                .contains("not closed")
+        );
+        assert!(
+            split(Format::Array, 100, &["[1] x"])
+                .1
+                .unwrap_err()
+                .0
+                .contains("after the closing")
+        );
+        assert!(
+            split(Format::Array, 100, &[""])
+                .1
+                .unwrap_err()
+                .0
+                .contains("empty")
+        );
+    }
+
+    #[test]
+    fn ndjson_skips_blank_lines_and_caps_each_input() {
+        let (items, end) = split(Format::Ndjson, 5, &["1\n\n\"ab", "c\"\n123456789\n{}"]);
+        assert_eq!(end, Ok(()));
+        assert_eq!(
+            items,
+            vec![
+                Ok("1".into()),
+                Ok("\"abc\"".into()),
+                Err(ItemError::TooLarge(5)),
+                Ok("{}".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn strings_pass_as_text_and_other_values_as_json() {
+        assert_eq!(
+            input_body(b"\"Ada\"").unwrap(),
+            (b"Ada".to_vec(), "text/plain; charset=utf-8")
+        );
+        assert_eq!(
+            input_body(b"{\"a\":1}").unwrap(),
+            (b"{\"a\":1}".to_vec(), "application/json")
+        );
+        assert!(matches!(input_body(b"{oops"), Err(ItemError::Invalid(_))));
+        assert_eq!(output_value("application/json", b"[1]"), json!([1]));
+        assert_eq!(output_value("text/plain", b"hi"), json!("hi"));
+        assert_eq!(
+            output_value("application/octet-stream", &[0xff]),
+            json!({"base64": "/w=="})
+        );
+    }
+}
