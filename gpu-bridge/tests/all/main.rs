@@ -12,6 +12,7 @@
 mod errors;
 mod harness;
 mod memory;
+mod models;
 mod ops;
 mod props;
 mod reference;

@@ -1,0 +1,496 @@
+//! The model registry: manifests, checksums, resident sharing, eviction.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use gust_gpu_bridge::backend::cpu::CpuBackend;
+use gust_gpu_bridge::models::{FileRole, ModelRegistry, RegistryConfig, RegistryStats};
+use gust_gpu_bridge::{DType, Device, DeviceOptions, ErrorCode, dtype};
+use safetensors::Dtype;
+use safetensors::tensor::TensorView;
+use sha2::{Digest, Sha256};
+
+use crate::harness::{Rng, block_on};
+
+/// A cpu device of its own per test, so budgets and byte counts are not
+/// shared with tests running beside it.
+fn cpu() -> Device {
+    Device::start_inline(CpuBackend::new(1 << 30), DeviceOptions::default()).unwrap()
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// One tensor to write: name, safetensors dtype, shape, little-endian bytes.
+struct Spec {
+    name: &'static str,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+fn f32_spec(name: &'static str, shape: &[usize], values: &[f32]) -> Spec {
+    Spec {
+        name,
+        dtype: Dtype::F32,
+        shape: shape.to_vec(),
+        data: dtype::f32_to_bytes(values),
+    }
+}
+
+fn safetensors_bytes(specs: &[Spec]) -> Vec<u8> {
+    let views: Vec<(&str, TensorView<'_>)> = specs
+        .iter()
+        .map(|s| {
+            (
+                s.name,
+                TensorView::new(s.dtype, s.shape.clone(), &s.data).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize(views, None).unwrap()
+}
+
+/// Write `<root>/<name>/` with `model.safetensors`, a `config.json` and a
+/// manifest with the right checksums; returns the model folder.
+fn write_model(root: &Path, name: &str, specs: &[Spec]) -> PathBuf {
+    let folder = root.join(name);
+    std::fs::create_dir_all(&folder).unwrap();
+    let weights = safetensors_bytes(specs);
+    std::fs::write(folder.join("model.safetensors"), &weights).unwrap();
+    let config = br#"{"hidden_size": 4}"#;
+    std::fs::write(folder.join("config.json"), config).unwrap();
+    let manifest = format!(
+        r#"name = "{name}"
+family = "generic"
+dtype = "f32"
+
+[[files]]
+path = "model.safetensors"
+sha256 = "{}"
+role = "weights"
+format = "safetensors"
+
+[[files]]
+path = "config.json"
+sha256 = "{}"
+role = "config"
+"#,
+        sha256(&weights),
+        sha256(config)
+    );
+    std::fs::write(folder.join("gust-model.toml"), manifest).unwrap();
+    folder
+}
+
+/// A model of `n` random f32 values in one tensor (`4n` bytes).
+fn write_sized(root: &Path, name: &str, n: usize, rng: &mut Rng) -> Vec<f32> {
+    let values = rng.f32s(n);
+    write_model(root, name, &[f32_spec("w", &[n], &values)]);
+    values
+}
+
+fn read_f32(device: &Device, tensor: &gust_gpu_bridge::Tensor) -> Vec<f32> {
+    let account = gust_gpu_bridge::Account::new("reader", None, None);
+    let bytes = block_on(device.read(tensor, &account)).unwrap();
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+#[test]
+fn a_model_loads_once_and_its_weights_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::fresh();
+    let w = rng.f32s(12);
+    let b = rng.f32s(3);
+    write_model(
+        dir.path(),
+        "tiny",
+        &[
+            f32_spec("layer.weight", &[4, 3], &w),
+            f32_spec("layer.bias", &[3], &b),
+        ],
+    );
+    let registry = ModelRegistry::open(dir.path()).unwrap();
+    assert!(registry.problems().is_empty(), "{:?}", registry.problems());
+    assert_eq!(
+        registry
+            .list()
+            .map(|e| e.manifest.name.as_str())
+            .collect::<Vec<_>>(),
+        ["tiny"]
+    );
+    let device = cpu();
+
+    let model = block_on(registry.load("tiny", &device)).unwrap();
+    assert_eq!(model.name(), "tiny");
+    assert_eq!(model.family(), "generic");
+    assert_eq!(
+        model.tensor_names().collect::<Vec<_>>(),
+        ["layer.bias", "layer.weight"]
+    );
+    assert_eq!(model.bytes(), 15 * 4);
+    assert_eq!(
+        model.manifest().file(FileRole::Config).unwrap().path,
+        Path::new("config.json")
+    );
+    let weight = model.tensor("layer.weight").unwrap();
+    assert_eq!(weight.shape(), [4, 3]);
+    assert_eq!(weight.dtype(), DType::F32);
+    assert_eq!(read_f32(&device, weight), w, "seed {}", rng.seed);
+    assert_eq!(read_f32(&device, model.tensor("layer.bias").unwrap()), b);
+    assert!(model.tensor("nope").is_none());
+    assert_eq!(registry.account().used_bytes(), 60);
+    assert_eq!(registry.resident_bytes(&device), 60);
+
+    let again = block_on(registry.load("tiny", &device)).unwrap();
+    assert!(
+        Arc::ptr_eq(&model, &again),
+        "a second load shares the model"
+    );
+    assert_eq!(
+        registry.stats(),
+        RegistryStats {
+            loads: 1,
+            hits: 1,
+            failures: 0,
+            evictions: 0
+        }
+    );
+
+    // Another device gets its own copy.
+    let other = cpu();
+    let there = block_on(registry.load("tiny", &other)).unwrap();
+    assert!(!Arc::ptr_eq(&model, &there));
+    assert_eq!(registry.account().used_bytes(), 120);
+}
+
+#[test]
+fn half_and_integer_tensors_keep_their_dtype_and_i64_narrows() {
+    let dir = tempfile::tempdir().unwrap();
+    let halves: Vec<u8> = [1.5f32, -2.0]
+        .iter()
+        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+        .collect();
+    let ints: Vec<u8> = [7i32, -3, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    write_model(
+        dir.path(),
+        "mixed",
+        &[
+            Spec {
+                name: "h",
+                dtype: Dtype::F16,
+                shape: vec![2],
+                data: halves.clone(),
+            },
+            Spec {
+                name: "i",
+                dtype: Dtype::I32,
+                shape: vec![3],
+                data: ints.clone(),
+            },
+            Spec {
+                name: "position_ids",
+                dtype: Dtype::I64,
+                shape: vec![1, 3],
+                data: [7i64, -3, 0].iter().flat_map(|v| v.to_le_bytes()).collect(),
+            },
+        ],
+    );
+    let registry = ModelRegistry::open(dir.path()).unwrap();
+    let device = cpu();
+    let model = block_on(registry.load("mixed", &device)).unwrap();
+    let account = registry.account();
+    let h = model.tensor("h").unwrap();
+    assert_eq!(h.dtype(), DType::F16);
+    assert_eq!(block_on(device.read(h, account)).unwrap(), halves);
+    let i = model.tensor("i").unwrap();
+    assert_eq!(i.dtype(), DType::I32);
+    assert_eq!(block_on(device.read(i, account)).unwrap(), ints);
+    // int64 index tensors load narrowed to i32.
+    let p = model.tensor("position_ids").unwrap();
+    assert_eq!((p.dtype(), p.shape()), (DType::I32, &[1, 3][..]));
+    assert_eq!(block_on(device.read(p, account)).unwrap(), ints);
+}
+
+#[test]
+fn concurrent_first_loads_load_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::fresh();
+    write_sized(dir.path(), "shared", 4096, &mut rng);
+    let registry = Arc::new(ModelRegistry::open(dir.path()).unwrap());
+    let device = cpu();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .build()
+        .unwrap();
+    let models = runtime.block_on(async {
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let registry = Arc::clone(&registry);
+                let device = device.clone();
+                tokio::spawn(async move { registry.load("shared", &device).await })
+            })
+            .collect();
+        let mut models = Vec::new();
+        for task in tasks {
+            models.push(task.await.unwrap().unwrap());
+        }
+        models
+    });
+    assert!(models.iter().all(|m| Arc::ptr_eq(m, &models[0])));
+    let stats = registry.stats();
+    assert_eq!(stats.loads, 1, "{stats:?}");
+    assert_eq!(stats.hits, 7, "{stats:?}");
+    assert_eq!(registry.account().used_bytes(), 4096 * 4);
+}
+
+#[test]
+fn a_checksum_mismatch_names_the_file_and_both_hashes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::fresh();
+    let folder = write_model(dir.path(), "bad-sum", &[f32_spec("w", &[4], &rng.f32s(4))]);
+    let expected = sha256(&std::fs::read(folder.join("model.safetensors")).unwrap());
+    // Same length, one value changed: still valid safetensors.
+    let tampered = safetensors_bytes(&[f32_spec("w", &[4], &[9.0; 4])]);
+    std::fs::write(folder.join("model.safetensors"), &tampered).unwrap();
+
+    let registry = ModelRegistry::open(dir.path()).unwrap();
+    let err = block_on(registry.load("bad-sum", &cpu())).unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
+    assert!(err.message.contains("model.safetensors"), "{err}");
+    assert!(err.message.contains(&expected), "{err}");
+    assert!(err.message.contains(&sha256(&tampered)), "{err}");
+    assert_eq!(registry.account().used_bytes(), 0);
+    assert_eq!(registry.stats().failures, 1);
+
+    // Garbage is reported as a mismatch too, not as a parse error.
+    std::fs::write(folder.join("model.safetensors"), b"not safetensors").unwrap();
+    let err = block_on(registry.load("bad-sum", &cpu())).unwrap_err();
+    assert!(err.message.contains("has sha256"), "{err}");
+}
+
+#[test]
+fn a_missing_file_is_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = write_model(dir.path(), "gone", &[f32_spec("w", &[1], &[1.0])]);
+    std::fs::remove_file(folder.join("config.json")).unwrap();
+    let registry = ModelRegistry::open(dir.path()).unwrap();
+    let err = block_on(registry.load("gone", &cpu())).unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound, "{err}");
+    assert!(err.message.contains("config.json"), "{err}");
+}
+
+#[test]
+fn a_bad_manifest_is_reported_and_the_others_still_load() {
+    let dir = tempfile::tempdir().unwrap();
+    write_model(dir.path(), "good", &[f32_spec("w", &[1], &[1.0])]);
+    let bad = write_model(dir.path(), "bad", &[f32_spec("w", &[1], &[1.0])]);
+    let manifest = bad.join("gust-model.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(
+        &manifest,
+        text.replace("role = \"config\"", "role = \"config\"\ncolour = \"red\""),
+    )
+    .unwrap();
+    // Not a model folder: ignored, not reported.
+    std::fs::create_dir(dir.path().join("notes")).unwrap();
+
+    let registry = ModelRegistry::open(dir.path()).unwrap();
+    assert_eq!(registry.list().len(), 1);
+    let problems = registry.problems();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].0, bad);
+    let message = &problems[0].1.message;
+    assert!(
+        message.contains(&format!("{}:15:1", manifest.display())),
+        "{message}"
+    );
+    assert!(message.contains("colour"), "{message}");
+
+    block_on(registry.load("good", &cpu())).unwrap();
+    let err = block_on(registry.load("bad", &cpu())).unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+    assert!(err.message.contains("available: good"), "{err}");
+}
+
+#[test]
+fn gguf_and_unsupported_dtypes_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("llama-ish");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::write(folder.join("m.gguf"), b"GGUF").unwrap();
+    std::fs::write(
+        folder.join("gust-model.toml"),
+        format!(
+            "name = \"llama-ish\"\nfamily = \"llama\"\ndtype = \"f16\"\n\n[[files]]\n\
+             path = \"m.gguf\"\nsha256 = \"{}\"\nrole = \"weights\"\nformat = \"gguf\"\n",
+            sha256(b"GGUF")
+        ),
+    )
+    .unwrap();
+    write_model(
+        dir.path(),
+        "wide",
+        &[Spec {
+            name: "ids",
+            dtype: Dtype::F64,
+            shape: vec![2],
+            data: vec![0; 16],
+        }],
+    );
+    write_model(
+        dir.path(),
+        "too-long",
+        &[Spec {
+            name: "big",
+            dtype: Dtype::I64,
+            shape: vec![2],
+            data: [1i64, 1 << 40]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        }],
+    );
+    let registry = ModelRegistry::open(dir.path()).unwrap();
+    let err = block_on(registry.load("llama-ish", &cpu())).unwrap_err();
+    assert_eq!(err.code, ErrorCode::Unsupported, "{err}");
+    assert!(
+        err.message.contains("gguf weights are not supported yet"),
+        "{err}"
+    );
+    let err = block_on(registry.load("wide", &cpu())).unwrap_err();
+    assert_eq!(err.code, ErrorCode::Unsupported, "{err}");
+    assert!(err.message.contains("`ids`"), "{err}");
+    assert!(err.message.contains("F64"), "{err}");
+    let err = block_on(registry.load("too-long", &cpu())).unwrap_err();
+    assert_eq!(err.code, ErrorCode::Unsupported, "{err}");
+    assert!(err.message.contains("`big`"), "{err}");
+    assert!(err.message.contains(&(1i64 << 40).to_string()), "{err}");
+}
+
+#[test]
+fn eviction_takes_the_least_recently_used_model_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::fresh();
+    // 400 bytes each; a 1000-byte budget holds two.
+    for name in ["a", "b", "c"] {
+        write_sized(dir.path(), name, 100, &mut rng);
+    }
+    let registry = ModelRegistry::open_with(
+        dir.path(),
+        RegistryConfig {
+            memory_budget_bytes: 1000,
+        },
+    )
+    .unwrap();
+    let device = cpu();
+    drop(block_on(registry.load("a", &device)).unwrap());
+    drop(block_on(registry.load("b", &device)).unwrap());
+    // Using `a` again makes `b` the least recently used.
+    drop(block_on(registry.load("a", &device)).unwrap());
+    assert_eq!(registry.resident_models(&device), ["b", "a"]);
+
+    drop(block_on(registry.load("c", &device)).unwrap());
+    assert_eq!(registry.resident_models(&device), ["a", "c"]);
+    assert_eq!(registry.stats().evictions, 1);
+    assert_eq!(registry.resident_bytes(&device), 800);
+    assert_eq!(
+        registry.account().used_bytes(),
+        800,
+        "the evicted tensors are freed"
+    );
+    assert_eq!(device.used_bytes(), 800);
+    // `b` comes back on demand (evicting `a`, now the oldest).
+    drop(block_on(registry.load("b", &device)).unwrap());
+    assert_eq!(registry.resident_models(&device), ["c", "b"]);
+    assert_eq!(registry.stats().loads, 4);
+}
+
+#[test]
+fn models_in_use_are_never_evicted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::fresh();
+    for name in ["a", "b", "c"] {
+        write_sized(dir.path(), name, 100, &mut rng);
+    }
+    write_sized(dir.path(), "huge", 1000, &mut rng);
+    let registry = ModelRegistry::open_with(
+        dir.path(),
+        RegistryConfig {
+            memory_budget_bytes: 1000,
+        },
+    )
+    .unwrap();
+    let device = cpu();
+    let a = block_on(registry.load("a", &device)).unwrap();
+    let b = block_on(registry.load("b", &device)).unwrap();
+
+    let err = block_on(registry.load("c", &device)).unwrap_err();
+    assert_eq!(err.code, ErrorCode::OutOfMemory, "{err}");
+    assert!(err.message.contains("model `c` needs 400 bytes"), "{err}");
+    assert!(err.message.contains("(a, b)"), "{err}");
+    assert_eq!(
+        registry.resident_models(&device),
+        ["a", "b"],
+        "nothing evicted"
+    );
+    assert_eq!(registry.account().used_bytes(), 800);
+
+    // Once `b` is let go, it makes room; `a` is still held and stays.
+    drop(b);
+    let c = block_on(registry.load("c", &device)).unwrap();
+    assert_eq!(registry.resident_models(&device), ["a", "c"]);
+    assert_eq!(read_f32(&device, a.tensor("w").unwrap()).len(), 100);
+
+    // Bigger than the whole budget: refused whatever is free.
+    drop((a, c));
+    let err = block_on(registry.load("huge", &device)).unwrap_err();
+    assert_eq!(err.code, ErrorCode::OutOfMemory, "{err}");
+    assert!(
+        err.message.contains("larger than the whole budget"),
+        "{err}"
+    );
+    assert_eq!(registry.resident_models(&device), ["a", "c"]);
+    assert_eq!(registry.evict_unused(&device), 800);
+    assert_eq!(registry.account().used_bytes(), 0);
+}
+
+/// The real MiniLM from `scripts/fetch-models.sh`, when it has been fetched.
+#[test]
+fn the_fetched_minilm_loads_when_present() {
+    let dir = std::env::var_os("GUST_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../gust-data/models"));
+    if !dir
+        .join("all-minilm-l6-v2")
+        .join("gust-model.toml")
+        .is_file()
+    {
+        eprintln!(
+            "skipping the MiniLM test: no all-minilm-l6-v2 in {} \
+             (run scripts/fetch-models.sh or set GUST_MODELS_DIR)",
+            dir.display()
+        );
+        return;
+    }
+    let registry = ModelRegistry::open(&dir).unwrap();
+    let device = cpu();
+    let model = block_on(registry.load("all-minilm-l6-v2", &device)).unwrap();
+    assert_eq!(model.family(), "bert");
+    let embeddings = model.tensor("embeddings.word_embeddings.weight").unwrap();
+    assert_eq!(embeddings.shape(), [30522, 384]);
+    assert_eq!(embeddings.dtype(), DType::F32);
+    assert!(model.bytes() > 80_000_000, "{}", model.bytes());
+    assert_eq!(
+        model.tensor("embeddings.position_ids").map(|t| t.dtype()),
+        Some(DType::I32)
+    );
+    if registry.get("smollm2-135m-instruct").is_some() {
+        let err = block_on(registry.load("smollm2-135m-instruct", &device)).unwrap_err();
+        assert_eq!(err.code, ErrorCode::Unsupported, "{err}");
+    }
+}
