@@ -434,7 +434,9 @@ pub(crate) async fn map(
     } else {
         Format::Array
     };
-    let fan_out = (policy.max_concurrency as usize).max(1);
+    // The tenant's concurrency, but never more workers than the host can
+    // run at once: a policy may allow far more than the instance pool.
+    let fan_out = (policy.max_concurrency as usize).clamp(1, state.host_capacity.max(1));
     let limit = usize::try_from(policy.max_body_bytes).unwrap_or(usize::MAX);
     let splitter = Splitter::new(format, limit);
     let body = request.into_body();
