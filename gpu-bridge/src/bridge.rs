@@ -74,7 +74,17 @@ impl Bridge {
             info!(backend = %d.kind, name = %d.name, is_gpu = d.is_gpu, memory_bytes = d.memory_bytes, "gpu bridge device ready");
         }
         for (kind, why) in &unavailable {
-            warn!(backend = %kind, reason = %why, "gpu bridge backend unavailable");
+            let compiled = match kind {
+                BackendKind::Cuda => cfg!(feature = "cuda"),
+                BackendKind::Wgpu => cfg!(feature = "wgpu"),
+                BackendKind::Cpu => true,
+            };
+            // A backend left out of the build is a choice, not a problem.
+            if compiled {
+                warn!(backend = %kind, reason = %why, "gpu bridge backend unavailable");
+            } else {
+                info!(backend = %kind, reason = %why, "gpu bridge backend not compiled in");
+            }
         }
         Ok(Self {
             devices,

@@ -152,9 +152,11 @@ impl WgpuBackend {
             ));
         }
         let mut instance_desc = wgpu::InstanceDescriptor::new_without_display_handle();
-        instance_desc.backends = wgpu::Backends::all();
-        // WGPU_BACKEND and friends still narrow the choice, as in any wgpu
-        // program (e.g. WGPU_BACKEND=vulkan to skip probing GL).
+        // Vulkan, Metal and DX12 only: the GL backend has no compute
+        // shaders worth using here, and probing it on a headless machine
+        // logs EGL driver errors at every start. WGPU_BACKEND and friends
+        // still override the choice, as in any wgpu program.
+        instance_desc.backends = wgpu::Backends::PRIMARY;
         let instance = wgpu::Instance::new(instance_desc.with_env());
         let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
             power_preference: wgpu::PowerPreference::HighPerformance,
