@@ -10,11 +10,6 @@
 //!
 //! as invocations/s and ratios, then the process's peak RSS after maps of
 //! 10,000 and 100,000 inputs (bounded memory means the second adds little).
-//!
-//! Known: sled 0.34.7 can deadlock under this sustained load of
-//! invocation-record transactions (a transaction waiting in
-//! `pagecache::segment::bump_tip` while holding sled's concurrency lock);
-//! when the bench hangs, that is where (see benches/README.md).
 
 #![allow(
     missing_docs,

@@ -39,6 +39,7 @@
 
 use std::fmt::{self, Write as _};
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -63,9 +64,8 @@ const FORMAT_KEY: &[u8] = b"gust_meta_format";
 /// long.
 const PURGE_BATCH: usize = 256;
 
-/// How often `record_invocation` restarts when the function is deleted and
-/// re-deployed between its scan and its transaction.
-const MAX_ATTEMPTS: usize = 16;
+/// sled's page cache, in bytes.
+const CACHE_BYTES: u64 = 64 << 20;
 
 const INVOCATIONS: &str = "invocations";
 
@@ -89,6 +89,14 @@ pub struct SledStore {
     invocation_counts: Tree,
     purges: Tree,
     retention: usize,
+    /// Serialises invocation-record writes (and function deletes, which
+    /// reset their counts) within this process. Records are written with
+    /// plain sled operations under this lock rather than in a sled
+    /// transaction: sled 0.34.7 can deadlock when a transaction waits for
+    /// log space while holding its global concurrency lock (upstream issues
+    /// #1412 and #1301), which stopped the whole host under sustained
+    /// invoke load.
+    records: Arc<std::sync::Mutex<()>>,
 }
 
 impl fmt::Debug for SledStore {
@@ -122,33 +130,19 @@ type RecordKeys = (IVec, Option<Vec<u8>>);
 
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 
-/// A record for `append_and_prune` to add.
-#[derive(Clone, Copy)]
-struct Append<'a> {
-    /// The invocation id (for messages).
-    id: &'a str,
-    /// Its `invocations` key.
-    record_key: &'a [u8],
-    /// The encoded record.
-    value: &'a [u8],
-    /// Its `invocation_ids` key.
-    id_key: &'a [u8],
-}
-
-/// What one retention transaction did.
-enum Appended {
-    /// Done; the function now has this many records.
-    Count(u64),
-    /// The function was deleted and re-deployed meanwhile: start over.
-    Retry,
-}
-
 impl SledStore {
     /// Opens (creating) the database at `path`, keeping at most
     /// `retention_per_function` invocation records per function (0 keeps
     /// none), and finishes the purges a crash interrupted.
     pub fn open(path: &Path, retention_per_function: usize) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(path).open().map_err(backend)?;
+        // sled caches up to 1 GiB of pages by default; invocation records
+        // are write-mostly logs, so a small cache bounds the host's memory
+        // without slowing reads that matter.
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(CACHE_BYTES)
+            .open()
+            .map_err(backend)?;
         match db.get(FORMAT_KEY).map_err(backend)? {
             None => {
                 db.insert(FORMAT_KEY, FORMAT_VERSION).map_err(backend)?;
@@ -177,6 +171,7 @@ impl SledStore {
             purges: tree("purges")?,
             db,
             retention: retention_per_function,
+            records: Arc::new(std::sync::Mutex::new(())),
         };
         store.finish_purges()?;
         Ok(store)
@@ -227,70 +222,6 @@ impl SledStore {
             }
         }
         Ok(found)
-    }
-
-    /// One transaction: optionally appends a record, then drops `candidates`
-    /// while the function has more than the retention bound.
-    fn append_and_prune(
-        &self,
-        function_key: &[u8],
-        incarnation: u64,
-        append: Option<Append<'_>>,
-        candidates: &[RecordKeys],
-        what: &str,
-    ) -> Result<Appended, StoreError> {
-        let retention = self.retention as u64;
-        (
-            &self.functions,
-            &self.invocations,
-            &self.invocation_ids,
-            &self.invocation_counts,
-        )
-            .transaction(|(functions, invocations, ids, counts)| {
-                let Some(current) = functions.get(function_key)? else {
-                    return abort(StoreError::Missing(what.to_owned()));
-                };
-                let current: StoredFunction =
-                    decode("functions", function_key, &current).map_err(Abort)?;
-                if current.incarnation != incarnation {
-                    return Ok(Appended::Retry);
-                }
-                let mut count =
-                    decode_count(function_key, counts.get(function_key)?).map_err(Abort)?;
-                if let Some(Append {
-                    id,
-                    record_key,
-                    value,
-                    id_key,
-                }) = append
-                {
-                    if let Some(existing) = ids.get(id_key)? {
-                        // Ids are unique, so an existing one is a retried
-                        // write: fine if it is the same record.
-                        return match invocations.get(&existing)? {
-                            Some(stored) if stored.as_ref() == value => Ok(Appended::Count(count)),
-                            _ => abort(StoreError::Conflict(format!("invocation {id:?}"))),
-                        };
-                    }
-                    invocations.insert(record_key, value)?;
-                    ids.insert(id_key, record_key)?;
-                    count = count.saturating_add(1);
-                }
-                for (key, id_key) in candidates {
-                    if count <= retention {
-                        break;
-                    }
-                    if invocations.remove(key)?.is_some() {
-                        count = count.saturating_sub(1);
-                        if let Some(id_key) = id_key {
-                            remove_if_points_to(ids, id_key, key)?;
-                        }
-                    }
-                }
-                counts.insert(function_key, &count.to_be_bytes()[..])?;
-                Ok(Appended::Count(count))
-            })
-            .map_err(tx_error)
     }
 
     /// The atomic part of `delete_function`: removes the function and its
@@ -541,6 +472,10 @@ impl MetaStore for SledStore {
         tenant: &str,
         name: &str,
     ) -> Result<Option<FunctionRecord>, StoreError> {
+        let _records = self
+            .records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(stored) = self.remove_function(tenant, name)? else {
             return Ok(None);
         };
@@ -575,59 +510,54 @@ impl MetaStore for SledStore {
         let id_key = invocation_id_key(&record.tenant, &record.id);
         let seq = self.db.generate_id().map_err(backend)?;
         let retention = self.retention as u64;
-        for _ in 0..MAX_ATTEMPTS {
-            let Some(stored) = self.load_function(&function_key)? else {
-                return Err(StoreError::Missing(what));
+        // See `records`: plain writes, one writer at a time. A crash between
+        // them leaves at worst a record without its id entry or a count one
+        // off, both of which retention and reads already tolerate.
+        let _records = self
+            .records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(stored) = self.load_function(&function_key)? else {
+            return Err(StoreError::Missing(what));
+        };
+        if let Some(existing) = self.invocation_ids.get(&id_key).map_err(backend)? {
+            // Ids are unique, so an existing one is a retried write: fine if
+            // it is the same record.
+            return match self.invocations.get(&existing).map_err(backend)? {
+                Some(current) if current.as_ref() == value.as_slice() => Ok(()),
+                _ => Err(StoreError::Conflict(format!("invocation {:?}", record.id))),
             };
-            let prefix = invocation_prefix(&record.tenant, &record.function, stored.incarnation);
-            let mut record_key = prefix.clone();
-            record_key.extend_from_slice(&seq.to_be_bytes());
-            let excess = self
-                .count(&function_key)?
-                .saturating_add(1)
-                .saturating_sub(retention);
-            let candidates = self.oldest(&prefix, excess)?;
-            let appended = self.append_and_prune(
-                &function_key,
-                stored.incarnation,
-                Some(Append {
-                    id: &record.id,
-                    record_key: &record_key,
-                    value: &value,
-                    id_key: &id_key,
-                }),
-                &candidates,
-                &what,
-            )?;
-            let mut count = match appended {
-                Appended::Retry => continue,
-                Appended::Count(count) => count,
-            };
-            // Concurrent appends may have removed the same candidates; trim
-            // until the bound holds (each pass removes at least one record
-            // unless another writer is trimming too).
-            for _ in 0..MAX_ATTEMPTS {
-                if count <= retention {
-                    break;
-                }
-                let candidates = self.oldest(&prefix, count - retention)?;
-                match self.append_and_prune(
-                    &function_key,
-                    stored.incarnation,
-                    None,
-                    &candidates,
-                    &what,
-                )? {
-                    Appended::Count(now) => count = now,
-                    Appended::Retry => break,
+        }
+        let prefix = invocation_prefix(&record.tenant, &record.function, stored.incarnation);
+        let mut record_key = prefix.clone();
+        record_key.extend_from_slice(&seq.to_be_bytes());
+        self.invocations
+            .insert(&record_key, value.as_slice())
+            .map_err(backend)?;
+        self.invocation_ids
+            .insert(&id_key, record_key.as_slice())
+            .map_err(backend)?;
+        let mut count = self.count(&function_key)?.saturating_add(1);
+        if count > retention {
+            for (key, id_key) in self.oldest(&prefix, count - retention)? {
+                if self.invocations.remove(&key).map_err(backend)?.is_some() {
+                    count = count.saturating_sub(1);
+                    if let Some(id_key) = id_key
+                        && self
+                            .invocation_ids
+                            .get(&id_key)
+                            .map_err(backend)?
+                            .is_some_and(|current| current.as_ref() == AsRef::<[u8]>::as_ref(&key))
+                    {
+                        self.invocation_ids.remove(&id_key).map_err(backend)?;
+                    }
                 }
             }
-            return Ok(());
         }
-        Err(StoreError::Backend(format!(
-            "{what} was re-deployed concurrently {MAX_ATTEMPTS} times; invocation {} not recorded",
-            record.id
-        )))
+        self.invocation_counts
+            .insert(&function_key, &count.to_be_bytes()[..])
+            .map_err(backend)?;
+        Ok(())
     }
 
     fn invocation(&self, tenant: &str, id: &str) -> Result<Option<InvocationRecord>, StoreError> {
