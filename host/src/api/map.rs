@@ -24,7 +24,9 @@ use super::handlers::{call_limits, found, outcome_problem, record};
 use super::problem::Problem;
 use super::state::{AppState, Deployment, Permit};
 use super::{BoxError, ResponseBody};
-use crate::runtime::{LoadedComponent, Outcome, Request as CallRequest, World, new_invocation_id};
+use crate::runtime::{
+    CallLimits, LoadedComponent, Outcome, Request as CallRequest, World, new_invocation_id,
+};
 use crate::store::now_millis;
 
 /// Inputs that may be read ahead of the first one not yet written back, per
@@ -268,29 +270,31 @@ async fn admit_waiting(state: &AppState, tenant: &str, limit: usize) -> (Permit,
     }
 }
 
+/// What every input of one map runs against, resolved once per request.
+struct MapTarget {
+    state: Arc<AppState>,
+    tenant: String,
+    deployment: Deployment,
+    component: LoadedComponent,
+    limits: CallLimits,
+    max_concurrency: usize,
+}
+
 /// Run one input and describe the result as its output line.
-async fn run_one(
-    state: &AppState,
-    tenant: &str,
-    deployment: &Deployment,
-    component: &LoadedComponent,
-    index: u64,
-    input: Result<Vec<u8>, ItemError>,
-) -> Bytes {
+async fn run_one(target: &MapTarget, index: u64, input: Result<Vec<u8>, ItemError>) -> Bytes {
     let (body, content_type) = match input.and_then(|text| input_body(&text)) {
         Ok(parts) => parts,
         Err(e) => return item_error_line(index, &e),
     };
-    let policy = state.policies.for_tenant(tenant);
-    let limits = match call_limits(state, tenant, policy) {
-        Ok(limits) => limits,
-        Err(problem) => {
-            return line(
-                &json!({ "index": index, "error": { "code": problem.code(), "status": problem.status().as_u16(), "message": problem.detail() } }),
-            );
-        }
-    };
-    let permits = admit_waiting(state, tenant, policy.max_concurrency as usize).await;
+    let MapTarget {
+        state,
+        tenant,
+        deployment,
+        component,
+        limits,
+        max_concurrency,
+    } = target;
+    let permits = admit_waiting(state, tenant, *max_concurrency).await;
     let started_at = now_millis();
     let started = Instant::now();
     let id = new_invocation_id(started_at);
@@ -300,7 +304,7 @@ async fn run_one(
         headers: Vec::new(),
         invocation_id: id.clone(),
     };
-    let invocation = state.runtime.invoke(component, call, &limits).await;
+    let invocation = state.runtime.invoke(component, call, limits).await;
     drop(permits);
     let (status, value) = match &invocation.outcome {
         Outcome::Ok(reply) if reply.status < 400 => (
@@ -344,27 +348,27 @@ async fn read_inputs(
     let mut index = 0u64;
     let mut ready = Vec::new();
     let mut fault = None;
-    loop {
-        let frame = match body.frame().await {
-            Some(Ok(frame)) => frame,
+    let mut ended = false;
+    while !ended {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data()
+                    && let Err(e) = splitter.push(&data, &mut ready)
+                {
+                    fault = Some(e);
+                    ended = true;
+                }
+            }
             Some(Err(e)) => {
                 fault = Some(Malformed(format!("reading the request body failed: {e}")));
-                break;
+                ended = true;
             }
             None => {
-                if let Err(e) = splitter.finish(&mut ready) {
-                    fault = Some(e);
-                }
-                break;
+                fault = splitter.finish(&mut ready).err();
+                ended = true;
             }
-        };
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        if let Err(e) = splitter.push(&data, &mut ready) {
-            fault = Some(e);
-            break;
         }
+        // Inputs found before a fault still run.
         for item in ready.drain(..) {
             let Ok(permit) = window.acquire().await else {
                 return;
@@ -375,16 +379,6 @@ async fn read_inputs(
             }
             index += 1;
         }
-    }
-    for item in ready.drain(..) {
-        let Ok(permit) = window.acquire().await else {
-            return;
-        };
-        permit.forget();
-        if inputs.send((index, item)).await.is_err() {
-            return;
-        }
-        index += 1;
     }
     if let Some(Malformed(message)) = fault {
         // Reported in order, as the line after the last input found.
@@ -439,10 +433,18 @@ pub(crate) async fn map(
     let fan_out = (policy.max_concurrency as usize).clamp(1, state.host_capacity.max(1));
     let limit = usize::try_from(policy.max_body_bytes).unwrap_or(usize::MAX);
     let splitter = Splitter::new(format, limit);
+    // Resolved once (volumes are checked on disk), not per input.
+    let target = Arc::new(MapTarget {
+        limits: call_limits(state, &tenant, policy)?,
+        max_concurrency: policy.max_concurrency as usize,
+        state: Arc::clone(state),
+        tenant,
+        deployment,
+        component,
+    });
     let body = request.into_body();
 
     let (chunks, chunk_stream) = mpsc::channel::<Chunk>(16);
-    let state = Arc::clone(state);
     tokio::spawn(async move {
         let window = Arc::new(Semaphore::new(fan_out * WINDOW_PER_WORKER));
         let (input_tx, input_rx) = mpsc::channel(fan_out);
@@ -455,22 +457,15 @@ pub(crate) async fn map(
             result_tx.clone(),
         ));
         let input_rx = Arc::new(Mutex::new(input_rx));
-        let deployment = Arc::new(deployment);
         let workers: Vec<_> = (0..fan_out)
             .map(|_| {
-                let (state, tenant, deployment, component) = (
-                    Arc::clone(&state),
-                    tenant.clone(),
-                    Arc::clone(&deployment),
-                    component.clone(),
-                );
+                let target = Arc::clone(&target);
                 let (input_rx, result_tx) = (Arc::clone(&input_rx), result_tx.clone());
                 tokio::spawn(async move {
                     loop {
                         let next = input_rx.lock().await.recv().await;
                         let Some((index, input)) = next else { return };
-                        let text =
-                            run_one(&state, &tenant, &deployment, &component, index, input).await;
+                        let text = run_one(&target, index, input).await;
                         if result_tx.send((index, text)).await.is_err() {
                             return;
                         }
@@ -500,7 +495,7 @@ pub(crate) async fn map(
             }
         }
         if disconnected {
-            tracing::info!(function = %deployment.record.name, written = next, "map stopped: the client went away");
+            tracing::info!(function = %target.deployment.record.name, written = next, "map stopped: the client went away");
             reader.abort();
             for worker in &workers {
                 worker.abort();
