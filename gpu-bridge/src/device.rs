@@ -153,6 +153,15 @@ struct DeviceInner {
 }
 
 impl DeviceInner {
+    /// Charge `spent` device time to `account` and to this device's total.
+    fn charge_time(&self, account: &Account, spent: Duration) {
+        account.charge_time(spent);
+        self.busy_nanos.fetch_add(
+            u64::try_from(spent.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::AcqRel,
+        );
+    }
+
     fn reserve(&self, bytes: u64) -> Result<()> {
         self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
@@ -394,14 +403,6 @@ impl Device {
         }
     }
 
-    fn charge_time(&self, account: &Account, spent: Duration) {
-        account.charge_time(spent);
-        self.inner.busy_nanos.fetch_add(
-            u64::try_from(spent.as_nanos()).unwrap_or(u64::MAX),
-            Ordering::AcqRel,
-        );
-    }
-
     fn run_inline<T>(
         &self,
         inline: &dyn InlineRunner,
@@ -416,7 +417,7 @@ impl Device {
                 result = Some(job(backend));
             }
         });
-        self.charge_time(account, started.elapsed());
+        self.inner.charge_time(account, started.elapsed());
         result.unwrap_or_else(|| Err(BridgeError::backend("the inline job did not run")))
     }
 
@@ -432,13 +433,8 @@ impl Device {
         let timed: Job = Box::new(move |backend| {
             let started = Instant::now();
             job(backend);
-            let spent = started.elapsed();
-            charged.charge_time(spent);
+            device.charge_time(&charged, started.elapsed());
             device.pending.fetch_sub(1, Ordering::AcqRel);
-            device.busy_nanos.fetch_add(
-                u64::try_from(spent.as_nanos()).unwrap_or(u64::MAX),
-                Ordering::AcqRel,
-            );
         });
         self.inner.pending.fetch_add(1, Ordering::AcqRel);
         self.inner.queue.send(timed).await.map_err(|_| {
