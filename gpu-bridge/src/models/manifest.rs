@@ -159,14 +159,28 @@ impl ModelFile {
     }
 }
 
-/// Dynamic-batching hints; parsed and kept for the serving layer.
+/// Dynamic batching of concurrent calls to one resident model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Batching {
-    /// The most requests one batch may hold.
+    /// The most inputs (texts) one batch may hold; a single request with
+    /// more runs as a batch of its own.
     pub max_batch: u32,
     /// How long the first request of a batch may wait for others.
     pub max_delay_ms: u64,
+    /// The most requests that may wait for a batch; one more is refused
+    /// with `quota-exceeded`. Defaults to four batches' worth.
+    #[serde(default)]
+    pub max_queue: Option<u32>,
+}
+
+impl Batching {
+    /// The queue bound in effect.
+    pub fn queue_limit(&self) -> usize {
+        self.max_queue
+            .map_or(self.max_batch as usize * 4, |q| q as usize)
+            .max(1)
+    }
 }
 
 /// A validated `gust-model.toml`.
@@ -480,7 +494,8 @@ max_delay_ms = 2
             m.batching,
             Some(Batching {
                 max_batch: 8,
-                max_delay_ms: 2
+                max_delay_ms: 2,
+                max_queue: None,
             })
         );
         assert_eq!(m.weights().count(), 1);

@@ -9,9 +9,15 @@
 //! [`ResidentModel`]; models nobody holds are evicted, least recently used
 //! first, when a load needs room in the per-device budget.
 
+mod batch;
+mod bert;
+mod graph;
 pub mod manifest;
 pub mod registry;
+mod runner;
 mod safetensors;
+
+pub use batch::BatchStats;
 
 pub use manifest::{
     Batching, FileFormat, FileRole, MANIFEST_FILE, ModelDType, ModelFile, ModelManifest,

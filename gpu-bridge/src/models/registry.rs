@@ -10,7 +10,9 @@ use tokio::sync::{OnceCell, oneshot};
 use crate::account::Account;
 use crate::device::{Device, Tensor};
 use crate::error::{BridgeError, ErrorCode, Result};
+use crate::models::batch::Batcher;
 use crate::models::manifest::{MANIFEST_FILE, ModelManifest};
+use crate::models::runner::{self, Runner};
 use crate::models::safetensors::{HostTensor, check_formats, read_model};
 
 /// How a registry spends device memory.
@@ -21,12 +23,17 @@ pub struct RegistryConfig {
     /// first; `u64::MAX` (the default) never evicts (the device's own
     /// memory still limits it).
     pub memory_budget_bytes: u64,
+    /// Batch concurrent calls of models whose manifest has `[batching]`;
+    /// off, every call runs alone (for comparison, or to trade throughput
+    /// for latency host-wide).
+    pub batching: bool,
 }
 
 impl Default for RegistryConfig {
     fn default() -> Self {
         Self {
             memory_budget_bytes: u64::MAX,
+            batching: true,
         }
     }
 }
@@ -63,6 +70,8 @@ pub struct ResidentModel {
     device: Device,
     tensors: BTreeMap<String, Tensor>,
     bytes: u64,
+    pub(super) runner: Runner,
+    pub(super) batcher: Option<Arc<Batcher>>,
 }
 
 impl std::fmt::Debug for ResidentModel {
@@ -442,12 +451,16 @@ impl ModelRegistry {
         std::thread::Builder::new()
             .name(format!("gust-model-{}", manifest.name))
             .spawn(move || {
-                let _ = reply.send(read_model(&folder, &read_manifest));
+                let read = read_model(&folder, &read_manifest).and_then(|mut tensors| {
+                    let prepared = runner::prepare(&folder, &read_manifest, &mut tensors)?;
+                    Ok((tensors, prepared))
+                });
+                let _ = reply.send(read);
             })
             .map_err(|e| {
                 BridgeError::backend(format!("cannot start a model reader thread: {e}"))
             })?;
-        let host_tensors = answer.await.map_err(|_| {
+        let (host_tensors, prepared) = answer.await.map_err(|_| {
             BridgeError::backend(format!(
                 "model `{}`: the reader thread stopped without an answer",
                 manifest.name
@@ -482,6 +495,11 @@ impl ModelRegistry {
                 format!("model `{}`: uploading: {}", manifest.name, e.message),
             )
         })?;
+        let runner = prepared.finish(manifest, &tensors)?;
+        let batcher = manifest
+            .batching
+            .filter(|_| self.config.batching)
+            .map(|config| Arc::new(Batcher::new(config, &manifest.name)));
         // No await from here on: the caller's cell is set in the same poll,
         // so the bytes are never counted without a model to evict.
         reservation.keep();
@@ -491,6 +509,8 @@ impl ModelRegistry {
             device: device.clone(),
             tensors,
             bytes,
+            runner,
+            batcher,
         }))
     }
 

@@ -1,0 +1,762 @@
+//! The BERT encoder family, written once over the bridge's ops so it runs on
+//! every backend: sentence embeddings by mean pooling over the last hidden
+//! state and L2 normalisation (what sentence-transformers does for
+//! all-MiniLM-L6-v2 and its relatives).
+//!
+//! Weights are rearranged on the host while loading, never per call: each
+//! linear layer's `[out, in]` matrix is transposed to the `[in, out]` the
+//! matmul wants, and the query, key and value projections are fused into
+//! one `[in, 3·out]` matrix with the attention scale folded into the query
+//! part, so a layer's attention starts with a single matmul.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+use crate::account::Account;
+use crate::device::{Device, Tensor};
+use crate::dtype::{self, DType};
+use crate::error::{BridgeError, Result};
+use crate::kernel::UnaryOp;
+use crate::models::graph::Graph;
+use crate::models::manifest::{FileRole, ModelManifest};
+use crate::models::safetensors::HostTensor;
+
+/// The most texts one `embed` call may carry: the attention scores of a
+/// batch grow with it, and a caller wanting more can split.
+pub(crate) const MAX_TEXTS: usize = 1024;
+
+/// The fields of a Hugging Face `config.json` the encoder needs; the rest of
+/// the file is training metadata and is ignored on purpose.
+#[derive(Debug, Clone, Deserialize)]
+struct BertConfig {
+    hidden_size: usize,
+    num_attention_heads: usize,
+    num_hidden_layers: usize,
+    #[serde(default = "default_eps")]
+    layer_norm_eps: f64,
+    max_position_embeddings: usize,
+    #[serde(default = "default_act")]
+    hidden_act: String,
+    #[serde(default = "default_position_type")]
+    position_embedding_type: String,
+}
+
+fn default_eps() -> f64 {
+    1e-12
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+
+fn default_position_type() -> String {
+    "absolute".into()
+}
+
+/// Names of the weights as laid out after [`prepare`].
+struct Names;
+
+impl Names {
+    fn layer(i: usize, rest: &str) -> String {
+        format!("encoder.layer.{i}.{rest}")
+    }
+}
+
+/// What [`prepare`] learnt on the reader thread, finished into a [`Bert`]
+/// once the weights are on the device.
+pub(crate) struct Prepared {
+    config: BertConfig,
+    tokenizer: Tokenizer,
+    activation: UnaryOp,
+}
+
+struct Layer {
+    qkv_weight: Tensor,
+    qkv_bias: Tensor,
+    attention_out_weight: Tensor,
+    attention_out_bias: Tensor,
+    attention_norm_weight: Tensor,
+    attention_norm_bias: Tensor,
+    intermediate_weight: Tensor,
+    intermediate_bias: Tensor,
+    output_weight: Tensor,
+    output_bias: Tensor,
+    output_norm_weight: Tensor,
+    output_norm_bias: Tensor,
+}
+
+/// A resident BERT encoder: its tokenizer and its weights on one device.
+pub(crate) struct Bert {
+    config: BertConfig,
+    tokenizer: Tokenizer,
+    activation: UnaryOp,
+    word_embeddings: Tensor,
+    position_embeddings: Tensor,
+    /// Only row 0 is used: every text is a single segment.
+    token_type_embeddings: Tensor,
+    embedding_norm_weight: Tensor,
+    embedding_norm_bias: Tensor,
+    layers: Vec<Layer>,
+}
+
+fn invalid(manifest: &ModelManifest, why: impl std::fmt::Display) -> BridgeError {
+    BridgeError::invalid(format!("model `{}` (bert): {why}", manifest.name))
+}
+
+/// Read the config and tokenizer and rearrange the weights in `tensors`
+/// (host memory, before upload). Blocks on disk; run on the reader thread.
+pub(crate) fn prepare(
+    folder: &Path,
+    manifest: &ModelManifest,
+    tensors: &mut BTreeMap<String, HostTensor>,
+) -> Result<Prepared> {
+    let config_file = manifest.file(FileRole::Config).ok_or_else(|| {
+        invalid(
+            manifest,
+            "the manifest lists no file with role = \"config\"",
+        )
+    })?;
+    let text = std::fs::read_to_string(folder.join(&config_file.path))
+        .map_err(|e| invalid(manifest, format!("{}: {e}", config_file.path.display())))?;
+    let config: BertConfig = serde_json::from_str(&text)
+        .map_err(|e| invalid(manifest, format!("{}: {e}", config_file.path.display())))?;
+    let heads = config.num_attention_heads;
+    if config.hidden_size == 0 || heads == 0 || !config.hidden_size.is_multiple_of(heads) {
+        return Err(invalid(
+            manifest,
+            format!(
+                "hidden_size {} is not a positive multiple of num_attention_heads {heads}",
+                config.hidden_size
+            ),
+        ));
+    }
+    if config.position_embedding_type != "absolute" {
+        return Err(BridgeError::unsupported(format!(
+            "model `{}` (bert): position_embedding_type {:?} (only \"absolute\")",
+            manifest.name, config.position_embedding_type
+        )));
+    }
+    let activation = match config.hidden_act.as_str() {
+        "gelu" => UnaryOp::Gelu,
+        "relu" => UnaryOp::Relu,
+        "silu" | "swish" => UnaryOp::Silu,
+        other => {
+            return Err(BridgeError::unsupported(format!(
+                "model `{}` (bert): hidden_act {other:?} (gelu, relu or silu)",
+                manifest.name
+            )));
+        }
+    };
+
+    let tokenizer_file = manifest.file(FileRole::Tokenizer).ok_or_else(|| {
+        invalid(
+            manifest,
+            "the manifest lists no file with role = \"tokenizer\"",
+        )
+    })?;
+    let mut tokenizer = Tokenizer::from_file(folder.join(&tokenizer_file.path))
+        .map_err(|e| invalid(manifest, format!("{}: {e}", tokenizer_file.path.display())))?;
+    // Shipped tokenizers often pad every text to a fixed length (128 for
+    // MiniLM): padding to the longest text of the batch does the same math
+    // on far fewer positions.
+    let padding = tokenizer.get_padding().cloned().unwrap_or_default();
+    tokenizer.with_padding(Some(PaddingParams {
+        strategy: PaddingStrategy::BatchLongest,
+        ..padding
+    }));
+    tokenizer
+        .with_truncation(Some(TruncationParams {
+            max_length: config.max_position_embeddings,
+            ..TruncationParams::default()
+        }))
+        .map_err(|e| invalid(manifest, format!("truncation: {e}")))?;
+
+    strip_prefix(tensors);
+    tensors.remove("embeddings.position_ids");
+    tensors.retain(|name, _| !name.starts_with("pooler."));
+    for tensor in tensors.values_mut() {
+        widen_to_f32(tensor);
+    }
+    let scale = 1.0 / ((config.hidden_size / heads) as f32).sqrt();
+    for i in 0..config.num_hidden_layers {
+        let mut parts = Vec::with_capacity(3);
+        let mut biases = Vec::with_capacity(3);
+        for (part, factor) in [("query", scale), ("key", 1.0), ("value", 1.0)] {
+            let weight = take(
+                manifest,
+                tensors,
+                &Names::layer(i, &format!("attention.self.{part}.weight")),
+            )?;
+            let bias = take(
+                manifest,
+                tensors,
+                &Names::layer(i, &format!("attention.self.{part}.bias")),
+            )?;
+            parts.push(scaled(transposed(manifest, weight)?, factor));
+            biases.push(scaled(bias, factor));
+        }
+        tensors.insert(
+            Names::layer(i, "attention.qkv.weight"),
+            concat_columns(manifest, &parts)?,
+        );
+        tensors.insert(
+            Names::layer(i, "attention.qkv.bias"),
+            concat_columns(manifest, &biases)?,
+        );
+        for linear in [
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+        ] {
+            let name = Names::layer(i, &format!("{linear}.weight"));
+            let weight = take(manifest, tensors, &name)?;
+            tensors.insert(name, transposed(manifest, weight)?);
+        }
+    }
+    Ok(Prepared {
+        config,
+        tokenizer,
+        activation,
+    })
+}
+
+/// Checkpoints saved from a task model (`BertForMaskedLM`, ...) prefix every
+/// name with `bert.`; the encoder's names are the same under it.
+fn strip_prefix(tensors: &mut BTreeMap<String, HostTensor>) {
+    if tensors.contains_key("embeddings.word_embeddings.weight")
+        || !tensors.contains_key("bert.embeddings.word_embeddings.weight")
+    {
+        return;
+    }
+    let prefixed = std::mem::take(tensors);
+    for (name, tensor) in prefixed {
+        if let Some(rest) = name.strip_prefix("bert.") {
+            tensors.insert(rest.to_owned(), tensor);
+        }
+    }
+}
+
+fn take(
+    manifest: &ModelManifest,
+    tensors: &mut BTreeMap<String, HostTensor>,
+    name: &str,
+) -> Result<HostTensor> {
+    tensors
+        .remove(name)
+        .ok_or_else(|| invalid(manifest, format!("the weights have no tensor `{name}`")))
+}
+
+/// f16 and bf16 weights computed in f32: widened once, here.
+fn widen_to_f32(tensor: &mut HostTensor) {
+    let values: Vec<f32> = match tensor.dtype {
+        DType::F16 => tensor
+            .data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        DType::BF16 => tensor
+            .data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => return,
+    };
+    tensor.dtype = DType::F32;
+    tensor.data = dtype::f32_to_bytes(&values);
+}
+
+fn f32_values(tensor: &HostTensor) -> Vec<f32> {
+    tensor
+        .data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+fn scaled(mut tensor: HostTensor, factor: f32) -> HostTensor {
+    if factor != 1.0 && tensor.dtype == DType::F32 {
+        let values: Vec<f32> = f32_values(&tensor).iter().map(|v| v * factor).collect();
+        tensor.data = dtype::f32_to_bytes(&values);
+    }
+    tensor
+}
+
+/// `[out, in]` to `[in, out]`.
+fn transposed(manifest: &ModelManifest, tensor: HostTensor) -> Result<HostTensor> {
+    let [rows, cols] = tensor.shape[..] else {
+        return Err(invalid(
+            manifest,
+            format!("a linear weight has shape {:?}, not 2-D", tensor.shape),
+        ));
+    };
+    if tensor.dtype != DType::F32 {
+        return Err(invalid(
+            manifest,
+            format!("a linear weight is {}, not a float type", tensor.dtype),
+        ));
+    }
+    let values = f32_values(&tensor);
+    let mut out = vec![0f32; values.len()];
+    for (r, row) in values.chunks_exact(cols).enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            out[c * rows + r] = *v;
+        }
+    }
+    Ok(HostTensor {
+        dtype: DType::F32,
+        shape: vec![cols, rows],
+        data: dtype::f32_to_bytes(&out),
+    })
+}
+
+/// Join `[in, a]`, `[in, b]`, ... into `[in, a + b + ...]` (or 1-D biases
+/// end to end).
+fn concat_columns(manifest: &ModelManifest, parts: &[HostTensor]) -> Result<HostTensor> {
+    let rows = match parts.first().map(|p| p.shape.len()) {
+        Some(1) => 1,
+        Some(2) => parts[0].shape[0],
+        _ => {
+            return Err(invalid(
+                manifest,
+                "attention projections of unexpected rank",
+            ));
+        }
+    };
+    if parts.iter().any(|p| {
+        p.dtype != DType::F32
+            || p.shape.len() != parts[0].shape.len()
+            || (p.shape.len() == 2 && p.shape[0] != rows)
+    }) {
+        return Err(invalid(
+            manifest,
+            "query, key and value projections differ in shape or type",
+        ));
+    }
+    let widths: Vec<usize> = parts
+        .iter()
+        .map(|p| *p.shape.last().unwrap_or(&0))
+        .collect();
+    let total: usize = widths.iter().sum();
+    let columns: Vec<Vec<f32>> = parts.iter().map(f32_values).collect();
+    let mut out = Vec::with_capacity(rows * total);
+    for r in 0..rows {
+        for (values, width) in columns.iter().zip(&widths) {
+            out.extend_from_slice(&values[r * width..(r + 1) * width]);
+        }
+    }
+    let shape = if parts[0].shape.len() == 1 {
+        vec![total]
+    } else {
+        vec![rows, total]
+    };
+    Ok(HostTensor {
+        dtype: DType::F32,
+        shape,
+        data: dtype::f32_to_bytes(&out),
+    })
+}
+
+impl Prepared {
+    /// Pick the uploaded tensors the encoder uses.
+    pub(crate) fn finish(
+        self,
+        manifest: &ModelManifest,
+        tensors: &BTreeMap<String, Tensor>,
+    ) -> Result<Bert> {
+        let get = |name: &str| {
+            tensors
+                .get(name)
+                .cloned()
+                .ok_or_else(|| invalid(manifest, format!("the weights have no tensor `{name}`")))
+        };
+        let hidden = self.config.hidden_size;
+        let word_embeddings = get("embeddings.word_embeddings.weight")?;
+        let position_embeddings = get("embeddings.position_embeddings.weight")?;
+        let token_types = get("embeddings.token_type_embeddings.weight")?;
+        for (name, table) in [
+            ("word", &word_embeddings),
+            ("position", &position_embeddings),
+            ("token type", &token_types),
+        ] {
+            if table.shape().len() != 2 || table.shape()[1] != hidden || table.shape()[0] == 0 {
+                return Err(invalid(
+                    manifest,
+                    format!(
+                        "the {name} embeddings have shape {:?}, not [n, {hidden}]",
+                        table.shape()
+                    ),
+                ));
+            }
+        }
+        if position_embeddings.shape()[0] < self.config.max_position_embeddings {
+            return Err(invalid(
+                manifest,
+                format!(
+                    "max_position_embeddings is {} but the table has {} rows",
+                    self.config.max_position_embeddings,
+                    position_embeddings.shape()[0]
+                ),
+            ));
+        }
+        let mut layers = Vec::with_capacity(self.config.num_hidden_layers);
+        for i in 0..self.config.num_hidden_layers {
+            let l = |rest: &str| get(&Names::layer(i, rest));
+            layers.push(Layer {
+                qkv_weight: l("attention.qkv.weight")?,
+                qkv_bias: l("attention.qkv.bias")?,
+                attention_out_weight: l("attention.output.dense.weight")?,
+                attention_out_bias: l("attention.output.dense.bias")?,
+                attention_norm_weight: l("attention.output.LayerNorm.weight")?,
+                attention_norm_bias: l("attention.output.LayerNorm.bias")?,
+                intermediate_weight: l("intermediate.dense.weight")?,
+                intermediate_bias: l("intermediate.dense.bias")?,
+                output_weight: l("output.dense.weight")?,
+                output_bias: l("output.dense.bias")?,
+                output_norm_weight: l("output.LayerNorm.weight")?,
+                output_norm_bias: l("output.LayerNorm.bias")?,
+            });
+        }
+        Ok(Bert {
+            token_type_embeddings: token_types,
+            word_embeddings,
+            position_embeddings,
+            embedding_norm_weight: get("embeddings.LayerNorm.weight")?,
+            embedding_norm_bias: get("embeddings.LayerNorm.bias")?,
+            layers,
+            config: self.config,
+            tokenizer: self.tokenizer,
+            activation: self.activation,
+        })
+    }
+}
+
+/// Token ids and masks of one batch, padded to its longest text.
+struct Batch {
+    texts: usize,
+    positions: usize,
+    ids: Vec<u32>,
+    /// 1 for a real token, 0 for padding, per text and position.
+    mask: Vec<f32>,
+}
+
+impl Bert {
+    /// The width of an embedding.
+    pub(crate) fn dimensions(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn tokenize(&self, texts: &[String]) -> Result<Batch> {
+        let encodings = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| BridgeError::invalid(format!("tokenizing: {e}")))?;
+        let positions = encodings.first().map_or(0, |e| e.len());
+        let mut ids = Vec::with_capacity(texts.len() * positions);
+        let mut mask = Vec::with_capacity(texts.len() * positions);
+        for encoding in &encodings {
+            if encoding.len() != positions {
+                return Err(BridgeError::backend(
+                    "the tokenizer padded a batch to different lengths",
+                ));
+            }
+            ids.extend_from_slice(encoding.get_ids());
+            mask.extend(encoding.get_attention_mask().iter().map(|&m| m as f32));
+        }
+        Ok(Batch {
+            texts: texts.len(),
+            positions,
+            ids,
+            mask,
+        })
+    }
+
+    /// One L2-normalised embedding per text, computed on `device` (where the
+    /// weights live) and charged to `account`.
+    pub(crate) async fn embed(
+        &self,
+        device: &Device,
+        texts: &[String],
+        account: &Arc<Account>,
+    ) -> Result<Vec<Vec<f32>>> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        check_count(texts.len())?;
+        let batch = self.tokenize(texts)?;
+        let (_, pooled) = self.encode(device, &batch, account).await?;
+        let bytes = device.read(&pooled, account).await?;
+        Ok(normalised_rows(&bytes, self.config.hidden_size))
+    }
+
+    /// The generic entry point: `input_ids` (`[texts, positions]`, u32 or
+    /// i32) and an optional `attention_mask` of the same shape (non-zero for
+    /// real tokens; all ones if absent) give `last_hidden_state`
+    /// (`[texts, positions, hidden]`) and `sentence_embedding` (`[texts,
+    /// hidden]`, mean-pooled and L2-normalised).
+    pub(crate) async fn run(
+        &self,
+        device: &Device,
+        inputs: &[(String, Tensor)],
+        account: &Arc<Account>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let mut ids = None;
+        let mut mask = None;
+        for (name, tensor) in inputs {
+            match name.as_str() {
+                "input_ids" => ids = Some(tensor),
+                "attention_mask" => mask = Some(tensor),
+                other => {
+                    return Err(BridgeError::invalid(format!(
+                        "bert models take `input_ids` and `attention_mask`, not `{other}`"
+                    )));
+                }
+            }
+        }
+        let ids =
+            ids.ok_or_else(|| BridgeError::invalid("bert models need an `input_ids` input"))?;
+        let [texts, positions] = ids.shape()[..] else {
+            return Err(BridgeError::shape(format!(
+                "`input_ids` must be [texts, positions], not {:?}",
+                ids.shape()
+            )));
+        };
+        check_count(texts)?;
+        if positions == 0 || positions > self.config.max_position_embeddings {
+            return Err(BridgeError::shape(format!(
+                "{positions} positions; this model takes 1 to {}",
+                self.config.max_position_embeddings
+            )));
+        }
+        let id_values = read_indices(device, ids, "input_ids", account).await?;
+        let vocabulary = self.word_embeddings.shape()[0] as u64;
+        if let Some(bad) = id_values.iter().find(|&&id| u64::from(id) >= vocabulary) {
+            return Err(BridgeError::invalid(format!(
+                "`input_ids` holds {bad}, outside the vocabulary of {vocabulary}"
+            )));
+        }
+        let mask_values = match mask {
+            Some(mask) => {
+                if mask.shape() != ids.shape() {
+                    return Err(BridgeError::shape(format!(
+                        "`attention_mask` is {:?} but `input_ids` is {:?}",
+                        mask.shape(),
+                        ids.shape()
+                    )));
+                }
+                read_indices(device, mask, "attention_mask", account)
+                    .await?
+                    .iter()
+                    .map(|&m| if m != 0 { 1.0 } else { 0.0 })
+                    .collect()
+            }
+            None => vec![1.0; id_values.len()],
+        };
+        let batch = Batch {
+            texts,
+            positions,
+            ids: id_values,
+            mask: mask_values,
+        };
+        let (hidden, pooled) = self.encode(device, &batch, account).await?;
+        let bytes = device.read(&pooled, account).await?;
+        let rows = normalised_rows(&bytes, self.config.hidden_size);
+        let flat: Vec<f32> = rows.into_iter().flatten().collect();
+        let embedding = device
+            .upload(
+                DType::F32,
+                &[texts, self.config.hidden_size],
+                dtype::f32_to_bytes(&flat),
+                account,
+            )
+            .await?;
+        Ok(vec![
+            ("last_hidden_state".to_owned(), hidden),
+            ("sentence_embedding".to_owned(), embedding),
+        ])
+    }
+
+    /// The encoder: the last hidden state and its masked mean per text.
+    async fn encode(
+        &self,
+        device: &Device,
+        batch: &Batch,
+        account: &Arc<Account>,
+    ) -> Result<(Tensor, Tensor)> {
+        let g = Graph::new(device, account);
+        let (b, s) = (batch.texts, batch.positions);
+        let hidden = self.config.hidden_size;
+        let heads = self.config.num_attention_heads;
+        let head_dim = hidden / heads;
+        let eps = self.config.layer_norm_eps as f32;
+
+        let ids = device
+            .upload(DType::U32, &[b, s], u32_bytes(&batch.ids), account)
+            .await?;
+        let words = g.gather(&self.word_embeddings, &ids).await?;
+        let positions = g.slice(&self.position_embeddings, 0, 0, s as u32).await?;
+        let token_type = g.slice(&self.token_type_embeddings, 0, 0, 1).await?;
+        let embedded = g.add(&words, &positions).await?;
+        let embedded = g.add(&embedded, &token_type).await?;
+        let mut x = g
+            .layer_norm(
+                &embedded,
+                &self.embedding_norm_weight,
+                &self.embedding_norm_bias,
+                eps,
+            )
+            .await?;
+
+        // Padding gets a large negative score before the softmax, so no real
+        // token attends to it.
+        let additive: Vec<f32> = batch
+            .mask
+            .iter()
+            .map(|&m| if m > 0.0 { 0.0 } else { -1e9 })
+            .collect();
+        let attention_mask = device
+            .upload(
+                DType::F32,
+                &[b, 1, 1, s],
+                dtype::f32_to_bytes(&additive),
+                account,
+            )
+            .await?;
+
+        for layer in &self.layers {
+            let qkv = g.linear(&x, &layer.qkv_weight, &layer.qkv_bias).await?;
+            let qkv = g.reshape(&qkv, &[b, s, 3, heads, head_dim]).await?;
+            // [3, b, heads, s, head_dim]: q, k and v each one slice of it.
+            let qkv = g.permute(&qkv, &[2, 0, 3, 1, 4]).await?;
+            let part = |i: u32| {
+                let qkv = &qkv;
+                async move {
+                    let t = g.slice(qkv, 0, i, 1).await?;
+                    g.reshape(&t, &[b, heads, s, head_dim]).await
+                }
+            };
+            let q = part(0).await?;
+            let k = part(1).await?;
+            let v = part(2).await?;
+            let k_t = g.permute(&k, &[0, 1, 3, 2]).await?;
+            let scores = g.matmul(&q, &k_t).await?;
+            let scores = g.add(&scores, &attention_mask).await?;
+            let probs = g.softmax(&scores, -1).await?;
+            let context = g.matmul(&probs, &v).await?;
+            let context = g.permute(&context, &[0, 2, 1, 3]).await?;
+            let context = g.reshape(&context, &[b, s, hidden]).await?;
+            let attended = g
+                .linear(
+                    &context,
+                    &layer.attention_out_weight,
+                    &layer.attention_out_bias,
+                )
+                .await?;
+            let attended = g.add(&attended, &x).await?;
+            x = g
+                .layer_norm(
+                    &attended,
+                    &layer.attention_norm_weight,
+                    &layer.attention_norm_bias,
+                    eps,
+                )
+                .await?;
+            let inner = g
+                .linear(&x, &layer.intermediate_weight, &layer.intermediate_bias)
+                .await?;
+            let inner = g.unary(self.activation, &inner).await?;
+            let out = g
+                .linear(&inner, &layer.output_weight, &layer.output_bias)
+                .await?;
+            let out = g.add(&out, &x).await?;
+            x = g
+                .layer_norm(
+                    &out,
+                    &layer.output_norm_weight,
+                    &layer.output_norm_bias,
+                    eps,
+                )
+                .await?;
+        }
+
+        // Mean over the real tokens of each text.
+        let mask = device
+            .upload(
+                DType::F32,
+                &[b, s, 1],
+                dtype::f32_to_bytes(&batch.mask),
+                account,
+            )
+            .await?;
+        let masked = g.mul(&x, &mask).await?;
+        let summed = g.sum(&masked, 1).await?;
+        let counts: Vec<f32> = batch
+            .mask
+            .chunks_exact(s.max(1))
+            .map(|row| row.iter().sum::<f32>().max(1e-9))
+            .collect();
+        let counts = device
+            .upload(DType::F32, &[b, 1], dtype::f32_to_bytes(&counts), account)
+            .await?;
+        let pooled = g.div(&summed, &counts).await?;
+        Ok((x, pooled))
+    }
+}
+
+fn check_count(texts: usize) -> Result<()> {
+    if texts > MAX_TEXTS {
+        return Err(BridgeError::invalid(format!(
+            "{texts} texts in one call; at most {MAX_TEXTS}"
+        )));
+    }
+    Ok(())
+}
+
+/// Rows of `width` f32s, each scaled to unit length.
+fn normalised_rows(bytes: &[u8], width: usize) -> Vec<Vec<f32>> {
+    let values: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    values
+        .chunks_exact(width.max(1))
+        .map(|row| {
+            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+            row.iter().map(|v| v / norm).collect()
+        })
+        .collect()
+}
+
+/// An integer tensor's values, for checks the host must make before running.
+async fn read_indices(
+    device: &Device,
+    tensor: &Tensor,
+    name: &str,
+    account: &Arc<Account>,
+) -> Result<Vec<u32>> {
+    let bytes = device.read(tensor, account).await?;
+    match tensor.dtype() {
+        DType::U32 => Ok(bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()),
+        DType::I32 => bytes
+            .chunks_exact(4)
+            .map(|c| {
+                let v = i32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                u32::try_from(v)
+                    .map_err(|_| BridgeError::invalid(format!("`{name}` holds {v}, below zero")))
+            })
+            .collect(),
+        other => Err(BridgeError::invalid(format!(
+            "`{name}` must be u32 or i32, not {other}"
+        ))),
+    }
+}
+
+fn u32_bytes(values: &[u32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}

@@ -1,0 +1,528 @@
+//! The bert family: embeddings from the bridge against candle-transformers'
+//! BERT on the CPU, on a tiny random model written here and on the real
+//! MiniLM when it has been fetched; batching and its queue.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gust_gpu_bridge::models::{ModelRegistry, RegistryConfig};
+use gust_gpu_bridge::{Account, DType, Device, ErrorCode, dtype};
+use safetensors::Dtype;
+use safetensors::tensor::TensorView;
+
+use crate::harness::{Rng, block_on, devices};
+use crate::models::{fetched_models_with, sha256};
+
+const VOCAB: &[&str] = &[
+    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "cat", "dog", "sat", "on", "mat",
+    "ran", "in", "park", "##s", "sun", "is", "hot", "cold", "tea", "quantum", "physics", ".",
+];
+
+const HIDDEN: usize = 16;
+const HEADS: usize = 4;
+const LAYERS: usize = 2;
+const INTERMEDIATE: usize = 32;
+const MAX_POSITIONS: usize = 24;
+
+fn tokenizer_json() -> String {
+    let vocab: serde_json::Map<String, serde_json::Value> = VOCAB
+        .iter()
+        .enumerate()
+        .map(|(i, t)| ((*t).to_owned(), serde_json::Value::from(i)))
+        .collect();
+    let special = |id: usize, content: &str| {
+        serde_json::json!({"id": id, "special": true, "content": content, "single_word": false,
+            "lstrip": false, "rstrip": false, "normalized": false})
+    };
+    serde_json::json!({
+        "version": "1.0",
+        // Shipped like MiniLM's: fixed padding the family must override.
+        "truncation": {"max_length": 8, "strategy": "LongestFirst", "stride": 0},
+        "padding": {"strategy": {"Fixed": 20}, "direction": "Right", "pad_to_multiple_of": null,
+            "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"},
+        "added_tokens": [special(0, "[PAD]"), special(1, "[UNK]"), special(2, "[CLS]"),
+            special(3, "[SEP]"), special(4, "[MASK]")],
+        "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true,
+            "strip_accents": null, "lowercase": true},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "[SEP]", "type_id": 0}},
+                {"Sequence": {"id": "B", "type_id": 1}}, {"SpecialToken": {"id": "[SEP]", "type_id": 1}}],
+            "special_tokens": {
+                "[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
+                "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}}},
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
+        "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+            "max_input_chars_per_word": 100, "vocab": vocab}
+    })
+    .to_string()
+}
+
+fn config_json() -> String {
+    serde_json::json!({
+        "architectures": ["BertModel"], "model_type": "bert",
+        "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+        "hidden_size": HIDDEN, "initializer_range": 0.02, "intermediate_size": INTERMEDIATE,
+        "layer_norm_eps": 1e-12, "max_position_embeddings": MAX_POSITIONS,
+        "num_attention_heads": HEADS, "num_hidden_layers": LAYERS, "pad_token_id": 0,
+        "position_embedding_type": "absolute", "type_vocab_size": 2, "vocab_size": VOCAB.len()
+    })
+    .to_string()
+}
+
+/// Random weights with the names and shapes of a Hugging Face BertModel.
+fn weights(rng: &mut Rng) -> Vec<u8> {
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
+        let n = shape.iter().product();
+        let values: Vec<f32> = rng
+            .f32s(n)
+            .iter()
+            .map(|v| (v - 0.5) * 2.0 * scale + offset)
+            .collect();
+        tensors.push((name, shape, dtype::f32_to_bytes(&values)));
+    };
+    add(
+        "embeddings.word_embeddings.weight".into(),
+        vec![VOCAB.len(), HIDDEN],
+        1.0,
+        0.0,
+    );
+    add(
+        "embeddings.position_embeddings.weight".into(),
+        vec![MAX_POSITIONS, HIDDEN],
+        0.5,
+        0.0,
+    );
+    add(
+        "embeddings.token_type_embeddings.weight".into(),
+        vec![2, HIDDEN],
+        0.5,
+        0.0,
+    );
+    add("embeddings.LayerNorm.weight".into(), vec![HIDDEN], 0.2, 1.0);
+    add("embeddings.LayerNorm.bias".into(), vec![HIDDEN], 0.1, 0.0);
+    let linear = 1.0 / (HIDDEN as f32).sqrt();
+    for i in 0..LAYERS {
+        let p = |rest: &str| format!("encoder.layer.{i}.{rest}");
+        for part in ["query", "key", "value"] {
+            add(
+                p(&format!("attention.self.{part}.weight")),
+                vec![HIDDEN, HIDDEN],
+                linear,
+                0.0,
+            );
+            add(
+                p(&format!("attention.self.{part}.bias")),
+                vec![HIDDEN],
+                0.1,
+                0.0,
+            );
+        }
+        add(
+            p("attention.output.dense.weight"),
+            vec![HIDDEN, HIDDEN],
+            linear,
+            0.0,
+        );
+        add(p("attention.output.dense.bias"), vec![HIDDEN], 0.1, 0.0);
+        add(
+            p("attention.output.LayerNorm.weight"),
+            vec![HIDDEN],
+            0.2,
+            1.0,
+        );
+        add(p("attention.output.LayerNorm.bias"), vec![HIDDEN], 0.1, 0.0);
+        add(
+            p("intermediate.dense.weight"),
+            vec![INTERMEDIATE, HIDDEN],
+            linear,
+            0.0,
+        );
+        add(p("intermediate.dense.bias"), vec![INTERMEDIATE], 0.1, 0.0);
+        add(
+            p("output.dense.weight"),
+            vec![HIDDEN, INTERMEDIATE],
+            linear,
+            0.0,
+        );
+        add(p("output.dense.bias"), vec![HIDDEN], 0.1, 0.0);
+        add(p("output.LayerNorm.weight"), vec![HIDDEN], 0.2, 1.0);
+        add(p("output.LayerNorm.bias"), vec![HIDDEN], 0.1, 0.0);
+    }
+    add(
+        "pooler.dense.weight".into(),
+        vec![HIDDEN, HIDDEN],
+        linear,
+        0.0,
+    );
+    add("pooler.dense.bias".into(), vec![HIDDEN], 0.1, 0.0);
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            (
+                name.clone(),
+                TensorView::new(Dtype::F32, shape.clone(), data).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize(views, None).unwrap()
+}
+
+/// Write a tiny bert model `name` under `root` with an optional
+/// `[batching]` table; returns its folder.
+pub(crate) fn write_tiny_bert(root: &Path, name: &str, batching: &str) -> PathBuf {
+    let folder = root.join(name);
+    std::fs::create_dir_all(&folder).unwrap();
+    let weights = weights(&mut Rng::fresh());
+    let config = config_json();
+    let tokenizer = tokenizer_json();
+    std::fs::write(folder.join("model.safetensors"), &weights).unwrap();
+    std::fs::write(folder.join("config.json"), &config).unwrap();
+    std::fs::write(folder.join("tokenizer.json"), &tokenizer).unwrap();
+    let manifest = format!(
+        r#"name = "{name}"
+family = "bert"
+dtype = "f32"
+{batching}
+
+[[files]]
+path = "model.safetensors"
+sha256 = "{}"
+role = "weights"
+
+[[files]]
+path = "config.json"
+sha256 = "{}"
+role = "config"
+
+[[files]]
+path = "tokenizer.json"
+sha256 = "{}"
+role = "tokenizer"
+"#,
+        sha256(&weights),
+        sha256(config.as_bytes()),
+        sha256(tokenizer.as_bytes())
+    );
+    std::fs::write(folder.join("gust-model.toml"), manifest).unwrap();
+    folder
+}
+
+/// Embeddings computed by candle-transformers' BERT on the CPU from the same
+/// files: tokenized alike (longest-in-batch padding), mean-pooled over the
+/// real tokens, L2-normalised.
+fn candle_embeddings(folder: &Path, texts: &[&str]) -> Vec<Vec<f32>> {
+    use candle_core::{DType as CDType, Device as CDevice, Tensor as CTensor};
+    use candle_transformers::models::bert::{BertModel, Config};
+
+    let config: Config =
+        serde_json::from_str(&std::fs::read_to_string(folder.join("config.json")).unwrap())
+            .unwrap();
+    let mut tokenizer = tokenizers::Tokenizer::from_file(folder.join("tokenizer.json")).unwrap();
+    let padding = tokenizer.get_padding().cloned().unwrap_or_default();
+    tokenizer.with_padding(Some(tokenizers::PaddingParams {
+        strategy: tokenizers::PaddingStrategy::BatchLongest,
+        ..padding
+    }));
+    tokenizer
+        .with_truncation(Some(tokenizers::TruncationParams {
+            max_length: config.max_position_embeddings,
+            ..Default::default()
+        }))
+        .unwrap();
+    let encodings = tokenizer
+        .encode_batch(
+            texts.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+            true,
+        )
+        .unwrap();
+    let s = encodings[0].len();
+    let ids: Vec<u32> = encodings
+        .iter()
+        .flat_map(|e| e.get_ids().to_vec())
+        .collect();
+    let mask: Vec<u32> = encodings
+        .iter()
+        .flat_map(|e| e.get_attention_mask().to_vec())
+        .collect();
+    let device = CDevice::Cpu;
+    let weights = std::fs::read(folder.join("model.safetensors")).unwrap();
+    let vb =
+        candle_nn::VarBuilder::from_buffered_safetensors(weights, CDType::F32, &device).unwrap();
+    let model = BertModel::load(vb, &config).unwrap();
+    let ids = CTensor::from_vec(ids, (texts.len(), s), &device).unwrap();
+    let mask = CTensor::from_vec(mask, (texts.len(), s), &device).unwrap();
+    let types = ids.zeros_like().unwrap();
+    let hidden = model.forward(&ids, &types, Some(&mask)).unwrap();
+    let mask = mask.to_dtype(CDType::F32).unwrap().unsqueeze(2).unwrap();
+    let summed = hidden.broadcast_mul(&mask).unwrap().sum(1).unwrap();
+    let pooled = summed
+        .broadcast_div(&mask.sum(1).unwrap())
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    pooled
+        .into_iter()
+        .map(|row| {
+            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+            row.iter().map(|v| v / norm).collect()
+        })
+        .collect()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na = a.iter().map(|v| v * v).sum::<f32>().sqrt();
+    let nb = b.iter().map(|v| v * v).sum::<f32>().sqrt();
+    dot / (na * nb)
+}
+
+fn strings(texts: &[&str]) -> Vec<String> {
+    texts.iter().map(|t| t.to_string()).collect()
+}
+
+fn account() -> Arc<Account> {
+    Account::new("bert-test", None, None)
+}
+
+const TINY_TEXTS: &[&str] = &[
+    "The cat sat on the mat.",
+    "a dog ran",
+    "the sun is hot in the park and the tea is cold",
+    "quantum physics",
+    "cats",
+];
+
+#[test]
+fn tiny_bert_matches_candle_on_every_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = write_tiny_bert(dir.path(), "tiny-bert", "");
+    let expected = candle_embeddings(&folder, TINY_TEXTS);
+    let registry = ModelRegistry::open(dir.path()).unwrap();
+    for device in devices() {
+        let model = block_on(registry.load("tiny-bert", device)).unwrap();
+        assert_eq!(model.embedding_dimensions(), Some(HIDDEN));
+        let got = block_on(model.embed(strings(TINY_TEXTS), &account(), None)).unwrap();
+        assert_eq!(got.len(), TINY_TEXTS.len());
+        for ((text, g), e) in TINY_TEXTS.iter().zip(&got).zip(&expected) {
+            let c = cosine(g, e);
+            assert!(
+                c >= 0.9999,
+                "{}: {text:?}: cosine {c} to candle",
+                device.description().name
+            );
+            let norm = g.iter().map(|v| v * v).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-4, "norm {norm}");
+        }
+        // One text alone pads nothing, and gives what it gave in the batch.
+        let alone = block_on(model.embed(strings(&TINY_TEXTS[3..4]), &account(), None)).unwrap();
+        assert!(cosine(&alone[0], &got[3]) >= 0.99999);
+        // The shipped truncation (8) is overridden by the model's length.
+        assert!(block_on(model.embed(vec!["the cat ".repeat(10)], &account(), None)).is_ok());
+        assert!(
+            block_on(model.embed(Vec::new(), &account(), None))
+                .unwrap()
+                .is_empty()
+        );
+    }
+}
+
+#[test]
+fn run_takes_token_ids_and_matches_embed() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_bert(dir.path(), "tiny-bert", "");
+    let registry = ModelRegistry::open(dir.path()).unwrap();
+    let device: &Device = &devices()[0];
+    let model = block_on(registry.load("tiny-bert", device)).unwrap();
+    let acct = account();
+    // "[CLS] the cat sat [SEP]" and "[CLS] dog [SEP] [PAD] [PAD]".
+    let ids: Vec<u32> = vec![2, 5, 7, 9, 3, 2, 8, 3, 0, 0];
+    let mask: Vec<u32> = vec![1, 1, 1, 1, 1, 1, 1, 1, 0, 0];
+    let upload = |v: &[u32]| {
+        let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        block_on(device.upload(DType::U32, &[2, 5], bytes, &acct)).unwrap()
+    };
+    let inputs = vec![
+        ("input_ids".to_owned(), upload(&ids)),
+        ("attention_mask".to_owned(), upload(&mask)),
+    ];
+    let outputs = block_on(model.run(&inputs, &acct)).unwrap();
+    let names: Vec<&str> = outputs.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["last_hidden_state", "sentence_embedding"]);
+    assert_eq!(outputs[0].1.shape(), [2, 5, HIDDEN]);
+    let bytes = block_on(device.read(&outputs[1].1, &acct)).unwrap();
+    let from_run: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let from_embed = block_on(model.embed(strings(&["the cat sat", "dog"]), &acct, None)).unwrap();
+    assert!(cosine(&from_run[..HIDDEN], &from_embed[0]) >= 0.99999);
+    assert!(cosine(&from_run[HIDDEN..], &from_embed[1]) >= 0.99999);
+
+    let bad = vec![(
+        "input_ids".to_owned(),
+        upload(&[2, 5, 99, 9, 3, 2, 8, 3, 0, 0]),
+    )];
+    let err = block_on(model.run(&bad, &acct)).unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
+    assert!(err.message.contains("99"), "{err}");
+    let err = block_on(model.run(&[("pixels".to_owned(), upload(&ids))], &acct)).unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
+}
+
+#[test]
+fn broken_bert_files_are_reported_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = write_tiny_bert(dir.path(), "tiny-bert", "");
+    // A manifest without its tokenizer.
+    let manifest = std::fs::read_to_string(folder.join("gust-model.toml")).unwrap();
+    let cut = manifest
+        .find("[[files]]\npath = \"tokenizer.json\"")
+        .unwrap();
+    std::fs::write(folder.join("gust-model.toml"), &manifest[..cut]).unwrap();
+    let registry = ModelRegistry::open(dir.path()).unwrap();
+    let err = block_on(registry.load("tiny-bert", &devices()[0])).unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
+    assert!(err.message.contains("tokenizer"), "{err}");
+
+    // A generic model has no embeddings.
+    let generic = manifest[..cut].replace("family = \"bert\"", "family = \"generic\"");
+    std::fs::write(folder.join("gust-model.toml"), generic).unwrap();
+    let registry = ModelRegistry::open(dir.path()).unwrap();
+    let model = block_on(registry.load("tiny-bert", &devices()[0])).unwrap();
+    let err = block_on(model.embed(strings(&["x"]), &account(), None)).unwrap_err();
+    assert_eq!(err.code, ErrorCode::Unsupported, "{err}");
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn concurrent_embeds_are_batched_and_each_gets_its_own_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_bert(
+        dir.path(),
+        "tiny-bert",
+        "\n[batching]\nmax_batch = 8\nmax_delay_ms = 50\n",
+    );
+    let registry = ModelRegistry::open(dir.path()).unwrap();
+    let device = devices()[0].clone();
+    let rt = runtime();
+    let model = rt.block_on(registry.load("tiny-bert", &device)).unwrap();
+    let unbatched = ModelRegistry::open_with(
+        dir.path(),
+        RegistryConfig {
+            batching: false,
+            ..RegistryConfig::default()
+        },
+    )
+    .unwrap();
+    let alone_model = rt.block_on(unbatched.load("tiny-bert", &device)).unwrap();
+    assert!(alone_model.batch_stats().is_none());
+    let alone: Vec<Vec<f32>> = TINY_TEXTS
+        .iter()
+        .map(|t| {
+            rt.block_on(alone_model.embed(strings(&[t]), &account(), None))
+                .unwrap()
+                .remove(0)
+        })
+        .collect();
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let model = Arc::clone(&model);
+            let text = TINY_TEXTS[i % TINY_TEXTS.len()];
+            rt.spawn(async move { (i, model.embed(strings(&[text]), &account(), None).await) })
+        })
+        .collect();
+    for task in tasks {
+        let (i, result) = rt.block_on(task).unwrap();
+        let rows = result.unwrap();
+        assert_eq!(rows.len(), 1);
+        let c = cosine(&rows[0], &alone[i % TINY_TEXTS.len()]);
+        assert!(c >= 0.99999, "request {i}: cosine {c}");
+    }
+    let stats = model.batch_stats().unwrap();
+    assert_eq!(stats.requests, 16);
+    assert!(
+        stats.batches <= 8,
+        "{stats:?}: 16 requests should share batches"
+    );
+}
+
+#[test]
+fn a_full_batch_queue_refuses_and_a_deadline_is_honoured() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_bert(
+        dir.path(),
+        "tiny-bert",
+        "\n[batching]\nmax_batch = 64\nmax_delay_ms = 400\nmax_queue = 2\n",
+    );
+    let registry = ModelRegistry::open(dir.path()).unwrap();
+    let device = devices()[0].clone();
+    let rt = runtime();
+    let model = rt.block_on(registry.load("tiny-bert", &device)).unwrap();
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let model = Arc::clone(&model);
+            rt.spawn(async move { model.embed(strings(&["the cat"]), &account(), None).await })
+        })
+        .collect();
+    // Both are queued well inside the 400 ms delay.
+    std::thread::sleep(Duration::from_millis(50));
+    let err = rt
+        .block_on(model.embed(strings(&["a dog"]), &account(), None))
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::QuotaExceeded, "{err}");
+    assert!(err.message.contains("queue is full"), "{err}");
+    for task in waiting {
+        assert_eq!(rt.block_on(task).unwrap().unwrap().len(), 1);
+    }
+    assert_eq!(model.batch_stats().unwrap().refused, 1);
+
+    // A caller whose deadline comes before the batch gives up with timeout.
+    let deadline = Instant::now() + Duration::from_millis(30);
+    let err = rt
+        .block_on(model.embed(strings(&["a dog"]), &account(), Some(deadline)))
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::Timeout, "{err}");
+}
+
+#[test]
+fn the_fetched_minilm_matches_candle() {
+    let Some(dir) = fetched_models_with("all-minilm-l6-v2") else {
+        return;
+    };
+    let texts = [
+        "A man is eating food.",
+        "A man is eating a piece of bread.",
+        "The new movie is awesome.",
+        "A cheetah is running behind its prey.",
+        "Gust hosts WebAssembly functions with a GPU bridge.",
+    ];
+    let expected = candle_embeddings(&dir.join("all-minilm-l6-v2"), &texts);
+    let registry = ModelRegistry::open(&dir).unwrap();
+    let device: &Device = &devices()[0];
+    let model = block_on(registry.load("all-minilm-l6-v2", device)).unwrap();
+    let got = block_on(model.embed(strings(&texts), &account(), None)).unwrap();
+    for ((text, g), e) in texts.iter().zip(&got).zip(&expected) {
+        assert_eq!(g.len(), 384);
+        let c = cosine(g, e);
+        assert!(c >= 0.9999, "{text:?}: cosine {c} to candle");
+    }
+    let similar = cosine(&got[0], &got[1]);
+    let unrelated = cosine(&got[0], &got[2]);
+    assert!(
+        similar > unrelated + 0.2,
+        "similar {similar} vs unrelated {unrelated}"
+    );
+}
