@@ -65,6 +65,7 @@ fn bench_gpu(c: &mut Criterion) {
         gpu: Some(gust_host::gpu::GpuGrant {
             devices: std::sync::Arc::from(vec![device]),
             account: Account::new("bench", None, None),
+            models: None,
         }),
         ..CallLimits::default()
     };

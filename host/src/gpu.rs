@@ -12,7 +12,9 @@
 //! across all of its concurrent invocations.
 
 use std::sync::Arc;
+use std::time::Instant;
 
+use gust_gpu_bridge::models::{ModelRegistry, ResidentModel};
 use gust_gpu_bridge::{
     Account, BinaryOp, BridgeError, DType, Device, ErrorCode as BridgeCode, Op, ReduceOp, Tensor,
     UnaryOp,
@@ -34,6 +36,18 @@ pub struct GpuGrant {
     pub devices: Arc<[Device]>,
     /// The tenant's account, parent of each invocation's.
     pub account: Arc<Account>,
+    /// The host's resident models and which of them the tenant may load;
+    /// `None` when the host has no models.
+    pub models: Option<ModelGrant>,
+}
+
+/// The models an invocation may load.
+#[derive(Clone)]
+pub struct ModelGrant {
+    /// The host's registry (shared by every tenant: weights are loaded once).
+    pub registry: Arc<ModelRegistry>,
+    /// Names the tenant's policy lists under `[gpu] models`.
+    pub allowed: Arc<[String]>,
 }
 
 impl std::fmt::Debug for GpuGrant {
@@ -44,6 +58,10 @@ impl std::fmt::Debug for GpuGrant {
                 &self.devices.iter().map(|d| d.kind()).collect::<Vec<_>>(),
             )
             .field("account", &self.account.label())
+            .field(
+                "models",
+                &self.models.as_ref().map(|m| m.allowed.len()).unwrap_or(0),
+            )
             .finish()
     }
 }
@@ -52,6 +70,7 @@ impl std::fmt::Debug for GpuGrant {
 /// tenant's first bridge call from its policy's `[gpu]` quotas.
 pub struct GpuHost {
     bridge: gust_gpu_bridge::Bridge,
+    models: Arc<ModelRegistry>,
     accounts: std::sync::Mutex<std::collections::HashMap<String, Arc<Account>>>,
 }
 
@@ -64,10 +83,11 @@ impl std::fmt::Debug for GpuHost {
 }
 
 impl GpuHost {
-    /// Wrap an opened bridge.
-    pub fn new(bridge: gust_gpu_bridge::Bridge) -> Self {
+    /// Wrap an opened bridge and the host's model registry.
+    pub fn new(bridge: gust_gpu_bridge::Bridge, models: Arc<ModelRegistry>) -> Self {
         Self {
             bridge,
+            models,
             accounts: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
@@ -75,6 +95,11 @@ impl GpuHost {
     /// The bridge's devices.
     pub fn bridge(&self) -> &gust_gpu_bridge::Bridge {
         &self.bridge
+    }
+
+    /// The host's model registry.
+    pub fn models(&self) -> &Arc<ModelRegistry> {
+        &self.models
     }
 
     /// The account of `tenant`, with the quotas of its policy.
@@ -123,6 +148,10 @@ impl GpuHost {
         Some(GpuGrant {
             devices,
             account: self.account(tenant, policy),
+            models: Some(ModelGrant {
+                registry: Arc::clone(&self.models),
+                allowed: policy.models.iter().cloned().collect(),
+            }),
         })
     }
 }
@@ -133,13 +162,17 @@ impl GpuHost {
 pub(crate) struct GpuSession {
     grant: Option<GpuGrant>,
     account: Option<Arc<Account>>,
+    /// When the invocation's time is up: a call waiting for a model batch
+    /// gives up then rather than holding a slot of the batch queue.
+    deadline: Option<Instant>,
 }
 
 impl GpuSession {
-    pub(crate) fn new(grant: Option<GpuGrant>) -> Self {
+    pub(crate) fn new(grant: Option<GpuGrant>, deadline: Option<Instant>) -> Self {
         Self {
             grant,
             account: None,
+            deadline,
         }
     }
 
@@ -182,11 +215,11 @@ impl std::fmt::Debug for GpuTensor {
     }
 }
 
-/// A handle to a resident model, owned by one invocation. Models arrive
-/// with the resident-models work; until then `load` answers `unsupported`.
+/// A handle to a resident model, owned by one invocation. Holding it keeps
+/// the model from being evicted; dropping it (or the Store) lets go.
 #[derive(Debug)]
 pub struct GpuModel {
-    _private: (),
+    model: Arc<ResidentModel>,
 }
 
 type Outcome<T> = wasmtime::Result<Result<T, Error>>;
@@ -559,49 +592,105 @@ impl tensors::Host for CallState {
     }
 }
 
-fn no_such<T>(kind: &str) -> wasmtime::Result<T> {
-    Err(wasmtime::format_err!("unknown {kind} handle"))
-}
-
-fn unsupported<T>(what: &str) -> Outcome<T> {
-    Ok(Err(Error {
-        code: ErrorCode::Unsupported,
-        message: format!("{what}: resident models are not available on this host yet"),
-    }))
+impl CallState {
+    fn model(&self, handle: &Resource<GpuModel>) -> wasmtime::Result<Arc<ResidentModel>> {
+        Ok(Arc::clone(&self.table.get(handle)?.model))
+    }
 }
 
 impl models::HostModel for CallState {
     async fn load(&mut self, name: String) -> Outcome<Resource<GpuModel>> {
-        unsupported(&format!("model.load({name:?})"))
+        let grant = attempt!(self.gpu.grant()).clone();
+        let device = attempt!(self.gpu.default_device());
+        let Some(models) = &grant.models else {
+            return Ok(Err(Error {
+                code: ErrorCode::NotFound,
+                message: format!("no model `{name}`: this host serves no models"),
+            }));
+        };
+        if !models.allowed.contains(&name) {
+            return Ok(Err(Error {
+                code: ErrorCode::Forbidden,
+                message: format!(
+                    "this function's tenant may not load model `{name}` (policy `[gpu] models` \
+                     does not list it)"
+                ),
+            }));
+        }
+        let model = attempt!(models.registry.load(&name, &device).await.map_err(to_wit));
+        Ok(Ok(self.table.push(GpuModel { model })?))
     }
-    async fn name(&mut self, _model: Resource<GpuModel>) -> wasmtime::Result<String> {
-        no_such("model")
+
+    async fn name(&mut self, model: Resource<GpuModel>) -> wasmtime::Result<String> {
+        Ok(self.model(&model)?.name().to_owned())
     }
-    async fn family(&mut self, _model: Resource<GpuModel>) -> wasmtime::Result<String> {
-        no_such("model")
+
+    async fn family(&mut self, model: Resource<GpuModel>) -> wasmtime::Result<String> {
+        Ok(self.model(&model)?.family().to_owned())
     }
+
     async fn embed(
         &mut self,
-        _model: Resource<GpuModel>,
-        _texts: Vec<String>,
+        model: Resource<GpuModel>,
+        texts: Vec<String>,
     ) -> Outcome<Vec<Vec<f32>>> {
-        no_such("model")
+        let model = self.model(&model)?;
+        let account = attempt!(self.gpu.account());
+        Ok(model
+            .embed(texts, &account, self.gpu.deadline)
+            .await
+            .map_err(to_wit))
     }
+
     async fn generate(
         &mut self,
-        _model: Resource<GpuModel>,
-        _prompt: String,
-        _params: GenerateParams,
+        model: Resource<GpuModel>,
+        prompt: String,
+        params: GenerateParams,
     ) -> Outcome<String> {
-        no_such("model")
+        let model = self.model(&model)?;
+        let _ = (prompt, params);
+        Ok(Err(Error {
+            code: ErrorCode::Unsupported,
+            message: format!(
+                "model `{}` of family `{}` cannot generate text",
+                model.name(),
+                model.family()
+            ),
+        }))
     }
+
     async fn run(
         &mut self,
-        _model: Resource<GpuModel>,
-        _inputs: Vec<(String, T)>,
+        model: Resource<GpuModel>,
+        inputs: Vec<(String, T)>,
     ) -> Outcome<Vec<(String, T)>> {
-        no_such("model")
+        let model = self.model(&model)?;
+        let account = attempt!(self.gpu.account());
+        let mut tensors = Vec::with_capacity(inputs.len());
+        for (name, handle) in &inputs {
+            let (tensor, device) = self.tensor(handle)?;
+            if device.ordinal() != model.device().ordinal() {
+                return Ok(Err(Error {
+                    code: ErrorCode::InvalidArgument,
+                    message: format!(
+                        "input `{name}` is on {} but model `{}` is resident on {}",
+                        device.description().name,
+                        model.name(),
+                        model.device().description().name
+                    ),
+                }));
+            }
+            tensors.push((name.clone(), tensor));
+        }
+        let outputs = attempt!(model.run(&tensors, &account).await.map_err(to_wit));
+        let mut handles = Vec::with_capacity(outputs.len());
+        for (name, tensor) in outputs {
+            handles.push((name, self.new_tensor(tensor, model.device().clone())?));
+        }
+        Ok(Ok(handles))
     }
+
     async fn drop(&mut self, model: Resource<GpuModel>) -> wasmtime::Result<()> {
         self.table.delete(model)?;
         Ok(())

@@ -16,6 +16,8 @@ pub mod manifest;
 pub mod registry;
 mod runner;
 mod safetensors;
+#[doc(hidden)]
+pub mod testing;
 
 pub use batch::BatchStats;
 

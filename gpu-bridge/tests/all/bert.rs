@@ -2,216 +2,16 @@
 //! BERT on the CPU, on a tiny random model written here and on the real
 //! MiniLM when it has been fetched; batching and its queue.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gust_gpu_bridge::models::{ModelRegistry, RegistryConfig};
-use gust_gpu_bridge::{Account, DType, Device, ErrorCode, dtype};
-use safetensors::Dtype;
-use safetensors::tensor::TensorView;
+use gust_gpu_bridge::{Account, DType, Device, ErrorCode};
 
 use crate::harness::{Rng, block_on, devices};
-use crate::models::{fetched_models_with, sha256};
-
-const VOCAB: &[&str] = &[
-    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "cat", "dog", "sat", "on", "mat",
-    "ran", "in", "park", "##s", "sun", "is", "hot", "cold", "tea", "quantum", "physics", ".",
-];
-
-const HIDDEN: usize = 16;
-const HEADS: usize = 4;
-const LAYERS: usize = 2;
-const INTERMEDIATE: usize = 32;
-const MAX_POSITIONS: usize = 24;
-
-fn tokenizer_json() -> String {
-    let vocab: serde_json::Map<String, serde_json::Value> = VOCAB
-        .iter()
-        .enumerate()
-        .map(|(i, t)| ((*t).to_owned(), serde_json::Value::from(i)))
-        .collect();
-    let special = |id: usize, content: &str| {
-        serde_json::json!({"id": id, "special": true, "content": content, "single_word": false,
-            "lstrip": false, "rstrip": false, "normalized": false})
-    };
-    serde_json::json!({
-        "version": "1.0",
-        // Shipped like MiniLM's: fixed padding the family must override.
-        "truncation": {"max_length": 8, "strategy": "LongestFirst", "stride": 0},
-        "padding": {"strategy": {"Fixed": 20}, "direction": "Right", "pad_to_multiple_of": null,
-            "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"},
-        "added_tokens": [special(0, "[PAD]"), special(1, "[UNK]"), special(2, "[CLS]"),
-            special(3, "[SEP]"), special(4, "[MASK]")],
-        "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true,
-            "strip_accents": null, "lowercase": true},
-        "pre_tokenizer": {"type": "BertPreTokenizer"},
-        "post_processor": {"type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}},
-                {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}},
-                {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "[SEP]", "type_id": 0}},
-                {"Sequence": {"id": "B", "type_id": 1}}, {"SpecialToken": {"id": "[SEP]", "type_id": 1}}],
-            "special_tokens": {
-                "[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
-                "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}}},
-        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
-        "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
-            "max_input_chars_per_word": 100, "vocab": vocab}
-    })
-    .to_string()
-}
-
-fn config_json() -> String {
-    serde_json::json!({
-        "architectures": ["BertModel"], "model_type": "bert",
-        "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
-        "hidden_size": HIDDEN, "initializer_range": 0.02, "intermediate_size": INTERMEDIATE,
-        "layer_norm_eps": 1e-12, "max_position_embeddings": MAX_POSITIONS,
-        "num_attention_heads": HEADS, "num_hidden_layers": LAYERS, "pad_token_id": 0,
-        "position_embedding_type": "absolute", "type_vocab_size": 2, "vocab_size": VOCAB.len()
-    })
-    .to_string()
-}
-
-/// Random weights with the names and shapes of a Hugging Face BertModel.
-fn weights(rng: &mut Rng) -> Vec<u8> {
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    let mut add = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
-        let n = shape.iter().product();
-        let values: Vec<f32> = rng
-            .f32s(n)
-            .iter()
-            .map(|v| (v - 0.5) * 2.0 * scale + offset)
-            .collect();
-        tensors.push((name, shape, dtype::f32_to_bytes(&values)));
-    };
-    add(
-        "embeddings.word_embeddings.weight".into(),
-        vec![VOCAB.len(), HIDDEN],
-        1.0,
-        0.0,
-    );
-    add(
-        "embeddings.position_embeddings.weight".into(),
-        vec![MAX_POSITIONS, HIDDEN],
-        0.5,
-        0.0,
-    );
-    add(
-        "embeddings.token_type_embeddings.weight".into(),
-        vec![2, HIDDEN],
-        0.5,
-        0.0,
-    );
-    add("embeddings.LayerNorm.weight".into(), vec![HIDDEN], 0.2, 1.0);
-    add("embeddings.LayerNorm.bias".into(), vec![HIDDEN], 0.1, 0.0);
-    let linear = 1.0 / (HIDDEN as f32).sqrt();
-    for i in 0..LAYERS {
-        let p = |rest: &str| format!("encoder.layer.{i}.{rest}");
-        for part in ["query", "key", "value"] {
-            add(
-                p(&format!("attention.self.{part}.weight")),
-                vec![HIDDEN, HIDDEN],
-                linear,
-                0.0,
-            );
-            add(
-                p(&format!("attention.self.{part}.bias")),
-                vec![HIDDEN],
-                0.1,
-                0.0,
-            );
-        }
-        add(
-            p("attention.output.dense.weight"),
-            vec![HIDDEN, HIDDEN],
-            linear,
-            0.0,
-        );
-        add(p("attention.output.dense.bias"), vec![HIDDEN], 0.1, 0.0);
-        add(
-            p("attention.output.LayerNorm.weight"),
-            vec![HIDDEN],
-            0.2,
-            1.0,
-        );
-        add(p("attention.output.LayerNorm.bias"), vec![HIDDEN], 0.1, 0.0);
-        add(
-            p("intermediate.dense.weight"),
-            vec![INTERMEDIATE, HIDDEN],
-            linear,
-            0.0,
-        );
-        add(p("intermediate.dense.bias"), vec![INTERMEDIATE], 0.1, 0.0);
-        add(
-            p("output.dense.weight"),
-            vec![HIDDEN, INTERMEDIATE],
-            linear,
-            0.0,
-        );
-        add(p("output.dense.bias"), vec![HIDDEN], 0.1, 0.0);
-        add(p("output.LayerNorm.weight"), vec![HIDDEN], 0.2, 1.0);
-        add(p("output.LayerNorm.bias"), vec![HIDDEN], 0.1, 0.0);
-    }
-    add(
-        "pooler.dense.weight".into(),
-        vec![HIDDEN, HIDDEN],
-        linear,
-        0.0,
-    );
-    add("pooler.dense.bias".into(), vec![HIDDEN], 0.1, 0.0);
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .map(|(name, shape, data)| {
-            (
-                name.clone(),
-                TensorView::new(Dtype::F32, shape.clone(), data).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize(views, None).unwrap()
-}
-
-/// Write a tiny bert model `name` under `root` with an optional
-/// `[batching]` table; returns its folder.
-pub(crate) fn write_tiny_bert(root: &Path, name: &str, batching: &str) -> PathBuf {
-    let folder = root.join(name);
-    std::fs::create_dir_all(&folder).unwrap();
-    let weights = weights(&mut Rng::fresh());
-    let config = config_json();
-    let tokenizer = tokenizer_json();
-    std::fs::write(folder.join("model.safetensors"), &weights).unwrap();
-    std::fs::write(folder.join("config.json"), &config).unwrap();
-    std::fs::write(folder.join("tokenizer.json"), &tokenizer).unwrap();
-    let manifest = format!(
-        r#"name = "{name}"
-family = "bert"
-dtype = "f32"
-{batching}
-
-[[files]]
-path = "model.safetensors"
-sha256 = "{}"
-role = "weights"
-
-[[files]]
-path = "config.json"
-sha256 = "{}"
-role = "config"
-
-[[files]]
-path = "tokenizer.json"
-sha256 = "{}"
-role = "tokenizer"
-"#,
-        sha256(&weights),
-        sha256(config.as_bytes()),
-        sha256(tokenizer.as_bytes())
-    );
-    std::fs::write(folder.join("gust-model.toml"), manifest).unwrap();
-    folder
-}
+use crate::models::fetched_models_with;
+use gust_gpu_bridge::models::testing::{TINY_BERT_HIDDEN as HIDDEN, write_tiny_bert};
 
 /// Embeddings computed by candle-transformers' BERT on the CPU from the same
 /// files: tokenized alike (longest-in-batch padding), mean-pooled over the
@@ -301,7 +101,7 @@ const TINY_TEXTS: &[&str] = &[
 #[test]
 fn tiny_bert_matches_candle_on_every_device() {
     let dir = tempfile::tempdir().unwrap();
-    let folder = write_tiny_bert(dir.path(), "tiny-bert", "");
+    let folder = write_tiny_bert(dir.path(), "tiny-bert", "", Rng::fresh().next_u64()).unwrap();
     let expected = candle_embeddings(&folder, TINY_TEXTS);
     let registry = ModelRegistry::open(dir.path()).unwrap();
     for device in devices() {
@@ -335,7 +135,7 @@ fn tiny_bert_matches_candle_on_every_device() {
 #[test]
 fn run_takes_token_ids_and_matches_embed() {
     let dir = tempfile::tempdir().unwrap();
-    write_tiny_bert(dir.path(), "tiny-bert", "");
+    write_tiny_bert(dir.path(), "tiny-bert", "", Rng::fresh().next_u64()).unwrap();
     let registry = ModelRegistry::open(dir.path()).unwrap();
     let device: &Device = &devices()[0];
     let model = block_on(registry.load("tiny-bert", device)).unwrap();
@@ -378,7 +178,7 @@ fn run_takes_token_ids_and_matches_embed() {
 #[test]
 fn broken_bert_files_are_reported_clearly() {
     let dir = tempfile::tempdir().unwrap();
-    let folder = write_tiny_bert(dir.path(), "tiny-bert", "");
+    let folder = write_tiny_bert(dir.path(), "tiny-bert", "", Rng::fresh().next_u64()).unwrap();
     // A manifest without its tokenizer.
     let manifest = std::fs::read_to_string(folder.join("gust-model.toml")).unwrap();
     let cut = manifest
@@ -414,7 +214,9 @@ fn concurrent_embeds_are_batched_and_each_gets_its_own_rows() {
         dir.path(),
         "tiny-bert",
         "\n[batching]\nmax_batch = 8\nmax_delay_ms = 50\n",
-    );
+        Rng::fresh().next_u64(),
+    )
+    .unwrap();
     let registry = ModelRegistry::open(dir.path()).unwrap();
     let device = devices()[0].clone();
     let rt = runtime();
@@ -466,7 +268,9 @@ fn a_full_batch_queue_refuses_and_a_deadline_is_honoured() {
         dir.path(),
         "tiny-bert",
         "\n[batching]\nmax_batch = 64\nmax_delay_ms = 400\nmax_queue = 2\n",
-    );
+        Rng::fresh().next_u64(),
+    )
+    .unwrap();
     let registry = ModelRegistry::open(dir.path()).unwrap();
     let device = devices()[0].clone();
     let rt = runtime();

@@ -62,8 +62,10 @@ pub mod bindings {
     });
 }
 
+pub mod model;
 pub mod tensor;
 
+pub use model::{GenerateParams, Model, ModelError};
 pub use tensor::{Tensor, TensorError};
 
 /// The GPU bridge: host-resident tensors and models (`gust:gpu@0.1.0`).

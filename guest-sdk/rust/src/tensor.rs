@@ -151,6 +151,11 @@ impl Tensor {
         &self.0
     }
 
+    /// Wrap a handle the generated bindings returned.
+    pub fn from_raw(tensor: raw::Tensor) -> Self {
+        Self(tensor)
+    }
+
     /// Matrix product of the last two dimensions; leading (batch)
     /// dimensions broadcast.
     pub fn matmul(&self, other: &Tensor) -> Result<Tensor> {

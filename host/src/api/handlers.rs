@@ -57,6 +57,7 @@ pub(crate) async fn route(state: Arc<AppState>, request: hyper::Request<Incoming
         (["v1", "functions", name, "logs"], &Method::GET) => logs(&state, &request, name),
         (["v1", "invocations", id], &Method::GET) => get_invocation(&state, request.headers(), id),
         (["v1", "usage"], &Method::GET) => usage(&state, request.headers()),
+        (["v1", "models"], &Method::GET) => list_models(&state, request.headers()),
         (["v1", "keys"], &Method::POST) => create_own_key(&state, request.headers()),
         (["v1", "keys"], &Method::GET) => list_own_keys(&state, request.headers()),
         (["v1", "keys", id], &Method::DELETE) => revoke_own_key(&state, request.headers(), id),
@@ -95,6 +96,7 @@ fn known_path(segments: &[&str]) -> bool {
             | ["v1", "keys"]
             | ["v1", "keys", _]
             | ["v1", "usage"]
+            | ["v1", "models"]
             | ["v1", "tenants"]
             | ["v1", "tenants", _, "keys"]
             | ["v1", "tenants", _, "keys", _]
@@ -616,11 +618,21 @@ fn outcome_response(invocation: &Invocation, id: &str) -> Response {
 pub(super) fn outcome_problem(outcome: &Outcome) -> Problem {
     let detail = outcome.to_string();
     match outcome {
-        Outcome::GuestError(error) => Problem::new(
-            StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            &error.code,
-            error.message.clone(),
-        ),
+        Outcome::GuestError(error) => {
+            let status = StatusCode::from_u16(error.http_status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let problem = Problem::new(status, &error.code, error.message.clone());
+            // A function answering "busy" (a full model queue, a used-up
+            // quota) tells well-behaved clients when to come back.
+            if matches!(
+                status,
+                StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+            ) {
+                problem.retry_after(1)
+            } else {
+                problem
+            }
+        }
         Outcome::Timeout { .. } => Problem::new(StatusCode::GATEWAY_TIMEOUT, "timeout", detail),
         Outcome::Overloaded { .. } => {
             Problem::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", detail).retry_after(1)
@@ -888,6 +900,52 @@ fn usage(state: &AppState, headers: &HeaderMap) -> Handled {
                 "memory_limit_bytes": policy.gpu.memory_mb.saturating_mul(1 << 20),
                 "time_ms_per_minute": policy.gpu.time_ms_per_minute,
             }
+        }),
+    ))
+}
+
+/// The host's models: which the caller may load, and which are resident on
+/// which device. The registry's counters are host-wide (a load serves every
+/// tenant allowed the model), so they show whether calls find models warm.
+fn list_models(state: &AppState, headers: &HeaderMap) -> Handled {
+    let tenant = auth::tenant(state, headers)?;
+    let policy = state.policies.for_tenant(&tenant);
+    let registry = state.gpu.models();
+    let devices = state.gpu.bridge().devices();
+    let models: Vec<_> = registry
+        .list()
+        .map(|entry| {
+            let name = &entry.manifest.name;
+            let resident: Vec<&str> = devices
+                .iter()
+                .filter(|d| registry.resident_models(d).iter().any(|m| m == name))
+                .map(|d| d.kind().as_str())
+                .collect();
+            json!({
+                "name": name,
+                "family": entry.manifest.family,
+                "dtype": entry.manifest.dtype.as_str(),
+                "allowed": policy.gpu.allows_model(name),
+                "batching": entry.manifest.batching.map(|b| json!({
+                    "max_batch": b.max_batch,
+                    "max_delay_ms": b.max_delay_ms,
+                    "max_queue": b.queue_limit(),
+                })),
+                "resident_on": resident,
+            })
+        })
+        .collect();
+    let stats = registry.stats();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "models": models,
+            "stats": {
+                "loads": stats.loads,
+                "hits": stats.hits,
+                "failures": stats.failures,
+                "evictions": stats.evictions,
+            },
         }),
     ))
 }

@@ -66,6 +66,10 @@ pub struct ServeConfig {
     pub runtime: RuntimeConfig,
     /// Which GPU-bridge devices to open.
     pub gpu: gust_gpu_bridge::BridgeConfig,
+    /// The models directory; `None` means `<data-dir>/models`.
+    pub models_dir: Option<PathBuf>,
+    /// Resident-model memory budget per device, and batching on or off.
+    pub models: gust_gpu_bridge::models::RegistryConfig,
 }
 
 impl ServeConfig {
@@ -81,6 +85,8 @@ impl ServeConfig {
             retention_per_function: 1000,
             runtime,
             gpu: gust_gpu_bridge::BridgeConfig::default(),
+            models_dir: None,
+            models: gust_gpu_bridge::models::RegistryConfig::default(),
         }
     }
 }

@@ -106,7 +106,18 @@ impl AppState {
                         "opening devices panicked: {e}"
                     )))
                 })??;
-        let gpu = Arc::new(crate::gpu::GpuHost::new(bridge));
+        let models_dir = config
+            .models_dir
+            .clone()
+            .unwrap_or_else(|| data.join("models"));
+        std::fs::create_dir_all(&models_dir)
+            .map_err(io(format!("creating {}", models_dir.display())))?;
+        let registry =
+            gust_gpu_bridge::models::ModelRegistry::open_with(&models_dir, config.models)?;
+        for (folder, problem) in registry.problems() {
+            tracing::warn!(folder = %folder.display(), %problem, "model not served");
+        }
+        let gpu = Arc::new(crate::gpu::GpuHost::new(bridge, Arc::new(registry)));
 
         let admin_key = match config.admin_key.clone() {
             Some(key) => key,

@@ -52,6 +52,10 @@ pub(crate) struct RunArgs {
     #[arg(long, value_delimiter = ',', default_values = ["cpu"])]
     gpu: Vec<super::GpuBackendArg>,
 
+    /// Models directory; the function may load any model in it.
+    #[arg(long, default_value = "./gust-data/models", env = "GUST_MODELS_DIR")]
+    models_dir: PathBuf,
+
     /// Directory of the compiled-component cache [default: $XDG_CACHE_HOME/gust/compiled].
     #[arg(long, env = "GUST_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
@@ -128,9 +132,21 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
         .filter(|d| args.gpu.iter().any(|b| b.kind() == d.kind()))
         .cloned()
         .collect();
+    // A local run owns the machine: every model found may be loaded, and a
+    // missing models directory just means there are none.
+    let models = gust_gpu_bridge::models::ModelRegistry::open(&args.models_dir)
+        .ok()
+        .map(|registry| {
+            let allowed = registry.list().map(|m| m.manifest.name.clone()).collect();
+            gust_host::gpu::ModelGrant {
+                registry: Arc::new(registry),
+                allowed,
+            }
+        });
     let gpu = (!devices.is_empty()).then(|| gust_host::gpu::GpuGrant {
         devices,
         account: gust_gpu_bridge::Account::new("local", None, None),
+        models,
     });
     let limits = CallLimits {
         gpu,

@@ -51,6 +51,22 @@ pub(crate) struct ServeArgs {
     /// device is logged and skipped; cpu is always open.
     #[arg(long, value_delimiter = ',', default_values = ["cuda", "wgpu", "cpu"], env = "GUST_GPU")]
     gpu: Vec<super::GpuBackendArg>,
+
+    /// Models directory: one folder per model with a `gust-model.toml`
+    /// (scripts/fetch-models.sh fills it). Default: `<data-dir>/models`.
+    #[arg(long, env = "GUST_MODELS_DIR")]
+    models_dir: Option<PathBuf>,
+
+    /// Device memory resident models may hold per device, in MiB; least
+    /// recently used models nobody is using are evicted to stay within it.
+    /// Default: no budget beyond the device's own memory.
+    #[arg(long)]
+    models_memory_mb: Option<u64>,
+
+    /// Run every model call alone instead of batching concurrent calls of
+    /// models whose manifest has `[batching]`.
+    #[arg(long)]
+    no_batching: bool,
 }
 
 async fn shutdown_signal() {
@@ -83,6 +99,13 @@ pub(crate) async fn serve(args: ServeArgs) -> ExitCode {
     config.grace = args.grace;
     config.retention_per_function = args.retention.max(1);
     config.gpu = super::bridge_config(&args.gpu);
+    config.models_dir = args.models_dir;
+    config.models = gust_gpu_bridge::models::RegistryConfig {
+        memory_budget_bytes: args
+            .models_memory_mb
+            .map_or(u64::MAX, |mb| mb.saturating_mul(1 << 20)),
+        batching: !args.no_batching,
+    };
     let pool = PoolingConfig {
         max_instances: args.max_instances.max(1),
         total_memories: args.max_instances.max(1).saturating_mul(2),

@@ -523,15 +523,16 @@ impl Runtime {
             stdout: stdout.clone(),
             stderr: stderr.clone(),
         };
+        let deadline = started + limits.timeout;
         let state = CallState::new(
             grants,
             limits.outbound.clone(),
             memory_limit,
             limits.gpu.clone(),
+            Some(deadline),
         );
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
-        let deadline = started + limits.timeout;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
             // Yielding on every tick keeps a busy guest from monopolising an

@@ -113,6 +113,7 @@ impl CallState {
         outbound: OutboundPolicy,
         memory_limit_bytes: usize,
         gpu: Option<crate::gpu::GpuGrant>,
+        deadline: Option<std::time::Instant>,
     ) -> Self {
         Self {
             grants,
@@ -126,7 +127,7 @@ impl CallState {
                 committed_bytes: 0,
                 peak_bytes: 0,
             },
-            gpu: crate::gpu::GpuSession::new(gpu),
+            gpu: crate::gpu::GpuSession::new(gpu, deadline),
         }
     }
 }

@@ -410,3 +410,8 @@ async fn tensors() {
     device.synchronize(&account).await.unwrap();
     assert_eq!(device.used_bytes(), 0);
 }
+
+#[tokio::test]
+async fn models() {
+    super::models::fixture_embeds_and_is_refused_models_not_granted().await;
+}

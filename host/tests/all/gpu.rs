@@ -24,6 +24,7 @@ pub(crate) fn grant(device: &Device, account: &Arc<Account>) -> CallLimits {
         gpu: Some(GpuGrant {
             devices: Arc::from(vec![device.clone()]),
             account: Arc::clone(account),
+            models: None,
         }),
         ..CallLimits::default()
     }

@@ -16,6 +16,7 @@ mod gpu;
 mod limits;
 mod load_errors;
 mod map;
+mod models;
 mod server;
 
 use std::path::Path;

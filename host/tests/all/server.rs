@@ -49,6 +49,11 @@ pub(crate) fn policies(dir: &Path) -> PathBuf {
     )
     .unwrap();
     std::fs::write(
+        policies.join("models.toml"),
+        "timeout_ms = 5000\n[gpu]\nmodels = [\"tiny-bert\", \"queue-bert\", \"missing-bert\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
         policies.join("files.toml"),
         "[env]\nGREETING = \"from the policy\"\n\n[[volumes]]\nname = \"data\"\npath = \"data\"\nmount = \"/data\"\nread_only = false\n",
     )
