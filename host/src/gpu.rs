@@ -164,7 +164,7 @@ pub(crate) struct GpuSession {
     account: Option<Arc<Account>>,
     /// When the invocation's time is up: a call waiting for a model batch
     /// gives up then rather than holding a slot of the batch queue.
-    deadline: Option<Instant>,
+    pub(crate) deadline: Option<Instant>,
 }
 
 impl GpuSession {
@@ -176,14 +176,14 @@ impl GpuSession {
         }
     }
 
-    fn grant(&self) -> Result<&GpuGrant, Error> {
+    pub(crate) fn grant(&self) -> Result<&GpuGrant, Error> {
         self.grant.as_ref().ok_or_else(|| Error {
             code: ErrorCode::Forbidden,
             message: "this function's tenant may not use the GPU bridge (policy `[gpu] backends` is empty)".into(),
         })
     }
 
-    fn account(&mut self) -> Result<Arc<Account>, Error> {
+    pub(crate) fn account(&mut self) -> Result<Arc<Account>, Error> {
         if let Some(account) = &self.account {
             return Ok(Arc::clone(account));
         }
@@ -193,7 +193,7 @@ impl GpuSession {
         Ok(account)
     }
 
-    fn default_device(&self) -> Result<Device, Error> {
+    pub(crate) fn default_device(&self) -> Result<Device, Error> {
         let grant = self.grant()?;
         grant.devices.first().cloned().ok_or_else(|| Error {
             code: ErrorCode::Forbidden,
@@ -224,7 +224,7 @@ pub struct GpuModel {
 
 type Outcome<T> = wasmtime::Result<Result<T, Error>>;
 
-fn to_wit(e: BridgeError) -> Error {
+pub(crate) fn to_wit(e: BridgeError) -> Error {
     let code = match e.code {
         BridgeCode::InvalidArgument => ErrorCode::InvalidArgument,
         BridgeCode::ShapeMismatch => ErrorCode::ShapeMismatch,
@@ -596,28 +596,35 @@ impl CallState {
     fn model(&self, handle: &Resource<GpuModel>) -> wasmtime::Result<Arc<ResidentModel>> {
         Ok(Arc::clone(&self.table.get(handle)?.model))
     }
-}
 
-impl models::HostModel for CallState {
-    async fn load(&mut self, name: String) -> Outcome<Resource<GpuModel>> {
-        let grant = attempt!(self.gpu.grant()).clone();
-        let device = attempt!(self.gpu.default_device());
+    /// The model called `name` on the invocation's default device, if the
+    /// tenant's policy lists it: loaded on first use anywhere on the host,
+    /// resident afterwards. Shared by `gust:gpu/models` and `wasi:nn`.
+    pub(crate) async fn load_resident(&mut self, name: &str) -> Result<Arc<ResidentModel>, Error> {
+        let grant = self.gpu.grant()?.clone();
+        let device = self.gpu.default_device()?;
         let Some(models) = &grant.models else {
-            return Ok(Err(Error {
+            return Err(Error {
                 code: ErrorCode::NotFound,
                 message: format!("no model `{name}`: this host serves no models"),
-            }));
+            });
         };
-        if !models.allowed.contains(&name) {
-            return Ok(Err(Error {
+        if !models.allowed.iter().any(|m| m == name) {
+            return Err(Error {
                 code: ErrorCode::Forbidden,
                 message: format!(
                     "this function's tenant may not load model `{name}` (policy `[gpu] models` \
                      does not list it)"
                 ),
-            }));
+            });
         }
-        let model = attempt!(models.registry.load(&name, &device).await.map_err(to_wit));
+        models.registry.load(name, &device).await.map_err(to_wit)
+    }
+}
+
+impl models::HostModel for CallState {
+    async fn load(&mut self, name: String) -> Outcome<Resource<GpuModel>> {
+        let model = attempt!(self.load_resident(&name).await);
         Ok(Ok(self.table.push(GpuModel { model })?))
     }
 

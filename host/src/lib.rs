@@ -3,6 +3,7 @@
 pub mod api;
 mod fsutil;
 pub mod gpu;
+pub mod nn;
 pub mod runtime;
 pub mod store;
 pub mod tenancy;

@@ -10,5 +10,9 @@ wasmtime::component::bindgen!({
     with: {
         "gust:gpu/tensors.tensor": crate::gpu::GpuTensor,
         "gust:gpu/models.model": crate::gpu::GpuModel,
+        "wasi:nn/tensor.tensor": crate::nn::NnTensor,
+        "wasi:nn/graph.graph": crate::nn::NnGraph,
+        "wasi:nn/inference.graph-execution-context": crate::nn::NnContext,
+        "wasi:nn/errors.error": crate::nn::NnError,
     },
 });

@@ -415,3 +415,8 @@ async fn tensors() {
 async fn models() {
     super::models::fixture_embeds_and_is_refused_models_not_granted().await;
 }
+
+#[tokio::test]
+async fn wasi_nn() {
+    super::models::wasi_nn_guest_runs_on_resident_models().await;
+}

@@ -24,10 +24,10 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
     dot / (na * nb)
 }
 
-/// The fixture run directly by the runtime, with a grant of its own.
-pub(crate) async fn fixture_embeds_and_is_refused_models_not_granted() {
+/// Limits granting `tiny-bert` (but not `other-bert`, also in the
+/// directory) on a cpu device of their own; the directory must outlive them.
+fn fixture_limits() -> (gust_host::runtime::CallLimits, TempDir) {
     use gust_host::gpu::{GpuGrant, ModelGrant};
-    use gust_host::runtime::{CallLimits, Outcome};
 
     let dir = TempDir::new().unwrap();
     write_tiny_bert(dir.path(), "tiny-bert", "", 3).unwrap();
@@ -38,7 +38,7 @@ pub(crate) async fn fixture_embeds_and_is_refused_models_not_granted() {
         DeviceOptions::default(),
     )
     .unwrap();
-    let limits = CallLimits {
+    let limits = gust_host::runtime::CallLimits {
         timeout: Duration::from_secs(20),
         gpu: Some(GpuGrant {
             devices: std::sync::Arc::from(vec![device]),
@@ -48,15 +48,29 @@ pub(crate) async fn fixture_embeds_and_is_refused_models_not_granted() {
                 allowed: std::sync::Arc::from(vec!["tiny-bert".to_owned()]),
             }),
         }),
-        ..CallLimits::default()
+        ..gust_host::runtime::CallLimits::default()
     };
+    (limits, dir)
+}
+
+fn ok_text(outcome: gust_host::runtime::Outcome) -> String {
+    match outcome {
+        gust_host::runtime::Outcome::Ok(reply) => String::from_utf8(reply.body).unwrap(),
+        other => panic!("expected ok, got {other:?}"),
+    }
+}
+
+/// The `models` fixture run directly by the runtime.
+pub(crate) async fn fixture_embeds_and_is_refused_models_not_granted() {
+    use gust_host::runtime::Outcome;
+
+    let (limits, _models) = fixture_limits();
     let (rt, _cache) = crate::runtime();
     let component = crate::load(&rt, artifacts::MODELS_COMPONENT);
     let call = |body: &str| rt.invoke(&component, crate::request(body), &limits);
-    let Outcome::Ok(reply) = call("embed tiny-bert\nthe cat\na dog").await.outcome else {
-        panic!("embed failed")
-    };
-    let rows = parse_rows(std::str::from_utf8(&reply.body).unwrap());
+    let rows = parse_rows(&ok_text(
+        call("embed tiny-bert\nthe cat\na dog").await.outcome,
+    ));
     assert_eq!(rows.len(), 2);
     assert!(rows.iter().all(|r| r.len() == TINY_BERT_HIDDEN));
     match call("describe other-bert").await.outcome {
@@ -70,6 +84,60 @@ pub(crate) async fn fixture_embeds_and_is_refused_models_not_granted() {
         Outcome::GuestError(e) => assert_eq!(e.http_status(), 400, "{e:?}"),
         other => panic!("expected a 400, got {other:?}"),
     }
+}
+
+/// The `wasi-nn` fixture: a guest written against the standard interface
+/// gets the same embeddings through `load-by-name` and `compute`.
+pub(crate) async fn wasi_nn_guest_runs_on_resident_models() {
+    let (limits, _models) = fixture_limits();
+    let (rt, _cache) = crate::runtime();
+    let component = crate::load(&rt, artifacts::WASI_NN_COMPONENT);
+    let sdk = crate::load(&rt, artifacts::MODELS_COMPONENT);
+    let nn = |body: &str| rt.invoke(&component, crate::request(body), &limits);
+    let expected = parse_rows(&ok_text(
+        rt.invoke(
+            &sdk,
+            crate::request("embed tiny-bert\nthe cat sat\na dog"),
+            &limits,
+        )
+        .await
+        .outcome,
+    ));
+
+    let rows = parse_rows(&ok_text(
+        nn("text tiny-bert\nthe cat sat\na dog").await.outcome,
+    ));
+    assert_eq!(rows.len(), 2);
+    for (got, want) in rows.iter().zip(&expected) {
+        assert!(cosine(got, want) > 0.99999, "{got:?} vs {want:?}");
+    }
+
+    // Token ids as i64, the way most frameworks hand them over.
+    let ran = ok_text(nn("ids tiny-bert 2,5,7,9,3").await.outcome);
+    let mut lines = ran.lines();
+    let hidden = lines.next().unwrap();
+    assert!(
+        hidden.starts_with(&format!("last_hidden_state [1, 5, {TINY_BERT_HIDDEN}]: ")),
+        "{ran}"
+    );
+    let pooled = lines.next().unwrap();
+    let (head, values) = pooled.split_once(": ").unwrap();
+    assert_eq!(head, format!("sentence_embedding [1, {TINY_BERT_HIDDEN}]"));
+    let values: Vec<f32> = values.split(',').map(|v| v.parse().unwrap()).collect();
+    assert!(cosine(&values, &expected[0]) > 0.99999);
+
+    // wasi-nn errors arrive as its own codes.
+    let refused = ok_text(nn("text other-bert\nhello").await.outcome);
+    assert!(
+        refused.starts_with("error ErrorCode::Security: "),
+        "{refused}"
+    );
+    assert!(refused.contains("other-bert"), "{refused}");
+    let unknown = ok_text(nn("ids tiny-bert 2,99,3").await.outcome);
+    assert!(
+        unknown.starts_with("error ErrorCode::InvalidArgument: "),
+        "{unknown}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,0 +1,350 @@
+//! Host side of `wasi:nn` (0.2.0-rc-2024-10-28), over the same resident
+//! models as `gust:gpu/models`: a guest written against the standard
+//! interface loads a model with `load-by-name` (the tenant's policy must
+//! list it) and runs it with `compute` on named tensors.
+//!
+//! wasi-nn tensors are plain bytes in host memory; `compute` uploads them to
+//! the model's device, runs the model, and reads the outputs back. Besides
+//! the family's own tensor inputs (bert: `input_ids`, `attention_mask`), a
+//! text model takes UTF-8 text as a `u8` tensor, which spares a wasi-nn
+//! guest a tokenizer:
+//!
+//! - bert: input `text` (one text per line) gives `embedding`, `f32`
+//!   `[texts, dimensions]`, mean-pooled and L2-normalised.
+
+use std::sync::Arc;
+
+use gust_gpu_bridge::DType;
+use gust_gpu_bridge::models::ResidentModel;
+use wasmtime::component::Resource;
+
+use crate::runtime::bindings::gust::gpu::types::{Error as GpuError, ErrorCode as GpuCode};
+use crate::runtime::bindings::wasi::nn::errors::{self, ErrorCode};
+use crate::runtime::bindings::wasi::nn::graph::{self, ExecutionTarget, GraphEncoding};
+use crate::runtime::bindings::wasi::nn::inference;
+use crate::runtime::bindings::wasi::nn::tensor::{self, TensorType};
+use crate::runtime::state::CallState;
+
+/// A wasi-nn tensor: dimensions, element type and bytes, in host memory.
+#[derive(Debug, Clone)]
+pub struct NnTensor {
+    dimensions: Vec<u32>,
+    ty: TensorType,
+    data: Vec<u8>,
+}
+
+/// A graph: a resident model this invocation loaded by name.
+#[derive(Debug)]
+pub struct NnGraph {
+    model: Arc<ResidentModel>,
+}
+
+/// An execution context of a graph.
+#[derive(Debug)]
+pub struct NnContext {
+    model: Arc<ResidentModel>,
+}
+
+/// A wasi-nn error: a code and the host's explanation.
+#[derive(Debug)]
+pub struct NnError {
+    code: ErrorCode,
+    data: String,
+}
+
+type NnResult<T> = wasmtime::Result<Result<T, Resource<NnError>>>;
+
+fn element_size(ty: TensorType) -> usize {
+    match ty {
+        TensorType::Fp16 | TensorType::Bf16 => 2,
+        TensorType::Fp32 | TensorType::I32 => 4,
+        TensorType::Fp64 | TensorType::I64 => 8,
+        TensorType::U8 => 1,
+    }
+}
+
+fn from_gpu(e: GpuError) -> (ErrorCode, String) {
+    let code = match e.code {
+        GpuCode::InvalidArgument | GpuCode::ShapeMismatch => ErrorCode::InvalidArgument,
+        GpuCode::NotFound => ErrorCode::NotFound,
+        GpuCode::Forbidden => ErrorCode::Security,
+        GpuCode::OutOfMemory => ErrorCode::TooLarge,
+        GpuCode::QuotaExceeded | GpuCode::Backend => ErrorCode::RuntimeError,
+        GpuCode::Timeout => ErrorCode::Timeout,
+        GpuCode::Unsupported => ErrorCode::UnsupportedOperation,
+    };
+    (code, e.message)
+}
+
+impl CallState {
+    fn nn_error<T>(&mut self, code: ErrorCode, data: impl Into<String>) -> NnResult<T> {
+        let error = self.table.push(NnError {
+            code,
+            data: data.into(),
+        })?;
+        Ok(Err(error))
+    }
+
+    /// Run `model` on the wasi-nn inputs; errors as (code, explanation).
+    async fn nn_compute(
+        &mut self,
+        model: &Arc<ResidentModel>,
+        inputs: Vec<(String, NnTensor)>,
+    ) -> Result<Vec<(String, NnTensor)>, (ErrorCode, String)> {
+        for (name, t) in &inputs {
+            let count = t
+                .dimensions
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d as usize));
+            let expected = count.and_then(|n| n.checked_mul(element_size(t.ty)));
+            if expected != Some(t.data.len()) {
+                return Err((
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "tensor `{name}`: dimensions {:?} of {:?} need {} bytes, got {}",
+                        t.dimensions,
+                        t.ty,
+                        expected.map_or("more than usize".into(), |n| n.to_string()),
+                        t.data.len()
+                    ),
+                ));
+            }
+        }
+        let account = self.gpu.account().map_err(from_gpu)?;
+        if let [(name, text)] = inputs.as_slice()
+            && name == "text"
+            && text.ty == TensorType::U8
+        {
+            let text = std::str::from_utf8(&text.data).map_err(|e| {
+                (
+                    ErrorCode::InvalidArgument,
+                    format!("tensor `text` is not UTF-8: {e}"),
+                )
+            })?;
+            let texts: Vec<String> = text.lines().map(str::to_owned).collect();
+            let rows = model
+                .embed(texts, &account, self.gpu.deadline)
+                .await
+                .map_err(|e| from_gpu(crate::gpu::to_wit(e)))?;
+            let width = rows
+                .first()
+                .map_or(model.embedding_dimensions().unwrap_or(0), Vec::len);
+            let data: Vec<u8> = rows
+                .iter()
+                .flatten()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            return Ok(vec![(
+                "embedding".to_owned(),
+                NnTensor {
+                    dimensions: vec![
+                        u32::try_from(rows.len()).unwrap_or(u32::MAX),
+                        u32::try_from(width).unwrap_or(u32::MAX),
+                    ],
+                    ty: TensorType::Fp32,
+                    data,
+                },
+            )]);
+        }
+
+        let device = model.device();
+        let mut uploaded = Vec::with_capacity(inputs.len());
+        for (name, t) in inputs {
+            let (dtype, data) = match t.ty {
+                TensorType::Fp32 => (DType::F32, t.data),
+                TensorType::Fp16 => (DType::F16, t.data),
+                TensorType::Bf16 => (DType::BF16, t.data),
+                TensorType::I32 => (DType::I32, t.data),
+                // Token ids arrive as i64 from most frameworks; the bridge
+                // indexes with 32 bits.
+                TensorType::I64 => (DType::I32, narrow_i64(&name, &t.data)?),
+                other => {
+                    return Err((
+                        ErrorCode::InvalidArgument,
+                        format!("tensor `{name}`: {other:?} inputs are not supported here"),
+                    ));
+                }
+            };
+            let shape: Vec<usize> = t.dimensions.iter().map(|&d| d as usize).collect();
+            let tensor = device
+                .upload(dtype, &shape, data, &account)
+                .await
+                .map_err(|e| from_gpu(crate::gpu::to_wit(e)))?;
+            uploaded.push((name, tensor));
+        }
+        let outputs = model
+            .run(&uploaded, &account)
+            .await
+            .map_err(|e| from_gpu(crate::gpu::to_wit(e)))?;
+        let mut answers = Vec::with_capacity(outputs.len());
+        for (name, tensor) in outputs {
+            let data = device
+                .read(&tensor, &account)
+                .await
+                .map_err(|e| from_gpu(crate::gpu::to_wit(e)))?;
+            let ty = match tensor.dtype() {
+                DType::F32 => TensorType::Fp32,
+                DType::F16 => TensorType::Fp16,
+                DType::BF16 => TensorType::Bf16,
+                DType::I32 | DType::U32 => TensorType::I32,
+            };
+            answers.push((
+                name,
+                NnTensor {
+                    dimensions: tensor
+                        .shape()
+                        .iter()
+                        .map(|&d| u32::try_from(d).unwrap_or(u32::MAX))
+                        .collect(),
+                    ty,
+                    data,
+                },
+            ));
+        }
+        Ok(answers)
+    }
+}
+
+fn narrow_i64(name: &str, data: &[u8]) -> Result<Vec<u8>, (ErrorCode, String)> {
+    data.chunks_exact(8)
+        .map(|c| {
+            let v = i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            i32::try_from(v).map(i32::to_le_bytes).map_err(|_| {
+                (
+                    ErrorCode::InvalidArgument,
+                    format!("tensor `{name}`: {v} does not fit 32 bits"),
+                )
+            })
+        })
+        .collect::<Result<Vec<[u8; 4]>, _>>()
+        .map(|v| v.concat())
+}
+
+impl tensor::HostTensor for CallState {
+    async fn new(
+        &mut self,
+        dimensions: Vec<u32>,
+        ty: TensorType,
+        data: Vec<u8>,
+    ) -> wasmtime::Result<Resource<NnTensor>> {
+        // Checked against the dimensions in `compute`, where a mismatch can
+        // be reported as an error value rather than a trap.
+        Ok(self.table.push(NnTensor {
+            dimensions,
+            ty,
+            data,
+        })?)
+    }
+
+    async fn dimensions(&mut self, tensor: Resource<NnTensor>) -> wasmtime::Result<Vec<u32>> {
+        Ok(self.table.get(&tensor)?.dimensions.clone())
+    }
+
+    async fn ty(&mut self, tensor: Resource<NnTensor>) -> wasmtime::Result<TensorType> {
+        Ok(self.table.get(&tensor)?.ty)
+    }
+
+    async fn data(&mut self, tensor: Resource<NnTensor>) -> wasmtime::Result<Vec<u8>> {
+        Ok(self.table.get(&tensor)?.data.clone())
+    }
+
+    async fn drop(&mut self, tensor: Resource<NnTensor>) -> wasmtime::Result<()> {
+        self.table.delete(tensor)?;
+        Ok(())
+    }
+}
+
+impl tensor::Host for CallState {}
+
+impl graph::HostGraph for CallState {
+    async fn init_execution_context(
+        &mut self,
+        graph: Resource<NnGraph>,
+    ) -> NnResult<Resource<NnContext>> {
+        let model = Arc::clone(&self.table.get(&graph)?.model);
+        Ok(Ok(self.table.push(NnContext { model })?))
+    }
+
+    async fn drop(&mut self, graph: Resource<NnGraph>) -> wasmtime::Result<()> {
+        self.table.delete(graph)?;
+        Ok(())
+    }
+}
+
+impl graph::Host for CallState {
+    async fn load(
+        &mut self,
+        _builder: Vec<Vec<u8>>,
+        encoding: GraphEncoding,
+        _target: ExecutionTarget,
+    ) -> NnResult<Resource<NnGraph>> {
+        self.nn_error(
+            ErrorCode::UnsupportedOperation,
+            format!(
+                "graphs from bytes ({encoding:?}) are not loaded on this host; its models are \
+                 resident: use `load-by-name` with a model the tenant's policy lists"
+            ),
+        )
+    }
+
+    async fn load_by_name(&mut self, name: String) -> NnResult<Resource<NnGraph>> {
+        match self.load_resident(&name).await {
+            Ok(model) => Ok(Ok(self.table.push(NnGraph { model })?)),
+            Err(e) => {
+                let (code, data) = from_gpu(e);
+                self.nn_error(code, data)
+            }
+        }
+    }
+}
+
+impl inference::HostGraphExecutionContext for CallState {
+    async fn compute(
+        &mut self,
+        context: Resource<NnContext>,
+        inputs: Vec<(String, Resource<NnTensor>)>,
+    ) -> NnResult<Vec<(String, Resource<NnTensor>)>> {
+        let model = Arc::clone(&self.table.get(&context)?.model);
+        let mut owned = Vec::with_capacity(inputs.len());
+        for (name, handle) in inputs {
+            // The guest gives the tensors up to the call (they are owned
+            // handles in this version of the interface).
+            let tensor = self.table.delete(handle)?;
+            owned.push((name, tensor));
+        }
+        match self.nn_compute(&model, owned).await {
+            Ok(outputs) => {
+                let mut handles = Vec::with_capacity(outputs.len());
+                for (name, tensor) in outputs {
+                    handles.push((name, self.table.push(tensor)?));
+                }
+                Ok(Ok(handles))
+            }
+            Err((code, data)) => self.nn_error(code, data),
+        }
+    }
+
+    async fn drop(&mut self, context: Resource<NnContext>) -> wasmtime::Result<()> {
+        self.table.delete(context)?;
+        Ok(())
+    }
+}
+
+impl inference::Host for CallState {}
+
+impl errors::HostError for CallState {
+    async fn code(&mut self, error: Resource<NnError>) -> wasmtime::Result<ErrorCode> {
+        Ok(self.table.get(&error)?.code)
+    }
+
+    async fn data(&mut self, error: Resource<NnError>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&error)?.data.clone())
+    }
+
+    async fn drop(&mut self, error: Resource<NnError>) -> wasmtime::Result<()> {
+        self.table.delete(error)?;
+        Ok(())
+    }
+}
+
+impl errors::Host for CallState {}
