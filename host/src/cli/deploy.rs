@@ -23,12 +23,15 @@ const CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, Args)]
 pub(crate) struct DeployArgs {
-    /// The component to deploy: a `.wasm` component built for wasm32-wasip2
-    /// that exports `gust:function/handler` or `wasi:http/incoming-handler`.
+    /// What to deploy: a `.wasm` component built for wasm32-wasip2 that
+    /// exports `gust:function/handler` or `wasi:http/incoming-handler`, or
+    /// a Rust crate's directory, which is built first (cargo, release,
+    /// wasm32-wasip2) and its cdylib deployed.
     pub(crate) component: PathBuf,
 
-    /// Function name, `^[a-z0-9][a-z0-9-]{0,62}$` [default: the file's stem,
-    /// lowercased, `_` and `.` turned into `-`].
+    /// Function name, `^[a-z0-9][a-z0-9-]{0,62}$` [default: the crate's
+    /// package name, or the file's stem, lowercased, `_` and `.` turned
+    /// into `-`].
     #[arg(short, long, value_name = "NAME")]
     pub(crate) name: Option<String>,
 
@@ -62,21 +65,32 @@ pub(crate) async fn deploy(
     out: &mut dyn Write,
     _err: &mut dyn Write,
 ) -> Result<(), ClientError> {
-    let name = match &args.name {
-        Some(name) => name.clone(),
-        None => default_name(&args.component)?,
-    };
     let client = Client::from_args(&args.connect, KeyKind::Tenant)?;
+    let (component, default) = if args.component.is_dir() {
+        let dir = args.component.clone();
+        let built = tokio::task::spawn_blocking(move || super::build::build_crate(&dir))
+            .await
+            .map_err(|e| ClientError::Input(format!("the build panicked: {e}")))??;
+        let name = built.package.to_lowercase().replace(['_', '.'], "-");
+        (built.component, name)
+    } else {
+        let name = match &args.name {
+            Some(_) => String::new(),
+            None => default_name(&args.component)?,
+        };
+        (args.component.clone(), name)
+    };
+    let name = args.name.clone().unwrap_or(default);
     let unreadable =
-        |e: std::io::Error| ClientError::Input(format!("{}: {e}", args.component.display()));
-    let file = tokio::fs::File::open(&args.component)
+        |e: std::io::Error| ClientError::Input(format!("{}: {e}", component.display()));
+    let file = tokio::fs::File::open(&component)
         .await
         .map_err(unreadable)?;
     let metadata = file.metadata().await.map_err(unreadable)?;
     if !metadata.is_file() {
         return Err(ClientError::Input(format!(
             "{}: not a regular file",
-            args.component.display()
+            component.display()
         )));
     }
     let len = metadata.len();

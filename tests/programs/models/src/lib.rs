@@ -28,7 +28,7 @@ fn join(values: &[f32]) -> String {
 
 fn handle(req: Request) -> Result<Response, Error> {
     let text = req.text()?;
-    let (command, input) = text.split_once('\n').unwrap_or((&text, ""));
+    let (command, input) = text.split_once('\n').unwrap_or((text, ""));
     let words: Vec<&str> = command.split_whitespace().collect();
     match words.as_slice() {
         ["embed", name] => {

@@ -30,7 +30,7 @@ fn compute(model: &str, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Te
 
 fn handle(req: Request) -> Result<Response, Error> {
     let body = req.text()?;
-    let (command, input) = body.split_once('\n').unwrap_or((&body, ""));
+    let (command, input) = body.split_once('\n').unwrap_or((body, ""));
     let words: Vec<&str> = command.split_whitespace().collect();
     let result = match words.as_slice() {
         ["text", model] => {

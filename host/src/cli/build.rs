@@ -1,0 +1,133 @@
+//! Building a function from source for `gust deploy <dir>`: a Rust crate
+//! (a folder with `Cargo.toml`) is built with cargo for wasm32-wasip2 and
+//! its cdylib deployed, so a function deploys with one command.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use super::client::ClientError;
+
+/// A component built from source: where it is and the package's name.
+#[derive(Debug)]
+pub(crate) struct Built {
+    pub(crate) component: PathBuf,
+    pub(crate) package: String,
+}
+
+/// Build the crate in `dir` (release, wasm32-wasip2) and return its
+/// component. Cargo's own progress and diagnostics go to stderr.
+pub(crate) fn build_crate(dir: &Path) -> Result<Built, ClientError> {
+    let manifest = dir.join("Cargo.toml");
+    if !manifest.is_file() {
+        return Err(ClientError::Input(format!(
+            "{} is a directory without a Cargo.toml; pass a .wasm component or a Rust crate",
+            dir.display()
+        )));
+    }
+    let manifest = manifest
+        .canonicalize()
+        .map_err(|e| ClientError::Input(format!("{}: {e}", manifest.display())))?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let output = Command::new(&cargo)
+        .args(["build", "--release", "--target", "wasm32-wasip2"])
+        .arg("--message-format=json-render-diagnostics")
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| {
+            ClientError::Input(format!(
+                "cannot run cargo to build {}: {e} (install Rust from https://rustup.rs, then \
+                 `rustup target add wasm32-wasip2`)",
+                dir.display()
+            ))
+        })?;
+    if !output.status.success() {
+        return Err(ClientError::Input(format!(
+            "building {} failed (cargo's errors are above; is the wasm32-wasip2 target \
+             installed? `rustup target add wasm32-wasip2`)",
+            dir.display()
+        )));
+    }
+    find_component(&String::from_utf8_lossy(&output.stdout), &manifest).ok_or_else(|| {
+        ClientError::Input(format!(
+            "building {} produced no component: the crate needs `crate-type = [\"cdylib\"]` \
+             under [lib]",
+            dir.display()
+        ))
+    })
+}
+
+/// The `.wasm` of the cdylib built from `manifest`, among cargo's JSON
+/// messages (one per line; dependencies' artifacts come first).
+fn find_component(messages: &str, manifest: &Path) -> Option<Built> {
+    messages.lines().rev().find_map(|line| {
+        let message: serde_json::Value = serde_json::from_str(line).ok()?;
+        if message["reason"] != "compiler-artifact"
+            || Path::new(message["manifest_path"].as_str()?) != manifest
+        {
+            return None;
+        }
+        let is_cdylib = message["target"]["kind"]
+            .as_array()?
+            .iter()
+            .any(|k| k == "cdylib");
+        if !is_cdylib {
+            return None;
+        }
+        let component = message["filenames"]
+            .as_array()?
+            .iter()
+            .filter_map(|f| f.as_str())
+            .find(|f| f.ends_with(".wasm"))?;
+        Some(Built {
+            component: PathBuf::from(component),
+            package: message["package_id"]
+                .as_str()
+                .and_then(package_name)
+                .unwrap_or_else(|| message["target"]["name"].as_str().unwrap_or("function"))
+                .to_owned(),
+        })
+    })
+}
+
+/// The name in a cargo package id: `path+file:///x/embed#0.1.0` (path
+/// packages) or `registry+…#name@1.0`.
+fn package_name(id: &str) -> Option<&str> {
+    let fragment = id.rsplit_once('#')?.1;
+    match fragment.split_once('@') {
+        Some((name, _)) => Some(name),
+        None => {
+            let path = id.rsplit_once('#')?.0;
+            path.rsplit('/').next()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_crates_own_cdylib_is_found_among_cargo_messages() {
+        let manifest = Path::new("/src/examples/embed/Cargo.toml");
+        let messages = [
+            r#"{"reason":"compiler-artifact","package_id":"registry+https://github.com/rust-lang/crates.io-index#serde@1.0.0","manifest_path":"/r/serde/Cargo.toml","target":{"kind":["lib"],"name":"serde"},"filenames":["/t/libserde.rlib"]}"#,
+            r#"{"reason":"compiler-artifact","package_id":"path+file:///src/examples/embed#0.0.0","manifest_path":"/src/examples/embed/Cargo.toml","target":{"kind":["cdylib"],"name":"embed"},"filenames":["/t/wasm32-wasip2/release/embed.wasm"]}"#,
+            r#"{"reason":"build-finished","success":true}"#,
+        ]
+        .join("\n");
+        let built = find_component(&messages, manifest).unwrap();
+        assert_eq!(
+            built.component,
+            Path::new("/t/wasm32-wasip2/release/embed.wasm")
+        );
+        assert_eq!(built.package, "embed");
+        assert!(find_component(&messages, Path::new("/other/Cargo.toml")).is_none());
+        assert_eq!(
+            package_name("path+file:///src/x/tensor-math#tensor-math@0.1.0"),
+            Some("tensor-math")
+        );
+    }
+}
