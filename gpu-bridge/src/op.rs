@@ -589,6 +589,24 @@ fn plan_matmul(a: Operand<'_>, b: Operand<'_>) -> Result<Plan> {
     let mut shape = batch_shape.clone();
     shape.extend_from_slice(&[m, n]);
     element_count(&shape)?;
+    // `[batch…, m, k] × [k, n]` (the right side shared by every batch, as
+    // for a linear layer's weight) is one `[batch·m, k] × [k, n]` product
+    // over the same bytes: one large matmul instead of many thin ones,
+    // which is what makes a batch of short sequences fast.
+    if batch > 1 && b_strides.iter().all(|&s| s == 0) && a_batch == batch_shape.as_slice() {
+        return Ok(Plan {
+            dtype: a.dtype,
+            shape,
+            work: Work::Kernel(Kernel::Matmul {
+                dtype: a.dtype,
+                m: batch * m,
+                k,
+                n,
+                lhs_offsets: vec![0],
+                rhs_offsets: vec![0],
+            }),
+        });
+    }
     let (mut lhs_offsets, mut rhs_offsets) = (Vec::with_capacity(batch), Vec::with_capacity(batch));
     for index in 0..batch {
         let (mut lo, mut ro, mut rem) = (0, 0, index);

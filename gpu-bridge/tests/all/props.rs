@@ -61,9 +61,12 @@ proptest! {
             (Ok(p), Some(batch)) => {
                 let mut expected = batch.clone(); expected.extend([m, n]);
                 prop_assert_eq!(&p.shape, &expected);
-                if let Work::Kernel(gust_gpu_bridge::Kernel::Matmul { lhs_offsets, rhs_offsets, .. }) = p.work {
-                    prop_assert_eq!(lhs_offsets.len(), batch.iter().product::<usize>());
-                    prop_assert!(lhs_offsets.iter().all(|&o| o + m * k <= a.iter().product::<usize>()));
+                if let Work::Kernel(gust_gpu_bridge::Kernel::Matmul { m: rows, k: inner, n: cols, lhs_offsets, rhs_offsets, .. }) = p.work {
+                    prop_assert_eq!((inner, cols), (k, n));
+                    // Either one matmul per batch, or (a shared right side)
+                    // the batches folded into the rows of one.
+                    prop_assert_eq!(lhs_offsets.len() * rows, batch.iter().product::<usize>() * m);
+                    prop_assert!(lhs_offsets.iter().all(|&o| o + rows * k <= a.iter().product::<usize>()));
                     prop_assert!(rhs_offsets.iter().all(|&o| o + k * n <= b.iter().product::<usize>()));
                 } else {
                     prop_assert!(false, "matmul lowers to a matmul kernel");
