@@ -222,7 +222,7 @@ pub(crate) fn input_body(json_text: &[u8]) -> Result<(Vec<u8>, &'static str), It
 
 /// A response body as a JSON value: parsed JSON for a JSON response, text
 /// for UTF-8, else `{"base64": …}`.
-fn output_value(content_type: &str, body: &[u8]) -> Value {
+pub(crate) fn output_value(content_type: &str, body: &[u8]) -> Value {
     if content_type.starts_with("application/json")
         && let Ok(value) = serde_json::from_slice::<Value>(body)
     {
@@ -256,7 +256,11 @@ fn item_error_line(index: u64, error: &ItemError) -> Bytes {
 
 /// Wait for a slot of the tenant's and the host's concurrency: a map shares
 /// them with the tenant's other calls rather than failing with 429.
-async fn admit_waiting(state: &AppState, tenant: &str, limit: usize) -> (Permit, Permit) {
+pub(crate) async fn admit_waiting(
+    state: &AppState,
+    tenant: &str,
+    limit: usize,
+) -> (Permit, Permit) {
     let gate = state.tenant_gate(tenant);
     let mut backoff = Duration::from_micros(200);
     loop {

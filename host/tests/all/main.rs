@@ -13,9 +13,11 @@ mod cli;
 mod crash;
 mod fixtures;
 mod gpu;
+mod jobs;
 mod limits;
 mod load_errors;
 mod map;
+mod schedules;
 mod server;
 
 use std::path::Path;
