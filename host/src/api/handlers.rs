@@ -70,6 +70,10 @@ pub(crate) async fn route(state: Arc<AppState>, request: hyper::Request<Incoming
         }
         (["v1", "jobs", id], &Method::GET) => super::jobs::get(&state, request.headers(), id),
         (["v1", "jobs", id], &Method::DELETE) => super::jobs::delete(&state, request.headers(), id),
+        (["v1", "functions", name, "ws"], &Method::GET) => {
+            let name = (*name).to_owned();
+            super::stream::websocket(&state, &name, request).await
+        }
         (["v1", "functions", name, "logs"], &Method::GET) => logs(&state, &request, name),
         (["v1", "invocations", id], &Method::GET) => get_invocation(&state, request.headers(), id),
         (["v1", "usage"], &Method::GET) => usage(&state, request.headers()),
@@ -537,6 +541,15 @@ pub(super) fn call_limits(
     Ok(limits)
 }
 
+/// Controls of a call whose caller does not stream: emitted output is kept,
+/// up to the policy's body size.
+pub(super) fn buffered(policy: &Policy) -> crate::runtime::CallControl {
+    crate::runtime::CallControl {
+        output_limit: usize::try_from(policy.max_body_bytes).unwrap_or(usize::MAX),
+        ..crate::runtime::CallControl::default()
+    }
+}
+
 /// Headers a function never sees: credentials and hop-by-hop headers.
 fn passed_through(name: &HeaderName) -> bool {
     !matches!(
@@ -612,7 +625,22 @@ async fn invoke(state: &Arc<AppState>, name: &str, request: hyper::Request<Incom
         invocation_id: id.clone(),
     };
     let limits = call_limits(state, &tenant, policy)?;
-    let invocation = state.runtime.invoke(&component, call, &limits).await;
+    if super::stream::wants_events(&parts.headers) {
+        return Ok(super::stream::events(super::stream::Admitted {
+            state: Arc::clone(state),
+            function: deployment.record.clone(),
+            component,
+            limits,
+            call,
+            started_at,
+            started,
+            permits,
+        }));
+    }
+    let invocation = state
+        .runtime
+        .invoke_with(&component, call, &limits, buffered(policy))
+        .await;
     drop(permits);
     let response = outcome_response(&invocation, &id);
     record(

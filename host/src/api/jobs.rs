@@ -345,8 +345,7 @@ async fn run_job(
     };
     let control = CallControl {
         cancel: Some(cancel),
-        stream: None,
-        output_limit: usize::try_from(policy.max_body_bytes).unwrap_or(usize::MAX),
+        ..super::handlers::buffered(policy)
     };
     let invocation = state
         .runtime

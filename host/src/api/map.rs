@@ -281,6 +281,7 @@ struct MapTarget {
     deployment: Deployment,
     component: LoadedComponent,
     limits: CallLimits,
+    control: crate::runtime::CallControl,
     max_concurrency: usize,
 }
 
@@ -296,6 +297,7 @@ async fn run_one(target: &MapTarget, index: u64, input: Result<Vec<u8>, ItemErro
         deployment,
         component,
         limits,
+        control,
         max_concurrency,
     } = target;
     let permits = admit_waiting(state, tenant, *max_concurrency).await;
@@ -308,7 +310,10 @@ async fn run_one(target: &MapTarget, index: u64, input: Result<Vec<u8>, ItemErro
         headers: Vec::new(),
         invocation_id: id.clone(),
     };
-    let invocation = state.runtime.invoke(component, call, limits).await;
+    let invocation = state
+        .runtime
+        .invoke_with(component, call, limits, control.clone())
+        .await;
     drop(permits);
     let (status, value) = match &invocation.outcome {
         Outcome::Ok(reply) if reply.status < 400 => (
@@ -440,6 +445,7 @@ pub(crate) async fn map(
     // Resolved once (volumes are checked on disk), not per input.
     let target = Arc::new(MapTarget {
         limits: call_limits(state, &tenant, policy)?,
+        control: super::handlers::buffered(policy),
         max_concurrency: policy.max_concurrency as usize,
         state: Arc::clone(state),
         tenant,

@@ -14,6 +14,7 @@ mod metrics;
 mod problem;
 mod schedules;
 mod state;
+mod stream;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -25,7 +25,7 @@ use super::handlers::{
 };
 use super::problem::Problem;
 use super::state::AppState;
-use crate::runtime::{CallControl, Request as CallRequest, new_invocation_id};
+use crate::runtime::{Request as CallRequest, new_invocation_id};
 use crate::store::{ScheduleRecord, UnixMillis, now_millis};
 
 /// A schedule and when it fires next.
@@ -181,13 +181,9 @@ async fn fire(state: &AppState, tenant: &str, function: &str) {
         headers: vec![("gust-schedule".to_owned(), schedule.cron.clone())],
         invocation_id: id.clone(),
     };
-    let control = CallControl {
-        output_limit: usize::try_from(policy.max_body_bytes).unwrap_or(usize::MAX),
-        ..CallControl::default()
-    };
     let invocation = state
         .runtime
-        .invoke_with(&component, call, &limits, control)
+        .invoke_with(&component, call, &limits, super::handlers::buffered(policy))
         .await;
     drop(permits);
     let status = super::jobs::invocation_status(&invocation);

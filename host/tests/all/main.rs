@@ -19,6 +19,7 @@ mod load_errors;
 mod map;
 mod schedules;
 mod server;
+mod stream;
 
 use std::path::Path;
 use std::time::Duration;
