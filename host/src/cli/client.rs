@@ -349,6 +349,18 @@ pub(crate) enum ClientError {
     Host(String),
     /// Writing our own output failed, e.g. a closed pipe (exit 3).
     Output(std::io::Error),
+    /// `gust job`/`gust spawn --wait`: the job failed or was cancelled
+    /// (exit 1).
+    JobFailed {
+        /// The job.
+        id: String,
+        /// `failed` or `cancelled`.
+        status: String,
+        /// The error's code.
+        code: String,
+        /// The error's message.
+        message: String,
+    },
     /// `gust map`: some inputs failed (their lines say why) (exit 1).
     MapFailures {
         /// Inputs that failed.
@@ -365,6 +377,7 @@ impl ClientError {
             ClientError::Input(_) => EXIT_BAD_INPUT,
             ClientError::Api(_)
             | ClientError::FunctionStatus { .. }
+            | ClientError::JobFailed { .. }
             | ClientError::MapFailures { .. } => EXIT_FUNCTION_FAILED,
             ClientError::Unreachable { .. } | ClientError::Host(_) | ClientError::Output(_) => {
                 EXIT_HOST
@@ -392,6 +405,12 @@ impl fmt::Display for ClientError {
                 write!(f, "cannot reach the Gust host at {url}: {reason}")
             }
             ClientError::Output(e) => write!(f, "writing output: {e}"),
+            ClientError::JobFailed {
+                id,
+                status,
+                code,
+                message,
+            } => write!(f, "job {id} {status}: {message} ({code})"),
             ClientError::MapFailures { failed, total } => {
                 write!(f, "{failed} of {total} inputs failed")
             }

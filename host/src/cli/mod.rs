@@ -11,6 +11,7 @@ mod client;
 mod deploy;
 mod functions;
 mod invoke;
+mod jobs;
 mod map;
 mod objects;
 mod output;
@@ -94,6 +95,30 @@ enum Command {
     #[command(after_long_help = CLIENT_EXIT_STATUS)]
     Map(map::MapArgs),
 
+    /// Run a function later, as a job, and print the job's id.
+    ///
+    /// Sends `POST /v1/functions/{name}/spawn`; the job waits in the
+    /// tenant's queue and runs with its concurrency. With `--wait`, polls
+    /// until it has finished and prints its output as `gust job` does.
+    #[command(after_long_help = CLIENT_EXIT_STATUS)]
+    Spawn(jobs::SpawnArgs),
+
+    /// Show a job: its output once it has succeeded (exit 1 when it failed
+    /// or was cancelled), else its state; or cancel it.
+    #[command(after_long_help = CLIENT_EXIT_STATUS)]
+    Job(jobs::JobArgs),
+
+    /// Run a function on a cron schedule (UTC), or show its schedule.
+    ///
+    /// Sends `PUT /v1/functions/{name}/schedule`; each run is an invocation
+    /// with its record (`gust logs`). `gust ls` shows schedules.
+    #[command(after_long_help = CLIENT_EXIT_STATUS)]
+    Schedule(jobs::ScheduleArgs),
+
+    /// Remove a function's schedule.
+    #[command(after_long_help = CLIENT_EXIT_STATUS)]
+    Unschedule(jobs::UnscheduleArgs),
+
     /// List the caller's functions.
     #[command(after_long_help = CLIENT_EXIT_STATUS)]
     Ls(functions::LsArgs),
@@ -160,6 +185,16 @@ pub(crate) async fn dispatch(cli: Cli) -> ExitCode {
             client_command(invoke::invoke(&args, &mut stdout(), &mut stderr())).await
         }
         Command::Map(args) => client_command(map::map(&args, &mut stdout(), &mut stderr())).await,
+        Command::Spawn(args) => {
+            client_command(jobs::spawn(&args, &mut stdout(), &mut stderr())).await
+        }
+        Command::Job(args) => client_command(jobs::job(&args, &mut stdout(), &mut stderr())).await,
+        Command::Schedule(args) => {
+            client_command(jobs::schedule(&args, &mut stdout(), &mut stderr())).await
+        }
+        Command::Unschedule(args) => {
+            client_command(jobs::unschedule(&args, &mut stdout(), &mut stderr())).await
+        }
         Command::Ls(args) => {
             client_command(functions::ls(&args, &mut stdout(), &mut stderr())).await
         }
