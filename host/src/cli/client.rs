@@ -1046,6 +1046,10 @@ pub(crate) mod tests {
         ("/v1/invocations/{id}", &["get"]),
         ("/v1/functions/{name}/logs", &["get"]),
         ("/v1/functions/{name}/map", &["post"]),
+        ("/v1/functions/{name}/spawn", &["post"]),
+        ("/v1/functions/{name}/schedule", &["put", "get", "delete"]),
+        ("/v1/functions/{name}/ws", &["get"]),
+        ("/v1/jobs/{id}", &["get", "delete"]),
         ("/v1/usage", &["get"]),
         ("/v1/keys", &["post", "get"]),
         ("/v1/keys/{id}", &["delete"]),
@@ -1091,6 +1095,8 @@ pub(crate) mod tests {
             "Key",
             "NewKey",
             "Problem",
+            "Job",
+            "Schedule",
         ] {
             assert!(
                 doc["components"]["schemas"][schema].is_object(),

@@ -27,8 +27,8 @@ pub(crate) const EXIT_BAD_INPUT: u8 = 2;
 /// Exit status when the host itself failed, or could not be reached.
 pub(crate) const EXIT_HOST: u8 = 3;
 
-const CLIENT_EXIT_STATUS: &str = "The client subcommands (deploy, invoke, ls, rm, logs, tenants, \
-keys) talk plain HTTP to a Gust host; there is no TLS.
+const CLIENT_EXIT_STATUS: &str = "The client subcommands (deploy, invoke, map, spawn, job, \
+schedule, unschedule, ws, ls, rm, logs, tenants, keys) talk plain HTTP to a Gust host; there is no TLS.
 
 Exit status: 0 on success; 1 when the host answered with an error, printed as \
 `error: DETAIL (CODE, HTTP STATUS)`; 2 for bad local input (unreadable file, bad flag, no key); \
