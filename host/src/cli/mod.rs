@@ -17,6 +17,7 @@ mod objects;
 mod output;
 mod run;
 mod serve;
+mod ws;
 
 /// Exit status when the function ran and failed (error, trap, timeout, ...);
 /// for the client subcommands, when the host answered with an error.
@@ -119,6 +120,12 @@ enum Command {
     #[command(after_long_help = CLIENT_EXIT_STATUS)]
     Unschedule(jobs::UnscheduleArgs),
 
+    /// Talk to a function over a WebSocket: each line of stdin is one
+    /// invocation, and every message that comes back (emitted chunks, the
+    /// response) is printed on its own line.
+    #[command(after_long_help = CLIENT_EXIT_STATUS)]
+    Ws(ws::WsArgs),
+
     /// List the caller's functions.
     #[command(after_long_help = CLIENT_EXIT_STATUS)]
     Ls(functions::LsArgs),
@@ -192,6 +199,7 @@ pub(crate) async fn dispatch(cli: Cli) -> ExitCode {
         Command::Schedule(args) => {
             client_command(jobs::schedule(&args, &mut stdout(), &mut stderr())).await
         }
+        Command::Ws(args) => client_command(ws::ws(&args, &mut stdout(), &mut stderr())).await,
         Command::Unschedule(args) => {
             client_command(jobs::unschedule(&args, &mut stdout(), &mut stderr())).await
         }

@@ -281,7 +281,31 @@ async fn jobs_schedules_and_streams_from_the_cli() {
     deploy(&server, &key, "hello", artifacts::HELLO_COMPONENT).await;
     deploy(&server, &key, "stream", artifacts::STREAMER_COMPONENT).await;
     deploy(&server, &key, "errors", artifacts::RETURNS_ERROR_COMPONENT).await;
+    deploy(&server, &key, "echo", artifacts::ECHO_COMPONENT).await;
     let cache = TempDir::new().unwrap();
+
+    // `gust ws`: one invocation per line of stdin, each answer on a line.
+    let (ws_url, ws_key) = (url.clone(), key.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gust"))
+            .args(["ws", "echo"])
+            .env("GUST_URL", &ws_url)
+            .env("GUST_KEY", &ws_key)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(b"hello\nworld\n").unwrap();
+        drop(input);
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hello\nworld\n");
+
     let client = move |args: &[&str]| {
         let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
         let (url, key) = (url.clone(), key.clone());
