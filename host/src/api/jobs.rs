@@ -336,6 +336,9 @@ async fn run_job(
     job.attempts = job.attempts.saturating_add(1);
     job.invocation_id = Some(invocation_id.clone());
     state.store.put_job(&job)?;
+    // Durable before the guest runs, so that a crash from here on reads as
+    // "was running" at the next start, never as a job that never ran.
+    state.store.flush()?;
 
     let call = CallRequest {
         body: job.input.clone(),

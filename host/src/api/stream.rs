@@ -162,7 +162,8 @@ impl AsyncChunk for SseForward {
 pub(crate) fn events(admitted: Admitted) -> http::Response<ResponseBody> {
     let id = admitted.call.invocation_id.clone();
     let (frames, frame_stream) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(BACKLOG);
-    tokio::spawn(async move {
+    let tracker = Arc::clone(&admitted.state);
+    let task = tokio::spawn(async move {
         let Admitted {
             state,
             function,
@@ -230,6 +231,8 @@ pub(crate) fn events(admitted: Admitted) -> http::Response<ResponseBody> {
             }
         }
     });
+    // Stopped with the host, like the jobs.
+    tracker.jobs.track(task);
     let stream = futures::stream::unfold(frame_stream, |mut rx| async move {
         rx.recv().await.map(|frame| (frame, rx))
     });
@@ -431,5 +434,28 @@ impl Session<'_> {
             }
         };
         sink.send(reply).await.is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_keep_newlines_and_names() {
+        assert_eq!(event(None, b"a\n"), "data: a\ndata: \n\n");
+        assert_eq!(event(None, b"one\r\ntwo"), "data: one\ndata: two\n\n");
+        assert_eq!(event(Some("done"), b"{}"), "event: done\ndata: {}\n\n");
+    }
+
+    #[test]
+    fn accept_headers_select_events() {
+        let mut headers = HeaderMap::new();
+        assert!(!wants_events(&headers));
+        headers.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/json, text/event-stream;q=0.9"),
+        );
+        assert!(wants_events(&headers));
     }
 }

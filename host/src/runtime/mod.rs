@@ -582,13 +582,19 @@ impl Runtime {
         request: Request,
         limits: &CallLimits,
     ) -> Invocation {
-        self.invoke_with(component, request, limits, CallControl::default())
-            .await
+        // Emitted output is kept on the host: bound it like the guest's own
+        // memory.
+        let control = CallControl {
+            output_limit: usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX),
+            ..CallControl::default()
+        };
+        self.invoke_with(component, request, limits, control).await
     }
 
     /// [`Runtime::invoke`] with controls: a cancel token, and where the
     /// function's emitted output goes. Without a stream, emitted chunks are
-    /// put in front of the response body.
+    /// put in front of the response body (plain `invoke` keeps at most
+    /// `limits.memory_bytes` of them).
     pub async fn invoke_with(
         &self,
         component: &LoadedComponent,
