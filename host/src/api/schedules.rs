@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::str::FromStr as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -32,7 +33,13 @@ use crate::store::{ScheduleRecord, UnixMillis, now_millis};
 struct Entry {
     cron: Cron,
     next: Option<UnixMillis>,
+    /// Set while a run is in progress: a fire that finds it set is skipped,
+    /// so a run slower than its schedule never piles up waiting runs.
+    running: Arc<AtomicBool>,
 }
+
+/// A schedule to fire now: (tenant, function) and its running flag.
+type Due = ((String, String), Arc<AtomicBool>);
 
 /// The host's schedules, by (tenant, function).
 #[derive(Default)]
@@ -82,7 +89,11 @@ impl Schedules {
         let next = next_after(&cron, now);
         self.lock().insert(
             (schedule.tenant.clone(), schedule.function.clone()),
-            Entry { cron, next },
+            Entry {
+                cron,
+                next,
+                running: Arc::new(AtomicBool::new(false)),
+            },
         );
         self.changed.notify_one();
     }
@@ -102,12 +113,12 @@ impl Schedules {
 
     /// Takes the schedules due at `now` (moving each to its next time) and
     /// says how long until the next one.
-    fn due(&self, now: UnixMillis) -> (Vec<(String, String)>, Option<UnixMillis>) {
+    fn due(&self, now: UnixMillis) -> (Vec<Due>, Option<UnixMillis>) {
         let mut due = Vec::new();
         let mut earliest: Option<UnixMillis> = None;
         for (key, entry) in self.lock().iter_mut() {
             if entry.next.is_some_and(|next| next <= now) {
-                due.push(key.clone());
+                due.push((key.clone(), Arc::clone(&entry.running)));
                 entry.next = next_after(&entry.cron, now);
             }
             if let Some(next) = entry.next {
@@ -127,12 +138,18 @@ impl Schedules {
 async fn fire_loop(state: Arc<AppState>) {
     loop {
         let (due, earliest) = state.schedules.due(now_millis());
-        for (tenant, function) in due {
-            let state = Arc::clone(&state);
+        for ((tenant, function), running) in due {
+            if running.swap(true, Ordering::AcqRel) {
+                tracing::info!(%tenant, %function, "the previous scheduled run is still going; this one is skipped");
+                continue;
+            }
             // A run that waits for a concurrency slot must not delay others.
             let run = {
                 let state = Arc::clone(&state);
-                tokio::spawn(async move { fire(&state, &tenant, &function).await })
+                tokio::spawn(async move {
+                    fire(&state, &tenant, &function).await;
+                    running.store(false, Ordering::Release);
+                })
             };
             state.jobs.track(run);
         }
