@@ -191,6 +191,8 @@ fn key_json(record: &ApiKeyRecord) -> serde_json::Value {
 
 fn metrics(state: &AppState) -> Response {
     let loaded = state.functions_loaded();
+    let (queued, running) = state.jobs.counts();
+    state.metrics.jobs(queued, running);
     let text = state.metrics.render(
         state.runtime.stats(),
         state.host_gate.in_flight(),

@@ -72,6 +72,15 @@ impl Jobs {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Jobs waiting and running, host-wide.
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        let inner = self.lock();
+        (
+            inner.queues.values().map(VecDeque::len).sum(),
+            inner.running.len(),
+        )
+    }
+
     fn queued(&self, tenant: &str) -> usize {
         self.lock().queues.get(tenant).map_or(0, VecDeque::len)
     }
@@ -337,8 +346,11 @@ async fn run_job(
     job.invocation_id = Some(invocation_id.clone());
     state.store.put_job(&job)?;
     // Durable before the guest runs, so that a crash from here on reads as
-    // "was running" at the next start, never as a job that never ran.
-    state.store.flush()?;
+    // "was running" at the next start, never as a job that never ran. A
+    // failed flush only weakens that; the job still runs.
+    if let Err(e) = state.store.flush() {
+        tracing::warn!(job = %id, error = %e, "could not flush the job's running state");
+    }
 
     let call = CallRequest {
         body: job.input.clone(),

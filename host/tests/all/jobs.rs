@@ -172,6 +172,11 @@ async fn cancel_interrupts_a_running_loop_and_the_queue_is_bounded() {
     .await;
     full.problem(429, "queue-full");
     assert!(full.headers.contains_key("retry-after"));
+    let metrics = request("GET", &server.url("/metrics"), None, "")
+        .await
+        .text();
+    assert!(metrics.contains("gust_jobs_queued 2"), "{metrics}");
+    assert!(metrics.contains("gust_jobs_running 1"), "{metrics}");
 
     // A pending job is cancelled at once.
     let cancelled = request(
