@@ -214,8 +214,9 @@ impl Server {
                         tokio::pin!(connection);
                         let result = tokio::select! {
                             result = connection.as_mut() => result,
-                            stopped = async { stop_watch.wait_for(|stop| *stop).await.is_ok() } => {
-                                let _ = stopped;
+                            // A dropped sender also means stop. The guard
+                            // `wait_for` returns is not `Send`: not kept.
+                            () = async { let _ = stop_watch.wait_for(|stop| *stop).await; } => {
                                 connection.as_mut().graceful_shutdown();
                                 connection.await
                             }
