@@ -98,8 +98,12 @@ impl OutputSink {
     }
 }
 
-impl output::Host for CallState {
-    async fn emit(&mut self, chunk: Vec<u8>) -> wasmtime::Result<()> {
+impl CallState {
+    /// Sends `chunk` to the call's caller (see `gust:function/output`).
+    /// Host imports may use it too: a model's `generate` can stream each
+    /// token to a streaming caller as it is produced, without a round trip
+    /// through the guest.
+    pub(crate) async fn emit_output(&mut self, chunk: Vec<u8>) -> wasmtime::Result<()> {
         match &mut self.output {
             OutputSink::Buffer { data, limit } => {
                 if *limit > 0 && data.len().saturating_add(chunk.len()) > *limit {
@@ -120,5 +124,11 @@ impl output::Host for CallState {
                 Ok(())
             }
         }
+    }
+}
+
+impl output::Host for CallState {
+    async fn emit(&mut self, chunk: Vec<u8>) -> wasmtime::Result<()> {
+        self.emit_output(chunk).await
     }
 }
