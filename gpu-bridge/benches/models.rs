@@ -186,10 +186,16 @@ impl CandleBert {
         use candle_core::{DType, Device, Tensor};
         let encodings = self
             .tokenizer
-            .encode_batch(texts.iter().map(|t| t.to_string()).collect::<Vec<_>>(), true)
+            .encode_batch(
+                texts.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+                true,
+            )
             .unwrap();
         let s = encodings[0].len();
-        let ids: Vec<u32> = encodings.iter().flat_map(|e| e.get_ids().to_vec()).collect();
+        let ids: Vec<u32> = encodings
+            .iter()
+            .flat_map(|e| e.get_ids().to_vec())
+            .collect();
         let mask: Vec<u32> = encodings
             .iter()
             .flat_map(|e| e.get_attention_mask().to_vec())
@@ -208,7 +214,13 @@ impl CandleBert {
             .unwrap()
             .broadcast_div(&mask.sum(1).unwrap())
             .unwrap();
-        let norm = pooled.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap();
+        let norm = pooled
+            .sqr()
+            .unwrap()
+            .sum_keepdim(1)
+            .unwrap()
+            .sqrt()
+            .unwrap();
         pooled.broadcast_div(&norm).unwrap().to_vec2().unwrap()
     }
 }

@@ -78,6 +78,17 @@ pub mod gpu {
 
 pub use bindings::gust::function::types::{Error, Request, Response};
 
+/// Streams `chunk` to the caller now, ahead of the response
+/// (`gust:function/output.emit`).
+///
+/// A caller that streams (Server-Sent Events, a WebSocket) receives it at
+/// once; any other caller gets every emitted chunk, in order, followed by the
+/// response body. A function that never calls it does not import the
+/// interface.
+pub fn emit(chunk: impl AsRef<[u8]>) {
+    bindings::gust::function::output::emit(chunk.as_ref());
+}
+
 /// Implementation details used by the macros; not part of the public API.
 #[doc(hidden)]
 pub mod __private {

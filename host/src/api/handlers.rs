@@ -24,7 +24,7 @@ use crate::store::{
 use crate::tenancy::{Policy, valid_name};
 
 type Response = http::Response<ResponseBody>;
-type Handled = Result<Response, Problem>;
+pub(super) type Handled = Result<Response, Problem>;
 
 const OPENAPI: &str = include_str!("openapi.json");
 
@@ -53,6 +53,26 @@ pub(crate) async fn route(state: Arc<AppState>, request: hyper::Request<Incoming
         (["v1", "functions", name, "map"], &Method::POST) => {
             let name = (*name).to_owned();
             super::map::map(&state, &name, request).await
+        }
+        (["v1", "functions", name, "spawn"], &Method::POST) => {
+            let name = (*name).to_owned();
+            super::jobs::spawn(&state, &name, request).await
+        }
+        (["v1", "functions", name, "schedule"], &Method::PUT) => {
+            let name = (*name).to_owned();
+            super::schedules::put(&state, &name, request).await
+        }
+        (["v1", "functions", name, "schedule"], &Method::GET) => {
+            super::schedules::get(&state, request.headers(), name)
+        }
+        (["v1", "functions", name, "schedule"], &Method::DELETE) => {
+            super::schedules::delete(&state, request.headers(), name)
+        }
+        (["v1", "jobs", id], &Method::GET) => super::jobs::get(&state, request.headers(), id),
+        (["v1", "jobs", id], &Method::DELETE) => super::jobs::delete(&state, request.headers(), id),
+        (["v1", "functions", name, "ws"], &Method::GET) => {
+            let name = (*name).to_owned();
+            super::stream::websocket(&state, &name, request).await
         }
         (["v1", "functions", name, "logs"], &Method::GET) => logs(&state, &request, name),
         (["v1", "invocations", id], &Method::GET) => get_invocation(&state, request.headers(), id),
@@ -91,7 +111,13 @@ fn known_path(segments: &[&str]) -> bool {
             | ["v1", "openapi.json"]
             | ["v1", "functions"]
             | ["v1", "functions", _]
-            | ["v1", "functions", _, "invoke" | "logs" | "map"]
+            | [
+                "v1",
+                "functions",
+                _,
+                "invoke" | "logs" | "map" | "spawn" | "schedule" | "ws"
+            ]
+            | ["v1", "jobs", _]
             | ["v1", "invocations", _]
             | ["v1", "keys"]
             | ["v1", "keys", _]
@@ -110,25 +136,25 @@ fn with_type(mut response: Response, content_type: &'static str) -> Response {
     response
 }
 
-fn json_response(status: StatusCode, value: &impl Serialize) -> Response {
+pub(super) fn json_response(status: StatusCode, value: &impl Serialize) -> Response {
     let body = serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec());
     let mut response = with_type(http::Response::new(full(body)), "application/json");
     *response.status_mut() = status;
     response
 }
 
-fn empty(status: StatusCode) -> Response {
+pub(super) fn empty(status: StatusCode) -> Response {
     let mut response = http::Response::new(full(Bytes::new()));
     *response.status_mut() = status;
     response
 }
 
-fn rfc3339(millis: UnixMillis) -> String {
+pub(super) fn rfc3339(millis: UnixMillis) -> String {
     let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(millis);
     humantime::format_rfc3339_millis(time).to_string()
 }
 
-fn function_json(record: &FunctionRecord) -> serde_json::Value {
+fn function_json(record: &FunctionRecord, schedule: Option<&str>) -> serde_json::Value {
     json!({
         "name": record.name,
         "version": record.version,
@@ -136,6 +162,8 @@ fn function_json(record: &FunctionRecord) -> serde_json::Value {
         "size": record.size,
         "world": match record.world { FunctionWorld::Handler => "handler", FunctionWorld::Http => "http" },
         "public": record.public,
+        "retryable": record.retryable,
+        "schedule": schedule,
         "created_at": rfc3339(record.created_at),
         "updated_at": rfc3339(record.updated_at),
     })
@@ -165,6 +193,8 @@ fn key_json(record: &ApiKeyRecord) -> serde_json::Value {
 
 fn metrics(state: &AppState) -> Response {
     let loaded = state.functions_loaded();
+    let (queued, running) = state.jobs.counts();
+    state.metrics.jobs(queued, running);
     let text = state.metrics.render(
         state.runtime.stats(),
         state.host_gate.in_flight(),
@@ -207,7 +237,7 @@ const DRAIN_LIMIT: u64 = 64 << 20;
 
 /// Reads a body, refusing it with 413 as soon as it passes `limit` (and
 /// before reading anything when `Content-Length` already says so).
-async fn read_capped(
+pub(super) async fn read_capped(
     request: hyper::Request<Incoming>,
     limit: u64,
     what: &str,
@@ -284,16 +314,16 @@ pub(super) fn found(state: &AppState, tenant: &str, name: &str) -> Result<Deploy
 async fn deploy(state: &Arc<AppState>, name: &str, request: hyper::Request<Incoming>) -> Handled {
     let tenant = auth::tenant(state, request.headers())?;
     let name = checked_name(name, "function")?.to_owned();
-    let public = match query_param(request.uri(), "public") {
-        None | Some("false") => false,
-        Some("true" | "") => true,
-        Some(other) => {
-            return Err(Problem::bad_request(
-                "invalid-request",
-                format!("`public` must be true or false, not `{other}`"),
-            ));
-        }
+    let flag = |name: &str| match query_param(request.uri(), name) {
+        None | Some("false") => Ok(false),
+        Some("true" | "") => Ok(true),
+        Some(other) => Err(Problem::bad_request(
+            "invalid-request",
+            format!("`{name}` must be true or false, not `{other}`"),
+        )),
     };
+    let public = flag("public")?;
+    let retryable = flag("retryable")?;
     let policy = state.policies.for_tenant(&tenant);
     let (_, bytes) = read_capped(request, policy.max_component_bytes, "the component").await?;
     let digest = crate::runtime::Digest::of(&bytes);
@@ -328,6 +358,7 @@ async fn deploy(state: &Arc<AppState>, name: &str, request: hyper::Request<Incom
         size,
         world,
         public,
+        retryable,
     })?;
     state.put_deployment(Deployment {
         record: deployed.function.clone(),
@@ -343,7 +374,16 @@ async fn deploy(state: &Arc<AppState>, name: &str, request: hyper::Request<Incom
     } else {
         StatusCode::OK
     };
-    Ok(json_response(status, &function_json(&deployed.function)))
+    let schedule = state
+        .store
+        .schedule(&deployed.function.tenant, &deployed.function.name)?;
+    Ok(json_response(
+        status,
+        &function_json(
+            &deployed.function,
+            schedule.as_ref().map(|s| s.cron.as_str()),
+        ),
+    ))
 }
 
 fn load_problem(error: LoadError) -> Problem {
@@ -362,12 +402,15 @@ fn load_problem(error: LoadError) -> Problem {
 
 fn list_functions(state: &AppState, headers: &HeaderMap) -> Handled {
     let tenant = auth::tenant(state, headers)?;
-    let functions: Vec<_> = state
+    let functions = state
         .store
         .functions(&tenant)?
         .iter()
-        .map(function_json)
-        .collect();
+        .map(|f| {
+            let schedule = state.store.schedule(&tenant, &f.name)?;
+            Ok(function_json(f, schedule.as_ref().map(|s| s.cron.as_str())))
+        })
+        .collect::<Result<Vec<_>, crate::store::StoreError>>()?;
     Ok(json_response(
         StatusCode::OK,
         &json!({ "functions": functions }),
@@ -380,7 +423,11 @@ fn get_function(state: &AppState, headers: &HeaderMap, name: &str) -> Handled {
         .store
         .function(&tenant, name)?
         .ok_or_else(|| Problem::not_found(format!("no function `{name}`")))?;
-    Ok(json_response(StatusCode::OK, &function_json(&record)))
+    let schedule = state.store.schedule(&tenant, name)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &function_json(&record, schedule.as_ref().map(|s| s.cron.as_str())),
+    ))
 }
 
 fn delete_function(state: &AppState, headers: &HeaderMap, name: &str) -> Handled {
@@ -390,6 +437,10 @@ fn delete_function(state: &AppState, headers: &HeaderMap, name: &str) -> Handled
         .delete_function(&tenant, name)?
         .ok_or_else(|| Problem::not_found(format!("no function `{name}`")))?;
     state.remove_deployment(&tenant, name);
+    // A schedule runs its function: it goes with it.
+    if state.store.delete_schedule(&tenant, name)? {
+        state.schedules.remove(&tenant, name);
+    }
     // The blob goes when nothing else uses it (another tenant may have
     // deployed the same bytes).
     if let Some(digest) = crate::runtime::Digest::parse(&deleted.digest)
@@ -494,6 +545,15 @@ pub(super) fn call_limits(
     Ok(limits)
 }
 
+/// Controls of a call whose caller does not stream: emitted output is kept,
+/// up to the policy's body size.
+pub(super) fn buffered(policy: &Policy) -> crate::runtime::CallControl {
+    crate::runtime::CallControl {
+        output_limit: usize::try_from(policy.max_body_bytes).unwrap_or(usize::MAX),
+        ..crate::runtime::CallControl::default()
+    }
+}
+
 /// Headers a function never sees: credentials and hop-by-hop headers.
 fn passed_through(name: &HeaderName) -> bool {
     !matches!(
@@ -569,7 +629,22 @@ async fn invoke(state: &Arc<AppState>, name: &str, request: hyper::Request<Incom
         invocation_id: id.clone(),
     };
     let limits = call_limits(state, &tenant, policy)?;
-    let invocation = state.runtime.invoke(&component, call, &limits).await;
+    if super::stream::wants_events(&parts.headers) {
+        return Ok(super::stream::events(super::stream::Admitted {
+            state: Arc::clone(state),
+            function: deployment.record.clone(),
+            component,
+            limits,
+            call,
+            started_at,
+            started,
+            permits,
+        }));
+    }
+    let invocation = state
+        .runtime
+        .invoke_with(&component, call, &limits, buffered(policy))
+        .await;
     drop(permits);
     let response = outcome_response(&invocation, &id);
     record(
@@ -644,6 +719,12 @@ pub(super) fn outcome_problem(outcome: &Outcome) -> Problem {
             Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "stack-overflow", detail)
         }
         Outcome::Trap { .. } => Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "trap", detail),
+        Outcome::Cancelled => Problem::new(
+            StatusCode::from_u16(super::jobs::CANCELLED_STATUS)
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            "cancelled",
+            detail,
+        ),
         _ => Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "host-error", detail),
     }
 }

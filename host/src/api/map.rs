@@ -222,7 +222,7 @@ pub(crate) fn input_body(json_text: &[u8]) -> Result<(Vec<u8>, &'static str), It
 
 /// A response body as a JSON value: parsed JSON for a JSON response, text
 /// for UTF-8, else `{"base64": …}`.
-fn output_value(content_type: &str, body: &[u8]) -> Value {
+pub(crate) fn output_value(content_type: &str, body: &[u8]) -> Value {
     if content_type.starts_with("application/json")
         && let Ok(value) = serde_json::from_slice::<Value>(body)
     {
@@ -256,7 +256,11 @@ fn item_error_line(index: u64, error: &ItemError) -> Bytes {
 
 /// Wait for a slot of the tenant's and the host's concurrency: a map shares
 /// them with the tenant's other calls rather than failing with 429.
-async fn admit_waiting(state: &AppState, tenant: &str, limit: usize) -> (Permit, Permit) {
+pub(crate) async fn admit_waiting(
+    state: &AppState,
+    tenant: &str,
+    limit: usize,
+) -> (Permit, Permit) {
     let gate = state.tenant_gate(tenant);
     let mut backoff = Duration::from_micros(200);
     loop {
@@ -277,6 +281,7 @@ struct MapTarget {
     deployment: Deployment,
     component: LoadedComponent,
     limits: CallLimits,
+    control: crate::runtime::CallControl,
     max_concurrency: usize,
 }
 
@@ -292,6 +297,7 @@ async fn run_one(target: &MapTarget, index: u64, input: Result<Vec<u8>, ItemErro
         deployment,
         component,
         limits,
+        control,
         max_concurrency,
     } = target;
     let permits = admit_waiting(state, tenant, *max_concurrency).await;
@@ -304,7 +310,10 @@ async fn run_one(target: &MapTarget, index: u64, input: Result<Vec<u8>, ItemErro
         headers: Vec::new(),
         invocation_id: id.clone(),
     };
-    let invocation = state.runtime.invoke(component, call, limits).await;
+    let invocation = state
+        .runtime
+        .invoke_with(component, call, limits, control.clone())
+        .await;
     drop(permits);
     let (status, value) = match &invocation.outcome {
         Outcome::Ok(reply) if reply.status < 400 => (
@@ -436,6 +445,7 @@ pub(crate) async fn map(
     // Resolved once (volumes are checked on disk), not per input.
     let target = Arc::new(MapTarget {
         limits: call_limits(state, &tenant, policy)?,
+        control: super::handlers::buffered(policy),
         max_concurrency: policy.max_concurrency as usize,
         state: Arc::clone(state),
         tenant,

@@ -53,6 +53,15 @@ impl Metrics {
         });
     }
 
+    /// Jobs waiting and running host-wide (per tenant: `GET /v1/jobs/{id}`;
+    /// tenants are unbounded, so no label).
+    pub(crate) fn jobs(&self, queued: usize, running: usize) {
+        with_local_recorder(&self.recorder, || {
+            gauge!("gust_jobs_queued").set(queued as f64);
+            gauge!("gust_jobs_running").set(running as f64);
+        });
+    }
+
     /// Prometheus text, with the runtime's counters and gauges brought up to date.
     pub(crate) fn render(
         &self,

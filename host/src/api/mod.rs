@@ -8,10 +8,13 @@
 
 mod auth;
 mod handlers;
+mod jobs;
 mod map;
 mod metrics;
 mod problem;
+mod schedules;
 mod state;
+mod stream;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -62,6 +65,8 @@ pub struct ServeConfig {
     pub grace: Duration,
     /// Invocation records kept per function.
     pub retention_per_function: usize,
+    /// How long a finished job's result stays readable.
+    pub job_retention: Duration,
     /// Runtime configuration; `cache_dir` is replaced by `<data-dir>/compiled`.
     pub runtime: RuntimeConfig,
     /// Which GPU-bridge devices to open.
@@ -83,6 +88,7 @@ impl ServeConfig {
             admin_key: None,
             grace: Duration::from_secs(10),
             retention_per_function: 1000,
+            job_retention: Duration::from_secs(24 * 3600),
             runtime,
             gpu: gust_gpu_bridge::BridgeConfig::default(),
             models_dir: None,
@@ -142,6 +148,9 @@ impl Server {
     /// binds the listening socket.
     pub async fn bind(config: ServeConfig) -> Result<Self, ServeError> {
         let (state, first_start) = AppState::open(config.clone()).await?;
+        // Before serving: a GET of a job must already see its recovered state.
+        state.jobs.recover(&state)?;
+        state.schedules.load(&state)?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServeError::Io {
@@ -175,7 +184,12 @@ impl Server {
         let Self {
             state, listener, ..
         } = self;
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        jobs::Jobs::start(&state);
+        schedules::Schedules::start(&state);
+        // hyper-util's GracefulShutdown cannot watch connections with
+        // upgrades (WebSocket), so connections watch this flag themselves.
+        let (stopping, stop_watch) = tokio::sync::watch::channel(false);
+        let mut connections = tokio::task::JoinSet::new();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -198,10 +212,22 @@ impl Server {
                     });
                     let connection = http1::Builder::new()
                         .keep_alive(true)
-                        .serve_connection(TokioIo::new(stream), service);
-                    let connection = graceful.watch(connection);
-                    tokio::spawn(async move {
-                        if let Err(e) = connection.await {
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades();
+                    let mut stop_watch = stop_watch.clone();
+                    while connections.try_join_next().is_some() {}
+                    connections.spawn(async move {
+                        tokio::pin!(connection);
+                        let result = tokio::select! {
+                            result = connection.as_mut() => result,
+                            // A dropped sender also means stop. The guard
+                            // `wait_for` returns is not `Send`: not kept.
+                            () = async { let _ = stop_watch.wait_for(|stop| *stop).await; } => {
+                                connection.as_mut().graceful_shutdown();
+                                connection.await
+                            }
+                        };
+                        if let Err(e) = result {
                             tracing::debug!(%peer, error = %e, "connection ended with an error");
                         }
                     });
@@ -212,15 +238,16 @@ impl Server {
         drop(listener);
         tracing::info!("shutting down: finishing in-flight requests");
         let grace = state.config.grace;
-        if tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        let _ = stopping.send(true);
+        let finished = async { while connections.join_next().await.is_some() {} };
+        if tokio::time::timeout(grace, finished).await.is_err() {
             tracing::warn!(
                 ?grace,
                 "grace period over; dropping the remaining connections"
             );
+            connections.shutdown().await;
         }
+        state.jobs.shutdown().await;
         state.store.flush()?;
         Ok(())
     }

@@ -71,6 +71,8 @@ pub(crate) struct AppState {
     pub(crate) host_gate: Arc<Gate>,
     pub(crate) host_capacity: usize,
     pub(crate) gpu: Arc<crate::gpu::GpuHost>,
+    pub(crate) jobs: super::jobs::Jobs,
+    pub(crate) schedules: super::schedules::Schedules,
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
@@ -136,6 +138,8 @@ impl AppState {
             host_gate: Arc::new(Gate::default()),
             host_capacity,
             gpu,
+            jobs: super::jobs::Jobs::default(),
+            schedules: super::schedules::Schedules::default(),
             config,
             runtime,
             store,

@@ -349,6 +349,18 @@ pub(crate) enum ClientError {
     Host(String),
     /// Writing our own output failed, e.g. a closed pipe (exit 3).
     Output(std::io::Error),
+    /// `gust job`/`gust spawn --wait`: the job failed or was cancelled
+    /// (exit 1).
+    JobFailed {
+        /// The job.
+        id: String,
+        /// `failed` or `cancelled`.
+        status: String,
+        /// The error's code.
+        code: String,
+        /// The error's message.
+        message: String,
+    },
     /// `gust map`: some inputs failed (their lines say why) (exit 1).
     MapFailures {
         /// Inputs that failed.
@@ -365,6 +377,7 @@ impl ClientError {
             ClientError::Input(_) => EXIT_BAD_INPUT,
             ClientError::Api(_)
             | ClientError::FunctionStatus { .. }
+            | ClientError::JobFailed { .. }
             | ClientError::MapFailures { .. } => EXIT_FUNCTION_FAILED,
             ClientError::Unreachable { .. } | ClientError::Host(_) | ClientError::Output(_) => {
                 EXIT_HOST
@@ -392,6 +405,12 @@ impl fmt::Display for ClientError {
                 write!(f, "cannot reach the Gust host at {url}: {reason}")
             }
             ClientError::Output(e) => write!(f, "writing output: {e}"),
+            ClientError::JobFailed {
+                id,
+                status,
+                code,
+                message,
+            } => write!(f, "job {id} {status}: {message} ({code})"),
             ClientError::MapFailures { failed, total } => {
                 write!(f, "{failed} of {total} inputs failed")
             }
@@ -1027,6 +1046,10 @@ pub(crate) mod tests {
         ("/v1/invocations/{id}", &["get"]),
         ("/v1/functions/{name}/logs", &["get"]),
         ("/v1/functions/{name}/map", &["post"]),
+        ("/v1/functions/{name}/spawn", &["post"]),
+        ("/v1/functions/{name}/schedule", &["put", "get", "delete"]),
+        ("/v1/functions/{name}/ws", &["get"]),
+        ("/v1/jobs/{id}", &["get", "delete"]),
         ("/v1/usage", &["get"]),
         ("/v1/models", &["get"]),
         ("/v1/keys", &["post", "get"]),
@@ -1073,6 +1096,8 @@ pub(crate) mod tests {
             "Key",
             "NewKey",
             "Problem",
+            "Job",
+            "Schedule",
         ] {
             assert!(
                 doc["components"]["schemas"][schema].is_object(),

@@ -41,6 +41,12 @@ pub(crate) struct DeployArgs {
     #[arg(long)]
     pub(crate) public: bool,
 
+    /// Run a job of this function once more when the host stopped while
+    /// it was running (instead of failing it). Only for functions that are
+    /// safe to run twice.
+    #[arg(long)]
+    pub(crate) retryable: bool,
+
     #[command(flatten)]
     pub(crate) connect: ConnectArgs,
 }
@@ -97,8 +103,16 @@ pub(crate) async fn deploy(
 
     let progress = Progress::new(len, &name);
     let mut path = format!("/v1/functions/{}", segment(&name));
-    if args.public {
-        path.push_str("?public=true");
+    let flags: Vec<&str> = [
+        (args.public, "public=true"),
+        (args.retryable, "retryable=true"),
+    ]
+    .into_iter()
+    .filter_map(|(set, flag)| set.then_some(flag))
+    .collect();
+    if !flags.is_empty() {
+        path.push('?');
+        path.push_str(&flags.join("&"));
     }
     let mut request = client.request(
         Method::PUT,
@@ -128,8 +142,13 @@ pub(crate) async fn deploy(
 pub(crate) fn summary(status: StatusCode, function: &Function) -> String {
     if status == StatusCode::CREATED {
         let public = if function.public { ", public" } else { "" };
+        let retryable = if function.retryable {
+            ", retryable"
+        } else {
+            ""
+        };
         format!(
-            "deployed {} version {} ({}, world {}{public})",
+            "deployed {} version {} ({}, world {}{public}{retryable})",
             function.name, function.version, function.digest, function.world
         )
     } else {
@@ -271,6 +290,7 @@ mod tests {
             component,
             name: None,
             public: true,
+            retryable: false,
             connect: host.connect(),
         };
         let mut out = Vec::new();
@@ -289,6 +309,7 @@ mod tests {
         let args = DeployArgs {
             name: Some("Bad Name".to_owned()),
             public: false,
+            retryable: false,
             ..args
         };
         let e = deploy(&args, &mut Vec::new(), &mut Vec::new())
@@ -307,6 +328,7 @@ mod tests {
             component: PathBuf::from("/nonexistent/x.wasm"),
             name: None,
             public: false,
+            retryable: false,
             connect: ConnectArgs {
                 url: "http://127.0.0.1:1".to_owned(),
                 key: Some("gust_x".to_owned()),

@@ -66,12 +66,13 @@ pub(crate) fn functions_table(functions: &[Function]) -> Vec<String> {
                 output::size(f.size),
                 output::short_digest(&f.digest),
                 output::time(&f.updated_at),
+                f.schedule.clone().unwrap_or_else(|| "-".to_owned()),
             ]
         })
         .collect();
     output::table(
         &[
-            "NAME", "VERSION", "WORLD", "PUBLIC", "SIZE", "DIGEST", "UPDATED",
+            "NAME", "VERSION", "WORLD", "PUBLIC", "SIZE", "DIGEST", "UPDATED", "SCHEDULE",
         ],
         &rows,
     )
@@ -221,11 +222,15 @@ mod tests {
             "created_at": "2025-01-01T00:00:00Z", "updated_at": "2025-01-02T03:04:05.5Z",
         }))
         .unwrap();
+        let mut scheduled = f.clone();
+        scheduled.name = "tick".to_owned();
+        scheduled.schedule = Some("*/5 * * * *".to_owned());
         assert_eq!(
-            functions_table(&[f]),
+            functions_table(&[f, scheduled]),
             vec![
-                "NAME   VERSION  WORLD    PUBLIC  SIZE     DIGEST        UPDATED",
-                "hello  12       handler  no      2.0 KiB  9f86d081884c  2025-01-02T03:04:05Z",
+                "NAME   VERSION  WORLD    PUBLIC  SIZE     DIGEST        UPDATED               SCHEDULE",
+                "hello  12       handler  no      2.0 KiB  9f86d081884c  2025-01-02T03:04:05Z  -",
+                "tick   12       handler  no      2.0 KiB  9f86d081884c  2025-01-02T03:04:05Z  */5 * * * *",
             ]
         );
     }

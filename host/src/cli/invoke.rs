@@ -67,11 +67,16 @@ pub(crate) struct InvokeArgs {
     #[arg(short, long)]
     pub(crate) include: bool,
 
+    /// Ask for Server-Sent Events and print what the function emits as it
+    /// emits it (then its response body).
+    #[arg(short, long)]
+    pub(crate) stream: bool,
+
     #[command(flatten)]
     pub(crate) connect: ConnectArgs,
 }
 
-async fn read_data(data: Option<&Data>) -> Result<Vec<u8>, ClientError> {
+pub(crate) async fn read_data(data: Option<&Data>) -> Result<Vec<u8>, ClientError> {
     match data {
         None => Ok(Vec::new()),
         Some(Data::Text(text)) => Ok(text.as_bytes().to_vec()),
@@ -129,6 +134,12 @@ pub(crate) async fn invoke(
     request
         .headers_mut()
         .insert(CONTENT_TYPE, args.content_type.clone());
+    if args.stream {
+        request.headers_mut().insert(
+            http::header::ACCEPT,
+            HeaderValue::from_static("text/event-stream"),
+        );
+    }
     apply_headers(request.headers_mut(), &args.headers);
 
     let response = client.send(request).await?;
@@ -148,6 +159,13 @@ pub(crate) async fn invoke(
             &bytes,
         ))));
     }
+    let events = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if events {
+        return copy_events(body, out).await;
+    }
     copy_body(body, out).await?;
     if parts.status.is_success() {
         Ok(())
@@ -163,6 +181,57 @@ pub(crate) async fn invoke(
                 .map(str::to_owned),
         })
     }
+}
+
+/// One Server-Sent Event: its name and its data lines joined by `\n`.
+pub(crate) fn parse_event(block: &str) -> (Option<&str>, String) {
+    let mut name = None;
+    let mut data: Vec<&str> = Vec::new();
+    for line in block.split('\n') {
+        if let Some(value) = line.strip_prefix("event:") {
+            name = Some(value.trim_start());
+        } else if let Some(value) = line.strip_prefix("data:") {
+            data.push(value.strip_prefix(' ').unwrap_or(value));
+        }
+    }
+    (name, data.join("\n"))
+}
+
+/// Writes the data of each event to `out` as it arrives; an `error` event
+/// becomes the command's error.
+async fn copy_events(mut body: Incoming, out: &mut dyn Write) -> Result<(), ClientError> {
+    let mut pending = String::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ClientError::Host(format!("reading the events: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        pending.push_str(&String::from_utf8_lossy(&data));
+        while let Some(end) = pending.find("\n\n") {
+            let block: String = pending.drain(..end + 2).collect();
+            match parse_event(block.trim_end_matches('\n')) {
+                (None, data) if !block.starts_with(':') => {
+                    out.write_all(data.as_bytes())?;
+                    out.flush()?;
+                }
+                (Some("error"), data) => {
+                    let status = serde_json::from_str::<serde_json::Value>(&data)
+                        .ok()
+                        .and_then(|v| v["status"].as_u64())
+                        .and_then(|s| u16::try_from(s).ok())
+                        .and_then(|s| http::StatusCode::from_u16(s).ok())
+                        .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+                    return Err(ClientError::Api(Box::new(ApiError::from_parts(
+                        status,
+                        &HeaderMap::new(),
+                        data.as_bytes(),
+                    ))));
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Streams a response body to `out` as it arrives.
@@ -220,6 +289,15 @@ mod tests {
     }
 
     #[test]
+    fn events_parse() {
+        assert_eq!(parse_event("data: a\ndata: "), (None, "a\n".to_owned()));
+        assert_eq!(
+            parse_event("event: done\ndata: {}"),
+            (Some("done"), "{}".to_owned())
+        );
+    }
+
+    #[test]
     fn include_block() {
         let mut headers = HeaderMap::new();
         headers.insert(INVOCATION_ID, HeaderValue::from_static("inv_1"));
@@ -236,6 +314,7 @@ mod tests {
             content_type: HeaderValue::from_static("text/plain"),
             headers: vec![parse_header("x-a: 1").unwrap()],
             include: true,
+            stream: false,
             connect: ConnectArgs {
                 url,
                 key: Some("gust_k".to_owned()),

@@ -12,11 +12,13 @@ mod client;
 mod deploy;
 mod functions;
 mod invoke;
+mod jobs;
 mod map;
 mod objects;
 mod output;
 mod run;
 mod serve;
+mod ws;
 
 /// Exit status when the function ran and failed (error, trap, timeout, ...);
 /// for the client subcommands, when the host answered with an error.
@@ -27,8 +29,8 @@ pub(crate) const EXIT_BAD_INPUT: u8 = 2;
 /// Exit status when the host itself failed, or could not be reached.
 pub(crate) const EXIT_HOST: u8 = 3;
 
-const CLIENT_EXIT_STATUS: &str = "The client subcommands (deploy, invoke, ls, rm, logs, tenants, \
-keys) talk plain HTTP to a Gust host; there is no TLS.
+const CLIENT_EXIT_STATUS: &str = "The client subcommands (deploy, invoke, map, spawn, job, \
+schedule, unschedule, ws, ls, rm, logs, tenants, keys) talk plain HTTP to a Gust host; there is no TLS.
 
 Exit status: 0 on success; 1 when the host answered with an error, printed as \
 `error: DETAIL (CODE, HTTP STATUS)`; 2 for bad local input (unreadable file, bad flag, no key); \
@@ -94,6 +96,36 @@ enum Command {
     /// stderr. Exit status 1 if any input failed.
     #[command(after_long_help = CLIENT_EXIT_STATUS)]
     Map(map::MapArgs),
+
+    /// Run a function later, as a job, and print the job's id.
+    ///
+    /// Sends `POST /v1/functions/{name}/spawn`; the job waits in the
+    /// tenant's queue and runs with its concurrency. With `--wait`, polls
+    /// until it has finished and prints its output as `gust job` does.
+    #[command(after_long_help = CLIENT_EXIT_STATUS)]
+    Spawn(jobs::SpawnArgs),
+
+    /// Show a job: its output once it has succeeded (exit 1 when it failed
+    /// or was cancelled), else its state; or cancel it.
+    #[command(after_long_help = CLIENT_EXIT_STATUS)]
+    Job(jobs::JobArgs),
+
+    /// Run a function on a cron schedule (UTC), or show its schedule.
+    ///
+    /// Sends `PUT /v1/functions/{name}/schedule`; each run is an invocation
+    /// with its record (`gust logs`). `gust ls` shows schedules.
+    #[command(after_long_help = CLIENT_EXIT_STATUS)]
+    Schedule(jobs::ScheduleArgs),
+
+    /// Remove a function's schedule.
+    #[command(after_long_help = CLIENT_EXIT_STATUS)]
+    Unschedule(jobs::UnscheduleArgs),
+
+    /// Talk to a function over a WebSocket: each line of stdin is one
+    /// invocation, and every message that comes back (emitted chunks, the
+    /// response) is printed on its own line.
+    #[command(after_long_help = CLIENT_EXIT_STATUS)]
+    Ws(ws::WsArgs),
 
     /// List the caller's functions.
     #[command(after_long_help = CLIENT_EXIT_STATUS)]
@@ -161,6 +193,17 @@ pub(crate) async fn dispatch(cli: Cli) -> ExitCode {
             client_command(invoke::invoke(&args, &mut stdout(), &mut stderr())).await
         }
         Command::Map(args) => client_command(map::map(&args, &mut stdout(), &mut stderr())).await,
+        Command::Spawn(args) => {
+            client_command(jobs::spawn(&args, &mut stdout(), &mut stderr())).await
+        }
+        Command::Job(args) => client_command(jobs::job(&args, &mut stdout(), &mut stderr())).await,
+        Command::Schedule(args) => {
+            client_command(jobs::schedule(&args, &mut stdout(), &mut stderr())).await
+        }
+        Command::Ws(args) => client_command(ws::ws(&args, &mut stdout(), &mut stderr())).await,
+        Command::Unschedule(args) => {
+            client_command(jobs::unschedule(&args, &mut stdout(), &mut stderr())).await
+        }
         Command::Ls(args) => {
             client_command(functions::ls(&args, &mut stdout(), &mut stderr())).await
         }

@@ -20,6 +20,11 @@ pub(crate) struct Function {
     #[serde(default)]
     pub(crate) public: bool,
     #[serde(default)]
+    pub(crate) retryable: bool,
+    /// The cron expression of its schedule, if it has one.
+    #[serde(default)]
+    pub(crate) schedule: Option<String>,
+    #[serde(default)]
     pub(crate) created_at: String,
     #[serde(default)]
     pub(crate) updated_at: String,

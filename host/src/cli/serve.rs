@@ -46,6 +46,11 @@ pub(crate) struct ServeArgs {
     #[arg(long, default_value_t = 1000)]
     retention: usize,
 
+    /// How long a finished job's result (`GET /v1/jobs/{id}`) stays readable
+    /// before it is swept away.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, env = "GUST_JOB_RETENTION")]
+    job_retention: Duration,
+
     /// GPU-bridge backends to open (comma-separated); each tenant's policy
     /// then picks among them. A backend that is not compiled in or finds no
     /// device is logged and skipped; cpu is always open.
@@ -98,6 +103,7 @@ pub(crate) async fn serve(args: ServeArgs) -> ExitCode {
     config.admin_key = args.admin_key;
     config.grace = args.grace;
     config.retention_per_function = args.retention.max(1);
+    config.job_retention = args.job_retention;
     config.gpu = super::bridge_config(&args.gpu);
     config.models_dir = args.models_dir;
     config.models = gust_gpu_bridge::models::RegistryConfig {

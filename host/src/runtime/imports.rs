@@ -35,6 +35,7 @@ const PROVIDED: &[&str] = &[
     "wasi:sockets/ip-name-lookup@0.2.12",
     "wasi:http/types@0.2.12",
     "wasi:http/outgoing-handler@0.2.12",
+    "gust:function/output@0.1.0",
     "gust:gpu/types@0.1.0",
     "gust:gpu/tensors@0.1.0",
     "gust:gpu/models@0.1.0",

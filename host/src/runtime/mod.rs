@@ -11,6 +11,7 @@ pub(crate) mod bindings;
 mod cache;
 mod capture;
 mod config;
+mod control;
 mod epoch;
 mod http;
 mod imports;
@@ -35,6 +36,7 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 pub use self::cache::CacheError;
 pub use self::capture::{BoundedCapture, CapturedOutput};
 pub use self::config::{AllocationConfig, CallLimits, PoolingConfig, Preopen, RuntimeConfig};
+pub use self::control::{CallControl, Cancel};
 pub use self::http::{BodyTooLarge, CappedBody, CappedBodyError, OutboundPolicy};
 pub use self::outcome::{
     GuestError, Invocation, Outcome, Request, Response, Timings, new_invocation_id,
@@ -511,8 +513,9 @@ impl Runtime {
         })
     }
 
-    /// A fresh store for one call: memory limit, deadline, captured stdio.
-    fn new_call(&self, limits: &CallLimits) -> Call {
+    /// A fresh store for one call: memory limit, deadline, captured stdio,
+    /// and the caller's controls.
+    fn new_call(&self, limits: &CallLimits, control: CallControl) -> Call {
         let started = Instant::now();
         let stdout = BoundedCapture::new(limits.stdout_limit);
         let stderr = BoundedCapture::new(limits.stderr_limit);
@@ -531,13 +534,27 @@ impl Runtime {
             limits.gpu.clone(),
             Some(deadline),
         );
+        let mut state = state;
+        let cancel = control.cancel.unwrap_or_default();
+        state.output = match control.stream {
+            Some(sender) => control::OutputSink::Stream {
+                sender,
+                cancel: cancel.clone(),
+            },
+            None => control::OutputSink::Buffer {
+                data: Vec::new(),
+                limit: control.output_limit,
+            },
+        };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
         store.set_epoch_deadline(1);
+        let interrupt = cancel.clone();
         store.epoch_deadline_callback(move |_| {
             // Yielding on every tick keeps a busy guest from monopolising an
-            // executor thread; past the deadline, interrupt it.
-            if Instant::now() >= deadline {
+            // executor thread; past the deadline, or once cancelled,
+            // interrupt it.
+            if interrupt.is_cancelled() || Instant::now() >= deadline {
                 Ok(UpdateDeadline::Interrupt)
             } else {
                 Ok(UpdateDeadline::Yield(1))
@@ -550,6 +567,7 @@ impl Runtime {
             stderr,
             started,
             limits: limits.clone(),
+            cancel,
             // Host imports may await (the GPU bridge, outgoing HTTP); the
             // epoch only interrupts wasm, so the whole call is bounded too,
             // one tick past the deadline.
@@ -565,10 +583,31 @@ impl Runtime {
         request: Request,
         limits: &CallLimits,
     ) -> Invocation {
+        // Emitted output is kept on the host: bound it like the guest's own
+        // memory.
+        let control = CallControl {
+            output_limit: usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX),
+            ..CallControl::default()
+        };
+        self.invoke_with(component, request, limits, control).await
+    }
+
+    /// [`Runtime::invoke`] with controls: a cancel token, and where the
+    /// function's emitted output goes. Without a stream, emitted chunks are
+    /// put in front of the response body (plain `invoke` keeps at most
+    /// `limits.memory_bytes` of them).
+    pub async fn invoke_with(
+        &self,
+        component: &LoadedComponent,
+        request: Request,
+        limits: &CallLimits,
+        control: CallControl,
+    ) -> Invocation {
         let Prepared::Handler(pre) = &component.inner.prepared else {
             return Invocation::host_error("this component serves wasi:http; call it over HTTP");
         };
-        let mut call = self.new_call(limits);
+        let mut call = self.new_call(limits, control);
+        let cancel = call.cancel.clone();
         let mut timings = Timings::default();
         let request = wit_handler::Request {
             body: request.body,
@@ -588,14 +627,25 @@ impl Runtime {
             timings.call = started.elapsed() - timings.instantiate;
             result
         };
-        let result = tokio::time::timeout(call.hard_limit, run).await;
+        // Host imports may await; a cancel must not wait for them.
+        let result = tokio::select! {
+            result = tokio::time::timeout(call.hard_limit, run) => result,
+            () = cancel.cancelled() => Ok(Err(wasmtime::Error::from(Trap::Interrupt))),
+        };
+        let emitted = call.store.data_mut().output.take_buffer();
         let result = match result {
             Err(_elapsed) => Err(None),
             Ok(Ok(Ok(response))) => Ok(Outcome::Ok(Response {
                 status: response.status,
                 content_type: response.content_type,
                 headers: response.headers,
-                body: response.body,
+                body: if emitted.is_empty() {
+                    response.body
+                } else {
+                    let mut body = emitted;
+                    body.extend_from_slice(&response.body);
+                    body
+                },
             })),
             Ok(Ok(Err(error))) => Ok(Outcome::GuestError(GuestError {
                 code: error.code,
@@ -629,7 +679,7 @@ impl Runtime {
             )));
         };
         let pre = pre.clone();
-        let mut call = self.new_call(limits);
+        let mut call = self.new_call(limits, CallControl::default());
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let store = call.store.data_mut();
         let prepared = store
@@ -677,6 +727,7 @@ struct Call {
     stderr: BoundedCapture,
     started: Instant,
     limits: CallLimits,
+    cancel: Cancel,
     hard_limit: std::time::Duration,
 }
 
@@ -695,6 +746,9 @@ impl Call {
         let stderr = self.stderr.take();
         let outcome = match result {
             Ok(outcome) => outcome,
+            // However the interrupted guest ended (a trap, or the caller's
+            // side of a stream closing), it was stopped on purpose.
+            Err(_) if self.cancel.is_cancelled() => Outcome::Cancelled,
             Err(None) => Outcome::Timeout {
                 limit: self.limits.timeout,
             },

@@ -86,6 +86,9 @@ pub enum Outcome {
         /// The guest backtrace (innermost frames first).
         backtrace: String,
     },
+    /// The caller cancelled the call (or went away while it streamed); the
+    /// guest was interrupted.
+    Cancelled,
     /// The host had no capacity for another instance right now; retry later.
     Overloaded {
         /// Which limit was reached.
@@ -108,6 +111,7 @@ impl Outcome {
             Self::OutOfMemory { .. } => "out-of-memory",
             Self::StackOverflow { .. } => "stack-overflow",
             Self::Trap { .. } => "trap",
+            Self::Cancelled => "cancelled",
             Self::Overloaded { .. } => "overloaded",
             Self::HostError { .. } => "host-error",
         }
@@ -152,6 +156,7 @@ impl fmt::Display for Outcome {
                 Some(panic) => write!(f, "panicked: {panic}"),
                 None => write!(f, "trapped: {message}"),
             },
+            Self::Cancelled => write!(f, "cancelled"),
             Self::Overloaded { reason } => write!(f, "host overloaded: {reason}"),
             Self::HostError { message } => write!(f, "host error: {message}"),
         }

@@ -105,6 +105,8 @@ pub(crate) struct CallState {
     pub(crate) table: ResourceTable,
     pub(crate) limiter: MemoryLimiter,
     pub(crate) gpu: crate::gpu::GpuSession,
+    /// Where `gust:function/output.emit` sends chunks.
+    pub(crate) output: super::control::OutputSink,
 }
 
 impl CallState {
@@ -128,6 +130,7 @@ impl CallState {
                 peak_bytes: 0,
             },
             gpu: crate::gpu::GpuSession::new(gpu, deadline),
+            output: super::control::OutputSink::default(),
         }
     }
 }

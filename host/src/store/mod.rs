@@ -113,6 +113,10 @@ pub struct FunctionRecord {
     pub world: FunctionWorld,
     /// Whether `/http/...` serves it without a key.
     pub public: bool,
+    /// Whether a job of it that was running when the host stopped is run
+    /// once more at the next start (instead of failing).
+    #[serde(default)]
+    pub retryable: bool,
     /// First deploy.
     pub created_at: UnixMillis,
     /// Latest changed deploy.
@@ -134,6 +138,8 @@ pub struct DeployRequest {
     pub world: FunctionWorld,
     /// Public flag.
     pub public: bool,
+    /// Retryable flag (see [`FunctionRecord::retryable`]).
+    pub retryable: bool,
 }
 
 /// The result of [`MetaStore::deploy`].
@@ -190,6 +196,136 @@ pub struct InvocationRecord {
     pub stderr_dropped_bytes: u64,
 }
 
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobStatus {
+    /// Waiting in its tenant's queue.
+    Pending,
+    /// Its invocation is running.
+    Running,
+    /// The function returned a response.
+    Succeeded,
+    /// The function failed, or could not run.
+    Failed,
+    /// Cancelled before it finished.
+    Cancelled,
+}
+
+impl JobStatus {
+    /// The name the API uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether the job is over (its result or error is final).
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// What a succeeded job's function answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobResult {
+    /// The function's status.
+    pub status: u16,
+    /// Media type of `body`.
+    pub content_type: String,
+    /// The body (everything emitted, then the response body).
+    #[serde(with = "base64_bytes")]
+    pub body: Vec<u8>,
+}
+
+/// Why a job failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobError {
+    /// Stable code, as in a problem document.
+    pub code: String,
+    /// The HTTP status an invoke would have answered.
+    pub status: u16,
+    /// For people.
+    pub message: String,
+}
+
+/// An asynchronous invocation (`POST /v1/functions/{name}/spawn`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Unique, time-ordered id (`job_<hex>`).
+    pub id: String,
+    /// Owning tenant.
+    pub tenant: String,
+    /// The function to run.
+    pub function: String,
+    /// Where it is.
+    pub status: JobStatus,
+    /// When it was spawned.
+    pub created_at: UnixMillis,
+    /// When its (latest) run started.
+    pub started_at: Option<UnixMillis>,
+    /// When it finished.
+    pub finished_at: Option<UnixMillis>,
+    /// Runs started (a retried job has 2).
+    pub attempts: u32,
+    /// The invocation of its (latest) run.
+    pub invocation_id: Option<String>,
+    /// The input's media type.
+    pub content_type: String,
+    /// The input; dropped once the job is finished.
+    #[serde(with = "base64_bytes")]
+    pub input: Vec<u8>,
+    /// Set when it succeeded.
+    pub result: Option<JobResult>,
+    /// Set when it failed or was cancelled.
+    pub error: Option<JobError>,
+}
+
+/// A function's cron schedule (`PUT /v1/functions/{name}/schedule`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleRecord {
+    /// Owning tenant.
+    pub tenant: String,
+    /// The function it runs.
+    pub function: String,
+    /// The cron expression (5 fields, or 6 with seconds first), in UTC.
+    pub cron: String,
+    /// The input of every run, as JSON (a string reaches the function as
+    /// text, any other value as JSON).
+    pub input: serde_json::Value,
+    /// When it was set.
+    pub created_at: UnixMillis,
+    /// When it last fired.
+    pub last_run_at: Option<UnixMillis>,
+    /// The invocation of the last run.
+    pub last_invocation_id: Option<String>,
+    /// The outcome of the last run.
+    pub last_outcome: Option<String>,
+}
+
+/// Serde for bytes as a base64 string: records stay compact JSON.
+mod base64_bytes {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// Metadata store: tenants, keys, functions, invocation records.
 ///
 /// Implementations must make each method atomic: a crash leaves either the
@@ -244,6 +380,24 @@ pub trait MetaStore: Send + Sync + 'static {
         function: &str,
         limit: usize,
     ) -> Result<Vec<InvocationRecord>, StoreError>;
+
+    /// Creates or replaces a job.
+    fn put_job(&self, job: &JobRecord) -> Result<(), StoreError>;
+    /// One of a tenant's jobs.
+    fn job(&self, tenant: &str, id: &str) -> Result<Option<JobRecord>, StoreError>;
+    /// Removes a tenant's job; false if it has no such job.
+    fn delete_job(&self, tenant: &str, id: &str) -> Result<bool, StoreError>;
+    /// Every job of every tenant, oldest first (recovery and retention).
+    fn all_jobs(&self) -> Result<Vec<JobRecord>, StoreError>;
+
+    /// Creates or replaces a function's schedule.
+    fn put_schedule(&self, schedule: &ScheduleRecord) -> Result<(), StoreError>;
+    /// A function's schedule.
+    fn schedule(&self, tenant: &str, function: &str) -> Result<Option<ScheduleRecord>, StoreError>;
+    /// Removes a function's schedule; false if it has none.
+    fn delete_schedule(&self, tenant: &str, function: &str) -> Result<bool, StoreError>;
+    /// Every schedule of every tenant.
+    fn all_schedules(&self) -> Result<Vec<ScheduleRecord>, StoreError>;
 
     /// Makes every completed write durable.
     fn flush(&self) -> Result<(), StoreError>;

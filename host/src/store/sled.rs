@@ -20,6 +20,8 @@
 //! | `invocation_ids`    | part(tenant) invocation id (raw)          | the record's `invocations` key     |
 //! | `invocation_counts` | part(tenant) part(function)               | live records of the function (u64) |
 //! | `purges`            | part(tenant) part(function) inc           | empty                              |
+//! | `jobs`              | part(tenant) job id (raw)                 | [`JobRecord`] (JSON)               |
+//! | `schedules`         | part(tenant) part(function)               | [`ScheduleRecord`] (JSON)          |
 //!
 //! The default tree holds `gust_meta_format` = `1`, the layout's version.
 //!
@@ -32,6 +34,9 @@
 //! records are then invisible (a re-deploy under the same name gets a new
 //! incarnation) and are removed in batches, right away or, after a crash, at
 //! the next [`SledStore::open`].
+//!
+//! Jobs and schedules are one entry each, written with plain sled
+//! operations (no transactions: see `records`).
 //!
 //! Every method that writes several entries does so in one sled transaction.
 //! sled transactions cannot scan, so retention pruning picks its candidates
@@ -50,8 +55,8 @@ use sled::transaction::{
 use sled::{Db, IVec, Transactional, Tree};
 
 use super::{
-    ApiKeyRecord, DeployRequest, Deployed, FunctionRecord, InvocationRecord, MetaStore, StoreError,
-    TenantRecord, now_millis,
+    ApiKeyRecord, DeployRequest, Deployed, FunctionRecord, InvocationRecord, JobRecord, MetaStore,
+    ScheduleRecord, StoreError, TenantRecord, now_millis,
 };
 
 /// Version of the layout above, kept in the default tree; a database written
@@ -88,6 +93,8 @@ pub struct SledStore {
     invocation_ids: Tree,
     invocation_counts: Tree,
     purges: Tree,
+    jobs: Tree,
+    schedules: Tree,
     retention: usize,
     /// Serialises invocation-record writes (and function deletes, which
     /// reset their counts) within this process. Records are written with
@@ -169,6 +176,8 @@ impl SledStore {
             invocation_ids: tree("invocation_ids")?,
             invocation_counts: tree("invocation_counts")?,
             purges: tree("purges")?,
+            jobs: tree("jobs")?,
+            schedules: tree("schedules")?,
             db,
             retention: retention_per_function,
             records: Arc::new(std::sync::Mutex::new(())),
@@ -400,7 +409,8 @@ impl MetaStore for SledStore {
                 let stored = match current {
                     Some(current)
                         if current.function.digest == request.digest
-                            && current.function.public == request.public =>
+                            && current.function.public == request.public
+                            && current.function.retryable == request.retryable =>
                     {
                         return Ok(Deployed {
                             function: current.function,
@@ -601,6 +611,70 @@ impl MetaStore for SledStore {
         )
     }
 
+    fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+        self.jobs
+            .insert(job_key(&job.tenant, &job.id), encode(job)?)
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn job(&self, tenant: &str, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let key = job_key(tenant, id);
+        match self.jobs.get(&key).map_err(backend)? {
+            Some(value) => decode("jobs", &key, &value).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn delete_job(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .jobs
+            .remove(job_key(tenant, id))
+            .map_err(backend)?
+            .is_some())
+    }
+
+    fn all_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let mut jobs: Vec<JobRecord> = decode_all("jobs", self.jobs.iter())?;
+        // Keys group by tenant; ids are time-ordered.
+        jobs.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(jobs)
+    }
+
+    fn put_schedule(&self, schedule: &ScheduleRecord) -> Result<(), StoreError> {
+        self.schedules
+            .insert(
+                function_key(&schedule.tenant, &schedule.function),
+                encode(schedule)?,
+            )
+            .map_err(backend)?;
+        self.sync()
+    }
+
+    fn schedule(&self, tenant: &str, function: &str) -> Result<Option<ScheduleRecord>, StoreError> {
+        let key = function_key(tenant, function);
+        match self.schedules.get(&key).map_err(backend)? {
+            Some(value) => decode("schedules", &key, &value).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn delete_schedule(&self, tenant: &str, function: &str) -> Result<bool, StoreError> {
+        let removed = self
+            .schedules
+            .remove(function_key(tenant, function))
+            .map_err(backend)?
+            .is_some();
+        if removed {
+            self.sync()?;
+        }
+        Ok(removed)
+    }
+
+    fn all_schedules(&self) -> Result<Vec<ScheduleRecord>, StoreError> {
+        decode_all("schedules", self.schedules.iter())
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         self.sync()
     }
@@ -620,6 +694,7 @@ fn new_function(
         size: request.size,
         world: request.world,
         public: request.public,
+        retryable: request.retryable,
         created_at,
         updated_at,
     }
@@ -669,6 +744,12 @@ fn digest_key(digest: &str, tenant: &str, name: &str) -> Vec<u8> {
 fn invocation_prefix(tenant: &str, function: &str, incarnation: u64) -> Vec<u8> {
     let mut key = parts(tenant, function);
     key.extend_from_slice(&incarnation.to_be_bytes());
+    key
+}
+
+fn job_key(tenant: &str, id: &str) -> Vec<u8> {
+    let mut key = part(tenant);
+    key.extend_from_slice(id.as_bytes());
     key
 }
 
@@ -821,6 +902,7 @@ mod tests {
 
     fn request(tenant: &str, name: &str, digest: &str, public: bool) -> DeployRequest {
         DeployRequest {
+            retryable: false,
             tenant: tenant.into(),
             name: name.into(),
             digest: digest.into(),

@@ -54,6 +54,8 @@ pub const TIMEOUT_MS_RANGE: RangeInclusive<u64> = 1..=3_600_000;
 pub const MEMORY_MB_RANGE: RangeInclusive<u64> = 1..=4096;
 /// Allowed `max_concurrency`.
 pub const MAX_CONCURRENCY_RANGE: RangeInclusive<u64> = 1..=u32::MAX as u64;
+/// Allowed `max_queued_jobs` (0: the tenant may not spawn jobs).
+pub const MAX_QUEUED_JOBS_RANGE: RangeInclusive<u64> = 0..=1_000_000;
 /// Allowed `max_body_bytes`: bodies are buffered, so keep them bounded.
 pub const MAX_BODY_BYTES_RANGE: RangeInclusive<u64> = 1..=GIB;
 /// Allowed `max_component_bytes`.
@@ -417,6 +419,9 @@ pub struct Policy {
     /// Invocations of the tenant's functions that may run at once; more are
     /// answered `429`.
     pub max_concurrency: u32,
+    /// Jobs (`spawn`) that may wait in the tenant's queue; more are
+    /// answered `429`.
+    pub max_queued_jobs: u64,
     /// Largest request body, in bytes.
     pub max_body_bytes: u64,
     /// Largest component upload, in bytes.
@@ -442,6 +447,7 @@ impl Default for Policy {
             timeout_ms: 10_000,
             memory_mb: 128,
             max_concurrency: 16,
+            max_queued_jobs: 100,
             max_body_bytes: 10 * MIB,
             max_component_bytes: 64 * MIB,
             log_bytes: 64 * KIB,
@@ -469,6 +475,7 @@ impl fmt::Debug for Policy {
             .field("timeout_ms", &self.timeout_ms)
             .field("memory_mb", &self.memory_mb)
             .field("max_concurrency", &self.max_concurrency)
+            .field("max_queued_jobs", &self.max_queued_jobs)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_component_bytes", &self.max_component_bytes)
             .field("log_bytes", &self.log_bytes)
@@ -594,6 +601,9 @@ impl Policy {
             let n = doc.in_range("max_concurrency", v, MAX_CONCURRENCY_RANGE)?;
             policy.max_concurrency = u32::try_from(n)
                 .map_err(|_| doc.error(span, "max_concurrency", "does not fit in 32 bits"))?;
+        }
+        if let Some(v) = raw.max_queued_jobs {
+            policy.max_queued_jobs = doc.in_range("max_queued_jobs", v, MAX_QUEUED_JOBS_RANGE)?;
         }
         if let Some(v) = raw.max_body_bytes {
             policy.max_body_bytes =
@@ -750,6 +760,7 @@ struct RawPolicy {
     timeout_ms: Option<Spanned<u64>>,
     memory_mb: Option<Spanned<u64>>,
     max_concurrency: Option<Spanned<u64>>,
+    max_queued_jobs: Option<Spanned<u64>>,
     max_body_bytes: Option<Spanned<ByteCount>>,
     max_component_bytes: Option<Spanned<ByteCount>>,
     log_bytes: Option<Spanned<ByteCount>>,

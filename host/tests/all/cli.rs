@@ -267,3 +267,119 @@ async fn client_commands_against_a_real_server() {
     assert_eq!(out.status.code(), Some(1));
     server.stop().await;
 }
+
+/// `spawn`, `job`, `schedule`, `unschedule` and `invoke --stream` against a
+/// real server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_schedules_and_streams_from_the_cli() {
+    use super::server::{TestServer, deploy};
+
+    let dir = TempDir::new().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let url = server.url("");
+    let key = server.demo_key.clone().unwrap();
+    deploy(&server, &key, "hello", artifacts::HELLO_COMPONENT).await;
+    deploy(&server, &key, "stream", artifacts::STREAMER_COMPONENT).await;
+    deploy(&server, &key, "errors", artifacts::RETURNS_ERROR_COMPONENT).await;
+    deploy(&server, &key, "echo", artifacts::ECHO_COMPONENT).await;
+    let cache = TempDir::new().unwrap();
+
+    // `gust ws`: one invocation per line of stdin, each answer on a line.
+    let (ws_url, ws_key) = (url.clone(), key.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gust"))
+            .args(["ws", "echo"])
+            .env("GUST_URL", &ws_url)
+            .env("GUST_KEY", &ws_key)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(b"hello\nworld\n").unwrap();
+        drop(input);
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hello\nworld\n");
+
+    let client = move |args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let (url, key) = (url.clone(), key.clone());
+        let cache_path = cache.path().to_owned();
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_gust"))
+                .args(&args)
+                .env("GUST_URL", &url)
+                .env("GUST_KEY", &key)
+                .env("GUST_CACHE_DIR", &cache_path)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        })
+    };
+
+    let out = client(&["spawn", "hello", "--data", "Ada", "--wait"])
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "Hello, Ada!");
+    let id = text(&out.stderr).trim().to_owned();
+    assert!(id.starts_with("job_"), "{id}");
+    let out = client(&["job", &id]).await.unwrap();
+    assert_eq!(text(&out.stdout), "Hello, Ada!");
+    let out = client(&["job", &id, "--cancel"]).await.unwrap();
+    assert_eq!(text(&out.stdout), format!("deleted {id}\n"));
+    let out = client(&["job", &id]).await.unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+
+    let out = client(&["spawn", "errors"]).await.unwrap();
+    let failing = text(&out.stdout).trim().to_owned();
+    let out = client(&["job", &failing, "--wait"]).await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("failed"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = client(&["invoke", "stream", "--stream", "--data", "one two"])
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "one\ntwo\ndone\n");
+
+    let out = client(&[
+        "schedule",
+        "hello",
+        "--cron",
+        "0 0 1 1 *",
+        "--input",
+        "cron",
+    ])
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("scheduled hello"));
+    let out = client(&["ls"]).await.unwrap();
+    assert!(
+        text(&out.stdout).contains("0 0 1 1 *"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = client(&["unschedule", "hello"]).await.unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = client(&["schedule", "hello", "--cron", "nonsense"])
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("invalid-cron"),
+        "{}",
+        text(&out.stderr)
+    );
+    server.stop().await;
+}

@@ -420,3 +420,51 @@ async fn models() {
 async fn wasi_nn() {
     super::models::wasi_nn_guest_runs_on_resident_models().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamer() {
+    use gust_host::runtime::{CallControl, Cancel};
+
+    let (rt, _dir) = runtime();
+    let component = load(&rt, artifacts::STREAMER_COMPONENT);
+    // Not streamed: the emitted chunks come first in the body.
+    let buffered = invoke(&rt, &component, "one two").await;
+    assert_eq!(ok_text(&buffered.outcome), "one\ntwo\ndone\n");
+    // Over the output limit: stopped with a host error naming the limit.
+    let control = CallControl {
+        output_limit: 5,
+        ..CallControl::default()
+    };
+    let limited = rt
+        .invoke_with(&component, request("one two"), &limits(), control)
+        .await;
+    assert!(
+        limited.outcome.to_string().contains("limit of 5 bytes"),
+        "{}",
+        limited.outcome
+    );
+
+    // Streamed: each chunk arrives while the guest still runs (it spins
+    // after emitting), then a cancel interrupts it.
+    let rt = Arc::new(rt);
+    let (sender, mut chunks) = tokio::sync::mpsc::channel(4);
+    let cancel = Cancel::new();
+    let control = CallControl {
+        cancel: Some(cancel.clone()),
+        stream: Some(sender),
+        output_limit: 0,
+    };
+    let call = {
+        let rt = Arc::clone(&rt);
+        tokio::spawn(async move {
+            rt.invoke_with(&component, request("a b spin"), &limits(), control)
+                .await
+        })
+    };
+    assert_eq!(chunks.recv().await.unwrap(), "a\n");
+    assert_eq!(chunks.recv().await.unwrap(), "b\n");
+    assert!(!call.is_finished());
+    cancel.cancel();
+    let invocation = call.await.expect("join");
+    assert_eq!(invocation.outcome, Outcome::Cancelled);
+}

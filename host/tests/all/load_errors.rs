@@ -104,8 +104,15 @@ fn every_fixture_loads_with_its_world() {
         let uses_gpu = loaded.imports().iter().any(|i| i.starts_with("gust:gpu"));
         assert_eq!(
             uses_gpu,
-            *name == "tensors",
+            matches!(*name, "tensors" | "models"),
             "{name}: only a function that calls the bridge imports it: {:?}",
+            loaded.imports()
+        );
+        let uses_nn = loaded.imports().iter().any(|i| i.starts_with("wasi:nn"));
+        assert_eq!(
+            uses_nn,
+            *name == "wasi_nn",
+            "{name}: {:?}",
             loaded.imports()
         );
     }

@@ -13,11 +13,14 @@ mod cli;
 mod crash;
 mod fixtures;
 mod gpu;
+mod jobs;
 mod limits;
 mod load_errors;
 mod map;
 mod models;
+mod schedules;
 mod server;
+mod stream;
 
 use std::path::Path;
 use std::time::Duration;

@@ -37,6 +37,12 @@ pub(crate) fn policies(dir: &Path) -> PathBuf {
     )
     .unwrap();
     std::fs::write(policies.join("other.toml"), "timeout_ms = 5000\n").unwrap();
+    // One call at a time and a job queue of two.
+    std::fs::write(
+        policies.join("queue.toml"),
+        "max_concurrency = 1\nmax_queued_jobs = 2\ntimeout_ms = 5000\n",
+    )
+    .unwrap();
     std::fs::write(
         policies.join("egress.toml"),
         "outbound_http = [\"127.0.0.1\"]\n",
@@ -75,6 +81,20 @@ impl TestServer {
     }
 
     pub(crate) async fn start_with(dir: &Path, max_instances: u32) -> Self {
+        Self::start_configured(dir, |config| {
+            config.runtime.allocation = AllocationConfig::Pooling(PoolingConfig {
+                max_instances,
+                ..PoolingConfig::default()
+            });
+        })
+        .await
+    }
+
+    /// A server with the test settings, then whatever `configure` changes.
+    pub(crate) async fn start_configured(
+        dir: &Path,
+        configure: impl FnOnce(&mut ServeConfig),
+    ) -> Self {
         let data_dir = dir.join("data");
         let mut config = ServeConfig::new(
             "127.0.0.1:0".parse().unwrap(),
@@ -84,13 +104,14 @@ impl TestServer {
         config.admin_key = Some(ADMIN_KEY.into());
         config.grace = Duration::from_secs(2);
         config.runtime.allocation = AllocationConfig::Pooling(PoolingConfig {
-            max_instances,
+            max_instances: 64,
             ..PoolingConfig::default()
         });
         // The cpu device only, unless a test asks for more: opening a
         // software Vulkan adapter per server would slow every test.
         config.gpu.wgpu = std::env::var_os("GUST_TEST_WGPU").is_some();
         config.gpu.cuda = false;
+        configure(&mut config);
         let server = Server::bind(config).await.unwrap();
         let addr = server.local_addr().unwrap();
         let demo_key = server.first_start().map(|f| f.demo_key.clone());

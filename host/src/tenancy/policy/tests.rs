@@ -229,6 +229,8 @@ fn error_out_of_range() {
     let err = expect_error("max_concurrency = 0\n", 1, "max_concurrency");
     assert!(err.message.contains("at least 1"), "{err}");
     expect_error("max_concurrency = 4294967296\n", 1, "max_concurrency");
+    expect_error("max_queued_jobs = 1000001\n", 1, "max_queued_jobs");
+    assert_eq!(parse("max_queued_jobs = 0\n").unwrap().max_queued_jobs, 0);
     let err = expect_error("max_body_bytes = \"2 GiB\"\n", 1, "max_body_bytes");
     assert!(err.message.contains("1 GiB, got 2 GiB"), "{err}");
     expect_error("max_component_bytes = 0\n", 1, "max_component_bytes");

@@ -1,0 +1,134 @@
+//! What a caller can do to a call while it runs: cancel it, and receive the
+//! output the function streams (`gust:function/output`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use tokio::sync::{Notify, mpsc};
+
+use super::bindings::gust::function::output;
+use super::state::CallState;
+
+/// Cancels a running call: the guest is interrupted at its next epoch tick
+/// (the same mechanism as its deadline) and the call ends as
+/// [`Outcome::Cancelled`](super::Outcome::Cancelled). Clones share one flag.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(Arc<CancelInner>);
+
+#[derive(Debug, Default)]
+struct CancelInner {
+    flag: AtomicBool,
+    notify: Notify,
+}
+
+impl Cancel {
+    /// A token that is not cancelled yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the call to stop. Idempotent.
+    pub fn cancel(&self) {
+        self.0.flag.store(true, Ordering::Release);
+        self.0.notify.notify_waiters();
+    }
+
+    /// Whether [`Cancel::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.flag.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the token is cancelled.
+    pub async fn cancelled(&self) {
+        loop {
+            let notified = self.0.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the flag is read, so a `cancel` in between
+            // still wakes this waiter.
+            notified.as_mut().enable();
+            if self.is_cancelled() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Per-call controls beyond the policy's limits.
+#[derive(Debug, Clone, Default)]
+pub struct CallControl {
+    /// Lets the caller stop the call.
+    pub cancel: Option<Cancel>,
+    /// Where emitted chunks go as they are emitted. Without it they are kept
+    /// (up to `output_limit`) and put in front of the response body.
+    pub stream: Option<mpsc::Sender<Bytes>>,
+    /// The most bytes a non-streaming call may emit (0: unbounded).
+    pub output_limit: usize,
+}
+
+/// Where a call's emitted output goes.
+#[derive(Debug)]
+pub(crate) enum OutputSink {
+    /// Kept, to be prepended to the response body.
+    Buffer { data: Vec<u8>, limit: usize },
+    /// Sent to the caller as it comes.
+    Stream {
+        sender: mpsc::Sender<Bytes>,
+        cancel: Cancel,
+    },
+}
+
+impl Default for OutputSink {
+    fn default() -> Self {
+        Self::Buffer {
+            data: Vec::new(),
+            limit: 0,
+        }
+    }
+}
+
+impl OutputSink {
+    /// The kept output, if any (empty for a streaming sink).
+    pub(crate) fn take_buffer(&mut self) -> Vec<u8> {
+        match self {
+            Self::Buffer { data, .. } => std::mem::take(data),
+            Self::Stream { .. } => Vec::new(),
+        }
+    }
+}
+
+impl CallState {
+    /// Sends `chunk` to the call's caller (see `gust:function/output`).
+    /// Host imports may use it too: a model's `generate` can stream each
+    /// token to a streaming caller as it is produced, without a round trip
+    /// through the guest.
+    pub(crate) async fn emit_output(&mut self, chunk: Vec<u8>) -> wasmtime::Result<()> {
+        match &mut self.output {
+            OutputSink::Buffer { data, limit } => {
+                if *limit > 0 && data.len().saturating_add(chunk.len()) > *limit {
+                    return Err(wasmtime::format_err!(
+                        "the function's emitted output exceeds the limit of {limit} bytes"
+                    ));
+                }
+                data.extend_from_slice(&chunk);
+                Ok(())
+            }
+            OutputSink::Stream { sender, cancel } => {
+                if sender.send(Bytes::from(chunk)).await.is_err() {
+                    // Nobody will read what comes next: stop the guest
+                    // rather than let it run to its deadline.
+                    cancel.cancel();
+                    return Err(wasmtime::format_err!("the caller went away"));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl output::Host for CallState {
+    async fn emit(&mut self, chunk: Vec<u8>) -> wasmtime::Result<()> {
+        self.emit_output(chunk).await
+    }
+}

@@ -1,0 +1,225 @@
+//! Streaming: Server-Sent Events on invoke and WebSocket sessions.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{SinkExt as _, StreamExt as _};
+use gust_test_artifacts as artifacts;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+use super::server::{TestServer, deploy, request, tenant};
+
+/// One parsed event: its name (if any) and its data lines joined by `\n`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Event {
+    name: Option<String>,
+    data: String,
+}
+
+/// Takes the complete events out of `buffer`; comments are skipped.
+fn parse_events(buffer: &mut String) -> Vec<Event> {
+    let mut events = Vec::new();
+    while let Some(end) = buffer.find("\n\n") {
+        let block: String = buffer.drain(..end + 2).collect();
+        let mut name = None;
+        let mut data: Vec<&str> = Vec::new();
+        for line in block.lines() {
+            if let Some(value) = line.strip_prefix("event: ") {
+                name = Some(value.to_owned());
+            } else if let Some(value) = line.strip_prefix("data: ") {
+                data.push(value);
+            }
+        }
+        if name.is_some() || !data.is_empty() {
+            events.push(Event {
+                name,
+                data: data.join("\n"),
+            });
+        }
+    }
+    events
+}
+
+async fn sse(
+    server: &TestServer,
+    key: &str,
+    function: &str,
+    input: &str,
+) -> hyper::Response<hyper::body::Incoming> {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let request = hyper::Request::post(server.url(&format!("/v1/functions/{function}/invoke")))
+        .header("authorization", format!("Bearer {key}"))
+        .header("accept", "text/event-stream")
+        .body(Full::new(Bytes::from(input.to_owned())))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    response
+}
+
+async fn invocation_status(server: &TestServer, key: &str, id: &str) -> (u16, Value) {
+    let reply = request(
+        "GET",
+        &server.url(&format!("/v1/invocations/{id}")),
+        Some(key),
+        "",
+    )
+    .await;
+    let json = if reply.status == 200 {
+        reply.json()
+    } else {
+        Value::Null
+    };
+    (reply.status, json)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_sent_events_deliver_chunks_before_the_function_finishes() {
+    let dir = TempDir::new().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let key = tenant(&server, "other").await;
+    deploy(&server, &key, "stream", artifacts::STREAMER_COMPONENT).await;
+
+    // A whole stream: each chunk an event, the body one more, then `done`.
+    let response = sse(&server, &key, "stream", "x y").await;
+    let id = response.headers()["gust-invocation-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let mut text = String::from_utf8(body.to_vec()).unwrap();
+    let events = parse_events(&mut text);
+    let data: Vec<&str> = events
+        .iter()
+        .filter(|e| e.name.is_none())
+        .map(|e| e.data.as_str())
+        .collect();
+    assert_eq!(data, ["x\n", "y\n", "done\n"], "{events:?}");
+    let done = events.last().unwrap();
+    assert_eq!(done.name.as_deref(), Some("done"));
+    let done: Value = serde_json::from_str(&done.data).unwrap();
+    assert_eq!(done["invocation_id"], id.as_str());
+    assert_eq!(done["outcome"], "ok");
+    assert_eq!(done["status"], 200);
+
+    // Without `Accept: text/event-stream` the chunks lead the body.
+    let plain = request(
+        "POST",
+        &server.url("/v1/functions/stream/invoke"),
+        Some(&key),
+        "x y",
+    )
+    .await;
+    assert_eq!(plain.text(), "x\ny\ndone\n");
+
+    // The guest emits two chunks and then spins: both arrive while it is
+    // still running (its invocation is not recorded yet).
+    let response = sse(&server, &key, "stream", "a b spin").await;
+    let id = response.headers()["gust-invocation-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let mut body = response.into_body();
+    let mut buffer = String::new();
+    let mut received = Vec::new();
+    while received.len() < 2 {
+        let frame = body.frame().await.expect("stream ended early").unwrap();
+        if let Ok(data) = frame.into_data() {
+            buffer.push_str(std::str::from_utf8(&data).unwrap());
+            received.extend(parse_events(&mut buffer));
+        }
+    }
+    assert_eq!(received[0].data, "a\n");
+    assert_eq!(received[1].data, "b\n");
+    let (status, _) = invocation_status(&server, &key, &id).await;
+    assert_eq!(status, 404, "the function must still be running");
+
+    // Going away cancels it: it is recorded as cancelled, not as a timeout.
+    drop(body);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let record = loop {
+        let (status, record) = invocation_status(&server, &key, &id).await;
+        if status == 200 {
+            break record;
+        }
+        assert!(Instant::now() < deadline, "never recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(record["outcome"], "cancelled", "{record}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_session_runs_one_invocation_per_message() {
+    let dir = TempDir::new().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let key = server.demo_key.clone().unwrap();
+    deploy(&server, &key, "echo", artifacts::ECHO_COMPONENT).await;
+    deploy(&server, &key, "stream", artifacts::STREAMER_COMPONENT).await;
+    deploy(&server, &key, "errors", artifacts::RETURNS_ERROR_COMPONENT).await;
+
+    let connect = |function: &str, key: Option<&str>| {
+        let url = format!("ws://{}/v1/functions/{function}/ws", server.addr);
+        let key = key.map(str::to_owned);
+        let addr = server.addr;
+        async move {
+            let mut request = url.into_client_request().unwrap();
+            if let Some(key) = key {
+                request
+                    .headers_mut()
+                    .insert("authorization", format!("Bearer {key}").parse().unwrap());
+            }
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tokio_tungstenite::client_async(request, tcp).await
+        }
+    };
+
+    let (mut echo, _) = connect("echo", Some(&key)).await.unwrap();
+    echo.send(Message::text("hello")).await.unwrap();
+    assert_eq!(echo.next().await.unwrap().unwrap(), Message::text("hello"));
+    let bytes = vec![0u8, 1, 255];
+    echo.send(Message::binary(bytes.clone())).await.unwrap();
+    assert_eq!(echo.next().await.unwrap().unwrap(), Message::binary(bytes));
+    echo.close(None).await.unwrap();
+
+    // Emitted chunks come back as messages as they are emitted.
+    let (mut stream, _) = connect("stream", Some(&key)).await.unwrap();
+    stream.send(Message::text("p q")).await.unwrap();
+    for expected in ["p\n", "q\n", "done\n"] {
+        assert_eq!(
+            stream.next().await.unwrap().unwrap(),
+            Message::text(expected)
+        );
+    }
+    stream.close(None).await.unwrap();
+
+    // A failure is a JSON message naming the invocation.
+    let (mut errors, _) = connect("errors", Some(&key)).await.unwrap();
+    errors.send(Message::text("x")).await.unwrap();
+    let Message::Text(text) = errors.next().await.unwrap().unwrap() else {
+        panic!("expected a text message");
+    };
+    let failure: Value = serde_json::from_str(text.as_str()).unwrap();
+    assert!(failure["error"]["code"].is_string(), "{failure}");
+    assert!(
+        failure["invocation_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("inv_")
+    );
+    errors.close(None).await.unwrap();
+
+    // The handshake is authenticated like every endpoint.
+    let refused = connect("echo", None).await.unwrap_err();
+    assert!(refused.to_string().contains("401"), "{refused}");
+    server.stop().await;
+}
