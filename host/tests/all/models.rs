@@ -266,3 +266,58 @@ async fn models_stay_resident_and_follow_the_tenant_policy() {
     assert_eq!(waited.status, 200, "{}", waited.text());
     server.stop().await;
 }
+
+/// The models directory `scripts/fetch-models.sh` fills, if it holds
+/// `model`; otherwise prints why the calling test is skipped.
+pub(crate) fn fetched_models_with(model: &str) -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("GUST_MODELS_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../gust-data/models")
+        });
+    if dir.join(model).join("gust-model.toml").is_file() {
+        return Some(dir);
+    }
+    eprintln!(
+        "skipping: no {model} in {} (run scripts/fetch-models.sh or set GUST_MODELS_DIR)",
+        dir.display()
+    );
+    None
+}
+
+/// The README's promise: `examples/embed` deployed, called over HTTP,
+/// answers real MiniLM embeddings, and the model stays resident.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embed_example_serves_minilm() {
+    let Some(models) = fetched_models_with("all-minilm-l6-v2") else {
+        return;
+    };
+    let dir = TempDir::new().unwrap();
+    let server = TestServer::start_configured(dir.path(), |config| {
+        config.models_dir = Some(models);
+    })
+    .await;
+    let key = tenant(&server, "models").await;
+    let reply = deploy(&server, &key, "embed", artifacts::EXAMPLE_EMBED_COMPONENT).await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    let body = r#"{"sentences": ["A man is eating food.", "The new movie is awesome.",
+        "A man is eating a piece of bread."], "query": "someone having a meal"}"#;
+    let url = server.url("/v1/functions/embed/invoke");
+    for _ in 0..2 {
+        let reply = request("POST", &url, Some(&key), body).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let answer = reply.json();
+        assert_eq!(answer["model"], "all-minilm-l6-v2");
+        assert_eq!(answer["dimensions"], 384);
+        let embeddings = answer["embeddings"].as_array().unwrap();
+        assert_eq!(embeddings.len(), 3);
+        let ranking = answer["ranking"].as_array().unwrap();
+        let last = ranking[2]["sentence"].as_str().unwrap();
+        assert_eq!(last, "The new movie is awesome.", "{answer}");
+    }
+    let listed = request("GET", &server.url("/v1/models"), Some(&key), "")
+        .await
+        .json();
+    assert_eq!(listed["stats"]["loads"], 1, "{listed}");
+    server.stop().await;
+}

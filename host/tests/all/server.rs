@@ -56,7 +56,7 @@ pub(crate) fn policies(dir: &Path) -> PathBuf {
     .unwrap();
     std::fs::write(
         policies.join("models.toml"),
-        "timeout_ms = 5000\n[gpu]\nmodels = [\"tiny-bert\", \"queue-bert\", \"missing-bert\"]\n",
+        "timeout_ms = 5000\n[gpu]\nmodels = [\"tiny-bert\", \"queue-bert\", \"missing-bert\", \"all-minilm-l6-v2\", \"smollm2-135m-instruct\"]\n",
     )
     .unwrap();
     std::fs::write(
