@@ -92,6 +92,17 @@ impl Default for GenerateParams {
     }
 }
 
+fn raw_params(params: &GenerateParams) -> raw::GenerateParams {
+    raw::GenerateParams {
+        max_tokens: params.max_tokens,
+        temperature: params.temperature,
+        top_k: params.top_k,
+        top_p: params.top_p,
+        seed: params.seed,
+        stop: params.stop.clone(),
+    }
+}
+
 /// A model resident on the host's device.
 #[derive(Debug)]
 pub struct Model(raw::Model);
@@ -121,15 +132,21 @@ impl Model {
 
     /// Continue `prompt` with generated text.
     pub fn generate(&self, prompt: &str, params: &GenerateParams) -> Result<String> {
-        let params = raw::GenerateParams {
-            max_tokens: params.max_tokens,
-            temperature: params.temperature,
-            top_k: params.top_k,
-            top_p: params.top_p,
-            seed: params.seed,
-            stop: params.stop.clone(),
-        };
-        self.0.generate(prompt, &params).map_err(ModelError::from)
+        self.0
+            .generate(prompt, &raw_params(params))
+            .map_err(ModelError::from)
+    }
+
+    /// Like [`generate`](Self::generate), and each piece of text is also
+    /// emitted to the caller as it is produced (as [`crate::emit`] does), so
+    /// a caller reading the invocation as Server-Sent Events or over a
+    /// WebSocket sees tokens as they come. A handler that streams this way
+    /// usually returns an empty body: a non-streaming caller gets the
+    /// emitted pieces ahead of the body.
+    pub fn generate_stream(&self, prompt: &str, params: &GenerateParams) -> Result<String> {
+        self.0
+            .generate_stream(prompt, &raw_params(params))
+            .map_err(ModelError::from)
     }
 
     /// Run the model on named input tensors; returns named outputs.
