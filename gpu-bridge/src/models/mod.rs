@@ -3,17 +3,22 @@
 //! A models directory holds one folder per model, each with a
 //! [`gust-model.toml`](manifest) listing its files and their sha256. A
 //! [`ModelRegistry`] scans the directory, and on a model's first use on a
-//! device verifies its files, reads its safetensors weights and uploads
+//! device verifies its files, reads its safetensors or GGUF weights and uploads
 //! every tensor, charged to the registry's own [`Account`](crate::Account).
 //! Later users of the same model on the same device share that
 //! [`ResidentModel`]; models nobody holds are evicted, least recently used
 //! first, when a load needs room in the per-device budget.
 
+pub mod gguf;
+mod llama;
 pub mod manifest;
 pub mod registry;
 mod safetensors;
+mod sampling;
 
+pub use gguf::{GgufMetadata, GgufValue};
 pub use manifest::{
     Batching, FileFormat, FileRole, MANIFEST_FILE, ModelDType, ModelFile, ModelManifest,
 };
 pub use registry::{ModelEntry, ModelRegistry, RegistryConfig, RegistryStats, ResidentModel};
+pub use sampling::{FinishReason, GenerateParams, Generation, MAX_GENERATE_TOKENS};

@@ -10,8 +10,11 @@ use tokio::sync::{OnceCell, oneshot};
 use crate::account::Account;
 use crate::device::{Device, Tensor};
 use crate::error::{BridgeError, ErrorCode, Result};
+use crate::models::gguf::GgufMetadata;
+use crate::models::llama::Llama;
 use crate::models::manifest::{MANIFEST_FILE, ModelManifest};
-use crate::models::safetensors::{HostTensor, check_formats, read_model};
+use crate::models::safetensors::{HostTensor, ModelData, check_formats, read_model};
+use crate::models::sampling::{GenerateParams, Generation};
 
 /// How a registry spends device memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +66,10 @@ pub struct ResidentModel {
     device: Device,
     tensors: BTreeMap<String, Tensor>,
     bytes: u64,
+    /// The metadata of the model's GGUF weights file, if it has one.
+    gguf: Option<Arc<GgufMetadata>>,
+    /// The llama family's runner (tokenizer, rotary tables, checked weights).
+    llama: Option<Llama>,
 }
 
 impl std::fmt::Debug for ResidentModel {
@@ -115,6 +122,82 @@ impl ResidentModel {
     /// Device bytes its tensors hold.
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// The metadata of the model's GGUF weights file, if it has one.
+    pub fn gguf_metadata(&self) -> Option<&GgufMetadata> {
+        self.gguf.as_deref()
+    }
+
+    /// Generate text from `prompt` (llama family), charging the per-call
+    /// state (KV cache, activations) and device time to `account`. Each
+    /// settled piece of text is passed to `on_token` as soon as it cannot
+    /// be part of a stop sequence; `Break` ends generation
+    /// ([`FinishReason::Cancelled`](crate::FinishReason::Cancelled)).
+    /// Concurrent calls on one model are independent.
+    ///
+    /// Errors: `unsupported` for other families; `invalid-argument` for bad
+    /// params or a prompt longer than the context.
+    pub async fn generate(
+        &self,
+        prompt: &str,
+        params: &GenerateParams,
+        account: &Arc<Account>,
+        on_token: &mut (dyn FnMut(&str) -> std::ops::ControlFlow<()> + Send),
+    ) -> Result<Generation> {
+        let llama = self.llama.as_ref().ok_or_else(|| {
+            BridgeError::unsupported(format!(
+                "model `{}` (family `{}`) does not generate text",
+                self.manifest.name, self.manifest.family
+            ))
+        })?;
+        llama.generate(prompt, params, account, on_token).await
+    }
+
+    /// As [`generate`](Self::generate), from token ids instead of text (for
+    /// tests and benchmarks against other implementations).
+    pub async fn generate_tokens(
+        &self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        account: &Arc<Account>,
+        on_token: &mut (dyn FnMut(&str) -> std::ops::ControlFlow<()> + Send),
+    ) -> Result<Generation> {
+        let llama = self.llama.as_ref().ok_or_else(|| {
+            BridgeError::unsupported(format!(
+                "model `{}` (family `{}`) does not generate text",
+                self.manifest.name, self.manifest.family
+            ))
+        })?;
+        llama.generate_ids(prompt, params, account, on_token).await
+    }
+
+    /// The next-token logits after the token ids `prompt` (llama family):
+    /// one forward pass, no sampling, for scoring and for comparing with
+    /// other implementations.
+    pub async fn next_token_logits(
+        &self,
+        prompt: &[u32],
+        account: &Arc<Account>,
+    ) -> Result<Vec<f32>> {
+        let llama = self.llama.as_ref().ok_or_else(|| {
+            BridgeError::unsupported(format!(
+                "model `{}` (family `{}`) has no next-token logits",
+                self.manifest.name, self.manifest.family
+            ))
+        })?;
+        llama.next_token_logits(prompt, account).await
+    }
+
+    /// The token ids `prompt` becomes for this model (llama family).
+    pub fn tokenize(&self, prompt: &str) -> Result<Vec<u32>> {
+        match &self.llama {
+            Some(llama) => llama.encode(prompt),
+            None => Err(BridgeError::unsupported(format!(
+                "model `{}` (family `{}`) has no tokenizer here",
+                self.manifest.name, self.manifest.family
+            ))),
+        }
     }
 }
 
@@ -342,8 +425,8 @@ impl ModelRegistry {
     ///
     /// Errors: `not-found` for an unknown model (listing those there are) or
     /// a missing file; `invalid-argument` for a checksum mismatch or a
-    /// malformed weights file; `unsupported` for gguf weights or a tensor
-    /// dtype the bridge lacks; `out-of-memory` when the model does not fit
+    /// malformed weights file; `unsupported` for a weights format or tensor
+    /// type the bridge lacks; `out-of-memory` when the model does not fit
     /// the budget even after evicting every unused model.
     pub async fn load(&self, name: &str, device: &Device) -> Result<Arc<ResidentModel>> {
         let entry = self.models.get(name).ok_or_else(|| self.unknown(name))?;
@@ -447,7 +530,10 @@ impl ModelRegistry {
             .map_err(|e| {
                 BridgeError::backend(format!("cannot start a model reader thread: {e}"))
             })?;
-        let host_tensors = answer.await.map_err(|_| {
+        let ModelData {
+            tensors: host_tensors,
+            gguf,
+        } = answer.await.map_err(|_| {
             BridgeError::backend(format!(
                 "model `{}`: the reader thread stopped without an answer",
                 manifest.name
@@ -482,6 +568,20 @@ impl ModelRegistry {
                 format!("model `{}`: uploading: {}", manifest.name, e.message),
             )
         })?;
+        let llama = if manifest.family == "llama" {
+            Some(
+                Llama::new(
+                    &manifest.name,
+                    &tensors,
+                    gguf.as_ref(),
+                    device,
+                    &self.account,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
         // No await from here on: the caller's cell is set in the same poll,
         // so the bytes are never counted without a model to evict.
         reservation.keep();
@@ -491,6 +591,8 @@ impl ModelRegistry {
             device: device.clone(),
             tensors,
             bytes,
+            gguf: gguf.map(Arc::new),
+            llama,
         }))
     }
 

@@ -11,6 +11,7 @@
 
 mod errors;
 mod harness;
+mod llama;
 mod memory;
 mod models;
 mod ops;
