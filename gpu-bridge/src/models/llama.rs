@@ -11,8 +11,9 @@
 //!   adjacent pairs `(2i, 2i+1)` (candle's `rope_i`). Rotating pairs is
 //!   linear, so `rope(x) = x·cos + (x @ R)·sin` with `R` a fixed ±1 matrix
 //!   that maps `(a, b)` to `(-b, a)`: four ops and no strided gathers.
-//! - The KV cache is per call, on the device, as `[kv_heads, positions,
-//!   head_dim]`, grown by `concat`; only the last row of logits is read back.
+//! - The KV cache is per call, on the device, grown by `concat` (keys as
+//!   `[kv_heads, head_dim, positions]`, values as `[kv_heads, positions,
+//!   head_dim]`); only the last row of logits is read back.
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
@@ -90,6 +91,10 @@ pub(crate) struct Llama {
     /// repeated for both of its elements.
     cos: Tensor,
     sin: Tensor,
+    /// The same times `1/sqrt(head_dim)`, for the queries: the attention
+    /// scale rides on RoPE instead of costing an op per layer.
+    cos_q: Tensor,
+    sin_q: Tensor,
     /// `[head_dim, head_dim]`: `(x @ rot)` maps each pair `(a, b)` to `(-b, a)`.
     rot: Tensor,
     tokenizer: Tokenizer,
@@ -279,6 +284,10 @@ impl Llama {
                 .upload(DType::F32, &shape, dtype::f32_to_bytes(&values), account)
                 .await
         };
+        let scale = 1.0 / (hd as f32).sqrt();
+        let scaled = |t: &[f32]| t.iter().map(|v| v * scale).collect::<Vec<_>>();
+        let cos_q = upload(vec![c.positions, hd], scaled(&cos)).await?;
+        let sin_q = upload(vec![c.positions, hd], scaled(&sin)).await?;
         let cos = upload(vec![c.positions, hd], cos).await?;
         let sin = upload(vec![c.positions, hd], sin).await?;
         let rot = upload(vec![hd, hd], rot).await?;
@@ -304,6 +313,8 @@ impl Llama {
             layers,
             cos,
             sin,
+            cos_q,
+            sin_q,
             rot,
             tokenizer,
             bos,
@@ -564,6 +575,8 @@ impl Llama {
         };
         let cos = slice(&self.cos).await?;
         let sin = slice(&self.sin).await?;
+        let cos_q = slice(&self.cos_q).await?;
+        let sin_q = slice(&self.sin_q).await?;
         let mask = if t > 1 {
             let mut values = vec![0f32; t * total];
             for (i, row) in values.chunks_exact_mut(total).enumerate() {
@@ -582,7 +595,6 @@ impl Llama {
         } else {
             None
         };
-        let scale = 1.0 / (hd as f32).sqrt();
 
         for (layer, cached) in self.layers.iter().zip(cache.iter_mut()) {
             let h = self
@@ -601,28 +613,31 @@ impl Llama {
             let q = self.heads(&q, c.heads, account).await?;
             let k = self.heads(&k, c.kv_heads, account).await?;
             let v = self.heads(&v, c.kv_heads, account).await?;
-            let q = self.rope(&q, &cos, &sin, account).await?;
-            let q = self
-                .run(Op::Affine { scale, offset: 0.0 }, &[&q], account)
-                .await?;
+            let q = self.rope(&q, &cos_q, &sin_q, account).await?;
             let k = self.rope(&k, &cos, &sin, account).await?;
-            let (k, v) = match cached.take() {
-                Some((k_old, v_old)) => {
-                    let cat = Op::Concat { dim: 1 };
-                    let k = self.run(cat.clone(), &[&k_old, &k], account).await?;
-                    let v = self.run(cat, &[&v_old, &v], account).await?;
-                    (k, v)
+            // Keys are cached transposed, `[kv, hd, positions]`: a new key
+            // `[kv, 1, hd]` is that shape for free, and the scores need no
+            // transpose of the whole cache per token.
+            let kt = self
+                .run(Op::Transpose { dim0: 1, dim1: 2 }, &[&k], account)
+                .await?;
+            let (kt, v) = match cached.take() {
+                Some((kt_old, v_old)) => {
+                    let kt = self
+                        .run(Op::Concat { dim: 2 }, &[&kt_old, &kt], account)
+                        .await?;
+                    let v = self
+                        .run(Op::Concat { dim: 1 }, &[&v_old, &v], account)
+                        .await?;
+                    (kt, v)
                 }
-                None => (k, v),
+                None => (kt, v),
             };
-            *cached = Some((k.clone(), v.clone()));
+            *cached = Some((kt.clone(), v.clone()));
 
             // Heads sharing a kv head are stacked as rows: [kv, groups·t, hd].
             let q = self
                 .reshape(&q, &[c.kv_heads, groups * t, hd], account)
-                .await?;
-            let kt = self
-                .run(Op::Transpose { dim0: 1, dim1: 2 }, &[&k], account)
                 .await?;
             let mut scores = self.run(Op::Matmul, &[&q, &kt], account).await?;
             if let Some(mask) = &mask {

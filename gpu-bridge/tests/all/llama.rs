@@ -754,3 +754,31 @@ fn block_types_the_reader_lacks_are_unsupported_by_name() {
     assert_eq!(err.code, ErrorCode::Unsupported, "{err}");
     assert!(err.message.contains("Q2_K"), "{err}");
 }
+
+/// The decoder's matrix-vector products (`W[out, in] @ x[in, 1]`) take a
+/// row-split path on the cpu backend: checked against f64 on every device.
+#[test]
+fn large_matrix_vector_products_match_the_reference() {
+    let mut rng = Rng::fresh();
+    let (m, k) = (1000, 600);
+    let w = rng.f32s(m * k);
+    let x = rng.f32s(k);
+    let expected: Vec<f64> = w
+        .chunks_exact(k)
+        .map(|row| {
+            row.iter()
+                .zip(&x)
+                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                .sum()
+        })
+        .collect();
+    let account = account();
+    for device in devices() {
+        let wt = crate::harness::upload_f32(device, &[m, k], &w, &account);
+        let xt = crate::harness::upload_f32(device, &[k, 1], &x, &account);
+        let y = crate::harness::run(device, gust_gpu_bridge::Op::Matmul, &[&wt, &xt], &account);
+        assert_eq!(y.shape(), [m, 1]);
+        let out = crate::harness::read_f64(device, &y, &account);
+        crate::harness::assert_close("matrix-vector", device, &out, &expected, rng.seed);
+    }
+}
