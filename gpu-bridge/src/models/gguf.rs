@@ -21,6 +21,13 @@ const MAGIC: u32 = 0x4655_4747;
 /// The alignment of tensor data when `general.alignment` is absent.
 const DEFAULT_ALIGNMENT: u64 = 32;
 
+/// The most metadata values (array elements included) one file may hold.
+/// A value takes 32 bytes in memory and as little as one in the file, so
+/// without a cap a hostile file could ask for 32 times its size; real
+/// files hold well under a million (a 256k-token vocabulary and its
+/// merges).
+const MAX_VALUES: usize = 1 << 24;
+
 /// Arrays nest in GGUF; nobody nests deeper than this, and a bound keeps a
 /// hostile file from recursing the reader's stack away.
 const MAX_ARRAY_DEPTH: usize = 4;
@@ -225,6 +232,8 @@ pub(crate) struct GgufContent {
 struct Cursor<'a> {
     bytes: &'a [u8],
     pos: usize,
+    /// Metadata values read so far, against [`MAX_VALUES`].
+    values: usize,
 }
 
 type Parse<T> = std::result::Result<T, String>;
@@ -298,6 +307,12 @@ impl<'a> Cursor<'a> {
     }
 
     fn value(&mut self, kind: u32, depth: usize, key: &str) -> Parse<GgufValue> {
+        self.values += 1;
+        if self.values > MAX_VALUES {
+            return Err(format!(
+                "metadata `{key}`: more than {MAX_VALUES} metadata values in the file"
+            ));
+        }
         Ok(match kind {
             0 => GgufValue::U8(self.array::<1>(key)?[0]),
             1 => GgufValue::I8(i8::from_le_bytes(self.array(key)?)),
@@ -328,6 +343,12 @@ impl<'a> Cursor<'a> {
                     }
                 };
                 let n = self.count(min_each, &format!("metadata `{key}`: array length"))?;
+                if n > MAX_VALUES - self.values {
+                    return Err(format!(
+                        "metadata `{key}`: an array of {n} values is more than the \
+                         {MAX_VALUES} metadata values a file may hold"
+                    ));
+                }
                 let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
                     items.push(self.value(elem, depth + 1, key)?);
@@ -345,7 +366,11 @@ impl<'a> Cursor<'a> {
 /// Parse a whole GGUF file and dequantize every tensor to f32. The error is
 /// a sentence about what is wrong with the file.
 pub(crate) fn parse(bytes: &[u8]) -> std::result::Result<GgufContent, GgufError> {
-    let mut c = Cursor { bytes, pos: 0 };
+    let mut c = Cursor {
+        bytes,
+        pos: 0,
+        values: 0,
+    };
     let magic = c.u32("the magic number")?;
     if magic != MAGIC {
         return Err(format!(
@@ -631,6 +656,17 @@ mod tests {
         b.extend_from_slice(&(1u64 << 60).to_le_bytes());
         let err = why(&b);
         assert!(err.contains("array length"), "{err}");
+        // Fits the file (one byte each) but not the value cap.
+        let n = MAX_VALUES + 1;
+        let mut b = header(3, 0, 1);
+        b.extend_from_slice(&3u64.to_le_bytes());
+        b.extend_from_slice(b"key");
+        b.extend_from_slice(&9u32.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&(n as u64).to_le_bytes());
+        b.resize(b.len() + n, 0);
+        let err = why(&b);
+        assert!(err.contains("metadata values a file may hold"), "{err}");
     }
 
     #[test]

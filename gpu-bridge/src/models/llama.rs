@@ -384,10 +384,8 @@ impl Llama {
         let mut position = prompt_ids.len();
         let mut stop_at = None;
         let finish = loop {
-            let bytes = self.device.read(&logits, account).await?;
-            let row: &[f32] = bytemuck::try_cast_slice(&bytes)
-                .map_err(|e| BridgeError::backend(format!("generate: logits: {e}")))?;
-            let next = sampler.sample(row)?;
+            let row = self.read_f32(&logits, account).await?;
+            let next = sampler.sample(&row)?;
             if Some(next) == self.eos {
                 break FinishReason::Eos;
             }
@@ -437,7 +435,13 @@ impl Llama {
         self.check_prompt(prompt)?;
         let mut cache = vec![None; self.config.layers];
         let logits = self.forward(prompt, 0, &mut cache, account).await?;
-        let bytes = self.device.read(&logits, account).await?;
+        self.read_f32(&logits, account).await
+    }
+
+    /// An f32 tensor's values (the bytes of a `Vec<u8>` need not be aligned
+    /// for a cast).
+    async fn read_f32(&self, tensor: &Tensor, account: &Arc<Account>) -> Result<Vec<f32>> {
+        let bytes = self.device.read(tensor, account).await?;
         Ok(bytes
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
