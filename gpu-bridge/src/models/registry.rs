@@ -145,12 +145,7 @@ impl ResidentModel {
         account: &Arc<Account>,
         on_token: &mut (dyn FnMut(&str) -> std::ops::ControlFlow<()> + Send),
     ) -> Result<Generation> {
-        let llama = self.llama.as_ref().ok_or_else(|| {
-            BridgeError::unsupported(format!(
-                "model `{}` (family `{}`) does not generate text",
-                self.manifest.name, self.manifest.family
-            ))
-        })?;
+        let llama = self.llama()?;
         llama.generate(prompt, params, account, on_token).await
     }
 
@@ -163,12 +158,7 @@ impl ResidentModel {
         account: &Arc<Account>,
         on_token: &mut (dyn FnMut(&str) -> std::ops::ControlFlow<()> + Send),
     ) -> Result<Generation> {
-        let llama = self.llama.as_ref().ok_or_else(|| {
-            BridgeError::unsupported(format!(
-                "model `{}` (family `{}`) does not generate text",
-                self.manifest.name, self.manifest.family
-            ))
-        })?;
+        let llama = self.llama()?;
         llama.generate_ids(prompt, params, account, on_token).await
     }
 
@@ -180,24 +170,22 @@ impl ResidentModel {
         prompt: &[u32],
         account: &Arc<Account>,
     ) -> Result<Vec<f32>> {
-        let llama = self.llama.as_ref().ok_or_else(|| {
-            BridgeError::unsupported(format!(
-                "model `{}` (family `{}`) has no next-token logits",
-                self.manifest.name, self.manifest.family
-            ))
-        })?;
+        let llama = self.llama()?;
         llama.next_token_logits(prompt, account).await
     }
 
     /// The token ids `prompt` becomes for this model (llama family).
     pub fn tokenize(&self, prompt: &str) -> Result<Vec<u32>> {
-        match &self.llama {
-            Some(llama) => llama.encode(prompt),
-            None => Err(BridgeError::unsupported(format!(
-                "model `{}` (family `{}`) has no tokenizer here",
+        self.llama()?.encode(prompt)
+    }
+
+    fn llama(&self) -> Result<&Llama> {
+        self.llama.as_ref().ok_or_else(|| {
+            BridgeError::unsupported(format!(
+                "model `{}` is of family `{}`, which does not generate text",
                 self.manifest.name, self.manifest.family
-            ))),
-        }
+            ))
+        })
     }
 }
 

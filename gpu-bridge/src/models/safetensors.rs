@@ -48,9 +48,9 @@ impl<R: Read> Read for Hashing<R> {
 pub(crate) fn check_formats(manifest: &ModelManifest) -> Result<()> {
     for file in manifest.weights() {
         match file.effective_format() {
-            // No format and an unknown extension: safetensors is the only
-            // weights format read today, so try it (its header check fails
-            // clearly if it is something else).
+            // No format and an unknown extension: safetensors is the
+            // default, so try it (its header check fails clearly if it is
+            // something else).
             Some(FileFormat::Safetensors | FileFormat::Gguf) | None => {}
             Some(other) => {
                 return Err(BridgeError::unsupported(format!(
