@@ -344,6 +344,9 @@ fn the_tiny_llama_matches_candle_greedy_on_every_device() {
         let ids = model.tokenize(prompt).unwrap();
         // The merges apply ("Ġthe" is one token) and digits split apart.
         assert!(ids.len() < prompt.len(), "{ids:?}");
+        assert!(ids.contains(&101), "{ids:?}");
+        assert!(ids.ends_with(&[3, 24, 22]), "{ids:?}");
+        assert_eq!(model.tokenize("<|im_start|>the").unwrap(), [1, 88, 100]);
         let reference = candle_greedy(&bytes, &ids, 20);
         let exact = candle_greedy(&f32_bytes, &ids, 20);
         let ours = generate(&model, prompt, &greedy(20));
@@ -720,6 +723,18 @@ fn the_fetched_smollm2_matches_candle_when_present() {
     let (reference, rows) = candle_greedy_logits(&bytes, &ids, 16);
     assert_matches_candle("SmolLM2", &ours, &reference, 5);
     assert_logits_close(&model, &ids, &reference, &rows, 0.05, 0.5);
+
+    // The chat template's control tokens are single tokens, and the
+    // instruct model ends its answer with <|im_end|> (its EOS).
+    let chat =
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+    let chat_ids = model.tokenize(chat).unwrap();
+    assert_eq!(chat_ids[0], 1, "{chat_ids:?}");
+    assert!(chat_ids.contains(&2), "{chat_ids:?}");
+    let answer = generate(&model, chat, &greedy(32));
+    eprintln!("SmolLM2 chat: {answer:?}");
+    assert_eq!(answer.finish_reason, FinishReason::Eos, "{answer:?}");
+    assert!(answer.text.contains("Paris"), "{answer:?}");
 }
 
 #[test]
