@@ -34,4 +34,5 @@ pub use device::{Device, DeviceOptions, Tensor};
 pub use dtype::DType;
 pub use error::{BridgeError, ErrorCode, Result};
 pub use kernel::{BinaryOp, Kernel, ReduceOp, UnaryOp};
+pub use models::{FinishReason, GenerateParams, Generation};
 pub use op::{Op, Operand, Plan, Work, broadcast, element_count};

@@ -593,6 +593,59 @@ impl tensors::Host for CallState {
 }
 
 impl CallState {
+    /// Generate with `model`; with `stream`, every piece of text goes to the
+    /// invocation's output as soon as the model produces it (an SSE or
+    /// WebSocket caller sees tokens as they come), the output's backpressure
+    /// pacing the generation.
+    async fn generate_with(
+        &mut self,
+        model: Arc<ResidentModel>,
+        prompt: String,
+        params: GenerateParams,
+        stream: bool,
+    ) -> Outcome<String> {
+        let account = attempt!(self.gpu.account());
+        let params = gust_gpu_bridge::GenerateParams {
+            max_tokens: params.max_tokens,
+            temperature: params.temperature,
+            top_k: params.top_k,
+            top_p: params.top_p,
+            seed: params.seed,
+            stop: params.stop,
+        };
+        if !stream {
+            let generated = model
+                .generate(&prompt, &params, &account, &mut |_| {
+                    std::ops::ControlFlow::Continue(())
+                })
+                .await;
+            return Ok(generated.map(|g| g.text).map_err(to_wit));
+        }
+        // The model calls back synchronously; the pieces cross to this task
+        // through a channel so they can be awaited into the output stream
+        // while the generation goes on.
+        let (pieces, mut arrived) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let mut on_piece = move |piece: &str| {
+            if pieces.send(piece.to_owned()).is_ok() {
+                std::ops::ControlFlow::Continue(())
+            } else {
+                std::ops::ControlFlow::Break(())
+            }
+        };
+        let generation = model.generate(&prompt, &params, &account, &mut on_piece);
+        tokio::pin!(generation);
+        let result = loop {
+            tokio::select! {
+                result = &mut generation => break result,
+                Some(piece) = arrived.recv() => self.emit_output(piece.into_bytes()).await?,
+            }
+        };
+        while let Ok(piece) = arrived.try_recv() {
+            self.emit_output(piece.into_bytes()).await?;
+        }
+        Ok(result.map(|g| g.text).map_err(to_wit))
+    }
+
     fn model(&self, handle: &Resource<GpuModel>) -> wasmtime::Result<Arc<ResidentModel>> {
         Ok(Arc::clone(&self.table.get(handle)?.model))
     }
@@ -656,15 +709,17 @@ impl models::HostModel for CallState {
         params: GenerateParams,
     ) -> Outcome<String> {
         let model = self.model(&model)?;
-        let _ = (prompt, params);
-        Ok(Err(Error {
-            code: ErrorCode::Unsupported,
-            message: format!(
-                "model `{}` of family `{}` cannot generate text",
-                model.name(),
-                model.family()
-            ),
-        }))
+        self.generate_with(model, prompt, params, false).await
+    }
+
+    async fn generate_stream(
+        &mut self,
+        model: Resource<GpuModel>,
+        prompt: String,
+        params: GenerateParams,
+    ) -> Outcome<String> {
+        let model = self.model(&model)?;
+        self.generate_with(model, prompt, params, true).await
     }
 
     async fn run(

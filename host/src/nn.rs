@@ -11,6 +11,8 @@
 //!
 //! - bert: input `text` (one text per line) gives `embedding`, `f32`
 //!   `[texts, dimensions]`, mean-pooled and L2-normalised.
+//! - llama: input `prompt` (and optionally `max_tokens`, one `i32`) gives
+//!   `text`, the greedy continuation, `u8`.
 
 use std::sync::Arc;
 
@@ -111,6 +113,54 @@ impl CallState {
             }
         }
         let account = self.gpu.account().map_err(from_gpu)?;
+        if let Some((_, prompt)) = inputs
+            .iter()
+            .find(|(n, t)| n == "prompt" && t.ty == TensorType::U8)
+        {
+            let prompt = std::str::from_utf8(&prompt.data).map_err(|e| {
+                (
+                    ErrorCode::InvalidArgument,
+                    format!("tensor `prompt` is not UTF-8: {e}"),
+                )
+            })?;
+            let max_tokens = match inputs.iter().find(|(n, _)| n == "max_tokens") {
+                Some((_, t)) if t.ty == TensorType::I32 && t.data.len() == 4 => {
+                    let v = i32::from_le_bytes([t.data[0], t.data[1], t.data[2], t.data[3]]);
+                    u32::try_from(v).map_err(|_| {
+                        (
+                            ErrorCode::InvalidArgument,
+                            format!("max_tokens {v} is below zero"),
+                        )
+                    })?
+                }
+                Some(_) => {
+                    return Err((
+                        ErrorCode::InvalidArgument,
+                        "`max_tokens` must be one i32".into(),
+                    ));
+                }
+                None => 64,
+            };
+            let params = gust_gpu_bridge::GenerateParams {
+                max_tokens,
+                ..gust_gpu_bridge::GenerateParams::default()
+            };
+            let generated = model
+                .generate(prompt, &params, &account, &mut |_| {
+                    std::ops::ControlFlow::Continue(())
+                })
+                .await
+                .map_err(|e| from_gpu(crate::gpu::to_wit(e)))?;
+            let data = generated.text.into_bytes();
+            return Ok(vec![(
+                "text".to_owned(),
+                NnTensor {
+                    dimensions: vec![u32::try_from(data.len()).unwrap_or(u32::MAX)],
+                    ty: TensorType::U8,
+                    data,
+                },
+            )]);
+        }
         if let [(name, text)] = inputs.as_slice()
             && name == "text"
             && text.ty == TensorType::U8

@@ -4,7 +4,10 @@
 //! `temperature` (0 = greedy, the default), `top_k`, `top_p`, `seed`,
 //! `stop` (a list of strings), `chat` (wrap the prompt in the model's chat
 //! template; default true) and `model` (default `smollm2-135m-instruct`);
-//! the answer is `{"model", "text"}`.
+//! the answer is `{"model", "text"}`. With `"stream": true` the text is
+//! emitted piece by piece as the model produces it instead: invoke with
+//! `Accept: text/event-stream` (or `gust invoke --stream`) to see tokens as
+//! they come; a plain caller gets the text as the body.
 
 use gust_sdk::{Error, GenerateParams, Model, Request, Response};
 
@@ -27,6 +30,8 @@ struct Input {
     stop: Vec<String>,
     #[serde(default)]
     chat: Option<bool>,
+    #[serde(default)]
+    stream: bool,
 }
 
 #[derive(serde::Serialize)]
@@ -57,6 +62,11 @@ fn handle(req: Request) -> Result<Response, Error> {
         seed: input.seed,
         stop,
     };
+    if input.stream {
+        // Everything already went out through the output stream.
+        model.generate_stream(&prompt, &params)?;
+        return Ok(Response::text(""));
+    }
     let text = model.generate(&prompt, &params)?;
     Response::json(&Output {
         model: model.name(),

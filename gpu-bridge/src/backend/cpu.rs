@@ -544,6 +544,43 @@ fn matmul(
             c.fill(0.0);
             continue;
         }
+        if n == 1 && m * k >= GEMM_PARALLEL_THRESHOLD {
+            // A matrix-vector product (a decoder's weights times one
+            // token) takes gemm's gemv path, which runs on one thread
+            // whatever the parallelism: split the rows across rayon instead.
+            let rows = m.div_ceil(rayon::current_num_threads() * 4).max(16);
+            c.par_chunks_mut(rows)
+                .zip(a.par_chunks(rows * k))
+                .for_each(|(c, a)| {
+                    // SAFETY: `a` holds `c.len()` rows of k (chunks of the
+                    // bounds-checked m×k slice), `bm` k×1, `c` c.len()×1;
+                    // `c` aliases neither input.
+                    unsafe {
+                        gemm::gemm(
+                            c.len(),
+                            1,
+                            k,
+                            c.as_mut_ptr(),
+                            1,
+                            1,
+                            false,
+                            a.as_ptr(),
+                            1,
+                            k as isize,
+                            bm.as_ptr(),
+                            1,
+                            1,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                });
+            continue;
+        }
         // SAFETY: the three slices were bounds-checked above to hold m×k,
         // k×n and m×n row-major matrices (row stride = columns, column
         // stride = 1); `c` does not alias `a` or `bm` (distinct buffers).

@@ -108,7 +108,7 @@ impl fmt::Display for FileRole {
 pub enum FileFormat {
     /// Hugging Face safetensors: a JSON header, then raw little-endian data.
     Safetensors,
-    /// llama.cpp GGUF (not loadable yet).
+    /// llama.cpp GGUF (v2/v3; quantized blocks are expanded to f32 on load).
     Gguf,
     /// JSON (configs, tokenizers).
     Json,

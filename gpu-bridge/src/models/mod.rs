@@ -3,7 +3,7 @@
 //! A models directory holds one folder per model, each with a
 //! [`gust-model.toml`](manifest) listing its files and their sha256. A
 //! [`ModelRegistry`] scans the directory, and on a model's first use on a
-//! device verifies its files, reads its safetensors weights and uploads
+//! device verifies its files, reads its safetensors or GGUF weights and uploads
 //! every tensor, charged to the registry's own [`Account`](crate::Account).
 //! Later users of the same model on the same device share that
 //! [`ResidentModel`]; models nobody holds are evicted, least recently used
@@ -11,7 +11,9 @@
 
 mod batch;
 mod bert;
+pub mod gguf;
 mod graph;
+mod llama;
 pub mod manifest;
 pub mod registry;
 mod runner;
@@ -20,8 +22,11 @@ mod safetensors;
 pub mod testing;
 
 pub use batch::BatchStats;
+mod sampling;
 
+pub use gguf::{GgufMetadata, GgufValue};
 pub use manifest::{
     Batching, FileFormat, FileRole, MANIFEST_FILE, ModelDType, ModelFile, ModelManifest,
 };
 pub use registry::{ModelEntry, ModelRegistry, RegistryConfig, RegistryStats, ResidentModel};
+pub use sampling::{FinishReason, GenerateParams, Generation, MAX_GENERATE_TOKENS};

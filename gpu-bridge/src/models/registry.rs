@@ -11,9 +11,12 @@ use crate::account::Account;
 use crate::device::{Device, Tensor};
 use crate::error::{BridgeError, ErrorCode, Result};
 use crate::models::batch::Batcher;
+use crate::models::gguf::GgufMetadata;
+use crate::models::llama::Llama;
 use crate::models::manifest::{MANIFEST_FILE, ModelManifest};
 use crate::models::runner::{self, Runner};
-use crate::models::safetensors::{HostTensor, check_formats, read_model};
+use crate::models::safetensors::{HostTensor, ModelData, check_formats, read_model};
+use crate::models::sampling::{GenerateParams, Generation};
 
 /// How a registry spends device memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +75,10 @@ pub struct ResidentModel {
     bytes: u64,
     pub(super) runner: Runner,
     pub(super) batcher: Option<Arc<Batcher>>,
+    /// The metadata of the model's GGUF weights file, if it has one.
+    gguf: Option<Arc<GgufMetadata>>,
+    /// The llama family's runner (tokenizer, rotary tables, checked weights).
+    llama: Option<Llama>,
 }
 
 impl std::fmt::Debug for ResidentModel {
@@ -124,6 +131,70 @@ impl ResidentModel {
     /// Device bytes its tensors hold.
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// The metadata of the model's GGUF weights file, if it has one.
+    pub fn gguf_metadata(&self) -> Option<&GgufMetadata> {
+        self.gguf.as_deref()
+    }
+
+    /// Generate text from `prompt` (llama family), charging the per-call
+    /// state (KV cache, activations) and device time to `account`. Each
+    /// settled piece of text is passed to `on_token` as soon as it cannot
+    /// be part of a stop sequence; `Break` ends generation
+    /// ([`FinishReason::Cancelled`](crate::FinishReason::Cancelled)).
+    /// Concurrent calls on one model are independent.
+    ///
+    /// Errors: `unsupported` for other families; `invalid-argument` for bad
+    /// params or a prompt longer than the context.
+    pub async fn generate(
+        &self,
+        prompt: &str,
+        params: &GenerateParams,
+        account: &Arc<Account>,
+        on_token: &mut (dyn FnMut(&str) -> std::ops::ControlFlow<()> + Send),
+    ) -> Result<Generation> {
+        let llama = self.llama()?;
+        llama.generate(prompt, params, account, on_token).await
+    }
+
+    /// As [`generate`](Self::generate), from token ids instead of text (for
+    /// tests and benchmarks against other implementations).
+    pub async fn generate_tokens(
+        &self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        account: &Arc<Account>,
+        on_token: &mut (dyn FnMut(&str) -> std::ops::ControlFlow<()> + Send),
+    ) -> Result<Generation> {
+        let llama = self.llama()?;
+        llama.generate_ids(prompt, params, account, on_token).await
+    }
+
+    /// The next-token logits after the token ids `prompt` (llama family):
+    /// one forward pass, no sampling, for scoring and for comparing with
+    /// other implementations.
+    pub async fn next_token_logits(
+        &self,
+        prompt: &[u32],
+        account: &Arc<Account>,
+    ) -> Result<Vec<f32>> {
+        let llama = self.llama()?;
+        llama.next_token_logits(prompt, account).await
+    }
+
+    /// The token ids `prompt` becomes for this model (llama family).
+    pub fn tokenize(&self, prompt: &str) -> Result<Vec<u32>> {
+        self.llama()?.encode(prompt)
+    }
+
+    fn llama(&self) -> Result<&Llama> {
+        self.llama.as_ref().ok_or_else(|| {
+            BridgeError::unsupported(format!(
+                "model `{}` is of family `{}`, which does not generate text",
+                self.manifest.name, self.manifest.family
+            ))
+        })
     }
 }
 
@@ -351,8 +422,8 @@ impl ModelRegistry {
     ///
     /// Errors: `not-found` for an unknown model (listing those there are) or
     /// a missing file; `invalid-argument` for a checksum mismatch or a
-    /// malformed weights file; `unsupported` for gguf weights or a tensor
-    /// dtype the bridge lacks; `out-of-memory` when the model does not fit
+    /// malformed weights file; `unsupported` for a weights format or tensor
+    /// type the bridge lacks; `out-of-memory` when the model does not fit
     /// the budget even after evicting every unused model.
     pub async fn load(&self, name: &str, device: &Device) -> Result<Arc<ResidentModel>> {
         let entry = self.models.get(name).ok_or_else(|| self.unknown(name))?;
@@ -451,16 +522,22 @@ impl ModelRegistry {
         std::thread::Builder::new()
             .name(format!("gust-model-{}", manifest.name))
             .spawn(move || {
-                let read = read_model(&folder, &read_manifest).and_then(|mut tensors| {
-                    let prepared = runner::prepare(&folder, &read_manifest, &mut tensors)?;
-                    Ok((tensors, prepared))
+                let read = read_model(&folder, &read_manifest).and_then(|mut data| {
+                    let prepared = runner::prepare(&folder, &read_manifest, &mut data.tensors)?;
+                    Ok((data, prepared))
                 });
                 let _ = reply.send(read);
             })
             .map_err(|e| {
                 BridgeError::backend(format!("cannot start a model reader thread: {e}"))
             })?;
-        let (host_tensors, prepared) = answer.await.map_err(|_| {
+        let (
+            ModelData {
+                tensors: host_tensors,
+                gguf,
+            },
+            prepared,
+        ) = answer.await.map_err(|_| {
             BridgeError::backend(format!(
                 "model `{}`: the reader thread stopped without an answer",
                 manifest.name
@@ -500,6 +577,20 @@ impl ModelRegistry {
             .batching
             .filter(|_| self.config.batching)
             .map(|config| Arc::new(Batcher::new(config, &manifest.name)));
+        let llama = if manifest.family == "llama" {
+            Some(
+                Llama::new(
+                    &manifest.name,
+                    &tensors,
+                    gguf.as_ref(),
+                    device,
+                    &self.account,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
         // No await from here on: the caller's cell is set in the same poll,
         // so the bytes are never counted without a model to evict.
         reservation.keep();
@@ -511,6 +602,8 @@ impl ModelRegistry {
             bytes,
             runner,
             batcher,
+            gguf: gguf.map(Arc::new),
+            llama,
         }))
     }
 

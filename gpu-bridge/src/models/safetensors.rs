@@ -1,4 +1,5 @@
-//! Checking a model's files and reading safetensors weights, in one pass.
+//! Checking a model's files and reading safetensors (and GGUF) weights, in
+//! one pass.
 //!
 //! Each file is read once, front to back: its bytes feed the sha256 and, for
 //! weights, land directly in one buffer per tensor. Nothing is read twice
@@ -15,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::dtype::DType;
 use crate::error::{BridgeError, ErrorCode, Result};
+use crate::models::gguf::{self, GgufError, GgufMetadata};
 use crate::models::manifest::{FileFormat, FileRole, ModelFile, ModelManifest};
 
 /// safetensors refuses headers larger than this (the crate's own limit).
@@ -46,21 +48,14 @@ impl<R: Read> Read for Hashing<R> {
 pub(crate) fn check_formats(manifest: &ModelManifest) -> Result<()> {
     for file in manifest.weights() {
         match file.effective_format() {
-            // No format and an unknown extension: safetensors is the only
-            // weights format read today, so try it (its header check fails
-            // clearly if it is something else).
-            Some(FileFormat::Safetensors) | None => {}
-            Some(FileFormat::Gguf) => {
-                return Err(BridgeError::unsupported(format!(
-                    "model `{}`: {}: gguf weights are not supported yet",
-                    manifest.name,
-                    file.path.display()
-                )));
-            }
+            // No format and an unknown extension: safetensors is the
+            // default, so try it (its header check fails clearly if it is
+            // something else).
+            Some(FileFormat::Safetensors | FileFormat::Gguf) | None => {}
             Some(other) => {
                 return Err(BridgeError::unsupported(format!(
                     "model `{}`: {}: weights in {other} format are not supported \
-                     (use safetensors)",
+                     (use safetensors or gguf)",
                     manifest.name,
                     file.path.display()
                 )));
@@ -70,14 +65,20 @@ pub(crate) fn check_formats(manifest: &ModelManifest) -> Result<()> {
     Ok(())
 }
 
+/// What a model's files hold: its weights, and the metadata of its GGUF
+/// file if it has one (hyperparameters and tokenizer for its family).
+#[derive(Debug)]
+pub(crate) struct ModelData {
+    pub(crate) tensors: BTreeMap<String, HostTensor>,
+    pub(crate) gguf: Option<GgufMetadata>,
+}
+
 /// Verify every file of `manifest` in `folder` against its sha256 and read
 /// all weights tensors, keyed by name. Blocks on disk I/O.
-pub(crate) fn read_model(
-    folder: &Path,
-    manifest: &ModelManifest,
-) -> Result<BTreeMap<String, HostTensor>> {
+pub(crate) fn read_model(folder: &Path, manifest: &ModelManifest) -> Result<ModelData> {
     check_formats(manifest)?;
     let mut tensors = BTreeMap::new();
+    let mut gguf = None;
     for file in &manifest.files {
         let full = folder.join(&file.path);
         let opened = File::open(&full).map_err(|e| {
@@ -111,7 +112,17 @@ pub(crate) fn read_model(
         // The content's verdict waits for the hash: a corrupt file is
         // reported as a checksum mismatch, not as whatever parse error its
         // corruption happens to cause.
-        let content = if file.role == FileRole::Weights {
+        let is_gguf = file.effective_format() == Some(FileFormat::Gguf);
+        let mut gguf_bytes = None;
+        let content = if file.role == FileRole::Weights && is_gguf {
+            // GGUF puts the tensor infos after arrays of metadata and its
+            // blocks are expanded on load, so it is hashed whole and parsed
+            // from memory once the hash is known to match.
+            let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+            reader.read_to_end(&mut bytes).map_err(io_error)?;
+            gguf_bytes = Some(bytes);
+            Ok(Vec::new())
+        } else if file.role == FileRole::Weights {
             read_safetensors(&mut reader, size).map_err(|e| match e {
                 ReadFailure::Io(e) => io_error(e),
                 ReadFailure::Format(why) => BridgeError::invalid(format!(
@@ -125,7 +136,11 @@ pub(crate) fn read_model(
         };
         io::copy(&mut reader, &mut io::sink()).map_err(io_error)?;
         check_sha256(manifest, file, reader.hasher.finalize().as_slice())?;
-        for (name, tensor) in content? {
+        let content = match gguf_bytes {
+            Some(bytes) => read_gguf(manifest, file, &bytes, &mut gguf)?,
+            None => content?,
+        };
+        for (name, tensor) in content {
             let tensor = tensor.map_err(|why| {
                 BridgeError::unsupported(format!(
                     "model `{}`: tensor `{name}` in {}: {why}",
@@ -143,7 +158,48 @@ pub(crate) fn read_model(
             }
         }
     }
-    Ok(tensors)
+    Ok(ModelData { tensors, gguf })
+}
+
+/// Parse a GGUF file's bytes into f32 tensors, keeping its metadata in
+/// `metadata` (one GGUF file per model: its metadata describes the model).
+fn read_gguf(
+    manifest: &ModelManifest,
+    file: &ModelFile,
+    bytes: &[u8],
+    metadata: &mut Option<GgufMetadata>,
+) -> Result<Tensors> {
+    let content = gguf::parse(bytes).map_err(|e| match e {
+        GgufError::Format(why) => BridgeError::invalid(format!(
+            "model `{}`: {} is not a valid GGUF file: {why}",
+            manifest.name,
+            file.path.display()
+        )),
+        GgufError::Unsupported(why) => BridgeError::unsupported(format!(
+            "model `{}`: {}: {why}",
+            manifest.name,
+            file.path.display()
+        )),
+    })?;
+    if metadata.replace(content.metadata).is_some() {
+        return Err(BridgeError::invalid(format!(
+            "model `{}`: more than one GGUF weights file (again {})",
+            manifest.name,
+            file.path.display()
+        )));
+    }
+    Ok(content
+        .tensors
+        .into_iter()
+        .map(|t| {
+            let tensor = HostTensor {
+                dtype: t.dtype,
+                shape: t.shape,
+                data: t.data,
+            };
+            (t.name, Ok(tensor))
+        })
+        .collect())
 }
 
 fn check_sha256(manifest: &ModelManifest, file: &ModelFile, actual: &[u8]) -> Result<()> {

@@ -12,6 +12,7 @@
 mod bert;
 mod errors;
 mod harness;
+mod llama;
 mod memory;
 mod models;
 mod ops;

@@ -321,3 +321,96 @@ async fn the_embed_example_serves_minilm() {
     assert_eq!(listed["stats"]["loads"], 1, "{listed}");
     server.stop().await;
 }
+
+/// `examples/generate` with the real SmolLM2: a plain call answers JSON, a
+/// streamed one sends the text as Server-Sent Events, piece by piece.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_generate_example_continues_and_streams() {
+    let Some(models) = fetched_models_with("smollm2-135m-instruct") else {
+        return;
+    };
+    let dir = TempDir::new().unwrap();
+    let server = TestServer::start_configured(dir.path(), |config| {
+        config.models_dir = Some(models);
+    })
+    .await;
+    let key = tenant(&server, "llm").await;
+    let reply = deploy(
+        &server,
+        &key,
+        "generate",
+        artifacts::EXAMPLE_GENERATE_COMPONENT,
+    )
+    .await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    let url = server.url("/v1/functions/generate/invoke");
+    let plain = request(
+        "POST",
+        &url,
+        Some(&key),
+        r#"{"prompt": "The capital of France is", "chat": false, "max_tokens": 6}"#,
+    )
+    .await;
+    assert_eq!(plain.status, 200, "{}", plain.text());
+    let text = plain.json()["text"].as_str().unwrap().to_owned();
+    assert!(text.contains("Paris"), "{text:?}");
+
+    let streamed = crate::server::request_with(
+        "POST",
+        &url,
+        Some(&key),
+        r#"{"prompt": "The capital of France is", "chat": false, "max_tokens": 6, "stream": true}"#,
+        &[("accept", "text/event-stream")],
+    )
+    .await;
+    assert_eq!(streamed.status, 200, "{}", streamed.text());
+    let events = streamed.text();
+    let pieces: Vec<&str> = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert!(pieces.len() >= 3, "one event per piece: {events}");
+    assert!(pieces.concat().contains("Paris"), "{events}");
+    assert!(events.contains("event: done"), "{events}");
+    server.stop().await;
+}
+
+/// A wasi-nn guest generating with the real SmolLM2 through `compute`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wasi_nn_generates_with_a_resident_llama() {
+    use gust_host::gpu::{GpuGrant, ModelGrant};
+
+    let Some(models) = fetched_models_with("smollm2-135m-instruct") else {
+        return;
+    };
+    let registry = std::sync::Arc::new(ModelRegistry::open(&models).unwrap());
+    let device = Device::start_inline(
+        gust_gpu_bridge::backend::cpu::CpuBackend::new(1 << 31),
+        DeviceOptions::default(),
+    )
+    .unwrap();
+    let limits = gust_host::runtime::CallLimits {
+        timeout: Duration::from_secs(300),
+        gpu: Some(GpuGrant {
+            devices: std::sync::Arc::from(vec![device]),
+            account: Account::new("fixture", None, None),
+            models: Some(ModelGrant {
+                registry,
+                allowed: std::sync::Arc::from(vec!["smollm2-135m-instruct".to_owned()]),
+            }),
+        }),
+        ..gust_host::runtime::CallLimits::default()
+    };
+    let (rt, _cache) = crate::runtime();
+    let component = crate::load(&rt, artifacts::WASI_NN_COMPONENT);
+    let text = ok_text(
+        rt.invoke(
+            &component,
+            crate::request("prompt smollm2-135m-instruct 6\nThe capital of France is"),
+            &limits,
+        )
+        .await
+        .outcome,
+    );
+    assert!(text.contains("Paris"), "{text:?}");
+}

@@ -59,6 +59,12 @@ pub(crate) fn policies(dir: &Path) -> PathBuf {
         "timeout_ms = 5000\n[gpu]\nmodels = [\"tiny-bert\", \"queue-bert\", \"missing-bert\", \"all-minilm-l6-v2\", \"smollm2-135m-instruct\"]\n",
     )
     .unwrap();
+    // Generation in a debug build loads and runs a 135M model slowly.
+    std::fs::write(
+        policies.join("llm.toml"),
+        "timeout_ms = 300000\n[gpu]\nmodels = [\"smollm2-135m-instruct\"]\n",
+    )
+    .unwrap();
     std::fs::write(
         policies.join("files.toml"),
         "[env]\nGREETING = \"from the policy\"\n\n[[volumes]]\nname = \"data\"\npath = \"data\"\nmount = \"/data\"\nread_only = false\n",

@@ -6,6 +6,8 @@
 //!   named `text`; answers the `embedding` output, one row per line.
 //! - `ids <model> <id>,<id>,...`: `compute` on an `i64` `input_ids` tensor
 //!   of one row; answers each output as `name dims: values`.
+//! - `prompt <model> <max-tokens>` then the prompt: `compute` on a `u8`
+//!   `prompt` and an `i32` `max_tokens`; answers the `text` output.
 //!
 //! A wasi-nn error is answered as `error <code>: <data>` with status 200,
 //! so tests see exactly what the guest saw.
@@ -68,10 +70,34 @@ fn handle(req: Request) -> Result<Response, Error> {
                     .join("\n")
             })
         }
+        ["prompt", model, max_tokens] => {
+            let max: i32 = max_tokens
+                .parse()
+                .map_err(|_| Error::new("bad-request", "max-tokens: a number").with_status(400))?;
+            let bytes = input.as_bytes().to_vec();
+            let len = u32::try_from(bytes.len())
+                .map_err(|_| Error::new("too-large", "input too large"))?;
+            let prompt = Tensor::new(&[len], TensorType::U8, &bytes);
+            let max = Tensor::new(&[1], TensorType::I32, &max.to_le_bytes());
+            compute(
+                model,
+                vec![
+                    ("prompt".to_owned(), prompt),
+                    ("max_tokens".to_owned(), max),
+                ],
+            )
+            .map(|outputs| {
+                outputs
+                    .iter()
+                    .filter(|(name, _)| name == "text")
+                    .map(|(_, t)| String::from_utf8_lossy(&t.data()).into_owned())
+                    .collect()
+            })
+        }
         _ => {
             return Err(Error::new(
                 "bad-request",
-                "expected `text <model>` or `ids <model> <ids>`",
+                "expected `text <model>`, `ids <model> <ids>` or `prompt <model> <max-tokens>`",
             )
             .with_status(400));
         }
