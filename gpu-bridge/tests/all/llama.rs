@@ -621,6 +621,16 @@ fn bad_params_are_invalid_arguments() {
     .unwrap_err();
     assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
     assert!(err.message.contains("context"), "{err}");
+
+    // A prompt of 93 tokens leaves room for 3 of the 50 asked for.
+    let long = format!("the{}", " the".repeat(91));
+    assert_eq!(model.tokenize(&long).unwrap().len(), 93);
+    let near_full = generate(&model, &long, &greedy(50));
+    assert!(near_full.tokens.len() <= 3, "{near_full:?}");
+    if near_full.finish_reason != FinishReason::Eos {
+        assert_eq!(near_full.finish_reason, FinishReason::Length);
+        assert_eq!(near_full.tokens.len(), 3);
+    }
 }
 
 #[test]
