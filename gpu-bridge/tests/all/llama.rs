@@ -480,6 +480,10 @@ fn stop_sequences_max_tokens_and_streaming() {
     .unwrap();
     assert_eq!(pieces.concat(), full.text, "streamed pieces make the text");
     assert!(
+        pieces.len() > 1,
+        "text is streamed as it comes, not at the end: {pieces:?}"
+    );
+    assert!(
         full.text.len() >= 6,
         "too little text to test stops: {full:?}"
     );
