@@ -41,6 +41,10 @@ use crate::op::Op;
 /// when smaller. Longer contexts would cost table memory nobody uses here.
 const MAX_POSITIONS: usize = 8192;
 
+/// The largest head dimension accepted (llama models use 64 to 256): the
+/// rotary tables and pair-swap matrix grow with it, the last quadratically.
+const MAX_HEAD_DIM: usize = 1024;
+
 /// Added to masked attention scores. Finite, so no backend has to get
 /// `-inf - -inf` right; `exp` of it underflows to exactly 0.
 const MASKED: f32 = -1e30;
@@ -177,6 +181,11 @@ impl Config {
             ));
         }
         let head_dim = hidden / heads;
+        if head_dim > MAX_HEAD_DIM {
+            return Err(BridgeError::unsupported(format!(
+                "model `{model}`: head dimension {head_dim} is above {MAX_HEAD_DIM}"
+            )));
+        }
         let rope_dim = match meta_u64(meta, "llama.rope.dimension_count", model)? {
             None => head_dim,
             Some(_) => meta_usize(meta, "llama.rope.dimension_count", model)?,

@@ -327,6 +327,13 @@ mod tests {
     }
 
     #[test]
+    fn an_incomplete_utf8_character_is_held_back_until_complete() {
+        let (pieces, at) = collect(&[], &["ab", "ab\u{FFFD}", "ab\u{e9}c"]);
+        assert_eq!(pieces, ["ab", "\u{e9}c"]);
+        assert_eq!(at, None);
+    }
+
+    #[test]
     fn sampling_is_seeded_and_respects_top_k() {
         let logits = [0.0, 1.0, 2.0, 3.0];
         let params = GenerateParams {

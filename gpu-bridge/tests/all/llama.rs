@@ -480,6 +480,10 @@ fn stop_sequences_max_tokens_and_streaming() {
     .unwrap();
     assert_eq!(pieces.concat(), full.text, "streamed pieces make the text");
     assert!(
+        pieces.len() > 1,
+        "text is streamed as it comes, not at the end: {pieces:?}"
+    );
+    assert!(
         full.text.len() >= 6,
         "too little text to test stops: {full:?}"
     );
@@ -621,6 +625,16 @@ fn bad_params_are_invalid_arguments() {
     .unwrap_err();
     assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
     assert!(err.message.contains("context"), "{err}");
+
+    // A prompt of 93 tokens leaves room for 3 of the 50 asked for.
+    let long = format!("the{}", " the".repeat(91));
+    assert_eq!(model.tokenize(&long).unwrap().len(), 93);
+    let near_full = generate(&model, &long, &greedy(50));
+    assert!(near_full.tokens.len() <= 3, "{near_full:?}");
+    if near_full.finish_reason != FinishReason::Eos {
+        assert_eq!(near_full.finish_reason, FinishReason::Length);
+        assert_eq!(near_full.tokens.len(), 3);
+    }
 }
 
 #[test]
@@ -796,4 +810,92 @@ fn large_matrix_vector_products_match_the_reference() {
         let out = crate::harness::read_f64(device, &y, &account);
         crate::harness::assert_close("matrix-vector", device, &out, &expected, rng.seed);
     }
+}
+
+/// `gguf` with metadata `key` set to `value` (or removed when `None`).
+fn with_metadata(gguf: &[u8], key: &str, value: Option<gguf_file::Value>) -> Vec<u8> {
+    let cpu = candle_core::Device::Cpu;
+    let mut reader = std::io::Cursor::new(gguf);
+    let content = gguf_file::Content::read(&mut reader).unwrap();
+    let tensors: Vec<(String, QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|name| {
+            (
+                name.clone(),
+                content.tensor(&mut reader, name, &cpu).unwrap(),
+            )
+        })
+        .collect();
+    let mut metadata = content.metadata.clone();
+    match value {
+        Some(v) => metadata.insert(key.to_owned(), v),
+        None => metadata.remove(key),
+    };
+    let metadata: Vec<(&str, &gguf_file::Value)> =
+        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut out = std::io::Cursor::new(Vec::new());
+    gguf_file::write(&mut out, &metadata, &tensors).unwrap();
+    out.into_inner()
+}
+
+#[test]
+fn inconsistent_llama_metadata_fails_the_load_clearly() {
+    use gguf_file::Value as V;
+    let good = tiny_gguf(TINY_SEED);
+    let cases: [(&str, &str, Option<V>, ErrorCode, &str); 5] = [
+        (
+            "heads",
+            "llama.attention.head_count",
+            Some(V::U32(3)),
+            ErrorCode::InvalidArgument,
+            "do not divide",
+        ),
+        (
+            "no-layers",
+            "llama.block_count",
+            None,
+            ErrorCode::InvalidArgument,
+            "llama.block_count",
+        ),
+        (
+            "more-layers",
+            "llama.block_count",
+            Some(V::U32(3)),
+            ErrorCode::InvalidArgument,
+            "blk.2.attn_norm.weight` is missing",
+        ),
+        (
+            "arch",
+            "general.architecture",
+            Some(V::String("qwen2".into())),
+            ErrorCode::Unsupported,
+            "qwen2",
+        ),
+        (
+            "spm",
+            "tokenizer.ggml.model",
+            Some(V::String("llama".into())),
+            ErrorCode::Unsupported,
+            "tokenizer model `llama`",
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (name, key, value, _, _) in &cases {
+        write_folder(
+            dir.path(),
+            name,
+            "llama",
+            &with_metadata(&good, key, value.clone()),
+        );
+    }
+    let registry = ModelRegistry::open(dir.path()).unwrap();
+    let device = cpu();
+    for (name, _, _, code, why) in cases {
+        let err = block_on(registry.load(name, &device)).unwrap_err();
+        assert_eq!(err.code, code, "{name}: {err}");
+        assert!(err.message.contains(why), "{name}: {err}");
+    }
+    assert_eq!(device.used_bytes(), 0, "a failed load frees its tensors");
 }
