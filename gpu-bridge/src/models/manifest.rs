@@ -183,8 +183,64 @@ impl Batching {
     }
 }
 
+/// The forward pass of a `generic` model, written in its manifest: named
+/// inputs, then steps that each apply one op to graph inputs, weights (by
+/// tensor name) or earlier steps' outputs.
+///
+/// ```toml
+/// [graph]
+/// inputs = ["x"]
+/// outputs = ["probabilities"]
+///
+/// [[graph.steps]]
+/// op = "linear"            # x @ w1 + b1, w1 laid out [in, out]
+/// inputs = ["x", "w1", "b1"]
+/// output = "hidden"
+///
+/// [[graph.steps]]
+/// op = "relu"
+/// inputs = ["hidden"]
+/// output = "activated"
+///
+/// [[graph.steps]]
+/// op = "softmax"
+/// inputs = ["activated"]
+/// output = "probabilities"
+/// dim = -1
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphSpec {
+    /// The names `run` takes, in any order.
+    pub inputs: Vec<String>,
+    /// The values `run` returns, by name.
+    pub outputs: Vec<String>,
+    /// The ops, in order.
+    pub steps: Vec<GraphStep>,
+}
+
+/// One op of a [`GraphSpec`].
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphStep {
+    /// `matmul`, `linear` (x, weight `[in, out]`, bias), `add`, `sub`,
+    /// `mul`, `div`, `relu`, `gelu`, `silu`, `tanh`, `exp`, `softmax`,
+    /// `layer_norm` (x, weight, bias), `rms_norm` (x, weight).
+    pub op: String,
+    /// Operands: graph inputs, weight tensors or earlier outputs.
+    pub inputs: Vec<String>,
+    /// The name of the result.
+    pub output: String,
+    /// The dimension, for `softmax` (default -1).
+    #[serde(default)]
+    pub dim: Option<i32>,
+    /// Epsilon, for the norms (default 1e-5).
+    #[serde(default)]
+    pub eps: Option<f32>,
+}
+
 /// A validated `gust-model.toml`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelManifest {
     /// The model's name, unique in a registry: `^[a-z0-9][a-z0-9._-]{0,127}$`.
     pub name: String,
@@ -197,6 +253,8 @@ pub struct ModelManifest {
     pub files: Vec<ModelFile>,
     /// Batching hints, if given.
     pub batching: Option<Batching>,
+    /// The forward pass of a `generic` model, if it has one.
+    pub graph: Option<GraphSpec>,
 }
 
 // The manifest as written, with spans kept for the values the validation
@@ -210,6 +268,8 @@ struct RawManifest {
     files: Vec<RawFile>,
     #[serde(default)]
     batching: Option<Spanned<Batching>>,
+    #[serde(default)]
+    graph: Option<Spanned<GraphSpec>>,
 }
 
 #[derive(Deserialize)]
@@ -276,6 +336,18 @@ impl ModelManifest {
             ));
         }
 
+        let graph = match raw.graph {
+            Some(graph) => {
+                let span = graph.span();
+                let graph = graph.into_inner();
+                if let Err(why) = check_graph(&graph) {
+                    return Err(at(Some(span), Some("graph"), &why));
+                }
+                Some(graph)
+            }
+            None => None,
+        };
+
         let mut files: Vec<ModelFile> = Vec::with_capacity(raw.files.len());
         for (i, file) in raw.files.into_iter().enumerate() {
             let path = validate_relative(file.path.get_ref()).map_err(|why| {
@@ -324,6 +396,7 @@ impl ModelManifest {
             dtype: raw.dtype,
             files,
             batching: raw.batching.map(Spanned::into_inner),
+            graph,
         })
     }
 
@@ -336,6 +409,60 @@ impl ModelManifest {
     pub fn file(&self, role: FileRole) -> Option<&ModelFile> {
         self.files.iter().find(|f| f.role == role)
     }
+}
+
+/// The ops a graph step may name, with how many operands each takes.
+pub const GRAPH_OPS: &[(&str, usize)] = &[
+    ("matmul", 2),
+    ("linear", 3),
+    ("add", 2),
+    ("sub", 2),
+    ("mul", 2),
+    ("div", 2),
+    ("relu", 1),
+    ("gelu", 1),
+    ("silu", 1),
+    ("tanh", 1),
+    ("exp", 1),
+    ("softmax", 1),
+    ("layer_norm", 3),
+    ("rms_norm", 2),
+];
+
+/// What can be checked without the weights: known ops with the right
+/// operand count, names defined once, outputs produced.
+fn check_graph(graph: &GraphSpec) -> std::result::Result<(), String> {
+    let mut defined: Vec<&str> = graph.inputs.iter().map(String::as_str).collect();
+    for (i, step) in graph.steps.iter().enumerate() {
+        let Some((_, arity)) = GRAPH_OPS.iter().find(|(name, _)| *name == step.op) else {
+            let known: Vec<&str> = GRAPH_OPS.iter().map(|(n, _)| *n).collect();
+            return Err(format!(
+                "steps[{i}]: unknown op {:?} (known: {})",
+                step.op,
+                known.join(", ")
+            ));
+        };
+        if step.inputs.len() != *arity {
+            return Err(format!(
+                "steps[{i}]: {} takes {arity} inputs, got {}",
+                step.op,
+                step.inputs.len()
+            ));
+        }
+        if defined.contains(&step.output.as_str()) {
+            return Err(format!("steps[{i}]: `{}` is defined twice", step.output));
+        }
+        defined.push(&step.output);
+    }
+    if graph.inputs.is_empty() || graph.outputs.is_empty() {
+        return Err("a graph needs at least one input and one output".into());
+    }
+    for output in &graph.outputs {
+        if !graph.steps.iter().any(|s| &s.output == output) {
+            return Err(format!("output `{output}` is not produced by any step"));
+        }
+    }
+    Ok(())
 }
 
 /// `^[a-z0-9][a-z0-9._-]{0,127}$`, without a regex engine.

@@ -26,7 +26,8 @@ mod sampling;
 
 pub use gguf::{GgufMetadata, GgufValue};
 pub use manifest::{
-    Batching, FileFormat, FileRole, MANIFEST_FILE, ModelDType, ModelFile, ModelManifest,
+    Batching, FileFormat, FileRole, GraphSpec, GraphStep, MANIFEST_FILE, ModelDType, ModelFile,
+    ModelManifest,
 };
 pub use registry::{ModelEntry, ModelRegistry, RegistryConfig, RegistryStats, ResidentModel};
 pub use sampling::{FinishReason, GenerateParams, Generation, MAX_GENERATE_TOKENS};

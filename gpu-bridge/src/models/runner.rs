@@ -9,15 +9,20 @@ use std::time::Instant;
 use crate::account::Account;
 use crate::device::Tensor;
 use crate::error::{BridgeError, Result};
+use crate::kernel::{BinaryOp, UnaryOp};
 use crate::models::batch::BatchStats;
 use crate::models::bert::{self, Bert};
-use crate::models::manifest::ModelManifest;
+use crate::models::graph::Graph;
+use crate::models::manifest::{GraphSpec, ModelManifest};
 use crate::models::registry::ResidentModel;
 use crate::models::safetensors::HostTensor;
+use crate::op::Op;
 
 /// A family's forward pass over one resident model's weights.
 pub(crate) enum Runner {
     Bert(Box<Bert>),
+    /// A `generic` model's forward pass, from its manifest's `[graph]`.
+    Graph(GraphSpec),
     /// Weights without a forward pass of ours: usable through `tensor`
     /// lookups only.
     Weights,
@@ -27,6 +32,7 @@ pub(crate) enum Runner {
 /// the weights are on the device.
 pub(crate) enum Prepared {
     Bert(Box<bert::Prepared>),
+    Graph(GraphSpec),
     Weights,
 }
 
@@ -39,7 +45,10 @@ pub(crate) fn prepare(
 ) -> Result<Prepared> {
     match manifest.family.as_str() {
         "bert" => bert::prepare(folder, manifest, tensors).map(|p| Prepared::Bert(Box::new(p))),
-        _ => Ok(Prepared::Weights),
+        _ => Ok(match &manifest.graph {
+            Some(graph) => Prepared::Graph(graph.clone()),
+            None => Prepared::Weights,
+        }),
     }
 }
 
@@ -54,9 +63,116 @@ impl Prepared {
             Prepared::Bert(prepared) => prepared
                 .finish(manifest, tensors)
                 .map(|b| Runner::Bert(Box::new(b))),
+            Prepared::Graph(graph) => {
+                // Every operand must name a graph input, a weight or an
+                // earlier step's output: checked once, here.
+                let mut known: Vec<&str> = graph.inputs.iter().map(String::as_str).collect();
+                for (i, step) in graph.steps.iter().enumerate() {
+                    if let Some(missing) = step
+                        .inputs
+                        .iter()
+                        .find(|n| !known.contains(&n.as_str()) && !tensors.contains_key(*n))
+                    {
+                        return Err(BridgeError::invalid(format!(
+                            "model `{}`: graph steps[{i}] ({}) uses `{missing}`, which is no \
+                             graph input, weight or earlier output",
+                            manifest.name, step.op
+                        )));
+                    }
+                    known.push(&step.output);
+                }
+                Ok(Runner::Graph(graph))
+            }
             Prepared::Weights => Ok(Runner::Weights),
         }
     }
+}
+
+/// Run a manifest graph: each step one op over named values.
+async fn run_graph(
+    model: &ResidentModel,
+    graph: &GraphSpec,
+    inputs: &[(String, Tensor)],
+    account: &Arc<Account>,
+) -> Result<Vec<(String, Tensor)>> {
+    let mut values: BTreeMap<&str, Tensor> = BTreeMap::new();
+    for (name, tensor) in inputs {
+        if !graph.inputs.contains(name) {
+            return Err(BridgeError::invalid(format!(
+                "model `{}` takes inputs {:?}, not `{name}`",
+                model.name(),
+                graph.inputs
+            )));
+        }
+        values.insert(name.as_str(), tensor.clone());
+    }
+    if let Some(missing) = graph
+        .inputs
+        .iter()
+        .find(|n| !values.contains_key(n.as_str()))
+    {
+        return Err(BridgeError::invalid(format!(
+            "model `{}` needs input `{missing}`",
+            model.name()
+        )));
+    }
+    let g = Graph::new(model.device(), account);
+    for step in &graph.steps {
+        let operands = step
+            .inputs
+            .iter()
+            .map(|n| {
+                values
+                    .get(n.as_str())
+                    .or_else(|| model.tensor(n))
+                    .cloned()
+                    .ok_or_else(|| BridgeError::invalid(format!("graph value `{n}` is missing")))
+            })
+            .collect::<Result<Vec<Tensor>>>()?;
+        let o: Vec<&Tensor> = operands.iter().collect();
+        let eps = step.eps.unwrap_or(1e-5);
+        let out = match step.op.as_str() {
+            "matmul" => g.matmul(o[0], o[1]).await,
+            "linear" => g.linear(o[0], o[1], o[2]).await,
+            "add" => g.binary(BinaryOp::Add, o[0], o[1]).await,
+            "sub" => g.binary(BinaryOp::Sub, o[0], o[1]).await,
+            "mul" => g.binary(BinaryOp::Mul, o[0], o[1]).await,
+            "div" => g.binary(BinaryOp::Div, o[0], o[1]).await,
+            "relu" => g.unary(UnaryOp::Relu, o[0]).await,
+            "gelu" => g.unary(UnaryOp::Gelu, o[0]).await,
+            "silu" => g.unary(UnaryOp::Silu, o[0]).await,
+            "tanh" => g.unary(UnaryOp::Tanh, o[0]).await,
+            "exp" => g.unary(UnaryOp::Exp, o[0]).await,
+            "softmax" => g.softmax(o[0], step.dim.unwrap_or(-1)).await,
+            "layer_norm" => g.layer_norm(o[0], o[1], o[2], eps).await,
+            "rms_norm" => g.op(Op::RmsNorm { eps, weight: true }, &[o[0], o[1]]).await,
+            other => Err(BridgeError::unsupported(format!("graph op `{other}`"))),
+        }
+        .map_err(|e| {
+            BridgeError::new(
+                e.code,
+                format!(
+                    "model `{}`: step `{}` ({}): {}",
+                    model.name(),
+                    step.output,
+                    step.op,
+                    e.message
+                ),
+            )
+        })?;
+        values.insert(step.output.as_str(), out);
+    }
+    graph
+        .outputs
+        .iter()
+        .map(|name| {
+            values
+                .get(name.as_str())
+                .cloned()
+                .map(|t| (name.clone(), t))
+                .ok_or_else(|| BridgeError::invalid(format!("graph output `{name}` is missing")))
+        })
+        .collect()
 }
 
 fn not_for(model: &ResidentModel, what: &str, families: &str) -> BridgeError {
@@ -103,7 +219,7 @@ impl ResidentModel {
     ) -> Result<Vec<Vec<f32>>> {
         match &self.runner {
             Runner::Bert(bert) => bert.embed(self.device(), &texts, account).await,
-            Runner::Weights => Err(not_for(self, "embed", "bert")),
+            Runner::Graph(_) | Runner::Weights => Err(not_for(self, "embed", "bert")),
         }
     }
 
@@ -111,13 +227,14 @@ impl ResidentModel {
     pub fn embedding_dimensions(&self) -> Option<usize> {
         match &self.runner {
             Runner::Bert(bert) => Some(bert.dimensions()),
-            Runner::Weights => None,
+            Runner::Graph(_) | Runner::Weights => None,
         }
     }
 
     /// Run the model on named input tensors (on this model's device);
     /// returns named outputs. What names a family takes is in its docs:
-    /// bert takes `input_ids` and `attention_mask`.
+    /// bert takes `input_ids` and `attention_mask`; a `generic` model takes
+    /// the inputs its manifest's `[graph]` names.
     pub async fn run(
         &self,
         inputs: &[(String, Tensor)],
@@ -125,8 +242,10 @@ impl ResidentModel {
     ) -> Result<Vec<(String, Tensor)>> {
         match &self.runner {
             Runner::Bert(bert) => bert.run(self.device(), inputs, account).await,
+            Runner::Graph(graph) => run_graph(self, graph, inputs, account).await,
             Runner::Weights => Err(BridgeError::unsupported(format!(
-                "model `{}` of family `{}` has no forward pass here (families with one: bert, llama)",
+                "model `{}` of family `{}` has no forward pass here (bert and llama have one; a \
+                 generic model needs a [graph] in its manifest)",
                 self.name(),
                 self.family()
             ))),

@@ -503,3 +503,100 @@ fn the_fetched_minilm_loads_when_present() {
         );
     }
 }
+
+const MLP_GRAPH: &str = r#"
+[graph]
+inputs = ["x"]
+outputs = ["probabilities", "hidden"]
+
+[[graph.steps]]
+op = "linear"
+inputs = ["x", "layer.weight", "layer.bias"]
+output = "hidden"
+
+[[graph.steps]]
+op = "relu"
+inputs = ["hidden"]
+output = "activated"
+
+[[graph.steps]]
+op = "softmax"
+inputs = ["activated"]
+output = "probabilities"
+dim = -1
+"#;
+
+/// A generic model's forward pass comes from its manifest's `[graph]`.
+#[test]
+fn a_generic_model_runs_the_graph_in_its_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::fresh();
+    let w: Vec<f32> = rng.f32s(12).iter().map(|v| v - 0.5).collect();
+    let b: Vec<f32> = rng.f32s(3).iter().map(|v| v - 0.5).collect();
+    let folder = write_model(
+        dir.path(),
+        "mlp",
+        &[
+            f32_spec("layer.weight", &[4, 3], &w),
+            f32_spec("layer.bias", &[3], &b),
+        ],
+    );
+    let manifest = folder.join("gust-model.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, format!("{text}{MLP_GRAPH}")).unwrap();
+    let registry = ModelRegistry::open(dir.path()).unwrap();
+    assert!(registry.problems().is_empty(), "{:?}", registry.problems());
+    let device = cpu();
+    let model = block_on(registry.load("mlp", &device)).unwrap();
+    let account = gust_gpu_bridge::Account::new("t", None, None);
+    let x: Vec<f32> = rng.f32s(8);
+    let input =
+        block_on(device.upload(DType::F32, &[2, 4], dtype::f32_to_bytes(&x), &account)).unwrap();
+    let outputs = block_on(model.run(&[("x".to_owned(), input.clone())], &account)).unwrap();
+    assert_eq!(outputs[0].0, "probabilities");
+    assert_eq!(outputs[1].0, "hidden");
+    let probabilities = read_f32(&device, &outputs[0].1);
+    for row in 0..2 {
+        let hidden: Vec<f32> = (0..3)
+            .map(|j| (0..4).map(|i| x[row * 4 + i] * w[i * 3 + j]).sum::<f32>() + b[j])
+            .collect();
+        let relu: Vec<f32> = hidden.iter().map(|v| v.max(0.0)).collect();
+        let max = relu.iter().cloned().fold(f32::MIN, f32::max);
+        let sum: f32 = relu.iter().map(|v| (v - max).exp()).sum();
+        for j in 0..3 {
+            let expected = (relu[j] - max).exp() / sum;
+            let got = probabilities[row * 3 + j];
+            assert!((got - expected).abs() < 1e-5, "{got} vs {expected}");
+        }
+    }
+
+    let err = block_on(model.run(&[("y".to_owned(), input)], &account)).unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
+    assert!(err.message.contains("\"x\""), "{err}");
+
+    // An unknown op is a manifest error with its line; a name that is no
+    // input, weight or earlier output fails the load.
+    std::fs::write(
+        &manifest,
+        format!("{text}{}", MLP_GRAPH.replace("\"relu\"", "\"relux\"")),
+    )
+    .unwrap();
+    let registry = ModelRegistry::open(dir.path()).unwrap();
+    let (_, problem) = &registry.problems()[0];
+    assert!(
+        problem.message.contains("unknown op \"relux\""),
+        "{problem}"
+    );
+    std::fs::write(
+        &manifest,
+        format!(
+            "{text}{}",
+            MLP_GRAPH.replace("\"layer.bias\"", "\"layer.b\"")
+        ),
+    )
+    .unwrap();
+    let registry = ModelRegistry::open(dir.path()).unwrap();
+    let err = block_on(registry.load("mlp", &device)).unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
+    assert!(err.message.contains("`layer.b`"), "{err}");
+}
