@@ -487,7 +487,7 @@ impl Bert {
         }
         check_count(texts.len())?;
         let batch = self.tokenize(texts)?;
-        let (_, pooled) = self.encode(device, &batch, account).await?;
+        let (_, pooled) = self.encode(device, &batch, account, false).await?;
         let bytes = device.read(&pooled, account).await?;
         Ok(normalised_rows(&bytes, self.config.hidden_size))
     }
@@ -561,7 +561,9 @@ impl Bert {
             ids: id_values,
             mask: mask_values,
         };
-        let (hidden, pooled) = self.encode(device, &batch, account).await?;
+        let (hidden, pooled) = self.encode(device, &batch, account, true).await?;
+        let hidden =
+            hidden.ok_or_else(|| BridgeError::backend("the encoder kept no hidden state"))?;
         let bytes = device.read(&pooled, account).await?;
         let rows = normalised_rows(&bytes, self.config.hidden_size);
         let flat: Vec<f32> = rows.into_iter().flatten().collect();
@@ -579,13 +581,22 @@ impl Bert {
         ])
     }
 
-    /// The encoder: the last hidden state and its masked mean per text.
+    /// The encoder: the last hidden state (`[texts, positions, hidden]`,
+    /// padding rows zero) when `want_hidden`, and the mean of each text's
+    /// real tokens (`[texts, hidden]`).
+    ///
+    /// The real tokens of all texts are packed into one `[tokens, hidden]`
+    /// matrix for everything but attention: the linear layers, norms and
+    /// activations (nearly all the work) never see padding, however
+    /// unequal the texts of a batch are. Attention gathers the packed rows
+    /// into the padded `[texts, positions]` layout and back.
     async fn encode(
         &self,
         device: &Device,
         batch: &Batch,
         account: &Arc<Account>,
-    ) -> Result<(Tensor, Tensor)> {
+        want_hidden: bool,
+    ) -> Result<(Option<Tensor>, Tensor)> {
         let g = Graph::new(device, account);
         let (b, s) = (batch.texts, batch.positions);
         let hidden = self.config.hidden_size;
@@ -593,13 +604,50 @@ impl Bert {
         let head_dim = hidden / heads;
         let eps = self.config.layer_norm_eps as f32;
 
-        let ids = device
-            .upload(DType::U32, &[b, s], u32_bytes(&batch.ids), account)
-            .await?;
+        // Which padded slot each real token fills, and back. Real tokens
+        // are wherever the mask is set (the tokenizer pads on the right,
+        // but nothing here depends on it).
+        let mut packed_ids = Vec::new();
+        let mut packed_positions = Vec::new();
+        let mut to_packed = Vec::new();
+        let mut lengths = vec![0usize; b];
+        for (text, length) in lengths.iter_mut().enumerate() {
+            for position in 0..s {
+                let slot = text * s + position;
+                if batch.mask.get(slot).is_some_and(|&m| m > 0.0) {
+                    packed_ids.push(batch.ids.get(slot).copied().unwrap_or(0));
+                    packed_positions.push(position as u32);
+                    to_packed.push(slot as u32);
+                    *length += 1;
+                }
+            }
+        }
+        let tokens = packed_ids.len();
+        if tokens == 0 {
+            return Err(BridgeError::invalid(
+                "no tokens to encode (an all-zero attention mask)",
+            ));
+        }
+        // Padded slot -> packed row; an index past the end gathers a row of
+        // zeros, which is what padding should hold.
+        let mut to_padded = vec![tokens as u32; b * s];
+        for (row, &slot) in to_packed.iter().enumerate() {
+            to_padded[slot as usize] = row as u32;
+        }
+        let indices = |values: &[u32]| {
+            let bytes = u32_bytes(values);
+            let shape = [values.len()];
+            async move { device.upload(DType::U32, &shape, bytes, account).await }
+        };
+        let ids = indices(&packed_ids).await?;
+        let positions = indices(&packed_positions).await?;
+        let pad = indices(&to_padded).await?;
+        let unpad = indices(&to_packed).await?;
+
         let words = g.gather(&self.word_embeddings, &ids).await?;
-        let positions = g.slice(&self.position_embeddings, 0, 0, s as u32).await?;
+        let placed = g.gather(&self.position_embeddings, &positions).await?;
         let token_type = g.slice(&self.token_type_embeddings, 0, 0, 1).await?;
-        let embedded = g.add(&words, &positions).await?;
+        let embedded = g.add(&words, &placed).await?;
         let embedded = g.add(&embedded, &token_type).await?;
         let mut x = g
             .layer_norm(
@@ -628,6 +676,7 @@ impl Bert {
 
         for layer in &self.layers {
             let qkv = g.linear(&x, &layer.qkv_weight, &layer.qkv_bias).await?;
+            let qkv = g.gather(&qkv, &pad).await?;
             let qkv = g.reshape(&qkv, &[b, s, 3, heads, head_dim]).await?;
             // [3, b, heads, s, head_dim]: q, k and v each one slice of it.
             let qkv = g.permute(&qkv, &[2, 0, 3, 1, 4]).await?;
@@ -647,7 +696,8 @@ impl Bert {
             let probs = g.softmax(&scores, -1).await?;
             let context = g.matmul(&probs, &v).await?;
             let context = g.permute(&context, &[0, 2, 1, 3]).await?;
-            let context = g.reshape(&context, &[b, s, hidden]).await?;
+            let context = g.reshape(&context, &[b * s, hidden]).await?;
+            let context = g.gather(&context, &unpad).await?;
             let attended = g
                 .linear(
                     &context,
@@ -682,27 +732,32 @@ impl Bert {
                 .await?;
         }
 
-        // Mean over the real tokens of each text.
-        let mask = device
+        // The mean of each text's tokens as one product: `[texts, tokens]`
+        // of 1/len (0 elsewhere) times `[tokens, hidden]`.
+        let mut averaging = vec![0f32; b * tokens];
+        let mut row_start = 0;
+        for (text, &len) in lengths.iter().enumerate() {
+            for token in row_start..row_start + len {
+                averaging[text * tokens + token] = 1.0 / len.max(1) as f32;
+            }
+            row_start += len;
+        }
+        let averaging = device
             .upload(
                 DType::F32,
-                &[b, s, 1],
-                dtype::f32_to_bytes(&batch.mask),
+                &[b, tokens],
+                dtype::f32_to_bytes(&averaging),
                 account,
             )
             .await?;
-        let masked = g.mul(&x, &mask).await?;
-        let summed = g.sum(&masked, 1).await?;
-        let counts: Vec<f32> = batch
-            .mask
-            .chunks_exact(s.max(1))
-            .map(|row| row.iter().sum::<f32>().max(1e-9))
-            .collect();
-        let counts = device
-            .upload(DType::F32, &[b, 1], dtype::f32_to_bytes(&counts), account)
-            .await?;
-        let pooled = g.div(&summed, &counts).await?;
-        Ok((x, pooled))
+        let pooled = g.matmul(&averaging, &x).await?;
+        let last_hidden = if want_hidden {
+            let padded = g.gather(&x, &pad).await?;
+            Some(g.reshape(&padded, &[b, s, hidden]).await?)
+        } else {
+            None
+        };
+        Ok((last_hidden, pooled))
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::account::Account;
 use crate::device::{Device, Tensor};
 use crate::error::Result;
-use crate::kernel::{BinaryOp, ReduceOp, UnaryOp};
+use crate::kernel::{BinaryOp, UnaryOp};
 use crate::op::Op;
 
 /// Runs ops on one device, charging one account.
@@ -35,14 +35,6 @@ impl<'a> Graph<'a> {
 
     pub(crate) async fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         self.binary(BinaryOp::Add, a, b).await
-    }
-
-    pub(crate) async fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        self.binary(BinaryOp::Mul, a, b).await
-    }
-
-    pub(crate) async fn div(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        self.binary(BinaryOp::Div, a, b).await
     }
 
     /// `x @ weight + bias`, with `weight` already laid out `[in, out]`.
@@ -78,18 +70,6 @@ impl<'a> Graph<'a> {
                 bias: true,
             },
             &[x, weight, bias],
-        )
-        .await
-    }
-
-    pub(crate) async fn sum(&self, x: &Tensor, dim: i32) -> Result<Tensor> {
-        self.op(
-            Op::Reduce {
-                op: ReduceOp::Sum,
-                dim,
-                keep_dim: false,
-            },
-            &[x],
         )
         .await
     }
