@@ -16,6 +16,7 @@ mod jobs;
 mod map;
 mod objects;
 mod output;
+mod python;
 mod run;
 mod serve;
 mod ws;
@@ -75,6 +76,11 @@ enum Command {
     /// (sha256:…, world handler|http)`, or `NAME is unchanged (version V)`
     /// when the bytes and flags match the current version. A slow upload or
     /// compile shows a progress bar on a terminal.
+    /// Build a function from source into a component without deploying it:
+    /// a Python app (`app.py`, with componentize-py) or a Rust crate
+    /// directory (with cargo).
+    Build(build::BuildArgs),
+
     #[command(after_long_help = CLIENT_EXIT_STATUS)]
     Deploy(deploy::DeployArgs),
 
@@ -186,6 +192,9 @@ pub(crate) async fn dispatch(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Run(args) => run::run(args).await,
         Command::Serve(args) => serve::serve(args).await,
+        Command::Build(args) => {
+            client_command(build::build(&args, &mut stdout(), &mut stderr())).await
+        }
         Command::Deploy(args) => {
             client_command(deploy::deploy(&args, &mut stdout(), &mut stderr())).await
         }
