@@ -1,11 +1,79 @@
-//! Building a function from source for `gust deploy <dir>`: a Rust crate
-//! (a folder with `Cargo.toml`) is built with cargo for wasm32-wasip2 and
-//! its cdylib deployed, so a function deploys with one command.
+//! Building a function from source, for `gust build` and for
+//! `gust deploy <dir|app.py>`: a Rust crate (a folder with `Cargo.toml`) is
+//! built with cargo for wasm32-wasip2 and its cdylib is the component; a
+//! Python app (`app.py`) is built with componentize-py (see
+//! [`super::python`]). Either way a function deploys with one command.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use clap::Args;
+
 use super::client::ClientError;
+
+#[derive(Debug, Args)]
+pub(crate) struct BuildArgs {
+    /// What to build: a Python app (`app.py`; a `requirements.txt` beside
+    /// it is bundled, pure-Python packages only) or a Rust crate's
+    /// directory.
+    pub(crate) source: PathBuf,
+
+    /// Where to write the component [default: the app's path with `.wasm`
+    /// for Python; cargo's target directory for a crate].
+    #[arg(short, long, value_name = "FILE")]
+    pub(crate) output: Option<PathBuf>,
+}
+
+/// Whether `source` names a Python app rather than a crate or component.
+pub(crate) fn is_python(source: &Path) -> bool {
+    source.extension().is_some_and(|e| e == "py")
+}
+
+/// `gust build`: builds and prints where the component is.
+pub(crate) async fn build(
+    args: &BuildArgs,
+    out: &mut dyn Write,
+    _err: &mut dyn Write,
+) -> Result<(), ClientError> {
+    let source = args.source.clone();
+    let output = args.output.clone();
+    let component = tokio::task::spawn_blocking(move || build_any(&source, output))
+        .await
+        .map_err(|e| ClientError::Input(format!("the build panicked: {e}")))??;
+    let size = std::fs::metadata(&component)
+        .map(|m| bytesize::ByteSize::b(m.len()).to_string())
+        .unwrap_or_else(|_| "unknown size".to_owned());
+    writeln!(out, "{} ({size})", component.display()).map_err(ClientError::Output)
+}
+
+fn build_any(source: &Path, output: Option<PathBuf>) -> Result<PathBuf, ClientError> {
+    if is_python(source) {
+        let output = output.unwrap_or_else(|| source.with_extension("wasm"));
+        super::python::build_app(source, &output)?;
+        return Ok(output);
+    }
+    if !source.is_dir() {
+        return Err(ClientError::Input(format!(
+            "{} is neither a Python app (`.py`) nor a Rust crate directory",
+            source.display()
+        )));
+    }
+    let built = build_crate(source)?;
+    match output {
+        Some(output) => {
+            std::fs::copy(&built.component, &output).map_err(|e| {
+                ClientError::Input(format!(
+                    "cannot copy {} to {}: {e}",
+                    built.component.display(),
+                    output.display()
+                ))
+            })?;
+            Ok(output)
+        }
+        None => Ok(built.component),
+    }
+}
 
 /// A component built from source: where it is and the package's name.
 #[derive(Debug)]

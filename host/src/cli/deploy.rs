@@ -24,9 +24,10 @@ const CHUNK: usize = 64 * 1024;
 #[derive(Debug, Args)]
 pub(crate) struct DeployArgs {
     /// What to deploy: a `.wasm` component built for wasm32-wasip2 that
-    /// exports `gust:function/handler` or `wasi:http/incoming-handler`, or
-    /// a Rust crate's directory, which is built first (cargo, release,
-    /// wasm32-wasip2) and its cdylib deployed.
+    /// exports `gust:function/handler` or `wasi:http/incoming-handler`; a
+    /// Rust crate's directory, which is built first (cargo, release,
+    /// wasm32-wasip2) and its cdylib deployed; or a Python app (`app.py`),
+    /// built first with componentize-py (see `gust build`).
     pub(crate) component: PathBuf,
 
     /// Function name, `^[a-z0-9][a-z0-9-]{0,62}$` [default: the crate's
@@ -66,13 +67,53 @@ pub(crate) fn default_name(component: &Path) -> Result<String, ClientError> {
     })
 }
 
+/// The name a Python app deploys as: its file's stem, except that the
+/// conventional `app.py`/`main.py` take their directory's name
+/// (`examples/python/hello/app.py` deploys as `hello`).
+fn python_default_name(app: &Path) -> Result<String, ClientError> {
+    let stem = app.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+    if stem == "app" || stem == "main" {
+        let dir = app
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf));
+        if let Some(dir) = dir.filter(|d| d.file_name().is_some()) {
+            return default_name(&dir);
+        }
+    }
+    default_name(app)
+}
+
 pub(crate) async fn deploy(
     args: &DeployArgs,
     out: &mut dyn Write,
     _err: &mut dyn Write,
 ) -> Result<(), ClientError> {
     let client = Client::from_args(&args.connect, KeyKind::Tenant)?;
-    let (component, default) = if args.component.is_dir() {
+    // Holds a Python build's component until the upload is done.
+    let mut _scratch = None;
+    let (component, default) = if super::build::is_python(&args.component) {
+        let app = args.component.clone();
+        let (scratch, component) = tokio::task::spawn_blocking(move || {
+            let scratch = tempfile::Builder::new()
+                .prefix("gust-deploy-")
+                .tempdir()
+                .map_err(|e| {
+                    ClientError::Input(format!("cannot create a scratch directory: {e}"))
+                })?;
+            let component = scratch.path().join("app.wasm");
+            super::python::build_app(&app, &component)?;
+            Ok::<_, ClientError>((scratch, component))
+        })
+        .await
+        .map_err(|e| ClientError::Input(format!("the build panicked: {e}")))??;
+        _scratch = Some(scratch);
+        let name = match &args.name {
+            Some(_) => String::new(),
+            None => python_default_name(&args.component)?,
+        };
+        (component, name)
+    } else if args.component.is_dir() {
         let dir = args.component.clone();
         let built = tokio::task::spawn_blocking(move || super::build::build_crate(&dir))
             .await

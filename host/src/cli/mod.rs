@@ -16,6 +16,7 @@ mod jobs;
 mod map;
 mod objects;
 mod output;
+mod python;
 mod run;
 mod serve;
 mod ws;
@@ -69,12 +70,20 @@ enum Command {
     /// requests finish within `--grace`, the store is flushed.
     Serve(serve::ServeArgs),
 
+    /// Build a function from source into a component without deploying it.
+    ///
+    /// A Python app (`app.py`) is built with componentize-py 0.25 (about
+    /// 45 s; `scripts/setup-python.sh` installs it), a Rust crate directory
+    /// with cargo. Prints the component's path and size.
+    Build(build::BuildArgs),
+
     /// Upload a component as a new version of a function.
     ///
     /// Sends `PUT /v1/functions/{name}` and prints `deployed NAME version V
     /// (sha256:…, world handler|http)`, or `NAME is unchanged (version V)`
     /// when the bytes and flags match the current version. A slow upload or
-    /// compile shows a progress bar on a terminal.
+    /// compile shows a progress bar on a terminal. A Python app or a crate
+    /// directory is built first.
     #[command(after_long_help = CLIENT_EXIT_STATUS)]
     Deploy(deploy::DeployArgs),
 
@@ -186,6 +195,9 @@ pub(crate) async fn dispatch(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Run(args) => run::run(args).await,
         Command::Serve(args) => serve::serve(args).await,
+        Command::Build(args) => {
+            client_command(build::build(&args, &mut stdout(), &mut stderr())).await
+        }
         Command::Deploy(args) => {
             client_command(deploy::deploy(&args, &mut stdout(), &mut stderr())).await
         }

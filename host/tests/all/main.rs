@@ -18,6 +18,7 @@ mod limits;
 mod load_errors;
 mod map;
 mod models;
+mod python;
 mod schedules;
 mod server;
 mod stream;

@@ -48,6 +48,12 @@ pub(crate) fn policies(dir: &Path) -> PathBuf {
         "outbound_http = [\"127.0.0.1\"]\n",
     )
     .unwrap();
+    // Python components carry CPython (~20 MB) and a bigger heap.
+    std::fs::write(
+        policies.join("python.toml"),
+        "timeout_ms = 3000\nmemory_mb = 256\nmax_component_bytes = 67108864\n",
+    )
+    .unwrap();
     std::fs::write(policies.join("nogpu.toml"), "[gpu]\nbackends = []\n").unwrap();
     std::fs::write(
         policies.join("smallgpu.toml"),

@@ -1,0 +1,357 @@
+//! Python functions end to end: `gust build` drives componentize-py on the
+//! fixtures in `tests/python`, the component is deployed to a real server
+//! and invoked. Built components are cached under the target directory,
+//! keyed by a hash of the fixture, the SDK and the WIT, so an unchanged
+//! fixture costs nothing on the next run.
+//!
+//! Without componentize-py (see `scripts/setup-python.sh`) these tests skip
+//! with a message; `.ci/run` installs it, so CI always runs them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+
+use super::server::{TestServer, request, request_with, tenant};
+
+const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+
+/// Builds run one at a time: two tests wanting the same fixture must not
+/// both spend 45 s on it, and two builds at once would starve the machine.
+static BUILD: Mutex<()> = Mutex::new(());
+
+fn root() -> PathBuf {
+    PathBuf::from(ROOT)
+}
+
+/// Every file under `dir` (sorted), for the cache key.
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        if path.file_name().is_some_and(|n| n == "__pycache__") {
+            continue;
+        }
+        if path.is_dir() {
+            files_under(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+/// The cache key of a fixture directory: its files, the SDK's and the
+/// WIT's, names and contents.
+fn cache_key(fixture: &Path) -> String {
+    let mut files = Vec::new();
+    files_under(fixture, &mut files);
+    files_under(&root().join("guest-sdk/python"), &mut files);
+    files_under(&root().join("wit"), &mut files);
+    let mut hash = Sha256::new();
+    for file in files {
+        hash.update(
+            file.strip_prefix(root())
+                .unwrap_or(&file)
+                .to_string_lossy()
+                .as_bytes(),
+        );
+        hash.update([0]);
+        hash.update(std::fs::read(&file).unwrap());
+        hash.update([0]);
+    }
+    hex::encode(hash.finalize())
+}
+
+/// The component of `tests/python/<name>/app.py`, from the cache or built
+/// now with `gust build`; `None` (after saying why) when componentize-py
+/// is not installed.
+fn python_fixture(name: &str) -> Option<PathBuf> {
+    let fixture = root().join("tests/python").join(name);
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gust-python-cache");
+    let cached = cache.join(format!("{name}-{}.wasm", cache_key(&fixture)));
+    let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    if cached.is_file() {
+        return Some(cached);
+    }
+    std::fs::create_dir_all(&cache).unwrap();
+    let partial = cached.with_extension("partial");
+    let out = Command::new(env!("CARGO_BIN_EXE_gust"))
+        .arg("build")
+        .arg(fixture.join("app.py"))
+        .arg("-o")
+        .arg(&partial)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("componentize-py not found") {
+        eprintln!(
+            "skipping: componentize-py is not installed ({})",
+            stderr.trim()
+        );
+        return None;
+    }
+    assert!(out.status.success(), "gust build {name} failed: {stderr}");
+    std::fs::rename(&partial, &cached).unwrap();
+    Some(cached)
+}
+
+/// A server and a tenant whose policy takes a Python component's size
+/// (CPython is in every one, ~20 MB).
+async fn python_server(dir: &TempDir) -> (TestServer, String) {
+    let server = TestServer::start(dir.path()).await;
+    let key = tenant(&server, "python").await;
+    (server, key)
+}
+
+async fn invoke_op(server: &TestServer, key: &str, op: &str, body: &str) -> super::server::Reply {
+    request_with(
+        "POST",
+        &server.url("/v1/functions/fixture/invoke"),
+        Some(key),
+        body.to_owned(),
+        &[("x-op", op), ("content-type", "application/json")],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_function_answers_json_errors_tensors_and_timeouts() {
+    let Some(component) = python_fixture("fixture") else {
+        return;
+    };
+    let dir = TempDir::new().unwrap();
+    let (server, key) = python_server(&dir).await;
+    let bytes = std::fs::read(&component).unwrap();
+    let deployed = request(
+        "PUT",
+        &server.url("/v1/functions/fixture"),
+        Some(&key),
+        bytes,
+    )
+    .await;
+    assert_eq!(deployed.status, 201, "{}", deployed.text());
+
+    let hello = invoke_op(&server, &key, "hello", "Ada").await;
+    assert_eq!((hello.status, hello.text().as_str()), (200, "Hello, Ada!"));
+    assert!(
+        hello.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+
+    // What a Python cold start costs here, for the record (not asserted:
+    // a debug build on a shared machine says little about the target).
+    let id = hello.headers["gust-invocation-id"].to_str().unwrap();
+    let record = request(
+        "GET",
+        &server.url(&format!("/v1/invocations/{id}")),
+        Some(&key),
+        "",
+    )
+    .await
+    .json();
+    eprintln!("python hello timings: {}", record["timings"]);
+
+    let json = invoke_op(&server, &key, "json", r#"{"a": [1, 2.5, "x"], "b": null}"#).await;
+    assert_eq!(json.status, 200, "{}", json.text());
+    assert_eq!(json.headers["content-type"], "application/json");
+    assert_eq!(
+        json.json(),
+        serde_json::json!({"got": {"a": [1, 2.5, "x"], "b": null}, "invocation": true})
+    );
+    let bad_json = invoke_op(&server, &key, "json", "{not json").await;
+    bad_json.problem(400, "invalid-input");
+
+    let refused = invoke_op(&server, &key, "error", "").await;
+    let problem = refused.problem(422, "invalid-input");
+    assert_eq!(problem["detail"], "the fixture refuses this");
+
+    // An uncaught exception: a recorded 500 whose message has the type, the
+    // message and the traceback down to the raising frame.
+    let raised = invoke_op(&server, &key, "raise", "").await;
+    let problem = raised.problem(500, "unhandled-exception");
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("ValueError: the fixture failed on purpose"),
+        "{detail}"
+    );
+    assert!(
+        detail.contains("Traceback (most recent call last)"),
+        "{detail}"
+    );
+    assert!(detail.contains("in _boom"), "{detail}");
+    let id = raised.headers["gust-invocation-id"].to_str().unwrap();
+    let record = request(
+        "GET",
+        &server.url(&format!("/v1/invocations/{id}")),
+        Some(&key),
+        "",
+    )
+    .await
+    .json();
+    assert_eq!(record["status"], 500, "{record}");
+    assert!(record.to_string().contains("in _boom"), "{record}");
+
+    let tensor = invoke_op(&server, &key, "tensor", "").await;
+    assert_eq!(tensor.status, 200, "{}", tensor.text());
+    // [[1,2],[3,4]] @ [[1],[-1]] = [[-1],[-1]]; * 2 + 1 = [[-1],[-1]].
+    assert_eq!(
+        tensor.json(),
+        serde_json::json!({"shape": [2, 1], "values": [[-1.0], [-1.0]], "sum": [3.0, 7.0]})
+    );
+    let mismatch = invoke_op(&server, &key, "shape-error", "").await;
+    let problem = mismatch.problem(500, "gpu-shape-mismatch");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("matmul"),
+        "{problem}"
+    );
+
+    let emitted = invoke_op(&server, &key, "emit", "").await;
+    assert_eq!(
+        (emitted.status, emitted.text().as_str()),
+        (200, "one,two,three")
+    );
+
+    // A runaway loop is stopped at the policy's deadline; the host and the
+    // function go on answering.
+    let spin = invoke_op(&server, &key, "spin", "").await;
+    spin.problem(504, "timeout");
+    let after = invoke_op(&server, &key, "hello", "again").await;
+    assert_eq!(
+        (after.status, after.text().as_str()),
+        (200, "Hello, again!")
+    );
+
+    server.stop().await;
+}
+
+#[test]
+fn a_pure_python_requirement_is_bundled() {
+    let Some(component) = python_fixture("pure") else {
+        return;
+    };
+    let cache = TempDir::new().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gust"))
+        .arg("run")
+        .arg(&component)
+        .args(["--input", "-", "--timeout", "10s", "--memory", "256MiB"])
+        .env("GUST_CACHE_DIR", cache.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"bundled").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        answer,
+        serde_json::json!({"six": "1.17.0", "text": "bundled"})
+    );
+}
+
+#[test]
+fn a_requirement_with_native_extensions_is_refused_by_name() {
+    let fixture = root().join("tests/python/native/app.py");
+    let out_dir = TempDir::new().unwrap();
+    let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let out = Command::new(env!("CARGO_BIN_EXE_gust"))
+        .arg("build")
+        .arg(&fixture)
+        .arg("-o")
+        .arg(out_dir.path().join("native.wasm"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("componentize-py not found") {
+        eprintln!(
+            "skipping: componentize-py is not installed ({})",
+            stderr.trim()
+        );
+        return;
+    }
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("MarkupSafe") && stderr.contains("native extensions"),
+        "{stderr}"
+    );
+    assert!(!out_dir.path().join("native.wasm").exists());
+}
+
+#[test]
+fn building_something_that_is_not_python_or_a_crate_is_refused() {
+    let dir = TempDir::new().unwrap();
+    let file = dir.path().join("notes.txt");
+    std::fs::write(&file, "hi").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gust"))
+        .arg("build")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("neither a Python app"), "{stderr}");
+}
+
+/// `gust` with the server's URL, `key` and a cache of its own.
+fn gust_cli(server: &TestServer, key: &str, cache: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_gust"))
+        .args(args)
+        .env("GUST_URL", server.url(""))
+        .env("GUST_KEY", key)
+        .env("GUST_CACHE_DIR", cache)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// `gust deploy app.py` builds the example and deploys it under its
+/// directory's name; `gust invoke` then gets the greeting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gust_deploy_builds_and_uploads_a_python_app() {
+    let dir = TempDir::new().unwrap();
+    let (server, key) = python_server(&dir).await;
+    let cache = dir.path().join("cli-cache");
+    let app = root().join("examples/python/hello/app.py");
+    let app = app.to_str().unwrap();
+    // The server answers on this runtime's workers while the CLI blocks
+    // this one.
+    let deployed = tokio::task::block_in_place(|| {
+        let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+        gust_cli(&server, &key, &cache, &["deploy", app])
+    });
+    let stderr = String::from_utf8_lossy(&deployed.stderr);
+    if stderr.contains("componentize-py not found") {
+        eprintln!(
+            "skipping: componentize-py is not installed ({})",
+            stderr.trim()
+        );
+        server.stop().await;
+        return;
+    }
+    assert!(deployed.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&deployed.stdout);
+    assert!(stdout.contains("deployed hello version 1"), "{stdout}");
+
+    let invoked = tokio::task::block_in_place(|| {
+        gust_cli(&server, &key, &cache, &["invoke", "hello", "--data", "Ada"])
+    });
+    assert!(
+        invoked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&invoked.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&invoked.stdout), "Hello, Ada!");
+    server.stop().await;
+}
