@@ -309,6 +309,41 @@ pub(super) fn found(state: &AppState, tenant: &str, name: &str) -> Result<Deploy
         .ok_or_else(|| Problem::not_found(format!("no function `{name}`")))
 }
 
+/// The tenant's function `name`, which must be a handler (a wasi:http
+/// function cannot be invoked, mapped, spawned or scheduled); `instead`
+/// ends the error, telling the caller what to do.
+pub(super) fn found_handler(
+    state: &AppState,
+    tenant: &str,
+    name: &str,
+    instead: &str,
+) -> Result<Deployment, Problem> {
+    let deployment = found(state, tenant, name)?;
+    if deployment.record.world != crate::store::FunctionWorld::Handler {
+        return Err(Problem::bad_request(
+            "wrong-world",
+            format!("`{name}` serves wasi:http; {instead}"),
+        ));
+    }
+    Ok(deployment)
+}
+
+/// A handler function found by [`found_handler`], with its compiled
+/// component.
+pub(super) fn handler_component(
+    state: &AppState,
+    tenant: &str,
+    name: &str,
+    instead: &str,
+) -> Result<(Deployment, crate::runtime::LoadedComponent), Problem> {
+    let deployment = found_handler(state, tenant, name, instead)?;
+    let component = deployment
+        .component
+        .clone()
+        .map_err(|reason| Problem::internal(format!("`{name}` could not be loaded: {reason}")))?;
+    Ok((deployment, component))
+}
+
 // ---- functions ------------------------------------------------------------
 
 async fn deploy(state: &Arc<AppState>, name: &str, request: hyper::Request<Incoming>) -> Handled {
@@ -591,17 +626,12 @@ fn settable(name: &str) -> bool {
 
 async fn invoke(state: &Arc<AppState>, name: &str, request: hyper::Request<Incoming>) -> Handled {
     let tenant = auth::tenant(state, request.headers())?;
-    let deployment = found(state, &tenant, name)?;
-    let component = deployment
-        .component
-        .clone()
-        .map_err(|reason| Problem::internal(format!("`{name}` could not be loaded: {reason}")))?;
-    if component.world() != World::Handler {
-        return Err(Problem::bad_request(
-            "wrong-world",
-            format!("`{name}` serves wasi:http; call it at /http/{tenant}/{name}/"),
-        ));
-    }
+    let (deployment, component) = handler_component(
+        state,
+        &tenant,
+        name,
+        &format!("call it at /http/{tenant}/{name}/"),
+    )?;
     let policy = state.policies.for_tenant(&tenant);
     let permits = admit(state, &tenant, policy)?;
     let (parts, body) = read_capped(request, policy.max_body_bytes, "the request body").await?;

@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::handlers::{
-    Handled, call_limits, found, json_response, outcome_problem, record, rfc3339,
+    Handled, call_limits, found_handler, json_response, outcome_problem, record, rfc3339,
 };
 use super::problem::Problem;
 use super::state::{AppState, Permit};
@@ -480,13 +480,7 @@ pub(crate) async fn spawn(
     request: hyper::Request<Incoming>,
 ) -> Handled {
     let tenant = super::auth::tenant(state, request.headers())?;
-    let deployment = found(state, &tenant, name)?;
-    if deployment.record.world != crate::store::FunctionWorld::Handler {
-        return Err(Problem::bad_request(
-            "wrong-world",
-            format!("`{name}` serves wasi:http; only handler functions run as jobs"),
-        ));
-    }
+    found_handler(state, &tenant, name, "only handler functions run as jobs")?;
     let policy = state.policies.for_tenant(&tenant);
     let (parts, body) =
         super::handlers::read_capped(request, policy.max_body_bytes, "the request body").await?;

@@ -20,12 +20,12 @@ use hyper::body::{Frame, Incoming};
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, Semaphore, mpsc};
 
-use super::handlers::{call_limits, found, outcome_problem, record};
+use super::handlers::{call_limits, handler_component, outcome_problem, record};
 use super::problem::Problem;
 use super::state::{AppState, Deployment, Permit};
 use super::{BoxError, ResponseBody};
 use crate::runtime::{
-    CallLimits, LoadedComponent, Outcome, Request as CallRequest, World, new_invocation_id,
+    CallLimits, LoadedComponent, Outcome, Request as CallRequest, new_invocation_id,
 };
 use crate::store::now_millis;
 
@@ -412,17 +412,8 @@ pub(crate) async fn map(
     request: hyper::Request<Incoming>,
 ) -> Result<http::Response<ResponseBody>, Problem> {
     let tenant = super::auth::tenant(state, request.headers())?;
-    let deployment = found(state, &tenant, name)?;
-    let component = deployment
-        .component
-        .clone()
-        .map_err(|reason| Problem::internal(format!("`{name}` could not be loaded: {reason}")))?;
-    if component.world() != World::Handler {
-        return Err(Problem::bad_request(
-            "wrong-world",
-            format!("`{name}` serves wasi:http; map needs a handler function"),
-        ));
-    }
+    let (deployment, component) =
+        handler_component(state, &tenant, name, "map needs a handler function")?;
     let policy = state.policies.for_tenant(&tenant);
     let content_type = request
         .headers()

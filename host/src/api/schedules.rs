@@ -22,7 +22,7 @@ use serde_json::json;
 use tokio::sync::Notify;
 
 use super::handlers::{
-    Handled, call_limits, empty, found, json_response, read_capped, record, rfc3339,
+    Handled, call_limits, empty, found_handler, json_response, read_capped, record, rfc3339,
 };
 use super::problem::Problem;
 use super::state::AppState;
@@ -249,13 +249,12 @@ pub(crate) async fn put(
     request: hyper::Request<Incoming>,
 ) -> Handled {
     let tenant = super::auth::tenant(state, request.headers())?;
-    let deployment = found(state, &tenant, name)?;
-    if deployment.record.world != crate::store::FunctionWorld::Handler {
-        return Err(Problem::bad_request(
-            "wrong-world",
-            format!("`{name}` serves wasi:http; only handler functions can be scheduled"),
-        ));
-    }
+    found_handler(
+        state,
+        &tenant,
+        name,
+        "only handler functions can be scheduled",
+    )?;
     let policy = state.policies.for_tenant(&tenant);
     let (_, body) = read_capped(request, policy.max_body_bytes, "the request body").await?;
     #[derive(serde::Deserialize)]

@@ -21,14 +21,14 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
-use super::handlers::{Handled, call_limits, found, outcome_problem, record};
+use super::handlers::{Handled, call_limits, handler_component, outcome_problem, record};
 use super::jobs::invocation_status;
 use super::problem::Problem;
 use super::state::{AppState, Permit};
 use super::{BoxError, ResponseBody};
 use crate::runtime::{
     CallControl, CallLimits, Cancel, Invocation, LoadedComponent, Outcome, Request as CallRequest,
-    World, new_invocation_id,
+    new_invocation_id,
 };
 use crate::store::{FunctionRecord, now_millis};
 
@@ -283,17 +283,12 @@ pub(crate) async fn websocket(
     request: hyper::Request<Incoming>,
 ) -> Handled {
     let tenant = super::auth::tenant(state, request.headers())?;
-    let deployment = found(state, &tenant, name)?;
-    let component = deployment
-        .component
-        .clone()
-        .map_err(|reason| Problem::internal(format!("`{name}` could not be loaded: {reason}")))?;
-    if component.world() != World::Handler {
-        return Err(Problem::bad_request(
-            "wrong-world",
-            format!("`{name}` serves wasi:http; call it at /http/{tenant}/{name}/"),
-        ));
-    }
+    let (deployment, component) = handler_component(
+        state,
+        &tenant,
+        name,
+        &format!("call it at /http/{tenant}/{name}/"),
+    )?;
     let headers = request.headers();
     let is_upgrade = headers
         .get(header::UPGRADE)
