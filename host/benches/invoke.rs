@@ -3,34 +3,86 @@
 //!
 //! `cargo bench -p gust-host --bench invoke`. Target: median ≤ 10 µs pooled.
 //!
+//! `invoke/python_hello*`: the same for `examples/python/hello` built with
+//! componentize-py (skipped, with a message, when it is not installed).
+//! Target: median ≤ 0.5 ms pooled.
+//!
+//! `*_reused`: the same calls with instance reuse (policy
+//! `reuse_instances`, here 1000 calls per instance): call + return of the
+//! instance to the idle pool, one instantiation per 1000 calls.
+//!
 //! `gpu/*`: a guest's tiny bridge op (relu of 16 floats) against the cpu
 //! backend called natively. `guest_relu_x0` and `guest_relu_x100` are whole
 //! invocations doing 0 and 100 ops, so the per-op round trip is their
 //! difference / 100; `native_relu` is the same kernel run directly (target:
 //! round trip − native ≤ 2 µs).
 
-#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    missing_docs,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    dead_code
+)]
+
+#[path = "../tests/all/python_build.rs"]
+mod python_build;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use gust_host::runtime::{AllocationConfig, CallLimits, Request, Runtime, RuntimeConfig};
+use gust_host::runtime::{AllocationConfig, CallLimits, Request, Reuse, Runtime, RuntimeConfig};
 
 fn bench_invoke(c: &mut Criterion) {
-    let bytes = std::fs::read(gust_test_artifacts::HELLO_COMPONENT).unwrap();
+    let rust_hello = std::fs::read(gust_test_artifacts::HELLO_COMPONENT).unwrap();
+    let python_hello = python_build::python_component(
+        &python_build::root().join("examples/python/hello"),
+        "hello",
+    )
+    .map(|path| std::fs::read(path).unwrap());
     let tokio = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let limits = CallLimits::default();
     let mut group = c.benchmark_group("invoke");
-    for (id, allocation) in [
-        ("hello_pooling", AllocationConfig::default()),
-        ("hello_ondemand", AllocationConfig::OnDemand),
-    ] {
-        let cache = tempfile::TempDir::new().unwrap();
+    // (name, component, allocator, calls one instance may serve)
+    let mut cases = vec![
+        ("hello_pooling", &rust_hello, AllocationConfig::default(), 1),
+        ("hello_ondemand", &rust_hello, AllocationConfig::OnDemand, 1),
+        (
+            "hello_reused",
+            &rust_hello,
+            AllocationConfig::default(),
+            1000,
+        ),
+    ];
+    if let Some(python_hello) = &python_hello {
+        cases.push(("python_hello", python_hello, AllocationConfig::default(), 1));
+        cases.push((
+            "python_hello_ondemand",
+            python_hello,
+            AllocationConfig::OnDemand,
+            1,
+        ));
+        cases.push((
+            "python_hello_reused",
+            python_hello,
+            AllocationConfig::default(),
+            1000,
+        ));
+    }
+    // One compiled cache for every runtime, so Python compiles once.
+    let cache = tempfile::TempDir::new().unwrap();
+    for (id, bytes, allocation, max_uses) in cases {
         let mut config = RuntimeConfig::new(cache.path());
         config.allocation = allocation;
         let runtime = Runtime::new(config).unwrap();
-        let hello = runtime.load(&bytes).unwrap();
+        let hello = runtime.load(bytes).unwrap();
+        let limits = CallLimits {
+            reuse: Some(Reuse {
+                scope: "bench/hello".into(),
+                max_uses,
+            }),
+            ..CallLimits::default()
+        };
         // Every call must really succeed, or the figure means nothing.
         let check = tokio.block_on(runtime.invoke(&hello, Request::default(), &limits));
         assert!(check.outcome.is_ok(), "{:?}", check.outcome);
@@ -41,6 +93,9 @@ fn bench_invoke(c: &mut Criterion) {
                 invocation
             });
         });
+        if max_uses > 1 {
+            assert!(runtime.stats().reuses > 0, "{id} never reused an instance");
+        }
     }
     group.finish();
 }

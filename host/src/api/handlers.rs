@@ -552,14 +552,15 @@ fn admit(state: &AppState, tenant: &str, policy: &Policy) -> Result<(Permit, Per
     Ok((tenant_permit, host_permit))
 }
 
-/// The policy's limits plus its volumes, resolved (and checked to stay
-/// inside the tenant's volume root) for this call.
+/// The policy's limits for a call of `function`, plus its volumes,
+/// resolved (and checked to stay inside the tenant's volume root).
 pub(super) fn call_limits(
     state: &AppState,
     tenant: &str,
+    function: &str,
     policy: &Policy,
 ) -> Result<crate::runtime::CallLimits, Problem> {
-    let mut limits = policy.call_limits();
+    let mut limits = policy.call_limits(tenant, function);
     limits.gpu = state.gpu.grant(tenant, &policy.gpu);
     if !policy.volumes.is_empty() {
         let root = crate::tenancy::volume_root(&state.config.data_dir, tenant)
@@ -658,7 +659,7 @@ async fn invoke(state: &Arc<AppState>, name: &str, request: hyper::Request<Incom
         headers,
         invocation_id: id.clone(),
     };
-    let limits = call_limits(state, &tenant, policy)?;
+    let limits = call_limits(state, &tenant, name, policy)?;
     if super::stream::wants_events(&parts.headers) {
         return Ok(super::stream::events(super::stream::Admitted {
             state: Arc::clone(state),
@@ -787,6 +788,7 @@ pub(super) fn record(
             instantiate_us: micros(invocation.timings.instantiate),
             call_us: micros(invocation.timings.call),
             total_us: micros(total),
+            reused_instance: invocation.timings.reused,
         },
         peak_memory_bytes: invocation.peak_memory_bytes,
         stdout: invocation.stdout.text(),
@@ -870,7 +872,11 @@ async fn serve_http(
 
     let call = state
         .runtime
-        .serve_http(&component, request, &call_limits(state, tenant, policy)?)
+        .serve_http(
+            &component,
+            request,
+            &call_limits(state, tenant, name, policy)?,
+        )
         .map_err(|invocation| outcome_problem(&invocation.outcome).with_invocation(&id))?;
     let response = call.response.await;
     let (response, status) = match response {

@@ -322,7 +322,8 @@ async fn run_job(
         Some(Ok(component)) => Ok(component.clone()),
     };
     let policy = state.policies.for_tenant(tenant);
-    let prepared = component.and_then(|c| Ok((c, call_limits(state, tenant, policy)?)));
+    let prepared =
+        component.and_then(|c| Ok((c, call_limits(state, tenant, &job.function, policy)?)));
     let (Some(deployment), Ok((component, limits))) = (deployment, prepared.as_ref()) else {
         let problem = prepared
             .err()

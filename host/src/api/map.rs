@@ -435,7 +435,7 @@ pub(crate) async fn map(
     let splitter = Splitter::new(format, limit);
     // Resolved once (volumes are checked on disk), not per input.
     let target = Arc::new(MapTarget {
-        limits: call_limits(state, &tenant, policy)?,
+        limits: call_limits(state, &tenant, name, policy)?,
         control: super::handlers::buffered(policy),
         max_concurrency: policy.max_concurrency as usize,
         state: Arc::clone(state),

@@ -75,6 +75,7 @@ impl Metrics {
             counter!("gust_cache_hits_total").absolute(stats.cache_hits);
             counter!("gust_cache_rejections_total").absolute(stats.cache_rejections);
             counter!("gust_instantiations_total").absolute(stats.instantiations);
+            counter!("gust_instance_reuses_total").absolute(stats.reuses);
             gauge!("gust_invocations_in_flight").set(in_flight as f64);
             gauge!("gust_functions_loaded").set(functions as f64);
             for device in devices {

@@ -186,6 +186,9 @@ impl Server {
         } = self;
         jobs::Jobs::start(&state);
         schedules::Schedules::start(&state);
+        state
+            .jobs
+            .track(tokio::spawn(sweep_idle_instances(Arc::clone(&state))));
         // hyper-util's GracefulShutdown cannot watch connections with
         // upgrades (WebSocket), so connections watch this flag themselves.
         let (stopping, stop_watch) = tokio::sync::watch::channel(false);
@@ -250,5 +253,17 @@ impl Server {
         state.jobs.shutdown().await;
         state.store.flush()?;
         Ok(())
+    }
+}
+
+/// Drops reusable instances nobody called for a while (taking and returning
+/// instances does this too, but a function nobody calls any more would
+/// otherwise keep its instances, and their memory, forever).
+async fn sweep_idle_instances(state: Arc<AppState>) {
+    let every = (state.runtime.config().idle_instance_timeout / 4)
+        .clamp(Duration::from_secs(1), Duration::from_secs(30));
+    loop {
+        tokio::time::sleep(every).await;
+        state.runtime.sweep_idle_instances();
     }
 }

@@ -176,7 +176,7 @@ async fn fire(state: &AppState, tenant: &str, function: &str) {
         return;
     };
     let policy = state.policies.for_tenant(tenant);
-    let limits = match call_limits(state, tenant, policy) {
+    let limits = match call_limits(state, tenant, function, policy) {
         Ok(limits) => limits,
         Err(problem) => {
             tracing::warn!(%tenant, %function, detail = problem.detail(), "scheduled run skipped");

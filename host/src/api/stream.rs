@@ -308,7 +308,7 @@ pub(crate) async fn websocket(
     };
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let policy = state.policies.for_tenant(&tenant);
-    let limits = call_limits(state, &tenant, policy)?;
+    let limits = call_limits(state, &tenant, name, policy)?;
     let max_message = usize::try_from(policy.max_body_bytes).unwrap_or(usize::MAX);
     let max_concurrency = policy.max_concurrency as usize;
     let on_upgrade = hyper::upgrade::on(request);

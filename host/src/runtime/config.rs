@@ -57,6 +57,11 @@ pub struct PoolingConfig {
     pub memory_keep_resident_bytes: usize,
     /// Bytes of each table slot kept resident between uses.
     pub table_keep_resident_bytes: usize,
+    /// Bytes at the top of each call's native stack kept resident between
+    /// uses (the rest is decommitted). Compiled wasm runs on this stack, so
+    /// an interpreter's deep call chains fault its pages in again on every
+    /// call unless they stay resident.
+    pub stack_keep_resident_bytes: usize,
     /// Use Linux's `PAGEMAP_SCAN` (6.7+), where available, to reset only the
     /// pages a call dirtied.
     pub pagemap_scan: bool,
@@ -76,6 +81,7 @@ impl Default for PoolingConfig {
             table_elements: 20_000,
             memory_keep_resident_bytes: 2 << 20,
             table_keep_resident_bytes: 64 << 10,
+            stack_keep_resident_bytes: 256 << 10,
             pagemap_scan: true,
         }
     }
@@ -93,6 +99,13 @@ pub struct RuntimeConfig {
     pub epoch_tick: Duration,
     /// The most native stack WebAssembly may use before a stack-overflow trap.
     pub max_wasm_stack_bytes: usize,
+    /// Instances kept between calls for reuse (see [`Reuse`]), across all
+    /// functions. Each holds an instance slot, its memory and a stack.
+    pub max_idle_instances: usize,
+    /// Idle instances kept per function (scope and component).
+    pub max_idle_per_function: usize,
+    /// An idle instance unused this long is dropped.
+    pub idle_instance_timeout: Duration,
 }
 
 impl RuntimeConfig {
@@ -103,6 +116,9 @@ impl RuntimeConfig {
             allocation: AllocationConfig::default(),
             epoch_tick: Duration::from_millis(10),
             max_wasm_stack_bytes: 1 << 20,
+            max_idle_instances: 32,
+            max_idle_per_function: 4,
+            idle_instance_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -127,6 +143,10 @@ pub struct CallLimits {
     /// GPU-bridge devices and the tenant's account; `None` makes every
     /// bridge call answer `forbidden`.
     pub gpu: Option<crate::gpu::GpuGrant>,
+    /// Whether the call may run in an instance an earlier call of the same
+    /// scope left behind (and leave its own for the next); `None`: a fresh
+    /// instance, always.
+    pub reuse: Option<super::reuse::Reuse>,
 }
 
 /// A host directory the guest sees at `guest_path`, opened with cap-std so
@@ -152,6 +172,7 @@ impl Default for CallLimits {
             outbound: OutboundPolicy::default(),
             preopens: Arc::new([]),
             gpu: None,
+            reuse: None,
         }
     }
 }

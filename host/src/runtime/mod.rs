@@ -16,6 +16,7 @@ mod epoch;
 mod http;
 mod imports;
 mod outcome;
+mod reuse;
 pub(crate) mod state;
 
 use std::fmt;
@@ -41,11 +42,13 @@ pub use self::http::{BodyTooLarge, CappedBody, CappedBodyError, OutboundPolicy};
 pub use self::outcome::{
     GuestError, Invocation, Outcome, Request, Response, Timings, new_invocation_id,
 };
+pub use self::reuse::Reuse;
 
 use self::bindings::exports::gust::function::handler as wit_handler;
 use self::bindings::{Guest, GuestPre};
 use self::cache::{CompileCache, Lookup};
 use self::epoch::EpochTicker;
+use self::reuse::{IdleInstance, InstancePool};
 use self::state::{CallState, WasiGrants};
 
 /// Interface a component must export to be invoked as a handler.
@@ -190,6 +193,7 @@ pub struct RuntimeStats {
     cache_hits: AtomicU64,
     cache_rejections: AtomicU64,
     instantiations: AtomicU64,
+    reuses: AtomicU64,
 }
 
 /// A point-in-time copy of [`RuntimeStats`].
@@ -203,6 +207,8 @@ pub struct StatsSnapshot {
     pub cache_rejections: u64,
     /// Instances created.
     pub instantiations: u64,
+    /// Calls served by an instance an earlier call left behind.
+    pub reuses: u64,
 }
 
 impl RuntimeStats {
@@ -213,6 +219,7 @@ impl RuntimeStats {
             cache_hits: self.cache_hits.load(Ordering::Relaxed),
             cache_rejections: self.cache_rejections.load(Ordering::Relaxed),
             instantiations: self.instantiations.load(Ordering::Relaxed),
+            reuses: self.reuses.load(Ordering::Relaxed),
         }
     }
 }
@@ -289,6 +296,7 @@ pub struct Runtime {
     stats: RuntimeStats,
     allocator: AllocatorInUse,
     config: RuntimeConfig,
+    idle: InstancePool,
     _ticker: EpochTicker,
 }
 
@@ -338,6 +346,7 @@ fn engine_config(config: &RuntimeConfig, pooling: Option<&PoolingConfig>) -> was
             .table_elements(pool.table_elements)
             .linear_memory_keep_resident(memory_keep_resident)
             .table_keep_resident(pool.table_keep_resident_bytes)
+            .async_stack_keep_resident(pool.stack_keep_resident_bytes)
             .pagemap_scan(if scan { Enabled::Yes } else { Enabled::No });
         wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(alloc));
     } else {
@@ -383,6 +392,11 @@ impl Runtime {
             .map_err(|e| RuntimeError::Linker(format!("{e:#}")))?;
         let cache = CompileCache::open(&config.cache_dir, &engine)?;
         let ticker = EpochTicker::start(engine.clone(), config.epoch_tick);
+        let idle = InstancePool::new(
+            config.max_idle_instances,
+            config.max_idle_per_function,
+            config.idle_instance_timeout,
+        );
         Ok(Self {
             engine,
             linker,
@@ -390,6 +404,7 @@ impl Runtime {
             stats: RuntimeStats::default(),
             allocator,
             config,
+            idle,
             _ticker: ticker,
         })
     }
@@ -412,6 +427,18 @@ impl Runtime {
     /// Work counters.
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
+    }
+
+    /// Instances kept for reuse right now.
+    pub fn idle_instances(&self) -> usize {
+        self.idle.idle_count()
+    }
+
+    /// Drops the reusable instances that have been idle too long. Taking
+    /// and returning instances does this too; call it now and then so that
+    /// a function nobody calls any more does not keep its instances.
+    pub fn sweep_idle_instances(&self) {
+        self.idle.sweep();
     }
 
     /// Validates `bytes` as a component this host can run, compiles it (or
@@ -526,16 +553,60 @@ impl Runtime {
             stdout: stdout.clone(),
             stderr: stderr.clone(),
         };
+        let state = CallState::new(grants, limits.outbound.clone(), memory_limit);
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        self.stats.instantiations.fetch_add(1, Ordering::Relaxed);
+        let fresh = Resumable {
+            store,
+            guest: None,
+            stdout,
+            stderr,
+            uses: 0,
+        };
+        self.arm(fresh, started, limits, control)
+    }
+
+    /// A call in an instance an earlier call left behind.
+    fn resumed_call(&self, idle: IdleInstance, limits: &CallLimits, control: CallControl) -> Call {
+        let started = Instant::now();
+        self.stats.reuses.fetch_add(1, Ordering::Relaxed);
+        let resumed = Resumable {
+            store: idle.store,
+            guest: Some(idle.guest),
+            stdout: idle.stdout,
+            stderr: idle.stderr,
+            uses: idle.uses,
+        };
+        self.arm(resumed, started, limits, control)
+    }
+
+    /// Sets a store up for one call: the call's limits and grants, its
+    /// deadline and cancel token, and where its emitted output goes.
+    fn arm(
+        &self,
+        resumable: Resumable,
+        started: Instant,
+        limits: &CallLimits,
+        control: CallControl,
+    ) -> Call {
+        let Resumable {
+            mut store,
+            guest,
+            stdout,
+            stderr,
+            uses,
+        } = resumable;
         let deadline = started + limits.timeout;
-        let state = CallState::new(
-            grants,
+        let memory_limit = usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX);
+        let cancel = control.cancel.unwrap_or_default();
+        let state = store.data_mut();
+        state.renew(
             limits.outbound.clone(),
             memory_limit,
             limits.gpu.clone(),
-            Some(deadline),
+            deadline,
         );
-        let mut state = state;
-        let cancel = control.cancel.unwrap_or_default();
         state.output = match control.stream {
             Some(sender) => control::OutputSink::Stream {
                 sender,
@@ -546,8 +617,6 @@ impl Runtime {
                 limit: control.output_limit,
             },
         };
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|state| &mut state.limiter);
         store.set_epoch_deadline(1);
         let interrupt = cancel.clone();
         store.epoch_deadline_callback(move |_| {
@@ -560,12 +629,13 @@ impl Runtime {
                 Ok(UpdateDeadline::Yield(1))
             }
         });
-        self.stats.instantiations.fetch_add(1, Ordering::Relaxed);
         Call {
             store,
+            guest,
             stdout,
             stderr,
             started,
+            uses,
             limits: limits.clone(),
             cancel,
             // Host imports may await (the GPU bridge, outgoing HTTP); the
@@ -575,7 +645,8 @@ impl Runtime {
         }
     }
 
-    /// Runs one invocation of a handler component in a fresh instance.
+    /// Runs one invocation of a handler component in a fresh instance (or,
+    /// when `limits.reuse` allows, one an earlier call left behind).
     /// Never fails: every way a call can end is an [`Outcome`].
     pub async fn invoke(
         &self,
@@ -606,9 +677,17 @@ impl Runtime {
         let Prepared::Handler(pre) = &component.inner.prepared else {
             return Invocation::host_error("this component serves wasi:http; call it over HTTP");
         };
-        let mut call = self.new_call(limits, control);
+        let reuse = limits.reuse.as_ref().filter(|reuse| reuse.max_uses > 1);
+        let idle = reuse.and_then(|reuse| self.idle.take(reuse, component.digest(), limits));
+        let mut call = match idle {
+            Some(idle) => self.resumed_call(idle, limits, control),
+            None => self.new_call(limits, control),
+        };
         let cancel = call.cancel.clone();
-        let mut timings = Timings::default();
+        let mut timings = Timings {
+            reused: call.guest.is_some(),
+            ..Timings::default()
+        };
         let request = wit_handler::Request {
             body: request.body,
             content_type: request.content_type,
@@ -616,16 +695,20 @@ impl Runtime {
             invocation_id: request.invocation_id,
         };
         let started = call.started;
+        let reused_guest = call.guest.take();
         let store = &mut call.store;
         let run = async {
-            let instance = pre.instantiate_async(&mut *store).await?;
+            let guest = match reused_guest {
+                Some(guest) => guest,
+                None => pre.instantiate_async(&mut *store).await?,
+            };
             timings.instantiate = started.elapsed();
-            let result = instance
+            let result = guest
                 .gust_function_handler()
                 .call_handle(&mut *store, &request)
                 .await;
             timings.call = started.elapsed() - timings.instantiate;
-            result
+            result.map(|returned| (returned, guest))
         };
         // Host imports may await; a cancel must not wait for them.
         let result = tokio::select! {
@@ -635,7 +718,17 @@ impl Runtime {
         let emitted = call.store.data_mut().output.take_buffer();
         let result = match result {
             Err(_elapsed) => Err(None),
-            Ok(Ok(Ok(response))) => Ok(Outcome::Ok(Response {
+            Ok(Ok((returned, guest))) => {
+                // The guest returned: its instance is sound and may serve
+                // the next call of the same scope.
+                call.guest = reuse.map(|_| guest);
+                Ok(returned)
+            }
+            Ok(Err(error)) => Err(Some(error)),
+        };
+        let result = match result {
+            Err(failure) => Err(failure),
+            Ok(Ok(response)) => Ok(Outcome::Ok(Response {
                 status: response.status,
                 content_type: response.content_type,
                 headers: response.headers,
@@ -647,14 +740,17 @@ impl Runtime {
                     body
                 },
             })),
-            Ok(Ok(Err(error))) => Ok(Outcome::GuestError(GuestError {
+            Ok(Err(error)) => Ok(Outcome::GuestError(GuestError {
                 code: error.code,
                 message: error.message,
                 status: error.status,
             })),
-            Ok(Err(error)) => Err(Some(error)),
         };
-        call.finish(result, timings)
+        let (invocation, idle) = call.finish(result, timings);
+        if let (Some(reuse), Some(idle)) = (reuse, idle) {
+            self.idle.put(reuse, component.digest(), idle);
+        }
+        invocation
     }
 
     /// Serves one HTTP request with a `wasi:http/proxy` component in a fresh
@@ -711,7 +807,7 @@ impl Runtime {
                 Ok(Ok(())) => Ok(Outcome::Ok(Response::default())),
                 Ok(Err(error)) => Err(Some(error)),
             };
-            call.finish(result, timings)
+            call.finish(result, timings).0
         });
         Ok(HttpCall {
             response: receiver,
@@ -720,12 +816,27 @@ impl Runtime {
     }
 }
 
+/// A store, new or left behind by an earlier call, before it is armed for
+/// a call.
+struct Resumable {
+    store: Store<CallState>,
+    guest: Option<Guest>,
+    stdout: BoundedCapture,
+    stderr: BoundedCapture,
+    uses: u32,
+}
+
 /// One call's store and what it captures.
 struct Call {
     store: Store<CallState>,
+    /// Before the call: the instance to reuse, if any. After it: the
+    /// instance to keep, if the call may leave it behind.
+    guest: Option<Guest>,
     stdout: BoundedCapture,
     stderr: BoundedCapture,
     started: Instant,
+    /// Calls the instance served before this one.
+    uses: u32,
     limits: CallLimits,
     cancel: Cancel,
     hard_limit: std::time::Duration,
@@ -734,15 +845,37 @@ struct Call {
 impl Call {
     /// Classifies the result and collects captures. `Err(None)` means the
     /// hard time limit fired; `Err(Some(e))` is a trap or host failure.
+    /// Returns the instance for reuse when the call left one to keep (see
+    /// [`Call::guest`]), it returned normally and it has uses left.
     fn finish(
         self,
         result: Result<Outcome, Option<wasmtime::Error>>,
         timings: Timings,
-    ) -> Invocation {
+    ) -> (Invocation, Option<IdleInstance>) {
         let limiter = &self.store.data().limiter;
         let peak_memory_bytes = limiter.peak_bytes as u64;
         let denied = limiter.denied_request;
-        drop(self.store);
+        let uses = self.uses.saturating_add(1);
+        let keep = match (&self.guest, &result, &self.limits.reuse) {
+            (Some(_), Ok(Outcome::Ok(_) | Outcome::GuestError(_)), Some(reuse)) => {
+                !self.cancel.is_cancelled() && uses < reuse.max_uses
+            }
+            _ => false,
+        };
+        let idle = match (keep, self.guest) {
+            (true, Some(guest)) => Some(IdleInstance::new(
+                self.store,
+                guest,
+                self.stdout.clone(),
+                self.stderr.clone(),
+                uses,
+                &self.limits,
+            )),
+            _ => {
+                drop(self.store);
+                None
+            }
+        };
         let stderr = self.stderr.take();
         let outcome = match result {
             Ok(outcome) => outcome,
@@ -754,13 +887,14 @@ impl Call {
             },
             Err(Some(error)) => classify_failure(&error, denied, &self.limits, &stderr.text()),
         };
-        Invocation {
+        let invocation = Invocation {
             outcome,
             stdout: self.stdout.take(),
             stderr,
             timings,
             peak_memory_bytes,
-        }
+        };
+        (invocation, idle)
     }
 }
 

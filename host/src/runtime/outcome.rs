@@ -170,6 +170,10 @@ pub struct Timings {
     pub instantiate: Duration,
     /// Running the handler.
     pub call: Duration,
+    /// The call ran in an instance an earlier call left behind (see
+    /// [`Reuse`](super::Reuse)); `instantiate` was then only the store's
+    /// preparation.
+    pub reused: bool,
 }
 
 /// Everything known about one finished invocation.

@@ -110,12 +110,12 @@ pub(crate) struct CallState {
 }
 
 impl CallState {
+    /// The state of a new store; the per-call parts (GPU session, output
+    /// sink) are set by [`CallState::renew`] before each call.
     pub(crate) fn new(
         grants: WasiGrants,
         outbound: OutboundPolicy,
         memory_limit_bytes: usize,
-        gpu: Option<crate::gpu::GpuGrant>,
-        deadline: Option<std::time::Instant>,
     ) -> Self {
         Self {
             grants,
@@ -129,9 +129,27 @@ impl CallState {
                 committed_bytes: 0,
                 peak_bytes: 0,
             },
-            gpu: crate::gpu::GpuSession::new(gpu, deadline),
+            gpu: crate::gpu::GpuSession::new(None, None),
             output: super::control::OutputSink::default(),
         }
+    }
+
+    /// Sets what belongs to one call: its memory limit (the memory already
+    /// held counts against it), outbound rules, GPU grant and deadline.
+    /// Tensors and other resources an earlier call of a reused instance
+    /// left behind stay, charged as before.
+    pub(crate) fn renew(
+        &mut self,
+        outbound: OutboundPolicy,
+        memory_limit_bytes: usize,
+        gpu: Option<crate::gpu::GpuGrant>,
+        deadline: std::time::Instant,
+    ) {
+        self.http_hooks = GustHttpHooks { outbound };
+        self.limiter.limit_bytes = memory_limit_bytes;
+        self.limiter.denied_request = None;
+        self.limiter.peak_bytes = self.limiter.committed_bytes;
+        self.gpu = crate::gpu::GpuSession::new(gpu, Some(deadline));
     }
 }
 

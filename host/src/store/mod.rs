@@ -161,6 +161,10 @@ pub struct TimingsRecord {
     pub call_us: u64,
     /// Everything, including the host's own work.
     pub total_us: u64,
+    /// The call ran in an instance an earlier call left behind (policy
+    /// `reuse_instances`); absent in records from before reuse existed.
+    #[serde(default)]
+    pub reused_instance: bool,
 }
 
 /// A finished invocation, as kept (with bounded retention).

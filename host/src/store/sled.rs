@@ -935,6 +935,7 @@ mod tests {
                 instantiate_us: 1,
                 call_us: 2,
                 total_us: 3,
+                reused_instance: false,
             },
             peak_memory_bytes: 65536,
             stdout: "out".into(),

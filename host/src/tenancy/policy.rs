@@ -56,6 +56,8 @@ pub const MEMORY_MB_RANGE: RangeInclusive<u64> = 1..=4096;
 pub const MAX_CONCURRENCY_RANGE: RangeInclusive<u64> = 1..=u32::MAX as u64;
 /// Allowed `max_queued_jobs` (0: the tenant may not spawn jobs).
 pub const MAX_QUEUED_JOBS_RANGE: RangeInclusive<u64> = 0..=1_000_000;
+/// Allowed `reuse_instances` (0 and 1: every call gets a fresh instance).
+pub const REUSE_INSTANCES_RANGE: RangeInclusive<u64> = 0..=1_000_000;
 /// Allowed `max_body_bytes`: bodies are buffered, so keep them bounded.
 pub const MAX_BODY_BYTES_RANGE: RangeInclusive<u64> = 1..=GIB;
 /// Allowed `max_component_bytes`.
@@ -422,6 +424,9 @@ pub struct Policy {
     /// Jobs (`spawn`) that may wait in the tenant's queue; more are
     /// answered `429`.
     pub max_queued_jobs: u64,
+    /// Calls of one function that one instance may serve, one after the
+    /// other (instance reuse); 0 or 1: a fresh instance for every call.
+    pub reuse_instances: u32,
     /// Largest request body, in bytes.
     pub max_body_bytes: u64,
     /// Largest component upload, in bytes.
@@ -448,6 +453,7 @@ impl Default for Policy {
             memory_mb: 128,
             max_concurrency: 16,
             max_queued_jobs: 100,
+            reuse_instances: 0,
             max_body_bytes: 10 * MIB,
             max_component_bytes: 64 * MIB,
             log_bytes: 64 * KIB,
@@ -476,6 +482,7 @@ impl fmt::Debug for Policy {
             .field("memory_mb", &self.memory_mb)
             .field("max_concurrency", &self.max_concurrency)
             .field("max_queued_jobs", &self.max_queued_jobs)
+            .field("reuse_instances", &self.reuse_instances)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_component_bytes", &self.max_component_bytes)
             .field("log_bytes", &self.log_bytes)
@@ -498,11 +505,12 @@ impl Policy {
         self.memory_mb.saturating_mul(MIB)
     }
 
-    /// The runtime limits of one invocation under this policy: timeout,
-    /// memory, env, `log_bytes` for stdout and stderr each, and
-    /// `outbound_http` as the outbound policy. Volumes are not part of
+    /// The runtime limits of one invocation of `function` of `tenant`
+    /// under this policy: timeout, memory, env, `log_bytes` for stdout and
+    /// stderr each, `outbound_http` as the outbound policy, and instance
+    /// reuse scoped to the function. Volumes are not part of
     /// [`CallLimits`] yet: see [`Policy::resolve_volumes`].
-    pub fn call_limits(&self) -> CallLimits {
+    pub fn call_limits(&self, tenant: &str, function: &str) -> CallLimits {
         let log_bytes = usize::try_from(self.log_bytes).unwrap_or(usize::MAX);
         CallLimits {
             timeout: self.timeout(),
@@ -511,6 +519,11 @@ impl Policy {
             stdout_limit: log_bytes,
             stderr_limit: log_bytes,
             outbound: self.outbound_policy(),
+            reuse: (self.reuse_instances > 1).then(|| crate::runtime::Reuse {
+                // Tenant and function names cannot contain `/`.
+                scope: format!("{tenant}/{function}").into(),
+                max_uses: self.reuse_instances,
+            }),
             ..CallLimits::default()
         }
     }
@@ -604,6 +617,11 @@ impl Policy {
         }
         if let Some(v) = raw.max_queued_jobs {
             policy.max_queued_jobs = doc.in_range("max_queued_jobs", v, MAX_QUEUED_JOBS_RANGE)?;
+        }
+        if let Some(v) = raw.reuse_instances {
+            let n = doc.in_range("reuse_instances", v, REUSE_INSTANCES_RANGE)?;
+            // The range keeps it within 32 bits.
+            policy.reuse_instances = u32::try_from(n).unwrap_or(u32::MAX);
         }
         if let Some(v) = raw.max_body_bytes {
             policy.max_body_bytes =
@@ -761,6 +779,7 @@ struct RawPolicy {
     memory_mb: Option<Spanned<u64>>,
     max_concurrency: Option<Spanned<u64>>,
     max_queued_jobs: Option<Spanned<u64>>,
+    reuse_instances: Option<Spanned<u64>>,
     max_body_bytes: Option<Spanned<ByteCount>>,
     max_component_bytes: Option<Spanned<ByteCount>>,
     log_bytes: Option<Spanned<ByteCount>>,

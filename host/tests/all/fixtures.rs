@@ -417,6 +417,11 @@ async fn models() {
 }
 
 #[tokio::test]
+async fn counter() {
+    super::reuse::an_instance_serves_at_most_max_uses_calls().await;
+}
+
+#[tokio::test]
 async fn wasi_nn() {
     super::models::wasi_nn_guest_runs_on_resident_models().await;
 }

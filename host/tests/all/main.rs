@@ -19,6 +19,8 @@ mod load_errors;
 mod map;
 mod models;
 mod python;
+mod python_build;
+mod reuse;
 mod schedules;
 mod server;
 mod stream;

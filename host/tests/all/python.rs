@@ -9,95 +9,17 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
 
-use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
+use super::python_build::{BUILD, python_component, root};
 use super::server::{TestServer, request, request_with, tenant};
-
-const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-
-/// Builds run one at a time: two tests wanting the same fixture must not
-/// both spend 45 s on it, and two builds at once would starve the machine.
-static BUILD: Mutex<()> = Mutex::new(());
-
-fn root() -> PathBuf {
-    PathBuf::from(ROOT)
-}
-
-/// Every file under `dir` (sorted), for the cache key.
-fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .collect();
-    entries.sort();
-    for path in entries {
-        if path.file_name().is_some_and(|n| n == "__pycache__") {
-            continue;
-        }
-        if path.is_dir() {
-            files_under(&path, out);
-        } else {
-            out.push(path);
-        }
-    }
-}
-
-/// The cache key of a fixture directory: its files, the SDK's and the
-/// WIT's, names and contents.
-fn cache_key(fixture: &Path) -> String {
-    let mut files = Vec::new();
-    files_under(fixture, &mut files);
-    files_under(&root().join("guest-sdk/python"), &mut files);
-    files_under(&root().join("wit"), &mut files);
-    let mut hash = Sha256::new();
-    for file in files {
-        hash.update(
-            file.strip_prefix(root())
-                .unwrap_or(&file)
-                .to_string_lossy()
-                .as_bytes(),
-        );
-        hash.update([0]);
-        hash.update(std::fs::read(&file).unwrap());
-        hash.update([0]);
-    }
-    hex::encode(hash.finalize())
-}
 
 /// The component of `tests/python/<name>/app.py`, from the cache or built
 /// now with `gust build`; `None` (after saying why) when componentize-py
 /// is not installed.
 fn python_fixture(name: &str) -> Option<PathBuf> {
-    let fixture = root().join("tests/python").join(name);
-    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gust-python-cache");
-    let cached = cache.join(format!("{name}-{}.wasm", cache_key(&fixture)));
-    let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    if cached.is_file() {
-        return Some(cached);
-    }
-    std::fs::create_dir_all(&cache).unwrap();
-    let partial = cached.with_extension("partial");
-    let out = Command::new(env!("CARGO_BIN_EXE_gust"))
-        .arg("build")
-        .arg(fixture.join("app.py"))
-        .arg("-o")
-        .arg(&partial)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if stderr.contains("componentize-py not found") {
-        eprintln!(
-            "skipping: componentize-py is not installed ({})",
-            stderr.trim()
-        );
-        return None;
-    }
-    assert!(out.status.success(), "gust build {name} failed: {stderr}");
-    std::fs::rename(&partial, &cached).unwrap();
-    Some(cached)
+    python_component(&root().join("tests/python").join(name), name)
 }
 
 /// A server and a tenant whose policy takes a Python component's size
@@ -228,6 +150,58 @@ async fn a_python_function_answers_json_errors_tensors_and_timeouts() {
         (200, "Hello, again!")
     );
 
+    server.stop().await;
+}
+
+/// With `reuse_instances = 3` a Python function's instance, interpreter
+/// state included, serves three calls; an exception (a normal, recorded
+/// outcome in the SDK) does not end it, a timeout does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_python_instance_keeps_its_state() {
+    let Some(component) = python_fixture("fixture") else {
+        return;
+    };
+    let dir = TempDir::new().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let key = tenant(&server, "reuse").await;
+    let bytes = std::fs::read(&component).unwrap();
+    let deployed = request(
+        "PUT",
+        &server.url("/v1/functions/fixture"),
+        Some(&key),
+        bytes,
+    )
+    .await;
+    assert_eq!(deployed.status, 201, "{}", deployed.text());
+    let mut counts = Vec::new();
+    for _ in 0..4 {
+        counts.push(invoke_op(&server, &key, "count", "").await.text());
+    }
+    assert_eq!(counts, ["1", "2", "3", "1"]);
+    invoke_op(&server, &key, "raise", "")
+        .await
+        .problem(500, "unhandled-exception");
+    let after_exception = invoke_op(&server, &key, "count", "").await;
+    assert_eq!(after_exception.text(), "3");
+    let id = after_exception.headers["gust-invocation-id"]
+        .to_str()
+        .unwrap();
+    let record = request(
+        "GET",
+        &server.url(&format!("/v1/invocations/{id}")),
+        Some(&key),
+        "",
+    )
+    .await
+    .json();
+    assert_eq!(record["timings"]["reused_instance"], true, "{record}");
+    eprintln!("reused python timings: {}", record["timings"]);
+    // The third use ended that instance; a timeout ends this one early.
+    assert_eq!(invoke_op(&server, &key, "count", "").await.text(), "1");
+    invoke_op(&server, &key, "spin", "")
+        .await
+        .problem(504, "timeout");
+    assert_eq!(invoke_op(&server, &key, "count", "").await.text(), "1");
     server.stop().await;
 }
 

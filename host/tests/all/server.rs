@@ -54,6 +54,12 @@ pub(crate) fn policies(dir: &Path) -> PathBuf {
         "timeout_ms = 3000\nmemory_mb = 256\nmax_component_bytes = 67108864\n",
     )
     .unwrap();
+    // One instance serves up to three calls of a function.
+    std::fs::write(
+        policies.join("reuse.toml"),
+        "reuse_instances = 3\ntimeout_ms = 3000\nmemory_mb = 256\nmax_component_bytes = 67108864\n",
+    )
+    .unwrap();
     std::fs::write(policies.join("nogpu.toml"), "[gpu]\nbackends = []\n").unwrap();
     std::fs::write(
         policies.join("smallgpu.toml"),

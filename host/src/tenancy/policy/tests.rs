@@ -46,7 +46,7 @@ fn builtin_defaults() {
 
 #[test]
 fn builtin_call_limits_match_runtime_defaults() {
-    let limits = Policy::default().call_limits();
+    let limits = Policy::default().call_limits("acme", "resize");
     let runtime = CallLimits::default();
     assert_eq!(limits.timeout, runtime.timeout);
     assert_eq!(limits.memory_bytes, runtime.memory_bytes);
@@ -54,6 +54,40 @@ fn builtin_call_limits_match_runtime_defaults() {
     assert_eq!(limits.stderr_limit, runtime.stderr_limit);
     assert!(limits.env.is_empty());
     assert!(!limits.outbound.allows("example.com", 443));
+    // Every call gets a fresh instance unless the policy says otherwise.
+    assert_eq!(limits.reuse, runtime.reuse);
+    assert_eq!(limits.reuse, None);
+}
+
+#[test]
+fn instance_reuse_is_scoped_to_the_function() {
+    let p = parse(
+        "reuse_instances = 100
+",
+    )
+    .unwrap();
+    let reuse = p.call_limits("acme", "resize").reuse.unwrap();
+    assert_eq!(&*reuse.scope, "acme/resize");
+    assert_eq!(reuse.max_uses, 100);
+    let other = p.call_limits("acme", "thumbnail").reuse.unwrap();
+    assert_ne!(reuse.scope, other.scope);
+    // One use per instance is no reuse at all.
+    assert_eq!(
+        parse(
+            "reuse_instances = 1
+"
+        )
+        .unwrap()
+        .call_limits("a", "f")
+        .reuse,
+        None
+    );
+    expect_error(
+        "reuse_instances = 1000001
+",
+        1,
+        "reuse_instances",
+    );
 }
 
 #[test]
@@ -62,7 +96,7 @@ fn call_limits_map_the_policy() {
         "timeout_ms = 1500\nmemory_mb = 64\nlog_bytes = \"1 KiB\"\n[env]\nB = \"2\"\nA = \"1\"\n",
     )
     .unwrap();
-    let limits = p.call_limits();
+    let limits = p.call_limits("acme", "resize");
     assert_eq!(limits.timeout, Duration::from_millis(1500));
     assert_eq!(limits.memory_bytes, 64 << 20);
     assert_eq!(limits.stdout_limit, 1024);
@@ -80,7 +114,7 @@ fn call_limits_map_the_policy() {
     assert!(!limits.outbound.allows("example.com", 443));
 
     let p = parse("outbound_http = [\"*.example.com:443\"]\n").unwrap();
-    let outbound = p.call_limits().outbound;
+    let outbound = p.call_limits("acme", "resize").outbound;
     assert!(outbound.allows("api.example.com", 443));
     assert!(!outbound.allows("api.example.com", 80));
     assert!(!outbound.allows("example.com", 443));

@@ -1,0 +1,92 @@
+//! Python components for the tests and the benches, built with `gust build`
+//! (componentize-py) and cached under the target directory, keyed by a hash
+//! of the app's directory, the SDK and the WIT, so an unchanged app costs
+//! nothing on the next run. Shared by `tests/all` and `benches/invoke.rs`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use sha2::{Digest, Sha256};
+
+/// Builds run one at a time: two tests wanting the same component must not
+/// both spend 45 s on it, and two builds at once would starve the machine.
+pub(crate) static BUILD: Mutex<()> = Mutex::new(());
+
+/// The workspace root.
+pub(crate) fn root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// Every file under `dir` (sorted), for the cache key.
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        if path.file_name().is_some_and(|n| n == "__pycache__") {
+            continue;
+        }
+        if path.is_dir() {
+            files_under(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+/// The cache key of an app directory: its files, the SDK's and the WIT's,
+/// names and contents.
+fn cache_key(app_dir: &Path) -> String {
+    let mut files = Vec::new();
+    files_under(app_dir, &mut files);
+    files_under(&root().join("guest-sdk/python"), &mut files);
+    files_under(&root().join("wit"), &mut files);
+    let mut hash = Sha256::new();
+    for file in files {
+        hash.update(
+            file.strip_prefix(root())
+                .unwrap_or(&file)
+                .to_string_lossy()
+                .as_bytes(),
+        );
+        hash.update([0]);
+        hash.update(std::fs::read(&file).unwrap());
+        hash.update([0]);
+    }
+    hex::encode(hash.finalize())
+}
+
+/// The component of `<app_dir>/app.py`, from the cache or built now with
+/// `gust build`; `None` (after saying why) when componentize-py is not
+/// installed. `name` prefixes the cached file.
+pub(crate) fn python_component(app_dir: &Path, name: &str) -> Option<PathBuf> {
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gust-python-cache");
+    let cached = cache.join(format!("{name}-{}.wasm", cache_key(app_dir)));
+    let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    if cached.is_file() {
+        return Some(cached);
+    }
+    std::fs::create_dir_all(&cache).unwrap();
+    let partial = cached.with_extension("partial");
+    let out = Command::new(env!("CARGO_BIN_EXE_gust"))
+        .arg("build")
+        .arg(app_dir.join("app.py"))
+        .arg("-o")
+        .arg(&partial)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("componentize-py not found") {
+        eprintln!(
+            "skipping: componentize-py is not installed ({})",
+            stderr.trim()
+        );
+        return None;
+    }
+    assert!(out.status.success(), "gust build {name} failed: {stderr}");
+    std::fs::rename(&partial, &cached).unwrap();
+    Some(cached)
+}
