@@ -21,27 +21,39 @@ with an HTTP error. Any other uncaught exception becomes the error
 type, message and traceback, so it shows up in the invocation record
 instead of trapping the instance.
 
+A web app that wants the method and path uses :func:`http` instead
+(``@gust.http``, receiving an :class:`HttpRequest`); ``gust build`` then
+makes a ``wasi:http/proxy`` component, served at ``/http/{tenant}/{name}/``.
+
 Host-resident tensors are :class:`Tensor` and resident models are
 :class:`Model`; neither needs numpy.
 """
 
 from __future__ import annotations
 
-import json as _json
-import traceback as _traceback
-from typing import Any, Callable, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Union
 
 from componentize_py_types import Err as _Err
-from wit_world.imports import gust_function_types as _types
-from wit_world.imports import output as _output
 
+try:
+    from wit_world.imports import gust_function_types as _types
+    from wit_world.imports import output as _output
+except ImportError:
+    # A web app's build (`@gust.http`): its world has no handler and no
+    # `output`; `Handler` and `emit` are then unused or refuse.
+    _types = None
+    _output = None
+
+from ._base import Error, Request, Response, _describe_exception, _name, _to_response
 from .model import GenerateParams, Model
 from .tensor import Dtype, Tensor, TensorError, devices
+from .web import HttpRequest, http
 
 __all__ = [
     "Dtype",
     "Error",
     "GenerateParams",
+    "HttpRequest",
     "Model",
     "Request",
     "Response",
@@ -50,130 +62,8 @@ __all__ = [
     "devices",
     "emit",
     "function",
+    "http",
 ]
-
-# The error code `Request.text` and `Request.json` use for a body they
-# cannot decode: the caller's fault, so status 400.
-_INVALID_INPUT = "invalid-input"
-
-
-class Error(Exception):
-    """A failure the function reports on purpose.
-
-    ``code`` is a stable, machine-readable code (``invalid-input``);
-    ``message`` explains it; ``status`` is the HTTP status the host answers
-    with (500 when ``None``; values outside 400..=599 count as 500).
-    """
-
-    def __init__(self, code: str, message: str, status: Optional[int] = None) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.status = status
-
-
-class Request:
-    """One invocation's input.
-
-    ``body`` is the raw bytes the caller sent, ``content_type`` its media
-    type, ``headers`` the pass-through headers as ``(name, value)`` pairs in
-    order, and ``invocation_id`` the host's id for this call.
-    """
-
-    __slots__ = ("body", "content_type", "headers", "invocation_id")
-
-    def __init__(
-        self,
-        body: bytes = b"",
-        content_type: str = "application/octet-stream",
-        headers: Optional[List[Tuple[str, str]]] = None,
-        invocation_id: str = "",
-    ) -> None:
-        self.body = body
-        self.content_type = content_type
-        self.headers = headers if headers is not None else []
-        self.invocation_id = invocation_id
-
-    def text(self) -> str:
-        """The body as UTF-8 text; invalid UTF-8 is ``invalid-input`` (400)."""
-        try:
-            return self.body.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise Error(_INVALID_INPUT, f"request body is not valid UTF-8: {e}", 400) from None
-
-    def json(self) -> Any:
-        """The body parsed as JSON; a body that does not parse is
-        ``invalid-input`` (400)."""
-        try:
-            return _json.loads(self.body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise Error(_INVALID_INPUT, f"request body is not valid JSON: {e}", 400) from None
-
-    def header(self, name: str) -> Optional[str]:
-        """The first header called ``name``, compared case-insensitively."""
-        wanted = name.lower()
-        for key, value in self.headers:
-            if key.lower() == wanted:
-                return value
-        return None
-
-    def __repr__(self) -> str:
-        return (
-            f"Request(content_type={self.content_type!r}, {len(self.body)} bytes, "
-            f"invocation_id={self.invocation_id!r})"
-        )
-
-
-class Response:
-    """A successful invocation's output.
-
-    Build one directly or with :meth:`text`, :meth:`json` or :meth:`bytes`.
-    """
-
-    __slots__ = ("status", "content_type", "headers", "body")
-
-    def __init__(
-        self,
-        body: Union[bytes, bytearray, str] = b"",
-        status: int = 200,
-        content_type: str = "application/octet-stream",
-        headers: Optional[List[Tuple[str, str]]] = None,
-    ) -> None:
-        self.body = body.encode("utf-8") if isinstance(body, str) else bytes(body)
-        self.status = status
-        self.content_type = content_type
-        self.headers = list(headers) if headers is not None else []
-
-    @classmethod
-    def text(cls, body: str, status: int = 200) -> "Response":
-        """A ``text/plain; charset=utf-8`` response."""
-        return cls(body, status, "text/plain; charset=utf-8")
-
-    @classmethod
-    def json(cls, value: Any, status: int = 200) -> "Response":
-        """An ``application/json`` response holding ``value`` serialised.
-
-        A value ``json`` cannot serialise is ``internal-error`` (500): it is
-        the function's bug, and the message names what failed.
-        """
-        try:
-            body = _json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-        except (TypeError, ValueError) as e:
-            raise Error("internal-error", f"could not serialise the response as JSON: {e}", 500) from None
-        return cls(body, status, "application/json")
-
-    @classmethod
-    def bytes(cls, body: Union[bytes, bytearray], status: int = 200) -> "Response":
-        """An ``application/octet-stream`` response."""
-        return cls(body, status, "application/octet-stream")
-
-    def with_header(self, name: str, value: str) -> "Response":
-        """Adds a response header (earlier ones with the same name stay)."""
-        self.headers.append((name, value))
-        return self
-
-    def __repr__(self) -> str:
-        return f"Response(status={self.status}, content_type={self.content_type!r}, {len(self.body)} bytes)"
 
 
 def emit(chunk: Union[bytes, bytearray, str]) -> None:
@@ -183,6 +73,13 @@ def emit(chunk: Union[bytes, bytearray, str]) -> None:
     once; any other caller gets every emitted chunk, in order, followed by
     the response body. ``str`` is sent as UTF-8.
     """
+    if _output is None:
+        raise Error(
+            "unsupported",
+            "gust.emit streams the output of a @gust.function; a @gust.http app answers "
+            "with its response",
+            500,
+        )
     data = chunk.encode("utf-8") if isinstance(chunk, str) else bytes(chunk)
     _output.emit(data)
 
@@ -210,10 +107,6 @@ def function(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
     return handler
 
 
-def _name(f: Any) -> str:
-    return getattr(f, "__qualname__", None) or repr(f)
-
-
 def _require_handler() -> None:
     """Fails the build when the app registered nothing (called by the
     generated entry module, so the mistake shows at `gust build`, not at the
@@ -221,28 +114,23 @@ def _require_handler() -> None:
     if _handler is None:
         raise RuntimeError(
             "the app defines no function: decorate one with @gust.function "
-            "(def handle(req: gust.Request) -> gust.Response | bytes | str | dict)"
+            "(def handle(req: gust.Request) -> gust.Response | bytes | str | dict), "
+            "or serve HTTP with @gust.http (written exactly so, on its own line: "
+            "gust build looks for it to pick the component's world)"
         )
 
 
-def _to_response(value: Any) -> Response:
-    """The WIT response for whatever the handler returned."""
-    if isinstance(value, Response):
-        return value
-    if value is None:
-        return Response(b"", 204, "application/octet-stream")
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return Response.bytes(bytes(value))
-    if isinstance(value, str):
-        return Response.text(value)
-    if isinstance(value, (dict, list, tuple, int, float, bool)):
-        return Response.json(value)
-    raise Error(
-        "internal-error",
-        f"the function returned a {type(value).__name__}; return gust.Response, bytes, "
-        "str, a dict or list (JSON) or None",
-        500,
-    )
+def _require_http_handler() -> None:
+    """The same check for a web app's build."""
+    from . import web
+
+    if web._http_handler is None:
+        raise RuntimeError("the app uses @gust.http but registered no function with it")
+    if _handler is not None:
+        raise RuntimeError(
+            f"the app uses both @gust.function ({_name(_handler)}) and @gust.http "
+            f"({_name(web._http_handler)}); a component is one or the other"
+        )
 
 
 def _wit_error(code: str, message: str, status: Optional[int]) -> "_Err[_types.Error]":
@@ -253,18 +141,7 @@ def _exception_error(e: BaseException) -> "_Err[_types.Error]":
     """An uncaught exception as the WIT error: its type, message and
     traceback, because componentize-py would otherwise trap and the user
     would see only `function trapped`."""
-    kind = type(e).__qualname__
-    module = type(e).__module__
-    if module not in ("builtins", "__main__"):
-        kind = f"{module}.{kind}"
-    tb = e.__traceback__
-    # The first frame is the SDK's own call of the handler: noise to the user.
-    if tb is not None and tb.tb_frame.f_code is _invoke.__code__:
-        tb = tb.tb_next
-    trace = "".join(_traceback.format_exception(type(e), e, tb))
-    text = str(e)
-    summary = f"{kind}: {text}" if text else kind
-    return _wit_error("unhandled-exception", f"{summary}\n\n{trace}", 500)
+    return _wit_error("unhandled-exception", _describe_exception(e, _invoke), 500)
 
 
 def _invoke(req: _types.Request) -> _types.Response:

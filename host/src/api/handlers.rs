@@ -868,6 +868,12 @@ async fn serve_http(
         .build()
         .map_err(|e| Problem::bad_request("invalid-request", format!("bad request target: {e}")))?;
     parts.headers.remove(header::AUTHORIZATION);
+    // What the caller sent under this name is not to be trusted: the host's
+    // own id replaces it, so the function can tie its logs to the record.
+    parts.headers.remove("gust-invocation-id");
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        parts.headers.insert("gust-invocation-id", value);
+    }
     let request = hyper::Request::from_parts(parts, CappedBody::new(body, policy.max_body_bytes));
 
     let call = state

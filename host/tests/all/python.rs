@@ -205,6 +205,105 @@ async fn a_reused_python_instance_keeps_its_state() {
     server.stop().await;
 }
 
+/// `examples/python/webapp` (`@gust.http`) becomes a wasi:http component
+/// served under `/http/{tenant}/{name}/`: routes by method and path, reads
+/// query, headers and JSON, uses the GPU bridge, and answers errors as
+/// problem documents; an exception is a 500 with its traceback, kept in the
+/// invocation record, and the app goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_web_app_serves_http() {
+    let Some(component) = python_component(&root().join("examples/python/webapp"), "webapp") else {
+        return;
+    };
+    let dir = TempDir::new().unwrap();
+    let (server, key) = python_server(&dir).await;
+    let bytes = std::fs::read(&component).unwrap();
+    let deployed = request(
+        "PUT",
+        &server.url("/v1/functions/webapp"),
+        Some(&key),
+        bytes,
+    )
+    .await;
+    assert_eq!(deployed.status, 201, "{}", deployed.text());
+    assert_eq!(deployed.json()["world"], "http", "{}", deployed.text());
+    let url = |path: &str| server.url(&format!("/http/python/webapp{path}"));
+
+    let page = request("GET", &url("/"), Some(&key), "").await;
+    assert_eq!(page.status, 200, "{}", page.text());
+    assert_eq!(page.headers["content-type"], "text/html; charset=utf-8");
+    assert!(page.text().contains("Hello from Python"), "{}", page.text());
+
+    let hello = request("GET", &url("/hello?name=Ada%20L"), Some(&key), "").await;
+    assert_eq!(
+        (hello.status, hello.text().as_str()),
+        (200, "Hello, Ada L!")
+    );
+    assert_eq!(hello.headers["x-greeted"], "Ada L");
+    assert!(hello.headers.contains_key("gust-invocation-id"));
+
+    let sums = request_with(
+        "POST",
+        &url("/sums"),
+        Some(&key),
+        r#"{"rows": [[1, 2], [3, 4.5]]}"#.to_owned(),
+        &[("content-type", "application/json")],
+    )
+    .await;
+    assert_eq!(sums.status, 200, "{}", sums.text());
+    assert_eq!(
+        sums.json(),
+        serde_json::json!({"sums": [3.0, 7.5], "device": "cpu"})
+    );
+    let bad = request("POST", &url("/sums"), Some(&key), "{nope").await;
+    let problem = bad.problem(400, "invalid-input");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON"),
+        "{problem}"
+    );
+    request("DELETE", &url("/hello"), Some(&key), "")
+        .await
+        .problem(405, "method-not-allowed");
+    request("GET", &url("/missing"), Some(&key), "")
+        .await
+        .problem(404, "not-found");
+
+    let failed = request("GET", &url("/ratio?a=1&b=0"), Some(&key), "").await;
+    let problem = failed.problem(500, "unhandled-exception");
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.starts_with("ZeroDivisionError"), "{detail}");
+    assert!(detail.contains("in app"), "{detail}");
+    let id = failed.headers["gust-invocation-id"].to_str().unwrap();
+    // The record is written once the guest has finished.
+    let mut record = serde_json::Value::Null;
+    for _ in 0..50 {
+        let reply = request(
+            "GET",
+            &server.url(&format!("/v1/invocations/{id}")),
+            Some(&key),
+            "",
+        )
+        .await;
+        if reply.status == 200 {
+            record = reply.json();
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        record["stderr"]
+            .as_str()
+            .is_some_and(|e| e.contains("ZeroDivisionError")),
+        "{record}"
+    );
+    let again = request("GET", &url("/hello"), Some(&key), "").await;
+    assert_eq!(again.text(), "Hello, world!");
+    server.stop().await;
+}
+
 #[test]
 fn a_pure_python_requirement_is_bundled() {
     let Some(component) = python_fixture("pure") else {
