@@ -83,9 +83,13 @@ fn bench_invoke(c: &mut Criterion) {
             }),
             ..CallLimits::default()
         };
-        // Every call must really succeed, or the figure means nothing.
-        let check = tokio.block_on(runtime.invoke(&hello, Request::default(), &limits));
-        assert!(check.outcome.is_ok(), "{:?}", check.outcome);
+        // Every call must really succeed (and reuse must really happen), or
+        // the figure means nothing.
+        for expect_reused in [false, max_uses > 1] {
+            let check = tokio.block_on(runtime.invoke(&hello, Request::default(), &limits));
+            assert!(check.outcome.is_ok(), "{:?}", check.outcome);
+            assert_eq!(check.timings.reused, expect_reused, "{id}");
+        }
         group.bench_function(id, |b| {
             b.to_async(&tokio).iter(|| async {
                 let invocation = runtime.invoke(&hello, Request::default(), &limits).await;
@@ -93,9 +97,6 @@ fn bench_invoke(c: &mut Criterion) {
                 invocation
             });
         });
-        if max_uses > 1 {
-            assert!(runtime.stats().reuses > 0, "{id} never reused an instance");
-        }
     }
     group.finish();
 }
