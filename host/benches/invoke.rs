@@ -75,7 +75,11 @@ fn bench_invoke(c: &mut Criterion) {
         let mut config = RuntimeConfig::new(cache.path());
         config.allocation = allocation;
         let runtime = Runtime::new(config).unwrap();
+        let loading = std::time::Instant::now();
         let hello = runtime.load(bytes).unwrap();
+        // For the record: compiling (first case of a component) vs loading
+        // the compiled artifact from the cache (the rest), as at a restart.
+        eprintln!("{id}: {:?} from {:?}", loading.elapsed(), hello.source());
         let limits = CallLimits {
             reuse: Some(Reuse {
                 scope: "bench/hello".into(),

@@ -304,6 +304,91 @@ async fn a_python_web_app_serves_http() {
     server.stop().await;
 }
 
+/// `examples/python/tensor` (a perceptron on the bridge) and
+/// `examples/python/embed` (MiniLM, when `scripts/fetch-models.sh` has
+/// fetched it) deployed and called, as their docstrings say.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_tensor_and_embed_examples_answer() {
+    let Some(tensor) = python_component(&root().join("examples/python/tensor"), "tensor") else {
+        return;
+    };
+    let dir = TempDir::new().unwrap();
+    let models = super::models::fetched_models_with("all-minilm-l6-v2");
+    let server = TestServer::start_configured(dir.path(), |config| {
+        config.models_dir = models.clone();
+    })
+    .await;
+    let key = tenant(&server, "pymodels").await;
+    let deploy = |name: &'static str, path: PathBuf| {
+        let url = server.url(&format!("/v1/functions/{name}"));
+        let key = key.clone();
+        async move {
+            let reply = request("PUT", &url, Some(&key), std::fs::read(path).unwrap()).await;
+            assert_eq!(reply.status, 201, "{}", reply.text());
+        }
+    };
+    deploy("mlp", tensor).await;
+    let invoke = |name: &'static str, body: &'static str| {
+        let url = server.url(&format!("/v1/functions/{name}/invoke"));
+        let key = key.clone();
+        async move {
+            request_with(
+                "POST",
+                &url,
+                Some(&key),
+                body.to_owned(),
+                &[("content-type", "application/json")],
+            )
+            .await
+        }
+    };
+    let mlp = invoke("mlp", r#"{"inputs": [[1, 2, 3, 4], [-1, 0, 0.5, 2]]}"#).await;
+    assert_eq!(mlp.status, 200, "{}", mlp.text());
+    let answer = mlp.json();
+    assert_eq!(answer["device"], "cpu", "{answer}");
+    let rows = answer["probabilities"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{answer}");
+    for (row, class) in rows.iter().zip(answer["classes"].as_array().unwrap()) {
+        let p: Vec<f64> = row
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(p.len(), 2);
+        assert!((p[0] + p[1] - 1.0).abs() < 1e-5, "{answer}");
+        let argmax = usize::from(p[1] > p[0]);
+        assert_eq!(class.as_u64(), Some(argmax as u64), "{answer}");
+    }
+    invoke("mlp", r#"{"inputs": []}"#)
+        .await
+        .problem(400, "invalid-input");
+
+    if models.is_some() {
+        let Some(embed) = python_component(&root().join("examples/python/embed"), "embed") else {
+            return;
+        };
+        deploy("embed", embed).await;
+        let ranked = invoke(
+            "embed",
+            r#"{"sentences": ["The new movie is awesome.", "A man is eating food."],
+                "query": "someone having a meal"}"#,
+        )
+        .await;
+        assert_eq!(ranked.status, 200, "{}", ranked.text());
+        let answer = ranked.json();
+        assert_eq!(answer["model"], "all-minilm-l6-v2", "{answer}");
+        let ranking = answer["ranked"].as_array().unwrap();
+        assert_eq!(ranking[0]["sentence"], "A man is eating food.", "{answer}");
+        let (first, second) = (
+            ranking[0]["score"].as_f64().unwrap(),
+            ranking[1]["score"].as_f64().unwrap(),
+        );
+        assert!(first > 0.4 && first <= 1.0 && second < first, "{answer}");
+    }
+    server.stop().await;
+}
+
 #[test]
 fn a_pure_python_requirement_is_bundled() {
     let Some(component) = python_fixture("pure") else {

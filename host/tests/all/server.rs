@@ -60,6 +60,12 @@ pub(crate) fn policies(dir: &Path) -> PathBuf {
         "reuse_instances = 3\ntimeout_ms = 3000\nmemory_mb = 256\nmax_component_bytes = 67108864\n",
     )
     .unwrap();
+    // Python and a resident model.
+    std::fs::write(
+        policies.join("pymodels.toml"),
+        "timeout_ms = 10000\nmemory_mb = 256\nmax_component_bytes = 67108864\n[gpu]\nmodels = [\"all-minilm-l6-v2\"]\n",
+    )
+    .unwrap();
     std::fs::write(policies.join("nogpu.toml"), "[gpu]\nbackends = []\n").unwrap();
     std::fs::write(
         policies.join("smallgpu.toml"),
