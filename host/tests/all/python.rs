@@ -12,7 +12,7 @@ use std::process::Command;
 
 use tempfile::TempDir;
 
-use super::python_build::{BUILD, python_component, root};
+use super::python_build::{BUILD, componentize_py, python_component, root};
 use super::server::{TestServer, request, request_with, tenant};
 
 /// The component of `tests/python/<name>/app.py`, from the cache or built
@@ -387,6 +387,44 @@ async fn the_python_tensor_and_embed_examples_answer() {
         assert!(first > 0.4 && first <= 1.0 && second < first, "{answer}");
     }
     server.stop().await;
+}
+
+/// The SDK's own unit tests (`guest-sdk/python/tests`), run by the Python
+/// beside componentize-py against the real bindings of each world.
+#[test]
+fn the_python_sdk_unit_tests_pass() {
+    let Some((componentize_py, python)) = componentize_py() else {
+        return;
+    };
+    let scratch = TempDir::new().unwrap();
+    for world in ["guest", "http-guest"] {
+        let bindings = scratch.path().join(world);
+        let generated = Command::new(&componentize_py)
+            .arg("-d")
+            .arg(root().join("wit"))
+            .args(["-w", &format!("gust:function/{world}"), "bindings"])
+            .arg(&bindings)
+            .output()
+            .unwrap();
+        assert!(
+            generated.status.success(),
+            "bindings for {world}: {}",
+            String::from_utf8_lossy(&generated.stderr)
+        );
+        let search_path =
+            std::env::join_paths([bindings, root().join("guest-sdk/python")]).unwrap();
+        let ran = Command::new(&python)
+            .args(["-m", "unittest", "discover", "-v", "-s"])
+            .arg(root().join("guest-sdk/python/tests"))
+            .env("PYTHONPATH", search_path)
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .env("GUST_WORLD", world)
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&ran.stderr);
+        assert!(ran.status.success(), "SDK unit tests in {world}:\n{report}");
+        assert!(report.contains("\nOK"), "{report}");
+    }
 }
 
 #[test]

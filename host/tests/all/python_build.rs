@@ -37,12 +37,12 @@ fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The cache key of an app directory: its files, the SDK's and the WIT's,
+/// The cache key of an app directory: its files, the SDK package's and the WIT's,
 /// names and contents.
 fn cache_key(app_dir: &Path) -> String {
     let mut files = Vec::new();
     files_under(app_dir, &mut files);
-    files_under(&root().join("guest-sdk/python"), &mut files);
+    files_under(&root().join("guest-sdk/python/gust"), &mut files);
     files_under(&root().join("wit"), &mut files);
     let mut hash = Sha256::new();
     for file in files {
@@ -89,4 +89,31 @@ pub(crate) fn python_component(app_dir: &Path, name: &str) -> Option<PathBuf> {
     assert!(out.status.success(), "gust build {name} failed: {stderr}");
     std::fs::rename(&partial, &cached).unwrap();
     Some(cached)
+}
+
+/// componentize-py and the Python beside it, found where `gust build` looks
+/// (`$GUST_COMPONENTIZE_PY`, `$GUST_PYTHON_VENV`, `PATH`, the default venv);
+/// `None` (after saying why) when it is not installed.
+pub(crate) fn componentize_py() -> Option<(PathBuf, PathBuf)> {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(program) = std::env::var_os("GUST_COMPONENTIZE_PY").filter(|p| !p.is_empty()) {
+        candidates.push(PathBuf::from(program));
+    }
+    if let Some(venv) = std::env::var_os("GUST_PYTHON_VENV").filter(|p| !p.is_empty()) {
+        candidates.push(Path::new(&venv).join("bin/componentize-py"));
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|d| d.join("componentize-py")));
+    }
+    candidates.push(PathBuf::from("/var/tmp/gust-py-venv/bin/componentize-py"));
+    let Some(found) = candidates.into_iter().find(|c| c.is_file()) else {
+        eprintln!("skipping: componentize-py is not installed (scripts/setup-python.sh)");
+        return None;
+    };
+    let python = found
+        .parent()
+        .map(|bin| bin.join("python"))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("python3"));
+    Some((found, python))
 }
