@@ -864,7 +864,13 @@ impl Call {
         };
         let idle = match (keep, self.guest) {
             (true, Some(guest)) => Some(IdleInstance::new(
-                self.store,
+                {
+                    let mut store = self.store;
+                    // Nothing of this call's caller stays with the idle
+                    // instance (a streaming caller's channel, say).
+                    store.data_mut().output = control::OutputSink::default();
+                    store
+                },
                 guest,
                 self.stdout.clone(),
                 self.stderr.clone(),
