@@ -7,7 +7,7 @@ use gust_test_artifacts as artifacts;
 use serde_json::Value;
 use tempfile::TempDir;
 
-use super::server::{TestServer, deploy, request, tenant};
+use super::server::{TestServer, deploy, invocation_record, request, tenant};
 
 /// Polls `GET url` until `done` holds for the JSON answer. The bound only
 /// keeps a broken host from hanging the test; nothing is timed.
@@ -203,14 +203,7 @@ async fn cancel_interrupts_a_running_loop_and_the_queue_is_bounded() {
     assert_eq!(job["status"], "cancelled", "{job}");
     assert_eq!(job["error"]["code"], "cancelled");
     let invocation = job["invocation_id"].as_str().unwrap();
-    let record = request(
-        "GET",
-        &server.url(&format!("/v1/invocations/{invocation}")),
-        Some(&key),
-        "",
-    )
-    .await
-    .json();
+    let record = invocation_record(&server, &key, invocation).await;
     assert_eq!(record["outcome"], "cancelled", "{record}");
 
     // The queue moves on: the remaining job runs; the cancelled one never did.

@@ -13,7 +13,7 @@ use std::process::Command;
 use tempfile::TempDir;
 
 use super::python_build::{BUILD, componentize_py, python_component, root};
-use super::server::{TestServer, request, request_with, tenant};
+use super::server::{TestServer, deploy, invocation_record, request, request_with, tenant};
 
 /// The component of `tests/python/<name>/app.py`, from the cache or built
 /// now with `gust build`; `None` (after saying why) when componentize-py
@@ -28,6 +28,18 @@ async fn python_server(dir: &TempDir) -> (TestServer, String) {
     let server = TestServer::start(dir.path()).await;
     let key = tenant(&server, "python").await;
     (server, key)
+}
+
+/// Deploys the component at `path` as `name`; it must be accepted.
+async fn deploy_python(
+    server: &TestServer,
+    key: &str,
+    name: &str,
+    path: &Path,
+) -> super::server::Reply {
+    let deployed = deploy(server, key, name, path.to_str().unwrap()).await;
+    assert_eq!(deployed.status, 201, "{}", deployed.text());
+    deployed
 }
 
 async fn invoke_op(server: &TestServer, key: &str, op: &str, body: &str) -> super::server::Reply {
@@ -48,15 +60,7 @@ async fn a_python_function_answers_json_errors_tensors_and_timeouts() {
     };
     let dir = TempDir::new().unwrap();
     let (server, key) = python_server(&dir).await;
-    let bytes = std::fs::read(&component).unwrap();
-    let deployed = request(
-        "PUT",
-        &server.url("/v1/functions/fixture"),
-        Some(&key),
-        bytes,
-    )
-    .await;
-    assert_eq!(deployed.status, 201, "{}", deployed.text());
+    deploy_python(&server, &key, "fixture", &component).await;
 
     let hello = invoke_op(&server, &key, "hello", "Ada").await;
     assert_eq!((hello.status, hello.text().as_str()), (200, "Hello, Ada!"));
@@ -70,14 +74,7 @@ async fn a_python_function_answers_json_errors_tensors_and_timeouts() {
     // What a Python cold start costs here, for the record (not asserted:
     // a debug build on a shared machine says little about the target).
     let id = hello.headers["gust-invocation-id"].to_str().unwrap();
-    let record = request(
-        "GET",
-        &server.url(&format!("/v1/invocations/{id}")),
-        Some(&key),
-        "",
-    )
-    .await
-    .json();
+    let record = invocation_record(&server, &key, id).await;
     eprintln!("python hello timings: {}", record["timings"]);
 
     let json = invoke_op(&server, &key, "json", r#"{"a": [1, 2.5, "x"], "b": null}"#).await;
@@ -109,14 +106,7 @@ async fn a_python_function_answers_json_errors_tensors_and_timeouts() {
     );
     assert!(detail.contains("in _boom"), "{detail}");
     let id = raised.headers["gust-invocation-id"].to_str().unwrap();
-    let record = request(
-        "GET",
-        &server.url(&format!("/v1/invocations/{id}")),
-        Some(&key),
-        "",
-    )
-    .await
-    .json();
+    let record = invocation_record(&server, &key, id).await;
     assert_eq!(record["status"], 500, "{record}");
     assert!(record.to_string().contains("in _boom"), "{record}");
 
@@ -164,15 +154,7 @@ async fn a_reused_python_instance_keeps_its_state() {
     let dir = TempDir::new().unwrap();
     let server = TestServer::start(dir.path()).await;
     let key = tenant(&server, "reuse").await;
-    let bytes = std::fs::read(&component).unwrap();
-    let deployed = request(
-        "PUT",
-        &server.url("/v1/functions/fixture"),
-        Some(&key),
-        bytes,
-    )
-    .await;
-    assert_eq!(deployed.status, 201, "{}", deployed.text());
+    deploy_python(&server, &key, "fixture", &component).await;
     let mut counts = Vec::new();
     for _ in 0..4 {
         counts.push(invoke_op(&server, &key, "count", "").await.text());
@@ -186,14 +168,7 @@ async fn a_reused_python_instance_keeps_its_state() {
     let id = after_exception.headers["gust-invocation-id"]
         .to_str()
         .unwrap();
-    let record = request(
-        "GET",
-        &server.url(&format!("/v1/invocations/{id}")),
-        Some(&key),
-        "",
-    )
-    .await
-    .json();
+    let record = invocation_record(&server, &key, id).await;
     assert_eq!(record["timings"]["reused_instance"], true, "{record}");
     eprintln!("reused python timings: {}", record["timings"]);
     // The third use ended that instance; a timeout ends this one early.
@@ -217,15 +192,7 @@ async fn a_python_web_app_serves_http() {
     };
     let dir = TempDir::new().unwrap();
     let (server, key) = python_server(&dir).await;
-    let bytes = std::fs::read(&component).unwrap();
-    let deployed = request(
-        "PUT",
-        &server.url("/v1/functions/webapp"),
-        Some(&key),
-        bytes,
-    )
-    .await;
-    assert_eq!(deployed.status, 201, "{}", deployed.text());
+    let deployed = deploy_python(&server, &key, "webapp", &component).await;
     assert_eq!(deployed.json()["world"], "http", "{}", deployed.text());
     let url = |path: &str| server.url(&format!("/http/python/webapp{path}"));
 
@@ -319,15 +286,7 @@ async fn the_python_tensor_and_embed_examples_answer() {
     })
     .await;
     let key = tenant(&server, "pymodels").await;
-    let deploy = |name: &'static str, path: PathBuf| {
-        let url = server.url(&format!("/v1/functions/{name}"));
-        let key = key.clone();
-        async move {
-            let reply = request("PUT", &url, Some(&key), std::fs::read(path).unwrap()).await;
-            assert_eq!(reply.status, 201, "{}", reply.text());
-        }
-    };
-    deploy("mlp", tensor).await;
+    deploy_python(&server, &key, "mlp", &tensor).await;
     let invoke = |name: &'static str, body: &'static str| {
         let url = server.url(&format!("/v1/functions/{name}/invoke"));
         let key = key.clone();
@@ -368,7 +327,7 @@ async fn the_python_tensor_and_embed_examples_answer() {
         let Some(embed) = python_component(&root().join("examples/python/embed"), "embed") else {
             return;
         };
-        deploy("embed", embed).await;
+        deploy_python(&server, &key, "embed", &embed).await;
         let ranked = invoke(
             "embed",
             r#"{"sentences": ["The new movie is awesome.", "A man is eating food."],

@@ -8,7 +8,7 @@ use gust_host::runtime::{CallLimits, Invocation, LoadedComponent, Outcome, Reuse
 use gust_test_artifacts::COUNTER_COMPONENT;
 use tempfile::TempDir;
 
-use super::server::{TestServer, deploy, request, tenant};
+use super::server::{TestServer, deploy, invocation_record, request, tenant};
 use super::{limits, load, request as call_request, runtime};
 
 fn reusing(scope: &str, max_uses: u32) -> CallLimits {
@@ -186,14 +186,7 @@ async fn the_policy_turns_reuse_on_per_function() {
     let reply = invoke(&reusing, "two").await;
     assert_eq!(reply.text(), "3");
     let id = reply.headers["gust-invocation-id"].to_str().unwrap();
-    let record = request(
-        "GET",
-        &server.url(&format!("/v1/invocations/{id}")),
-        Some(&reusing),
-        "",
-    )
-    .await
-    .json();
+    let record = invocation_record(&server, &reusing, id).await;
     assert_eq!(record["timings"]["reused_instance"], true, "{record}");
     let metrics = request("GET", &server.url("/metrics"), None, "")
         .await

@@ -251,6 +251,19 @@ pub(crate) async fn deploy(server: &TestServer, key: &str, name: &str, path: &st
     .await
 }
 
+/// The invocation record `id`, as the tenant with `key` reads it.
+pub(crate) async fn invocation_record(server: &TestServer, key: &str, id: &str) -> Value {
+    let reply = request(
+        "GET",
+        &server.url(&format!("/v1/invocations/{id}")),
+        Some(key),
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply.json()
+}
+
 /// Creates tenant `name` with the admin key and returns its key.
 pub(crate) async fn tenant(server: &TestServer, name: &str) -> String {
     let reply = request(
