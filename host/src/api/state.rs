@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use super::metrics::Metrics;
 use super::{FirstStart, ServeConfig, ServeError};
-use crate::runtime::{AllocationConfig, LoadedComponent, Runtime};
+use crate::runtime::{AllocationConfig, LoadedComponent, Reuse, Runtime};
 use crate::store::sled::SledStore;
 use crate::store::{
     ApiKeyRecord, BlobStore, FsBlobStore, FunctionRecord, MetaStore, StoreError, now_millis,
@@ -195,6 +195,9 @@ impl AppState {
             deployment.record.tenant.clone(),
             deployment.record.name.clone(),
         );
+        // Instances of the version this one replaces are never used again.
+        self.runtime
+            .drop_idle_instances(&Reuse::scope_of(&key.0, &key.1));
         self.deployments
             .write()
             .unwrap_or_else(PoisonError::into_inner)
@@ -206,6 +209,9 @@ impl AppState {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&(tenant.to_owned(), name.to_owned()));
+        // A function deployed later under this name starts from scratch.
+        self.runtime
+            .drop_idle_instances(&Reuse::scope_of(tenant, name));
     }
 
     pub(crate) fn functions_loaded(&self) -> usize {

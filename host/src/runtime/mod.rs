@@ -434,6 +434,12 @@ impl Runtime {
         self.idle.idle_count()
     }
 
+    /// Drops the reusable instances of `scope` (see [`Reuse::scope_of`]):
+    /// its function was deleted or replaced.
+    pub fn drop_idle_instances(&self, scope: &str) {
+        self.idle.forget(scope);
+    }
+
     /// Drops the reusable instances that have been idle too long. Taking
     /// and returning instances does this too; call it now and then so that
     /// a function nobody calls any more does not keep its instances.

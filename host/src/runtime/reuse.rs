@@ -37,6 +37,15 @@ pub struct Reuse {
     pub max_uses: u32,
 }
 
+impl Reuse {
+    /// The scope of one function of one tenant: instances are shared by
+    /// its calls and nobody else's (tenant and function names cannot
+    /// contain `/`).
+    pub fn scope_of(tenant: &str, function: &str) -> Arc<str> {
+        format!("{tenant}/{function}").into()
+    }
+}
+
 /// What a WASI context was built with: an instance is only reused by a call
 /// whose limits would build the same one. (Everything else, the memory
 /// limit, outbound rules, GPU grant and deadline, is set anew per call.)
@@ -157,6 +166,23 @@ impl InstancePool {
             }
         }
         drop(expired);
+    }
+
+    /// Drops every idle instance of `scope`.
+    pub(crate) fn forget(&self, scope: &str) {
+        let mut dropped = Vec::new();
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            idle.retain(|(key_scope, _), list| {
+                if &**key_scope == scope {
+                    dropped.append(list);
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        drop(dropped);
     }
 
     /// Drops every instance idle for longer than the timeout.

@@ -520,8 +520,7 @@ impl Policy {
             stderr_limit: log_bytes,
             outbound: self.outbound_policy(),
             reuse: (self.reuse_instances > 1).then(|| crate::runtime::Reuse {
-                // Tenant and function names cannot contain `/`.
-                scope: format!("{tenant}/{function}").into(),
+                scope: crate::runtime::Reuse::scope_of(tenant, function),
                 max_uses: self.reuse_instances,
             }),
             ..CallLimits::default()

@@ -197,5 +197,17 @@ async fn the_policy_turns_reuse_on_per_function() {
         metrics.contains("gust_instance_reuses_total 4"),
         "{metrics}"
     );
+
+    // Deleting a function drops its idle instances: the same bytes deployed
+    // again under the same name start from scratch.
+    assert_eq!(invoke(&reusing, "one").await.text(), "2");
+    let url = server.url("/v1/functions/one");
+    assert_eq!(
+        request("DELETE", &url, Some(&reusing), "").await.status,
+        204
+    );
+    let deployed = deploy(&server, &reusing, "one", COUNTER_COMPONENT).await;
+    assert_eq!(deployed.status, 201, "{}", deployed.text());
+    assert_eq!(invoke(&reusing, "one").await.text(), "1");
     server.stop().await;
 }
