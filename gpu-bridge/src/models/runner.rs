@@ -7,12 +7,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::account::Account;
-use crate::device::Tensor;
+use crate::device::{Device, Tensor};
 use crate::error::{BridgeError, Result};
 use crate::kernel::{BinaryOp, UnaryOp};
 use crate::models::batch::{BatchStats, Work};
 use crate::models::bert::{self, Bert};
+use crate::models::gguf::GgufMetadata;
 use crate::models::graph::Graph;
+use crate::models::llama::Llama;
 use crate::models::manifest::{GraphSpec, ModelManifest};
 use crate::models::registry::ResidentModel;
 use crate::models::safetensors::HostTensor;
@@ -21,6 +23,9 @@ use crate::op::Op;
 /// A family's forward pass over one resident model's weights.
 pub(crate) enum Runner {
     Bert(Box<Bert>),
+    /// The llama family's decoder: tokenizer, rotary tables, checked
+    /// weights.
+    Llama(Box<Llama>),
     /// A `generic` model's forward pass, from its manifest's `[graph]`.
     Graph(GraphSpec),
     /// Weights without a forward pass of ours: usable through `tensor`
@@ -32,12 +37,17 @@ pub(crate) enum Runner {
 /// the weights are on the device.
 pub(crate) enum Prepared {
     Bert(Box<bert::Prepared>),
+    /// Everything llama needs is in its GGUF metadata, read with the
+    /// weights: nothing to prepare before the upload.
+    Llama,
     Graph(GraphSpec),
     Weights,
 }
 
 /// Parse the family's config and tokenizer and rearrange its weights in host
-/// memory. Runs on the reader thread (it blocks on disk).
+/// memory. Runs on the reader thread (it blocks on disk). A `[graph]` in the
+/// manifest is the forward pass of families without one of their own; bert
+/// and llama models use theirs.
 pub(crate) fn prepare(
     folder: &Path,
     manifest: &ModelManifest,
@@ -45,6 +55,7 @@ pub(crate) fn prepare(
 ) -> Result<Prepared> {
     match manifest.family.as_str() {
         "bert" => bert::prepare(folder, manifest, tensors).map(|p| Prepared::Bert(Box::new(p))),
+        "llama" => Ok(Prepared::Llama),
         _ => Ok(match &manifest.graph {
             Some(graph) => Prepared::Graph(graph.clone()),
             None => Prepared::Weights,
@@ -53,16 +64,24 @@ pub(crate) fn prepare(
 }
 
 impl Prepared {
-    /// Bind the family to its uploaded weights.
-    pub(crate) fn finish(
+    /// Bind the family to its uploaded weights (and `gguf`, the metadata of
+    /// the model's GGUF file if it has one). Tables a family computes once
+    /// (llama's rotary tables) are uploaded on `account`.
+    pub(crate) async fn finish(
         self,
         manifest: &ModelManifest,
         tensors: &BTreeMap<String, Tensor>,
+        gguf: Option<&GgufMetadata>,
+        device: &Device,
+        account: &Arc<Account>,
     ) -> Result<Runner> {
         match self {
             Prepared::Bert(prepared) => prepared
                 .finish(manifest, tensors)
                 .map(|b| Runner::Bert(Box::new(b))),
+            Prepared::Llama => Llama::new(&manifest.name, tensors, gguf, device, account)
+                .await
+                .map(|l| Runner::Llama(Box::new(l))),
             Prepared::Graph(graph) => {
                 // Every operand must name a graph input, a weight or an
                 // earlier step's output: checked once, here.
@@ -344,7 +363,9 @@ impl ResidentModel {
     ) -> Result<Vec<Vec<f32>>> {
         match &self.runner {
             Runner::Bert(bert) => bert.embed(self.device(), &texts, account).await,
-            Runner::Graph(_) | Runner::Weights => Err(not_for(self, "embed", "bert")),
+            Runner::Llama(_) | Runner::Graph(_) | Runner::Weights => {
+                Err(not_for(self, "embed", "bert"))
+            }
         }
     }
 
@@ -352,7 +373,7 @@ impl ResidentModel {
     pub fn embedding_dimensions(&self) -> Option<usize> {
         match &self.runner {
             Runner::Bert(bert) => Some(bert.dimensions()),
-            Runner::Graph(_) | Runner::Weights => None,
+            Runner::Llama(_) | Runner::Graph(_) | Runner::Weights => None,
         }
     }
 
@@ -410,9 +431,14 @@ impl ResidentModel {
                     _ => run_graph(self, graph, &inputs, account).await,
                 }
             }
+            Runner::Llama(_) => Err(BridgeError::unsupported(format!(
+                "model `{}` of family `{}` has no `run`: it generates text with `generate`",
+                self.name(),
+                self.family()
+            ))),
             Runner::Weights => Err(BridgeError::unsupported(format!(
-                "model `{}` of family `{}` has no forward pass here (bert and llama have one; a \
-                 generic model needs a [graph] in its manifest)",
+                "model `{}` of family `{}` has no forward pass here (bert has one; a generic \
+                 model needs a [graph] in its manifest)",
                 self.name(),
                 self.family()
             ))),
