@@ -130,6 +130,30 @@ fn binary_ops_broadcast_like_numpy() {
     });
 }
 
+/// GELU element by element over both tails, where `1 + erf` cancels (large
+/// negative inputs) and where it saturates: relative error within 1e-5, or
+/// an absolute error far below anything a model could notice where the
+/// exact value is below f32's normal range.
+#[test]
+fn gelu_is_accurate_element_by_element_in_both_tails() {
+    let values: Vec<f32> = (-3000..=3000).map(|i| i as f32 / 100.0).collect();
+    on_every_device(|device, _| {
+        let acct = account();
+        let x = upload_f32(device, &[values.len()], &values, &acct);
+        let out = run(device, Op::Unary(UnaryOp::Gelu), &[&x], &acct);
+        let got = read_f64(device, &out, &acct);
+        for (&v, g) in values.iter().zip(got) {
+            let expected = r::gelu(f64::from(v));
+            let error = (g - expected).abs();
+            assert!(
+                error <= 1e-5 * expected.abs() || error <= 1e-30,
+                "{}: gelu({v}) = {g}, expected {expected}",
+                device.description().name
+            );
+        }
+    });
+}
+
 #[test]
 fn unary_ops_and_affine_match_reference() {
     let ops: [(UnaryOp, fn(f64) -> f64); 5] = [
