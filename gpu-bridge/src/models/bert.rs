@@ -434,6 +434,17 @@ impl Prepared {
     }
 }
 
+/// How the packed rows of a batch with padding map to its padded layout,
+/// and the additive attention mask that hides the padding.
+struct Padding {
+    /// Padded slot -> packed row (past the end for padding).
+    pad: Tensor,
+    /// Packed row -> padded slot.
+    unpad: Tensor,
+    /// `[texts, 1, 1, positions]`: 0 for real tokens, -1e9 for padding.
+    mask: Tensor,
+}
+
 /// Token ids and masks of one batch, padded to its longest text.
 pub(crate) struct Tokens {
     /// Texts (rows).
@@ -711,8 +722,6 @@ impl Bert {
         };
         let ids = indices(&packed_ids).await?;
         let positions = indices(&packed_positions).await?;
-        let pad = indices(&to_padded).await?;
-        let unpad = indices(&to_packed).await?;
 
         let words = g.gather(&self.word_embeddings, &ids).await?;
         let placed = g.gather(&self.position_embeddings, &positions).await?;
@@ -728,25 +737,39 @@ impl Bert {
             )
             .await?;
 
-        // Padding gets a large negative score before the softmax, so no real
-        // token attends to it.
-        let additive: Vec<f32> = batch
-            .mask
-            .iter()
-            .map(|&m| if m > 0.0 { 0.0 } else { -1e9 })
-            .collect();
-        let attention_mask = device
-            .upload(
-                DType::F32,
-                &[b, 1, 1, s],
-                dtype::f32_to_bytes(&additive),
-                account,
-            )
-            .await?;
+        // Without padding (one text, or texts of one length) the packed
+        // and padded layouts are the same and nothing needs masking: three
+        // ops a layer fewer.
+        let padding = if tokens < b * s {
+            // Padding gets a large negative score before the softmax, so no
+            // real token attends to it.
+            let additive: Vec<f32> = batch
+                .mask
+                .iter()
+                .map(|&m| if m > 0.0 { 0.0 } else { -1e9 })
+                .collect();
+            Some(Padding {
+                pad: indices(&to_padded).await?,
+                unpad: indices(&to_packed).await?,
+                mask: device
+                    .upload(
+                        DType::F32,
+                        &[b, 1, 1, s],
+                        dtype::f32_to_bytes(&additive),
+                        account,
+                    )
+                    .await?,
+            })
+        } else {
+            None
+        };
 
         for layer in &self.layers {
             let qkv = g.linear(&x, &layer.qkv_weight, &layer.qkv_bias).await?;
-            let qkv = g.gather(&qkv, &pad).await?;
+            let qkv = match &padding {
+                Some(p) => g.gather(&qkv, &p.pad).await?,
+                None => qkv,
+            };
             let qkv = g.reshape(&qkv, &[b, s, 3, heads, head_dim]).await?;
             // [3, b, heads, s, head_dim]: q, k and v each one slice of it.
             let qkv = g.permute(&qkv, &[2, 0, 3, 1, 4]).await?;
@@ -762,12 +785,18 @@ impl Bert {
             let v = part(2).await?;
             let k_t = g.permute(&k, &[0, 1, 3, 2]).await?;
             let scores = g.matmul(&q, &k_t).await?;
-            let scores = g.add(&scores, &attention_mask).await?;
+            let scores = match &padding {
+                Some(p) => g.add(&scores, &p.mask).await?,
+                None => scores,
+            };
             let probs = g.softmax(&scores, -1).await?;
             let context = g.matmul(&probs, &v).await?;
             let context = g.permute(&context, &[0, 2, 1, 3]).await?;
             let context = g.reshape(&context, &[b * s, hidden]).await?;
-            let context = g.gather(&context, &unpad).await?;
+            let context = match &padding {
+                Some(p) => g.gather(&context, &p.unpad).await?,
+                None => context,
+            };
             let attended = g
                 .linear(
                     &context,
@@ -822,7 +851,10 @@ impl Bert {
             .await?;
         let pooled = g.matmul(&averaging, &x).await?;
         let last_hidden = if want_hidden {
-            let padded = g.gather(&x, &pad).await?;
+            let padded = match &padding {
+                Some(p) => g.gather(&x, &p.pad).await?,
+                None => x,
+            };
             Some(g.reshape(&padded, &[b, s, hidden]).await?)
         } else {
             None
