@@ -811,6 +811,64 @@ fn generic_runs_batch_along_rows_only_when_the_graph_keeps_rows_apart() {
     }
 }
 
+/// A product of two inputs contracts over the second one's rows: such a
+/// graph never batches (stacking callers' rows would mix them), even when
+/// both inputs have the same first dimension.
+#[test]
+fn a_graph_that_mixes_rows_runs_every_call_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::fresh();
+    let folder = write_model(dir.path(), "product", &[f32_spec("unused", &[1], &[0.0])]);
+    let manifest = folder.join("gust-model.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let graph = r#"
+[batching]
+max_batch = 16
+max_delay_ms = 100
+
+[graph]
+inputs = ["x", "y"]
+outputs = ["product"]
+
+[[graph.steps]]
+op = "matmul"
+inputs = ["x", "y"]
+output = "product"
+"#;
+    std::fs::write(&manifest, format!("{text}{graph}")).unwrap();
+    let device = cpu();
+    let rt = runtime();
+    let registry = ModelRegistry::open(dir.path()).unwrap();
+    assert!(registry.problems().is_empty(), "{:?}", registry.problems());
+    let model = rt.block_on(registry.load("product", &device)).unwrap();
+    let account = gust_gpu_bridge::Account::new("t", None, None);
+    let pairs: Vec<(Vec<f32>, Vec<f32>)> = (0..4).map(|_| (rng.f32s(16), rng.f32s(16))).collect();
+    let tasks: Vec<_> = pairs
+        .iter()
+        .map(|(x, y)| {
+            let upload = |v: &[f32]| {
+                block_on(device.upload(DType::F32, &[4, 4], dtype::f32_to_bytes(v), &account))
+                    .unwrap()
+            };
+            let inputs = vec![("x".to_owned(), upload(x)), ("y".to_owned(), upload(y))];
+            let (model, account) = (Arc::clone(&model), Arc::clone(&account));
+            rt.spawn(async move { model.run(&inputs, &account).await })
+        })
+        .collect();
+    for ((x, y), task) in pairs.iter().zip(tasks) {
+        let got = read_f32(&device, &rt.block_on(task).unwrap().unwrap()[0].1);
+        for i in 0..4 {
+            for j in 0..4 {
+                let expected: f32 = (0..4).map(|l| x[i * 4 + l] * y[l * 4 + j]).sum();
+                let g = got[i * 4 + j];
+                assert!((g - expected).abs() < 1e-5, "[{i}, {j}]: {g} vs {expected}");
+            }
+        }
+    }
+    let stats = model.batch_stats().unwrap();
+    assert_eq!(stats.requests, 0, "{stats:?}: x @ y must not batch");
+}
+
 /// `run` shares `embed`'s bounded queue: a full queue refuses at once with
 /// quota-exceeded, and a call whose deadline passes gives up with timeout.
 #[test]
