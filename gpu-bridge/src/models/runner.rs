@@ -422,6 +422,11 @@ impl ResidentModel {
             }
             Runner::Graph(graph) => {
                 let inputs = graph_inputs(self, graph, inputs)?;
+                // Checked here, so that in a batch a tensor from another
+                // device fails its own call rather than the batch's concat.
+                for input in &inputs {
+                    self.device().check_owner(input)?;
+                }
                 match batcher {
                     Some(batcher) if graph_batchable(self, graph, &inputs) => {
                         batcher

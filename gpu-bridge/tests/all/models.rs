@@ -811,6 +811,51 @@ fn generic_runs_batch_along_rows_only_when_the_graph_keeps_rows_apart() {
     }
 }
 
+/// In a batch, a call with a tensor from another device fails alone: the
+/// calls beside it still get their rows.
+#[test]
+fn a_tensor_from_another_device_fails_only_its_own_batched_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::fresh();
+    let w: Vec<f32> = rng.f32s(12);
+    let folder = write_model(
+        dir.path(),
+        "mlp",
+        &[
+            f32_spec("layer.weight", &[4, 3], &w),
+            f32_spec("layer.bias", &[3], &[0.0; 3]),
+        ],
+    );
+    let manifest = folder.join("gust-model.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let batching = "\n[batching]\nmax_batch = 16\nmax_delay_ms = 100\n";
+    std::fs::write(&manifest, format!("{text}{batching}{MLP_GRAPH}")).unwrap();
+    let (device, elsewhere) = (cpu(), cpu());
+    let rt = runtime();
+    let registry = ModelRegistry::open(dir.path()).unwrap();
+    let model = rt.block_on(registry.load("mlp", &device)).unwrap();
+    let account = gust_gpu_bridge::Account::new("t", None, None);
+    let x = rng.f32s(8);
+    let tasks: Vec<_> = [&device, &elsewhere, &device]
+        .into_iter()
+        .map(|on| {
+            let input = block_on(on.upload(DType::F32, &[2, 4], dtype::f32_to_bytes(&x), &account))
+                .unwrap();
+            let (model, account) = (Arc::clone(&model), Arc::clone(&account));
+            rt.spawn(async move { model.run(&[("x".to_owned(), input)], &account).await })
+        })
+        .collect();
+    let results: Vec<_> = tasks.into_iter().map(|t| rt.block_on(t).unwrap()).collect();
+    let err = results[1].as_ref().unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
+    for ok in [&results[0], &results[2]] {
+        let outputs = ok.as_ref().unwrap();
+        assert_eq!(outputs[0].1.shape(), [2, 3]);
+    }
+    let stats = model.batch_stats().unwrap();
+    assert_eq!((stats.requests, stats.batches), (2, 1), "{stats:?}");
+}
+
 /// A product of two inputs contracts over the second one's rows: such a
 /// graph never batches (stacking callers' rows would mix them), even when
 /// both inputs have the same first dimension.
