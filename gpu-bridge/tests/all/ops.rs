@@ -86,6 +86,11 @@ fn matmul_matches_reference() {
             (&[2, 3, 5, 7], &[7, 4]),
             (&[4, 1, 6, 8], &[3, 8, 5]),
             (&[128, 96], &[96, 80]),
+            // Few rows and enough work to run in parallel: the cpu backend
+            // splits the columns across threads (blocks of 112 and 88
+            // here), per batch entry in the second.
+            (&[7, 300], &[300, 200]),
+            (&[2, 9, 256], &[2, 256, 130]),
         ];
         for (a, b) in cases {
             check_f32_op(device, rng, Op::Matmul, &[a, b], |x| {
