@@ -26,6 +26,12 @@ use gust_gpu_bridge::backend::cpu::CpuBackend;
 use gust_gpu_bridge::models::{ModelRegistry, RegistryConfig, ResidentModel};
 use gust_gpu_bridge::{Account, Device, DeviceOptions};
 
+// The reference candle BERT, shared with the tests.
+#[path = "../tests/shared/candle_bert.rs"]
+mod candle_bert;
+
+use candle_bert::CandleBert;
+
 const MODEL: &str = "all-minilm-l6-v2";
 
 const SENTENCES: [&str; 5] = [
@@ -149,88 +155,6 @@ fn bench_concurrent(c: &mut Criterion, dir: &PathBuf) {
         });
     }
     group.finish();
-}
-
-/// The reference: candle-transformers' BERT, tokenized and pooled as the
-/// bridge does (longest-in-batch padding, masked mean, L2).
-struct CandleBert {
-    model: candle_transformers::models::bert::BertModel,
-    tokenizer: tokenizers::Tokenizer,
-}
-
-impl CandleBert {
-    fn open(folder: &std::path::Path) -> Self {
-        use candle_transformers::models::bert::{BertModel, Config};
-        let config: Config =
-            serde_json::from_str(&std::fs::read_to_string(folder.join("config.json")).unwrap())
-                .unwrap();
-        let mut tokenizer =
-            tokenizers::Tokenizer::from_file(folder.join("tokenizer.json")).unwrap();
-        let padding = tokenizer.get_padding().cloned().unwrap_or_default();
-        tokenizer.with_padding(Some(tokenizers::PaddingParams {
-            strategy: tokenizers::PaddingStrategy::BatchLongest,
-            ..padding
-        }));
-        tokenizer
-            .with_truncation(Some(tokenizers::TruncationParams {
-                max_length: config.max_position_embeddings,
-                ..Default::default()
-            }))
-            .unwrap();
-        let weights = std::fs::read(folder.join("model.safetensors")).unwrap();
-        let vb = candle_nn::VarBuilder::from_buffered_safetensors(
-            weights,
-            candle_core::DType::F32,
-            &candle_core::Device::Cpu,
-        )
-        .unwrap();
-        Self {
-            model: BertModel::load(vb, &config).unwrap(),
-            tokenizer,
-        }
-    }
-
-    fn embed(&self, texts: &[&str]) -> Vec<Vec<f32>> {
-        use candle_core::{DType, Device, Tensor};
-        let encodings = self
-            .tokenizer
-            .encode_batch(
-                texts.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
-                true,
-            )
-            .unwrap();
-        let s = encodings[0].len();
-        let ids: Vec<u32> = encodings
-            .iter()
-            .flat_map(|e| e.get_ids().to_vec())
-            .collect();
-        let mask: Vec<u32> = encodings
-            .iter()
-            .flat_map(|e| e.get_attention_mask().to_vec())
-            .collect();
-        let ids = Tensor::from_vec(ids, (texts.len(), s), &Device::Cpu).unwrap();
-        let mask = Tensor::from_vec(mask, (texts.len(), s), &Device::Cpu).unwrap();
-        let hidden = self
-            .model
-            .forward(&ids, &ids.zeros_like().unwrap(), Some(&mask))
-            .unwrap();
-        let mask = mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
-        let pooled = hidden
-            .broadcast_mul(&mask)
-            .unwrap()
-            .sum(1)
-            .unwrap()
-            .broadcast_div(&mask.sum(1).unwrap())
-            .unwrap();
-        let norm = pooled
-            .sqr()
-            .unwrap()
-            .sum_keepdim(1)
-            .unwrap()
-            .sqrt()
-            .unwrap();
-        pooled.broadcast_div(&norm).unwrap().to_vec2().unwrap()
-    }
 }
 
 fn bench_models(c: &mut Criterion) {

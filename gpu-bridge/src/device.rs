@@ -497,7 +497,8 @@ impl Device {
         })?
     }
 
-    fn check_owner(&self, tensor: &Tensor) -> Result<()> {
+    /// `invalid-argument` unless `tensor` lives on this device.
+    pub(crate) fn check_owner(&self, tensor: &Tensor) -> Result<()> {
         if Arc::ptr_eq(&tensor.storage._charge.device, &self.inner) {
             Ok(())
         } else {

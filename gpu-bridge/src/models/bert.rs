@@ -434,13 +434,57 @@ impl Prepared {
     }
 }
 
+/// How the packed rows of a batch with padding map to its padded layout,
+/// and the additive attention mask that hides the padding.
+struct Padding {
+    /// Padded slot -> packed row (past the end for padding).
+    pad: Tensor,
+    /// Packed row -> padded slot.
+    unpad: Tensor,
+    /// `[texts, 1, 1, positions]`: 0 for real tokens, -1e9 for padding.
+    mask: Tensor,
+}
+
 /// Token ids and masks of one batch, padded to its longest text.
-struct Batch {
-    texts: usize,
-    positions: usize,
+pub(crate) struct Tokens {
+    /// Texts (rows).
+    pub(crate) texts: usize,
+    /// Positions per text, padding included.
+    pub(crate) positions: usize,
     ids: Vec<u32>,
     /// 1 for a real token, 0 for padding, per text and position.
     mask: Vec<f32>,
+}
+
+impl Tokens {
+    /// The texts of `parts`, one after another, padded on the right to the
+    /// longest with masked positions (which change nothing for the real
+    /// tokens: they get no attention and are left out of the mean).
+    pub(crate) fn join(parts: &[&Tokens]) -> Tokens {
+        let positions = parts.iter().map(|p| p.positions).max().unwrap_or(0);
+        let texts = parts.iter().map(|p| p.texts).sum();
+        let mut ids = Vec::with_capacity(texts * positions);
+        let mut mask = Vec::with_capacity(texts * positions);
+        for part in parts {
+            let pad = positions - part.positions;
+            let rows = part
+                .ids
+                .chunks_exact(part.positions.max(1))
+                .zip(part.mask.chunks_exact(part.positions.max(1)));
+            for (row_ids, row_mask) in rows {
+                ids.extend_from_slice(row_ids);
+                ids.extend(std::iter::repeat_n(0, pad));
+                mask.extend_from_slice(row_mask);
+                mask.extend(std::iter::repeat_n(0.0, pad));
+            }
+        }
+        Tokens {
+            texts,
+            positions,
+            ids,
+            mask,
+        }
+    }
 }
 
 impl Bert {
@@ -449,7 +493,7 @@ impl Bert {
         self.config.hidden_size
     }
 
-    fn tokenize(&self, texts: &[String]) -> Result<Batch> {
+    fn tokenize(&self, texts: &[String]) -> Result<Tokens> {
         let encodings = self
             .tokenizer
             .encode_batch(texts.to_vec(), true)
@@ -466,7 +510,7 @@ impl Bert {
             ids.extend_from_slice(encoding.get_ids());
             mask.extend(encoding.get_attention_mask().iter().map(|&m| m as f32));
         }
-        Ok(Batch {
+        Ok(Tokens {
             texts: texts.len(),
             positions,
             ids,
@@ -486,23 +530,23 @@ impl Bert {
             return Ok(Vec::new());
         }
         check_count(texts.len())?;
-        let batch = self.tokenize(texts)?;
-        let (_, pooled) = self.encode(device, &batch, account, false).await?;
+        let tokens = self.tokenize(texts)?;
+        let (_, pooled) = self.encode(device, &tokens, account, false).await?;
         let bytes = device.read(&pooled, account).await?;
         Ok(normalised_rows(&bytes, self.config.hidden_size))
     }
 
-    /// The generic entry point: `input_ids` (`[texts, positions]`, u32 or
-    /// i32) and an optional `attention_mask` of the same shape (non-zero for
-    /// real tokens; all ones if absent) give `last_hidden_state`
-    /// (`[texts, positions, hidden]`) and `sentence_embedding` (`[texts,
-    /// hidden]`, mean-pooled and L2-normalised).
-    pub(crate) async fn run(
+    /// The generic entry point's inputs, read back and checked: `input_ids`
+    /// (`[texts, positions]`, u32 or i32) and an optional `attention_mask`
+    /// of the same shape (non-zero for real tokens; all ones if absent).
+    /// [`run_tokens`](Self::run_tokens) turns them into the outputs; a
+    /// batch of runs is made of them.
+    pub(crate) async fn read_inputs(
         &self,
         device: &Device,
         inputs: &[(String, Tensor)],
         account: &Arc<Account>,
-    ) -> Result<Vec<(String, Tensor)>> {
+    ) -> Result<Tokens> {
         let mut ids = None;
         let mut mask = None;
         for (name, tensor) in inputs {
@@ -538,7 +582,7 @@ impl Bert {
                 "`input_ids` holds {bad}, outside the vocabulary of {vocabulary}"
             )));
         }
-        let mask_values = match mask {
+        let mask_values: Vec<f32> = match mask {
             Some(mask) => {
                 if mask.shape() != ids.shape() {
                     return Err(BridgeError::shape(format!(
@@ -555,22 +599,61 @@ impl Bert {
             }
             None => vec![1.0; id_values.len()],
         };
-        let batch = Batch {
+        // Checked here rather than left to the encoder, so that in a batch
+        // the call fails alone instead of passing as zero embeddings.
+        if texts > 0 && !mask_values.iter().any(|&m| m > 0.0) {
+            return Err(no_tokens());
+        }
+        Ok(Tokens {
             texts,
             positions,
             ids: id_values,
             mask: mask_values,
-        };
-        let (hidden, pooled) = self.encode(device, &batch, account, true).await?;
+        })
+    }
+
+    /// `run`'s outputs: `last_hidden_state` (`[texts, positions, hidden]`)
+    /// and `sentence_embedding` (`[texts, hidden]`, mean-pooled and
+    /// L2-normalised).
+    pub(crate) async fn run_tokens(
+        &self,
+        device: &Device,
+        tokens: &Tokens,
+        account: &Arc<Account>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let (hidden, rows) = self.encode_tokens(device, tokens, account).await?;
+        self.outputs(device, hidden, &rows, account).await
+    }
+
+    /// The last hidden state (`[texts, positions, hidden]`) and one
+    /// L2-normalised embedding per text.
+    pub(crate) async fn encode_tokens(
+        &self,
+        device: &Device,
+        tokens: &Tokens,
+        account: &Arc<Account>,
+    ) -> Result<(Tensor, Vec<Vec<f32>>)> {
+        let (hidden, pooled) = self.encode(device, tokens, account, true).await?;
         let hidden =
             hidden.ok_or_else(|| BridgeError::backend("the encoder kept no hidden state"))?;
         let bytes = device.read(&pooled, account).await?;
-        let rows = normalised_rows(&bytes, self.config.hidden_size);
-        let flat: Vec<f32> = rows.into_iter().flatten().collect();
+        Ok((hidden, normalised_rows(&bytes, self.config.hidden_size)))
+    }
+
+    /// `run`'s named outputs from the hidden state and embeddings of its
+    /// texts; the embeddings are uploaded on `account`.
+    pub(crate) async fn outputs(
+        &self,
+        device: &Device,
+        hidden: Tensor,
+        rows: &[Vec<f32>],
+        account: &Arc<Account>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let flat: Vec<f32> = rows.iter().flatten().copied().collect();
         let embedding = device
             .upload(
                 DType::F32,
-                &[texts, self.config.hidden_size],
+                &[rows.len(), self.config.hidden_size],
                 dtype::f32_to_bytes(&flat),
                 account,
             )
@@ -593,7 +676,7 @@ impl Bert {
     async fn encode(
         &self,
         device: &Device,
-        batch: &Batch,
+        batch: &Tokens,
         account: &Arc<Account>,
         want_hidden: bool,
     ) -> Result<(Option<Tensor>, Tensor)> {
@@ -624,9 +707,7 @@ impl Bert {
         }
         let tokens = packed_ids.len();
         if tokens == 0 {
-            return Err(BridgeError::invalid(
-                "no tokens to encode (an all-zero attention mask)",
-            ));
+            return Err(no_tokens());
         }
         // Padded slot -> packed row; an index past the end gathers a row of
         // zeros, which is what padding should hold.
@@ -641,8 +722,6 @@ impl Bert {
         };
         let ids = indices(&packed_ids).await?;
         let positions = indices(&packed_positions).await?;
-        let pad = indices(&to_padded).await?;
-        let unpad = indices(&to_packed).await?;
 
         let words = g.gather(&self.word_embeddings, &ids).await?;
         let placed = g.gather(&self.position_embeddings, &positions).await?;
@@ -658,25 +737,39 @@ impl Bert {
             )
             .await?;
 
-        // Padding gets a large negative score before the softmax, so no real
-        // token attends to it.
-        let additive: Vec<f32> = batch
-            .mask
-            .iter()
-            .map(|&m| if m > 0.0 { 0.0 } else { -1e9 })
-            .collect();
-        let attention_mask = device
-            .upload(
-                DType::F32,
-                &[b, 1, 1, s],
-                dtype::f32_to_bytes(&additive),
-                account,
-            )
-            .await?;
+        // Without padding (one text, or texts of one length) the packed
+        // and padded layouts are the same and nothing needs masking: three
+        // ops a layer fewer.
+        let padding = if tokens < b * s {
+            // Padding gets a large negative score before the softmax, so no
+            // real token attends to it.
+            let additive: Vec<f32> = batch
+                .mask
+                .iter()
+                .map(|&m| if m > 0.0 { 0.0 } else { -1e9 })
+                .collect();
+            Some(Padding {
+                pad: indices(&to_padded).await?,
+                unpad: indices(&to_packed).await?,
+                mask: device
+                    .upload(
+                        DType::F32,
+                        &[b, 1, 1, s],
+                        dtype::f32_to_bytes(&additive),
+                        account,
+                    )
+                    .await?,
+            })
+        } else {
+            None
+        };
 
         for layer in &self.layers {
             let qkv = g.linear(&x, &layer.qkv_weight, &layer.qkv_bias).await?;
-            let qkv = g.gather(&qkv, &pad).await?;
+            let qkv = match &padding {
+                Some(p) => g.gather(&qkv, &p.pad).await?,
+                None => qkv,
+            };
             let qkv = g.reshape(&qkv, &[b, s, 3, heads, head_dim]).await?;
             // [3, b, heads, s, head_dim]: q, k and v each one slice of it.
             let qkv = g.permute(&qkv, &[2, 0, 3, 1, 4]).await?;
@@ -692,12 +785,18 @@ impl Bert {
             let v = part(2).await?;
             let k_t = g.permute(&k, &[0, 1, 3, 2]).await?;
             let scores = g.matmul(&q, &k_t).await?;
-            let scores = g.add(&scores, &attention_mask).await?;
+            let scores = match &padding {
+                Some(p) => g.add(&scores, &p.mask).await?,
+                None => scores,
+            };
             let probs = g.softmax(&scores, -1).await?;
             let context = g.matmul(&probs, &v).await?;
             let context = g.permute(&context, &[0, 2, 1, 3]).await?;
             let context = g.reshape(&context, &[b * s, hidden]).await?;
-            let context = g.gather(&context, &unpad).await?;
+            let context = match &padding {
+                Some(p) => g.gather(&context, &p.unpad).await?,
+                None => context,
+            };
             let attended = g
                 .linear(
                     &context,
@@ -752,13 +851,20 @@ impl Bert {
             .await?;
         let pooled = g.matmul(&averaging, &x).await?;
         let last_hidden = if want_hidden {
-            let padded = g.gather(&x, &pad).await?;
+            let padded = match &padding {
+                Some(p) => g.gather(&x, &p.pad).await?,
+                None => x,
+            };
             Some(g.reshape(&padded, &[b, s, hidden]).await?)
         } else {
             None
         };
         Ok((last_hidden, pooled))
     }
+}
+
+fn no_tokens() -> BridgeError {
+    BridgeError::invalid("no tokens to encode (an all-zero attention mask)")
 }
 
 fn check_count(texts: usize) -> Result<()> {

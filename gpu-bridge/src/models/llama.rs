@@ -32,6 +32,7 @@ use crate::dtype::{self, DType};
 use crate::error::{BridgeError, Result};
 use crate::kernel::{BinaryOp, UnaryOp};
 use crate::models::gguf::{GgufMetadata, GgufValue};
+use crate::models::graph::Graph;
 use crate::models::sampling::{
     FinishReason, GenerateParams, Generation, Sampler, Scan, StopScanner,
 };
@@ -487,64 +488,35 @@ impl Llama {
             .map_err(|e| BridgeError::backend(format!("generate: cannot decode tokens: {e}")))
     }
 
-    async fn run(&self, op: Op, operands: &[&Tensor], account: &Arc<Account>) -> Result<Tensor> {
-        self.device.run(&op, operands, account).await
-    }
-
-    async fn reshape(&self, x: &Tensor, shape: &[usize], account: &Arc<Account>) -> Result<Tensor> {
-        let shape = shape.iter().map(|&d| d as i64).collect();
-        self.run(Op::Reshape { shape }, &[x], account).await
-    }
-
     /// `x @ Wᵀ` for `x: [t, in]` and `w: [out, in]`, as `(W @ xᵀ)ᵀ`.
-    async fn linear(&self, x: &Tensor, w: &Tensor, account: &Arc<Account>) -> Result<Tensor> {
+    async fn linear(g: Graph<'_>, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let (t, inner) = (x.shape()[0], x.shape()[1]);
         let out = w.shape()[0];
         if t == 1 {
-            let column = self.reshape(x, &[inner, 1], account).await?;
-            let y = self.run(Op::Matmul, &[w, &column], account).await?;
-            self.reshape(&y, &[1, out], account).await
+            let column = g.reshape(x, &[inner, 1]).await?;
+            let y = g.matmul(w, &column).await?;
+            g.reshape(&y, &[1, out]).await
         } else {
             let transpose = Op::Transpose { dim0: 0, dim1: 1 };
-            let xt = self.run(transpose.clone(), &[x], account).await?;
-            let y = self.run(Op::Matmul, &[w, &xt], account).await?;
-            self.run(transpose, &[&y], account).await
+            let xt = g.op(transpose.clone(), &[x]).await?;
+            let y = g.matmul(w, &xt).await?;
+            g.op(transpose, &[&y]).await
         }
     }
 
     /// RoPE on `x: [heads, t, head_dim]` with `cos`/`sin: [1, t, head_dim]`.
-    async fn rope(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        account: &Arc<Account>,
-    ) -> Result<Tensor> {
-        let swapped = self.run(Op::Matmul, &[x, &self.rot], account).await?;
-        let a = self
-            .run(Op::Binary(BinaryOp::Mul), &[x, cos], account)
-            .await?;
-        let b = self
-            .run(Op::Binary(BinaryOp::Mul), &[&swapped, sin], account)
-            .await?;
-        self.run(Op::Binary(BinaryOp::Add), &[&a, &b], account)
-            .await
+    async fn rope(&self, g: Graph<'_>, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let swapped = g.matmul(x, &self.rot).await?;
+        let a = g.binary(BinaryOp::Mul, x, cos).await?;
+        let b = g.binary(BinaryOp::Mul, &swapped, sin).await?;
+        g.add(&a, &b).await
     }
 
     /// `[t, n·hd]` → `[n, t, hd]`.
-    async fn heads(&self, x: &Tensor, n: usize, account: &Arc<Account>) -> Result<Tensor> {
+    async fn heads(&self, g: Graph<'_>, x: &Tensor, n: usize) -> Result<Tensor> {
         let t = x.shape()[0];
-        let x = self
-            .reshape(x, &[t, n, self.config.head_dim], account)
-            .await?;
-        self.run(
-            Op::Permute {
-                dims: vec![1, 0, 2],
-            },
-            &[&x],
-            account,
-        )
-        .await
+        let x = g.reshape(x, &[t, n, self.config.head_dim]).await?;
+        g.permute(&x, &[1, 0, 2]).await
     }
 
     /// Run `ids` at positions `start..`, extending `cache`; the logits of
@@ -557,6 +529,7 @@ impl Llama {
         account: &Arc<Account>,
     ) -> Result<Tensor> {
         let c = &self.config;
+        let g = Graph::new(&self.device, account);
         let t = ids.len();
         let total = start + t;
         let (hd, groups) = (c.head_dim, c.heads / c.kv_heads);
@@ -565,25 +538,13 @@ impl Llama {
             .device
             .upload(DType::U32, &[t], index_bytes, account)
             .await?;
-        let mut x = self
-            .run(Op::Gather, &[&self.embed, &index], account)
-            .await?;
+        let mut x = g.gather(&self.embed, &index).await?;
 
         let slice = |table: &Tensor| {
             let table = table.clone();
             async move {
-                let rows = self
-                    .run(
-                        Op::Slice {
-                            dim: 0,
-                            start: start as u32,
-                            len: t as u32,
-                        },
-                        &[&table],
-                        account,
-                    )
-                    .await?;
-                self.reshape(&rows, &[1, t, hd], account).await
+                let rows = g.slice(&table, 0, start as u32, t as u32).await?;
+                g.reshape(&rows, &[1, t, hd]).await
             }
         };
         let cos = slice(&self.cos).await?;
@@ -608,40 +569,29 @@ impl Llama {
         } else {
             None
         };
+        let rms_norm = Op::RmsNorm {
+            eps: c.eps,
+            weight: true,
+        };
 
         for (layer, cached) in self.layers.iter().zip(cache.iter_mut()) {
-            let h = self
-                .run(
-                    Op::RmsNorm {
-                        eps: c.eps,
-                        weight: true,
-                    },
-                    &[&x, &layer.attn_norm],
-                    account,
-                )
-                .await?;
-            let q = self.linear(&h, &layer.wq, account).await?;
-            let k = self.linear(&h, &layer.wk, account).await?;
-            let v = self.linear(&h, &layer.wv, account).await?;
-            let q = self.heads(&q, c.heads, account).await?;
-            let k = self.heads(&k, c.kv_heads, account).await?;
-            let v = self.heads(&v, c.kv_heads, account).await?;
-            let q = self.rope(&q, &cos_q, &sin_q, account).await?;
-            let k = self.rope(&k, &cos, &sin, account).await?;
+            let h = g.op(rms_norm.clone(), &[&x, &layer.attn_norm]).await?;
+            let q = Self::linear(g, &h, &layer.wq).await?;
+            let k = Self::linear(g, &h, &layer.wk).await?;
+            let v = Self::linear(g, &h, &layer.wv).await?;
+            let q = self.heads(g, &q, c.heads).await?;
+            let k = self.heads(g, &k, c.kv_heads).await?;
+            let v = self.heads(g, &v, c.kv_heads).await?;
+            let q = self.rope(g, &q, &cos_q, &sin_q).await?;
+            let k = self.rope(g, &k, &cos, &sin).await?;
             // Keys are cached transposed, `[kv, hd, positions]`: a new key
             // `[kv, 1, hd]` is that shape for free, and the scores need no
             // transpose of the whole cache per token.
-            let kt = self
-                .run(Op::Transpose { dim0: 1, dim1: 2 }, &[&k], account)
-                .await?;
+            let kt = g.op(Op::Transpose { dim0: 1, dim1: 2 }, &[&k]).await?;
             let (kt, v) = match cached.take() {
                 Some((kt_old, v_old)) => {
-                    let kt = self
-                        .run(Op::Concat { dim: 2 }, &[&kt_old, &kt], account)
-                        .await?;
-                    let v = self
-                        .run(Op::Concat { dim: 1 }, &[&v_old, &v], account)
-                        .await?;
+                    let kt = g.op(Op::Concat { dim: 2 }, &[&kt_old, &kt]).await?;
+                    let v = g.op(Op::Concat { dim: 1 }, &[&v_old, &v]).await?;
                     (kt, v)
                 }
                 None => (kt, v),
@@ -649,87 +599,33 @@ impl Llama {
             *cached = Some((kt.clone(), v.clone()));
 
             // Heads sharing a kv head are stacked as rows: [kv, groups·t, hd].
-            let q = self
-                .reshape(&q, &[c.kv_heads, groups * t, hd], account)
-                .await?;
-            let mut scores = self.run(Op::Matmul, &[&q, &kt], account).await?;
+            let q = g.reshape(&q, &[c.kv_heads, groups * t, hd]).await?;
+            let mut scores = g.matmul(&q, &kt).await?;
             if let Some(mask) = &mask {
-                let s4 = self
-                    .reshape(&scores, &[c.kv_heads, groups, t, total], account)
-                    .await?;
-                let masked = self
-                    .run(Op::Binary(BinaryOp::Add), &[&s4, mask], account)
-                    .await?;
-                scores = self
-                    .reshape(&masked, &[c.kv_heads, groups * t, total], account)
-                    .await?;
+                let s4 = g.reshape(&scores, &[c.kv_heads, groups, t, total]).await?;
+                let masked = g.add(&s4, mask).await?;
+                scores = g.reshape(&masked, &[c.kv_heads, groups * t, total]).await?;
             }
-            let probs = self
-                .run(Op::Softmax { dim: -1 }, &[&scores], account)
-                .await?;
-            let o = self.run(Op::Matmul, &[&probs, &v], account).await?;
-            let o = self.reshape(&o, &[c.heads, t, hd], account).await?;
-            let o = self
-                .run(
-                    Op::Permute {
-                        dims: vec![1, 0, 2],
-                    },
-                    &[&o],
-                    account,
-                )
-                .await?;
-            let o = self.reshape(&o, &[t, c.hidden], account).await?;
-            let attn = self.linear(&o, &layer.wo, account).await?;
-            x = self
-                .run(Op::Binary(BinaryOp::Add), &[&x, &attn], account)
-                .await?;
+            let probs = g.softmax(&scores, -1).await?;
+            let o = g.matmul(&probs, &v).await?;
+            let o = g.reshape(&o, &[c.heads, t, hd]).await?;
+            let o = g.permute(&o, &[1, 0, 2]).await?;
+            let o = g.reshape(&o, &[t, c.hidden]).await?;
+            let attn = Self::linear(g, &o, &layer.wo).await?;
+            x = g.add(&x, &attn).await?;
 
-            let h = self
-                .run(
-                    Op::RmsNorm {
-                        eps: c.eps,
-                        weight: true,
-                    },
-                    &[&x, &layer.ffn_norm],
-                    account,
-                )
-                .await?;
-            let gate = self.linear(&h, &layer.gate, account).await?;
-            let up = self.linear(&h, &layer.up, account).await?;
-            let gate = self
-                .run(Op::Unary(UnaryOp::Silu), &[&gate], account)
-                .await?;
-            let act = self
-                .run(Op::Binary(BinaryOp::Mul), &[&gate, &up], account)
-                .await?;
-            let down = self.linear(&act, &layer.down, account).await?;
-            x = self
-                .run(Op::Binary(BinaryOp::Add), &[&x, &down], account)
-                .await?;
+            let h = g.op(rms_norm.clone(), &[&x, &layer.ffn_norm]).await?;
+            let gate = Self::linear(g, &h, &layer.gate).await?;
+            let up = Self::linear(g, &h, &layer.up).await?;
+            let gate = g.unary(UnaryOp::Silu, &gate).await?;
+            let act = g.binary(BinaryOp::Mul, &gate, &up).await?;
+            let down = Self::linear(g, &act, &layer.down).await?;
+            x = g.add(&x, &down).await?;
         }
-        let last = self
-            .run(
-                Op::Slice {
-                    dim: 0,
-                    start: (t - 1) as u32,
-                    len: 1,
-                },
-                &[&x],
-                account,
-            )
-            .await?;
-        let last = self
-            .run(
-                Op::RmsNorm {
-                    eps: c.eps,
-                    weight: true,
-                },
-                &[&last, &self.output_norm],
-                account,
-            )
-            .await?;
-        let logits = self.linear(&last, &self.output, account).await?;
-        self.reshape(&logits, &[c.vocab], account).await
+        let last = g.slice(&x, 0, (t - 1) as u32, 1).await?;
+        let last = g.op(rms_norm, &[&last, &self.output_norm]).await?;
+        let logits = Self::linear(g, &last, &self.output).await?;
+        g.reshape(&logits, &[c.vocab]).await
     }
 }
 

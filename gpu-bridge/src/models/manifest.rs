@@ -159,12 +159,14 @@ impl ModelFile {
     }
 }
 
-/// Dynamic batching of concurrent calls to one resident model.
+/// Dynamic batching of concurrent `embed` and `run` calls to one resident
+/// model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Batching {
-    /// The most inputs (texts) one batch may hold; a single request with
-    /// more runs as a batch of its own.
+    /// The most rows one batch may hold: texts for `embed` and bert `run`,
+    /// entries along dimension 0 of the inputs for a generic `run`. A single
+    /// request with more runs as a batch of its own.
     pub max_batch: u32,
     /// How long the first request of a batch may wait for others.
     pub max_delay_ms: u64,

@@ -77,8 +77,6 @@ pub struct ResidentModel {
     pub(super) batcher: Option<Arc<Batcher>>,
     /// The metadata of the model's GGUF weights file, if it has one.
     gguf: Option<Arc<GgufMetadata>>,
-    /// The llama family's runner (tokenizer, rotary tables, checked weights).
-    llama: Option<Llama>,
 }
 
 impl std::fmt::Debug for ResidentModel {
@@ -189,12 +187,15 @@ impl ResidentModel {
     }
 
     fn llama(&self) -> Result<&Llama> {
-        self.llama.as_ref().ok_or_else(|| {
-            BridgeError::unsupported(format!(
-                "model `{}` is of family `{}`, which does not generate text",
-                self.manifest.name, self.manifest.family
-            ))
-        })
+        match &self.runner {
+            Runner::Llama(llama) => Ok(llama),
+            Runner::Bert(_) | Runner::Graph(_) | Runner::Weights => {
+                Err(BridgeError::unsupported(format!(
+                    "model `{}` is of family `{}`, which does not generate text",
+                    self.manifest.name, self.manifest.family
+                )))
+            }
+        }
     }
 }
 
@@ -572,25 +573,13 @@ impl ModelRegistry {
                 format!("model `{}`: uploading: {}", manifest.name, e.message),
             )
         })?;
-        let runner = prepared.finish(manifest, &tensors)?;
+        let runner = prepared
+            .finish(manifest, &tensors, gguf.as_ref(), device, &self.account)
+            .await?;
         let batcher = manifest
             .batching
             .filter(|_| self.config.batching)
             .map(|config| Arc::new(Batcher::new(config, &manifest.name)));
-        let llama = if manifest.family == "llama" {
-            Some(
-                Llama::new(
-                    &manifest.name,
-                    &tensors,
-                    gguf.as_ref(),
-                    device,
-                    &self.account,
-                )
-                .await?,
-            )
-        } else {
-            None
-        };
         // No await from here on: the caller's cell is set in the same poll,
         // so the bytes are never counted without a model to evict.
         reservation.keep();
@@ -603,7 +592,6 @@ impl ModelRegistry {
             runner,
             batcher,
             gguf: gguf.map(Arc::new),
-            llama,
         }))
     }
 

@@ -7,12 +7,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::account::Account;
-use crate::device::Tensor;
+use crate::device::{Device, Tensor};
 use crate::error::{BridgeError, Result};
 use crate::kernel::{BinaryOp, UnaryOp};
-use crate::models::batch::BatchStats;
+use crate::models::batch::{BatchStats, Work};
 use crate::models::bert::{self, Bert};
+use crate::models::gguf::GgufMetadata;
 use crate::models::graph::Graph;
+use crate::models::llama::Llama;
 use crate::models::manifest::{GraphSpec, ModelManifest};
 use crate::models::registry::ResidentModel;
 use crate::models::safetensors::HostTensor;
@@ -21,6 +23,9 @@ use crate::op::Op;
 /// A family's forward pass over one resident model's weights.
 pub(crate) enum Runner {
     Bert(Box<Bert>),
+    /// The llama family's decoder: tokenizer, rotary tables, checked
+    /// weights.
+    Llama(Box<Llama>),
     /// A `generic` model's forward pass, from its manifest's `[graph]`.
     Graph(GraphSpec),
     /// Weights without a forward pass of ours: usable through `tensor`
@@ -32,12 +37,17 @@ pub(crate) enum Runner {
 /// the weights are on the device.
 pub(crate) enum Prepared {
     Bert(Box<bert::Prepared>),
+    /// Everything llama needs is in its GGUF metadata, read with the
+    /// weights: nothing to prepare before the upload.
+    Llama,
     Graph(GraphSpec),
     Weights,
 }
 
 /// Parse the family's config and tokenizer and rearrange its weights in host
-/// memory. Runs on the reader thread (it blocks on disk).
+/// memory. Runs on the reader thread (it blocks on disk). A `[graph]` in the
+/// manifest is the forward pass of families without one of their own; bert
+/// and llama models use theirs.
 pub(crate) fn prepare(
     folder: &Path,
     manifest: &ModelManifest,
@@ -45,6 +55,7 @@ pub(crate) fn prepare(
 ) -> Result<Prepared> {
     match manifest.family.as_str() {
         "bert" => bert::prepare(folder, manifest, tensors).map(|p| Prepared::Bert(Box::new(p))),
+        "llama" => Ok(Prepared::Llama),
         _ => Ok(match &manifest.graph {
             Some(graph) => Prepared::Graph(graph.clone()),
             None => Prepared::Weights,
@@ -53,16 +64,24 @@ pub(crate) fn prepare(
 }
 
 impl Prepared {
-    /// Bind the family to its uploaded weights.
-    pub(crate) fn finish(
+    /// Bind the family to its uploaded weights (and `gguf`, the metadata of
+    /// the model's GGUF file if it has one). Tables a family computes once
+    /// (llama's rotary tables) are uploaded on `account`.
+    pub(crate) async fn finish(
         self,
         manifest: &ModelManifest,
         tensors: &BTreeMap<String, Tensor>,
+        gguf: Option<&GgufMetadata>,
+        device: &Device,
+        account: &Arc<Account>,
     ) -> Result<Runner> {
         match self {
             Prepared::Bert(prepared) => prepared
                 .finish(manifest, tensors)
                 .map(|b| Runner::Bert(Box::new(b))),
+            Prepared::Llama => Llama::new(&manifest.name, tensors, gguf, device, account)
+                .await
+                .map(|l| Runner::Llama(Box::new(l))),
             Prepared::Graph(graph) => {
                 // Every operand must name a graph input, a weight or an
                 // earlier step's output: checked once, here.
@@ -88,34 +107,159 @@ impl Prepared {
     }
 }
 
-/// Run a manifest graph: each step one op over named values.
-async fn run_graph(
+/// `inputs` in the order the graph names them, each named exactly once.
+fn graph_inputs(
     model: &ResidentModel,
     graph: &GraphSpec,
     inputs: &[(String, Tensor)],
-    account: &Arc<Account>,
-) -> Result<Vec<(String, Tensor)>> {
-    let mut values: BTreeMap<&str, Tensor> = BTreeMap::new();
+) -> Result<Vec<Tensor>> {
+    let mut ordered: Vec<Option<Tensor>> = vec![None; graph.inputs.len()];
     for (name, tensor) in inputs {
-        if !graph.inputs.contains(name) {
+        let Some(i) = graph.inputs.iter().position(|n| n == name) else {
             return Err(BridgeError::invalid(format!(
                 "model `{}` takes inputs {:?}, not `{name}`",
                 model.name(),
                 graph.inputs
             )));
-        }
-        values.insert(name.as_str(), tensor.clone());
+        };
+        ordered[i] = Some(tensor.clone());
     }
-    if let Some(missing) = graph
+    ordered
+        .into_iter()
+        .zip(&graph.inputs)
+        .map(|(tensor, name)| {
+            tensor.ok_or_else(|| {
+                BridgeError::invalid(format!("model `{}` needs input `{name}`", model.name()))
+            })
+        })
+        .collect()
+}
+
+/// Whether a graph call on `inputs` (in graph input order) may share a
+/// batch with others along dimension 0, decided from ranks alone so that
+/// it holds for any batch size: every input has rank 2 or more and the same
+/// first dimension, and every step keeps the rows apart. A step keeps rows
+/// apart when
+/// - it is elementwise (`relu`, ...), or a broadcasting `add`/`sub`/`mul`/
+///   `div` whose batched operands have the result's rank and whose others
+///   (weights, or values computed from weights alone) have a lower one, so
+///   they broadcast over the rows;
+/// - it is `matmul`/`linear` with a batched left operand of the result's
+///   rank and an unbatched right operand that is a plain matrix or of lower
+///   rank (the bias as for `add`);
+/// - it is `softmax` over a dimension other than 0, or `layer_norm`/
+///   `rms_norm` (which normalise the last dimension) with unbatched weights;
+///
+/// and every output is batched. Anything else (a softmax over the rows, a
+/// product with a batched right operand, ...) would mix the callers' rows,
+/// so such a call runs alone, as does a graph run whose inputs are 1-D.
+pub(crate) fn graph_batchable(model: &ResidentModel, graph: &GraphSpec, inputs: &[Tensor]) -> bool {
+    #[derive(Clone, Copy)]
+    struct Value {
+        rank: usize,
+        batched: bool,
+    }
+    let rows = inputs.first().and_then(|t| t.shape().first().copied());
+    if rows.is_none_or(|r| r == 0)
+        || inputs
+            .iter()
+            .any(|t| t.shape().len() < 2 || t.shape().first().copied() != rows)
+    {
+        return false;
+    }
+    let mut values: BTreeMap<&str, Value> = graph
         .inputs
         .iter()
-        .find(|n| !values.contains_key(n.as_str()))
-    {
-        return Err(BridgeError::invalid(format!(
-            "model `{}` needs input `{missing}`",
-            model.name()
-        )));
+        .zip(inputs)
+        .map(|(name, t)| {
+            (
+                name.as_str(),
+                Value {
+                    rank: t.shape().len(),
+                    batched: true,
+                },
+            )
+        })
+        .collect();
+    // Batched operands must have the result's rank (their dim 0 is the
+    // result's), unbatched ones a lower rank (they broadcast over dim 0).
+    let aligned = |operands: &[Value], rank: usize| {
+        operands.iter().all(|v| {
+            if v.batched {
+                v.rank == rank
+            } else {
+                v.rank < rank
+            }
+        })
+    };
+    for step in &graph.steps {
+        let Some(o) = step
+            .inputs
+            .iter()
+            .map(|n| {
+                values.get(n.as_str()).copied().or_else(|| {
+                    model.tensor(n).map(|t| Value {
+                        rank: t.shape().len(),
+                        batched: false,
+                    })
+                })
+            })
+            .collect::<Option<Vec<Value>>>()
+        else {
+            return false;
+        };
+        let rank = o.iter().map(|v| v.rank).max().unwrap_or(0);
+        let batched = o.iter().any(|v| v.batched);
+        let keeps_rows = !batched
+            || match step.op.as_str() {
+                "relu" | "gelu" | "silu" | "tanh" | "exp" => true,
+                "add" | "sub" | "mul" | "div" => aligned(&o, rank),
+                "matmul" | "linear" => match o[..] {
+                    [a, b, ..] => {
+                        let product = a.batched
+                            && !b.batched
+                            && a.rank == rank
+                            && (b.rank == 2 || b.rank < a.rank);
+                        product && o.get(2).is_none_or(|bias| aligned(&[*bias], rank))
+                    }
+                    _ => false,
+                },
+                "softmax" => {
+                    let dim = i64::from(step.dim.unwrap_or(-1));
+                    let dim = if dim < 0 { dim + rank as i64 } else { dim };
+                    dim > 0
+                }
+                "layer_norm" | "rms_norm" => match &o[..] {
+                    [x, weights @ ..] => x.batched && weights.iter().all(|w| !w.batched),
+                    [] => false,
+                },
+                _ => false,
+            };
+        if !keeps_rows {
+            return false;
+        }
+        values.insert(step.output.as_str(), Value { rank, batched });
     }
+    graph
+        .outputs
+        .iter()
+        .all(|n| values.get(n.as_str()).is_some_and(|v| v.batched))
+}
+
+/// Run a manifest graph on `inputs` (in the order the graph names them):
+/// each step one op over named values.
+pub(crate) async fn run_graph(
+    model: &ResidentModel,
+    graph: &GraphSpec,
+    inputs: &[Tensor],
+    account: &Arc<Account>,
+) -> Result<Vec<(String, Tensor)>> {
+    let mut values: BTreeMap<&str, Tensor> = graph
+        .inputs
+        .iter()
+        .map(String::as_str)
+        .zip(inputs.iter().cloned())
+        .collect();
     let g = Graph::new(model.device(), account);
     for step in &graph.steps {
         let operands = step
@@ -219,7 +363,9 @@ impl ResidentModel {
     ) -> Result<Vec<Vec<f32>>> {
         match &self.runner {
             Runner::Bert(bert) => bert.embed(self.device(), &texts, account).await,
-            Runner::Graph(_) | Runner::Weights => Err(not_for(self, "embed", "bert")),
+            Runner::Llama(_) | Runner::Graph(_) | Runner::Weights => {
+                Err(not_for(self, "embed", "bert"))
+            }
         }
     }
 
@@ -227,25 +373,77 @@ impl ResidentModel {
     pub fn embedding_dimensions(&self) -> Option<usize> {
         match &self.runner {
             Runner::Bert(bert) => Some(bert.dimensions()),
-            Runner::Graph(_) | Runner::Weights => None,
+            Runner::Llama(_) | Runner::Graph(_) | Runner::Weights => None,
         }
     }
 
     /// Run the model on named input tensors (on this model's device);
     /// returns named outputs. What names a family takes is in its docs:
     /// bert takes `input_ids` and `attention_mask`; a `generic` model takes
-    /// the inputs its manifest's `[graph]` names.
+    /// the inputs its manifest's `[graph]` names. As
+    /// [`run_until`](Self::run_until) without a deadline.
     pub async fn run(
-        &self,
+        self: &Arc<Self>,
         inputs: &[(String, Tensor)],
         account: &Arc<Account>,
     ) -> Result<Vec<(String, Tensor)>> {
+        self.run_until(inputs, account, None).await
+    }
+
+    /// [`run`](Self::run), batched with concurrent runs of the same model
+    /// when its manifest asks for it and a tokio runtime is running; a call
+    /// then waits at most until `deadline`. Bert runs are batched along the
+    /// texts, shorter ones padded with masked positions; a `generic` model's
+    /// runs along dimension 0 of their inputs when the graph keeps rows
+    /// apart and the inputs agree in every other dimension (see
+    /// `graph_batchable` in the source for the exact rule); anything else
+    /// runs alone. Each caller gets exactly the shapes it would get alone.
+    pub async fn run_until(
+        self: &Arc<Self>,
+        inputs: &[(String, Tensor)],
+        account: &Arc<Account>,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let batcher = self
+            .batcher
+            .as_ref()
+            .filter(|_| tokio::runtime::Handle::try_current().is_ok());
         match &self.runner {
-            Runner::Bert(bert) => bert.run(self.device(), inputs, account).await,
-            Runner::Graph(graph) => run_graph(self, graph, inputs, account).await,
+            Runner::Bert(bert) => {
+                let tokens = bert.read_inputs(self.device(), inputs, account).await?;
+                match batcher {
+                    Some(batcher) if tokens.texts > 0 => {
+                        batcher
+                            .run(self, Work::Encode(tokens), account, deadline)
+                            .await
+                    }
+                    _ => bert.run_tokens(self.device(), &tokens, account).await,
+                }
+            }
+            Runner::Graph(graph) => {
+                let inputs = graph_inputs(self, graph, inputs)?;
+                // Checked here, so that in a batch a tensor from another
+                // device fails its own call rather than the batch's concat.
+                for input in &inputs {
+                    self.device().check_owner(input)?;
+                }
+                match batcher {
+                    Some(batcher) if graph_batchable(self, graph, &inputs) => {
+                        batcher
+                            .run(self, Work::Graph(inputs), account, deadline)
+                            .await
+                    }
+                    _ => run_graph(self, graph, &inputs, account).await,
+                }
+            }
+            Runner::Llama(_) => Err(BridgeError::unsupported(format!(
+                "model `{}` of family `{}` has no `run`: it generates text with `generate`",
+                self.name(),
+                self.family()
+            ))),
             Runner::Weights => Err(BridgeError::unsupported(format!(
-                "model `{}` of family `{}` has no forward pass here (bert and llama have one; a \
-                 generic model needs a [graph] in its manifest)",
+                "model `{}` of family `{}` has no forward pass here (bert has one; a generic \
+                 model needs a [graph] in its manifest)",
                 self.name(),
                 self.family()
             ))),

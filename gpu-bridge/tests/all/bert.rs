@@ -13,66 +13,13 @@ use crate::harness::{Rng, block_on, devices};
 use crate::models::fetched_models_with;
 use gust_gpu_bridge::models::testing::{TINY_BERT_HIDDEN as HIDDEN, write_tiny_bert};
 
-/// Embeddings computed by candle-transformers' BERT on the CPU from the same
-/// files: tokenized alike (longest-in-batch padding), mean-pooled over the
-/// real tokens, L2-normalised.
-fn candle_embeddings(folder: &Path, texts: &[&str]) -> Vec<Vec<f32>> {
-    use candle_core::{DType as CDType, Device as CDevice, Tensor as CTensor};
-    use candle_transformers::models::bert::{BertModel, Config};
+#[path = "../shared/candle_bert.rs"]
+mod candle_bert;
 
-    let config: Config =
-        serde_json::from_str(&std::fs::read_to_string(folder.join("config.json")).unwrap())
-            .unwrap();
-    let mut tokenizer = tokenizers::Tokenizer::from_file(folder.join("tokenizer.json")).unwrap();
-    let padding = tokenizer.get_padding().cloned().unwrap_or_default();
-    tokenizer.with_padding(Some(tokenizers::PaddingParams {
-        strategy: tokenizers::PaddingStrategy::BatchLongest,
-        ..padding
-    }));
-    tokenizer
-        .with_truncation(Some(tokenizers::TruncationParams {
-            max_length: config.max_position_embeddings,
-            ..Default::default()
-        }))
-        .unwrap();
-    let encodings = tokenizer
-        .encode_batch(
-            texts.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
-            true,
-        )
-        .unwrap();
-    let s = encodings[0].len();
-    let ids: Vec<u32> = encodings
-        .iter()
-        .flat_map(|e| e.get_ids().to_vec())
-        .collect();
-    let mask: Vec<u32> = encodings
-        .iter()
-        .flat_map(|e| e.get_attention_mask().to_vec())
-        .collect();
-    let device = CDevice::Cpu;
-    let weights = std::fs::read(folder.join("model.safetensors")).unwrap();
-    let vb =
-        candle_nn::VarBuilder::from_buffered_safetensors(weights, CDType::F32, &device).unwrap();
-    let model = BertModel::load(vb, &config).unwrap();
-    let ids = CTensor::from_vec(ids, (texts.len(), s), &device).unwrap();
-    let mask = CTensor::from_vec(mask, (texts.len(), s), &device).unwrap();
-    let types = ids.zeros_like().unwrap();
-    let hidden = model.forward(&ids, &types, Some(&mask)).unwrap();
-    let mask = mask.to_dtype(CDType::F32).unwrap().unsqueeze(2).unwrap();
-    let summed = hidden.broadcast_mul(&mask).unwrap().sum(1).unwrap();
-    let pooled = summed
-        .broadcast_div(&mask.sum(1).unwrap())
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
-    pooled
-        .into_iter()
-        .map(|row| {
-            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
-            row.iter().map(|v| v / norm).collect()
-        })
-        .collect()
+/// Embeddings computed by candle-transformers' BERT on the CPU from the same
+/// files (see [`candle_bert`]).
+fn candle_embeddings(folder: &Path, texts: &[&str]) -> Vec<Vec<f32>> {
+    candle_bert::CandleBert::open(folder).embed(texts)
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {

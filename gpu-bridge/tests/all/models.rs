@@ -600,3 +600,362 @@ fn a_generic_model_runs_the_graph_in_its_manifest() {
     assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
     assert!(err.message.contains("`layer.b`"), "{err}");
 }
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn upload_u32(device: &Device, shape: &[usize], values: &[u32]) -> gust_gpu_bridge::Tensor {
+    let account = gust_gpu_bridge::Account::new("uploader", None, None);
+    let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    block_on(device.upload(DType::U32, shape, bytes, &account)).unwrap()
+}
+
+fn assert_same_outputs(
+    device: &Device,
+    what: &str,
+    got: &[(String, gust_gpu_bridge::Tensor)],
+    expected: &[(String, gust_gpu_bridge::Tensor)],
+) {
+    assert_eq!(got.len(), expected.len(), "{what}");
+    for ((name, g), (expected_name, e)) in got.iter().zip(expected) {
+        assert_eq!(name, expected_name, "{what}");
+        assert_eq!(g.shape(), e.shape(), "{what}: `{name}`");
+        let (g, e) = (read_f32(device, g), read_f32(device, e));
+        for (i, (a, b)) in g.iter().zip(&e).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "{what}: `{name}`[{i}]: {a} batched vs {b} alone"
+            );
+        }
+    }
+}
+
+/// Token ids for the tiny bert (`[CLS] ... [SEP]`, then `pad` padding
+/// positions) and their mask, `texts` rows of them.
+fn tiny_bert_input(rng: &mut Rng, texts: usize, words: usize, pad: usize) -> (Vec<u32>, Vec<u32>) {
+    let vocabulary = gust_gpu_bridge::models::testing::TINY_BERT_VOCAB.len() as u64;
+    let mut ids = Vec::new();
+    let mut mask = Vec::new();
+    for _ in 0..texts {
+        ids.push(2);
+        ids.extend((0..words).map(|_| 4 + rng.below(vocabulary - 4) as u32));
+        ids.push(3);
+        ids.extend(std::iter::repeat_n(0, pad));
+        mask.extend(std::iter::repeat_n(1, words + 2));
+        mask.extend(std::iter::repeat_n(0, pad));
+    }
+    (ids, mask)
+}
+
+/// Concurrent bert `run`s of different lengths share forward passes, and
+/// each caller gets what it would have got alone, in its own shapes.
+#[test]
+fn concurrent_bert_runs_are_batched_and_match_runs_alone() {
+    use gust_gpu_bridge::models::testing::write_tiny_bert;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::fresh();
+    write_tiny_bert(
+        dir.path(),
+        "tiny-bert",
+        "\n[batching]\nmax_batch = 8\nmax_delay_ms = 100\n",
+        rng.next_u64(),
+    )
+    .unwrap();
+    let device = cpu();
+    let rt = runtime();
+    let registry = ModelRegistry::open(dir.path()).unwrap();
+    let model = rt.block_on(registry.load("tiny-bert", &device)).unwrap();
+    let unbatched = ModelRegistry::open_with(
+        dir.path(),
+        RegistryConfig {
+            batching: false,
+            ..RegistryConfig::default()
+        },
+    )
+    .unwrap();
+    let alone_model = rt.block_on(unbatched.load("tiny-bert", &device)).unwrap();
+
+    // (texts, words, padding): lengths 3 to 12, some with padding of their
+    // own, one without a mask at all.
+    let shapes = [
+        (1, 1, 0),
+        (2, 6, 2),
+        (1, 10, 0),
+        (3, 3, 1),
+        (1, 4, 0),
+        (2, 2, 5),
+    ];
+    let requests: Vec<Vec<(String, gust_gpu_bridge::Tensor)>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(texts, words, pad))| {
+            let (ids, mask) = tiny_bert_input(&mut rng, texts, words, pad);
+            let shape = [texts, words + 2 + pad];
+            let mut inputs = vec![("input_ids".to_owned(), upload_u32(&device, &shape, &ids))];
+            if i != 4 {
+                inputs.push((
+                    "attention_mask".to_owned(),
+                    upload_u32(&device, &shape, &mask),
+                ));
+            }
+            inputs
+        })
+        .collect();
+    let alone: Vec<_> = requests
+        .iter()
+        .map(|inputs| {
+            rt.block_on(alone_model.run(inputs, &gust_gpu_bridge::Account::new("a", None, None)))
+                .unwrap()
+        })
+        .collect();
+
+    let accounts: Vec<_> = (0..requests.len())
+        .map(|i| gust_gpu_bridge::Account::new(format!("caller {i}"), None, None))
+        .collect();
+    let tasks: Vec<_> = requests
+        .iter()
+        .zip(&accounts)
+        .map(|(inputs, account)| {
+            let (model, inputs, account) =
+                (Arc::clone(&model), inputs.clone(), Arc::clone(account));
+            rt.spawn(async move { model.run(&inputs, &account).await })
+        })
+        .collect();
+    for (i, task) in tasks.into_iter().enumerate() {
+        let got = rt.block_on(task).unwrap().unwrap();
+        assert_same_outputs(&device, &format!("request {i}"), &got, &alone[i]);
+        assert!(
+            accounts[i].device_time() > std::time::Duration::ZERO,
+            "request {i} was charged no device time"
+        );
+    }
+    let stats = model.batch_stats().unwrap();
+    assert_eq!(stats.requests, requests.len() as u64, "{stats:?}");
+    assert!(
+        stats.batches < requests.len() as u64,
+        "{stats:?}: concurrent runs should share batches"
+    );
+    // 12 texts at most 8 a batch: at least two batches.
+    assert!(stats.batches >= 2, "{stats:?}");
+}
+
+/// A generic graph that keeps rows apart batches along dimension 0; one
+/// whose softmax runs over the rows runs every call alone.
+#[test]
+fn generic_runs_batch_along_rows_only_when_the_graph_keeps_rows_apart() {
+    let mut rng = Rng::fresh();
+    let w: Vec<f32> = rng.f32s(12).iter().map(|v| v - 0.5).collect();
+    let b: Vec<f32> = rng.f32s(3).iter().map(|v| v - 0.5).collect();
+    let batching = "\n[batching]\nmax_batch = 16\nmax_delay_ms = 100\n";
+    for (graph, batches) in [
+        (MLP_GRAPH.to_owned(), true),
+        (MLP_GRAPH.replace("dim = -1", "dim = 0"), false),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = write_model(
+            dir.path(),
+            "mlp",
+            &[
+                f32_spec("layer.weight", &[4, 3], &w),
+                f32_spec("layer.bias", &[3], &b),
+            ],
+        );
+        let manifest = folder.join("gust-model.toml");
+        let text = std::fs::read_to_string(&manifest).unwrap();
+        std::fs::write(&manifest, format!("{text}{batching}{graph}")).unwrap();
+        let device = cpu();
+        let rt = runtime();
+        let registry = ModelRegistry::open(dir.path()).unwrap();
+        assert!(registry.problems().is_empty(), "{:?}", registry.problems());
+        let model = rt.block_on(registry.load("mlp", &device)).unwrap();
+        let account = gust_gpu_bridge::Account::new("t", None, None);
+        let inputs: Vec<gust_gpu_bridge::Tensor> = [1usize, 3, 2, 1, 4]
+            .iter()
+            .map(|&rows| {
+                let x = rng.f32s(rows * 4);
+                block_on(device.upload(DType::F32, &[rows, 4], dtype::f32_to_bytes(&x), &account))
+                    .unwrap()
+            })
+            .collect();
+        // Alone: one call at a time, outside any runtime.
+        let alone: Vec<_> = inputs
+            .iter()
+            .map(|x| block_on(model.run(&[("x".to_owned(), x.clone())], &account)).unwrap())
+            .collect();
+        let tasks: Vec<_> = inputs
+            .iter()
+            .map(|x| {
+                let (model, x, account) = (Arc::clone(&model), x.clone(), Arc::clone(&account));
+                rt.spawn(async move { model.run(&[("x".to_owned(), x)], &account).await })
+            })
+            .collect();
+        for (i, task) in tasks.into_iter().enumerate() {
+            let got = rt.block_on(task).unwrap().unwrap();
+            assert_same_outputs(&device, &format!("{graph}: call {i}"), &got, &alone[i]);
+        }
+        let stats = model.batch_stats().unwrap();
+        if batches {
+            assert_eq!(stats.requests, inputs.len() as u64, "{stats:?}");
+            assert!(stats.batches < stats.requests, "{stats:?}");
+        } else {
+            assert_eq!(
+                stats.requests, 0,
+                "{stats:?}: a softmax over rows must not batch"
+            );
+        }
+    }
+}
+
+/// In a batch, a call with a tensor from another device fails alone: the
+/// calls beside it still get their rows.
+#[test]
+fn a_tensor_from_another_device_fails_only_its_own_batched_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::fresh();
+    let w: Vec<f32> = rng.f32s(12);
+    let folder = write_model(
+        dir.path(),
+        "mlp",
+        &[
+            f32_spec("layer.weight", &[4, 3], &w),
+            f32_spec("layer.bias", &[3], &[0.0; 3]),
+        ],
+    );
+    let manifest = folder.join("gust-model.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let batching = "\n[batching]\nmax_batch = 16\nmax_delay_ms = 100\n";
+    std::fs::write(&manifest, format!("{text}{batching}{MLP_GRAPH}")).unwrap();
+    let (device, elsewhere) = (cpu(), cpu());
+    let rt = runtime();
+    let registry = ModelRegistry::open(dir.path()).unwrap();
+    let model = rt.block_on(registry.load("mlp", &device)).unwrap();
+    let account = gust_gpu_bridge::Account::new("t", None, None);
+    let x = rng.f32s(8);
+    let tasks: Vec<_> = [&device, &elsewhere, &device]
+        .into_iter()
+        .map(|on| {
+            let input = block_on(on.upload(DType::F32, &[2, 4], dtype::f32_to_bytes(&x), &account))
+                .unwrap();
+            let (model, account) = (Arc::clone(&model), Arc::clone(&account));
+            rt.spawn(async move { model.run(&[("x".to_owned(), input)], &account).await })
+        })
+        .collect();
+    let results: Vec<_> = tasks.into_iter().map(|t| rt.block_on(t).unwrap()).collect();
+    let err = results[1].as_ref().unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
+    for ok in [&results[0], &results[2]] {
+        let outputs = ok.as_ref().unwrap();
+        assert_eq!(outputs[0].1.shape(), [2, 3]);
+    }
+    let stats = model.batch_stats().unwrap();
+    assert_eq!((stats.requests, stats.batches), (2, 1), "{stats:?}");
+}
+
+/// A product of two inputs contracts over the second one's rows: such a
+/// graph never batches (stacking callers' rows would mix them), even when
+/// both inputs have the same first dimension.
+#[test]
+fn a_graph_that_mixes_rows_runs_every_call_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::fresh();
+    let folder = write_model(dir.path(), "product", &[f32_spec("unused", &[1], &[0.0])]);
+    let manifest = folder.join("gust-model.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let graph = r#"
+[batching]
+max_batch = 16
+max_delay_ms = 100
+
+[graph]
+inputs = ["x", "y"]
+outputs = ["product"]
+
+[[graph.steps]]
+op = "matmul"
+inputs = ["x", "y"]
+output = "product"
+"#;
+    std::fs::write(&manifest, format!("{text}{graph}")).unwrap();
+    let device = cpu();
+    let rt = runtime();
+    let registry = ModelRegistry::open(dir.path()).unwrap();
+    assert!(registry.problems().is_empty(), "{:?}", registry.problems());
+    let model = rt.block_on(registry.load("product", &device)).unwrap();
+    let account = gust_gpu_bridge::Account::new("t", None, None);
+    let pairs: Vec<(Vec<f32>, Vec<f32>)> = (0..4).map(|_| (rng.f32s(16), rng.f32s(16))).collect();
+    let tasks: Vec<_> = pairs
+        .iter()
+        .map(|(x, y)| {
+            let upload = |v: &[f32]| {
+                block_on(device.upload(DType::F32, &[4, 4], dtype::f32_to_bytes(v), &account))
+                    .unwrap()
+            };
+            let inputs = vec![("x".to_owned(), upload(x)), ("y".to_owned(), upload(y))];
+            let (model, account) = (Arc::clone(&model), Arc::clone(&account));
+            rt.spawn(async move { model.run(&inputs, &account).await })
+        })
+        .collect();
+    for ((x, y), task) in pairs.iter().zip(tasks) {
+        let got = read_f32(&device, &rt.block_on(task).unwrap().unwrap()[0].1);
+        for i in 0..4 {
+            for j in 0..4 {
+                let expected: f32 = (0..4).map(|l| x[i * 4 + l] * y[l * 4 + j]).sum();
+                let g = got[i * 4 + j];
+                assert!((g - expected).abs() < 1e-5, "[{i}, {j}]: {g} vs {expected}");
+            }
+        }
+    }
+    let stats = model.batch_stats().unwrap();
+    assert_eq!(stats.requests, 0, "{stats:?}: x @ y must not batch");
+}
+
+/// `run` shares `embed`'s bounded queue: a full queue refuses at once with
+/// quota-exceeded, and a call whose deadline passes gives up with timeout.
+#[test]
+fn a_full_run_queue_refuses_and_a_run_deadline_is_honoured() {
+    use gust_gpu_bridge::models::testing::write_tiny_bert;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::fresh();
+    write_tiny_bert(
+        dir.path(),
+        "tiny-bert",
+        "\n[batching]\nmax_batch = 64\nmax_delay_ms = 400\nmax_queue = 2\n",
+        rng.next_u64(),
+    )
+    .unwrap();
+    let device = cpu();
+    let rt = runtime();
+    let registry = ModelRegistry::open(dir.path()).unwrap();
+    let model = rt.block_on(registry.load("tiny-bert", &device)).unwrap();
+    let (ids, _) = tiny_bert_input(&mut rng, 1, 3, 0);
+    let inputs = vec![("input_ids".to_owned(), upload_u32(&device, &[1, 5], &ids))];
+    let account = || gust_gpu_bridge::Account::new("caller", None, None);
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let (model, inputs) = (Arc::clone(&model), inputs.clone());
+            rt.spawn(async move { model.run(&inputs, &account()).await })
+        })
+        .collect();
+    // Both are queued well inside the 400 ms delay.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let err = rt.block_on(model.run(&inputs, &account())).unwrap_err();
+    assert_eq!(err.code, ErrorCode::QuotaExceeded, "{err}");
+    assert!(err.message.contains("queue is full"), "{err}");
+    for task in waiting {
+        let outputs = rt.block_on(task).unwrap().unwrap();
+        assert_eq!(outputs[0].1.shape(), [1, 5, 16]);
+    }
+    let stats = model.batch_stats().unwrap();
+    assert_eq!((stats.refused, stats.requests, stats.batches), (1, 2, 1));
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(30);
+    let err = rt
+        .block_on(model.run_until(&inputs, &account(), Some(deadline)))
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::Timeout, "{err}");
+}

@@ -86,6 +86,11 @@ fn matmul_matches_reference() {
             (&[2, 3, 5, 7], &[7, 4]),
             (&[4, 1, 6, 8], &[3, 8, 5]),
             (&[128, 96], &[96, 80]),
+            // Few rows and enough work to run in parallel: the cpu backend
+            // splits the columns across threads (blocks of 112 and 88
+            // here), per batch entry in the second.
+            (&[7, 300], &[300, 200]),
+            (&[2, 9, 256], &[2, 256, 130]),
         ];
         for (a, b) in cases {
             check_f32_op(device, rng, Op::Matmul, &[a, b], |x| {
@@ -126,6 +131,33 @@ fn binary_ops_broadcast_like_numpy() {
                     r::binary(&x[0], &x[1], f)
                 });
             }
+        }
+    });
+}
+
+/// GELU element by element over both tails, where `1 + erf` cancels (large
+/// negative inputs) and where it saturates. Relative error within 1e-5 for
+/// |x| <= 4; further out the tail is `exp(-x²/2)`, and f32 rounding of the
+/// exponent alone (about x²/2 · 2^-24) allows a few 1e-5, so 5e-5 there;
+/// where the exact value is below f32's normal range, an absolute error
+/// far below anything a model could notice.
+#[test]
+fn gelu_is_accurate_element_by_element_in_both_tails() {
+    let values: Vec<f32> = (-3000..=3000).map(|i| i as f32 / 100.0).collect();
+    on_every_device(|device, _| {
+        let acct = account();
+        let x = upload_f32(device, &[values.len()], &values, &acct);
+        let out = run(device, Op::Unary(UnaryOp::Gelu), &[&x], &acct);
+        let got = read_f64(device, &out, &acct);
+        for (&v, g) in values.iter().zip(got) {
+            let expected = r::gelu(f64::from(v));
+            let error = (g - expected).abs();
+            let tolerance = if v.abs() <= 4.0 { 1e-5 } else { 5e-5 };
+            assert!(
+                error <= tolerance * expected.abs() || error <= 1e-30,
+                "{}: gelu({v}) = {g}, expected {expected}",
+                device.description().name
+            );
         }
     });
 }

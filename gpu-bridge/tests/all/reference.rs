@@ -95,8 +95,11 @@ pub(crate) fn map(x: &Nd, f: impl Fn(f64) -> f64) -> Nd {
     Nd::new(&x.shape, x.data.iter().map(|&v| f(v)).collect())
 }
 
+/// `0.5 v (1 + erf(v / sqrt 2))`, with `1 + erf(v / sqrt 2)` as
+/// `erfc(-v / sqrt 2)` so that it keeps its relative accuracy for large
+/// negative `v`, where the sum cancels even in f64.
 pub(crate) fn gelu(v: f64) -> f64 {
-    0.5 * v * (1.0 + libm::erf(v / std::f64::consts::SQRT_2))
+    0.5 * v * libm::erfc(-v / std::f64::consts::SQRT_2)
 }
 
 pub(crate) fn matmul(a: &Nd, b: &Nd) -> Nd {
