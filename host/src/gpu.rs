@@ -745,7 +745,14 @@ impl models::HostModel for CallState {
             }
             tensors.push((name.clone(), tensor));
         }
-        let outputs = attempt!(model.run(&tensors, &account).await.map_err(to_wit));
+        // Batched with concurrent runs of the model; waiting for the batch
+        // ends at this invocation's deadline.
+        let outputs = attempt!(
+            model
+                .run_until(&tensors, &account, self.gpu.deadline)
+                .await
+                .map_err(to_wit)
+        );
         let mut handles = Vec::with_capacity(outputs.len());
         for (name, tensor) in outputs {
             handles.push((name, self.new_tensor(tensor, model.device().clone())?));

@@ -223,7 +223,7 @@ impl CallState {
             uploaded.push((name, tensor));
         }
         let outputs = model
-            .run(&uploaded, &account)
+            .run_until(&uploaded, &account, self.gpu.deadline)
             .await
             .map_err(|e| from_gpu(crate::gpu::to_wit(e)))?;
         let mut answers = Vec::with_capacity(outputs.len());
