@@ -20,8 +20,11 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_transformers::models::quantized_llama::ModelWeights;
+
+#[path = "../tests/shared/candle_llama.rs"]
+mod candle_llama;
+use candle_llama::{candle_model, dequantized};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use gust_gpu_bridge::backend::cpu::CpuBackend;
 use gust_gpu_bridge::models::ModelRegistry;
@@ -36,37 +39,6 @@ fn models_dir() -> PathBuf {
     std::env::var_os("GUST_MODELS_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../gust-data/models"))
-}
-
-fn candle_model(bytes: &[u8]) -> ModelWeights {
-    let mut reader = std::io::Cursor::new(bytes);
-    let content = gguf_file::Content::read(&mut reader).unwrap();
-    ModelWeights::from_gguf(content, &mut reader, &candle_core::Device::Cpu).unwrap()
-}
-
-/// The same file with every tensor dequantized to f32.
-fn dequantized(bytes: &[u8]) -> Vec<u8> {
-    let cpu = candle_core::Device::Cpu;
-    let mut reader = std::io::Cursor::new(bytes);
-    let content = gguf_file::Content::read(&mut reader).unwrap();
-    let tensors: Vec<(String, QTensor)> = content
-        .tensor_infos
-        .keys()
-        .map(|name| {
-            let q = content.tensor(&mut reader, name, &cpu).unwrap();
-            let f = QTensor::quantize(&q.dequantize(&cpu).unwrap(), GgmlDType::F32).unwrap();
-            (name.clone(), f)
-        })
-        .collect();
-    let metadata: Vec<(&str, &gguf_file::Value)> = content
-        .metadata
-        .iter()
-        .map(|(k, v)| (k.as_str(), v))
-        .collect();
-    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut out = std::io::Cursor::new(Vec::new());
-    gguf_file::write(&mut out, &metadata, &tensors).unwrap();
-    out.into_inner()
 }
 
 /// Greedy generation of `TOKENS` tokens with candle; returns them.

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
-use candle_transformers::models::quantized_llama::ModelWeights;
 use gust_gpu_bridge::backend::cpu::CpuBackend;
 use gust_gpu_bridge::models::{GgufValue, ModelRegistry, ResidentModel};
 use gust_gpu_bridge::{
@@ -16,6 +15,10 @@ use gust_gpu_bridge::{
 };
 use sha2::{Digest, Sha256};
 
+#[path = "../shared/candle_llama.rs"]
+mod candle_llama;
+
+use self::candle_llama::{candle_model, dequantized};
 use crate::harness::{Rng, account, block_on, devices};
 
 const HIDDEN: usize = 64;
@@ -200,41 +203,11 @@ fn candle_greedy(gguf: &[u8], prompt: &[u32], n: usize) -> Vec<u32> {
     candle_greedy_logits(gguf, prompt, n).0
 }
 
-/// The GGUF `bytes` with every tensor dequantized to F32: candle's
-/// quantized llama then multiplies in f32 as we do (its quantized matmul
-/// rounds the activations to 8 bits), so the two must agree to rounding.
-fn dequantized(gguf: &[u8]) -> Vec<u8> {
-    let cpu = candle_core::Device::Cpu;
-    let mut reader = std::io::Cursor::new(gguf);
-    let content = gguf_file::Content::read(&mut reader).unwrap();
-    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
-    names.sort();
-    let tensors: Vec<(&str, QTensor)> = names
-        .iter()
-        .map(|name| {
-            let q = content.tensor(&mut reader, name, &cpu).unwrap();
-            let f = QTensor::quantize(&q.dequantize(&cpu).unwrap(), GgmlDType::F32).unwrap();
-            (name.as_str(), f)
-        })
-        .collect();
-    let metadata: Vec<(&str, &gguf_file::Value)> = content
-        .metadata
-        .iter()
-        .map(|(k, v)| (k.as_str(), v))
-        .collect();
-    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (*k, v)).collect();
-    let mut out = std::io::Cursor::new(Vec::new());
-    gguf_file::write(&mut out, &metadata, &tensors).unwrap();
-    out.into_inner()
-}
-
 /// Greedy tokens from candle's quantized llama over the GGUF `bytes`, and
 /// the logits each was picked from.
 fn candle_greedy_logits(gguf: &[u8], prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
     let device = candle_core::Device::Cpu;
-    let mut file = std::io::Cursor::new(gguf);
-    let content = gguf_file::Content::read(&mut file).unwrap();
-    let mut model = ModelWeights::from_gguf(content, &mut file, &device).unwrap();
+    let mut model = candle_model(gguf);
     let mut out = Vec::new();
     let mut rows = Vec::new();
     let input = candle_core::Tensor::new(prompt, &device)
