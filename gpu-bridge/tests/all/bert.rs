@@ -6,10 +6,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gust_gpu_bridge::models::{ModelRegistry, RegistryConfig};
+use gust_gpu_bridge::models::ModelRegistry;
 use gust_gpu_bridge::{Account, DType, Device, ErrorCode};
 
-use crate::harness::{Rng, block_on, devices};
+use crate::harness::{Rng, batching_runtime, block_on, devices, load_tiny_bert, load_unbatched};
 use crate::models::fetched_models_with;
 use gust_gpu_bridge::models::testing::{TINY_BERT_HIDDEN as HIDDEN, write_tiny_bert};
 
@@ -146,37 +146,17 @@ fn broken_bert_files_are_reported_clearly() {
     assert_eq!(err.code, ErrorCode::Unsupported, "{err}");
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 #[test]
 fn concurrent_embeds_are_batched_and_each_gets_its_own_rows() {
-    let dir = tempfile::tempdir().unwrap();
-    write_tiny_bert(
-        dir.path(),
-        "tiny-bert",
+    let device = devices()[0].clone();
+    let rt = batching_runtime();
+    let (dir, model) = load_tiny_bert(
+        &rt,
+        &device,
         "\n[batching]\nmax_batch = 8\nmax_delay_ms = 50\n",
         Rng::fresh().next_u64(),
-    )
-    .unwrap();
-    let registry = ModelRegistry::open(dir.path()).unwrap();
-    let device = devices()[0].clone();
-    let rt = runtime();
-    let model = rt.block_on(registry.load("tiny-bert", &device)).unwrap();
-    let unbatched = ModelRegistry::open_with(
-        dir.path(),
-        RegistryConfig {
-            batching: false,
-            ..RegistryConfig::default()
-        },
-    )
-    .unwrap();
-    let alone_model = rt.block_on(unbatched.load("tiny-bert", &device)).unwrap();
+    );
+    let alone_model = load_unbatched(&rt, dir.path(), &device);
     assert!(alone_model.batch_stats().is_none());
     let alone: Vec<Vec<f32>> = TINY_TEXTS
         .iter()
@@ -210,18 +190,14 @@ fn concurrent_embeds_are_batched_and_each_gets_its_own_rows() {
 
 #[test]
 fn a_full_batch_queue_refuses_and_a_deadline_is_honoured() {
-    let dir = tempfile::tempdir().unwrap();
-    write_tiny_bert(
-        dir.path(),
-        "tiny-bert",
+    let device = devices()[0].clone();
+    let rt = batching_runtime();
+    let (_dir, model) = load_tiny_bert(
+        &rt,
+        &device,
         "\n[batching]\nmax_batch = 64\nmax_delay_ms = 400\nmax_queue = 2\n",
         Rng::fresh().next_u64(),
-    )
-    .unwrap();
-    let registry = ModelRegistry::open(dir.path()).unwrap();
-    let device = devices()[0].clone();
-    let rt = runtime();
-    let model = rt.block_on(registry.load("tiny-bert", &device)).unwrap();
+    );
     let waiting: Vec<_> = (0..2)
         .map(|_| {
             let model = Arc::clone(&model);

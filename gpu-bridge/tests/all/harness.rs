@@ -166,3 +166,55 @@ pub(crate) fn assert_close(what: &str, device: &Device, out: &[f64], reference: 
         &reference[..reference.len().min(8)]
     );
 }
+
+/// A multi-threaded tokio runtime, for tests whose calls batch concurrently.
+pub(crate) fn batching_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A tiny random BERT named `tiny-bert`, written to a fresh directory with
+/// `manifest_extra` appended to its manifest (a `[batching]` table, say),
+/// and loaded on `device`. The directory lives as long as the guard.
+pub(crate) fn load_tiny_bert(
+    rt: &tokio::runtime::Runtime,
+    device: &Device,
+    manifest_extra: &str,
+    seed: u64,
+) -> (
+    tempfile::TempDir,
+    Arc<gust_gpu_bridge::models::ResidentModel>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    gust_gpu_bridge::models::testing::write_tiny_bert(
+        dir.path(),
+        "tiny-bert",
+        manifest_extra,
+        seed,
+    )
+    .unwrap();
+    let registry = gust_gpu_bridge::models::ModelRegistry::open(dir.path()).unwrap();
+    let model = rt.block_on(registry.load("tiny-bert", device)).unwrap();
+    (dir, model)
+}
+
+/// The same `tiny-bert` files loaded again by a registry with batching off:
+/// what each call would give alone.
+pub(crate) fn load_unbatched(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    device: &Device,
+) -> Arc<gust_gpu_bridge::models::ResidentModel> {
+    let registry = gust_gpu_bridge::models::ModelRegistry::open_with(
+        dir,
+        gust_gpu_bridge::models::RegistryConfig {
+            batching: false,
+            ..gust_gpu_bridge::models::RegistryConfig::default()
+        },
+    )
+    .unwrap();
+    rt.block_on(registry.load("tiny-bert", device)).unwrap()
+}

@@ -10,7 +10,7 @@ use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 use sha2::{Digest, Sha256};
 
-use crate::harness::{Rng, block_on};
+use crate::harness::{Rng, batching_runtime, block_on, load_tiny_bert, load_unbatched};
 
 /// A cpu device of its own per test, so budgets and byte counts are not
 /// shared with tests running beside it.
@@ -601,14 +601,6 @@ fn a_generic_model_runs_the_graph_in_its_manifest() {
     assert!(err.message.contains("`layer.b`"), "{err}");
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn upload_u32(device: &Device, shape: &[usize], values: &[u32]) -> gust_gpu_bridge::Tensor {
     let account = gust_gpu_bridge::Account::new("uploader", None, None);
     let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -656,29 +648,16 @@ fn tiny_bert_input(rng: &mut Rng, texts: usize, words: usize, pad: usize) -> (Ve
 /// each caller gets what it would have got alone, in its own shapes.
 #[test]
 fn concurrent_bert_runs_are_batched_and_match_runs_alone() {
-    use gust_gpu_bridge::models::testing::write_tiny_bert;
-    let dir = tempfile::tempdir().unwrap();
     let mut rng = Rng::fresh();
-    write_tiny_bert(
-        dir.path(),
-        "tiny-bert",
+    let device = cpu();
+    let rt = batching_runtime();
+    let (dir, model) = load_tiny_bert(
+        &rt,
+        &device,
         "\n[batching]\nmax_batch = 8\nmax_delay_ms = 100\n",
         rng.next_u64(),
-    )
-    .unwrap();
-    let device = cpu();
-    let rt = runtime();
-    let registry = ModelRegistry::open(dir.path()).unwrap();
-    let model = rt.block_on(registry.load("tiny-bert", &device)).unwrap();
-    let unbatched = ModelRegistry::open_with(
-        dir.path(),
-        RegistryConfig {
-            batching: false,
-            ..RegistryConfig::default()
-        },
-    )
-    .unwrap();
-    let alone_model = rt.block_on(unbatched.load("tiny-bert", &device)).unwrap();
+    );
+    let alone_model = load_unbatched(&rt, dir.path(), &device);
 
     // (texts, words, padding): lengths 3 to 12, some with padding of their
     // own, one without a mask at all.
@@ -769,7 +748,7 @@ fn generic_runs_batch_along_rows_only_when_the_graph_keeps_rows_apart() {
         let text = std::fs::read_to_string(&manifest).unwrap();
         std::fs::write(&manifest, format!("{text}{batching}{graph}")).unwrap();
         let device = cpu();
-        let rt = runtime();
+        let rt = batching_runtime();
         let registry = ModelRegistry::open(dir.path()).unwrap();
         assert!(registry.problems().is_empty(), "{:?}", registry.problems());
         let model = rt.block_on(registry.load("mlp", &device)).unwrap();
@@ -831,7 +810,7 @@ fn a_tensor_from_another_device_fails_only_its_own_batched_call() {
     let batching = "\n[batching]\nmax_batch = 16\nmax_delay_ms = 100\n";
     std::fs::write(&manifest, format!("{text}{batching}{MLP_GRAPH}")).unwrap();
     let (device, elsewhere) = (cpu(), cpu());
-    let rt = runtime();
+    let rt = batching_runtime();
     let registry = ModelRegistry::open(dir.path()).unwrap();
     let model = rt.block_on(registry.load("mlp", &device)).unwrap();
     let account = gust_gpu_bridge::Account::new("t", None, None);
@@ -882,7 +861,7 @@ output = "product"
 "#;
     std::fs::write(&manifest, format!("{text}{graph}")).unwrap();
     let device = cpu();
-    let rt = runtime();
+    let rt = batching_runtime();
     let registry = ModelRegistry::open(dir.path()).unwrap();
     assert!(registry.problems().is_empty(), "{:?}", registry.problems());
     let model = rt.block_on(registry.load("product", &device)).unwrap();
@@ -918,20 +897,15 @@ output = "product"
 /// quota-exceeded, and a call whose deadline passes gives up with timeout.
 #[test]
 fn a_full_run_queue_refuses_and_a_run_deadline_is_honoured() {
-    use gust_gpu_bridge::models::testing::write_tiny_bert;
-    let dir = tempfile::tempdir().unwrap();
     let mut rng = Rng::fresh();
-    write_tiny_bert(
-        dir.path(),
-        "tiny-bert",
+    let device = cpu();
+    let rt = batching_runtime();
+    let (_dir, model) = load_tiny_bert(
+        &rt,
+        &device,
         "\n[batching]\nmax_batch = 64\nmax_delay_ms = 400\nmax_queue = 2\n",
         rng.next_u64(),
-    )
-    .unwrap();
-    let device = cpu();
-    let rt = runtime();
-    let registry = ModelRegistry::open(dir.path()).unwrap();
-    let model = rt.block_on(registry.load("tiny-bert", &device)).unwrap();
+    );
     let (ids, _) = tiny_bert_input(&mut rng, 1, 3, 0);
     let inputs = vec![("input_ids".to_owned(), upload_u32(&device, &[1, 5], &ids))];
     let account = || gust_gpu_bridge::Account::new("caller", None, None);
