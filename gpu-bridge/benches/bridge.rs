@@ -202,5 +202,49 @@ fn bench_gemm(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_backends, bench_gemm);
+/// Few rows times a weight matrix (MiniLM's feed-forward shape): tokens of
+/// one or a few sentences through a linear layer. The product cycles through
+/// 16 weight matrices (38 MB, a model's worth), so the weights stream from
+/// memory as they do in a model rather than sitting in L2.
+fn bench_skinny(c: &mut Criterion) {
+    let threads = rayon::current_num_threads();
+    let mut backend = CpuBackend::new(1 << 32);
+    let (k, n) = (384usize, 1536usize);
+    let weights: Vec<_> = (0..16)
+        .map(|seed| {
+            let values: Vec<f32> = (0..k * n)
+                .map(|i| ((i + seed) % 13) as f32 * 0.01)
+                .collect();
+            backend.upload(&dtype::f32_to_bytes(&values)).unwrap()
+        })
+        .collect();
+    for m in [1usize, 8, 32, 64, 128, 256, 512] {
+        let mut group = c.benchmark_group(format!("skinny/{m}x{k}x{n}"));
+        group.throughput(Throughput::Elements((2 * m * k * n) as u64));
+        let x: Vec<f32> = (0..m * k).map(|i| (i % 5) as f32 * 0.1).collect();
+        let lhs = backend.upload(&dtype::f32_to_bytes(&x)).unwrap();
+        let mut output = backend.alloc(m * n * 4).unwrap();
+        let kernel = kernel_for(&Op::Matmul, &[&[m, k], &[k, n]]);
+        let mut next = 0;
+        // From inside the pool, as a device's worker runs it.
+        let pool = rayon::ThreadPoolBuilder::new().build().unwrap();
+        group.bench_function(BenchmarkId::new("cpu", threads), |b| {
+            b.iter_custom(|iters| {
+                pool.install(|| {
+                    let started = std::time::Instant::now();
+                    for _ in 0..iters {
+                        next = (next + 1) % weights.len();
+                        backend
+                            .run(&kernel, &[&lhs, &weights[next]], &mut output)
+                            .unwrap();
+                    }
+                    started.elapsed()
+                })
+            });
+        });
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench_backends, bench_gemm, bench_skinny);
 criterion_main!(benches);

@@ -352,12 +352,20 @@ impl Device {
         let description = backend.describe();
         let ordinal = NEXT_ORDINAL.fetch_add(1, Ordering::Relaxed);
         let (queue, jobs) = mpsc::channel::<Job>(queue_depth.max(1));
-        std::thread::Builder::new()
-            .name(format!("gust-gpu-{}-{ordinal}", description.kind))
-            .spawn(move || worker(backend, jobs))
-            .map_err(|e| {
-                BridgeError::backend(format!("cannot start the device worker thread: {e}"))
-            })?;
+        match backend.worker_pool() {
+            // The loop holds one of the pool's threads for the device's
+            // lifetime; the pool is the backend's own, so no other device
+            // competes for it.
+            Some(pool) => pool.spawn(move || worker(backend, jobs)),
+            None => {
+                std::thread::Builder::new()
+                    .name(format!("gust-gpu-{}-{ordinal}", description.kind))
+                    .spawn(move || worker(backend, jobs))
+                    .map_err(|e| {
+                        BridgeError::backend(format!("cannot start the device worker thread: {e}"))
+                    })?;
+            }
+        }
         Ok(Self {
             inner: Arc::new(DeviceInner {
                 description,

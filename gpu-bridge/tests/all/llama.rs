@@ -703,13 +703,15 @@ fn the_fetched_smollm2_matches_candle_when_present() {
     assert_logits_close(&model, &ids, &exact, &rows, 1e-4, 1e-3);
 
     // Candle's quantized matmul over the same file rounds activations to
-    // 8 bits: measured ~3.4% of the largest logit apart at worst, and a
-    // near tie at step 5 goes the other way. Its first 5 tokens are ours,
-    // and teacher-forced on its 16, its logits stay within 5% of ours and
-    // its pick within 0.5 of our best.
+    // 8 bits, and a near tie at step 5 can go either way with the rounding
+    // of its other products (it did with gemm's AVX2 kernels, not with its
+    // AVX-512 ones), which decides the text it is teacher-forced along:
+    // measured 3.4% of the largest logit apart at worst on one, 7.0% on the
+    // other. Its first 5 tokens are ours, and teacher-forced on its 16, its
+    // logits stay within 10% of ours and its pick within 0.5 of our best.
     let (reference, rows) = candle_greedy_logits(&bytes, &ids, 16);
     assert_matches_candle("SmolLM2", &ours, &reference, 5);
-    assert_logits_close(&model, &ids, &reference, &rows, 0.05, 0.5);
+    assert_logits_close(&model, &ids, &reference, &rows, 0.10, 0.5);
 
     // The chat template's control tokens are single tokens, and the
     // instruct model ends its answer with <|im_end|> (its EOS).
