@@ -17,7 +17,10 @@ use crate::dtype::DType;
 use crate::error::{BridgeError, ErrorCode, Result};
 use crate::kernel::{BinaryOp, Kernel, ReduceOp, UnaryOp};
 
+mod recycler;
 mod skinny;
+
+use recycler::Recycler;
 
 /// Below this many elements a kernel runs on the worker thread alone: the
 /// cost of waking rayon's pool is larger than the work.
@@ -46,6 +49,17 @@ const SKINNY_MAX_ROWS: usize = 32;
 #[derive(Debug)]
 pub struct CpuBuffer {
     words: Vec<u32>,
+    /// Where the words go back when the buffer is dropped; `None` for
+    /// scratch buffers that never came from one.
+    recycler: Option<Arc<Recycler>>,
+}
+
+impl Drop for CpuBuffer {
+    fn drop(&mut self) {
+        if let Some(recycler) = &self.recycler {
+            recycler.give(std::mem::take(&mut self.words));
+        }
+    }
 }
 
 impl CpuBuffer {
@@ -79,7 +93,12 @@ pub struct CpuBackend {
     memory_bytes: u64,
     threads: usize,
     pool: Option<Arc<rayon::ThreadPool>>,
+    recycler: Arc<Recycler>,
 }
+
+/// The most freed buffer memory a backend keeps for reuse: a quarter of its
+/// budget, and never more than this.
+const MAX_RECYCLED_BYTES: u64 = 256 << 20;
 
 impl CpuBackend {
     /// A CPU device that may hold up to `memory_bytes` of tensors.
@@ -98,10 +117,12 @@ impl CpuBackend {
             .map_or_else(rayon::current_num_threads, |pool| {
                 pool.current_num_threads()
             });
+        let recycled = (memory_bytes / 4).min(MAX_RECYCLED_BYTES);
         Self {
             memory_bytes,
             threads,
             pool,
+            recycler: Arc::new(Recycler::new(usize::try_from(recycled).unwrap_or(0))),
         }
     }
 }
@@ -112,14 +133,18 @@ fn words_for(bytes: usize) -> usize {
 
 fn try_zeroed_words(count: usize) -> Result<Vec<u32>> {
     let mut words = Vec::new();
-    words.try_reserve_exact(count).map_err(|_| {
-        BridgeError::new(
-            ErrorCode::OutOfMemory,
-            format!("cannot allocate {} bytes of host memory", count * 4),
-        )
-    })?;
+    words
+        .try_reserve_exact(count)
+        .map_err(|_| out_of_host_memory(count))?;
     words.resize(count, 0);
     Ok(words)
+}
+
+fn out_of_host_memory(words: usize) -> BridgeError {
+    BridgeError::new(
+        ErrorCode::OutOfMemory,
+        format!("cannot allocate {} bytes of host memory", words * 4),
+    )
 }
 
 impl Backend for CpuBackend {
@@ -136,8 +161,13 @@ impl Backend for CpuBackend {
     }
 
     fn alloc(&mut self, bytes: usize) -> Result<CpuBuffer> {
+        let words = words_for(bytes);
         Ok(CpuBuffer {
-            words: try_zeroed_words(words_for(bytes))?,
+            words: self
+                .recycler
+                .take(words)
+                .ok_or_else(|| out_of_host_memory(words))?,
+            recycler: Some(Arc::clone(&self.recycler)),
         })
     }
 
@@ -199,7 +229,10 @@ fn run_widened(
                 .iter()
                 .map(|&bits| half_to_f32(half, bits).to_bits())
                 .collect();
-            CpuBuffer { words }
+            CpuBuffer {
+                words,
+                recycler: None,
+            }
         })
         .collect();
     let widened_refs: Vec<&CpuBuffer> = widened.iter().collect();
@@ -207,6 +240,7 @@ fn run_widened(
     let out_elems = output.words.len() * 2;
     let mut wide_out = CpuBuffer {
         words: try_zeroed_words(out_elems)?,
+        recycler: None,
     };
     run_native(&f32_kernel, &widened_refs, &mut wide_out)?;
     if matches!(
@@ -503,6 +537,7 @@ fn run_native(kernel: &Kernel, inputs: &[&CpuBuffer], output: &mut CpuBuffer) ->
 /// loses accuracy to the cancellation in `1 + erf(x)`. The result is within
 /// about 2e-6 (relative) of the exact value; libm's f64 `erf`, called per
 /// element, made GELU a tenth of a small BERT's forward pass.
+#[inline]
 fn gelu(x: f32) -> f32 {
     let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
     let t = 1.0 / (1.0 + 0.5 * z);
@@ -526,6 +561,7 @@ fn gelu(x: f32) -> f32 {
 /// clamped (`e^-87` is of the order of the smallest normal f32): GELU's
 /// exponent lies in `-inf..=0`, and what it multiplies makes the clamp
 /// invisible.
+#[inline]
 fn exp_vectorisable(v: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -550,11 +586,39 @@ fn exp_vectorisable(v: f32) -> f32 {
 
 fn map_into(out: &mut [f32], x: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) {
     if out.len() >= PARALLEL_THRESHOLD {
-        out.par_iter_mut()
-            .zip(x.par_iter())
-            .for_each(|(o, &v)| *o = f(v));
+        out.par_chunks_mut(MAP_CHUNK)
+            .zip(x.par_chunks(MAP_CHUNK))
+            .for_each(|(out, x)| map_chunk(out, x, &f));
     } else {
-        out.iter_mut().zip(x).for_each(|(o, &v)| *o = f(v));
+        map_chunk(out, x, &f);
+    }
+}
+
+/// Elements per parallel task of [`map_into`]: whole vector loops per task.
+const MAP_CHUNK: usize = 4096;
+
+/// `f` over a slice, compiled for AVX-512 where the CPU has it. The ops'
+/// closures are written to vectorise (see [`exp_vectorisable`]), but the
+/// baseline x86-64 target gives them only SSE2's four lanes: GELU over a
+/// batch of 32 sentences' feed-forward activations took 1 ms a layer.
+fn map_chunk(out: &mut [f32], x: &[f32], f: &impl Fn(f32) -> f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F, the only feature the function
+        // enables.
+        unsafe { map_chunk_avx512(out, x, f) };
+        return;
+    }
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = f(v);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn map_chunk_avx512(out: &mut [f32], x: &[f32], f: &impl Fn(f32) -> f32) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = f(v);
     }
 }
 
