@@ -403,20 +403,38 @@ fn run_native(kernel: &Kernel, inputs: &[&CpuBuffer], output: &mut CpuBuffer) ->
                 None
             };
             let (cols, eps) = (*cols, *eps);
+            let (weight, bias) = (
+                first_row(weight, cols, "weight")?,
+                first_row(bias, cols, "bias")?,
+            );
             for_rows(output.f32s_mut(), x, *rows, cols, |row, out| {
                 let n = cols as f32;
                 let mean = row.iter().sum::<f32>() / n;
                 let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
                 let inv = 1.0 / (var + eps).sqrt();
-                for (j, (o, v)) in out.iter_mut().zip(row).enumerate() {
-                    let mut y = (v - mean) * inv;
-                    if let Some(w) = weight {
-                        y *= w[j];
+                // One loop per case, so none tests per element.
+                let normalised = row.iter().map(|v| (v - mean) * inv);
+                match (weight, bias) {
+                    (Some(w), Some(b)) => {
+                        for (((o, y), w), b) in out.iter_mut().zip(normalised).zip(w).zip(b) {
+                            *o = y * w + b;
+                        }
                     }
-                    if let Some(b) = bias {
-                        y += b[j];
+                    (Some(w), None) => {
+                        for ((o, y), w) in out.iter_mut().zip(normalised).zip(w) {
+                            *o = y * w;
+                        }
                     }
-                    *o = y;
+                    (None, Some(b)) => {
+                        for ((o, y), b) in out.iter_mut().zip(normalised).zip(b) {
+                            *o = y + b;
+                        }
+                    }
+                    (None, None) => {
+                        for (o, y) in out.iter_mut().zip(normalised) {
+                            *o = y;
+                        }
+                    }
                 }
             });
         }
@@ -689,6 +707,7 @@ fn binary_with(
     };
     if len >= PARALLEL_THRESHOLD {
         out.par_chunks_mut(row)
+            .with_min_len((PARALLEL_THRESHOLD / row.max(1)).max(1))
             .enumerate()
             .for_each(|(r, o)| row_op(r, o));
     } else {
@@ -964,6 +983,17 @@ fn softmax(outer: usize, len: usize, inner: usize, x: &[f32], out: &mut [f32]) {
         });
 }
 
+/// The first `cols` values of a layer norm's optional weight or bias.
+fn first_row<'a>(values: Option<&'a [f32]>, cols: usize, what: &str) -> Result<Option<&'a [f32]>> {
+    values
+        .map(|v| {
+            v.get(..cols).ok_or_else(|| {
+                BridgeError::backend(format!("layer-norm {what} is shorter than a row"))
+            })
+        })
+        .transpose()
+}
+
 fn for_rows(
     out: &mut [f32],
     x: &[f32],
@@ -995,13 +1025,23 @@ fn permute<T: Copy + Send + Sync>(in_shape: &[usize], perm: &[usize], x: &[T], o
             src += (rem % out_shape[d]) * strides[d];
             rem /= out_shape[d];
         }
-        for (j, o) in out_row.iter_mut().enumerate() {
-            *o = x[src + j * last_stride];
+        match (last_stride == 1).then(|| x.get(src..src + row)).flatten() {
+            // The innermost axis stays innermost (heads split from or
+            // merged into features): whole runs copy.
+            Some(run) => out_row.copy_from_slice(run),
+            None => {
+                for (j, o) in out_row.iter_mut().enumerate() {
+                    *o = x[src + j * last_stride];
+                }
+            }
         }
     };
     let out = &mut out[..len];
     if len >= PARALLEL_THRESHOLD {
+        // Rows can be a head's 32 elements: one task per row costs more
+        // than the copy.
         out.par_chunks_mut(row)
+            .with_min_len((PARALLEL_THRESHOLD / row.max(1)).max(1))
             .enumerate()
             .for_each(|(r, o)| row_op(r, o));
     } else {
