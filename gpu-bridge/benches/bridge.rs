@@ -203,8 +203,9 @@ fn bench_gemm(c: &mut Criterion) {
 }
 
 /// Few rows times a weight matrix (MiniLM's feed-forward shape): tokens of
-/// one or a few sentences through a linear layer. The product cycles through
-/// 16 weight matrices (38 MB, a model's worth), so the weights stream from
+/// one or a few sentences through a linear layer, where the cpu backend
+/// switches from its own kernel to gemm's. The product cycles through 16
+/// weight matrices (38 MB, a model's worth), so the weights stream from
 /// memory as they do in a model rather than sitting in L2.
 fn bench_skinny(c: &mut Criterion) {
     let threads = rayon::current_num_threads();
@@ -218,6 +219,8 @@ fn bench_skinny(c: &mut Criterion) {
             backend.upload(&dtype::f32_to_bytes(&values)).unwrap()
         })
         .collect();
+    // From inside a pool, as a device's worker runs it.
+    let pool = rayon::ThreadPoolBuilder::new().build().unwrap();
     for m in [1usize, 8, 32, 64, 128, 256, 512] {
         let mut group = c.benchmark_group(format!("skinny/{m}x{k}x{n}"));
         group.throughput(Throughput::Elements((2 * m * k * n) as u64));
@@ -226,8 +229,6 @@ fn bench_skinny(c: &mut Criterion) {
         let mut output = backend.alloc(m * n * 4).unwrap();
         let kernel = kernel_for(&Op::Matmul, &[&[m, k], &[k, n]]);
         let mut next = 0;
-        // From inside the pool, as a device's worker runs it.
-        let pool = rayon::ThreadPoolBuilder::new().build().unwrap();
         group.bench_function(BenchmarkId::new("cpu", threads), |b| {
             b.iter_custom(|iters| {
                 pool.install(|| {

@@ -236,6 +236,18 @@ pub enum Kernel {
         /// Elements per row.
         row_len: usize,
     },
+    /// Softmax attention within packed sequences; see
+    /// [`crate::Op::Attention`]. Inputs: `[qkv]`.
+    Attention {
+        /// Element type of input and output (float).
+        dtype: DType,
+        /// Attention heads.
+        heads: usize,
+        /// Elements per head.
+        head_dim: usize,
+        /// Tokens in each sequence, in order.
+        lengths: Vec<usize>,
+    },
     /// `out[i] = x[i]` converted to `to`, value-preserving where it can be:
     /// float → int truncates toward zero and saturates (NaN → 0), as Rust's
     /// `as` does; int → int (i32 ↔ u32) clamps to the target's range rather
@@ -284,6 +296,7 @@ impl Kernel {
             Self::Concat { .. } => "concat",
             Self::Gather { .. } => "gather",
             Self::Cast { .. } => "cast",
+            Self::Attention { .. } => "attention",
         }
     }
 }
@@ -301,7 +314,8 @@ impl Kernel {
             | Self::Reduce { dtype, .. }
             | Self::Softmax { dtype, .. }
             | Self::LayerNorm { dtype, .. }
-            | Self::RmsNorm { dtype, .. } => Some(*dtype),
+            | Self::RmsNorm { dtype, .. }
+            | Self::Attention { dtype, .. } => Some(*dtype),
             Self::Permute { .. }
             | Self::Slice { .. }
             | Self::Concat { .. }

@@ -95,6 +95,20 @@ pub enum Op {
         /// The new element type.
         to: DType,
     },
+    /// Softmax attention within each of several sequences packed one after
+    /// another, without padding. Operands: `[qkv]`, `[tokens, 3 × hidden]`:
+    /// each token's queries, keys and values, each `heads` runs of
+    /// `hidden / heads`, queries already scaled. The output is
+    /// `[tokens, hidden]`, each token's heads side by side. Only backends
+    /// whose [`DeviceDescription::fused_attention`] is set run it.
+    ///
+    /// [`DeviceDescription::fused_attention`]: crate::backend::DeviceDescription::fused_attention
+    Attention {
+        /// Attention heads.
+        heads: u32,
+        /// Tokens in each sequence, in order; they sum to `tokens`.
+        lengths: Vec<u32>,
+    },
 }
 
 /// The dtype and shape of one operand.
@@ -281,6 +295,7 @@ impl Op {
             Self::Concat { .. } => "concat",
             Self::Gather => "gather",
             Self::Cast { .. } => "cast",
+            Self::Attention { .. } => "attention",
         }
     }
 
@@ -527,6 +542,10 @@ impl Op {
                     }),
                 }
             }
+            Self::Attention { heads, lengths } => {
+                arity(name, operands, 1)?;
+                plan_attention(operands[0], *heads, lengths)?
+            }
             Self::Cast { to } => {
                 arity(name, operands, 1)?;
                 let x = operands[0];
@@ -563,6 +582,48 @@ fn unary_operand<'a>(name: &str, operands: &[Operand<'a>]) -> Result<Operand<'a>
     arity(name, operands, 1)?;
     float(name, operands[0].dtype)?;
     Ok(operands[0])
+}
+
+fn plan_attention(qkv: Operand<'_>, heads: u32, lengths: &[u32]) -> Result<Plan> {
+    if !qkv.dtype.is_float() {
+        return Err(BridgeError::shape(format!(
+            "attention needs a float tensor, got {}",
+            qkv.dtype
+        )));
+    }
+    let &[tokens, width] = qkv.shape else {
+        return Err(BridgeError::shape(format!(
+            "attention takes [tokens, 3 × hidden], got {:?}",
+            qkv.shape
+        )));
+    };
+    let heads = heads as usize;
+    if heads == 0 || width % (3 * heads) != 0 {
+        return Err(BridgeError::shape(format!(
+            "attention: {width} columns do not split into queries, keys and values of {heads} heads"
+        )));
+    }
+    let lengths: Vec<usize> = lengths.iter().map(|&l| l as usize).collect();
+    let total = lengths
+        .iter()
+        .try_fold(0usize, |sum, &l| sum.checked_add(l))
+        .unwrap_or(usize::MAX);
+    if total != tokens {
+        return Err(BridgeError::shape(format!(
+            "attention: the sequence lengths add up to {total}, the tensor has {tokens} tokens"
+        )));
+    }
+    let hidden = width / 3;
+    Ok(Plan {
+        dtype: qkv.dtype,
+        shape: vec![tokens, hidden],
+        work: Work::Kernel(Kernel::Attention {
+            dtype: qkv.dtype,
+            heads,
+            head_dim: hidden / heads,
+            lengths,
+        }),
+    })
 }
 
 fn plan_matmul(a: Operand<'_>, b: Operand<'_>) -> Result<Plan> {

@@ -17,6 +17,7 @@ use crate::dtype::DType;
 use crate::error::{BridgeError, ErrorCode, Result};
 use crate::kernel::{BinaryOp, Kernel, ReduceOp, UnaryOp};
 
+mod attention;
 mod recycler;
 mod skinny;
 
@@ -157,6 +158,7 @@ impl Backend for CpuBackend {
             is_gpu: false,
             memory_bytes: self.memory_bytes,
             arithmetic_dtypes: vec![DType::F32, DType::F16, DType::BF16],
+            fused_attention: true,
         }
     }
 
@@ -272,7 +274,8 @@ fn with_dtype(kernel: &Kernel, to: DType) -> Kernel {
         | Kernel::Reduce { dtype, .. }
         | Kernel::Softmax { dtype, .. }
         | Kernel::LayerNorm { dtype, .. }
-        | Kernel::RmsNorm { dtype, .. } => *dtype = to,
+        | Kernel::RmsNorm { dtype, .. }
+        | Kernel::Attention { dtype, .. } => *dtype = to,
         _ => {}
     }
     kernel
@@ -380,6 +383,15 @@ fn run_native(kernel: &Kernel, inputs: &[&CpuBuffer], output: &mut CpuBuffer) ->
         } => {
             let x = input(inputs, 0, kernel)?.f32s();
             softmax(*outer, *len, *inner, x, output.f32s_mut());
+        }
+        Kernel::Attention {
+            heads,
+            head_dim,
+            lengths,
+            ..
+        } => {
+            let qkv = input(inputs, 0, kernel)?.f32s();
+            attention::attention(*heads, *head_dim, lengths, qkv, output.f32s_mut())?;
         }
         Kernel::LayerNorm {
             rows,

@@ -539,6 +539,7 @@ impl CudaBackend {
                 is_gpu: true,
                 memory_bytes: u64::try_from(memory).unwrap_or(u64::MAX),
                 arithmetic_dtypes: vec![DType::F32, DType::F16, DType::BF16],
+                fused_attention: false,
             },
         })
     }
@@ -811,6 +812,10 @@ impl CudaBackend {
         output: &mut CudaBuffer,
     ) -> Result<()> {
         match kernel {
+            Kernel::Attention { .. } => Err(BridgeError::unsupported(format!(
+                "{} runs on the cpu backend only; compose it from matmul and softmax",
+                kernel.name()
+            ))),
             Kernel::Unary { op, dtype, len } => {
                 let suffix = float_suffix(*dtype, kernel)?;
                 let bytes = len * dtype.size();

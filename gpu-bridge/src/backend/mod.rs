@@ -65,6 +65,10 @@ pub struct DeviceDescription {
     /// `BF16` where the backend has them). The bridge refuses others with
     /// `unsupported` before queuing anything.
     pub arithmetic_dtypes: Vec<crate::DType>,
+    /// Whether the backend runs [`crate::Op::Attention`] (the cpu backend,
+    /// where it replaces a dozen memory-bound ops a layer). Model code
+    /// composes attention from plain ops where it does not.
+    pub fused_attention: bool,
 }
 
 /// One device's kernels and memory. See the module docs for threading.

@@ -261,6 +261,7 @@ impl WgpuBackend {
                 is_gpu,
                 memory_bytes,
                 arithmetic_dtypes: vec![DType::F32],
+                fused_attention: false,
             },
             limits,
             bind_group_layout,
@@ -619,6 +620,11 @@ impl Backend for WgpuBackend {
         // Buffers that must outlive the submission.
         let offsets_table: wgpu::Buffer;
         match kernel {
+            Kernel::Attention { .. } => {
+                return Err(BridgeError::unsupported(format!(
+                    "{name} runs on the cpu backend only; compose it from matmul and softmax"
+                )));
+            }
             Kernel::Unary { op, dtype, len } => {
                 require_f32(name, *dtype)?;
                 need_output(checked_product(&[*len, 4])?)?;

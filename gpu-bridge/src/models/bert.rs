@@ -24,6 +24,7 @@ use crate::kernel::UnaryOp;
 use crate::models::graph::Graph;
 use crate::models::manifest::{FileRole, ModelManifest};
 use crate::models::safetensors::HostTensor;
+use crate::op::Op;
 
 /// The most texts one `embed` call may carry: the attention scores of a
 /// batch grow with it, and a caller wanting more can split.
@@ -737,10 +738,17 @@ impl Bert {
             )
             .await?;
 
+        // A backend with fused attention works on the packed rows
+        // throughout; the padded layout is then only for `last_hidden`.
+        let fused = device.description().fused_attention;
+        let sequence_lengths = lengths
+            .iter()
+            .map(|&len| u32::try_from(len).map_err(|_| BridgeError::invalid("a text is too long")))
+            .collect::<Result<Vec<u32>>>()?;
         // Without padding (one text, or texts of one length) the packed
         // and padded layouts are the same and nothing needs masking: three
         // ops a layer fewer.
-        let padding = if tokens < b * s {
+        let padding = if tokens < b * s && (!fused || want_hidden) {
             // Padding gets a large negative score before the softmax, so no
             // real token attends to it.
             let additive: Vec<f32> = batch
@@ -766,36 +774,44 @@ impl Bert {
 
         for layer in &self.layers {
             let qkv = g.linear(&x, &layer.qkv_weight, &layer.qkv_bias).await?;
-            let qkv = match &padding {
-                Some(p) => g.gather(&qkv, &p.pad).await?,
-                None => qkv,
-            };
-            let qkv = g.reshape(&qkv, &[b, s, 3, heads, head_dim]).await?;
-            // [3, b, heads, s, head_dim]: q, k and v each one slice of it.
-            let qkv = g.permute(&qkv, &[2, 0, 3, 1, 4]).await?;
-            let part = |i: u32| {
-                let qkv = &qkv;
-                async move {
-                    let t = g.slice(qkv, 0, i, 1).await?;
-                    g.reshape(&t, &[b, heads, s, head_dim]).await
+            let context = if fused {
+                let attention = Op::Attention {
+                    heads: heads as u32,
+                    lengths: sequence_lengths.clone(),
+                };
+                g.op(attention, &[&qkv]).await?
+            } else {
+                let qkv = match &padding {
+                    Some(p) => g.gather(&qkv, &p.pad).await?,
+                    None => qkv,
+                };
+                let qkv = g.reshape(&qkv, &[b, s, 3, heads, head_dim]).await?;
+                // [3, b, heads, s, head_dim]: q, k and v each one slice of it.
+                let qkv = g.permute(&qkv, &[2, 0, 3, 1, 4]).await?;
+                let part = |i: u32| {
+                    let qkv = &qkv;
+                    async move {
+                        let t = g.slice(qkv, 0, i, 1).await?;
+                        g.reshape(&t, &[b, heads, s, head_dim]).await
+                    }
+                };
+                let q = part(0).await?;
+                let k = part(1).await?;
+                let v = part(2).await?;
+                let k_t = g.permute(&k, &[0, 1, 3, 2]).await?;
+                let scores = g.matmul(&q, &k_t).await?;
+                let scores = match &padding {
+                    Some(p) => g.add(&scores, &p.mask).await?,
+                    None => scores,
+                };
+                let probs = g.softmax(&scores, -1).await?;
+                let context = g.matmul(&probs, &v).await?;
+                let context = g.permute(&context, &[0, 2, 1, 3]).await?;
+                let context = g.reshape(&context, &[b * s, hidden]).await?;
+                match &padding {
+                    Some(p) => g.gather(&context, &p.unpad).await?,
+                    None => context,
                 }
-            };
-            let q = part(0).await?;
-            let k = part(1).await?;
-            let v = part(2).await?;
-            let k_t = g.permute(&k, &[0, 1, 3, 2]).await?;
-            let scores = g.matmul(&q, &k_t).await?;
-            let scores = match &padding {
-                Some(p) => g.add(&scores, &p.mask).await?,
-                None => scores,
-            };
-            let probs = g.softmax(&scores, -1).await?;
-            let context = g.matmul(&probs, &v).await?;
-            let context = g.permute(&context, &[0, 2, 1, 3]).await?;
-            let context = g.reshape(&context, &[b * s, hidden]).await?;
-            let context = match &padding {
-                Some(p) => g.gather(&context, &p.unpad).await?,
-                None => context,
             };
             let attended = g
                 .linear(

@@ -93,6 +93,24 @@ fn shape_and_dtype_errors_have_their_codes() {
                 "2 operand",
             ),
             (
+                Op::Attention {
+                    heads: 1,
+                    lengths: vec![1, 2],
+                },
+                vec![&a],
+                ErrorCode::ShapeMismatch,
+                "add up to 3",
+            ),
+            (
+                Op::Attention {
+                    heads: 2,
+                    lengths: vec![2],
+                },
+                vec![&a],
+                ErrorCode::ShapeMismatch,
+                "do not split",
+            ),
+            (
                 Op::Permute { dims: vec![0, 0] },
                 vec![&a],
                 ErrorCode::InvalidArgument,

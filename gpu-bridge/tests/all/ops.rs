@@ -207,6 +207,42 @@ fn softmax_over_any_dim() {
 }
 
 #[test]
+fn fused_attention_within_packed_sequences() {
+    on_every_device(|device, rng| {
+        // Ragged sequences (one empty, one of a single token), head sizes
+        // with and without a tail past whole vector registers.
+        for (heads, head_dim, lengths) in [
+            (2usize, 16usize, vec![5u32, 1, 0, 17, 3]),
+            (3, 20, vec![9]),
+            (1, 7, vec![2, 40]),
+        ] {
+            let tokens: u32 = lengths.iter().sum();
+            let shape = [tokens as usize, 3 * heads * head_dim];
+            let op = Op::Attention {
+                heads: heads as u32,
+                lengths: lengths.clone(),
+            };
+            if !device.description().fused_attention {
+                let acct = account();
+                let values = rng.f32s(shape.iter().product());
+                let qkv = upload_f32(device, &shape, &values, &acct);
+                let err = block_on(async {
+                    let out = device.run(&op, &[&qkv], &acct).await?;
+                    device.read(&out, &acct).await
+                })
+                .expect_err("a backend without fused attention refuses it");
+                assert_eq!(err.code, gust_gpu_bridge::ErrorCode::Unsupported, "{err}");
+                continue;
+            }
+            let lengths: Vec<usize> = lengths.iter().map(|&l| l as usize).collect();
+            check_f32_op(device, rng, op, &[&shape], |x| {
+                r::attention(&x[0], heads, &lengths)
+            });
+        }
+    });
+}
+
+#[test]
 fn norms_with_and_without_parameters() {
     on_every_device(|device, rng| {
         let eps = 1e-5;

@@ -274,3 +274,35 @@ pub(crate) fn gather(table: &Nd, indices: &[i64], index_shape: &[usize]) -> Nd {
     shape.extend_from_slice(&table.shape[1..]);
     Nd::new(&shape, data)
 }
+
+/// Softmax attention within each packed sequence: `qkv` is `[tokens, 3 ×
+/// hidden]` (queries, keys, values, each `heads` runs), the result
+/// `[tokens, hidden]`.
+pub(crate) fn attention(qkv: &Nd, heads: usize, lengths: &[usize]) -> Nd {
+    let (tokens, width) = (qkv.shape[0], qkv.shape[1]);
+    let hidden = width / 3;
+    let head_dim = hidden / heads;
+    let mut out = vec![0.0; tokens * hidden];
+    let mut start = 0;
+    for &len in lengths {
+        for head in 0..heads {
+            let at = |row: usize, part: usize, e: usize| {
+                qkv.data[(start + row) * width + part * hidden + head * head_dim + e]
+            };
+            for i in 0..len {
+                let scores: Vec<f64> = (0..len)
+                    .map(|j| (0..head_dim).map(|e| at(i, 0, e) * at(j, 1, e)).sum())
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f64 = weights.iter().sum();
+                for e in 0..head_dim {
+                    out[(start + i) * hidden + head * head_dim + e] =
+                        (0..len).map(|j| weights[j] / sum * at(j, 2, e)).sum();
+                }
+            }
+        }
+        start += len;
+    }
+    Nd::new(&[tokens, hidden], out)
+}
