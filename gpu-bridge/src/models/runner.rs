@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::account::Account;
 use crate::device::{Device, Tensor};
-use crate::error::{BridgeError, Result};
+use crate::error::{BridgeError, ErrorCode, Result};
 use crate::kernel::{BinaryOp, UnaryOp};
 use crate::models::batch::{BatchStats, Work};
 use crate::models::bert::{self, Bert};
@@ -319,6 +319,34 @@ pub(crate) async fn run_graph(
         .collect()
 }
 
+/// `work` (a call that does not go through the batcher), given up with
+/// `timeout` once `deadline` has passed, as a batched call would be. The
+/// caller stops waiting and submits nothing more; ops already queued finish
+/// on the device and their results are dropped. Without a tokio runtime to
+/// time it, only a deadline that has already passed is caught.
+async fn until<T>(
+    model: &str,
+    deadline: Option<Instant>,
+    work: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    let timeout = || {
+        BridgeError::new(
+            ErrorCode::Timeout,
+            format!("model `{model}`: the call's deadline passed"),
+        )
+    };
+    match deadline {
+        None => work.await,
+        Some(deadline) if deadline <= Instant::now() => Err(timeout()),
+        Some(deadline) if tokio::runtime::Handle::try_current().is_ok() => {
+            tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), work)
+                .await
+                .unwrap_or_else(|_| Err(timeout()))
+        }
+        Some(_) => work.await,
+    }
+}
+
 fn not_for(model: &ResidentModel, what: &str, families: &str) -> BridgeError {
     BridgeError::unsupported(format!(
         "model `{}` is of family `{}`; {what} is for {families} models",
@@ -351,7 +379,7 @@ impl ResidentModel {
             Some(batcher) if !texts.is_empty() && tokio::runtime::Handle::try_current().is_ok() => {
                 batcher.embed(self, texts, account, deadline).await
             }
-            _ => self.embed_now(texts, account).await,
+            _ => until(self.name(), deadline, self.embed_now(texts, account)).await,
         }
     }
 
@@ -417,7 +445,10 @@ impl ResidentModel {
                             .run(self, Work::Encode(tokens), account, deadline)
                             .await
                     }
-                    _ => bert.run_tokens(self.device(), &tokens, account).await,
+                    _ => {
+                        let work = bert.run_tokens(self.device(), &tokens, account);
+                        until(self.name(), deadline, work).await
+                    }
                 }
             }
             Runner::Graph(graph) => {
@@ -433,7 +464,10 @@ impl ResidentModel {
                             .run(self, Work::Graph(inputs), account, deadline)
                             .await
                     }
-                    _ => run_graph(self, graph, &inputs, account).await,
+                    _ => {
+                        let work = run_graph(self, graph, &inputs, account);
+                        until(self.name(), deadline, work).await
+                    }
                 }
             }
             Runner::Llama(_) => Err(BridgeError::unsupported(format!(

@@ -225,6 +225,59 @@ fn a_full_batch_queue_refuses_and_a_deadline_is_honoured() {
 }
 
 #[test]
+fn an_unbatched_call_honours_its_deadline() {
+    let device = devices()[0].clone();
+    let rt = batching_runtime();
+    let (dir, _batched) = load_tiny_bert(&rt, &device, "", Rng::fresh().next_u64());
+    let model = load_unbatched(&rt, dir.path(), &device);
+    let text = || strings(&["the cat sat"]);
+
+    // A deadline already gone: refused before any work.
+    let err = rt
+        .block_on(model.embed(text(), &account(), Some(Instant::now())))
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::Timeout, "{err}");
+
+    // A deadline that passes while the call waits behind other work on the
+    // device (a 4096² product, hundreds of milliseconds).
+    let acct = account();
+    let side = 4096;
+    let big = rt
+        .block_on(device.upload(DType::F32, &[side, side], vec![0; side * side * 4], &acct))
+        .unwrap();
+    let busy = {
+        let (device, acct) = (device.clone(), Arc::clone(&acct));
+        rt.spawn(async move {
+            let product = device
+                .run(&gust_gpu_bridge::Op::Matmul, &[&big, &big], &acct)
+                .await?;
+            device.read(&product, &acct).await
+        })
+    };
+    std::thread::sleep(Duration::from_millis(20));
+    let started = Instant::now();
+    let deadline = started + Duration::from_millis(50);
+    let err = rt
+        .block_on(model.embed(text(), &account(), Some(deadline)))
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::Timeout, "{err}");
+    assert!(
+        !busy.is_finished(),
+        "the product finished within {:?}: it no longer keeps the device busy",
+        started.elapsed()
+    );
+    assert!(rt.block_on(busy).unwrap().is_ok());
+
+    // Without a deadline the model still answers.
+    assert_eq!(
+        rt.block_on(model.embed(text(), &account(), None))
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[test]
 fn the_fetched_minilm_matches_candle() {
     let Some(dir) = fetched_models_with("all-minilm-l6-v2") else {
         return;
