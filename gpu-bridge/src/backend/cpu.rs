@@ -19,6 +19,7 @@ use crate::kernel::{BinaryOp, Kernel, ReduceOp, UnaryOp};
 
 mod attention;
 mod recycler;
+#[cfg(target_arch = "x86_64")]
 mod skinny;
 
 use recycler::Recycler;
@@ -38,11 +39,12 @@ const GEMM_PARALLEL_THRESHOLD: usize = 1 << 18;
 /// two are even.
 const SPLIT_COLUMNS_BELOW_ROWS: usize = 128;
 
-/// Up to this many rows a matrix product goes through [`skinny`] where the
+/// Up to this many rows a matrix product goes through `skinny` where the
 /// CPU has AVX-512. Against `gemm`'s AVX-512 kernels on 384×1536 weights,
 /// cycling through a model's worth of them: 2.6× faster at 1 row, even at 8
 /// and 32, slower from 64 (450 vs 345 µs); one sentence through MiniLM (8
 /// rows, 42 MB of weights) takes 3.65 instead of 4.7 ms.
+#[cfg(target_arch = "x86_64")]
 const SKINNY_MAX_ROWS: usize = 32;
 
 /// A CPU "device buffer": 32-bit words so that `f32`/`i32`/`u32` views are
@@ -796,6 +798,7 @@ fn matmul(
                 });
             continue;
         }
+        #[cfg(target_arch = "x86_64")]
         if m <= SKINNY_MAX_ROWS && n > 0 && skinny::available() {
             let blocks = if matches!(parallelism, gemm::Parallelism::Rayon(_)) {
                 rayon::current_num_threads().max(1)
@@ -806,6 +809,7 @@ fn matmul(
                 .div_ceil(blocks)
                 .next_multiple_of(skinny::TILE_COLUMNS)
                 .min(n);
+            // Addresses, so that every thread can build its own view.
             let (a_at, b_at, c_at) = (
                 a.as_ptr() as usize,
                 bm.as_ptr() as usize,
@@ -813,23 +817,20 @@ fn matmul(
             );
             let run_block = |block: usize| {
                 let first = block * cols;
+                let product = skinny::Product {
+                    m,
+                    k,
+                    n,
+                    a: a_at as *const f32,
+                    b: b_at as *const f32,
+                    c: c_at as *mut f32,
+                };
                 // SAFETY: the CPU has AVX-512 (checked above); the three
                 // slices were bounds-checked to hold m×k, k×n and m×n
                 // row-major matrices; first + width <= n, and the blocks'
                 // columns are disjoint, so no two threads write the same
                 // element of `c`, which aliases neither input.
-                unsafe {
-                    skinny::columns(
-                        m,
-                        k,
-                        n,
-                        a_at as *const f32,
-                        b_at as *const f32,
-                        c_at as *mut f32,
-                        first,
-                        cols.min(n - first),
-                    );
-                }
+                unsafe { skinny::columns(product, first, cols.min(n - first)) }
             };
             match n.div_ceil(cols) {
                 // Handing one block to rayon would only add a wake-up.

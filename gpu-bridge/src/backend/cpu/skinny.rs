@@ -11,15 +11,13 @@
 //! kernel keeps up to eight rows of the output, 32 columns wide, in AVX-512
 //! registers, sweeps a block of weight rows left to right with prefetching,
 //! and so loads every weight once per eight rows (the next group of eight
-//! finds it in L2): the sentence takes 3.3–3.7 ms. CPUs without AVX-512
-//! keep using `gemm`.
+//! finds it in L2): the sentence takes 3.3–3.7 ms. CPUs without AVX-512,
+//! and other architectures, keep using `gemm`.
 
-#[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
 /// Rows kept in registers at once: 8 rows × 2 registers leaves half of the
 /// 32 vector registers for the weights and the broadcast inputs.
-#[cfg(target_arch = "x86_64")]
 const TILE_ROWS: usize = 8;
 
 /// Weight rows per sweep across the columns: enough that the output tile's
@@ -27,13 +25,11 @@ const TILE_ROWS: usize = 8;
 /// thread's columns) stays in L2 for every group of 8 rows. On MiniLM (one
 /// sentence) 16, 24, 32 and 48 took 3.8, 3.3, 3.3 and 3.6 ms; no blocking
 /// 4.8 ms.
-#[cfg(target_arch = "x86_64")]
 const DEPTH_BLOCK: usize = 32;
 
 /// How many weight rows ahead the tile prefetches its columns. Within a
 /// block each row is a separate stream the hardware does not predict well;
 /// without the prefetch MiniLM took 4.5 instead of 3.3 ms.
-#[cfg(target_arch = "x86_64")]
 const PREFETCH_ROWS: usize = 16;
 
 /// Columns per register tile: two 16-lane registers.
@@ -41,68 +37,30 @@ pub(super) const TILE_COLUMNS: usize = 32;
 
 /// Whether this CPU runs the kernel; callers use `gemm` otherwise.
 pub(super) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    std::arch::is_x86_feature_detected!("avx512f")
 }
 
-/// Writes columns `first..first + width` of `c = a · b`, where `a` is
-/// `m × k`, `b` is `k × n` and `c` is `m × n`, all row-major and contiguous.
+/// A row-major product `c = a · b`: `a` is `m × k`, `b` is `k × n`, `c` is
+/// `m × n`, each contiguous.
+#[derive(Clone, Copy)]
+pub(super) struct Product {
+    pub(super) m: usize,
+    pub(super) k: usize,
+    pub(super) n: usize,
+    pub(super) a: *const f32,
+    pub(super) b: *const f32,
+    pub(super) c: *mut f32,
+}
+
+/// Writes columns `first..first + width` of `product.c`.
 ///
 /// # Safety
 /// [`available`] returned true; `a`, `b` and `c` point to at least `m × k`,
 /// `k × n` and `m × n` floats; `first + width <= n`; no other thread reads
 /// or writes those columns of `c` meanwhile, and `c` aliases neither input.
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn columns(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: *const f32,
-    b: *const f32,
-    c: *mut f32,
-    first: usize,
-    width: usize,
-) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: forwarded from the caller, who checked the CPU feature.
-    unsafe {
-        columns_avx512(m, k, n, a, b, c, first, width)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    // SAFETY: as above; `available` is false here, so this plain loop only
-    // keeps the function total.
-    unsafe {
-        for row in 0..m {
-            for column in first..first + width {
-                let mut sum = 0.0f32;
-                for depth in 0..k {
-                    sum += *a.add(row * k + depth) * *b.add(depth * n + column);
-                }
-                *c.add(row * n + column) = sum;
-            }
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn columns_avx512(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: *const f32,
-    b: *const f32,
-    c: *mut f32,
-    first: usize,
-    width: usize,
-) {
+pub(super) unsafe fn columns(product: Product, first: usize, width: usize) {
+    let Product { m, k, n, a, b, c } = product;
     let end = first + width;
     // A few weight rows at a time, swept left to right: the tiles then read
     // each row sequentially, which the hardware prefetchers follow, instead
@@ -156,13 +114,11 @@ unsafe fn columns_avx512(
 }
 
 /// A mask of the lowest `count` (at most 16) lanes.
-#[cfg(target_arch = "x86_64")]
 fn lanes(count: usize) -> __mmask16 {
     ((1u32 << count) - 1) as __mmask16
 }
 
 /// Where one register tile reads and writes.
-#[cfg(target_arch = "x86_64")]
 struct Tile {
     /// Weight rows to multiply in.
     depth: usize,
@@ -179,7 +135,6 @@ struct Tile {
 }
 
 /// `ROWS` rows by up to 32 columns of the output, over `depth` weight rows.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn tile<const ROWS: usize>(shape: &Tile, a: *const f32, b: *const f32, c: *mut f32) {
@@ -250,6 +205,29 @@ mod tests {
         c
     }
 
+    /// [`columns`] over vectors, with the bounds it relies on checked.
+    fn write_columns(
+        (m, k, n): (usize, usize, usize),
+        a: &[f32],
+        b: &[f32],
+        c: &mut [f32],
+        first: usize,
+        width: usize,
+    ) {
+        assert!(available() && a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+        assert!(first + width <= n);
+        let product = Product {
+            m,
+            k,
+            n,
+            a: a.as_ptr(),
+            b: b.as_ptr(),
+            c: c.as_mut_ptr(),
+        };
+        // SAFETY: checked just above.
+        unsafe { columns(product, first, width) }
+    }
+
     /// Deterministic values in [-1, 1) that do not repeat along a row.
     fn values(count: usize, seed: usize) -> Vec<f32> {
         (0..count)
@@ -276,21 +254,7 @@ mod tests {
                     // Two column blocks, as two threads would get them.
                     let split = n / 2;
                     for (first, width) in [(0, split), (split, n - split)] {
-                        // SAFETY: the CPU has AVX-512; the vectors hold
-                        // m×k, k×n and m×n floats; first + width == n or
-                        // split.
-                        unsafe {
-                            columns(
-                                m,
-                                k,
-                                n,
-                                a.as_ptr(),
-                                b.as_ptr(),
-                                c.as_mut_ptr(),
-                                first,
-                                width,
-                            );
-                        }
+                        write_columns((m, k, n), &a, &b, &mut c, first, width);
                     }
                     let want = reference(m, k, n, &a, &b);
                     for (index, (&got, &want)) in c.iter().zip(&want).enumerate() {
@@ -316,20 +280,7 @@ mod tests {
         let b = values(k * n, 2);
         let mut c = vec![f32::NAN; m * n];
         let (first, width) = (7, 20);
-        // SAFETY: the CPU has AVX-512; the vectors hold m×k, k×n and m×n
-        // floats; first + width <= n.
-        unsafe {
-            columns(
-                m,
-                k,
-                n,
-                a.as_ptr(),
-                b.as_ptr(),
-                c.as_mut_ptr(),
-                first,
-                width,
-            );
-        }
+        write_columns((m, k, n), &a, &b, &mut c, first, width);
         let want = reference(m, k, n, &a, &b);
         for row in 0..m {
             for column in 0..n {
