@@ -8,8 +8,9 @@
 //! Deserializing compiled code is `unsafe`: the bytes are mapped and executed
 //! as machine code. So an entry is loaded only if it carries a MAC made with a
 //! secret key that this host generated and keeps (mode 0600) in the cache
-//! directory. A corrupt, truncated or foreign file fails the check and is
-//! recompiled, never loaded.
+//! directory, and what is loaded is the very bytes that were checked. A
+//! corrupt, truncated or foreign file fails the check and is recompiled,
+//! never loaded.
 
 use std::fs::{self, File};
 use std::hash::{Hash, Hasher};
@@ -147,8 +148,10 @@ impl CompileCache {
         }
         // SAFETY: the file's MAC was made with this host's secret key over these
         // exact bytes, so it is an artifact this host serialized itself with a
-        // compatible engine (the fingerprint is part of the MAC).
-        match unsafe { Component::deserialize_file(engine, &entry) } {
+        // compatible engine (the fingerprint is part of the MAC). The code is
+        // loaded from the bytes just verified, not from the file again: a file
+        // swapped or rewritten after the check never reaches the engine.
+        match unsafe { Component::deserialize(engine, &artifact) } {
             Ok(component) => Lookup::Hit(component),
             Err(e) => Lookup::Rejected(format!("deserialization failed: {e}")),
         }
