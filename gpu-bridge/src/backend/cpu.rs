@@ -798,25 +798,20 @@ fn matmul(
                 });
             continue;
         }
+        let threads = match parallelism {
+            gemm::Parallelism::Rayon(_) => rayon::current_num_threads().max(1),
+            _ => 1,
+        };
+        // Addresses, so that every thread can write its own columns of `c`
+        // (no `&mut` to the shared rows is ever formed).
+        let (a_at, b_at, c_at) = (
+            a.as_ptr() as usize,
+            bm.as_ptr() as usize,
+            c.as_mut_ptr() as usize,
+        );
         #[cfg(target_arch = "x86_64")]
-        if m <= SKINNY_MAX_ROWS && n > 0 && skinny::available() {
-            let blocks = if matches!(parallelism, gemm::Parallelism::Rayon(_)) {
-                rayon::current_num_threads().max(1)
-            } else {
-                1
-            };
-            let cols = n
-                .div_ceil(blocks)
-                .next_multiple_of(skinny::TILE_COLUMNS)
-                .min(n);
-            // Addresses, so that every thread can build its own view.
-            let (a_at, b_at, c_at) = (
-                a.as_ptr() as usize,
-                bm.as_ptr() as usize,
-                c.as_mut_ptr() as usize,
-            );
-            let run_block = |block: usize| {
-                let first = block * cols;
+        if m <= SKINNY_MAX_ROWS && skinny::available() {
+            for_column_blocks(n, skinny::TILE_COLUMNS, threads, |first, width| {
                 let product = skinny::Product {
                     m,
                     k,
@@ -830,33 +825,13 @@ fn matmul(
                 // row-major matrices; first + width <= n, and the blocks'
                 // columns are disjoint, so no two threads write the same
                 // element of `c`, which aliases neither input.
-                unsafe { skinny::columns(product, first, cols.min(n - first)) }
-            };
-            match n.div_ceil(cols) {
-                // Handing one block to rayon would only add a wake-up.
-                1 => run_block(0),
-                count => (0..count).into_par_iter().for_each(run_block),
-            }
+                unsafe { skinny::columns(product, first, width) }
+            });
             continue;
         }
-        if m < SPLIT_COLUMNS_BELOW_ROWS
-            && n >= 32
-            && matches!(parallelism, gemm::Parallelism::Rayon(_))
-        {
-            let threads = rayon::current_num_threads().max(1);
-            // Whole 16-column tiles per block (gemm's widest), one block
-            // per thread.
-            let cols = n.div_ceil(threads).next_multiple_of(16).min(n);
-            // Raw addresses, so that every thread can write its own columns
-            // of `c` (no `&mut` to the shared rows is ever formed).
-            let (a_at, b_at, c_at) = (
-                a.as_ptr() as usize,
-                bm.as_ptr() as usize,
-                c.as_mut_ptr() as usize,
-            );
-            (0..n.div_ceil(cols)).into_par_iter().for_each(|block| {
-                let first = block * cols;
-                let width = cols.min(n - first);
+        if m < SPLIT_COLUMNS_BELOW_ROWS && n >= 32 && threads > 1 {
+            // Whole 16-column tiles per block (gemm's widest).
+            for_column_blocks(n, 16, threads, |first, width| {
                 // SAFETY: as below, for columns first..first + width of the
                 // k×n rhs and m×n output (row stride n), which lie inside
                 // the bounds-checked slices since first + width <= n; the
@@ -916,6 +891,24 @@ fn matmul(
         }
     }
     Ok(())
+}
+
+/// `block(first, width)` over `n` columns cut into at most `threads`
+/// blocks, each a whole number of `tile` columns (the last may be narrower),
+/// in parallel; a single block runs on this thread, since handing it to
+/// rayon would only add a wake-up.
+fn for_column_blocks(n: usize, tile: usize, threads: usize, block: impl Fn(usize, usize) + Sync) {
+    if n == 0 {
+        return;
+    }
+    let cols = n.div_ceil(threads.max(1)).next_multiple_of(tile).min(n);
+    match n.div_ceil(cols) {
+        1 => block(0, n),
+        count => (0..count).into_par_iter().for_each(|index| {
+            let first = index * cols;
+            block(first, cols.min(n - first));
+        }),
+    }
 }
 
 fn reduce(op: ReduceOp, outer: usize, len: usize, inner: usize, x: &[f32], output: &mut CpuBuffer) {

@@ -12,7 +12,7 @@ use std::process::Command;
 
 use tempfile::TempDir;
 
-use super::python_build::{BUILD, componentize_py, python_component, root};
+use super::python_build::{BUILD, componentize_py, gust_build, python_component, root};
 use super::server::{TestServer, deploy, invocation_record, request, request_with, tenant};
 
 /// The component of `tests/python/<name>/app.py`, from the cache or built
@@ -421,21 +421,10 @@ fn a_requirement_with_native_extensions_is_refused_by_name() {
     let fixture = root().join("tests/python/native/app.py");
     let out_dir = TempDir::new().unwrap();
     let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    let out = Command::new(env!("CARGO_BIN_EXE_gust"))
-        .arg("build")
-        .arg(&fixture)
-        .arg("-o")
-        .arg(out_dir.path().join("native.wasm"))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if stderr.contains("componentize-py not found") {
-        eprintln!(
-            "skipping: componentize-py is not installed ({})",
-            stderr.trim()
-        );
+    let Some(out) = gust_build(&fixture, &out_dir.path().join("native.wasm")) else {
         return;
-    }
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains("MarkupSafe") && stderr.contains("native extensions"),

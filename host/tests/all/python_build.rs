@@ -37,6 +37,27 @@ fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// `gust build <app> -o <out>`, or `None` (after saying why) when
+/// componentize-py is not installed. The caller holds [`BUILD`].
+pub(crate) fn gust_build(app: &Path, out: &Path) -> Option<std::process::Output> {
+    let output = Command::new(env!("CARGO_BIN_EXE_gust"))
+        .arg("build")
+        .arg(app)
+        .arg("-o")
+        .arg(out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if stderr.contains("componentize-py not found") {
+        eprintln!(
+            "skipping: componentize-py is not installed ({})",
+            stderr.trim()
+        );
+        return None;
+    }
+    Some(output)
+}
+
 /// The cache key of an app directory: its files, the SDK package's and the WIT's,
 /// names and contents.
 fn cache_key(app_dir: &Path) -> String {
@@ -71,21 +92,8 @@ pub(crate) fn python_component(app_dir: &Path, name: &str) -> Option<PathBuf> {
     }
     std::fs::create_dir_all(&cache).unwrap();
     let partial = cached.with_extension("partial");
-    let out = Command::new(env!("CARGO_BIN_EXE_gust"))
-        .arg("build")
-        .arg(app_dir.join("app.py"))
-        .arg("-o")
-        .arg(&partial)
-        .output()
-        .unwrap();
+    let out = gust_build(&app_dir.join("app.py"), &partial)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if stderr.contains("componentize-py not found") {
-        eprintln!(
-            "skipping: componentize-py is not installed ({})",
-            stderr.trim()
-        );
-        return None;
-    }
     assert!(out.status.success(), "gust build {name} failed: {stderr}");
     std::fs::rename(&partial, &cached).unwrap();
     Some(cached)

@@ -253,6 +253,14 @@ pub(crate) async fn deploy(server: &TestServer, key: &str, name: &str, path: &st
 
 /// The invocation record `id`, as the tenant with `key` reads it.
 pub(crate) async fn invocation_record(server: &TestServer, key: &str, id: &str) -> Value {
+    let (status, record) = invocation_status(server, key, id).await;
+    assert_eq!(status, 200, "{record}");
+    record
+}
+
+/// The status of `GET /v1/invocations/{id}` for the tenant with `key`, and
+/// the record when there is one (`Null` otherwise).
+pub(crate) async fn invocation_status(server: &TestServer, key: &str, id: &str) -> (u16, Value) {
     let reply = request(
         "GET",
         &server.url(&format!("/v1/invocations/{id}")),
@@ -260,8 +268,12 @@ pub(crate) async fn invocation_record(server: &TestServer, key: &str, id: &str) 
         "",
     )
     .await;
-    assert_eq!(reply.status, 200, "{}", reply.text());
-    reply.json()
+    let json = if reply.status == 200 {
+        reply.json()
+    } else {
+        Value::Null
+    };
+    (reply.status, json)
 }
 
 /// Creates tenant `name` with the admin key and returns its key.

@@ -14,7 +14,7 @@ use tempfile::TempDir;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
-use super::server::{TestServer, deploy, request, tenant};
+use super::server::{TestServer, deploy, invocation_status, request, tenant};
 
 /// One parsed event: its name (if any) and its data lines joined by `\n`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,22 +64,6 @@ async fn sse(
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     response
-}
-
-async fn invocation_status(server: &TestServer, key: &str, id: &str) -> (u16, Value) {
-    let reply = request(
-        "GET",
-        &server.url(&format!("/v1/invocations/{id}")),
-        Some(key),
-        "",
-    )
-    .await;
-    let json = if reply.status == 200 {
-        reply.json()
-    } else {
-        Value::Null
-    };
-    (reply.status, json)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
