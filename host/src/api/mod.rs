@@ -1,46 +1,55 @@
-//! The HTTP server: control plane (deploy, list, delete, keys, tenants) and
-//! invoke plane (handler calls and `wasi:http` routes), `/metrics`,
-//! `/healthz` and the OpenAPI document. See `docs/api.md`.
+//! The HTTP server: authenticate, parse, call the [`Service`], answer.
+//!
+//! Control plane (deploy, list, delete, keys, tenants), invoke plane
+//! (handler calls, map, jobs, schedules, SSE and WebSocket streams,
+//! `wasi:http` routes), `/metrics`, `/healthz` and the OpenAPI document.
+//! Routes are declared once, in [`router`], each with its `utoipa` path
+//! attribute; the OpenAPI document served at `/v1/openapi.json` is generated
+//! from them. See `docs/api.md`.
 
 // A `Problem` is built once per failed request and turned into a response
 // right away; boxing it would buy nothing measurable.
 #![allow(clippy::result_large_err)]
 
-mod auth;
-mod handlers;
+mod extract;
+mod functions;
+mod host;
+mod http_route;
+mod invoke;
 mod jobs;
 mod map;
-mod metrics;
+mod openapi;
 mod problem;
 mod schedules;
-mod state;
-mod stream;
+mod tenants;
+mod ws;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use serde::Serialize;
 use tokio::net::TcpListener;
 
+pub use self::openapi::document as openapi_document;
 pub use self::problem::Problem;
-use self::state::AppState;
-use crate::runtime::{RuntimeConfig, RuntimeError};
-use crate::store::StoreError;
-use crate::tenancy::PolicyError;
+use crate::service::Service;
+pub use crate::service::{FirstStart, ServeConfig, ServeError};
 
 /// Boxed error of streamed response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type of every response the server sends.
 pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
+/// What a handler answers.
+pub(crate) type Handled = Result<axum::response::Response, Problem>;
 
 /// A complete body from bytes.
 pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
@@ -49,108 +58,60 @@ pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
         .boxed_unsync()
 }
 
-/// How to run the server.
-#[derive(Debug, Clone)]
-pub struct ServeConfig {
-    /// Address to listen on (port 0 picks a free port).
-    pub listen: SocketAddr,
-    /// Where the store, blobs, compiled cache and key files live.
-    pub data_dir: PathBuf,
-    /// Directory of policy files (`default.toml`, `<tenant>.toml`).
-    pub policies_dir: PathBuf,
-    /// The admin key; when `None`, `<data-dir>/admin.key` is used (and
-    /// generated on first start).
-    pub admin_key: Option<String>,
-    /// How long in-flight requests may finish after shutdown begins.
-    pub grace: Duration,
-    /// Invocation records kept per function.
-    pub retention_per_function: usize,
-    /// How long a finished job's result stays readable.
-    pub job_retention: Duration,
-    /// Runtime configuration; `cache_dir` is replaced by `<data-dir>/compiled`.
-    pub runtime: RuntimeConfig,
-    /// Which GPU-bridge devices to open.
-    pub gpu: gust_gpu_bridge::BridgeConfig,
-    /// The models directory; `None` means `<data-dir>/models`.
-    pub models_dir: Option<PathBuf>,
-    /// Resident-model memory budget per device, and batching on or off.
-    pub models: gust_gpu_bridge::models::RegistryConfig,
+/// A response with `body`, of `status`.
+pub(crate) fn respond(status: StatusCode, body: ResponseBody) -> axum::response::Response {
+    let mut response = http::Response::new(axum::body::Body::new(body));
+    *response.status_mut() = status;
+    response
 }
 
-impl ServeConfig {
-    /// Defaults for `data_dir` and `policies_dir` on `listen`.
-    pub fn new(listen: SocketAddr, data_dir: PathBuf, policies_dir: PathBuf) -> Self {
-        let runtime = RuntimeConfig::new(data_dir.join("compiled"));
-        Self {
-            listen,
-            data_dir,
-            policies_dir,
-            admin_key: None,
-            grace: Duration::from_secs(10),
-            retention_per_function: 1000,
-            job_retention: Duration::from_secs(24 * 3600),
-            runtime,
-            gpu: gust_gpu_bridge::BridgeConfig::default(),
-            models_dir: None,
-            models: gust_gpu_bridge::models::RegistryConfig::default(),
-        }
+/// A JSON response.
+pub(crate) fn json_response(
+    status: StatusCode,
+    value: &impl Serialize,
+) -> axum::response::Response {
+    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec());
+    let mut response = respond(status, full(body));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// An empty response.
+pub(crate) fn empty(status: StatusCode) -> axum::response::Response {
+    respond(status, full(Bytes::new()))
+}
+
+/// Sets `gust-invocation-id` on a response.
+pub(crate) fn with_invocation_id(headers: &mut http::HeaderMap, id: &str) {
+    if let Ok(value) = HeaderValue::from_str(id) {
+        headers.insert("gust-invocation-id", value);
     }
 }
 
-/// Why the server could not start.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ServeError {
-    /// A policy file is invalid.
-    #[error(transparent)]
-    Policy(#[from] PolicyError),
-    /// The GPU bridge could not start (its cpu device is always required).
-    #[error("starting the GPU bridge: {0}")]
-    Gpu(#[from] gust_gpu_bridge::BridgeError),
-    /// The store could not be opened.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The runtime could not be created.
-    #[error(transparent)]
-    Runtime(#[from] RuntimeError),
-    /// Files in the data directory, or the listening socket.
-    #[error("{context}: {source}")]
-    Io {
-        /// What was being done.
-        context: String,
-        /// The underlying error.
-        source: std::io::Error,
-    },
-    /// A key file is malformed.
-    #[error("{0}")]
-    Key(String),
-}
-
-/// What a first start created, for the operator to see once.
-#[derive(Debug, Clone)]
-pub struct FirstStart {
-    /// The demo tenant's key (also written to `<data-dir>/demo.key`).
-    pub demo_key: String,
-    /// Where it was written.
-    pub demo_key_path: PathBuf,
+/// The router: every route of the API, once, and the OpenAPI document
+/// generated from them.
+pub fn router(service: Arc<Service>) -> axum::Router {
+    openapi::router().with_state(service)
 }
 
 /// A bound, ready server.
 pub struct Server {
-    state: Arc<AppState>,
+    service: Arc<Service>,
     listener: TcpListener,
     first_start: Option<FirstStart>,
 }
 
 impl Server {
-    /// Opens the data directory, loads policies, keys and every deployed
-    /// function (from the compiled cache: a restart compiles nothing) and
-    /// binds the listening socket.
+    /// Opens the service (see [`Service::open`]) and binds the listening
+    /// socket.
+    ///
+    /// # Errors
+    /// When the service cannot be opened or the socket cannot be bound.
     pub async fn bind(config: ServeConfig) -> Result<Self, ServeError> {
-        let (state, first_start) = AppState::open(config.clone()).await?;
-        // Before serving: a GET of a job must already see its recovered state.
-        state.jobs.recover(&state)?;
-        state.schedules.load(&state)?;
+        let (service, first_start) = Service::open(config.clone()).await?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServeError::Io {
@@ -158,13 +119,16 @@ impl Server {
                 source,
             })?;
         Ok(Self {
-            state: Arc::new(state),
+            service: Arc::new(service),
             listener,
             first_start,
         })
     }
 
     /// The address actually bound.
+    ///
+    /// # Errors
+    /// When the socket cannot say.
     pub fn local_addr(&self) -> Result<SocketAddr, ServeError> {
         self.listener.local_addr().map_err(|source| ServeError::Io {
             context: "reading the bound address".into(),
@@ -180,15 +144,15 @@ impl Server {
     /// Serves until `shutdown` resolves, then stops accepting, lets
     /// in-flight requests finish within the grace period and flushes the
     /// store.
+    ///
+    /// # Errors
+    /// When the store cannot be flushed at the end.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
         let Self {
-            state, listener, ..
+            service, listener, ..
         } = self;
-        jobs::Jobs::start(&state);
-        schedules::Schedules::start(&state);
-        state
-            .jobs
-            .track(tokio::spawn(sweep_idle_instances(Arc::clone(&state))));
+        service.start();
+        let app = TowerToHyperService::new(router(Arc::clone(&service)));
         // hyper-util's GracefulShutdown cannot watch connections with
         // upgrades (WebSocket), so connections watch this flag themselves.
         let (stopping, stop_watch) = tokio::sync::watch::channel(false);
@@ -208,14 +172,9 @@ impl Server {
                     };
                     // Without it small responses wait ~40 ms for delayed ACKs.
                     let _ = stream.set_nodelay(true);
-                    let state = Arc::clone(&state);
-                    let service = service_fn(move |request: hyper::Request<Incoming>| {
-                        let state = Arc::clone(&state);
-                        async move { Ok::<_, Infallible>(handlers::route(state, request).await) }
-                    });
                     let connection = http1::Builder::new()
                         .keep_alive(true)
-                        .serve_connection(TokioIo::new(stream), service)
+                        .serve_connection(TokioIo::new(stream), app.clone())
                         .with_upgrades();
                     let mut stop_watch = stop_watch.clone();
                     while connections.try_join_next().is_some() {}
@@ -240,7 +199,7 @@ impl Server {
         }
         drop(listener);
         tracing::info!("shutting down: finishing in-flight requests");
-        let grace = state.config.grace;
+        let grace = service.config().grace;
         let _ = stopping.send(true);
         let finished = async { while connections.join_next().await.is_some() {} };
         if tokio::time::timeout(grace, finished).await.is_err() {
@@ -250,20 +209,7 @@ impl Server {
             );
             connections.shutdown().await;
         }
-        state.jobs.shutdown().await;
-        state.store.flush()?;
+        service.shutdown().await?;
         Ok(())
-    }
-}
-
-/// Drops reusable instances nobody called for a while (taking and returning
-/// instances does this too, but a function nobody calls any more would
-/// otherwise keep its instances, and their memory, forever).
-async fn sweep_idle_instances(state: Arc<AppState>) {
-    let every = (state.runtime.config().idle_instance_timeout / 4)
-        .clamp(Duration::from_secs(1), Duration::from_secs(30));
-    loop {
-        tokio::time::sleep(every).await;
-        state.runtime.sweep_idle_instances();
     }
 }

@@ -3,20 +3,29 @@
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::{ResponseBody, full};
+use crate::service::{Failure, ServiceError};
 
 /// An error answer: status, stable code and a human-readable detail.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Problem {
+    /// `https://gust.invalid/problems/{code}`.
     #[serde(rename = "type")]
     kind: String,
+    /// The status's reason phrase.
     title: String,
+    /// The HTTP status.
     status: u16,
+    /// What went wrong, for people.
     detail: String,
+    /// The stable, machine-readable code.
     code: String,
+    /// The invocation the problem belongs to, when one ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     invocation_id: Option<String>,
+    /// Unsatisfied imports, for a deploy refused with `unsatisfied-imports`.
     #[serde(skip_serializing_if = "Option::is_none")]
     imports: Option<Vec<String>>,
     #[serde(skip)]
@@ -132,9 +141,31 @@ impl Problem {
     }
 }
 
-impl From<crate::store::StoreError> for Problem {
-    fn from(error: crate::store::StoreError) -> Self {
-        tracing::error!(%error, "store failure");
-        Self::internal(format!("the host's store failed: {error}"))
+impl From<Failure> for Problem {
+    fn from(failure: Failure) -> Self {
+        let problem = Self::new(failure.status, &failure.code, failure.detail);
+        if failure.retry {
+            problem.retry_after(1)
+        } else {
+            problem
+        }
+    }
+}
+
+/// The one conversion of a service error into a problem document.
+impl From<ServiceError> for Problem {
+    fn from(error: ServiceError) -> Self {
+        let imports = error.unsatisfied_imports().map(<[String]>::to_vec);
+        let problem = Self::from(error.failure());
+        match imports {
+            Some(imports) => problem.with_imports(imports),
+            None => problem,
+        }
+    }
+}
+
+impl axum::response::IntoResponse for Problem {
+    fn into_response(self) -> axum::response::Response {
+        Problem::into_response(self).map(axum::body::Body::new)
     }
 }

@@ -21,6 +21,7 @@ mod models;
 mod python;
 mod python_build;
 mod reuse;
+mod routes;
 mod schedules;
 mod server;
 mod stream;

@@ -13,13 +13,13 @@ const DURATION_BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0, 60.0,
 ];
 
-pub(crate) struct Metrics {
+pub(super) struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
 }
 
 impl Metrics {
-    pub(crate) fn new() -> Self {
+    pub(super) fn new() -> Self {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(
                 Matcher::Full("gust_invocation_duration_seconds".into()),
@@ -32,7 +32,7 @@ impl Metrics {
     }
 
     /// One finished invocation: `outcome` is one of the fixed outcome codes.
-    pub(crate) fn invocation(&self, outcome: &'static str, seconds: f64) {
+    pub(super) fn invocation(&self, outcome: &'static str, seconds: f64) {
         with_local_recorder(&self.recorder, || {
             counter!("gust_invocations_total", "outcome" => outcome).increment(1);
             histogram!("gust_invocation_duration_seconds").record(seconds);
@@ -40,14 +40,14 @@ impl Metrics {
     }
 
     /// A request refused before it ran (`reason`: fixed set).
-    pub(crate) fn rejected(&self, reason: &'static str) {
+    pub(super) fn rejected(&self, reason: &'static str) {
         with_local_recorder(&self.recorder, || {
             counter!("gust_rejected_total", "reason" => reason).increment(1);
         });
     }
 
     /// A deploy with its result (`created`, `unchanged`, `invalid`).
-    pub(crate) fn deploy(&self, result: &'static str) {
+    pub(super) fn deploy(&self, result: &'static str) {
         with_local_recorder(&self.recorder, || {
             counter!("gust_deploys_total", "result" => result).increment(1);
         });
@@ -55,7 +55,7 @@ impl Metrics {
 
     /// Jobs waiting and running host-wide (per tenant: `GET /v1/jobs/{id}`;
     /// tenants are unbounded, so no label).
-    pub(crate) fn jobs(&self, queued: usize, running: usize) {
+    pub(super) fn jobs(&self, queued: usize, running: usize) {
         with_local_recorder(&self.recorder, || {
             gauge!("gust_jobs_queued").set(queued as f64);
             gauge!("gust_jobs_running").set(running as f64);
@@ -63,7 +63,7 @@ impl Metrics {
     }
 
     /// Prometheus text, with the runtime's counters and gauges brought up to date.
-    pub(crate) fn render(
+    pub(super) fn render(
         &self,
         stats: StatsSnapshot,
         in_flight: usize,

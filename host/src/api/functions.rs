@@ -1,0 +1,202 @@
+//! Functions and their records: deploy, list, get, delete, logs and
+//! invocations.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use http::StatusCode;
+use serde::Deserialize;
+
+use super::extract::{Params, QueryParams, TenantKey, flag, read_capped};
+use super::problem::Problem;
+use super::{Handled, empty, json_response};
+use crate::service::Service;
+use crate::wire;
+
+/// `?public=…&retryable=…` of a deploy.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct DeployFlags {
+    /// Serve `/http/{tenant}/{name}/…` to callers without a key.
+    public: Option<String>,
+    /// Run an interrupted job of this function once more.
+    retryable: Option<String>,
+}
+
+/// `?limit=N` of the logs.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct LogsQuery {
+    /// Records to return, 1..=1000 (default 50).
+    limit: Option<String>,
+}
+
+/// Deploy a component as the function `name`.
+///
+/// Validates and compiles the component before anything is stored; answers
+/// `201` for a new version, `200` when bytes and flags are unchanged.
+#[utoipa::path(
+    put, path = "/v1/functions/{name}", tag = "functions", operation_id = "deployFunction",
+    params(("name" = String, Path, description = "Function name"), DeployFlags),
+    request_body(content = Vec<u8>, content_type = "application/wasm", description = "The component's bytes"),
+    responses(
+        (status = 201, description = "A new version", body = wire::Function),
+        (status = 200, description = "Unchanged", body = wire::Function),
+        (status = 400, description = "Invalid name, flags or component", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid tenant key", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Larger than the policy allows", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub(super) async fn deploy(
+    State(service): State<Arc<Service>>,
+    TenantKey(tenant): TenantKey,
+    Params(name): Params<String>,
+    QueryParams(flags): QueryParams<DeployFlags>,
+    request: Request,
+) -> Handled {
+    crate::service::checked_name(&name, "function")?;
+    let public = flag(flags.public.as_deref(), "public")?;
+    let retryable = flag(flags.retryable.as_deref(), "retryable")?;
+    let limit = service.policy(&tenant).max_component_bytes;
+    let (_, bytes) = read_capped(request, limit, "the component").await?;
+    let deployed = service
+        .deploy(&tenant, &name, bytes, public, retryable)
+        .await?;
+    let status = if deployed.changed {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(json_response(
+        status,
+        &wire::Function::from_record(&deployed.function, deployed.schedule.as_deref()),
+    ))
+}
+
+/// List the caller's functions.
+#[utoipa::path(
+    get, path = "/v1/functions", tag = "functions", operation_id = "listFunctions",
+    responses(
+        (status = 200, description = "The tenant's functions", body = wire::FunctionList),
+        (status = 401, description = "No valid tenant key", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub(super) async fn list(
+    State(service): State<Arc<Service>>,
+    TenantKey(tenant): TenantKey,
+) -> Handled {
+    let functions = service
+        .functions(&tenant)?
+        .iter()
+        .map(|(f, schedule)| wire::Function::from_record(f, schedule.as_deref()))
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &wire::FunctionList { functions },
+    ))
+}
+
+/// One function.
+#[utoipa::path(
+    get, path = "/v1/functions/{name}", tag = "functions", operation_id = "getFunction",
+    params(("name" = String, Path, description = "Function name")),
+    responses(
+        (status = 200, description = "The function", body = wire::Function),
+        (status = 401, description = "No valid tenant key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such function", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub(super) async fn get(
+    State(service): State<Arc<Service>>,
+    TenantKey(tenant): TenantKey,
+    Params(name): Params<String>,
+) -> Handled {
+    let (record, schedule) = service.function(&tenant, &name)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &wire::Function::from_record(&record, schedule.as_deref()),
+    ))
+}
+
+/// Delete a function (with its schedule).
+#[utoipa::path(
+    delete, path = "/v1/functions/{name}", tag = "functions", operation_id = "deleteFunction",
+    params(("name" = String, Path, description = "Function name")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "No valid tenant key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such function", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub(super) async fn delete(
+    State(service): State<Arc<Service>>,
+    TenantKey(tenant): TenantKey,
+    Params(name): Params<String>,
+) -> Handled {
+    service.delete_function(&tenant, &name)?;
+    Ok(empty(StatusCode::NO_CONTENT))
+}
+
+/// Recent invocations of a function, newest first.
+#[utoipa::path(
+    get, path = "/v1/functions/{name}/logs", tag = "functions", operation_id = "functionLogs",
+    params(("name" = String, Path, description = "Function name"), LogsQuery),
+    responses(
+        (status = 200, description = "Its invocation records", body = wire::InvocationList),
+        (status = 400, description = "`limit` out of range", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid tenant key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such function", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub(super) async fn logs(
+    State(service): State<Arc<Service>>,
+    TenantKey(tenant): TenantKey,
+    Params(name): Params<String>,
+    QueryParams(query): QueryParams<LogsQuery>,
+) -> Handled {
+    let limit = match query.limit {
+        None => 50,
+        Some(raw) => raw
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| Problem::bad_request("invalid-request", "`limit` must be 1..=1000"))?,
+    };
+    let invocations = service
+        .invocations(&tenant, &name, limit)?
+        .iter()
+        .map(wire::Invocation::from)
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &wire::InvocationList { invocations },
+    ))
+}
+
+/// One invocation's record: outcome, timings and captured output.
+#[utoipa::path(
+    get, path = "/v1/invocations/{id}", tag = "functions", operation_id = "getInvocation",
+    params(("id" = String, Path, description = "Invocation id")),
+    responses(
+        (status = 200, description = "The record", body = wire::Invocation),
+        (status = 401, description = "No valid tenant key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such invocation", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub(super) async fn invocation(
+    State(service): State<Arc<Service>>,
+    TenantKey(tenant): TenantKey,
+    Params(id): Params<String>,
+) -> Handled {
+    let record = service.invocation(&tenant, &id)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &wire::Invocation::from(&record),
+    ))
+}

@@ -1,0 +1,189 @@
+//! `GET /v1/functions/{name}/ws`: a WebSocket session in which every text
+//! or binary message is one invocation; what it emits and its response body
+//! come back as messages, a failure as a text message
+//! `{"error": {code, status, message}, "invocation_id"}`.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use bytes::Bytes;
+use futures::{SinkExt as _, StreamExt as _};
+use http::{HeaderValue, StatusCode, header};
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+use super::extract::{Params, TenantKey};
+use super::problem::Problem;
+use super::{Handled, empty};
+use crate::runtime::{Outcome, Request as CallRequest};
+use crate::service::{Admit, Failure, Forward, Service, Started, Target};
+use crate::wire::{ErrorInfo, SessionError};
+
+type WsSink =
+    futures::stream::SplitSink<WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>, Message>;
+
+struct WsForward<'a>(&'a mut WsSink);
+
+impl Forward for WsForward<'_> {
+    async fn send(&mut self, chunk: Bytes) -> bool {
+        self.0.send(message(&chunk, None)).await.is_ok()
+    }
+}
+
+/// A text message for UTF-8 output (or output the function labels as
+/// text), else a binary one.
+fn message(body: &[u8], content_type: Option<&str>) -> Message {
+    let binary = content_type
+        .is_some_and(|t| !(t.starts_with("text/") || t.starts_with("application/json")));
+    match std::str::from_utf8(body) {
+        Ok(text) if !binary => Message::text(text),
+        _ => Message::binary(Bytes::copy_from_slice(body)),
+    }
+}
+
+/// Open a WebSocket session: one invocation per message.
+#[utoipa::path(
+    get, path = "/v1/functions/{name}/ws", tag = "invoke", operation_id = "functionWebSocket",
+    params(("name" = String, Path, description = "Function name")),
+    responses(
+        (status = 101, description = "A WebSocket session; failures come as SessionError text messages"),
+        (status = 400, description = "Not a WebSocket handshake, or a wasi:http function", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid tenant key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such function", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub(super) async fn websocket(
+    State(service): State<Arc<Service>>,
+    TenantKey(tenant): TenantKey,
+    Params(name): Params<String>,
+    request: Request,
+) -> Handled {
+    let target = service.handler_target(
+        &tenant,
+        &name,
+        &format!("call it at /http/{tenant}/{name}/"),
+    )?;
+    let headers = request.headers();
+    let is_upgrade = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let version_ok = headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v.as_bytes() == b"13");
+    let Some(key) = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .filter(|_| is_upgrade && version_ok)
+    else {
+        return Err(Problem::bad_request(
+            "invalid-request",
+            "expected a WebSocket handshake (Upgrade: websocket, Sec-WebSocket-Version: 13, Sec-WebSocket-Key)",
+        ));
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let max_message = usize::try_from(service.policy(&tenant).max_body_bytes).unwrap_or(usize::MAX);
+    let on_upgrade = hyper::upgrade::on(request);
+    let session_service = Arc::clone(&service);
+    let session = tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::debug!(error = %e, "WebSocket upgrade failed");
+                return;
+            }
+        };
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(max_message))
+            .max_frame_size(Some(max_message));
+        let socket =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        let (mut sink, mut messages) = socket.split();
+        let session = Session {
+            service: &session_service,
+            tenant: &tenant,
+            target: &target,
+        };
+        while let Some(message) = messages.next().await {
+            let (body, content_type) = match message {
+                Ok(Message::Text(text)) => (
+                    text.as_str().as_bytes().to_vec(),
+                    "text/plain; charset=utf-8",
+                ),
+                Ok(Message::Binary(bytes)) => (bytes.to_vec(), "application/octet-stream"),
+                Ok(Message::Close(_)) | Err(_) => break,
+                // Pings are answered by the protocol layer.
+                Ok(_) => continue,
+            };
+            if !session.run(&mut sink, body, content_type).await {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    service.track(session);
+
+    let mut response = empty(StatusCode::SWITCHING_PROTOCOLS);
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(value) = HeaderValue::from_str(&accept) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, value);
+    }
+    Ok(response)
+}
+
+/// What every message of one WebSocket session runs against.
+struct Session<'a> {
+    service: &'a Arc<Service>,
+    tenant: &'a str,
+    target: &'a Target,
+}
+
+impl Session<'_> {
+    /// One message, one invocation; false when the peer is gone.
+    async fn run(&self, sink: &mut WsSink, body: Vec<u8>, content_type: &str) -> bool {
+        // A session shares the tenant's concurrency with its other calls,
+        // waiting for a slot rather than failing.
+        let Ok(permit) = self.service.admit(self.tenant, Admit::Wait).await else {
+            return false;
+        };
+        let started = Started::now();
+        let call = CallRequest {
+            body,
+            content_type: content_type.to_owned(),
+            headers: Vec::new(),
+            invocation_id: started.id.clone(),
+        };
+        let invocation = self
+            .service
+            .run_streaming(self.target, call, WsForward(sink), || {
+                None::<std::future::Ready<bool>>
+            })
+            .await;
+        drop(permit);
+        self.service
+            .record_outcome(&self.target.function, &started, &invocation);
+        let reply = match &invocation.outcome {
+            Outcome::Ok(reply) if reply.body.is_empty() => return true,
+            Outcome::Ok(reply) => message(&reply.body, Some(&reply.content_type)),
+            Outcome::Cancelled => return false,
+            other => {
+                let failure = Failure::of(other);
+                let error = SessionError {
+                    error: ErrorInfo {
+                        code: failure.code,
+                        status: failure.status.as_u16(),
+                        message: failure.detail,
+                    },
+                    invocation_id: started.id,
+                };
+                Message::text(serde_json::to_string(&error).unwrap_or_default())
+            }
+        };
+        sink.send(reply).await.is_ok()
+    }
+}

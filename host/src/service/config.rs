@@ -1,0 +1,95 @@
+//! How a host runs, and why it could not start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::runtime::{RuntimeConfig, RuntimeError};
+use crate::store::StoreError;
+use crate::tenancy::{KeyError, PolicyError};
+
+/// How to run a host.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Address to listen on (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Where the store, blobs, compiled cache and key files live.
+    pub data_dir: PathBuf,
+    /// Directory of policy files (`default.toml`, `<tenant>.toml`).
+    pub policies_dir: PathBuf,
+    /// The admin key; when `None`, `<data-dir>/admin.key` is used (and
+    /// generated on first start).
+    pub admin_key: Option<String>,
+    /// How long in-flight requests may finish after shutdown begins.
+    pub grace: Duration,
+    /// Invocation records kept per function.
+    pub retention_per_function: usize,
+    /// How long a finished job's result stays readable.
+    pub job_retention: Duration,
+    /// Runtime configuration; `cache_dir` is replaced by `<data-dir>/compiled`.
+    pub runtime: RuntimeConfig,
+    /// Which GPU-bridge devices to open.
+    pub gpu: gust_gpu_bridge::BridgeConfig,
+    /// The models directory; `None` means `<data-dir>/models`.
+    pub models_dir: Option<PathBuf>,
+    /// Resident-model memory budget per device, and batching on or off.
+    pub models: gust_gpu_bridge::models::RegistryConfig,
+}
+
+impl ServeConfig {
+    /// Defaults for `data_dir` and `policies_dir` on `listen`.
+    pub fn new(listen: SocketAddr, data_dir: PathBuf, policies_dir: PathBuf) -> Self {
+        let runtime = RuntimeConfig::new(data_dir.join("compiled"));
+        Self {
+            listen,
+            data_dir,
+            policies_dir,
+            admin_key: None,
+            grace: Duration::from_secs(10),
+            retention_per_function: 1000,
+            job_retention: Duration::from_secs(24 * 3600),
+            runtime,
+            gpu: gust_gpu_bridge::BridgeConfig::default(),
+            models_dir: None,
+            models: gust_gpu_bridge::models::RegistryConfig::default(),
+        }
+    }
+}
+
+/// Why the host could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// A policy file is invalid.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// The GPU bridge could not start (its cpu device is always required).
+    #[error("starting the GPU bridge: {0}")]
+    Gpu(#[from] gust_gpu_bridge::BridgeError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The runtime could not be created.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// Files in the data directory, or the listening socket.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A key file is malformed, or a key could not be made.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+/// What a first start created, for the operator to see once.
+#[derive(Debug, Clone)]
+pub struct FirstStart {
+    /// The demo tenant's key (also written to `<data-dir>/demo.key`).
+    pub demo_key: String,
+    /// Where it was written.
+    pub demo_key_path: PathBuf,
+}

@@ -1,0 +1,427 @@
+//! One invocation: what it runs against ([`Target`]), its limits, the run
+//! itself, and its record. Every trigger goes through these.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::StatusCode;
+use tracing::Instrument as _;
+
+use super::{Admit, Permit, Service, ServiceError};
+use crate::runtime::{
+    CallControl, CallLimits, HttpCall, Invocation, LoadedComponent, Outcome, Preopen,
+    Request as CallRequest, new_invocation_id,
+};
+use crate::store::{
+    FunctionRecord, FunctionWorld, InvocationRecord, TimingsRecord, UnixMillis, now_millis,
+};
+
+/// A function resolved for calls: its record, its compiled component and
+/// the limits of a call.
+#[derive(Clone)]
+pub struct Target {
+    /// The function as deployed.
+    pub function: FunctionRecord,
+    /// Its compiled component.
+    pub component: LoadedComponent,
+    /// The policy's limits for a call of it, volumes resolved.
+    pub limits: CallLimits,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("tenant", &self.function.tenant)
+            .field("function", &self.function.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// When and as what an invocation started.
+#[derive(Debug, Clone)]
+pub struct Started {
+    /// The invocation id.
+    pub id: String,
+    /// Wall-clock start.
+    pub at: UnixMillis,
+    /// Monotonic start, for the total duration.
+    pub instant: Instant,
+}
+
+impl Started {
+    /// An invocation starting now, with a new id.
+    pub fn now() -> Self {
+        let at = now_millis();
+        Self {
+            id: new_invocation_id(at),
+            at,
+            instant: Instant::now(),
+        }
+    }
+}
+
+/// How a failed outcome is reported, whichever trigger ran it: the status
+/// and code an invoke answers with, and the detail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// The stable code.
+    pub code: String,
+    /// What went wrong, for people.
+    pub detail: String,
+    /// Whether a client should come back (`Retry-After`).
+    pub retry: bool,
+}
+
+impl Failure {
+    fn new(status: StatusCode, code: &str, detail: String) -> Self {
+        Self {
+            status,
+            code: code.to_owned(),
+            detail,
+            retry: false,
+        }
+    }
+
+    /// The report of a failed `outcome` (an `Ok` outcome reports as a host
+    /// error: it is never asked for).
+    pub fn of(outcome: &Outcome) -> Self {
+        let detail = outcome.to_string();
+        let mut failure = match outcome {
+            Outcome::GuestError(error) => {
+                let status = StatusCode::from_u16(error.http_status())
+                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                // A function answering "busy" (a full model queue, a used-up
+                // quota) tells well-behaved clients when to come back.
+                let mut failure = Self::new(status, &error.code, error.message.clone());
+                failure.retry = matches!(
+                    status,
+                    StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+                );
+                failure
+            }
+            Outcome::Timeout { .. } => Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout", detail),
+            Outcome::Overloaded { .. } => {
+                let mut failure = Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", detail);
+                failure.retry = true;
+                failure
+            }
+            Outcome::OutOfMemory { .. } => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "out-of-memory", detail)
+            }
+            Outcome::StackOverflow { .. } => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "stack-overflow", detail)
+            }
+            Outcome::Trap { .. } => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "trap", detail),
+            Outcome::Cancelled => Self::new(
+                StatusCode::from_u16(super::CANCELLED_STATUS)
+                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                "cancelled",
+                detail,
+            ),
+            _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "host-error", detail),
+        };
+        failure.detail.shrink_to_fit();
+        failure
+    }
+}
+
+/// The status an invocation's record carries: what an invoke would have
+/// answered.
+pub(super) fn invocation_status(invocation: &Invocation) -> u16 {
+    match &invocation.outcome {
+        Outcome::Ok(reply) => reply.status,
+        other => Failure::of(other).status.as_u16(),
+    }
+}
+
+/// The request body of a JSON input (map lines, schedule inputs): a JSON
+/// string is passed as its text, any other JSON value as JSON.
+///
+/// # Errors
+/// The input is not valid JSON.
+pub fn json_input(json_text: &[u8]) -> Result<(Vec<u8>, &'static str), String> {
+    match serde_json::from_slice::<serde_json::Value>(json_text) {
+        Ok(serde_json::Value::String(text)) => Ok((text.into_bytes(), "text/plain; charset=utf-8")),
+        Ok(_) => Ok((json_text.to_vec(), "application/json")),
+        Err(e) => Err(format!("input is not valid JSON: {e}")),
+    }
+}
+
+impl Service {
+    /// The tenant's deployed function `name`, whichever its world.
+    ///
+    /// # Errors
+    /// [`ServiceError::NotFound`].
+    fn found(&self, tenant: &str, name: &str) -> Result<super::Deployment, ServiceError> {
+        self.deployment(tenant, name)
+            .ok_or_else(|| ServiceError::NotFound(format!("no function `{name}`")))
+    }
+
+    /// The tenant's function `name`, which must be a handler (a wasi:http
+    /// function cannot be invoked, mapped, spawned or scheduled); `instead`
+    /// ends the error, telling the caller what to do.
+    ///
+    /// # Errors
+    /// [`ServiceError::NotFound`] or [`ServiceError::WrongWorld`].
+    pub fn handler_function(
+        &self,
+        tenant: &str,
+        name: &str,
+        instead: &str,
+    ) -> Result<super::Deployment, ServiceError> {
+        let deployment = self.found(tenant, name)?;
+        if deployment.record.world != FunctionWorld::Handler {
+            return Err(ServiceError::WrongWorld {
+                name: name.to_owned(),
+                instead: instead.to_owned(),
+            });
+        }
+        Ok(deployment)
+    }
+
+    /// A handler function ready to call: found, loaded, limits resolved.
+    ///
+    /// # Errors
+    /// As [`Service::handler_function`], [`ServiceError::Unloadable`], or
+    /// [`ServiceError::Volume`].
+    pub fn handler_target(
+        &self,
+        tenant: &str,
+        name: &str,
+        instead: &str,
+    ) -> Result<Target, ServiceError> {
+        let deployment = self.handler_function(tenant, name, instead)?;
+        self.target(deployment)
+    }
+
+    /// `deployment` ready to call: loaded, limits resolved.
+    ///
+    /// # Errors
+    /// [`ServiceError::Unloadable`] or [`ServiceError::Volume`].
+    pub fn target(&self, deployment: super::Deployment) -> Result<Target, ServiceError> {
+        let super::Deployment { record, component } = deployment;
+        let component = component.map_err(|reason| ServiceError::Unloadable {
+            name: record.name.clone(),
+            reason,
+        })?;
+        let limits = self.limits(&record.tenant, &record.name)?;
+        Ok(Target {
+            function: record,
+            component,
+            limits,
+        })
+    }
+
+    /// The policy's limits for a call of `function`, with its GPU grant and
+    /// its volumes, resolved (and checked to stay inside the tenant's
+    /// volume root).
+    ///
+    /// # Errors
+    /// [`ServiceError::Volume`] when a volume is unusable.
+    pub fn limits(&self, tenant: &str, function: &str) -> Result<CallLimits, ServiceError> {
+        let policy = self.policy(tenant);
+        let mut limits = policy.call_limits(tenant, function);
+        limits.gpu = self.gpu.grant(tenant, &policy.gpu);
+        if !policy.volumes.is_empty() {
+            let root = crate::tenancy::volume_root(&self.config.data_dir, tenant)
+                .ok_or_else(|| ServiceError::Internal("invalid tenant name".into()))?;
+            let volumes = policy.resolve_volumes(&root).map_err(|e| {
+                tracing::error!(%tenant, error = %e, "a volume of the tenant's policy is unusable");
+                ServiceError::Volume(e)
+            })?;
+            limits.preopens = volumes
+                .into_iter()
+                .map(|v| Preopen {
+                    host_path: v.host_path,
+                    guest_path: v.mount,
+                    read_only: v.read_only,
+                })
+                .collect();
+        }
+        Ok(limits)
+    }
+
+    /// A slot of the tenant's concurrency and of the host's.
+    ///
+    /// # Errors
+    /// With [`Admit::Fail`]: [`ServiceError::TenantBusy`] or
+    /// [`ServiceError::HostBusy`] (each counted as a rejection).
+    pub async fn admit(&self, tenant: &str, mode: Admit) -> Result<Permit, ServiceError> {
+        let limit = self.policy(tenant).max_concurrency as usize;
+        self.admission
+            .admit(tenant, limit, mode)
+            .await
+            .inspect_err(|e| match e {
+                ServiceError::TenantBusy { .. } => self.metrics.rejected("tenant-concurrency"),
+                ServiceError::HostBusy => self.metrics.rejected("host-saturated"),
+                _ => {}
+            })
+    }
+
+    /// Calls the host can run at once (the instance pool's size).
+    pub fn host_capacity(&self) -> usize {
+        self.admission.host_capacity()
+    }
+
+    /// Controls of a call whose caller does not stream: emitted output is
+    /// kept, up to the policy's body size.
+    pub fn buffered(&self, tenant: &str) -> CallControl {
+        CallControl {
+            output_limit: usize::try_from(self.policy(tenant).max_body_bytes).unwrap_or(usize::MAX),
+            ..CallControl::default()
+        }
+    }
+
+    /// Runs one handler call of `target`.
+    pub async fn run(
+        &self,
+        target: &Target,
+        call: CallRequest,
+        control: CallControl,
+    ) -> Invocation {
+        let span = tracing::debug_span!(
+            "invocation",
+            tenant = %target.function.tenant,
+            function = %target.function.name,
+            id = %call.invocation_id,
+        );
+        let invocation = self
+            .runtime
+            .invoke_with(&target.component, call, &target.limits, control)
+            .instrument(span.clone())
+            .await;
+        span.in_scope(|| {
+            tracing::debug!(outcome = invocation.outcome.code(), "invocation finished")
+        });
+        invocation
+    }
+
+    /// Records a finished invocation (and counts it); `status` is what the
+    /// caller got. A lost record does not fail the call it describes.
+    pub fn record(
+        &self,
+        function: &FunctionRecord,
+        started: &Started,
+        status: u16,
+        invocation: &Invocation,
+    ) {
+        let total = started.instant.elapsed();
+        self.metrics
+            .invocation(invocation.outcome.code(), total.as_secs_f64());
+        let micros = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let record = InvocationRecord {
+            id: started.id.clone(),
+            tenant: function.tenant.clone(),
+            function: function.name.clone(),
+            version: function.version,
+            started_at: started.at,
+            status,
+            outcome: invocation.outcome.code().to_owned(),
+            message: (!invocation.outcome.is_ok()).then(|| invocation.outcome.to_string()),
+            timings: TimingsRecord {
+                instantiate_us: micros(invocation.timings.instantiate),
+                call_us: micros(invocation.timings.call),
+                total_us: micros(total),
+                reused_instance: invocation.timings.reused,
+            },
+            peak_memory_bytes: invocation.peak_memory_bytes,
+            stdout: invocation.stdout.text(),
+            stderr: invocation.stderr.text(),
+            stdout_dropped_bytes: invocation.stdout.dropped_bytes,
+            stderr_dropped_bytes: invocation.stderr.dropped_bytes,
+        };
+        if let Err(e) = self.store.record_invocation(&record) {
+            tracing::error!(invocation = %started.id, error = %e, "could not record the invocation");
+        }
+    }
+
+    /// Records `invocation` with the status an invoke would have answered.
+    pub fn record_outcome(
+        &self,
+        function: &FunctionRecord,
+        started: &Started,
+        invocation: &Invocation,
+    ) {
+        self.record(function, started, invocation_status(invocation), invocation);
+    }
+
+    /// The tenant's wasi:http function `name`, ready to serve. A private
+    /// one is served only to a caller of the same tenant: `caller` is asked
+    /// for only then (a public function needs no key, and a bad one is not
+    /// looked at).
+    ///
+    /// # Errors
+    /// [`ServiceError::NotFound`] for a missing function, a handler, or a
+    /// private function asked for by another tenant (the same answer, so
+    /// that its existence is not revealed); [`ServiceError::Unloadable`];
+    /// [`ServiceError::Volume`]; what `caller` fails with. `Ok(None)` when
+    /// the function is private and the caller sent no key.
+    pub fn http_target<E: From<ServiceError>>(
+        &self,
+        tenant: &str,
+        name: &str,
+        caller: impl FnOnce() -> Result<Option<super::Caller>, E>,
+    ) -> Result<Option<Target>, E> {
+        let not_found =
+            || ServiceError::NotFound(format!("no HTTP function `{name}` for tenant `{tenant}`"));
+        let deployment = self
+            .deployment(tenant, name)
+            .filter(|d| d.record.world == FunctionWorld::Http)
+            .ok_or_else(not_found)?;
+        if !deployment.record.public {
+            match caller()? {
+                Some(super::Caller::Tenant(caller)) if caller == tenant => {}
+                Some(_) => return Err(not_found().into()),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(self.target(deployment)?))
+    }
+
+    /// Starts serving one wasi:http request with `target`: returns once
+    /// the guest has set its response head (or failed before doing so).
+    ///
+    /// # Errors
+    /// The call could not start: its invocation.
+    pub fn serve_http<B>(
+        &self,
+        target: &Target,
+        request: hyper::Request<B>,
+    ) -> Result<HttpCall, Box<Invocation>>
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let _span = tracing::debug_span!(
+            "invocation",
+            tenant = %target.function.tenant,
+            function = %target.function.name,
+            world = "http",
+        )
+        .entered();
+        self.runtime
+            .serve_http(&target.component, request, &target.limits)
+    }
+
+    /// Records a wasi:http call once its guest is done (its body may still
+    /// be streaming to the caller when this is called); `permit` is held
+    /// until then.
+    pub fn record_when_done(
+        self: &Arc<Self>,
+        function: FunctionRecord,
+        started: Started,
+        status: u16,
+        permit: Permit,
+        completion: tokio::task::JoinHandle<Invocation>,
+    ) {
+        let service = Arc::clone(self);
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Ok(invocation) = completion.await {
+                service.record(&function, &started, status, &invocation);
+            }
+        });
+    }
+}

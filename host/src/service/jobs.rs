@@ -1,0 +1,505 @@
+//! Jobs: invocations that run later.
+//!
+//! A job is written to the store as `pending` before its spawn is answered,
+//! waits in its tenant's bounded queue, runs through the same path as an
+//! invoke (the tenant's concurrency, the policy's limits, an invocation
+//! record) and keeps its result or error in the store until the host's job
+//! retention has passed.
+//!
+//! The queues and the set of running jobs live in memory; the store has
+//! every job's state, so a start rebuilds the queues from it. A job that was
+//! running when the host stopped is failed with a reason, or queued once more
+//! if its function is deployed `retryable`. The dispatcher sleeps until a job
+//! is queued or a concurrency slot is released: it never polls.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::Instrument as _;
+
+use super::{Failure, Permit, Service, ServiceError, Started};
+use crate::runtime::{CallControl, Cancel, Outcome, Request as CallRequest, new_invocation_id};
+use crate::store::{JobError, JobRecord, JobResult, JobStatus, StoreError, UnixMillis, now_millis};
+
+/// The status recorded for an invocation that was cancelled (nginx's
+/// "client closed request": nobody got an answer).
+pub const CANCELLED_STATUS: u16 = 499;
+
+/// A job being run.
+struct Running {
+    cancel: Cancel,
+    task: Option<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Pending job ids per tenant, oldest first.
+    queues: HashMap<String, VecDeque<String>>,
+    /// Running jobs by id.
+    running: HashMap<String, Running>,
+    /// Set at shutdown: nothing more is started.
+    stopping: bool,
+}
+
+/// The host's job queues, running jobs and background tasks.
+#[derive(Default)]
+pub(super) struct Jobs {
+    inner: Mutex<Inner>,
+    wake: Notify,
+    background: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// A new job id, `job_<12 hex: ms><16 hex: random>`: sorts by creation.
+fn new_job_id(now: UnixMillis) -> String {
+    // Same shape and uniqueness argument as invocation ids.
+    let invocation = new_invocation_id(now);
+    format!("job_{}", invocation.trim_start_matches("inv_"))
+}
+
+impl Jobs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Jobs waiting and running, host-wide.
+    pub(super) fn counts(&self) -> (usize, usize) {
+        let inner = self.lock();
+        (
+            inner.queues.values().map(VecDeque::len).sum(),
+            inner.running.len(),
+        )
+    }
+
+    fn queued(&self, tenant: &str) -> usize {
+        self.lock().queues.get(tenant).map_or(0, VecDeque::len)
+    }
+
+    fn enqueue(&self, tenant: &str, id: String) {
+        self.lock()
+            .queues
+            .entry(tenant.to_owned())
+            .or_default()
+            .push_back(id);
+        self.wake.notify_one();
+    }
+
+    /// Keeps a background task to stop at shutdown.
+    pub(super) fn track(&self, task: JoinHandle<()>) {
+        let mut background = self
+            .background
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        background.retain(|t| !t.is_finished());
+        background.push(task);
+    }
+
+    /// Stops every background task and running job. Running jobs stay
+    /// `running` in the store, which the next start resolves.
+    pub(super) async fn shutdown(&self) {
+        self.lock().stopping = true;
+        // Again until none are left: a task being stopped may have started
+        // another (a schedule's run).
+        loop {
+            let mut tasks: Vec<JoinHandle<()>> = std::mem::take(
+                &mut *self
+                    .background
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
+            tasks.extend(
+                self.lock()
+                    .running
+                    .values_mut()
+                    .filter_map(|r| r.task.take()),
+            );
+            if tasks.is_empty() {
+                break;
+            }
+            for task in &tasks {
+                task.abort();
+            }
+            for task in tasks {
+                // Waited for so that nothing holds the store once this returns.
+                let _ = task.await;
+            }
+        }
+    }
+}
+
+fn finish_with_error(job: &mut JobRecord, status: JobStatus, failure: &Failure) {
+    job.status = status;
+    job.finished_at = Some(now_millis());
+    job.input = Vec::new();
+    job.result = None;
+    job.error = Some(JobError {
+        code: failure.code.clone(),
+        status: failure.status.as_u16(),
+        message: failure.detail.clone(),
+    });
+}
+
+fn cancelled(message: &str) -> Failure {
+    Failure {
+        status: http::StatusCode::from_u16(CANCELLED_STATUS)
+            .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR),
+        code: "cancelled".into(),
+        detail: message.to_owned(),
+        retry: false,
+    }
+}
+
+/// What `DELETE /v1/jobs/{id}` did.
+#[derive(Debug, Clone)]
+pub enum Cancelled {
+    /// The job was pending or running and is (being) cancelled.
+    Cancelled(Box<JobRecord>),
+    /// The job had finished and is deleted.
+    Deleted,
+}
+
+impl Service {
+    /// Rebuilds the queues from the store: pending jobs wait again, jobs
+    /// that were running fail (or, for a retryable function, wait again).
+    pub(super) fn recover_jobs(&self) -> Result<(), StoreError> {
+        let mut requeued = 0usize;
+        let mut failed = 0usize;
+        for mut job in self.store.all_jobs()? {
+            match job.status {
+                JobStatus::Pending => {
+                    self.jobs.enqueue(&job.tenant, job.id.clone());
+                    requeued += 1;
+                }
+                JobStatus::Running => {
+                    let retryable = self
+                        .deployment(&job.tenant, &job.function)
+                        .is_some_and(|d| d.record.retryable);
+                    if retryable && job.attempts < 2 {
+                        job.status = JobStatus::Pending;
+                        self.store.put_job(&job)?;
+                        self.jobs.enqueue(&job.tenant, job.id.clone());
+                        requeued += 1;
+                    } else {
+                        let message = if retryable {
+                            "the host stopped while the job was running, for the second time; it is not retried again"
+                        } else {
+                            "the host stopped while the job was running; deploy the function with `retryable` to have such a job run once more"
+                        };
+                        let failure = Failure {
+                            status: http::StatusCode::INTERNAL_SERVER_ERROR,
+                            code: "host-restarted".into(),
+                            detail: message.into(),
+                            retry: false,
+                        };
+                        finish_with_error(&mut job, JobStatus::Failed, &failure);
+                        self.store.put_job(&job)?;
+                        failed += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        if requeued + failed > 0 {
+            tracing::info!(requeued, failed, "jobs recovered from the store");
+        }
+        Ok(())
+    }
+
+    /// Starts the dispatcher and the retention sweeper.
+    pub(super) fn start_jobs(self: &Arc<Self>) {
+        self.track(tokio::spawn(dispatch(Arc::clone(self))));
+        self.track(tokio::spawn(sweep(Arc::clone(self))));
+    }
+
+    /// Queues an invocation of the tenant's handler `name` with `input`;
+    /// the job is stored (and flushed) before this returns.
+    ///
+    /// # Errors
+    /// [`ServiceError::NotFound`], [`ServiceError::WrongWorld`],
+    /// [`ServiceError::QueueFull`], or a store failure.
+    pub fn spawn_job(
+        &self,
+        tenant: &str,
+        name: &str,
+        content_type: String,
+        input: Vec<u8>,
+    ) -> Result<JobRecord, ServiceError> {
+        self.handler_function(tenant, name, "only handler functions run as jobs")?;
+        let limit = self.policy(tenant).max_queued_jobs;
+        if self.jobs.queued(tenant) >= usize::try_from(limit).unwrap_or(usize::MAX) {
+            self.metrics.rejected("job-queue-full");
+            return Err(ServiceError::QueueFull { limit });
+        }
+        let now = now_millis();
+        let job = JobRecord {
+            id: new_job_id(now),
+            tenant: tenant.to_owned(),
+            function: name.to_owned(),
+            status: JobStatus::Pending,
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            attempts: 0,
+            invocation_id: None,
+            content_type,
+            input,
+            result: None,
+            error: None,
+        };
+        self.store.put_job(&job)?;
+        // Accepted means it survives a crash from here on.
+        self.store.flush()?;
+        self.jobs.enqueue(tenant, job.id.clone());
+        Ok(job)
+    }
+
+    /// One job of the tenant.
+    ///
+    /// # Errors
+    /// [`ServiceError::NotFound`], or a store failure.
+    pub fn job(&self, tenant: &str, id: &str) -> Result<JobRecord, ServiceError> {
+        self.store
+            .job(tenant, id)?
+            .ok_or_else(|| ServiceError::NotFound(format!("no job `{id}`")))
+    }
+
+    /// Cancels a pending or running job, deletes a finished one.
+    ///
+    /// # Errors
+    /// [`ServiceError::NotFound`], or a store failure.
+    pub fn cancel_job(&self, tenant: &str, id: &str) -> Result<Cancelled, ServiceError> {
+        let not_found = || ServiceError::NotFound(format!("no job `{id}`"));
+        {
+            // Read under the lock: see `run`.
+            let mut inner = self.jobs.lock();
+            let mut job = self.store.job(tenant, id)?.ok_or_else(not_found)?;
+            let queued = inner
+                .queues
+                .get_mut(tenant)
+                .and_then(|q| q.iter().position(|j| j == id).map(|at| q.remove(at)))
+                .is_some();
+            if queued {
+                drop(inner);
+                let failure = cancelled("the job was cancelled before it ran");
+                finish_with_error(&mut job, JobStatus::Cancelled, &failure);
+                self.store.put_job(&job)?;
+                return Ok(Cancelled::Cancelled(Box::new(job)));
+            }
+            if let Some(running) = inner.running.get(id) {
+                // Interrupted at its next epoch tick; the job's task then
+                // stores it as cancelled.
+                running.cancel.cancel();
+                return Ok(Cancelled::Cancelled(Box::new(job)));
+            }
+            if !job.status.is_finished() {
+                // Neither queued nor running here, yet not finished: the
+                // host is stopping. Settle it as cancelled.
+                finish_with_error(
+                    &mut job,
+                    JobStatus::Cancelled,
+                    &cancelled("the job was cancelled"),
+                );
+                self.store.put_job(&job)?;
+                return Ok(Cancelled::Cancelled(Box::new(job)));
+            }
+        }
+        if self.store.delete_job(tenant, id)? {
+            Ok(Cancelled::Deleted)
+        } else {
+            Err(not_found())
+        }
+    }
+}
+
+/// Starts queued jobs as the tenants' and the host's concurrency allow,
+/// taking the tenants in turn; sleeps until a job is queued or a slot is
+/// released.
+async fn dispatch(service: Arc<Service>) {
+    loop {
+        // Registered before looking, so that a release in between is not lost.
+        let released = service.admission.released().notified();
+        let queued = service.jobs.wake.notified();
+        let waiting = start_ready(&service);
+        if waiting {
+            tokio::select! {
+                () = released => {}
+                () = queued => {}
+            }
+        } else {
+            queued.await;
+        }
+    }
+}
+
+/// One pass over the queues; returns whether any jobs are still waiting.
+fn start_ready(service: &Arc<Service>) -> bool {
+    let mut inner = service.jobs.lock();
+    if inner.stopping {
+        return false;
+    }
+    let tenants: Vec<String> = inner.queues.keys().cloned().collect();
+    for tenant in tenants {
+        let limit = service.policy(&tenant).max_concurrency as usize;
+        while let Some(queue) = inner.queues.get_mut(&tenant) {
+            if queue.is_empty() {
+                inner.queues.remove(&tenant);
+                break;
+            }
+            let Some(permit) = service.admission.try_admit(&tenant, limit) else {
+                break;
+            };
+            let Some(id) = queue.pop_front() else { break };
+            let cancel = Cancel::new();
+            let span = tracing::debug_span!("job", %tenant, job = %id);
+            let task = tokio::spawn(
+                run(
+                    Arc::clone(service),
+                    tenant.clone(),
+                    id.clone(),
+                    cancel.clone(),
+                    permit,
+                )
+                .instrument(span),
+            );
+            inner.running.insert(
+                id,
+                Running {
+                    cancel,
+                    task: Some(task),
+                },
+            );
+        }
+    }
+    inner.queues.values().any(|q| !q.is_empty())
+}
+
+/// Runs one job: marks it running, invokes, records and stores the result.
+async fn run(service: Arc<Service>, tenant: String, id: String, cancel: Cancel, permit: Permit) {
+    let finished = run_job(&service, &tenant, &id, cancel, permit).await;
+    // Stored under the lock, so that a concurrent DELETE sees the job either
+    // running or finished, never in between.
+    let mut inner = service.jobs.lock();
+    let stored = finished.and_then(|job| match job {
+        Some(job) => service.store.put_job(&job),
+        None => Ok(()),
+    });
+    if let Err(e) = stored {
+        tracing::error!(job = %id, error = %e, "a job could not be run");
+    }
+    inner.running.remove(&id);
+}
+
+async fn run_job(
+    service: &Service,
+    tenant: &str,
+    id: &str,
+    cancel: Cancel,
+    permit: Permit,
+) -> Result<Option<JobRecord>, StoreError> {
+    let Some(mut job) = service.store.job(tenant, id)? else {
+        // Deleted while it waited.
+        return Ok(None);
+    };
+    if job.status != JobStatus::Pending {
+        return Ok(None);
+    }
+    let target = match service.deployment(tenant, &job.function) {
+        None => Err(ServiceError::NotFound(format!(
+            "no function `{}` (deleted after the job was spawned)",
+            job.function
+        ))),
+        Some(d) if d.record.world != crate::store::FunctionWorld::Handler => {
+            Err(ServiceError::WrongWorld {
+                name: job.function.clone(),
+                instead: "it cannot run as a job".into(),
+            })
+        }
+        Some(deployment) => service.target(deployment),
+    };
+    let target = match target {
+        Ok(target) => target,
+        Err(error) => {
+            finish_with_error(&mut job, JobStatus::Failed, &error.failure());
+            return Ok(Some(job));
+        }
+    };
+
+    let started = Started::now();
+    job.status = JobStatus::Running;
+    job.started_at = Some(started.at);
+    job.attempts = job.attempts.saturating_add(1);
+    job.invocation_id = Some(started.id.clone());
+    service.store.put_job(&job)?;
+    // Durable before the guest runs, so that a crash from here on reads as
+    // "was running" at the next start, never as a job that never ran. A
+    // failed flush only weakens that; the job still runs.
+    if let Err(e) = service.store.flush() {
+        tracing::warn!(job = %id, error = %e, "could not flush the job's running state");
+    }
+
+    let call = CallRequest {
+        body: job.input.clone(),
+        content_type: job.content_type.clone(),
+        headers: Vec::new(),
+        invocation_id: started.id.clone(),
+    };
+    let control = CallControl {
+        cancel: Some(cancel),
+        ..service.buffered(tenant)
+    };
+    let invocation = service.run(&target, call, control).await;
+    drop(permit);
+    service.record_outcome(&target.function, &started, &invocation);
+    match invocation.outcome {
+        Outcome::Ok(reply) => {
+            job.status = JobStatus::Succeeded;
+            job.finished_at = Some(now_millis());
+            job.input = Vec::new();
+            job.error = None;
+            job.result = Some(JobResult {
+                status: reply.status,
+                content_type: reply.content_type,
+                body: reply.body,
+            });
+        }
+        Outcome::Cancelled => finish_with_error(
+            &mut job,
+            JobStatus::Cancelled,
+            &cancelled("the job was cancelled while it ran"),
+        ),
+        other => finish_with_error(&mut job, JobStatus::Failed, &Failure::of(&other)),
+    }
+    Ok(Some(job))
+}
+
+/// Deletes finished jobs older than the retention, periodically.
+async fn sweep(service: Arc<Service>) {
+    let retention = service.config.job_retention;
+    let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        tokio::time::sleep(every).await;
+        let cutoff =
+            now_millis().saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
+        let jobs = match service.store.all_jobs() {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing jobs for retention failed");
+                continue;
+            }
+        };
+        let mut removed = 0usize;
+        for job in jobs {
+            if job.status.is_finished()
+                && job.finished_at.is_some_and(|at| at <= cutoff)
+                && service.store.delete_job(&job.tenant, &job.id).is_ok()
+            {
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::debug!(removed, "expired job results removed");
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! The invocation service: the one place that admits, runs and records an
+//! invocation, whatever triggered it (invoke, map, SSE, WebSocket, jobs,
+//! schedules, `/http` routes), and that deploys, lists and deletes
+//! functions, keys and tenants.
+//!
+//! It knows nothing of HTTP: the API layer authenticates and parses, calls
+//! one operation here and turns the result (or a [`ServiceError`]) into an
+//! answer. The background work of a host (the job dispatcher and sweeper,
+//! the cron loop, the idle-instance sweeper) lives here too, so that it
+//! runs the same path as a request.
+
+// Not boxed: a `ServiceError` is made once per failed operation and turned
+// into an answer at once.
+#![allow(clippy::result_large_err)]
+
+mod admission;
+mod config;
+mod deployments;
+mod error;
+mod invoke;
+pub mod jobs;
+mod metrics;
+mod schedules;
+mod stream;
+mod tenants;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use self::admission::Admission;
+pub use self::admission::{Admit, Permit};
+pub use self::config::{FirstStart, ServeConfig, ServeError};
+use self::deployments::Deployments;
+pub use self::deployments::{Deployed, Deployment, checked_name};
+pub use self::error::ServiceError;
+pub use self::invoke::{Failure, Started, Target, json_input};
+pub use self::jobs::CANCELLED_STATUS;
+use self::jobs::Jobs;
+use self::metrics::Metrics;
+use self::schedules::Schedules;
+pub(crate) use self::stream::Forward;
+pub use self::tenants::Caller;
+use crate::runtime::{AllocationConfig, Runtime};
+use crate::store::sled::SledStore;
+use crate::store::{BlobStore, FsBlobStore, MetaStore};
+use crate::tenancy::{Policy, PolicySet, keys};
+
+/// Everything a host shares between requests and background work: the
+/// runtime, the stores, the policies, the loaded deployments, admission,
+/// jobs and schedules.
+pub struct Service {
+    config: ServeConfig,
+    runtime: Arc<Runtime>,
+    store: Arc<dyn MetaStore>,
+    blobs: Arc<dyn BlobStore>,
+    policies: PolicySet,
+    admin_key_hash: [u8; 32],
+    metrics: Metrics,
+    deployments: Deployments,
+    admission: Admission,
+    gpu: Arc<crate::gpu::GpuHost>,
+    jobs: Jobs,
+    schedules: Schedules,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("data_dir", &self.config.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
+    let context = context.into();
+    move |source| ServeError::Io { context, source }
+}
+
+impl Service {
+    /// Opens the data directory, the stores, the bridge and the policies,
+    /// loads every deployed function (from the compiled cache: a restart
+    /// compiles nothing), and rebuilds the job queues and schedules from
+    /// the store. Nothing runs until [`Service::start`].
+    ///
+    /// # Errors
+    /// When a policy is invalid, the store, the bridge or the runtime
+    /// cannot be opened, or a key file is malformed.
+    pub async fn open(mut config: ServeConfig) -> Result<(Self, Option<FirstStart>), ServeError> {
+        let data = config.data_dir.clone();
+        std::fs::create_dir_all(&data).map_err(io(format!("creating {}", data.display())))?;
+        let policies = PolicySet::load(&config.policies_dir)?;
+        let store: Arc<dyn MetaStore> = Arc::new(SledStore::open(
+            &data.join("meta"),
+            config.retention_per_function,
+        )?);
+        let blobs: Arc<dyn BlobStore> = Arc::new(FsBlobStore::open(&data.join("blobs"))?);
+        config.runtime.cache_dir = data.join("compiled");
+        let host_capacity = match &config.runtime.allocation {
+            AllocationConfig::Pooling(pool) => pool.max_instances as usize,
+            AllocationConfig::OnDemand => 1024,
+        };
+        let runtime = Arc::new(Runtime::new(config.runtime.clone())?);
+        let gpu = Arc::new(open_gpu(&config, &data).await?);
+        let admin_key = match config.admin_key.clone() {
+            Some(key) => key,
+            None => load_or_create_key(&data.join("admin.key"))?,
+        };
+        let first_start = if store.tenants()?.is_empty() {
+            Some(tenants::create_demo_tenant(store.as_ref(), &data)?)
+        } else {
+            None
+        };
+        let service = Self {
+            admin_key_hash: keys::hash(&admin_key),
+            metrics: Metrics::new(),
+            deployments: Deployments::default(),
+            admission: Admission::new(host_capacity),
+            gpu,
+            jobs: Jobs::default(),
+            schedules: Schedules::default(),
+            config,
+            runtime,
+            store,
+            blobs,
+            policies,
+        };
+        service.load_all().await?;
+        // Before serving: a GET of a job must already see its recovered state.
+        service.recover_jobs()?;
+        service.load_schedules()?;
+        Ok((service, first_start))
+    }
+
+    /// Starts the background work: the job dispatcher and sweeper, the cron
+    /// loop and the idle-instance sweeper. They stop at [`Service::shutdown`].
+    pub fn start(self: &Arc<Self>) {
+        self.start_jobs();
+        self.start_schedules();
+        self.track(tokio::spawn(sweep_idle_instances(Arc::clone(self))));
+    }
+
+    /// Keeps a background task to stop at shutdown.
+    pub fn track(&self, task: tokio::task::JoinHandle<()>) {
+        self.jobs.track(task);
+    }
+
+    /// Stops every background task and running job, then flushes the store.
+    ///
+    /// # Errors
+    /// When the store cannot be flushed.
+    pub async fn shutdown(&self) -> Result<(), crate::store::StoreError> {
+        self.jobs.shutdown().await;
+        self.store.flush()?;
+        Ok(())
+    }
+
+    /// The configuration the host runs with.
+    pub fn config(&self) -> &ServeConfig {
+        &self.config
+    }
+
+    /// The policy of `tenant` (the default policy when it has none).
+    pub fn policy(&self, tenant: &str) -> &Policy {
+        self.policies.for_tenant(tenant)
+    }
+
+    /// The host's metrics as Prometheus text, brought up to date.
+    pub fn metrics_text(&self) -> String {
+        let (queued, running) = self.jobs.counts();
+        self.metrics.jobs(queued, running);
+        self.metrics.render(
+            self.runtime.stats(),
+            self.admission.in_flight(),
+            self.deployments.loaded(),
+            self.gpu.bridge().devices(),
+        )
+    }
+
+    /// Counts a request refused before it ran (`reason`: a fixed set).
+    pub fn rejected(&self, reason: &'static str) {
+        self.metrics.rejected(reason);
+    }
+}
+
+async fn open_gpu(config: &ServeConfig, data: &Path) -> Result<crate::gpu::GpuHost, ServeError> {
+    // Opening a wgpu adapter or a CUDA context blocks for a while.
+    let gpu_config = config.gpu.clone();
+    let bridge = tokio::task::spawn_blocking(move || gust_gpu_bridge::Bridge::open(&gpu_config))
+        .await
+        .map_err(|e| {
+            ServeError::Gpu(gust_gpu_bridge::BridgeError::backend(format!(
+                "opening devices panicked: {e}"
+            )))
+        })??;
+    let models_dir = config
+        .models_dir
+        .clone()
+        .unwrap_or_else(|| data.join("models"));
+    std::fs::create_dir_all(&models_dir)
+        .map_err(io(format!("creating {}", models_dir.display())))?;
+    let registry = gust_gpu_bridge::models::ModelRegistry::open_with(&models_dir, config.models)?;
+    for (folder, problem) in registry.problems() {
+        tracing::warn!(folder = %folder.display(), %problem, "model not served");
+    }
+    Ok(crate::gpu::GpuHost::new(bridge, Arc::new(registry)))
+}
+
+fn load_or_create_key(path: &Path) -> Result<String, ServeError> {
+    if path.exists() {
+        return Ok(keys::read_secret_file(path)?);
+    }
+    let key = keys::generate()?;
+    keys::write_secret_file(path, &key.secret)?;
+    tracing::info!(path = %path.display(), "generated the admin key");
+    Ok(key.secret)
+}
+
+/// Drops reusable instances nobody called for a while (taking and returning
+/// instances does this too, but a function nobody calls any more would
+/// otherwise keep its instances, and their memory, forever).
+async fn sweep_idle_instances(service: Arc<Service>) {
+    let every = (service.runtime.config().idle_instance_timeout / 4)
+        .clamp(Duration::from_secs(1), Duration::from_secs(30));
+    loop {
+        tokio::time::sleep(every).await;
+        service.runtime.sweep_idle_instances();
+    }
+}
