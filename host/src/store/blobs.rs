@@ -150,6 +150,7 @@ impl BlobStore for FsBlobStore {
             return Err(StoreError::Corrupt {
                 key: path.display().to_string(),
                 message: format!("the file's bytes hash to {actual}"),
+                source: None,
             });
         }
         Ok(Some(bytes))
