@@ -70,7 +70,7 @@ pub(crate) struct AppState {
     /// Calls running host-wide; bounded by the instance pool.
     pub(crate) host_gate: Arc<Gate>,
     pub(crate) host_capacity: usize,
-    pub(crate) gpu: Arc<crate::gpu::GpuHost>,
+    pub(crate) gpu: Arc<crate::tenancy::GpuHost>,
     pub(crate) jobs: super::jobs::Jobs,
     pub(crate) schedules: super::schedules::Schedules,
 }
@@ -119,7 +119,7 @@ impl AppState {
         for (folder, problem) in registry.problems() {
             tracing::warn!(folder = %folder.display(), %problem, "model not served");
         }
-        let gpu = Arc::new(crate::gpu::GpuHost::new(bridge, Arc::new(registry)));
+        let gpu = Arc::new(crate::tenancy::GpuHost::new(bridge, Arc::new(registry)));
 
         let admin_key = match config.admin_key.clone() {
             Some(key) => key,

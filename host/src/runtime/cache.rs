@@ -22,7 +22,7 @@ use sha2::{Digest as _, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
-use super::Digest;
+use crate::digest::Digest;
 
 type HmacSha256 = Hmac<Sha256>;
 
