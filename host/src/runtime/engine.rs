@@ -20,14 +20,14 @@ use super::state::CallState;
 #[non_exhaustive]
 pub enum RuntimeError {
     /// The engine configuration was rejected.
-    #[error("invalid engine configuration: {0}")]
-    Engine(String),
+    #[error("invalid engine configuration: {0:#}")]
+    Engine(#[source] wasmtime::Error),
     /// The compiled-component cache could not be opened.
     #[error(transparent)]
     Cache(#[from] CacheError),
     /// Setting up the host's imports failed.
-    #[error("could not set up host imports: {0}")]
-    Linker(String),
+    #[error("could not set up host imports: {0:#}")]
+    Linker(#[source] wasmtime::Error),
 }
 
 /// Which allocator the engine actually runs with.
@@ -132,7 +132,7 @@ fn build_engine(config: &RuntimeConfig) -> Result<(Engine, AllocatorInUse), Runt
     match &config.allocation {
         AllocationConfig::OnDemand => Engine::new(&engine_config(config, None))
             .map(|engine| (engine, AllocatorInUse::OnDemand))
-            .map_err(|e| RuntimeError::Engine(format!("{e:#}"))),
+            .map_err(RuntimeError::Engine),
         AllocationConfig::Pooling(pool) => {
             match Engine::new(&engine_config(config, Some(pool))) {
                 Ok(engine) => Ok((engine, AllocatorInUse::Pooling)),
@@ -142,8 +142,8 @@ fn build_engine(config: &RuntimeConfig) -> Result<(Engine, AllocatorInUse), Runt
                     // allocation is slower but works.
                     let reason = format!("{pool_error:#}");
                     tracing::warn!(%reason, "pooling allocator unavailable; falling back to on-demand allocation");
-                    let engine = Engine::new(&engine_config(config, None))
-                        .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+                    let engine =
+                        Engine::new(&engine_config(config, None)).map_err(RuntimeError::Engine)?;
                     Ok((engine, AllocatorInUse::OnDemandFallback { reason }))
                 }
             }
@@ -157,15 +157,13 @@ impl Runtime {
     pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
         let (engine, allocator) = build_engine(&config)?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-            .map_err(|e| RuntimeError::Linker(format!("{e:#}")))?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(RuntimeError::Linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
-            .map_err(|e| RuntimeError::Linker(format!("{e:#}")))?;
+            .map_err(RuntimeError::Linker)?;
         host::add_function_to_linker(&mut linker, |state: &mut CallState| &mut state.output)
-            .map_err(|e| RuntimeError::Linker(format!("{e:#}")))?;
-        host::gpu::add_to_linker(&mut linker)
-            .map_err(|e| RuntimeError::Linker(format!("{e:#}")))?;
-        host::nn::add_to_linker(&mut linker).map_err(|e| RuntimeError::Linker(format!("{e:#}")))?;
+            .map_err(RuntimeError::Linker)?;
+        host::gpu::add_to_linker(&mut linker).map_err(RuntimeError::Linker)?;
+        host::nn::add_to_linker(&mut linker).map_err(RuntimeError::Linker)?;
         let cache = CompileCache::open(&config.cache_dir, &engine)?;
         let ticker = EpochTicker::start(engine.clone(), config.epoch_tick);
         let idle = InstancePool::new(

@@ -36,15 +36,16 @@ pub enum LoadError {
     )]
     CoreModule,
     /// The binary failed validation or compilation.
-    #[error("invalid component: {0}")]
-    Invalid(String),
+    #[error("invalid component: {0:#}")]
+    Invalid(#[source] wasmtime::Error),
     /// The component imports interfaces the host does not provide.
     #[error("the component imports what this host does not provide: {}", .imports.join(", "))]
     UnsatisfiedImports {
         /// The unsatisfied import names.
         imports: Vec<String>,
         /// Wasmtime's own explanation (the first failure it found).
-        detail: String,
+        #[source]
+        detail: wasmtime::Error,
     },
     /// The component does not export a world the host can run.
     #[error(
@@ -56,8 +57,8 @@ pub enum LoadError {
         exports: Vec<String>,
     },
     /// It exports the handler interface, but with the wrong types.
-    #[error("the component's `{HANDLER_EXPORT}` export does not match the contract: {0}")]
-    ExportMismatch(String),
+    #[error("the component's `{HANDLER_EXPORT}` export does not match the contract: {0:#}")]
+    ExportMismatch(#[source] wasmtime::Error),
 }
 
 /// The world a loaded component targets.
@@ -152,6 +153,9 @@ impl Runtime {
     pub fn load(&self, bytes: &[u8]) -> Result<LoadedComponent, LoadError> {
         check_header(bytes)?;
         let digest = Digest::of(bytes);
+        // Compiling is the expensive part of a deploy (and of a cold start
+        // after a cache rejection); its logs carry the component's digest.
+        let _span = tracing::debug_span!("load", %digest).entered();
         let (component, source) = match self.cache.load(&self.engine, &digest) {
             Lookup::Hit(component) => {
                 self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
@@ -171,8 +175,7 @@ impl Runtime {
     fn compile(&self, digest: &Digest, bytes: &[u8]) -> Result<Component, LoadError> {
         self.stats.compiles.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+        let component = Component::new(&self.engine, bytes).map_err(LoadError::Invalid)?;
         tracing::info!(%digest, elapsed = ?started.elapsed(), "compiled component");
         // A failure to cache costs a recompile later, not this load.
         match component.serialize() {
@@ -216,20 +219,16 @@ impl Runtime {
             }
             LoadError::UnsatisfiedImports {
                 imports: unsatisfied,
-                detail: format!("{e:#}"),
+                detail: e,
             }
         })?;
         let prepared = if exports
             .iter()
             .any(|e| imports::same_interface(e, HANDLER_EXPORT))
         {
-            Prepared::Handler(
-                GuestPre::new(pre).map_err(|e| LoadError::ExportMismatch(format!("{e:#}")))?,
-            )
+            Prepared::Handler(GuestPre::new(pre).map_err(LoadError::ExportMismatch)?)
         } else if exports.iter().any(|e| e.starts_with(HTTP_EXPORT_PREFIX)) {
-            Prepared::Http(
-                ProxyPre::new(pre).map_err(|e| LoadError::ExportMismatch(format!("{e:#}")))?,
-            )
+            Prepared::Http(ProxyPre::new(pre).map_err(LoadError::ExportMismatch)?)
         } else {
             return Err(LoadError::MissingExport { exports });
         };
@@ -255,8 +254,8 @@ fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
         return Err(LoadError::CoreModule);
     }
     if !wasmtime::wasmparser::Parser::is_component(bytes) {
-        return Err(LoadError::Invalid(String::from(
-            "unsupported WebAssembly binary version or layer",
+        return Err(LoadError::Invalid(wasmtime::format_err!(
+            "unsupported WebAssembly binary version or layer"
         )));
     }
     Ok(())
