@@ -24,6 +24,7 @@ use gust_gpu_bridge::{
     Account, BinaryOp, BridgeError, DType, Device, ErrorCode as BridgeCode, Op, ReduceOp, Tensor,
     UnaryOp,
 };
+use tracing::Instrument as _;
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
 use crate::runtime::bindings::gust::gpu::models::{self, GenerateParams};
@@ -118,6 +119,7 @@ impl GpuSession {
     /// The model called `name` on the invocation's default device, if the
     /// tenant's policy lists it: loaded on first use anywhere on the host,
     /// resident afterwards. Shared by `gust:gpu/models` and `wasi:nn`.
+    #[tracing::instrument(level = "debug", skip_all, fields(model = name))]
     pub(crate) async fn load_resident(&self, name: &str) -> Result<Arc<ResidentModel>, Error> {
         let grant = self.grant()?;
         let device = self.default_device()?;
@@ -572,6 +574,7 @@ impl GpuCtxView<'_> {
     /// invocation's output as soon as the model produces it (an SSE or
     /// WebSocket caller sees tokens as they come), the output's backpressure
     /// pacing the generation.
+    #[tracing::instrument(level = "debug", skip_all, fields(model = model.name(), stream = stream))]
     async fn generate_with(
         &mut self,
         model: Arc<ResidentModel>,
@@ -647,8 +650,10 @@ impl models::HostModel for GpuCtxView<'_> {
     ) -> Outcome<Vec<Vec<f32>>> {
         let model = self.model(&model)?;
         let account = attempt!(self.session.account());
+        let span = tracing::debug_span!("embed", model = model.name(), texts = texts.len());
         Ok(model
             .embed(texts, &account, self.session.deadline)
+            .instrument(span)
             .await
             .map_err(to_wit))
     }
@@ -698,9 +703,11 @@ impl models::HostModel for GpuCtxView<'_> {
         }
         // Batched with concurrent runs of the model; waiting for the batch
         // ends at this invocation's deadline.
+        let span = tracing::debug_span!("run", model = model.name(), inputs = tensors.len());
         let outputs = attempt!(
             model
                 .run_until(&tensors, &account, self.session.deadline)
+                .instrument(span)
                 .await
                 .map_err(to_wit)
         );

@@ -129,6 +129,7 @@ impl NnCtxView<'_> {
     }
 
     /// Run `model` on the wasi-nn inputs; errors as (code, explanation).
+    #[tracing::instrument(level = "debug", skip_all, fields(model = model.name(), inputs = inputs.len()))]
     async fn nn_compute(
         &mut self,
         model: &Arc<ResidentModel>,
