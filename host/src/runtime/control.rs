@@ -95,9 +95,7 @@ impl OutputSink {
             Self::Stream { .. } => Vec::new(),
         }
     }
-}
 
-impl OutputSink {
     /// Sends `chunk` to the call's caller (see `gust:function/output`).
     /// Host imports may use it too: a model's `generate` can stream each
     /// token to a streaming caller as it is produced, without a round trip
