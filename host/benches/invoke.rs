@@ -122,7 +122,7 @@ fn bench_gpu(c: &mut Criterion) {
     )
     .unwrap();
     let limits = CallLimits {
-        gpu: Some(gust_host::gpu::GpuGrant {
+        gpu: Some(gust_host::runtime::GpuGrant {
             devices: std::sync::Arc::from(vec![device]),
             account: Account::new("bench", None, None),
             models: None,

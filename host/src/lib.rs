@@ -1,9 +1,8 @@
 //! The Gust host: runs user functions as WebAssembly components in Wasmtime.
 
 pub mod api;
+pub mod digest;
 mod fsutil;
-pub mod gpu;
-pub mod nn;
 pub mod runtime;
 pub mod service;
 pub mod store;

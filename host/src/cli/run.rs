@@ -138,12 +138,12 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
         .ok()
         .map(|registry| {
             let allowed = registry.list().map(|m| m.manifest.name.clone()).collect();
-            gust_host::gpu::ModelGrant {
+            gust_host::runtime::ModelGrant {
                 registry: Arc::new(registry),
                 allowed,
             }
         });
-    let gpu = (!devices.is_empty()).then(|| gust_host::gpu::GpuGrant {
+    let gpu = (!devices.is_empty()).then(|| gust_host::runtime::GpuGrant {
         devices,
         account: gust_gpu_bridge::Account::new("local", None, None),
         models,

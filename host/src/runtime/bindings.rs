@@ -8,11 +8,11 @@ wasmtime::component::bindgen!({
     imports: { default: async | trappable },
     exports: { default: async },
     with: {
-        "gust:gpu/tensors.tensor": crate::gpu::GpuTensor,
-        "gust:gpu/models.model": crate::gpu::GpuModel,
-        "wasi:nn/tensor.tensor": crate::nn::NnTensor,
-        "wasi:nn/graph.graph": crate::nn::NnGraph,
-        "wasi:nn/inference.graph-execution-context": crate::nn::NnContext,
-        "wasi:nn/errors.error": crate::nn::NnError,
+        "gust:gpu/tensors.tensor": crate::runtime::host::gpu::GpuTensor,
+        "gust:gpu/models.model": crate::runtime::host::gpu::GpuModel,
+        "wasi:nn/tensor.tensor": crate::runtime::host::nn::NnTensor,
+        "wasi:nn/graph.graph": crate::runtime::host::nn::NnGraph,
+        "wasi:nn/inference.graph-execution-context": crate::runtime::host::nn::NnContext,
+        "wasi:nn/errors.error": crate::runtime::host::nn::NnError,
     },
 });

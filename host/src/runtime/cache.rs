@@ -22,7 +22,7 @@ use sha2::{Digest as _, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
-use super::Digest;
+use crate::digest::Digest;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -43,7 +43,7 @@ pub enum CacheError {
     },
     /// The operating system's random source failed.
     #[error("could not generate the cache key: {0}")]
-    Random(String),
+    Random(#[source] getrandom::Error),
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
@@ -185,7 +185,7 @@ fn load_or_create_key(dir: &Path) -> Result<[u8; KEY_LEN], CacheError> {
         Err(e) => return Err(io_error(&path)(e)),
     }
     let mut key = [0u8; KEY_LEN];
-    getrandom::fill(&mut key).map_err(|e| CacheError::Random(e.to_string()))?;
+    getrandom::fill(&mut key).map_err(CacheError::Random)?;
     write_atomically(&path, &key)?;
     Ok(key)
 }

@@ -141,7 +141,7 @@ pub struct CallLimits {
     pub preopens: Arc<[Preopen]>,
     /// GPU-bridge devices and the tenant's account; `None` makes every
     /// bridge call answer `forbidden`.
-    pub gpu: Option<crate::gpu::GpuGrant>,
+    pub gpu: Option<super::host::GpuGrant>,
     /// Whether the call may run in an instance an earlier call of the same
     /// scope left behind (and leave its own for the next); `None`: a fresh
     /// instance, always.

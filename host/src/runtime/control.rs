@@ -8,7 +8,6 @@ use bytes::Bytes;
 use tokio::sync::{Notify, mpsc};
 
 use super::bindings::gust::function::output;
-use super::state::CallState;
 
 /// Cancels a running call: the guest is interrupted at its next epoch tick
 /// (the same mechanism as its deadline) and the call ends as
@@ -96,16 +95,14 @@ impl OutputSink {
             Self::Stream { .. } => Vec::new(),
         }
     }
-}
 
-impl CallState {
     /// Sends `chunk` to the call's caller (see `gust:function/output`).
     /// Host imports may use it too: a model's `generate` can stream each
     /// token to a streaming caller as it is produced, without a round trip
     /// through the guest.
-    pub(crate) async fn emit_output(&mut self, chunk: Vec<u8>) -> wasmtime::Result<()> {
-        match &mut self.output {
-            OutputSink::Buffer { data, limit } => {
+    pub(crate) async fn emit(&mut self, chunk: Vec<u8>) -> wasmtime::Result<()> {
+        match self {
+            Self::Buffer { data, limit } => {
                 if *limit > 0 && data.len().saturating_add(chunk.len()) > *limit {
                     return Err(wasmtime::format_err!(
                         "the function's emitted output exceeds the limit of {limit} bytes"
@@ -114,7 +111,7 @@ impl CallState {
                 data.extend_from_slice(&chunk);
                 Ok(())
             }
-            OutputSink::Stream { sender, cancel } => {
+            Self::Stream { sender, cancel } => {
                 if sender.send(Bytes::from(chunk)).await.is_err() {
                     // Nobody will read what comes next: stop the guest
                     // rather than let it run to its deadline.
@@ -127,8 +124,8 @@ impl CallState {
     }
 }
 
-impl output::Host for CallState {
+impl output::Host for OutputSink {
     async fn emit(&mut self, chunk: Vec<u8>) -> wasmtime::Result<()> {
-        self.emit_output(chunk).await
+        OutputSink::emit(self, chunk).await
     }
 }

@@ -20,11 +20,11 @@ use std::time::{Duration, Instant};
 
 use wasmtime::Store;
 
-use super::Digest;
 use super::bindings::Guest;
 use super::capture::BoundedCapture;
 use super::config::{CallLimits, Preopen};
 use super::state::CallState;
+use crate::digest::Digest;
 
 /// A call's permission to run in (and leave behind) a reused instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,5 +214,25 @@ impl InstancePool {
             }
             !list.is_empty()
         });
+    }
+}
+
+impl super::Runtime {
+    /// Instances kept for reuse right now.
+    pub fn idle_instances(&self) -> usize {
+        self.idle.idle_count()
+    }
+
+    /// Drops the reusable instances of `scope` (see [`Reuse::scope_of`]):
+    /// its function was deleted or replaced.
+    pub fn drop_idle_instances(&self, scope: &str) {
+        self.idle.forget(scope);
+    }
+
+    /// Drops the reusable instances that have been idle too long. Taking
+    /// and returning instances does this too; call it now and then so that
+    /// a function nobody calls any more does not keep its instances.
+    pub fn sweep_idle_instances(&self) {
+        self.idle.sweep();
     }
 }

@@ -8,6 +8,9 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::capture::BoundedCapture;
+use super::host::GpuGrant;
+use super::host::gpu::{GpuCtxView, GpuSession, GpuView};
+use super::host::nn::{NnCtxView, NnView};
 use super::http::{GustHttpHooks, OutboundPolicy};
 
 /// Grants for the guest's WASI context; turned into a `WasiCtx` only when
@@ -104,7 +107,7 @@ pub(crate) struct CallState {
     http_hooks: GustHttpHooks,
     pub(crate) table: ResourceTable,
     pub(crate) limiter: MemoryLimiter,
-    pub(crate) gpu: crate::gpu::GpuSession,
+    pub(crate) gpu: GpuSession,
     /// Where `gust:function/output.emit` sends chunks.
     pub(crate) output: super::control::OutputSink,
 }
@@ -129,7 +132,7 @@ impl CallState {
                 committed_bytes: 0,
                 peak_bytes: 0,
             },
-            gpu: crate::gpu::GpuSession::new(None, None),
+            gpu: GpuSession::new(None, None),
             output: super::control::OutputSink::default(),
         }
     }
@@ -142,14 +145,14 @@ impl CallState {
         &mut self,
         outbound: OutboundPolicy,
         memory_limit_bytes: usize,
-        gpu: Option<crate::gpu::GpuGrant>,
+        gpu: Option<GpuGrant>,
         deadline: std::time::Instant,
     ) {
         self.http_hooks = GustHttpHooks { outbound };
         self.limiter.limit_bytes = memory_limit_bytes;
         self.limiter.denied_request = None;
         self.limiter.peak_bytes = self.limiter.committed_bytes;
-        self.gpu = crate::gpu::GpuSession::new(gpu, Some(deadline));
+        self.gpu = GpuSession::new(gpu, Some(deadline));
     }
 }
 
@@ -172,6 +175,25 @@ impl WasiHttpView for CallState {
             ctx: &mut self.http,
             table: &mut self.table,
             hooks: &mut self.http_hooks,
+        }
+    }
+}
+
+impl GpuView for CallState {
+    fn gpu(&mut self) -> GpuCtxView<'_> {
+        GpuCtxView {
+            session: &mut self.gpu,
+            table: &mut self.table,
+            output: &mut self.output,
+        }
+    }
+}
+
+impl NnView for CallState {
+    fn nn(&mut self) -> NnCtxView<'_> {
+        NnCtxView {
+            session: &mut self.gpu,
+            table: &mut self.table,
         }
     }
 }

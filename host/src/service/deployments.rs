@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use super::{ServeError, Service, ServiceError};
-use crate::runtime::{Digest, LoadedComponent, Reuse, World};
+use crate::digest::Digest;
+use crate::runtime::{LoadedComponent, Reuse, World};
 use crate::store::{DeployRequest, FunctionRecord, FunctionWorld, InvocationRecord};
 use crate::tenancy::valid_name;
 

@@ -59,7 +59,7 @@ pub struct Service {
     metrics: Metrics,
     deployments: Deployments,
     admission: Admission,
-    gpu: Arc<crate::gpu::GpuHost>,
+    gpu: Arc<crate::tenancy::GpuHost>,
     jobs: Jobs,
     schedules: Schedules,
 }
@@ -183,7 +183,10 @@ impl Service {
     }
 }
 
-async fn open_gpu(config: &ServeConfig, data: &Path) -> Result<crate::gpu::GpuHost, ServeError> {
+async fn open_gpu(
+    config: &ServeConfig,
+    data: &Path,
+) -> Result<crate::tenancy::GpuHost, ServeError> {
     // Opening a wgpu adapter or a CUDA context blocks for a while.
     let gpu_config = config.gpu.clone();
     let bridge = tokio::task::spawn_blocking(move || gust_gpu_bridge::Bridge::open(&gpu_config))
@@ -203,7 +206,7 @@ async fn open_gpu(config: &ServeConfig, data: &Path) -> Result<crate::gpu::GpuHo
     for (folder, problem) in registry.problems() {
         tracing::warn!(folder = %folder.display(), %problem, "model not served");
     }
-    Ok(crate::gpu::GpuHost::new(bridge, Arc::new(registry)))
+    Ok(crate::tenancy::GpuHost::new(bridge, Arc::new(registry)))
 }
 
 fn load_or_create_key(path: &Path) -> Result<String, ServeError> {

@@ -5,7 +5,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use super::StoreError;
-use crate::runtime::Digest;
+use crate::digest::Digest;
 
 /// Component bytes by sha256. Writes are atomic and idempotent.
 pub trait BlobStore: Send + Sync + 'static {
@@ -150,6 +150,7 @@ impl BlobStore for FsBlobStore {
             return Err(StoreError::Corrupt {
                 key: path.display().to_string(),
                 message: format!("the file's bytes hash to {actual}"),
+                source: None,
             });
         }
         Ok(Some(bytes))

@@ -35,7 +35,7 @@ pub enum StoreError {
     Missing(String),
     /// The database failed.
     #[error("store backend: {0}")]
-    Backend(String),
+    Backend(#[from] BackendError),
     /// A stored record could not be decoded (corruption or a format change).
     #[error("corrupt record {key}: {message}")]
     Corrupt {
@@ -43,6 +43,9 @@ pub enum StoreError {
         key: String,
         /// What was wrong.
         message: String,
+        /// The decoding error, when one said so.
+        #[source]
+        source: Option<serde_json::Error>,
     },
     /// Bytes given to [`BlobStore::put`] do not hash to the digest they
     /// were given under.
@@ -61,6 +64,42 @@ pub enum StoreError {
         /// The underlying error.
         source: std::io::Error,
     },
+}
+
+/// Why the database failed (see [`StoreError::Backend`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// sled itself failed (I/O, corruption of its files).
+    #[error(transparent)]
+    Sled(#[from] ::sled::Error),
+    /// The database was written by a build with another record format.
+    #[error("{}: metadata format {found:?}, this build reads {expected:?}", path.display())]
+    Format {
+        /// The database's directory.
+        path: std::path::PathBuf,
+        /// The format it records.
+        found: String,
+        /// The format this build reads and writes.
+        expected: String,
+    },
+    /// A function's version counter is exhausted.
+    #[error("function {tenant}/{name}: version overflow")]
+    VersionOverflow {
+        /// The function's tenant.
+        tenant: String,
+        /// The function's name.
+        name: String,
+    },
+    /// A record could not be encoded.
+    #[error("encoding a record: {0}")]
+    Encode(#[source] serde_json::Error),
+}
+
+impl From<::sled::Error> for StoreError {
+    fn from(error: ::sled::Error) -> Self {
+        Self::Backend(BackendError::Sled(error))
+    }
 }
 
 /// A tenant.

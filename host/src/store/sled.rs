@@ -55,8 +55,8 @@ use sled::transaction::{
 use sled::{Db, IVec, Transactional, Tree};
 
 use super::{
-    ApiKeyRecord, DeployRequest, Deployed, FunctionRecord, InvocationRecord, JobRecord, MetaStore,
-    ScheduleRecord, StoreError, TenantRecord, now_millis,
+    ApiKeyRecord, BackendError, DeployRequest, Deployed, FunctionRecord, InvocationRecord,
+    JobRecord, MetaStore, ScheduleRecord, StoreError, TenantRecord, now_millis,
 };
 
 /// Version of the layout above, kept in the default tree; a database written
@@ -156,12 +156,11 @@ impl SledStore {
             }
             Some(found) if found.as_ref() == FORMAT_VERSION => {}
             Some(found) => {
-                return Err(StoreError::Backend(format!(
-                    "{}: metadata format {:?}, this build reads {:?}",
-                    path.display(),
-                    String::from_utf8_lossy(&found),
-                    String::from_utf8_lossy(FORMAT_VERSION),
-                )));
+                return Err(StoreError::Backend(BackendError::Format {
+                    path: path.to_owned(),
+                    found: String::from_utf8_lossy(&found).into_owned(),
+                    expected: String::from_utf8_lossy(FORMAT_VERSION).into_owned(),
+                }));
             }
         }
         let tree = |name: &str| db.open_tree(name).map_err(backend);
@@ -426,10 +425,10 @@ impl MetaStore for SledStore {
                             ))?;
                         }
                         let Some(version) = current.function.version.checked_add(1) else {
-                            return abort(StoreError::Backend(format!(
-                                "function {}/{}: version overflow",
-                                request.tenant, request.name
-                            )));
+                            return abort(StoreError::Backend(BackendError::VersionOverflow {
+                                tenant: request.tenant.clone(),
+                                name: request.name.clone(),
+                            }));
                         };
                         StoredFunction {
                             function: new_function(
@@ -774,6 +773,7 @@ fn decode_count(function_key: &[u8], value: Option<IVec>) -> Result<u64, StoreEr
     let bytes: [u8; 8] = value.as_ref().try_into().map_err(|_| StoreError::Corrupt {
         key: describe_key("invocation_counts", function_key),
         message: format!("expected 8 bytes, found {}", value.len()),
+        source: None,
     })?;
     Ok(u64::from_be_bytes(bytes))
 }
@@ -795,14 +795,14 @@ fn remove_if_points_to(
 }
 
 fn encode<T: Serialize>(record: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(record)
-        .map_err(|error| StoreError::Backend(format!("encoding a record: {error}")))
+    serde_json::to_vec(record).map_err(|error| StoreError::Backend(BackendError::Encode(error)))
 }
 
 fn decode<T: DeserializeOwned>(tree: &str, key: &[u8], value: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(value).map_err(|error| StoreError::Corrupt {
         key: describe_key(tree, key),
         message: error.to_string(),
+        source: Some(error),
     })
 }
 
@@ -863,7 +863,7 @@ fn push_readable(out: &mut String, part: &[u8]) {
 }
 
 fn backend(error: sled::Error) -> StoreError {
-    StoreError::Backend(error.to_string())
+    StoreError::from(error)
 }
 
 fn abort<T>(error: StoreError) -> TxResult<T> {

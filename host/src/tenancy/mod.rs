@@ -5,11 +5,17 @@
 //! concurrency, body sizes, environment variables, volumes, outbound HTTP and
 //! the GPU bridge — is its [`Policy`], loaded from a policy directory by
 //! [`PolicySet::load`]. API keys are random 256-bit secrets of which the host
-//! keeps only the SHA-256 ([`keys`]).
+//! keeps only the SHA-256 ([`keys`]). The tenants' GPU accounts are kept by
+//! [`GpuHost`].
+//!
+//! Tenancy builds on the runtime (a policy becomes a call's `CallLimits` and
+//! `GpuGrant`); the runtime knows nothing of tenants.
 
+mod gpu;
 pub mod keys;
 pub mod policy;
 
+pub use self::gpu::GpuHost;
 pub use self::keys::{GeneratedKey, KeyError};
 pub use self::policy::{
     DEFAULT_FILE, GpuBackend, GpuPolicy, InvalidOutboundRule, InvalidPolicy, Location,

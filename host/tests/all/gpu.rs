@@ -7,7 +7,7 @@ use std::time::Duration;
 use gust_gpu_bridge::backend::cpu::CpuBackend;
 use gust_gpu_bridge::backend::wgpu::{WgpuBackend, WgpuOptions};
 use gust_gpu_bridge::{Account, Device, DeviceOptions};
-use gust_host::gpu::GpuGrant;
+use gust_host::runtime::GpuGrant;
 use gust_host::runtime::{CallLimits, Invocation, LoadedComponent, Outcome, Runtime};
 use gust_test_artifacts as artifacts;
 

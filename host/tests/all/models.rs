@@ -27,7 +27,7 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
 /// Limits granting `tiny-bert` (but not `other-bert`, also in the
 /// directory) on a cpu device of their own; the directory must outlive them.
 fn fixture_limits() -> (gust_host::runtime::CallLimits, TempDir) {
-    use gust_host::gpu::{GpuGrant, ModelGrant};
+    use gust_host::runtime::{GpuGrant, ModelGrant};
 
     let dir = TempDir::new().unwrap();
     write_tiny_bert(dir.path(), "tiny-bert", "", 3).unwrap();
@@ -378,7 +378,7 @@ async fn the_generate_example_continues_and_streams() {
 /// A wasi-nn guest generating with the real SmolLM2 through `compute`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wasi_nn_generates_with_a_resident_llama() {
-    use gust_host::gpu::{GpuGrant, ModelGrant};
+    use gust_host::runtime::{GpuGrant, ModelGrant};
 
     let Some(models) = fetched_models_with("smollm2-135m-instruct") else {
         return;

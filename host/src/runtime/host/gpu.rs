@@ -10,6 +10,11 @@
 //! Every call charges an [`Account`] that is a child of the tenant's, so the
 //! tenant's `[gpu]` quotas (device memory, device time per minute) hold
 //! across all of its concurrent invocations.
+//!
+//! The generated traits are implemented on [`GpuCtxView`], the part of a
+//! call's state the bridge needs (its [`GpuSession`], resource table and
+//! output sink), not on the whole state: the glue knows nothing else of the
+//! runtime, and any store data that implements [`GpuView`] can link it.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,14 +24,13 @@ use gust_gpu_bridge::{
     Account, BinaryOp, BridgeError, DType, Device, ErrorCode as BridgeCode, Op, ReduceOp, Tensor,
     UnaryOp,
 };
-use wasmtime::component::Resource;
+use tracing::Instrument as _;
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
-use crate::runtime::bindings::gust::function::types as fn_types;
 use crate::runtime::bindings::gust::gpu::models::{self, GenerateParams};
 use crate::runtime::bindings::gust::gpu::tensors::{self, DeviceInfo};
 use crate::runtime::bindings::gust::gpu::types::{self, Dtype, Error, ErrorCode};
-use crate::runtime::state::CallState;
-use crate::tenancy::GpuPolicy;
+use crate::runtime::control::OutputSink;
 
 /// What one invocation may use of the bridge: the devices its tenant's
 /// policy allows (the default first) and the tenant's account.
@@ -63,96 +67,6 @@ impl std::fmt::Debug for GpuGrant {
                 &self.models.as_ref().map(|m| m.allowed.len()).unwrap_or(0),
             )
             .finish()
-    }
-}
-
-/// The host's bridge: its devices and one account per tenant, made on the
-/// tenant's first bridge call from its policy's `[gpu]` quotas.
-pub struct GpuHost {
-    bridge: gust_gpu_bridge::Bridge,
-    models: Arc<ModelRegistry>,
-    accounts: std::sync::Mutex<std::collections::HashMap<String, Arc<Account>>>,
-}
-
-impl std::fmt::Debug for GpuHost {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GpuHost")
-            .field("bridge", &self.bridge)
-            .finish_non_exhaustive()
-    }
-}
-
-impl GpuHost {
-    /// Wrap an opened bridge and the host's model registry.
-    pub fn new(bridge: gust_gpu_bridge::Bridge, models: Arc<ModelRegistry>) -> Self {
-        Self {
-            bridge,
-            models,
-            accounts: std::sync::Mutex::new(std::collections::HashMap::new()),
-        }
-    }
-
-    /// The bridge's devices.
-    pub fn bridge(&self) -> &gust_gpu_bridge::Bridge {
-        &self.bridge
-    }
-
-    /// The host's model registry.
-    pub fn models(&self) -> &Arc<ModelRegistry> {
-        &self.models
-    }
-
-    /// The account of `tenant`, with the quotas of its policy.
-    pub fn account(&self, tenant: &str, policy: &GpuPolicy) -> Arc<Account> {
-        let mut accounts = self
-            .accounts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        Arc::clone(accounts.entry(tenant.to_owned()).or_insert_with(|| {
-            Account::new(
-                tenant,
-                Some(policy.memory_mb.saturating_mul(1 << 20)),
-                Some(std::time::Duration::from_millis(policy.time_ms_per_minute)),
-            )
-        }))
-    }
-
-    /// The account of `tenant` if it has used the bridge.
-    pub fn existing_account(&self, tenant: &str) -> Option<Arc<Account>> {
-        let accounts = self
-            .accounts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        accounts.get(tenant).cloned()
-    }
-
-    /// What an invocation of `tenant` may use: the bridge's devices of the
-    /// backends its policy lists, in the bridge's order of preference; `None`
-    /// when that leaves nothing.
-    pub fn grant(&self, tenant: &str, policy: &GpuPolicy) -> Option<GpuGrant> {
-        let devices: Arc<[Device]> = self
-            .bridge
-            .devices()
-            .iter()
-            .filter(|d| {
-                policy
-                    .backends
-                    .iter()
-                    .any(|b| b.as_str() == d.kind().as_str())
-            })
-            .cloned()
-            .collect();
-        if devices.is_empty() {
-            return None;
-        }
-        Some(GpuGrant {
-            devices,
-            account: self.account(tenant, policy),
-            models: Some(ModelGrant {
-                registry: Arc::clone(&self.models),
-                allowed: policy.models.iter().cloned().collect(),
-            }),
-        })
     }
 }
 
@@ -201,9 +115,36 @@ impl GpuSession {
                 .into(),
         })
     }
+
+    /// The model called `name` on the invocation's default device, if the
+    /// tenant's policy lists it: loaded on first use anywhere on the host,
+    /// resident afterwards. Shared by `gust:gpu/models` and `wasi:nn`.
+    #[tracing::instrument(level = "debug", skip_all, fields(model = name))]
+    pub(crate) async fn load_resident(&self, name: &str) -> Result<Arc<ResidentModel>, Error> {
+        let grant = self.grant()?;
+        let device = self.default_device()?;
+        let Some(models) = &grant.models else {
+            return Err(Error {
+                code: ErrorCode::NotFound,
+                message: format!("no model `{name}`: this host serves no models"),
+            });
+        };
+        if !models.allowed.iter().any(|m| m == name) {
+            return Err(Error {
+                code: ErrorCode::Forbidden,
+                message: format!(
+                    "this function's tenant may not load model `{name}` (policy `[gpu] models` \
+                     does not list it)"
+                ),
+            });
+        }
+        models.registry.load(name, &device).await.map_err(to_wit)
+    }
 }
 
 /// A guest's tensor: bridge data plus the device that holds it.
+// `pub` because `bindgen!` re-exports the types given in `with` as `pub use`.
+#[allow(unreachable_pub)]
 pub struct GpuTensor {
     tensor: Tensor,
     device: Device,
@@ -218,13 +159,50 @@ impl std::fmt::Debug for GpuTensor {
 /// A handle to a resident model, owned by one invocation. Holding it keeps
 /// the model from being evicted; dropping it (or the Store) lets go.
 #[derive(Debug)]
+#[allow(unreachable_pub)] // re-exported by `bindgen!`, as `GpuTensor`
 pub struct GpuModel {
     model: Arc<ResidentModel>,
 }
 
+/// What of a call's state `gust:gpu` works on: the invocation's bridge
+/// session, the resource table its tensors and models live in, and where
+/// streamed generation goes. The generated host traits are implemented on
+/// this view, so the glue depends on these three parts and nothing else.
+pub(crate) struct GpuCtxView<'a> {
+    /// The invocation's grant, account and deadline.
+    pub(crate) session: &'a mut GpuSession,
+    /// The Store's resource table.
+    pub(crate) table: &'a mut ResourceTable,
+    /// Where `generate-stream` sends each piece of text.
+    pub(crate) output: &'a mut OutputSink,
+}
+
+/// Store data that can lend a [`GpuCtxView`] (as `WasiHttpView` lends a
+/// `WasiHttpCtxView`).
+pub(crate) trait GpuView: Send {
+    /// The parts of the state `gust:gpu` uses.
+    fn gpu(&mut self) -> GpuCtxView<'_>;
+}
+
+/// The [`HasData`] of `gust:gpu`: its host functions get a [`GpuCtxView`].
+struct HasGpu;
+
+impl HasData for HasGpu {
+    type Data<'a> = GpuCtxView<'a>;
+}
+
+/// Adds `gust:gpu` (`types`, `tensors`, `models`) to `linker`, each call
+/// working on the [`GpuCtxView`] its store's data lends.
+pub(crate) fn add_to_linker<T: GpuView + 'static>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
+    types::add_to_linker::<T, HasGpu>(linker, T::gpu)?;
+    tensors::add_to_linker::<T, HasGpu>(linker, T::gpu)?;
+    models::add_to_linker::<T, HasGpu>(linker, T::gpu)?;
+    Ok(())
+}
+
 type Outcome<T> = wasmtime::Result<Result<T, Error>>;
 
-pub(crate) fn to_wit(e: BridgeError) -> Error {
+pub(super) fn to_wit(e: BridgeError) -> Error {
     let code = match e.code {
         BridgeCode::InvalidArgument => ErrorCode::InvalidArgument,
         BridgeCode::ShapeMismatch => ErrorCode::ShapeMismatch,
@@ -277,7 +255,7 @@ macro_rules! attempt {
     };
 }
 
-impl CallState {
+impl GpuCtxView<'_> {
     fn tensor(&self, handle: &Resource<GpuTensor>) -> wasmtime::Result<(Tensor, Device)> {
         let entry = self.table.get(handle)?;
         Ok((entry.tensor.clone(), entry.device.clone()))
@@ -297,8 +275,8 @@ impl CallState {
         shape: &[u32],
         data: Vec<u8>,
     ) -> Outcome<Resource<GpuTensor>> {
-        let device = attempt!(self.gpu.default_device());
-        let account = attempt!(self.gpu.account());
+        let device = attempt!(self.session.default_device());
+        let account = attempt!(self.session.account());
         let tensor = attempt!(
             device
                 .upload(dtype, &shape_of(shape), data, &account)
@@ -314,7 +292,7 @@ impl CallState {
         op: Op,
         operands: &[&Resource<GpuTensor>],
     ) -> Outcome<Resource<GpuTensor>> {
-        let account = attempt!(self.gpu.account());
+        let account = attempt!(self.session.account());
         let mut tensors = Vec::with_capacity(operands.len());
         let mut device = None;
         for handle in operands {
@@ -324,7 +302,7 @@ impl CallState {
         }
         let device = match device {
             Some(device) => device,
-            None => attempt!(self.gpu.default_device()),
+            None => attempt!(self.session.default_device()),
         };
         let refs: Vec<&Tensor> = tensors.iter().collect();
         let result = attempt!(device.run(&op, &refs, &account).await.map_err(to_wit));
@@ -336,7 +314,7 @@ impl CallState {
         handle: &Resource<GpuTensor>,
         as_f32: bool,
     ) -> Outcome<(DType, Vec<u8>)> {
-        let account = attempt!(self.gpu.account());
+        let account = attempt!(self.session.account());
         let (mut tensor, device) = self.tensor(handle)?;
         if as_f32 && tensor.dtype() != DType::F32 {
             tensor = attempt!(
@@ -351,10 +329,9 @@ impl CallState {
     }
 }
 
-impl fn_types::Host for CallState {}
-impl types::Host for CallState {}
+impl types::Host for GpuCtxView<'_> {}
 
-impl tensors::HostTensor for CallState {
+impl tensors::HostTensor for GpuCtxView<'_> {
     async fn from_bytes(
         &mut self,
         dtype: Dtype,
@@ -391,8 +368,8 @@ impl tensors::HostTensor for CallState {
     }
 
     async fn zeros(&mut self, dtype: Dtype, shape: Vec<u32>) -> Outcome<Resource<GpuTensor>> {
-        let device = attempt!(self.gpu.default_device());
-        let account = attempt!(self.gpu.account());
+        let device = attempt!(self.session.default_device());
+        let account = attempt!(self.session.account());
         let tensor = attempt!(
             device
                 .zeros(to_bridge_dtype(dtype), &shape_of(&shape), &account)
@@ -441,9 +418,9 @@ impl tensors::HostTensor for CallState {
 
 type T = Resource<GpuTensor>;
 
-impl tensors::Host for CallState {
+impl tensors::Host for GpuCtxView<'_> {
     async fn devices(&mut self) -> wasmtime::Result<Vec<DeviceInfo>> {
-        let Some(grant) = self.gpu.grant.clone() else {
+        let Some(grant) = self.session.grant.clone() else {
             return Ok(Vec::new());
         };
         let available = grant.account.available_bytes();
@@ -592,11 +569,12 @@ impl tensors::Host for CallState {
     }
 }
 
-impl CallState {
+impl GpuCtxView<'_> {
     /// Generate with `model`; with `stream`, every piece of text goes to the
     /// invocation's output as soon as the model produces it (an SSE or
     /// WebSocket caller sees tokens as they come), the output's backpressure
     /// pacing the generation.
+    #[tracing::instrument(level = "debug", skip_all, fields(model = model.name(), stream = stream))]
     async fn generate_with(
         &mut self,
         model: Arc<ResidentModel>,
@@ -604,7 +582,7 @@ impl CallState {
         params: GenerateParams,
         stream: bool,
     ) -> Outcome<String> {
-        let account = attempt!(self.gpu.account());
+        let account = attempt!(self.session.account());
         let params = gust_gpu_bridge::GenerateParams {
             max_tokens: params.max_tokens,
             temperature: params.temperature,
@@ -637,11 +615,11 @@ impl CallState {
         let result = loop {
             tokio::select! {
                 result = &mut generation => break result,
-                Some(piece) = arrived.recv() => self.emit_output(piece.into_bytes()).await?,
+                Some(piece) = arrived.recv() => self.output.emit(piece.into_bytes()).await?,
             }
         };
         while let Ok(piece) = arrived.try_recv() {
-            self.emit_output(piece.into_bytes()).await?;
+            self.output.emit(piece.into_bytes()).await?;
         }
         Ok(result.map(|g| g.text).map_err(to_wit))
     }
@@ -649,35 +627,11 @@ impl CallState {
     fn model(&self, handle: &Resource<GpuModel>) -> wasmtime::Result<Arc<ResidentModel>> {
         Ok(Arc::clone(&self.table.get(handle)?.model))
     }
-
-    /// The model called `name` on the invocation's default device, if the
-    /// tenant's policy lists it: loaded on first use anywhere on the host,
-    /// resident afterwards. Shared by `gust:gpu/models` and `wasi:nn`.
-    pub(crate) async fn load_resident(&mut self, name: &str) -> Result<Arc<ResidentModel>, Error> {
-        let grant = self.gpu.grant()?.clone();
-        let device = self.gpu.default_device()?;
-        let Some(models) = &grant.models else {
-            return Err(Error {
-                code: ErrorCode::NotFound,
-                message: format!("no model `{name}`: this host serves no models"),
-            });
-        };
-        if !models.allowed.iter().any(|m| m == name) {
-            return Err(Error {
-                code: ErrorCode::Forbidden,
-                message: format!(
-                    "this function's tenant may not load model `{name}` (policy `[gpu] models` \
-                     does not list it)"
-                ),
-            });
-        }
-        models.registry.load(name, &device).await.map_err(to_wit)
-    }
 }
 
-impl models::HostModel for CallState {
+impl models::HostModel for GpuCtxView<'_> {
     async fn load(&mut self, name: String) -> Outcome<Resource<GpuModel>> {
-        let model = attempt!(self.load_resident(&name).await);
+        let model = attempt!(self.session.load_resident(&name).await);
         Ok(Ok(self.table.push(GpuModel { model })?))
     }
 
@@ -695,9 +649,11 @@ impl models::HostModel for CallState {
         texts: Vec<String>,
     ) -> Outcome<Vec<Vec<f32>>> {
         let model = self.model(&model)?;
-        let account = attempt!(self.gpu.account());
+        let account = attempt!(self.session.account());
+        let span = tracing::debug_span!("embed", model = model.name(), texts = texts.len());
         Ok(model
-            .embed(texts, &account, self.gpu.deadline)
+            .embed(texts, &account, self.session.deadline)
+            .instrument(span)
             .await
             .map_err(to_wit))
     }
@@ -728,7 +684,7 @@ impl models::HostModel for CallState {
         inputs: Vec<(String, T)>,
     ) -> Outcome<Vec<(String, T)>> {
         let model = self.model(&model)?;
-        let account = attempt!(self.gpu.account());
+        let account = attempt!(self.session.account());
         let mut tensors = Vec::with_capacity(inputs.len());
         for (name, handle) in &inputs {
             let (tensor, device) = self.tensor(handle)?;
@@ -747,9 +703,11 @@ impl models::HostModel for CallState {
         }
         // Batched with concurrent runs of the model; waiting for the batch
         // ends at this invocation's deadline.
+        let span = tracing::debug_span!("run", model = model.name(), inputs = tensors.len());
         let outputs = attempt!(
             model
-                .run_until(&tensors, &account, self.gpu.deadline)
+                .run_until(&tensors, &account, self.session.deadline)
+                .instrument(span)
                 .await
                 .map_err(to_wit)
         );
@@ -766,4 +724,4 @@ impl models::HostModel for CallState {
     }
 }
 
-impl models::Host for CallState {}
+impl models::Host for GpuCtxView<'_> {}

@@ -13,22 +13,60 @@
 //!   `[texts, dimensions]`, mean-pooled and L2-normalised.
 //! - llama: input `prompt` (and optionally `max_tokens`, one `i32`) gives
 //!   `text`, the greedy continuation, `u8`.
+//!
+//! As with `gust:gpu`, the generated traits are implemented on a narrow
+//! view, [`NnCtxView`]: the invocation's bridge session and the resource
+//! table, nothing else of the call's state.
 
 use std::sync::Arc;
 
 use gust_gpu_bridge::DType;
 use gust_gpu_bridge::models::ResidentModel;
-use wasmtime::component::Resource;
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
+use super::gpu::{GpuSession, to_wit};
 use crate::runtime::bindings::gust::gpu::types::{Error as GpuError, ErrorCode as GpuCode};
 use crate::runtime::bindings::wasi::nn::errors::{self, ErrorCode};
 use crate::runtime::bindings::wasi::nn::graph::{self, ExecutionTarget, GraphEncoding};
 use crate::runtime::bindings::wasi::nn::inference;
 use crate::runtime::bindings::wasi::nn::tensor::{self, TensorType};
-use crate::runtime::state::CallState;
+
+/// What of a call's state `wasi:nn` works on: the invocation's bridge
+/// session (the same grant, account and deadline as `gust:gpu`) and the
+/// resource table its tensors, graphs and errors live in.
+pub(crate) struct NnCtxView<'a> {
+    /// The invocation's grant, account and deadline.
+    pub(crate) session: &'a mut GpuSession,
+    /// The Store's resource table.
+    pub(crate) table: &'a mut ResourceTable,
+}
+
+/// Store data that can lend an [`NnCtxView`].
+pub(crate) trait NnView: Send {
+    /// The parts of the state `wasi:nn` uses.
+    fn nn(&mut self) -> NnCtxView<'_>;
+}
+
+/// The [`HasData`] of `wasi:nn`: its host functions get an [`NnCtxView`].
+struct HasNn;
+
+impl HasData for HasNn {
+    type Data<'a> = NnCtxView<'a>;
+}
+
+/// Adds `wasi:nn` (`errors`, `tensor`, `inference`, `graph`) to `linker`,
+/// each call working on the [`NnCtxView`] its store's data lends.
+pub(crate) fn add_to_linker<T: NnView + 'static>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
+    errors::add_to_linker::<T, HasNn>(linker, T::nn)?;
+    tensor::add_to_linker::<T, HasNn>(linker, T::nn)?;
+    inference::add_to_linker::<T, HasNn>(linker, T::nn)?;
+    graph::add_to_linker::<T, HasNn>(linker, T::nn)?;
+    Ok(())
+}
 
 /// A wasi-nn tensor: dimensions, element type and bytes, in host memory.
 #[derive(Debug, Clone)]
+#[allow(unreachable_pub)] // re-exported by `bindgen!` (`with`)
 pub struct NnTensor {
     dimensions: Vec<u32>,
     ty: TensorType,
@@ -37,18 +75,21 @@ pub struct NnTensor {
 
 /// A graph: a resident model this invocation loaded by name.
 #[derive(Debug)]
+#[allow(unreachable_pub)] // re-exported by `bindgen!` (`with`)
 pub struct NnGraph {
     model: Arc<ResidentModel>,
 }
 
 /// An execution context of a graph.
 #[derive(Debug)]
+#[allow(unreachable_pub)] // re-exported by `bindgen!` (`with`)
 pub struct NnContext {
     model: Arc<ResidentModel>,
 }
 
 /// A wasi-nn error: a code and the host's explanation.
 #[derive(Debug)]
+#[allow(unreachable_pub)] // re-exported by `bindgen!` (`with`)
 pub struct NnError {
     code: ErrorCode,
     data: String,
@@ -78,7 +119,7 @@ fn from_gpu(e: GpuError) -> (ErrorCode, String) {
     (code, e.message)
 }
 
-impl CallState {
+impl NnCtxView<'_> {
     fn nn_error<T>(&mut self, code: ErrorCode, data: impl Into<String>) -> NnResult<T> {
         let error = self.table.push(NnError {
             code,
@@ -88,6 +129,7 @@ impl CallState {
     }
 
     /// Run `model` on the wasi-nn inputs; errors as (code, explanation).
+    #[tracing::instrument(level = "debug", skip_all, fields(model = model.name(), inputs = inputs.len()))]
     async fn nn_compute(
         &mut self,
         model: &Arc<ResidentModel>,
@@ -112,7 +154,7 @@ impl CallState {
                 ));
             }
         }
-        let account = self.gpu.account().map_err(from_gpu)?;
+        let account = self.session.account().map_err(from_gpu)?;
         if let Some((_, prompt)) = inputs
             .iter()
             .find(|(n, t)| n == "prompt" && t.ty == TensorType::U8)
@@ -150,7 +192,7 @@ impl CallState {
                     std::ops::ControlFlow::Continue(())
                 })
                 .await
-                .map_err(|e| from_gpu(crate::gpu::to_wit(e)))?;
+                .map_err(|e| from_gpu(to_wit(e)))?;
             let data = generated.text.into_bytes();
             return Ok(vec![(
                 "text".to_owned(),
@@ -173,9 +215,9 @@ impl CallState {
             })?;
             let texts: Vec<String> = text.lines().map(str::to_owned).collect();
             let rows = model
-                .embed(texts, &account, self.gpu.deadline)
+                .embed(texts, &account, self.session.deadline)
                 .await
-                .map_err(|e| from_gpu(crate::gpu::to_wit(e)))?;
+                .map_err(|e| from_gpu(to_wit(e)))?;
             let width = rows
                 .first()
                 .map_or(model.embedding_dimensions().unwrap_or(0), Vec::len);
@@ -219,19 +261,19 @@ impl CallState {
             let tensor = device
                 .upload(dtype, &shape, data, &account)
                 .await
-                .map_err(|e| from_gpu(crate::gpu::to_wit(e)))?;
+                .map_err(|e| from_gpu(to_wit(e)))?;
             uploaded.push((name, tensor));
         }
         let outputs = model
-            .run_until(&uploaded, &account, self.gpu.deadline)
+            .run_until(&uploaded, &account, self.session.deadline)
             .await
-            .map_err(|e| from_gpu(crate::gpu::to_wit(e)))?;
+            .map_err(|e| from_gpu(to_wit(e)))?;
         let mut answers = Vec::with_capacity(outputs.len());
         for (name, tensor) in outputs {
             let data = device
                 .read(&tensor, &account)
                 .await
-                .map_err(|e| from_gpu(crate::gpu::to_wit(e)))?;
+                .map_err(|e| from_gpu(to_wit(e)))?;
             let ty = match tensor.dtype() {
                 DType::F32 => TensorType::Fp32,
                 DType::F16 => TensorType::Fp16,
@@ -270,7 +312,7 @@ fn narrow_i64(name: &str, data: &[u8]) -> Result<Vec<u8>, (ErrorCode, String)> {
         .map(|v| v.concat())
 }
 
-impl tensor::HostTensor for CallState {
+impl tensor::HostTensor for NnCtxView<'_> {
     async fn new(
         &mut self,
         dimensions: Vec<u32>,
@@ -304,9 +346,9 @@ impl tensor::HostTensor for CallState {
     }
 }
 
-impl tensor::Host for CallState {}
+impl tensor::Host for NnCtxView<'_> {}
 
-impl graph::HostGraph for CallState {
+impl graph::HostGraph for NnCtxView<'_> {
     async fn init_execution_context(
         &mut self,
         graph: Resource<NnGraph>,
@@ -321,7 +363,7 @@ impl graph::HostGraph for CallState {
     }
 }
 
-impl graph::Host for CallState {
+impl graph::Host for NnCtxView<'_> {
     async fn load(
         &mut self,
         _builder: Vec<Vec<u8>>,
@@ -338,7 +380,7 @@ impl graph::Host for CallState {
     }
 
     async fn load_by_name(&mut self, name: String) -> NnResult<Resource<NnGraph>> {
-        match self.load_resident(&name).await {
+        match self.session.load_resident(&name).await {
             Ok(model) => Ok(Ok(self.table.push(NnGraph { model })?)),
             Err(e) => {
                 let (code, data) = from_gpu(e);
@@ -348,7 +390,7 @@ impl graph::Host for CallState {
     }
 }
 
-impl inference::HostGraphExecutionContext for CallState {
+impl inference::HostGraphExecutionContext for NnCtxView<'_> {
     async fn compute(
         &mut self,
         context: Resource<NnContext>,
@@ -380,9 +422,9 @@ impl inference::HostGraphExecutionContext for CallState {
     }
 }
 
-impl inference::Host for CallState {}
+impl inference::Host for NnCtxView<'_> {}
 
-impl errors::HostError for CallState {
+impl errors::HostError for NnCtxView<'_> {
     async fn code(&mut self, error: Resource<NnError>) -> wasmtime::Result<ErrorCode> {
         Ok(self.table.get(&error)?.code)
     }
@@ -397,4 +439,4 @@ impl errors::HostError for CallState {
     }
 }
 
-impl errors::Host for CallState {}
+impl errors::Host for NnCtxView<'_> {}

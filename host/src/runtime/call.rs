@@ -1,0 +1,444 @@
+//! Calls: arming a store (new or reused) for one invocation, running the
+//! handler or the `wasi:http` proxy in it, and classifying how it ended.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use wasmtime::{PoolConcurrencyLimitError, Store, Trap, UpdateDeadline, WasmBacktrace};
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+
+use super::Runtime;
+use super::bindings::Guest;
+use super::bindings::exports::gust::function::handler as wit_handler;
+use super::capture::BoundedCapture;
+use super::config::CallLimits;
+use super::control::{self, CallControl, Cancel};
+use super::load::{LoadedComponent, Prepared};
+use super::outcome::{self, GuestError, Invocation, Outcome, Request, Response, Timings};
+use super::reuse::IdleInstance;
+use super::state::{CallState, WasiGrants};
+
+impl Runtime {
+    /// A fresh store for one call: memory limit, deadline, captured stdio,
+    /// and the caller's controls.
+    fn new_call(&self, limits: &CallLimits, control: CallControl) -> Call {
+        let started = Instant::now();
+        let stdout = BoundedCapture::new(limits.stdout_limit);
+        let stderr = BoundedCapture::new(limits.stderr_limit);
+        let memory_limit = usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX);
+        let grants = WasiGrants {
+            env: Arc::clone(&limits.env),
+            preopens: Arc::clone(&limits.preopens),
+            stdout: stdout.clone(),
+            stderr: stderr.clone(),
+        };
+        let state = CallState::new(grants, limits.outbound.clone(), memory_limit);
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        self.stats.instantiations.fetch_add(1, Ordering::Relaxed);
+        let fresh = Resumable {
+            store,
+            guest: None,
+            stdout,
+            stderr,
+            uses: 0,
+        };
+        self.arm(fresh, started, limits, control)
+    }
+
+    /// A call in an instance an earlier call left behind.
+    fn resumed_call(&self, idle: IdleInstance, limits: &CallLimits, control: CallControl) -> Call {
+        let started = Instant::now();
+        self.stats.reuses.fetch_add(1, Ordering::Relaxed);
+        let resumed = Resumable {
+            store: idle.store,
+            guest: Some(idle.guest),
+            stdout: idle.stdout,
+            stderr: idle.stderr,
+            uses: idle.uses,
+        };
+        self.arm(resumed, started, limits, control)
+    }
+
+    /// Sets a store up for one call: the call's limits and grants, its
+    /// deadline and cancel token, and where its emitted output goes.
+    fn arm(
+        &self,
+        resumable: Resumable,
+        started: Instant,
+        limits: &CallLimits,
+        control: CallControl,
+    ) -> Call {
+        let Resumable {
+            mut store,
+            guest,
+            stdout,
+            stderr,
+            uses,
+        } = resumable;
+        let deadline = started + limits.timeout;
+        let memory_limit = usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX);
+        let cancel = control.cancel.unwrap_or_default();
+        let state = store.data_mut();
+        state.renew(
+            limits.outbound.clone(),
+            memory_limit,
+            limits.gpu.clone(),
+            deadline,
+        );
+        state.output = match control.stream {
+            Some(sender) => control::OutputSink::Stream {
+                sender,
+                cancel: cancel.clone(),
+            },
+            None => control::OutputSink::Buffer {
+                data: Vec::new(),
+                limit: control.output_limit,
+            },
+        };
+        store.set_epoch_deadline(1);
+        let interrupt = cancel.clone();
+        store.epoch_deadline_callback(move |_| {
+            // Yielding on every tick keeps a busy guest from monopolising an
+            // executor thread; past the deadline, or once cancelled,
+            // interrupt it.
+            if interrupt.is_cancelled() || Instant::now() >= deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        Call {
+            store,
+            guest,
+            stdout,
+            stderr,
+            started,
+            uses,
+            limits: limits.clone(),
+            cancel,
+            // Host imports may await (the GPU bridge, outgoing HTTP); the
+            // epoch only interrupts wasm, so the whole call is bounded too,
+            // one tick past the deadline.
+            hard_limit: limits.timeout + self.config.epoch_tick,
+        }
+    }
+
+    /// Runs one invocation of a handler component in a fresh instance (or,
+    /// when `limits.reuse` allows, one an earlier call left behind).
+    /// Never fails: every way a call can end is an [`Outcome`].
+    pub async fn invoke(
+        &self,
+        component: &LoadedComponent,
+        request: Request,
+        limits: &CallLimits,
+    ) -> Invocation {
+        // Emitted output is kept on the host: bound it like the guest's own
+        // memory.
+        let control = CallControl {
+            output_limit: usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX),
+            ..CallControl::default()
+        };
+        self.invoke_with(component, request, limits, control).await
+    }
+
+    /// [`Runtime::invoke`] with controls: a cancel token, and where the
+    /// function's emitted output goes. Without a stream, emitted chunks are
+    /// put in front of the response body (plain `invoke` keeps at most
+    /// `limits.memory_bytes` of them).
+    pub async fn invoke_with(
+        &self,
+        component: &LoadedComponent,
+        request: Request,
+        limits: &CallLimits,
+        control: CallControl,
+    ) -> Invocation {
+        let Prepared::Handler(pre) = &component.inner.prepared else {
+            return Invocation::host_error("this component serves wasi:http; call it over HTTP");
+        };
+        let reuse = limits.reuse.as_ref().filter(|reuse| reuse.max_uses > 1);
+        let idle = reuse.and_then(|reuse| self.idle.take(reuse, component.digest(), limits));
+        let mut call = match idle {
+            Some(idle) => self.resumed_call(idle, limits, control),
+            None => self.new_call(limits, control),
+        };
+        let cancel = call.cancel.clone();
+        let mut timings = Timings {
+            reused: call.guest.is_some(),
+            ..Timings::default()
+        };
+        let request = wit_handler::Request {
+            body: request.body,
+            content_type: request.content_type,
+            headers: request.headers,
+            invocation_id: request.invocation_id,
+        };
+        let started = call.started;
+        let reused_guest = call.guest.take();
+        let store = &mut call.store;
+        let run = async {
+            let guest = match reused_guest {
+                Some(guest) => guest,
+                None => pre.instantiate_async(&mut *store).await?,
+            };
+            timings.instantiate = started.elapsed();
+            let result = guest
+                .gust_function_handler()
+                .call_handle(&mut *store, &request)
+                .await;
+            timings.call = started.elapsed() - timings.instantiate;
+            result.map(|returned| (returned, guest))
+        };
+        // Host imports may await; a cancel must not wait for them.
+        let result = tokio::select! {
+            result = tokio::time::timeout(call.hard_limit, run) => result,
+            () = cancel.cancelled() => Ok(Err(wasmtime::Error::from(Trap::Interrupt))),
+        };
+        let emitted = call.store.data_mut().output.take_buffer();
+        let result = match result {
+            Err(_elapsed) => Err(None),
+            Ok(Ok((returned, guest))) => {
+                // The guest returned: its instance is sound and may serve
+                // the next call of the same scope.
+                call.guest = reuse.map(|_| guest);
+                Ok(returned)
+            }
+            Ok(Err(error)) => Err(Some(error)),
+        };
+        let result = match result {
+            Err(failure) => Err(failure),
+            Ok(Ok(response)) => Ok(Outcome::Ok(Response {
+                status: response.status,
+                content_type: response.content_type,
+                headers: response.headers,
+                body: if emitted.is_empty() {
+                    response.body
+                } else {
+                    let mut body = emitted;
+                    body.extend_from_slice(&response.body);
+                    body
+                },
+            })),
+            Ok(Err(error)) => Ok(Outcome::GuestError(GuestError {
+                code: error.code,
+                message: error.message,
+                status: error.status,
+            })),
+        };
+        let (invocation, idle) = call.finish(result, timings);
+        if let (Some(reuse), Some(idle)) = (reuse, idle) {
+            self.idle.put(reuse, component.digest(), idle);
+        }
+        invocation
+    }
+
+    /// Serves one HTTP request with a `wasi:http/proxy` component in a fresh
+    /// instance. Returns once the guest has set its response (or failed
+    /// before doing so); the body then streams while the guest keeps running
+    /// in a task of its own, and `completion` resolves when it is done.
+    pub fn serve_http<B>(
+        self: &Arc<Self>,
+        component: &LoadedComponent,
+        request: hyper::Request<B>,
+        limits: &CallLimits,
+    ) -> Result<HttpCall, Box<Invocation>>
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        use wasmtime_wasi_http::WasiHttpView as _;
+
+        let Prepared::Http(pre) = &component.inner.prepared else {
+            return Err(Box::new(Invocation::host_error(
+                "this component exports gust:function/handler; invoke it instead",
+            )));
+        };
+        let pre = pre.clone();
+        let mut call = self.new_call(limits, CallControl::default());
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let store = call.store.data_mut();
+        let prepared = store
+            .http()
+            .new_incoming_request(Scheme::Http, request)
+            .and_then(|req| Ok((req, store.http().new_response_outparam(sender)?)));
+        let (req, out) = match prepared {
+            Ok(resources) => resources,
+            Err(e) => return Err(Box::new(Invocation::host_error(&format!("{e:#}")))),
+        };
+        let completion = tokio::spawn(async move {
+            let mut timings = Timings::default();
+            let started = call.started;
+            let store = &mut call.store;
+            let run = async {
+                let proxy = pre.instantiate_async(&mut *store).await?;
+                timings.instantiate = started.elapsed();
+                let result = proxy
+                    .wasi_http_incoming_handler()
+                    .call_handle(&mut *store, req, out)
+                    .await;
+                timings.call = started.elapsed() - timings.instantiate;
+                result
+            };
+            let result = match tokio::time::timeout(call.hard_limit, run).await {
+                Err(_elapsed) => Err(None),
+                // The response (status, headers, body) went to the caller
+                // through the outparam; here only success is recorded.
+                Ok(Ok(())) => Ok(Outcome::Ok(Response::default())),
+                Ok(Err(error)) => Err(Some(error)),
+            };
+            call.finish(result, timings).0
+        });
+        Ok(HttpCall {
+            response: receiver,
+            completion,
+        })
+    }
+}
+
+/// A store, new or left behind by an earlier call, before it is armed for
+/// a call.
+struct Resumable {
+    store: Store<CallState>,
+    guest: Option<Guest>,
+    stdout: BoundedCapture,
+    stderr: BoundedCapture,
+    uses: u32,
+}
+
+/// One call's store and what it captures.
+struct Call {
+    store: Store<CallState>,
+    /// Before the call: the instance to reuse, if any. After it: the
+    /// instance to keep, if the call may leave it behind.
+    guest: Option<Guest>,
+    stdout: BoundedCapture,
+    stderr: BoundedCapture,
+    started: Instant,
+    /// Calls the instance served before this one.
+    uses: u32,
+    limits: CallLimits,
+    cancel: Cancel,
+    hard_limit: std::time::Duration,
+}
+
+impl Call {
+    /// Classifies the result and collects captures. `Err(None)` means the
+    /// hard time limit fired; `Err(Some(e))` is a trap or host failure.
+    /// Returns the instance for reuse when the call left one to keep (see
+    /// [`Call::guest`]), it returned normally and it has uses left.
+    fn finish(
+        self,
+        result: Result<Outcome, Option<wasmtime::Error>>,
+        timings: Timings,
+    ) -> (Invocation, Option<IdleInstance>) {
+        let limiter = &self.store.data().limiter;
+        let peak_memory_bytes = limiter.peak_bytes as u64;
+        let denied = limiter.denied_request;
+        let uses = self.uses.saturating_add(1);
+        let keep = match (&self.guest, &result, &self.limits.reuse) {
+            (Some(_), Ok(Outcome::Ok(_) | Outcome::GuestError(_)), Some(reuse)) => {
+                !self.cancel.is_cancelled() && uses < reuse.max_uses
+            }
+            _ => false,
+        };
+        let idle = match (keep, self.guest) {
+            (true, Some(guest)) => Some(IdleInstance::new(
+                {
+                    let mut store = self.store;
+                    // Nothing of this call's caller stays with the idle
+                    // instance (a streaming caller's channel, say).
+                    store.data_mut().output = control::OutputSink::default();
+                    store
+                },
+                guest,
+                self.stdout.clone(),
+                self.stderr.clone(),
+                uses,
+                &self.limits,
+            )),
+            _ => {
+                drop(self.store);
+                None
+            }
+        };
+        let stderr = self.stderr.take();
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            // However the interrupted guest ended (a trap, or the caller's
+            // side of a stream closing), it was stopped on purpose.
+            Err(_) if self.cancel.is_cancelled() => Outcome::Cancelled,
+            Err(None) => Outcome::Timeout {
+                limit: self.limits.timeout,
+            },
+            Err(Some(error)) => classify_failure(&error, denied, &self.limits, &stderr.text()),
+        };
+        let invocation = Invocation {
+            outcome,
+            stdout: self.stdout.take(),
+            stderr,
+            timings,
+            peak_memory_bytes,
+        };
+        (invocation, idle)
+    }
+}
+
+/// A `wasi:http` request in flight; see [`Runtime::serve_http`].
+pub struct HttpCall {
+    /// Resolves to the guest's response once it calls
+    /// `response-outparam.set`; an error (the sender dropped) means the guest
+    /// finished or failed without responding: see `completion`.
+    pub response: tokio::sync::oneshot::Receiver<
+        Result<
+            hyper::Response<HyperOutgoingBody>,
+            wasmtime_wasi_http::p2::bindings::http::types::ErrorCode,
+        >,
+    >,
+    /// Resolves when the guest has finished (its body fully written) with
+    /// the invocation's outcome; for success the outcome's response is empty
+    /// (the real one went out through `response`).
+    pub completion: tokio::task::JoinHandle<Invocation>,
+}
+
+fn classify_failure(
+    error: &wasmtime::Error,
+    denied_memory: Option<usize>,
+    limits: &CallLimits,
+    stderr: &str,
+) -> Outcome {
+    let backtrace = error
+        .downcast_ref::<WasmBacktrace>()
+        .map(|bt| bt.to_string())
+        .unwrap_or_default();
+    if let Some(requested) = denied_memory {
+        // Rust (and most guest languages) abort when an allocation fails, so
+        // the trap that follows a refused growth is the out-of-memory itself.
+        return Outcome::OutOfMemory {
+            limit_bytes: limits.memory_bytes,
+            requested_bytes: requested as u64,
+        };
+    }
+    if let Some(trap) = error.downcast_ref::<Trap>() {
+        return match trap {
+            Trap::Interrupt => Outcome::Timeout {
+                limit: limits.timeout,
+            },
+            Trap::StackOverflow => Outcome::StackOverflow { backtrace },
+            other => Outcome::Trap {
+                message: other.to_string(),
+                panic_message: outcome::panic_message(stderr),
+                backtrace,
+            },
+        };
+    }
+    if let Some(limit) = error.downcast_ref::<PoolConcurrencyLimitError>() {
+        return Outcome::Overloaded {
+            reason: limit.to_string(),
+        };
+    }
+    Outcome::HostError {
+        message: format!("{error:#}"),
+    }
+}

@@ -1,0 +1,262 @@
+//! Loading: validating a component's bytes, compiling them (or taking the
+//! verified artifact from the compiled cache), detecting the world it
+//! targets and pre-instantiating it.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use wasmtime::component::Component;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+
+use super::bindings::GuestPre;
+use super::cache::Lookup;
+use super::imports;
+use super::state::CallState;
+use super::{Digest, Runtime};
+
+/// Interface a component must export to be invoked as a handler.
+pub const HANDLER_EXPORT: &str = "gust:function/handler@0.1.0";
+/// Interface a component exports to serve HTTP (`wasi:http/proxy`).
+pub const HTTP_EXPORT_PREFIX: &str = "wasi:http/incoming-handler@";
+/// Why a component could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// Zero bytes.
+    #[error("the file is empty; expected a WebAssembly component")]
+    Empty,
+    /// Not WebAssembly at all.
+    #[error("not a WebAssembly binary (no `\\0asm` header); expected a WebAssembly component")]
+    NotWasm,
+    /// A core module, not a component.
+    #[error(
+        "this is a core WebAssembly module, not a component; build for `wasm32-wasip2` or wrap it with `wasm-tools component new`"
+    )]
+    CoreModule,
+    /// The binary failed validation or compilation.
+    #[error("invalid component: {0:#}")]
+    Invalid(#[source] wasmtime::Error),
+    /// The component imports interfaces the host does not provide.
+    #[error("the component imports what this host does not provide: {}", .imports.join(", "))]
+    UnsatisfiedImports {
+        /// The unsatisfied import names.
+        imports: Vec<String>,
+        /// Wasmtime's own explanation (the first failure it found).
+        #[source]
+        detail: wasmtime::Error,
+    },
+    /// The component does not export a world the host can run.
+    #[error(
+        "the component exports neither `{HANDLER_EXPORT}` nor `wasi:http/incoming-handler`; it exports: {}",
+        if .exports.is_empty() { "nothing".to_owned() } else { .exports.join(", ") }
+    )]
+    MissingExport {
+        /// What it does export.
+        exports: Vec<String>,
+    },
+    /// It exports the handler interface, but with the wrong types.
+    #[error("the component's `{HANDLER_EXPORT}` export does not match the contract: {0:#}")]
+    ExportMismatch(#[source] wasmtime::Error),
+}
+
+/// The world a loaded component targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum World {
+    /// Exports `gust:function/handler`.
+    Handler,
+    /// Exports `wasi:http/incoming-handler`.
+    Http,
+}
+
+impl World {
+    /// The world's name as the API reports it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Handler => "handler",
+            Self::Http => "http",
+        }
+    }
+}
+
+/// How a component was obtained by [`Runtime::load`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadSource {
+    /// Compiled now (and written to the cache).
+    Compiled,
+    /// Deserialized from the cache.
+    Cache,
+}
+
+pub(super) enum Prepared {
+    Handler(GuestPre<CallState>),
+    // Served by the HTTP front end, which arrives with the server.
+    Http(ProxyPre<CallState>),
+}
+
+/// A validated, compiled, pre-instantiated component, ready to invoke.
+/// Cheap to clone; share it across calls.
+#[derive(Clone)]
+pub struct LoadedComponent {
+    pub(super) inner: Arc<LoadedInner>,
+}
+
+pub(super) struct LoadedInner {
+    digest: Digest,
+    pub(super) prepared: Prepared,
+    source: LoadSource,
+    imports: Vec<String>,
+}
+
+impl LoadedComponent {
+    /// The sha256 of the component's bytes.
+    pub fn digest(&self) -> Digest {
+        self.inner.digest
+    }
+
+    /// The world it targets.
+    pub fn world(&self) -> World {
+        match self.inner.prepared {
+            Prepared::Handler(_) => World::Handler,
+            Prepared::Http(_) => World::Http,
+        }
+    }
+
+    /// Whether it was compiled or came from the cache.
+    pub fn source(&self) -> LoadSource {
+        self.inner.source
+    }
+
+    /// The interfaces it imports.
+    pub fn imports(&self) -> &[String] {
+        &self.inner.imports
+    }
+}
+
+impl fmt::Debug for LoadedComponent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadedComponent")
+            .field("digest", &self.inner.digest)
+            .field("world", &self.world())
+            .field("source", &self.inner.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Runtime {
+    /// Validates `bytes` as a component this host can run, compiles it (or
+    /// loads the verified compiled artifact from the cache) and
+    /// pre-instantiates it. CPU-heavy on a cache miss: call it from a
+    /// blocking thread in async code.
+    pub fn load(&self, bytes: &[u8]) -> Result<LoadedComponent, LoadError> {
+        check_header(bytes)?;
+        let digest = Digest::of(bytes);
+        // Compiling is the expensive part of a deploy (and of a cold start
+        // after a cache rejection); its logs carry the component's digest.
+        let _span = tracing::debug_span!("load", %digest).entered();
+        let (component, source) = match self.cache.load(&self.engine, &digest) {
+            Lookup::Hit(component) => {
+                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                (component, LoadSource::Cache)
+            }
+            lookup => {
+                if let Lookup::Rejected(reason) = lookup {
+                    self.stats.cache_rejections.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%digest, %reason, path = %self.cache.path_for(&digest).display(), "ignoring compiled-cache entry; recompiling");
+                }
+                (self.compile(&digest, bytes)?, LoadSource::Compiled)
+            }
+        };
+        self.prepare(digest, component, source)
+    }
+
+    fn compile(&self, digest: &Digest, bytes: &[u8]) -> Result<Component, LoadError> {
+        self.stats.compiles.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let component = Component::new(&self.engine, bytes).map_err(LoadError::Invalid)?;
+        tracing::info!(%digest, elapsed = ?started.elapsed(), "compiled component");
+        // A failure to cache costs a recompile later, not this load.
+        match component.serialize() {
+            Ok(artifact) => {
+                if let Err(e) = self.cache.store(digest, &artifact) {
+                    tracing::warn!(%digest, error = %e, "could not write the compiled cache");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "could not serialize the compiled component")
+            }
+        }
+        Ok(component)
+    }
+
+    fn prepare(
+        &self,
+        digest: Digest,
+        component: Component,
+        source: LoadSource,
+    ) -> Result<LoadedComponent, LoadError> {
+        let component_type = component.component_type();
+        let imports: Vec<String> = component_type
+            .imports(&self.engine)
+            .map(|(name, _)| name.to_owned())
+            .collect();
+        let exports: Vec<String> = component_type
+            .exports(&self.engine)
+            .map(|(name, _)| name.to_owned())
+            .collect();
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            let mut unsatisfied: Vec<String> = imports
+                .iter()
+                .filter(|name| !imports::is_provided(name))
+                .cloned()
+                .collect();
+            if unsatisfied.is_empty() {
+                // Provided by name but with other types (e.g. an
+                // incompatible prerelease of an interface).
+                unsatisfied.push(format!("{e:#}"));
+            }
+            LoadError::UnsatisfiedImports {
+                imports: unsatisfied,
+                detail: e,
+            }
+        })?;
+        let prepared = if exports
+            .iter()
+            .any(|e| imports::same_interface(e, HANDLER_EXPORT))
+        {
+            Prepared::Handler(GuestPre::new(pre).map_err(LoadError::ExportMismatch)?)
+        } else if exports.iter().any(|e| e.starts_with(HTTP_EXPORT_PREFIX)) {
+            Prepared::Http(ProxyPre::new(pre).map_err(LoadError::ExportMismatch)?)
+        } else {
+            return Err(LoadError::MissingExport { exports });
+        };
+        Ok(LoadedComponent {
+            inner: Arc::new(LoadedInner {
+                digest,
+                prepared,
+                source,
+                imports,
+            }),
+        })
+    }
+}
+
+fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
+    if bytes.is_empty() {
+        return Err(LoadError::Empty);
+    }
+    if !bytes.starts_with(b"\0asm") {
+        return Err(LoadError::NotWasm);
+    }
+    if wasmtime::wasmparser::Parser::is_core_wasm(bytes) {
+        return Err(LoadError::CoreModule);
+    }
+    if !wasmtime::wasmparser::Parser::is_component(bytes) {
+        return Err(LoadError::Invalid(wasmtime::format_err!(
+            "unsupported WebAssembly binary version or layer"
+        )));
+    }
+    Ok(())
+}
