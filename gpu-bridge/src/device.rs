@@ -363,6 +363,7 @@ impl Device {
                     .spawn(move || worker(backend, jobs))
                     .map_err(|e| {
                         BridgeError::backend(format!("cannot start the device worker thread: {e}"))
+                            .with_source(e)
                     })?;
             }
         }

@@ -276,6 +276,7 @@ impl ModelRegistry {
                 code,
                 format!("models directory {}: cannot read: {e}", dir.display()),
             )
+            .with_source(e)
         })?;
         let mut folders: Vec<PathBuf> = read
             .filter_map(|entry| entry.ok())
