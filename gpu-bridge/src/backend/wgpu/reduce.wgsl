@@ -14,8 +14,8 @@ struct Params {
     rows: u32,
     len: u32,
     inner: u32,
-    // Reduce: a GUST_* reduce code (generated from kernel.rs; sum, mean,
-    // max or argmax).
+    // Reduce: GUST_SUM, GUST_MEAN, GUST_MAX or GUST_ARGMAX (generated from
+    // kernel.rs).
     op: u32,
     // Norms: bit 0 = weight present, bit 1 = bias present.
     flags: u32,

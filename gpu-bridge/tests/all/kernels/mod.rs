@@ -185,11 +185,21 @@ fn tolerance(dtype: DType) -> f64 {
 }
 
 /// ‖out − reference‖ / ‖reference‖ within the dtype's tolerance (see
-/// `harness::relative_error`: a NaN anywhere in `out` fails).
+/// `harness::relative_error`: a NaN anywhere in `out` fails). F16 stores
+/// results below 2^-14 as subnormals, whose spacing (2^-24) no relative
+/// bound can judge (GELU far in its left tail, say): half that spacing per
+/// element is allowed on top, as the absolute slack `harness::assert_close`
+/// allows f32 rounding.
 #[track_caller]
 pub(crate) fn assert_close(what: &str, dtype: DType, out: &[f64], reference: &[f64]) {
     let err = crate::harness::relative_error(out, reference);
-    let tol = tolerance(dtype);
+    let norm = reference.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let slack = if dtype == DType::F16 && norm > 0.0 {
+        2f64.powi(-25) * (reference.len() as f64).sqrt() / norm
+    } else {
+        0.0
+    };
+    let tol = tolerance(dtype) + slack;
     let worst = out
         .iter()
         .zip(reference)
