@@ -359,6 +359,8 @@ fn over_rows(x: &[f64], shape: (usize, usize, usize), f: fn(&[f64]) -> f64) -> V
 fn reductions_match_reference() {
     on_every_backend("reductions_match_reference", |dev, rng| {
         let name = dev.description().name;
+        // wgpu sums rows in f32 (the others in f64).
+        let f32_sums = dev.description().kind == BackendKind::Wgpu;
         for dtype in float_dtypes(dev) {
             for shape @ (outer, len, inner) in ROW_SHAPES.into_iter().chain([(4, 64, 1)]) {
                 let total = outer * len * inner;
@@ -405,7 +407,11 @@ fn reductions_match_reference() {
                                 } else {
                                     |l| l.iter().sum::<f64>() / l.len() as f64
                                 };
-                                assert_close(&what, dtype, &out, &over_rows(x, shape, f));
+                                let reference = over_rows(x, shape, f);
+                                if f32_sums && sums_cancel(&out, &reference, x, shape, f) {
+                                    continue;
+                                }
+                                assert_close(&what, dtype, &out, &reference);
                             }
                         }
                     }
@@ -413,6 +419,25 @@ fn reductions_match_reference() {
             }
         }
     });
+}
+
+/// For a backend that sums in f32: whether `out` is within 1e-5 of the
+/// reference relative to the sums of magnitudes, the bound f32 summation
+/// can promise when random signs cancel (a few outputs near zero make the
+/// plain relative error meaningless). The plain bound is still checked
+/// when this fails.
+fn sums_cancel(
+    out: &[f64],
+    reference: &[f64],
+    x: &[f64],
+    shape: (usize, usize, usize),
+    f: fn(&[f64]) -> f64,
+) -> bool {
+    let magnitudes: Vec<f64> = x.iter().map(|v| v.abs()).collect();
+    let scale = over_rows(&magnitudes, shape, f);
+    let norm = |v: &[f64]| v.iter().map(|e| e * e).sum::<f64>().sqrt();
+    let diff: Vec<f64> = out.iter().zip(reference).map(|(o, r)| o - r).collect();
+    !out.iter().any(|v| v.is_nan()) && norm(&diff) <= 1e-5 * norm(&scale)
 }
 
 #[test]

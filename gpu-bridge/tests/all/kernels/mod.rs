@@ -13,9 +13,11 @@
 
 mod casts;
 mod compute;
+// Buffers of real types exist only in builds with the backend (the
+// stand-ins' are `()`).
+#[cfg(feature = "cuda")]
 mod cuda_only;
 mod movement;
-// Its buffers' sizes exist only in builds with the backend.
 #[cfg(feature = "wgpu")]
 mod wgpu_only;
 
