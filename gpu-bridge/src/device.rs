@@ -363,6 +363,7 @@ impl Device {
                     .spawn(move || worker(backend, jobs))
                     .map_err(|e| {
                         BridgeError::backend(format!("cannot start the device worker thread: {e}"))
+                            .with_source(e)
                     })?;
             }
         }
@@ -683,16 +684,38 @@ impl Device {
     }
 }
 
+/// Runs jobs until every sender is gone. Jobs come in batches: a guest
+/// chaining small ops submits the next within microseconds, so after each
+/// job the worker polls for the next a short while (see [`poll_job`])
+/// before it sleeps. Each batch, from waking to sleeping again, is one
+/// debug-level `bridge_batch` span with its op count: free when tracing is
+/// off at debug (the macros check a cached interest, and the backend's
+/// kind is a `&'static str`), and it shows how well ops chain when on.
 fn worker<B: Backend>(mut backend: B, mut jobs: mpsc::Receiver<Job>) {
-    while let Some(job) = next_job(&mut jobs) {
-        job(&mut backend);
+    let backend_kind = backend.describe().kind.as_str();
+    while let Some(first) = jobs.blocking_recv() {
+        let span = tracing::debug_span!(
+            "bridge_batch",
+            backend = backend_kind,
+            ops = tracing::field::Empty
+        );
+        let _entered = span.enter();
+        let mut ops = 0u64;
+        let mut next = Some(first);
+        while let Some(job) = next {
+            job(&mut backend);
+            ops += 1;
+            next = poll_job(&mut jobs);
+        }
+        span.record("ops", ops);
+        tracing::debug!(ops, "bridge batch done");
     }
 }
 
-/// The next job: polled for a short while (a guest chaining small ops
-/// submits the next within microseconds), then waited for. `None` once
-/// every sender is gone.
-fn next_job(jobs: &mut mpsc::Receiver<Job>) -> Option<Job> {
+/// The next job if one arrives within [`WORKER_SPIN`]; `None` when none
+/// does (the worker then sleeps in `blocking_recv`) or every sender is
+/// gone (`blocking_recv` then says so).
+fn poll_job(jobs: &mut mpsc::Receiver<Job>) -> Option<Job> {
     let until = Instant::now() + WORKER_SPIN;
     loop {
         match jobs.try_recv() {
@@ -701,7 +724,7 @@ fn next_job(jobs: &mut mpsc::Receiver<Job>) -> Option<Job> {
             Err(mpsc::error::TryRecvError::Empty) if Instant::now() < until => {
                 std::hint::spin_loop()
             }
-            Err(mpsc::error::TryRecvError::Empty) => return jobs.blocking_recv(),
+            Err(mpsc::error::TryRecvError::Empty) => return None,
         }
     }
 }

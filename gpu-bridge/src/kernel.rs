@@ -20,46 +20,169 @@ pub const MAX_ELEMENTS: usize = (1 << 31) - 1;
 /// The highest tensor rank the bridge accepts.
 pub const MAX_RANK: usize = 8;
 
+// Op numbers. Every GPU kernel takes its op as a number; these enums are the
+// one place those numbers are written. The backends pass `op.code()` and the
+// shaders see the same numbers as `GUST_<NAME>` constants that
+// [`cuda_prelude`] and [`wgsl_prelude`] generate from these enums and the
+// backends prepend to every program at build time, so the `.cu` and `.wgsl`
+// files never spell a number of their own.
+
 /// Elementwise functions of one operand.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
 pub enum UnaryOp {
     /// `max(x, 0)`.
-    Relu,
+    Relu = 0,
     /// `0.5 x (1 + erf(x / sqrt 2))` (the exact form, not the tanh
     /// approximation).
-    Gelu,
+    Gelu = 1,
     /// `x / (1 + e^-x)`.
-    Silu,
+    Silu = 2,
     /// `tanh x`.
-    Tanh,
+    Tanh = 3,
     /// `e^x`.
-    Exp,
+    Exp = 4,
+}
+
+impl UnaryOp {
+    /// Every unary op, in code order.
+    pub const ALL: [Self; 5] = [Self::Relu, Self::Gelu, Self::Silu, Self::Tanh, Self::Exp];
+
+    /// The number GPU kernels know this op by.
+    pub const fn code(self) -> u32 {
+        self as u32
+    }
+
+    /// The shader constant naming [`Self::code`] (`GUST_RELU`, ...).
+    pub const fn shader_name(self) -> &'static str {
+        match self {
+            Self::Relu => "GUST_RELU",
+            Self::Gelu => "GUST_GELU",
+            Self::Silu => "GUST_SILU",
+            Self::Tanh => "GUST_TANH",
+            Self::Exp => "GUST_EXP",
+        }
+    }
 }
 
 /// Elementwise functions of two operands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
 pub enum BinaryOp {
     /// `a + b`.
-    Add,
+    Add = 0,
     /// `a - b`.
-    Sub,
+    Sub = 1,
     /// `a * b`.
-    Mul,
+    Mul = 2,
     /// `a / b` (IEEE: division by zero gives ±inf or NaN).
-    Div,
+    Div = 3,
+}
+
+impl BinaryOp {
+    /// Every binary op, in code order.
+    pub const ALL: [Self; 4] = [Self::Add, Self::Sub, Self::Mul, Self::Div];
+
+    /// The number GPU kernels know this op by.
+    pub const fn code(self) -> u32 {
+        self as u32
+    }
+
+    /// The shader constant naming [`Self::code`] (`GUST_ADD`, ...).
+    pub const fn shader_name(self) -> &'static str {
+        match self {
+            Self::Add => "GUST_ADD",
+            Self::Sub => "GUST_SUB",
+            Self::Mul => "GUST_MUL",
+            Self::Div => "GUST_DIV",
+        }
+    }
 }
 
 /// Reductions over one dimension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
 pub enum ReduceOp {
     /// Sum.
-    Sum,
+    Sum = 0,
     /// Arithmetic mean.
-    Mean,
+    Mean = 1,
     /// Maximum (NaN if any element is NaN).
-    Max,
+    Max = 2,
     /// Index of the first maximum, written as `u32`.
-    ArgMax,
+    ArgMax = 3,
+}
+
+impl ReduceOp {
+    /// Every reduction, in code order.
+    pub const ALL: [Self; 4] = [Self::Sum, Self::Mean, Self::Max, Self::ArgMax];
+
+    /// The number GPU kernels know this op by.
+    pub const fn code(self) -> u32 {
+        self as u32
+    }
+
+    /// The shader constant naming [`Self::code`] (`GUST_SUM`, ...).
+    pub const fn shader_name(self) -> &'static str {
+        match self {
+            Self::Sum => "GUST_SUM",
+            Self::Mean => "GUST_MEAN",
+            Self::Max => "GUST_MAX",
+            Self::ArgMax => "GUST_ARGMAX",
+        }
+    }
+}
+
+/// The number GPU kernels know an element type by (casts), and the shader
+/// constant naming it.
+pub const fn dtype_code(dtype: DType) -> (u32, &'static str) {
+    match dtype {
+        DType::F32 => (0, "GUST_F32"),
+        DType::F16 => (1, "GUST_F16"),
+        DType::BF16 => (2, "GUST_BF16"),
+        DType::I32 => (3, "GUST_I32"),
+        DType::U32 => (4, "GUST_U32"),
+    }
+}
+
+/// Every shader constant: name and value (op codes, dtype codes and
+/// [`MAX_RANK`]).
+fn shader_constants() -> impl Iterator<Item = (&'static str, u32)> {
+    let unary = UnaryOp::ALL.map(|op| (op.shader_name(), op.code()));
+    let binary = BinaryOp::ALL.map(|op| (op.shader_name(), op.code()));
+    let reduce = ReduceOp::ALL.map(|op| (op.shader_name(), op.code()));
+    let dtypes = DType::ALL.map(|d| {
+        let (code, name) = dtype_code(d);
+        (name, code)
+    });
+    // MAX_RANK is 8: the cast cannot truncate.
+    let rank = [("GUST_MAX_RANK", MAX_RANK as u32)];
+    unary
+        .into_iter()
+        .chain(binary)
+        .chain(reduce)
+        .chain(dtypes)
+        .chain(rank)
+}
+
+/// The constants every CUDA program starts with, as `#define`s (plain
+/// integers: the kernels take their op as `int`).
+pub fn cuda_prelude() -> String {
+    let mut out = String::from("// Generated from gpu-bridge/src/kernel.rs.\n");
+    for (name, value) in shader_constants() {
+        out.push_str(&format!("#define {name} {value}\n"));
+    }
+    out
+}
+
+/// The constants every WGSL module starts with, as module-scope `u32`
+/// constants.
+pub fn wgsl_prelude() -> String {
+    let mut out = String::from("// Generated from gpu-bridge/src/kernel.rs.\n");
+    for (name, value) in shader_constants() {
+        out.push_str(&format!("const {name}: u32 = {value}u;\n"));
+    }
+    out
 }
 
 /// One unit of work for a backend. See the module docs for the contract.
@@ -345,5 +468,107 @@ impl Kernel {
             }
         }
         Some((stride(lhs_offsets)?, stride(rhs_offsets)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// Every shader file, by name (host-side: this only reads text).
+    const SHADERS: [(&str, &str); 11] = [
+        ("common.cuh", include_str!("backend/cuda/common.cuh")),
+        (
+            "elementwise.cu",
+            include_str!("backend/cuda/elementwise.cu"),
+        ),
+        ("reduce.cu", include_str!("backend/cuda/reduce.cu")),
+        ("norm.cu", include_str!("backend/cuda/norm.cu")),
+        ("movement.cu", include_str!("backend/cuda/movement.cu")),
+        ("cast.cu", include_str!("backend/cuda/cast.cu")),
+        (
+            "elementwise.wgsl",
+            include_str!("backend/wgpu/elementwise.wgsl"),
+        ),
+        ("matmul.wgsl", include_str!("backend/wgpu/matmul.wgsl")),
+        ("reduce.wgsl", include_str!("backend/wgpu/reduce.wgsl")),
+        ("movement.wgsl", include_str!("backend/wgpu/movement.wgsl")),
+        ("cast.wgsl", include_str!("backend/wgpu/cast.wgsl")),
+    ];
+
+    /// The `GUST_*` identifiers in `text`.
+    fn gust_names(text: &str) -> BTreeSet<&str> {
+        text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|t| t.starts_with("GUST_"))
+            .collect()
+    }
+
+    #[test]
+    fn op_codes_are_distinct_within_each_family() {
+        let distinct = |codes: Vec<u32>| codes.iter().collect::<BTreeSet<_>>().len() == codes.len();
+        assert!(distinct(UnaryOp::ALL.map(UnaryOp::code).to_vec()));
+        assert!(distinct(BinaryOp::ALL.map(BinaryOp::code).to_vec()));
+        assert!(distinct(ReduceOp::ALL.map(ReduceOp::code).to_vec()));
+        assert!(distinct(DType::ALL.map(|d| dtype_code(d).0).to_vec()));
+        let names: Vec<&str> = shader_constants().map(|(name, _)| name).collect();
+        assert_eq!(
+            names.iter().collect::<BTreeSet<_>>().len(),
+            names.len(),
+            "{names:?}"
+        );
+    }
+
+    /// The shaders name every op and dtype number through the generated
+    /// constants: each `GUST_*` constant a shader uses is one the prelude
+    /// defines or a macro of the CUDA files, and none of them defines a
+    /// generated name again (which would let a second number creep in).
+    #[test]
+    fn shaders_use_only_the_generated_numbers() {
+        let generated: BTreeSet<&str> = shader_constants().map(|(name, _)| name).collect();
+        let macros: BTreeSet<&str> = SHADERS
+            .iter()
+            .flat_map(|(_, text)| text.lines())
+            .filter_map(|line| line.trim().strip_prefix("#define "))
+            .filter_map(|rest| rest.split(|c: char| c == '(' || c.is_whitespace()).next())
+            .collect();
+        for name in &macros {
+            assert!(!generated.contains(name), "{name} is #defined by hand");
+        }
+        for (file, text) in SHADERS {
+            for name in gust_names(text) {
+                assert!(
+                    generated.contains(name) || macros.contains(name),
+                    "{file} uses {name}, which nothing defines"
+                );
+            }
+            assert!(
+                !text.contains("const GUST_"),
+                "{file} defines a GUST_ constant by hand"
+            );
+            // The op switches name their cases; a bare number would be a
+            // second spelling of an op code.
+            for line in text.lines() {
+                let case = line.trim().strip_prefix("case ");
+                assert!(
+                    !case.is_some_and(|c| c.starts_with(|d: char| d.is_ascii_digit())),
+                    "{file}: `{}` names an op by number",
+                    line.trim()
+                );
+            }
+        }
+        let cuda = cuda_prelude();
+        let wgsl = wgsl_prelude();
+        for (name, value) in shader_constants() {
+            assert!(
+                cuda.contains(&format!("#define {name} {value}\n")),
+                "{name}"
+            );
+            assert!(
+                wgsl.contains(&format!("const {name}: u32 = {value}u;\n")),
+                "{name}"
+            );
+        }
     }
 }

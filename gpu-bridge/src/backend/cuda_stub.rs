@@ -15,7 +15,7 @@ impl CudaBackend {
 }
 
 /// Every CUDA kernel source, by name; empty without the `cuda` feature.
-pub fn kernel_sources() -> Vec<(&'static str, &'static str)> {
+pub fn kernel_sources() -> Vec<(&'static str, String)> {
     Vec::new()
 }
 

@@ -121,10 +121,12 @@ pub(crate) fn prepare(
             "the manifest lists no file with role = \"config\"",
         )
     })?;
-    let text = std::fs::read_to_string(folder.join(&config_file.path))
-        .map_err(|e| invalid(manifest, format!("{}: {e}", config_file.path.display())))?;
-    let config: BertConfig = serde_json::from_str(&text)
-        .map_err(|e| invalid(manifest, format!("{}: {e}", config_file.path.display())))?;
+    let text = std::fs::read_to_string(folder.join(&config_file.path)).map_err(|e| {
+        invalid(manifest, format!("{}: {e}", config_file.path.display())).with_source(e)
+    })?;
+    let config: BertConfig = serde_json::from_str(&text).map_err(|e| {
+        invalid(manifest, format!("{}: {e}", config_file.path.display())).with_source(e)
+    })?;
     let heads = config.num_attention_heads;
     if config.hidden_size == 0 || heads == 0 || !config.hidden_size.is_multiple_of(heads) {
         return Err(invalid(

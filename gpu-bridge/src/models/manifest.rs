@@ -293,7 +293,7 @@ impl ModelManifest {
             } else {
                 crate::ErrorCode::InvalidArgument
             };
-            BridgeError::new(code, format!("{}: cannot read: {e}", path.display()))
+            BridgeError::new(code, format!("{}: cannot read: {e}", path.display())).with_source(e)
         })?;
         Self::parse(&text, path)
     }

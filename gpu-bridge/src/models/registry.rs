@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{OnceCell, oneshot};
+use tracing::Instrument;
 
 use crate::account::Account;
 use crate::device::{Device, Tensor};
@@ -275,6 +276,7 @@ impl ModelRegistry {
                 code,
                 format!("models directory {}: cannot read: {e}", dir.display()),
             )
+            .with_source(e)
         })?;
         let mut folders: Vec<PathBuf> = read
             .filter_map(|entry| entry.ok())
@@ -452,7 +454,15 @@ impl ModelRegistry {
         let result = cell
             .get_or_try_init(|| {
                 loaded_here = true;
+                // Only the first caller loads; the span (and the device
+                // name it formats, only when debug is on) is theirs.
                 self.load_fresh(entry, device)
+                    .instrument(tracing::debug_span!(
+                        "model_load",
+                        model = name,
+                        device = %device.description().name,
+                        backend = device.kind().as_str()
+                    ))
             })
             .await
             .map(Arc::clone);

@@ -96,6 +96,7 @@ pub(crate) fn read_model(folder: &Path, manifest: &ModelManifest) -> Result<Mode
                     full.display()
                 ),
             )
+            .with_source(e)
         })?;
         let io_error = |e: io::Error| {
             BridgeError::invalid(format!(
@@ -103,6 +104,7 @@ pub(crate) fn read_model(folder: &Path, manifest: &ModelManifest) -> Result<Mode
                 manifest.name,
                 full.display()
             ))
+            .with_source(e)
         };
         let size = opened.metadata().map_err(io_error)?.len();
         let mut reader = Hashing {

@@ -105,6 +105,19 @@ impl Rng {
     pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n
     }
+
+    pub(crate) fn next_u32(&mut self) -> u32 {
+        (self.next_u64() >> 32) as u32
+    }
+
+    /// Uniform in [lo, hi), with f64 resolution.
+    pub(crate) fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64)
+    }
+
+    pub(crate) fn values(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f64> {
+        (0..n).map(|_| self.uniform(lo, hi)).collect()
+    }
 }
 
 pub(crate) fn upload_f32(

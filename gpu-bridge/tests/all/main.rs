@@ -1,5 +1,6 @@
 //! Integration tests of the bridge: every op on every compiled backend
-//! against a float64 reference, shape and dtype errors, quotas.
+//! against a float64 reference, every kernel on every backend below the op
+//! layer, shape and dtype errors, quotas.
 
 #![allow(
     clippy::unwrap_used,
@@ -12,6 +13,7 @@
 mod bert;
 mod errors;
 mod harness;
+mod kernels;
 mod llama;
 mod memory;
 mod models;

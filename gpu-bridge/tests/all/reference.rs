@@ -129,19 +129,24 @@ pub(crate) fn matmul(a: &Nd, b: &Nd) -> Nd {
     Nd::new(&shape, data)
 }
 
+/// `x` viewed as `[outer, len, inner]` around `dim`.
+fn around(x: &Nd, dim: usize) -> (usize, usize, usize) {
+    let outer = x.shape[..dim].iter().product();
+    let inner = x.shape[dim + 1..].iter().product();
+    (outer, x.shape[dim], inner)
+}
+
 /// Apply `f` to every 1-D lane along `dim`, writing a lane of the same length.
 pub(crate) fn along(x: &Nd, dim: usize, f: impl Fn(&[f64]) -> Vec<f64>) -> Nd {
     let mut out = x.clone();
-    let len = x.shape[dim];
-    let s = strides(&x.shape)[dim];
-    for flat in 0..x.data.len() {
-        let idx = unravel(flat, &x.shape);
-        if idx[dim] != 0 {
-            continue;
-        }
-        let lane: Vec<f64> = (0..len).map(|j| x.data[flat + j * s]).collect();
-        for (j, v) in f(&lane).into_iter().enumerate() {
-            out.data[flat + j * s] = v;
+    let (outer, len, inner) = around(x, dim);
+    for o in 0..outer {
+        for i in 0..inner {
+            let at = |j: usize| (o * len + j) * inner + i;
+            let lane: Vec<f64> = (0..len).map(|j| x.data[at(j)]).collect();
+            for (j, v) in f(&lane).into_iter().enumerate() {
+                out.data[at(j)] = v;
+            }
         }
     }
     out
@@ -185,14 +190,15 @@ pub(crate) fn rms_norm(x: &Nd, w: Option<&[f64]>, eps: f64) -> Nd {
 pub(crate) fn reduce(x: &Nd, dim: usize, keep: bool, f: impl Fn(&[f64]) -> f64) -> Nd {
     let mut shape = x.shape.clone();
     shape[dim] = 1;
-    let s = strides(&x.shape)[dim];
-    let mut data = Vec::new();
-    for flat in 0..x.data.len() {
-        if unravel(flat, &x.shape)[dim] != 0 {
-            continue;
+    let (outer, len, inner) = around(x, dim);
+    let mut data = Vec::with_capacity(outer * inner);
+    for o in 0..outer {
+        for i in 0..inner {
+            let lane: Vec<f64> = (0..len)
+                .map(|j| x.data[(o * len + j) * inner + i])
+                .collect();
+            data.push(f(&lane));
         }
-        let lane: Vec<f64> = (0..x.shape[dim]).map(|j| x.data[flat + j * s]).collect();
-        data.push(f(&lane));
     }
     if !keep {
         shape.remove(dim);
@@ -204,6 +210,30 @@ pub(crate) fn argmax(lane: &[f64]) -> f64 {
     let mut best = 0;
     for (j, &v) in lane.iter().enumerate() {
         if v > lane[best] {
+            best = j;
+        }
+    }
+    best as f64
+}
+
+/// The maximum, NaN if any element is NaN (`ReduceOp::Max`).
+pub(crate) fn max_nan(lane: &[f64]) -> f64 {
+    lane.iter().fold(f64::NEG_INFINITY, |a, &v| {
+        if a.is_nan() || v.is_nan() {
+            f64::NAN
+        } else {
+            a.max(v)
+        }
+    })
+}
+
+/// Index of the first maximum, NaN counting as the maximum
+/// (`ReduceOp::ArgMax`).
+pub(crate) fn argmax_nan(lane: &[f64]) -> f64 {
+    let mut best = 0;
+    for (j, &v) in lane.iter().enumerate() {
+        let b = lane[best];
+        if (v.is_nan() && !b.is_nan()) || v > b {
             best = j;
         }
     }

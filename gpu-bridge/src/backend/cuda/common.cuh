@@ -2,7 +2,7 @@
 //
 // NVRTC compiles each program on its own and we pass it no headers, so the
 // backend prepends this text to each .cu file (see `kernel_sources()` in
-// cuda.rs). Nothing here may include a CUDA header: half-precision values are
+// cuda/compile.rs). Nothing here may include a CUDA header: half-precision values are
 // handled as raw bits so that no cuda_fp16.h / cuda_bf16.h is needed at run
 // time, and the conversions mirror the `half` crate bit for bit so that the
 // CUDA and CPU backends round identically.
@@ -16,24 +16,10 @@ typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned long long u64;
 
-#define GUST_MAX_RANK 8
-
-// Operation codes passed as kernel arguments; the Rust side uses the same
-// numbers (see `unary_code`, `binary_code`, `reduce_code` in cuda.rs).
-#define GUST_RELU 0
-#define GUST_GELU 1
-#define GUST_SILU 2
-#define GUST_TANH 3
-#define GUST_EXP 4
-
-#define GUST_ADD 0
-#define GUST_SUB 1
-#define GUST_MUL 2
-#define GUST_DIV 3
-
-#define GUST_SUM 0
-#define GUST_MEAN 1
-#define GUST_MAX 2
+// GUST_MAX_RANK, the op codes (GUST_RELU, GUST_ADD, GUST_SUM, ...) and the
+// dtype codes are not written here: the backend puts `#define`s generated
+// from the Rust enums in gpu-bridge/src/kernel.rs in front of every program
+// (see `cuda_prelude`), so the numbers exist in one place only.
 
 __device__ __forceinline__ float gust_neg_inf() { return __int_as_float(0xff800000); }
 

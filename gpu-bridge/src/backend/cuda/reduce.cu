@@ -1,7 +1,7 @@
 // Reductions and softmax over the middle axis of [outer, len, inner].
 // Prepended with common.cuh.
 //
-// Two layouts per kernel, chosen by the host (`reduce_layout` in cuda.rs):
+// Two layouts per kernel, chosen by the host (`reduce_by_rows` in cuda/launch.rs):
 // - `_rows`: one block per output (o, i); the block's threads stride over
 //   the `len` axis and combine with warp shuffles + shared memory. Used when
 //   inner == 1 (contiguous rows) or when there are few outputs.

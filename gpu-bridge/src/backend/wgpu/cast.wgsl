@@ -13,7 +13,7 @@
 
 struct Params {
     len: u32,
-    // Dtype codes: 0 f32, 1 f16, 2 bf16, 3 i32, 4 u32.
+    // Dtype codes: GUST_F32, GUST_F16, ... (generated from kernel.rs).
     src_type: u32,
     dst_type: u32,
     _pad0: u32,
@@ -24,11 +24,6 @@ struct Params {
 @group(0) @binding(2) var<storage, read> src: array<u32>;
 
 const WG: u32 = 256u;
-const F32: u32 = 0u;
-const F16: u32 = 1u;
-const BF16: u32 = 2u;
-const I32: u32 = 3u;
-const U32: u32 = 4u;
 
 fn linear_id(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * WG;
@@ -189,7 +184,7 @@ fn f32_to_u32(x: u32) -> u32 {
 
 // Input element i as stored: a u32 word for 4-byte types, 16 bits for 2-byte.
 fn load(i: u32) -> u32 {
-    if (p.src_type == F16 || p.src_type == BF16) {
+    if (p.src_type == GUST_F16 || p.src_type == GUST_BF16) {
         return (src[i >> 1u] >> ((i & 1u) * 16u)) & 0xffffu;
     }
     return src[i];
@@ -198,35 +193,35 @@ fn load(i: u32) -> u32 {
 // Float input as f32 bits (exact for every float type).
 fn float_bits(v: u32) -> u32 {
     switch p.src_type {
-        case F16: { return f16_to_f32(v); }
-        case BF16: { return v << 16u; }
+        case GUST_F16: { return f16_to_f32(v); }
+        case GUST_BF16: { return v << 16u; }
         default: { return v; }
     }
 }
 
 fn convert(v: u32) -> u32 {
-    let from_int = p.src_type == I32 || p.src_type == U32;
-    let is_signed = p.src_type == I32;
+    let from_int = p.src_type == GUST_I32 || p.src_type == GUST_U32;
+    let is_signed = p.src_type == GUST_I32;
     switch p.dst_type {
-        case F32: {
+        case GUST_F32: {
             if (from_int) {
                 return int_to_f32(v, is_signed, false);
             }
             return float_bits(v);
         }
-        case F16: {
+        case GUST_F16: {
             if (from_int) {
                 return f32_to_f16(int_to_f32(v, is_signed, true));
             }
             return f32_to_f16(float_bits(v));
         }
-        case BF16: {
+        case GUST_BF16: {
             if (from_int) {
                 return f32_to_bf16(int_to_f32(v, is_signed, true));
             }
             return f32_to_bf16(float_bits(v));
         }
-        case I32: {
+        case GUST_I32: {
             // Only u32 reaches here among the integers; it saturates.
             if (from_int) {
                 return min(v, 0x7fffffffu);

@@ -1,6 +1,9 @@
 // Elementwise f32 kernels: unary functions, affine, and broadcasting binary
 // ops. One invocation per output element; the host dispatches a 2-D grid of
 // 256-wide workgroups so that more than 65535 workgroups fit.
+//
+// Op codes (GUST_RELU, GUST_ADD, ...) come from a prelude the backend
+// generates from the Rust enums in gpu-bridge/src/kernel.rs.
 
 struct Params {
     len: u32,
@@ -77,10 +80,10 @@ fn tanh_acc(x: f32) -> f32 {
 fn unary_op(op: u32, x: f32) -> f32 {
     switch op {
         // max(x, 0) with NaN -> 0, as Rust's f32::max does.
-        case 0u: { return select(0.0, x, x > 0.0); }
-        case 1u: { return gelu(x); }
-        case 2u: { return x / (1.0 + exp(-x)); }
-        case 3u: { return tanh_acc(x); }
+        case GUST_RELU: { return select(0.0, x, x > 0.0); }
+        case GUST_GELU: { return gelu(x); }
+        case GUST_SILU: { return x / (1.0 + exp(-x)); }
+        case GUST_TANH: { return tanh_acc(x); }
         default: { return exp(x); }
     }
 }
@@ -129,9 +132,9 @@ fn binary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     let y = b[bi];
     var r: f32;
     switch p.op {
-        case 0u: { r = x + y; }
-        case 1u: { r = x - y; }
-        case 2u: { r = x * y; }
+        case GUST_ADD: { r = x + y; }
+        case GUST_SUB: { r = x - y; }
+        case GUST_MUL: { r = x * y; }
         default: { r = x / y; }
     }
     out[i] = r;

@@ -14,7 +14,8 @@ struct Params {
     rows: u32,
     len: u32,
     inner: u32,
-    // Reduce: 0 sum, 1 mean, 2 max, 3 argmax.
+    // Reduce: GUST_SUM, GUST_MEAN, GUST_MAX or GUST_ARGMAX (generated from
+    // kernel.rs).
     op: u32,
     // Norms: bit 0 = weight present, bit 1 = bias present.
     flags: u32,
@@ -137,7 +138,7 @@ fn reduce_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
         return;
     }
     let base = strided_base(r);
-    if (p.op == 3u) {
+    if (p.op == GUST_ARGMAX) {
         var bv = x[base];
         var bi = 0u;
         for (var j = 1u; j < p.len; j = j + 1u) {
@@ -148,7 +149,7 @@ fn reduce_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
             }
         }
         out[r] = bi;
-    } else if (p.op == 2u) {
+    } else if (p.op == GUST_MAX) {
         var m = x[base];
         for (var j = 1u; j < p.len; j = j + 1u) {
             m = nan_max(m, x[base + j * p.inner]);
@@ -159,7 +160,7 @@ fn reduce_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
         for (var j = 0u; j < p.len; j = j + 1u) {
             s = s + x[base + j * p.inner];
         }
-        if (p.op == 1u) {
+        if (p.op == GUST_MEAN) {
             s = s / f32(p.len);
         }
         store_f32(r, s);
@@ -177,7 +178,7 @@ fn reduce_wg(
         return;
     }
     let base = strided_base(r);
-    if (p.op == 3u) {
+    if (p.op == GUST_ARGMAX) {
         var bv = neg_inf();
         var bi = 0xffffffffu;
         for (var j = lid; j < p.len; j = j + RWG) {
@@ -191,7 +192,7 @@ fn reduce_wg(
         if (lid == 0u) {
             out[r] = best;
         }
-    } else if (p.op == 2u) {
+    } else if (p.op == GUST_MAX) {
         var m = neg_inf();
         for (var j = lid; j < p.len; j = j + RWG) {
             m = nan_max(m, x[base + j * p.inner]);
@@ -206,7 +207,7 @@ fn reduce_wg(
             s = s + x[base + j * p.inner];
         }
         var total = tree_sum(lid, s);
-        if (p.op == 1u) {
+        if (p.op == GUST_MEAN) {
             total = total / f32(p.len);
         }
         if (lid == 0u) {
