@@ -10,7 +10,7 @@ use http_body_util::BodyExt as _;
 
 use super::extract::{Params, caller, declared_length};
 use super::problem::Problem;
-use super::{BoxError, Handled, with_invocation_id};
+use super::{Handled, with_invocation_id};
 use crate::runtime::{CappedBody, Invocation};
 use crate::service::{Admit, Failure, Service, Started};
 
@@ -167,7 +167,7 @@ async fn serve(service: Arc<Service>, Route { tenant, name }: Route, request: Re
             let status = response.status().as_u16();
             let (mut parts, body) = response.into_parts();
             with_invocation_id(&mut parts.headers, &started.id);
-            let body = body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync();
+            // Boxed once, by axum.
             let response = http::Response::from_parts(parts, axum::body::Body::new(body));
             // The body may still be streaming: recorded when the guest is done.
             service.record_when_done(target.function, started, status, permit, call.completion);

@@ -80,11 +80,13 @@ impl Admission {
     /// tenant's policy is fixed for the life of the host).
     fn tenant(&self, tenant: &str, limit: usize) -> Arc<Semaphore> {
         let mut tenants = self.tenants.lock().unwrap_or_else(PoisonError::into_inner);
-        Arc::clone(
-            tenants
-                .entry(tenant.to_owned())
-                .or_insert_with(|| Arc::new(Semaphore::new(limit))),
-        )
+        // Looked up first: the hot path then allocates no key.
+        if let Some(slots) = tenants.get(tenant) {
+            return Arc::clone(slots);
+        }
+        let slots = Arc::new(Semaphore::new(limit));
+        tenants.insert(tenant.to_owned(), Arc::clone(&slots));
+        slots
     }
 
     /// A slot of `tenant` (at most `limit` at once) and one of the host.
