@@ -88,7 +88,7 @@ impl Failure {
     /// error: it is never asked for).
     pub fn of(outcome: &Outcome) -> Self {
         let detail = outcome.to_string();
-        let mut failure = match outcome {
+        match outcome {
             Outcome::GuestError(error) => {
                 let status = StatusCode::from_u16(error.http_status())
                     .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -121,9 +121,7 @@ impl Failure {
                 detail,
             ),
             _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "host-error", detail),
-        };
-        failure.detail.shrink_to_fit();
-        failure
+        }
     }
 }
 
