@@ -91,5 +91,29 @@ async fn every_documented_route_is_served_and_nothing_else() {
         );
         reply.problem(404, "not-found");
     }
+    // Path and query parameters are percent-decoded; what does not decode
+    // is a bad request, not a crash or a 404.
+    let key = server.demo_key.clone().unwrap();
+    for path in [
+        "/v1/functions/%FF",
+        "/v1/functions/%FF/logs",
+        "/v1/jobs/%C3%28",
+    ] {
+        let reply = request("GET", &server.url(path), Some(&key), "").await;
+        reply.problem(400, "invalid-request");
+    }
+    let reply = request(
+        "PUT",
+        &server.url("/v1/functions/ok?public=maybe"),
+        Some(&key),
+        "",
+    )
+    .await;
+    assert!(
+        reply.problem(400, "invalid-request")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("`public` must be true or false")
+    );
     server.stop().await;
 }
