@@ -296,8 +296,10 @@ fn cast_matches_reference() {
                 }
             }
         }
-        // Same dtype: a plain copy.
-        let raw: Vec<u32> = (0..10).map(|_| rng.next_u32()).collect();
+        // Same dtype: a plain copy of the bits, signalling NaNs included
+        // (a cast through a wider float would quiet them).
+        let mut raw: Vec<u32> = vec![0x7f80_0001, 0xff99_745b];
+        raw.extend((0..8).map(|_| rng.next_u32()));
         let kernel = Kernel::Cast {
             from: DType::F32,
             to: DType::F32,
