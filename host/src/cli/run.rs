@@ -141,6 +141,7 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
             gust_host::runtime::ModelGrant {
                 registry: Arc::new(registry),
                 allowed,
+                usage: Default::default(),
             }
         });
     let gpu = (!devices.is_empty()).then(|| gust_host::runtime::GpuGrant {

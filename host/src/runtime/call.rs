@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use wasmtime::component::ResourceTableError;
 use wasmtime::{PoolConcurrencyLimitError, Store, Trap, UpdateDeadline, WasmBacktrace};
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
@@ -95,7 +96,10 @@ impl Runtime {
             },
             None => control::OutputSink::Buffer {
                 data: Vec::new(),
-                limit: control.output_limit,
+                limit: match control.output_limit {
+                    0 => memory_limit,
+                    limit => limit,
+                },
             },
         };
         store.set_epoch_deadline(1);
@@ -135,19 +139,14 @@ impl Runtime {
         request: Request,
         limits: &CallLimits,
     ) -> Invocation {
-        // Emitted output is kept on the host: bound it like the guest's own
-        // memory.
-        let control = CallControl {
-            output_limit: usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX),
-            ..CallControl::default()
-        };
-        self.invoke_with(component, request, limits, control).await
+        self.invoke_with(component, request, limits, CallControl::default())
+            .await
     }
 
     /// [`Runtime::invoke`] with controls: a cancel token, and where the
     /// function's emitted output goes. Without a stream, emitted chunks are
-    /// put in front of the response body (plain `invoke` keeps at most
-    /// `limits.memory_bytes` of them).
+    /// put in front of the response body, at most `control.output_limit`
+    /// bytes of them (by default `limits.memory_bytes`).
     pub async fn invoke_with(
         &self,
         component: &LoadedComponent,
@@ -257,6 +256,7 @@ impl Runtime {
         };
         let pre = pre.clone();
         let mut call = self.new_call(limits, CallControl::default());
+        call.store.data_mut().output = control::OutputSink::Refused;
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let store = call.store.data_mut();
         let prepared = store
@@ -431,6 +431,19 @@ fn classify_failure(
                 panic_message: outcome::panic_message(stderr),
                 backtrace,
             },
+        };
+    }
+    if let Some(refused) = error.downcast_ref::<control::LimitExceeded>() {
+        return Outcome::LimitExceeded {
+            message: refused.message.clone(),
+        };
+    }
+    if let Some(ResourceTableError::Full) = error.downcast_ref::<ResourceTableError>() {
+        return Outcome::LimitExceeded {
+            message: format!(
+                "the function holds more than {} host resources (handles) at once",
+                super::state::MAX_RESOURCES
+            ),
         };
     }
     if let Some(limit) = error.downcast_ref::<PoolConcurrencyLimitError>() {

@@ -148,16 +148,50 @@ pub struct CallLimits {
     pub reuse: Option<super::reuse::Reuse>,
 }
 
-/// A host directory the guest sees at `guest_path`, opened with cap-std so
-/// nothing outside it is reachable (no `..`, no absolute symlinks out).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A host directory the guest sees at `guest_path`; inside it, nothing
+/// outside it is reachable (no `..`, no symlinks out).
+#[derive(Debug, Clone)]
 pub struct Preopen {
     /// The directory on the host.
     pub host_path: PathBuf,
+    /// The directory, already open: when set, the guest gets exactly this
+    /// directory, whatever `host_path` names by the time the guest first
+    /// touches the filesystem (a function that can write a parent could
+    /// have swapped it for a symlink). The host's volumes always set it;
+    /// `None` opens `host_path` then.
+    pub opened: Option<Arc<cap_std::fs::Dir>>,
     /// Where the guest sees it, e.g. `/data`.
     pub guest_path: String,
     /// Whether the guest may only read.
     pub read_only: bool,
+}
+
+impl PartialEq for Preopen {
+    /// The same grant: an instance whose WASI context was built for one may
+    /// serve a call that asks for the other. Opened directories are the
+    /// same when they are the same directory on disk (device and inode),
+    /// so a path swapped since then is a different grant.
+    fn eq(&self, other: &Self) -> bool {
+        self.host_path == other.host_path
+            && self.guest_path == other.guest_path
+            && self.read_only == other.read_only
+            && match (&self.opened, &other.opened) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b) || same_directory(a, b),
+                _ => false,
+            }
+    }
+}
+
+impl Eq for Preopen {}
+
+/// Whether two open directories are one on disk; unknown counts as not.
+fn same_directory(a: &cap_std::fs::Dir, b: &cap_std::fs::Dir) -> bool {
+    use cap_std::fs::MetadataExt;
+    match (a.dir_metadata(), b.dir_metadata()) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 impl Default for CallLimits {

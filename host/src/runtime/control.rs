@@ -62,8 +62,25 @@ pub struct CallControl {
     /// Where emitted chunks go as they are emitted. Without it they are kept
     /// (up to `output_limit`) and put in front of the response body.
     pub stream: Option<mpsc::Sender<Bytes>>,
-    /// The most bytes a non-streaming call may emit (0: unbounded).
+    /// The most bytes a non-streaming call may emit (0: as many as the
+    /// call's memory limit; emitted output is held on the host, so it is
+    /// never unbounded).
     pub output_limit: usize,
+}
+
+/// A host API refused the guest more of a bounded resource (emitted
+/// output, say); the call ends as [`Outcome::LimitExceeded`](super::Outcome::LimitExceeded).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub(crate) struct LimitExceeded {
+    /// What was refused and which limit it hit.
+    pub(crate) message: String,
+}
+
+impl LimitExceeded {
+    fn trap(message: String) -> wasmtime::Error {
+        wasmtime::Error::new(Self { message })
+    }
 }
 
 /// Where a call's emitted output goes.
@@ -76,14 +93,17 @@ pub(crate) enum OutputSink {
         sender: mpsc::Sender<Bytes>,
         cancel: Cancel,
     },
+    /// A `wasi:http` call: its answer is the response it writes through
+    /// `wasi:http`, and nothing would ever read emitted output, so an emit
+    /// (or a streaming `generate`) fails the call rather than piling bytes
+    /// up on the host.
+    Refused,
 }
 
 impl Default for OutputSink {
+    /// What a store holds between calls: no caller to emit to.
     fn default() -> Self {
-        Self::Buffer {
-            data: Vec::new(),
-            limit: 0,
-        }
+        Self::Refused
     }
 }
 
@@ -92,7 +112,7 @@ impl OutputSink {
     pub(crate) fn take_buffer(&mut self) -> Vec<u8> {
         match self {
             Self::Buffer { data, .. } => std::mem::take(data),
-            Self::Stream { .. } => Vec::new(),
+            Self::Stream { .. } | Self::Refused => Vec::new(),
         }
     }
 
@@ -103,10 +123,10 @@ impl OutputSink {
     pub(crate) async fn emit(&mut self, chunk: Vec<u8>) -> wasmtime::Result<()> {
         match self {
             Self::Buffer { data, limit } => {
-                if *limit > 0 && data.len().saturating_add(chunk.len()) > *limit {
-                    return Err(wasmtime::format_err!(
+                if data.len().saturating_add(chunk.len()) > *limit {
+                    return Err(LimitExceeded::trap(format!(
                         "the function's emitted output exceeds the limit of {limit} bytes"
-                    ));
+                    )));
                 }
                 data.extend_from_slice(&chunk);
                 Ok(())
@@ -120,6 +140,12 @@ impl OutputSink {
                 }
                 Ok(())
             }
+            Self::Refused => Err(LimitExceeded::trap(
+                "a wasi:http function may emit no output (it answers with its wasi:http \
+                 response): `gust:function/output` and a streaming `generate` are for handler \
+                 functions"
+                    .to_owned(),
+            )),
         }
     }
 }

@@ -40,7 +40,7 @@ pub use self::capture::{BoundedCapture, CapturedOutput};
 pub use self::config::{AllocationConfig, CallLimits, PoolingConfig, Preopen, RuntimeConfig};
 pub use self::control::{CallControl, Cancel};
 pub use self::engine::{AllocatorInUse, RuntimeError, RuntimeStats, StatsSnapshot};
-pub use self::host::{GpuGrant, ModelGrant};
+pub use self::host::{GpuGrant, ModelGrant, ModelUsage};
 pub use self::http::{BodyTooLarge, CappedBody, CappedBodyError, OutboundPolicy};
 pub use self::load::{
     HANDLER_EXPORT, HTTP_EXPORT_PREFIX, LoadError, LoadSource, LoadedComponent, World,

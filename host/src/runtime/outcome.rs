@@ -65,11 +65,12 @@ pub enum Outcome {
         /// The deadline that was exceeded.
         limit: Duration,
     },
-    /// The guest asked for more linear memory than its limit.
+    /// The guest asked for more memory than its limit: linear memory, or
+    /// host memory held for it (wasi-nn tensors), which count together.
     OutOfMemory {
         /// The limit, in bytes.
         limit_bytes: u64,
-        /// The memory size the guest asked to grow to.
+        /// The total the guest asked to grow to.
         requested_bytes: u64,
     },
     /// The guest exhausted its WebAssembly stack.
@@ -85,6 +86,12 @@ pub enum Outcome {
         panic_message: Option<String>,
         /// The guest backtrace (innermost frames first).
         backtrace: String,
+    },
+    /// A host API refused the guest more of a bounded resource than its
+    /// limits allow (emitted output beyond its limit, say).
+    LimitExceeded {
+        /// What was refused and which limit it hit.
+        message: String,
     },
     /// The caller cancelled the call (or went away while it streamed); the
     /// guest was interrupted.
@@ -111,6 +118,7 @@ impl Outcome {
             Self::OutOfMemory { .. } => "out-of-memory",
             Self::StackOverflow { .. } => "stack-overflow",
             Self::Trap { .. } => "trap",
+            Self::LimitExceeded { .. } => "limit-exceeded",
             Self::Cancelled => "cancelled",
             Self::Overloaded { .. } => "overloaded",
             Self::HostError { .. } => "host-error",
@@ -143,7 +151,7 @@ impl fmt::Display for Outcome {
                 requested_bytes,
             } => write!(
                 f,
-                "out of memory: asked for {} of linear memory, limit is {}",
+                "out of memory: asked for {} (linear memory and host-held tensors together), limit is {}",
                 bytesize::ByteSize::b(*requested_bytes).display().iec(),
                 bytesize::ByteSize::b(*limit_bytes).display().iec()
             ),
@@ -156,6 +164,7 @@ impl fmt::Display for Outcome {
                 Some(panic) => write!(f, "panicked: {panic}"),
                 None => write!(f, "trapped: {message}"),
             },
+            Self::LimitExceeded { message } => write!(f, "limit exceeded: {message}"),
             Self::Cancelled => write!(f, "cancelled"),
             Self::Overloaded { reason } => write!(f, "host overloaded: {reason}"),
             Self::HostError { message } => write!(f, "host error: {message}"),

@@ -44,12 +44,26 @@ impl WasiGrants {
             };
             // The directory was checked when the call was admitted; if it
             // vanished since, the guest simply does not see it.
-            if let Err(e) = builder.preopened_dir(&preopen.host_path, &preopen.guest_path, perms) {
+            if let Err(e) = builder.preopened_dir(preopen_path(preopen), &preopen.guest_path, perms)
+            {
                 tracing::warn!(path = %preopen.host_path.display(), error = %e, "could not preopen a volume");
             }
         }
         builder.build()
     }
+}
+
+/// The path to preopen for `preopen`. Wasmtime-wasi opens preopens by path
+/// only; for a directory the host already holds open, `/proc/self/fd/N`
+/// names that very directory (the kernel resolves it to the open file, not
+/// to a path that could have changed since).
+fn preopen_path(preopen: &super::config::Preopen) -> std::path::PathBuf {
+    #[cfg(target_os = "linux")]
+    if let Some(dir) = &preopen.opened {
+        use std::os::fd::AsRawFd;
+        return std::path::PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    }
+    preopen.host_path.clone()
 }
 
 /// Linear-memory limiter that remembers a denied growth, so that the trap
@@ -66,6 +80,37 @@ pub(crate) struct MemoryLimiter {
 
 /// Tables beyond this many elements are refused (each is a pointer of host memory).
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+/// The most host resources (wasi-nn tensors, streams, fields, bridge
+/// handles…) one store may hold at once. Each is host memory the linear
+/// memory limit does not see; Wasmtime's default of a million lets a guest
+/// hold hundreds of MB per instance. A well-behaved function holds tens.
+pub(crate) const MAX_RESOURCES: usize = 16_384;
+
+impl MemoryLimiter {
+    /// Charges `bytes` of host memory held for the guest (a wasi-nn tensor)
+    /// to the same limit as its linear memory: the guest cannot hold more
+    /// through host imports than it could in its own memory. A refusal is
+    /// remembered like a refused growth, so the call ends as out-of-memory.
+    pub(crate) fn charge_host(&mut self, bytes: usize) -> wasmtime::Result<()> {
+        let total = self.committed_bytes.saturating_add(bytes);
+        if total > self.limit_bytes {
+            self.denied_request = Some(total);
+            return Err(wasmtime::format_err!(
+                "host memory for the guest ({total} bytes with its linear memory) exceeds its limit of {} bytes",
+                self.limit_bytes
+            ));
+        }
+        self.committed_bytes = total;
+        self.peak_bytes = self.peak_bytes.max(total);
+        Ok(())
+    }
+
+    /// Gives back what [`MemoryLimiter::charge_host`] charged.
+    pub(crate) fn release_host(&mut self, bytes: usize) {
+        self.committed_bytes = self.committed_bytes.saturating_sub(bytes);
+    }
+}
 
 impl ResourceLimiter for MemoryLimiter {
     fn memory_growing(
@@ -120,12 +165,14 @@ impl CallState {
         outbound: OutboundPolicy,
         memory_limit_bytes: usize,
     ) -> Self {
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_RESOURCES);
         Self {
             grants,
             wasi: None,
             http: WasiHttpCtx::new(),
             http_hooks: GustHttpHooks { outbound },
-            table: ResourceTable::new(),
+            table,
             limiter: MemoryLimiter {
                 limit_bytes: memory_limit_bytes,
                 denied_request: None,
@@ -194,6 +241,7 @@ impl NnView for CallState {
         NnCtxView {
             session: &mut self.gpu,
             table: &mut self.table,
+            limiter: &mut self.limiter,
         }
     }
 }

@@ -338,11 +338,13 @@ async fn fs_access() {
         preopens: vec![
             gust_host::runtime::Preopen {
                 host_path: data.clone(),
+                opened: None,
                 guest_path: "/data".into(),
                 read_only: false,
             },
             gust_host::runtime::Preopen {
                 host_path: shelf.clone(),
+                opened: None,
                 guest_path: "/shelf".into(),
                 read_only: true,
             },
@@ -390,6 +392,127 @@ async fn fs_access() {
         "{:?}",
         bare.outcome
     );
+}
+
+/// A volume is preopened as the directory the host opened at admission: a
+/// path swapped for a symlink in between (by a function that could write
+/// its parent) leads nowhere else.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn fs_access_sees_the_directory_opened_at_admission() {
+    let (rt, dir) = runtime();
+    let component = load(&rt, artifacts::FS_ACCESS_COMPONENT);
+    let root = dir.path().join("volumes/acme");
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("note.txt"), "the tenant's").unwrap();
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("note.txt"), "admin.key").unwrap();
+    let policy = gust_host::tenancy::Policy::default()
+        .with_overrides(
+            std::path::Path::new("acme.toml"),
+            "[[volumes]]\nname = \"data\"\npath = \"data\"\nmount = \"/data\"\nread_only = false\n",
+        )
+        .unwrap();
+    let resolved = policy.resolve_volumes(&root).unwrap();
+    let limits = CallLimits {
+        preopens: resolved
+            .into_iter()
+            .map(|v| gust_host::runtime::Preopen {
+                host_path: v.host_path,
+                opened: Some(v.dir),
+                guest_path: v.mount,
+                read_only: v.read_only,
+            })
+            .collect::<Vec<_>>()
+            .into(),
+        ..limits()
+    };
+    // Admitted; now the directory is swapped for a symlink out of the root.
+    std::fs::rename(&data, root.join("moved")).unwrap();
+    std::os::unix::fs::symlink(&outside, &data).unwrap();
+    let read = rt
+        .invoke(&component, request("read /data/note.txt"), &limits)
+        .await;
+    assert_eq!(ok_text(&read.outcome), "the tenant's");
+}
+
+/// Every host API that holds memory for a guest stops a guest that keeps
+/// taking: its own call fails with a clear outcome, the host's memory held
+/// for it stays within the call's limits.
+#[tokio::test]
+async fn hostile() {
+    let (rt, _dir) = runtime();
+    let hostile = load(&rt, artifacts::HOSTILE_COMPONENT);
+    let limits = CallLimits {
+        memory_bytes: 32 << 20,
+        timeout: Duration::from_secs(20),
+        ..limits()
+    };
+    let run = |body: &'static str, limits: CallLimits| {
+        let (rt, hostile) = (&rt, &hostile);
+        async move { rt.invoke(hostile, request(body), &limits).await }
+    };
+    // wasi-nn tensors are host memory, charged with the guest's own.
+    let nn = run("nn-tensors 1048576", limits.clone()).await;
+    assert!(
+        matches!(nn.outcome, Outcome::OutOfMemory { limit_bytes, .. } if limit_bytes == 32 << 20),
+        "{:?}",
+        nn.outcome
+    );
+    assert!(nn.peak_memory_bytes <= 32 << 20, "{}", nn.peak_memory_bytes);
+    // Empty tensors cost little memory but a handle each.
+    let handles = run("handles", limits.clone()).await;
+    assert!(
+        matches!(&handles.outcome, Outcome::LimitExceeded { message } if message.contains("host resources")),
+        "{:?}",
+        handles.outcome
+    );
+    // Emitted output a caller has not yet read is held on the host.
+    let emit = run("emit 1048576", limits.clone()).await;
+    assert!(
+        matches!(&emit.outcome, Outcome::LimitExceeded { message } if message.contains("emitted output")),
+        "{:?}",
+        emit.outcome
+    );
+    // Stdout is captured up to its limit and the rest dropped; the guest
+    // runs into its deadline.
+    let short = CallLimits {
+        timeout: Duration::from_millis(300),
+        ..limits.clone()
+    };
+    let stdout = run("stdout 65536", short).await;
+    assert!(
+        matches!(stdout.outcome, Outcome::Timeout { .. }),
+        "{:?}",
+        stdout.outcome
+    );
+    assert!(stdout.stdout.text().len() <= limits.stdout_limit);
+    // Bridge tensors count against the tenant's account.
+    let device = super::gpu::cpu_device();
+    let account = gust_gpu_bridge::Account::new("t", Some(8 << 20), None);
+    let gpu = super::gpu::grant(&device, &account);
+    let tensors = run(
+        "gpu-tensors 1048576",
+        CallLimits {
+            memory_bytes: 32 << 20,
+            ..gpu
+        },
+    )
+    .await;
+    assert!(
+        matches!(&tensors.outcome, Outcome::GuestError(e) if e.code == "refused" && e.message.contains("memory")),
+        "{:?}",
+        tensors.outcome
+    );
+    device.synchronize(&account).await.unwrap();
+    assert_eq!(device.used_bytes(), 0, "the call's tensors are freed");
+}
+
+#[tokio::test]
+async fn hostile_http() {
+    super::hostile::a_wasi_http_function_cannot_pile_up_emitted_output().await;
 }
 
 #[tokio::test]

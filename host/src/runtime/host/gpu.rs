@@ -52,6 +52,21 @@ pub struct ModelGrant {
     pub registry: Arc<ModelRegistry>,
     /// Names the tenant's policy lists under `[gpu] models`.
     pub allowed: Arc<[String]>,
+    /// The tenant's own counters of model loads, which `GET /v1/models`
+    /// shows it (the registry's counters are every tenant's together).
+    pub usage: Arc<ModelUsage>,
+}
+
+/// One tenant's model loads: the part of the registry's activity that is
+/// its business.
+#[derive(Debug, Default)]
+pub struct ModelUsage {
+    /// Loads that put weights on a device.
+    pub loads: std::sync::atomic::AtomicU64,
+    /// Loads that found the model already resident.
+    pub hits: std::sync::atomic::AtomicU64,
+    /// Loads that failed.
+    pub failures: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for GpuGrant {
@@ -138,7 +153,23 @@ impl GpuSession {
                 ),
             });
         }
-        models.registry.load(name, &device).await.map_err(to_wit)
+        use std::sync::atomic::Ordering::Relaxed;
+        // Resident when asked: a hit (another call may load it meanwhile,
+        // which then counts as this tenant's load; close enough for a
+        // counter).
+        let resident = models
+            .registry
+            .resident_models(&device)
+            .iter()
+            .any(|m| m == name);
+        let loaded = models.registry.load(name, &device).await;
+        let counter = match (&loaded, resident) {
+            (Err(_), _) => &models.usage.failures,
+            (Ok(_), true) => &models.usage.hits,
+            (Ok(_), false) => &models.usage.loads,
+        };
+        counter.fetch_add(1, Relaxed);
+        loaded.map_err(to_wit)
     }
 }
 

@@ -13,7 +13,7 @@ pub(super) mod nn;
 
 use wasmtime::component::{HasSelf, Linker};
 
-pub use self::gpu::{GpuGrant, ModelGrant};
+pub use self::gpu::{GpuGrant, ModelGrant, ModelUsage};
 use super::bindings::gust::function::{output, types as fn_types};
 use super::control::OutputSink;
 

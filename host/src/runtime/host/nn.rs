@@ -30,15 +30,19 @@ use crate::runtime::bindings::wasi::nn::errors::{self, ErrorCode};
 use crate::runtime::bindings::wasi::nn::graph::{self, ExecutionTarget, GraphEncoding};
 use crate::runtime::bindings::wasi::nn::inference;
 use crate::runtime::bindings::wasi::nn::tensor::{self, TensorType};
+use crate::runtime::state::MemoryLimiter;
 
 /// What of a call's state `wasi:nn` works on: the invocation's bridge
-/// session (the same grant, account and deadline as `gust:gpu`) and the
-/// resource table its tensors, graphs and errors live in.
+/// session (the same grant, account and deadline as `gust:gpu`), the
+/// resource table its tensors, graphs and errors live in, and the memory
+/// limiter its tensors' bytes are charged to.
 pub(crate) struct NnCtxView<'a> {
     /// The invocation's grant, account and deadline.
     pub(crate) session: &'a mut GpuSession,
     /// The Store's resource table.
     pub(crate) table: &'a mut ResourceTable,
+    /// The call's memory limit, shared with its linear memory.
+    pub(crate) limiter: &'a mut MemoryLimiter,
 }
 
 /// Store data that can lend an [`NnCtxView`].
@@ -71,6 +75,17 @@ pub struct NnTensor {
     dimensions: Vec<u32>,
     ty: TensorType,
     data: Vec<u8>,
+}
+
+impl NnTensor {
+    /// The host memory it holds, as charged to the call's memory limit:
+    /// its bytes, its dimensions and its own bookkeeping, so that even
+    /// empty tensors cannot be held for free.
+    fn held_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            .saturating_add(self.data.len())
+            .saturating_add(self.dimensions.len().saturating_mul(4))
+    }
 }
 
 /// A graph: a resident model this invocation loaded by name.
@@ -321,11 +336,12 @@ impl tensor::HostTensor for NnCtxView<'_> {
     ) -> wasmtime::Result<Resource<NnTensor>> {
         // Checked against the dimensions in `compute`, where a mismatch can
         // be reported as an error value rather than a trap.
-        Ok(self.table.push(NnTensor {
+        let tensor = NnTensor {
             dimensions,
             ty,
             data,
-        })?)
+        };
+        self.push_tensor(tensor)
     }
 
     async fn dimensions(&mut self, tensor: Resource<NnTensor>) -> wasmtime::Result<Vec<u32>> {
@@ -341,12 +357,35 @@ impl tensor::HostTensor for NnCtxView<'_> {
     }
 
     async fn drop(&mut self, tensor: Resource<NnTensor>) -> wasmtime::Result<()> {
-        self.table.delete(tensor)?;
+        self.take_tensor(tensor)?;
         Ok(())
     }
 }
 
 impl tensor::Host for NnCtxView<'_> {}
+
+impl NnCtxView<'_> {
+    /// Puts `tensor` in the table, charging its bytes to the call's memory
+    /// limit (a trap, reported as out-of-memory, when they do not fit).
+    fn push_tensor(&mut self, tensor: NnTensor) -> wasmtime::Result<Resource<NnTensor>> {
+        let held = tensor.held_bytes();
+        self.limiter.charge_host(held)?;
+        match self.table.push(tensor) {
+            Ok(handle) => Ok(handle),
+            Err(e) => {
+                self.limiter.release_host(held);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Takes `tensor` out of the table, giving its charge back.
+    fn take_tensor(&mut self, tensor: Resource<NnTensor>) -> wasmtime::Result<NnTensor> {
+        let tensor = self.table.delete(tensor)?;
+        self.limiter.release_host(tensor.held_bytes());
+        Ok(tensor)
+    }
+}
 
 impl graph::HostGraph for NnCtxView<'_> {
     async fn init_execution_context(
@@ -401,14 +440,14 @@ impl inference::HostGraphExecutionContext for NnCtxView<'_> {
         for (name, handle) in inputs {
             // The guest gives the tensors up to the call (they are owned
             // handles in this version of the interface).
-            let tensor = self.table.delete(handle)?;
+            let tensor = self.take_tensor(handle)?;
             owned.push((name, tensor));
         }
         match self.nn_compute(&model, owned).await {
             Ok(outputs) => {
                 let mut handles = Vec::with_capacity(outputs.len());
                 for (name, tensor) in outputs {
-                    handles.push((name, self.table.push(tensor)?));
+                    handles.push((name, self.push_tensor(tensor)?));
                 }
                 Ok(Ok(handles))
             }
