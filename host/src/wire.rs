@@ -497,7 +497,8 @@ pub struct Model {
     pub resident_on: Vec<String>,
 }
 
-/// The registry's host-wide counters.
+/// The caller's own model loads (other tenants' are not its business; the
+/// host-wide counters are on `/metrics`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ModelStats {
     /// Loads of weights onto a device.
@@ -506,16 +507,14 @@ pub struct ModelStats {
     pub hits: u64,
     /// Loads that failed.
     pub failures: u64,
-    /// Models evicted to make room.
-    pub evictions: u64,
 }
 
 /// `GET /v1/models`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Models {
-    /// Every model the host serves.
+    /// The models the caller's policy lets it load.
     pub models: Vec<Model>,
-    /// Whether calls find models warm.
+    /// Whether the caller's calls find models warm.
     pub stats: ModelStats,
 }
 

@@ -154,9 +154,47 @@ pub(crate) fn content_type(headers: &HeaderMap) -> String {
 /// gets the answer instead of a broken pipe. Beyond it the connection closes.
 const DRAIN_LIMIT: u64 = 64 << 20;
 
+/// When the request's body must have arrived by: stamped on every request
+/// as its head arrives (see `api::router`), from the host's
+/// [`ConnectionLimits::body_timeout`](crate::service::ConnectionLimits).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyDeadline(pub(crate) tokio::time::Instant);
+
+/// Stamps [`BodyDeadline`] on a request, `timeout` from now.
+pub(crate) async fn stamp_body_deadline(
+    axum::extract::State(timeout): axum::extract::State<std::time::Duration>,
+    mut request: axum::extract::Request,
+) -> axum::extract::Request {
+    let deadline = tokio::time::Instant::now() + timeout;
+    request.extensions_mut().insert(BodyDeadline(deadline));
+    request
+}
+
 /// Reads a body, refusing it with 413 as soon as it passes `limit` (and
-/// before reading anything when `Content-Length` already says so).
+/// before reading anything when `Content-Length` already says so), and
+/// with 408 when it has not all arrived by the request's [`BodyDeadline`]:
+/// a client that trickles its body would otherwise hold what the request
+/// holds (a connection, a buffer) for as long as it likes.
 pub(crate) async fn read_capped(
+    request: axum::extract::Request,
+    limit: u64,
+    what: &str,
+) -> Result<(http::request::Parts, Bytes), Problem> {
+    let deadline = request.extensions().get::<BodyDeadline>().copied();
+    let read = read_body(request, limit, what);
+    match deadline {
+        Some(BodyDeadline(at)) => tokio::time::timeout_at(at, read).await.unwrap_or_else(|_| {
+            Err(Problem::new(
+                http::StatusCode::REQUEST_TIMEOUT,
+                "body-timeout",
+                format!("{what} did not arrive in time; send it at once, not in a trickle"),
+            ))
+        }),
+        None => read.await,
+    }
+}
+
+async fn read_body(
     request: axum::extract::Request,
     limit: u64,
     what: &str,

@@ -44,6 +44,7 @@ pub(super) struct LogsQuery {
         (status = 200, description = "Unchanged", body = wire::Function),
         (status = 400, description = "Invalid name, flags or component", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid tenant key", body = Problem, content_type = "application/problem+json"),
+        (status = 408, description = "The body did not arrive within the host's body timeout", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Larger than the policy allows", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))

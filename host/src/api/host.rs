@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use http::{HeaderValue, StatusCode, header};
 
-use super::extract::TenantKey;
+use super::extract::{AdminKey, TenantKey};
 use super::problem::Problem;
 use super::{Handled, full, json_response, respond};
 use crate::service::Service;
@@ -34,12 +34,17 @@ pub(super) async fn healthz() -> Handled {
     ))
 }
 
-/// Prometheus metrics (`gust_` prefix).
+/// Prometheus metrics (`gust_` prefix), for the operator: they show every
+/// tenant's activity, so the admin key is required.
 #[utoipa::path(
     get, path = "/metrics", tag = "host", operation_id = "metrics",
-    responses((status = 200, description = "Prometheus text", body = String, content_type = "text/plain"))
+    responses(
+        (status = 200, description = "Prometheus text", body = String, content_type = "text/plain"),
+        (status = 401, description = "No admin key", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
 )]
-pub(super) async fn metrics(State(service): State<Arc<Service>>) -> Handled {
+pub(super) async fn metrics(State(service): State<Arc<Service>>, _admin: AdminKey) -> Handled {
     Ok(text(
         service.metrics_text(),
         "text/plain; version=0.0.4; charset=utf-8",

@@ -12,7 +12,7 @@ use super::extract::{Params, caller, declared_length};
 use super::problem::Problem;
 use super::{Handled, with_invocation_id};
 use crate::runtime::{CappedBody, Invocation};
-use crate::service::{Admit, Failure, Service, Started};
+use crate::service::{Access, Admit, Failure, Service, Started};
 
 type HttpError = wasmtime_wasi_http::Error;
 
@@ -41,8 +41,8 @@ pub(super) struct RestRoute {
     request_body(content = Vec<u8>, content_type = "*/*"),
     responses(
         (status = 200, description = "The component's response (any status)", content_type = "*/*"),
-        (status = 401, description = "A private function and no key", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such HTTP function (or another tenant's private one)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "A malformed Authorization header, or a key of no one, for a private function", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such HTTP function, or a private one and no key of its tenant (the same answer, so its existence is not revealed)", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "The component answered with an error", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -62,8 +62,8 @@ pub(super) async fn root(
     request_body(content = Vec<u8>, content_type = "*/*"),
     responses(
         (status = 200, description = "The component's response (any status)", content_type = "*/*"),
-        (status = 401, description = "A private function and no key", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such HTTP function (or another tenant's private one)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "A malformed Authorization header, or a key of no one, for a private function", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such HTTP function, or a private one and no key of its tenant (the same answer, so its existence is not revealed)", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "The component answered with an error", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -88,8 +88,8 @@ pub(super) async fn root_slash(
     request_body(content = Vec<u8>, content_type = "*/*"),
     responses(
         (status = 200, description = "The component's response (any status)", content_type = "*/*"),
-        (status = 401, description = "A private function and no key", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such HTTP function (or another tenant's private one)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "A malformed Authorization header, or a key of no one, for a private function", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such HTTP function, or a private one and no key of its tenant (the same answer, so its existence is not revealed)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body larger than the policy allows", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "The tenant is at its concurrency limit", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "The component answered with an error", body = Problem, content_type = "application/problem+json"),
@@ -116,17 +116,23 @@ fn body_error(error: axum::Error) -> HttpError {
 
 async fn serve(service: Arc<Service>, Route { tenant, name }: Route, request: Request) -> Handled {
     let headers = request.headers();
-    let Some(target) = service.http_target(&tenant, &name, || caller(&service, headers))? else {
-        return Err(Problem::unauthorized(
-            "this function is private: an API key is required",
-        ));
-    };
+    let (target, access) = service.http_target(&tenant, &name, || caller(&service, headers))?;
     let max_body = service.policy(&tenant).max_body_bytes;
     if declared_length(request.headers()).is_some_and(|length| length > max_body) {
         return Err(Problem::too_large(max_body, "the request body"));
     }
-    let permit = service.admit(&tenant, Admit::Fail).await?;
+    let permit = match access {
+        Access::Owner => service.admit(&tenant, Admit::Fail).await?,
+        Access::Anonymous => service.admit_anonymous(&tenant)?,
+    };
     let started = Started::now();
+    // What an anonymous caller learns of a failure: its code and the
+    // invocation id, not the function's internals (a trap's backtrace, a
+    // host error's chain); the record keeps everything for the owner.
+    let answer = |problem: Problem| match access {
+        Access::Owner => problem,
+        Access::Anonymous => problem.for_anonymous(),
+    };
 
     // The component sees the path after /http/{tenant}/{name}.
     let (mut parts, body) = request.into_parts();
@@ -160,7 +166,7 @@ async fn serve(service: Arc<Service>, Route { tenant, name }: Route, request: Re
     let request = hyper::Request::from_parts(parts, CappedBody::new(body, max_body));
 
     let call = service.serve_http(&target, request).map_err(|invocation| {
-        Problem::from(Failure::of(&invocation.outcome)).with_invocation(&started.id)
+        answer(Problem::from(Failure::of(&invocation.outcome)).with_invocation(&started.id))
     })?;
     match call.response.await {
         Ok(Ok(response)) => {
@@ -174,12 +180,14 @@ async fn serve(service: Arc<Service>, Route { tenant, name }: Route, request: Re
             Ok(response)
         }
         Ok(Err(code)) => {
-            let problem = Problem::new(
-                StatusCode::BAD_GATEWAY,
-                "function-http-error",
-                format!("the function answered with an error: {code:?}"),
-            )
-            .with_invocation(&started.id);
+            let problem = answer(
+                Problem::new(
+                    StatusCode::BAD_GATEWAY,
+                    "function-http-error",
+                    format!("the function answered with an error: {code:?}"),
+                )
+                .with_invocation(&started.id),
+            );
             service.record_when_done(target.function, started, 502, permit, call.completion);
             Err(problem)
         }
@@ -194,8 +202,9 @@ async fn serve(service: Arc<Service>, Route { tenant, name }: Route, request: Re
             } else {
                 invocation
             };
-            let problem =
-                Problem::from(Failure::of(&invocation.outcome)).with_invocation(&started.id);
+            let problem = answer(
+                Problem::from(Failure::of(&invocation.outcome)).with_invocation(&started.id),
+            );
             service.record(
                 &target.function,
                 &started,

@@ -81,6 +81,7 @@ fn wants_events(headers: &HeaderMap) -> bool {
         (status = 400, description = "A wasi:http function (wrong-world)", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid tenant key", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such function", body = Problem, content_type = "application/problem+json"),
+        (status = 408, description = "The body did not arrive within the host's body timeout", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body larger than the policy allows", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "The tenant is at its concurrency limit", body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "The function trapped, ran out of memory, or failed", body = Problem, content_type = "application/problem+json"),
@@ -100,9 +101,11 @@ pub(super) async fn invoke(
         &name,
         &format!("call it at /http/{tenant}/{name}/"),
     )?;
-    let permit = service.admit(&tenant, Admit::Fail).await?;
+    // The body first: a slow client then holds a connection, not one of
+    // the tenant's concurrency slots.
     let limit = service.policy(&tenant).max_body_bytes;
     let (parts, body) = read_capped(request, limit, "the request body").await?;
+    let permit = service.admit(&tenant, Admit::Fail).await?;
     let started = Started::now();
     let headers = parts
         .headers

@@ -26,6 +26,7 @@ use crate::wire;
         (status = 400, description = "A wasi:http function (wrong-world)", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid tenant key", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such function", body = Problem, content_type = "application/problem+json"),
+        (status = 408, description = "The body did not arrive within the host's body timeout", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body larger than the policy allows", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "The tenant's job queue is full (queue-full)", body = Problem, content_type = "application/problem+json"),
     ),

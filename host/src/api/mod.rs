@@ -34,7 +34,7 @@ use http::{HeaderValue, StatusCode, header};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::server::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -42,7 +42,7 @@ use tokio::net::TcpListener;
 pub use self::openapi::document as openapi_document;
 pub use self::problem::Problem;
 use crate::service::Service;
-pub use crate::service::{FirstStart, ServeConfig, ServeError};
+pub use crate::service::{ConnectionLimits, FirstStart, ServeConfig, ServeError};
 
 /// Boxed error of streamed response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -94,7 +94,13 @@ pub(crate) fn with_invocation_id(headers: &mut http::HeaderMap, id: &str) {
 /// The router: every route of the API, once, and the OpenAPI document
 /// generated from them.
 pub fn router(service: Arc<Service>) -> axum::Router {
-    openapi::router().with_state(service)
+    let body_timeout = service.config().connections.body_timeout;
+    openapi::router()
+        .with_state(service)
+        .layer(axum::middleware::map_request_with_state(
+            body_timeout,
+            extract::stamp_body_deadline,
+        ))
 }
 
 /// A bound, ready server.
@@ -157,8 +163,18 @@ impl Server {
         // upgrades (WebSocket), so connections watch this flag themselves.
         let (stopping, stop_watch) = tokio::sync::watch::channel(false);
         let mut connections = tokio::task::JoinSet::new();
+        let limits = service.config().connections;
+        // One permit per open connection: at the cap the loop stops
+        // accepting, and new clients wait in the kernel's backlog.
+        let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
         tokio::pin!(shutdown);
         loop {
+            let slot = tokio::select! {
+                slot = Arc::clone(&slots).acquire_owned() => slot,
+                () = &mut shutdown => break,
+            };
+            // The semaphore is never closed.
+            let Ok(slot) = slot else { break };
             tokio::select! {
                 accepted = listener.accept() => {
                     let (stream, peer) = match accepted {
@@ -172,7 +188,12 @@ impl Server {
                     };
                     // Without it small responses wait ~40 ms for delayed ACKs.
                     let _ = stream.set_nodelay(true);
+                    // The header timeout runs from when hyper starts waiting
+                    // for a request head, so it also ends idle keep-alive
+                    // connections and ones that never finish their headers.
                     let connection = http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(limits.header_timeout)
                         .keep_alive(true)
                         .serve_connection(TokioIo::new(stream), app.clone())
                         .with_upgrades();
@@ -192,6 +213,7 @@ impl Server {
                         if let Err(e) = result {
                             tracing::debug!(%peer, error = %e, "connection ended with an error");
                         }
+                        drop(slot);
                     });
                 }
                 () = &mut shutdown => break,

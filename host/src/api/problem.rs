@@ -50,6 +50,24 @@ impl Problem {
         }
     }
 
+    /// The same problem as an anonymous caller sees it: a server-side
+    /// failure (5xx) keeps its status, code and invocation id, and its
+    /// detail becomes a short fixed sentence; what the function or host
+    /// said (a backtrace, an error chain) stays in the invocation record.
+    #[must_use]
+    pub fn for_anonymous(mut self) -> Self {
+        if self.status >= 500 {
+            self.detail = match &self.invocation_id {
+                Some(id) => format!(
+                    "the function failed ({}); its owner can look up invocation {id}",
+                    self.code
+                ),
+                None => format!("the function failed ({})", self.code),
+            };
+        }
+        self
+    }
+
     /// 400 with `code`.
     pub fn bad_request(code: &str, detail: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, detail)

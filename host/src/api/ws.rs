@@ -85,6 +85,7 @@ pub(super) async fn websocket(
     };
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let max_message = usize::try_from(service.policy(&tenant).max_body_bytes).unwrap_or(usize::MAX);
+    let idle = service.config().connections.websocket_idle_timeout;
     let on_upgrade = hyper::upgrade::on(request);
     let session_service = Arc::clone(&service);
     let session = tokio::spawn(async move {
@@ -107,7 +108,12 @@ pub(super) async fn websocket(
             tenant: &tenant,
             target: &target,
         };
-        while let Some(message) = messages.next().await {
+        loop {
+            // A client that sends nothing for this long is gone or idling
+            // on a connection slot: close the session.
+            let Ok(Some(message)) = tokio::time::timeout(idle, messages.next()).await else {
+                break;
+            };
             let (body, content_type) = match message {
                 Ok(Message::Text(text)) => (
                     text.as_str().as_bytes().to_vec(),

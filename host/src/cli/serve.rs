@@ -42,6 +42,26 @@ pub(crate) struct ServeArgs {
     #[arg(long, default_value_t = 256)]
     max_instances: u32,
 
+    /// Connections open at once; beyond it new clients wait in the
+    /// kernel's backlog until one closes.
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
+
+    /// How long a request's headers may take to arrive; also how long a
+    /// keep-alive connection may stay idle between requests.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    header_timeout: Duration,
+
+    /// How long a request body may take to arrive once its headers are in
+    /// (408 `body-timeout` after it).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    body_timeout: Duration,
+
+    /// How long a WebSocket session may go without a message from its
+    /// client before the host closes it.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    websocket_idle_timeout: Duration,
+
     /// Invocation records kept per function.
     #[arg(long, default_value_t = 1000)]
     retention: usize,
@@ -104,6 +124,12 @@ pub(crate) async fn serve(args: ServeArgs) -> ExitCode {
     config.grace = args.grace;
     config.retention_per_function = args.retention.max(1);
     config.job_retention = args.job_retention;
+    config.connections = gust_host::api::ConnectionLimits {
+        max_connections: args.max_connections.max(1),
+        header_timeout: args.header_timeout,
+        body_timeout: args.body_timeout,
+        websocket_idle_timeout: args.websocket_idle_timeout,
+    };
     config.gpu = super::bridge_config(&args.gpu);
     config.models_dir = args.models_dir;
     config.models = gust_gpu_bridge::models::RegistryConfig {

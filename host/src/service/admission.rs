@@ -46,6 +46,8 @@ pub(crate) struct Admission {
     host: Arc<Semaphore>,
     host_capacity: usize,
     tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Per tenant, the slots of anonymous callers of its public functions.
+    anonymous: Mutex<HashMap<String, Arc<Semaphore>>>,
     released: Arc<Notify>,
 }
 
@@ -56,6 +58,7 @@ impl Admission {
             host: Arc::new(Semaphore::new(host_capacity)),
             host_capacity,
             tenants: Mutex::new(HashMap::new()),
+            anonymous: Mutex::new(HashMap::new()),
             released: Arc::new(Notify::new()),
         }
     }
@@ -79,7 +82,16 @@ impl Admission {
     /// The tenant's semaphore, made with `limit` slots on first use (a
     /// tenant's policy is fixed for the life of the host).
     fn tenant(&self, tenant: &str, limit: usize) -> Arc<Semaphore> {
-        let mut tenants = self.tenants.lock().unwrap_or_else(PoisonError::into_inner);
+        Self::slots_of(&self.tenants, tenant, limit)
+    }
+
+    /// The semaphore of `tenant` in `map`, made with `limit` slots on first use.
+    fn slots_of(
+        map: &Mutex<HashMap<String, Arc<Semaphore>>>,
+        tenant: &str,
+        limit: usize,
+    ) -> Arc<Semaphore> {
+        let mut tenants = map.lock().unwrap_or_else(PoisonError::into_inner);
         // Looked up first: the hot path then allocates no key.
         if let Some(slots) = tenants.get(tenant) {
             return Arc::clone(slots);
@@ -87,6 +99,29 @@ impl Admission {
         let slots = Arc::new(Semaphore::new(limit));
         tenants.insert(tenant.to_owned(), Arc::clone(&slots));
         slots
+    }
+
+    /// A slot of `tenant`'s anonymous callers (at most `limit` at once,
+    /// apart from the tenant's own slots) and one of the host; refused at
+    /// once when either is full.
+    ///
+    /// # Errors
+    /// [`ServiceError::TenantBusy`] or [`ServiceError::HostBusy`].
+    pub(crate) fn admit_anonymous(
+        &self,
+        tenant: &str,
+        limit: usize,
+    ) -> Result<Permit, ServiceError> {
+        let anonymous_slot = Self::slots_of(&self.anonymous, tenant, limit)
+            .try_acquire_owned()
+            .map_err(|_| ServiceError::TenantBusy { limit })?;
+        let host_slot = Arc::clone(&self.host)
+            .try_acquire_owned()
+            .map_err(|_| ServiceError::HostBusy)?;
+        Ok(Permit {
+            slots: Some((anonymous_slot, host_slot)),
+            released: Arc::clone(&self.released),
+        })
     }
 
     /// A slot of `tenant` (at most `limit` at once) and one of the host.

@@ -34,6 +34,38 @@ pub struct ServeConfig {
     pub models_dir: Option<PathBuf>,
     /// Resident-model memory budget per device, and batching on or off.
     pub models: gust_gpu_bridge::models::RegistryConfig,
+    /// Connection budgets: how many, and how long each may dawdle.
+    pub connections: ConnectionLimits,
+}
+
+/// What one client's connections may hold of the host: a slow or idle
+/// client (slowloris) is cut off instead of holding a file descriptor and a
+/// task for ever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections open at once; beyond it the host stops accepting (the
+    /// kernel's backlog holds new ones) until one closes.
+    pub max_connections: usize,
+    /// How long a request's head (request line and headers) may take to
+    /// arrive, counted from the first byte; it also closes a keep-alive
+    /// connection that stays idle this long between requests.
+    pub header_timeout: Duration,
+    /// How long a request body may take to arrive once the head is in.
+    pub body_timeout: Duration,
+    /// How long a WebSocket session may pass without a message from the
+    /// client before the host closes it.
+    pub websocket_idle_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            websocket_idle_timeout: Duration::from_secs(300),
+        }
+    }
 }
 
 impl ServeConfig {
@@ -52,6 +84,7 @@ impl ServeConfig {
             gpu: gust_gpu_bridge::BridgeConfig::default(),
             models_dir: None,
             models: gust_gpu_bridge::models::RegistryConfig::default(),
+            connections: ConnectionLimits::default(),
         }
     }
 }

@@ -114,6 +114,9 @@ impl Failure {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "stack-overflow", detail)
             }
             Outcome::Trap { .. } => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "trap", detail),
+            Outcome::LimitExceeded { .. } => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "limit-exceeded", detail)
+            }
             Outcome::Cancelled => Self::new(
                 StatusCode::from_u16(super::CANCELLED_STATUS)
                     .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
@@ -123,6 +126,18 @@ impl Failure {
             _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "host-error", detail),
         }
     }
+}
+
+/// Who calls a wasi:http function: its own tenant, or anyone else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// A key of the function's tenant: the tenant's own slots, full
+    /// problem details.
+    Owner,
+    /// No key, or another tenant's, calling a public function: the
+    /// tenant's `max_anonymous_concurrency` slots, and failures answered
+    /// with their code and invocation id only.
+    Anonymous,
 }
 
 /// The status an invocation's record carries: what an invoke would have
@@ -233,6 +248,7 @@ impl Service {
                 .into_iter()
                 .map(|v| Preopen {
                     host_path: v.host_path,
+                    opened: Some(v.dir),
                     guest_path: v.mount,
                     read_only: v.read_only,
                 })
@@ -253,6 +269,22 @@ impl Service {
             .await
             .inspect_err(|e| match e {
                 ServiceError::TenantBusy { .. } => self.metrics.rejected("tenant-concurrency"),
+                ServiceError::HostBusy => self.metrics.rejected("host-saturated"),
+                _ => {}
+            })
+    }
+
+    /// A slot for a call of a public function by an anonymous caller: from
+    /// the tenant's `max_anonymous_concurrency`, not its own slots.
+    ///
+    /// # Errors
+    /// [`ServiceError::TenantBusy`] or [`ServiceError::HostBusy`].
+    pub fn admit_anonymous(&self, tenant: &str) -> Result<Permit, ServiceError> {
+        let limit = self.policy(tenant).max_anonymous_concurrency as usize;
+        self.admission
+            .admit_anonymous(tenant, limit)
+            .inspect_err(|e| match e {
+                ServiceError::TenantBusy { .. } => self.metrics.rejected("anonymous-concurrency"),
                 ServiceError::HostBusy => self.metrics.rejected("host-saturated"),
                 _ => {}
             })
@@ -345,37 +377,42 @@ impl Service {
         self.record(function, started, invocation_status(invocation), invocation);
     }
 
-    /// The tenant's wasi:http function `name`, ready to serve. A private
-    /// one is served only to a caller of the same tenant: `caller` is asked
-    /// for only then (a public function needs no key, and a bad one is not
-    /// looked at).
+    /// The tenant's wasi:http function `name`, ready to serve, and who is
+    /// calling it. A private one is served only to a caller of the same
+    /// tenant; anyone else, with a key or without, is told it does not
+    /// exist (so that its existence is not revealed). `caller` is asked for
+    /// the key's owner; for a public function a bad key only makes the
+    /// caller anonymous.
     ///
     /// # Errors
     /// [`ServiceError::NotFound`] for a missing function, a handler, or a
-    /// private function asked for by another tenant (the same answer, so
-    /// that its existence is not revealed); [`ServiceError::Unloadable`];
-    /// [`ServiceError::Volume`]; what `caller` fails with. `Ok(None)` when
-    /// the function is private and the caller sent no key.
+    /// private function asked for by anyone but its tenant;
+    /// [`ServiceError::Unloadable`]; [`ServiceError::Volume`]; what
+    /// `caller` fails with, for a private function.
     pub fn http_target<E: From<ServiceError>>(
         &self,
         tenant: &str,
         name: &str,
         caller: impl FnOnce() -> Result<Option<super::Caller>, E>,
-    ) -> Result<Option<Target>, E> {
+    ) -> Result<(Target, Access), E> {
         let not_found =
             || ServiceError::NotFound(format!("no HTTP function `{name}` for tenant `{tenant}`"));
         let deployment = self
             .deployment(tenant, name)
             .filter(|d| d.record.world == FunctionWorld::Http)
             .ok_or_else(not_found)?;
-        if !deployment.record.public {
-            match caller()? {
-                Some(super::Caller::Tenant(caller)) if caller == tenant => {}
-                Some(_) => return Err(not_found().into()),
-                None => return Ok(None),
+        let access = if deployment.record.public {
+            match caller() {
+                Ok(Some(super::Caller::Tenant(caller))) if caller == tenant => Access::Owner,
+                _ => Access::Anonymous,
             }
-        }
-        Ok(Some(self.target(deployment)?))
+        } else {
+            match caller()? {
+                Some(super::Caller::Tenant(caller)) if caller == tenant => Access::Owner,
+                _ => return Err(not_found().into()),
+            }
+        };
+        Ok((self.target(deployment)?, access))
     }
 
     /// Starts serving one wasi:http request with `target`: returns once

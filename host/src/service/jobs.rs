@@ -40,8 +40,44 @@ struct Inner {
     queues: HashMap<String, VecDeque<String>>,
     /// Running jobs by id.
     running: HashMap<String, Running>,
+    /// Per tenant, queue places taken by spawns still being stored: counted
+    /// with the queue, so two spawns at once cannot both take the last one.
+    reserved: HashMap<String, usize>,
     /// Set at shutdown: nothing more is started.
     stopping: bool,
+}
+
+/// A place in a tenant's queue, held while its job is stored; dropped
+/// without [`Reservation::enqueue`], the place is given back.
+struct Reservation<'a> {
+    jobs: &'a Jobs,
+    tenant: &'a str,
+    placed: bool,
+}
+
+impl Reservation<'_> {
+    /// Puts the stored job `id` in the place: the queue takes it and the
+    /// reservation ends in one step, so the count never passes the limit.
+    fn enqueue(mut self, id: String) {
+        let mut inner = self.jobs.lock();
+        inner
+            .queues
+            .entry(self.tenant.to_owned())
+            .or_default()
+            .push_back(id);
+        Jobs::unreserve(&mut inner, self.tenant);
+        self.placed = true;
+        drop(inner);
+        self.jobs.wake.notify_one();
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.placed {
+            Jobs::unreserve(&mut self.jobs.lock(), self.tenant);
+        }
+    }
 }
 
 /// The host's job queues, running jobs and background tasks.
@@ -73,8 +109,21 @@ impl Jobs {
         )
     }
 
-    fn queued(&self, tenant: &str) -> usize {
-        self.lock().queues.get(tenant).map_or(0, VecDeque::len)
+    /// Takes a place in `tenant`'s queue if fewer than `limit` are taken
+    /// (queued or reserved), in one step under the lock.
+    fn reserve<'a>(&'a self, tenant: &'a str, limit: usize) -> Option<Reservation<'a>> {
+        let mut inner = self.lock();
+        let queued = inner.queues.get(tenant).map_or(0, VecDeque::len);
+        let reserved = inner.reserved.get(tenant).copied().unwrap_or(0);
+        if queued.saturating_add(reserved) >= limit {
+            return None;
+        }
+        *inner.reserved.entry(tenant.to_owned()).or_default() += 1;
+        Some(Reservation {
+            jobs: self,
+            tenant,
+            placed: false,
+        })
     }
 
     fn enqueue(&self, tenant: &str, id: String) {
@@ -84,6 +133,17 @@ impl Jobs {
             .or_default()
             .push_back(id);
         self.wake.notify_one();
+    }
+
+    /// Gives a reserved place back (the job went into the queue, or was
+    /// never stored).
+    fn unreserve(inner: &mut Inner, tenant: &str) {
+        if let Some(n) = inner.reserved.get_mut(tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                inner.reserved.remove(tenant);
+            }
+        }
     }
 
     /// Keeps a background task to stop at shutdown.
@@ -228,10 +288,13 @@ impl Service {
     ) -> Result<JobRecord, ServiceError> {
         self.handler_function(tenant, name, "only handler functions run as jobs")?;
         let limit = self.policy(tenant).max_queued_jobs;
-        if self.jobs.queued(tenant) >= usize::try_from(limit).unwrap_or(usize::MAX) {
+        let Some(place) = self
+            .jobs
+            .reserve(tenant, usize::try_from(limit).unwrap_or(usize::MAX))
+        else {
             self.metrics.rejected("job-queue-full");
             return Err(ServiceError::QueueFull { limit });
-        }
+        };
         let now = now_millis();
         let job = JobRecord {
             id: new_job_id(now),
@@ -251,7 +314,7 @@ impl Service {
         self.store.put_job(&job)?;
         // Accepted means it survives a crash from here on.
         self.store.flush()?;
-        self.jobs.enqueue(tenant, job.id.clone());
+        place.enqueue(job.id.clone());
         Ok(job)
     }
 
@@ -501,5 +564,29 @@ async fn sweep(service: Arc<Service>) {
         if removed > 0 {
             tracing::debug!(removed, "expired job results removed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The check against `max_queued_jobs` and the enqueue are one step:
+    /// places being stored count, so concurrent spawns cannot overshoot.
+    #[test]
+    fn queue_places_are_reserved_atomically() {
+        let jobs = Jobs::default();
+        let first = jobs.reserve("acme", 2).expect("room for two");
+        let second = jobs.reserve("acme", 2).expect("room for two");
+        assert!(jobs.reserve("acme", 2).is_none(), "both places are taken");
+        assert!(jobs.reserve("other", 2).is_some(), "per tenant");
+        // A spawn whose store write failed gives its place back.
+        drop(second);
+        let again = jobs.reserve("acme", 2).expect("a place came back");
+        first.enqueue("job_1".into());
+        again.enqueue("job_2".into());
+        assert_eq!(jobs.counts().0, 2);
+        assert!(jobs.reserve("acme", 2).is_none(), "the queue holds two");
+        assert!(jobs.lock().reserved.is_empty());
     }
 }

@@ -69,6 +69,7 @@ impl Metrics {
         in_flight: usize,
         functions: usize,
         devices: &[gust_gpu_bridge::Device],
+        models: gust_gpu_bridge::models::RegistryStats,
     ) -> String {
         with_local_recorder(&self.recorder, || {
             counter!("gust_compile_total").absolute(stats.compiles);
@@ -78,6 +79,12 @@ impl Metrics {
             counter!("gust_instance_reuses_total").absolute(stats.reuses);
             gauge!("gust_invocations_in_flight").set(in_flight as f64);
             gauge!("gust_functions_loaded").set(functions as f64);
+            // Every tenant's model loads together (each tenant sees its own
+            // in GET /v1/models).
+            counter!("gust_model_loads_total").absolute(models.loads);
+            counter!("gust_model_load_hits_total").absolute(models.hits);
+            counter!("gust_model_load_failures_total").absolute(models.failures);
+            counter!("gust_model_evictions_total").absolute(models.evictions);
             for device in devices {
                 let backend = device.kind().as_str();
                 // Device time of all tenants; per-tenant figures are in

@@ -30,11 +30,11 @@ use std::time::Duration;
 
 use self::admission::Admission;
 pub use self::admission::{Admit, Permit};
-pub use self::config::{FirstStart, ServeConfig, ServeError};
+pub use self::config::{ConnectionLimits, FirstStart, ServeConfig, ServeError};
 use self::deployments::Deployments;
 pub use self::deployments::{Deployed, Deployment, checked_name};
 pub use self::error::ServiceError;
-pub use self::invoke::{Failure, Started, Target, json_input};
+pub use self::invoke::{Access, Failure, Started, Target, json_input};
 pub use self::jobs::CANCELLED_STATUS;
 use self::jobs::Jobs;
 use self::metrics::Metrics;
@@ -174,6 +174,7 @@ impl Service {
             self.admission.in_flight(),
             self.deployments.loaded(),
             self.gpu.bridge().devices(),
+            self.gpu.models().stats(),
         )
     }
 

@@ -189,8 +189,11 @@ impl Service {
         let policy = self.policy(tenant);
         let registry = self.gpu.models();
         let devices = self.gpu.bridge().devices();
+        // Only what the tenant may load: the rest, and where it is
+        // resident, is other tenants' business.
         let models = registry
             .list()
+            .filter(|entry| policy.gpu.allows_model(&entry.manifest.name))
             .map(|entry| {
                 let name = &entry.manifest.name;
                 let resident_on = devices
@@ -212,14 +215,14 @@ impl Service {
                 }
             })
             .collect();
-        let stats = registry.stats();
+        use std::sync::atomic::Ordering::Relaxed;
+        let usage = self.gpu.model_usage(tenant);
         wire::Models {
             models,
             stats: wire::ModelStats {
-                loads: stats.loads,
-                hits: stats.hits,
-                failures: stats.failures,
-                evictions: stats.evictions,
+                loads: usage.loads.load(Relaxed),
+                hits: usage.hits.load(Relaxed),
+                failures: usage.failures.load(Relaxed),
             },
         }
     }

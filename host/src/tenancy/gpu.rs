@@ -11,7 +11,7 @@ use gust_gpu_bridge::models::ModelRegistry;
 use gust_gpu_bridge::{Account, Bridge, Device};
 
 use super::policy::GpuPolicy;
-use crate::runtime::{GpuGrant, ModelGrant};
+use crate::runtime::{GpuGrant, ModelGrant, ModelUsage};
 
 /// The host's bridge: its devices and one account per tenant, made on the
 /// tenant's first bridge call from its policy's `[gpu]` quotas.
@@ -19,6 +19,8 @@ pub struct GpuHost {
     bridge: Bridge,
     models: Arc<ModelRegistry>,
     accounts: Mutex<HashMap<String, Arc<Account>>>,
+    /// Each tenant's model loads, made on first use.
+    model_usage: Mutex<HashMap<String, Arc<ModelUsage>>>,
 }
 
 impl std::fmt::Debug for GpuHost {
@@ -36,6 +38,7 @@ impl GpuHost {
             bridge,
             models,
             accounts: Mutex::new(HashMap::new()),
+            model_usage: Mutex::new(HashMap::new()),
         }
     }
 
@@ -59,6 +62,20 @@ impl GpuHost {
                 Some(Duration::from_millis(policy.time_ms_per_minute)),
             )
         }))
+    }
+
+    /// The model loads of `tenant`'s calls.
+    pub fn model_usage(&self, tenant: &str) -> Arc<ModelUsage> {
+        let mut usage = self
+            .model_usage
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(usage) = usage.get(tenant) {
+            return Arc::clone(usage);
+        }
+        let fresh = Arc::new(ModelUsage::default());
+        usage.insert(tenant.to_owned(), Arc::clone(&fresh));
+        fresh
     }
 
     /// The account of `tenant` if it has used the bridge.
@@ -92,6 +109,7 @@ impl GpuHost {
             models: Some(ModelGrant {
                 registry: Arc::clone(&self.models),
                 allowed: policy.models.iter().cloned().collect(),
+                usage: self.model_usage(tenant),
             }),
         })
     }

@@ -52,7 +52,7 @@ pub const TIMEOUT_MS_RANGE: RangeInclusive<u64> = 1..=3_600_000;
 /// Allowed `memory_mb`: the pooling allocator reserves at most 4 GiB per
 /// linear memory (`PoolingConfig::max_memory_bytes`).
 pub const MEMORY_MB_RANGE: RangeInclusive<u64> = 1..=4096;
-/// Allowed `max_concurrency`.
+/// Allowed `max_concurrency` and `max_anonymous_concurrency`.
 pub const MAX_CONCURRENCY_RANGE: RangeInclusive<u64> = 1..=u32::MAX as u64;
 /// Allowed `max_queued_jobs` (0: the tenant may not spawn jobs).
 pub const MAX_QUEUED_JOBS_RANGE: RangeInclusive<u64> = 0..=1_000_000;
@@ -263,13 +263,18 @@ pub struct Volume {
 }
 
 /// A [`Volume`] resolved to a real directory, ready to be preopened.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ResolvedVolume {
     /// The volume's name.
     pub name: String,
     /// The canonical host directory (symlinks resolved), inside the
-    /// tenant's volume root.
+    /// tenant's volume root: for messages. What the guest gets is `dir`.
     pub host_path: PathBuf,
+    /// The directory itself, opened beneath the tenant's volume root
+    /// (no `..` or symlink could lead it outside) when the volume was
+    /// resolved. Handing the guest this handle rather than `host_path`
+    /// closes the window in which the path could be swapped for a symlink.
+    pub dir: Arc<cap_std::fs::Dir>,
     /// The guest path.
     pub mount: String,
     /// Whether the guest may only read.
@@ -421,6 +426,10 @@ pub struct Policy {
     /// Invocations of the tenant's functions that may run at once; more are
     /// answered `429`.
     pub max_concurrency: u32,
+    /// Invocations of the tenant's public functions by anonymous callers
+    /// (no key, or another tenant's) that may run at once: a budget of
+    /// their own, so strangers cannot take the tenant's `max_concurrency`.
+    pub max_anonymous_concurrency: u32,
     /// Jobs (`spawn`) that may wait in the tenant's queue; more are
     /// answered `429`.
     pub max_queued_jobs: u64,
@@ -452,6 +461,7 @@ impl Default for Policy {
             timeout_ms: 10_000,
             memory_mb: 128,
             max_concurrency: 16,
+            max_anonymous_concurrency: 8,
             max_queued_jobs: 100,
             reuse_instances: 0,
             max_body_bytes: 10 * MIB,
@@ -481,6 +491,7 @@ impl fmt::Debug for Policy {
             .field("timeout_ms", &self.timeout_ms)
             .field("memory_mb", &self.memory_mb)
             .field("max_concurrency", &self.max_concurrency)
+            .field("max_anonymous_concurrency", &self.max_anonymous_concurrency)
             .field("max_queued_jobs", &self.max_queued_jobs)
             .field("reuse_instances", &self.reuse_instances)
             .field("max_body_bytes", &self.max_body_bytes)
@@ -549,18 +560,33 @@ impl Policy {
     /// outside the root. Directories are not created: that would follow
     /// symlinks too.
     ///
-    /// This is a check at one moment: the runtime should still open the
-    /// returned directories with cap-std and not follow symlinks that
-    /// a function with write access could plant later.
+    /// Each directory is opened here, with cap-std from a handle on the
+    /// root (resolution cannot leave it, whatever symlinks say), and the
+    /// guest is given that open directory: a path checked now and opened
+    /// later could be swapped for a symlink in between.
     pub fn resolve_volumes(&self, root: &Path) -> Result<Vec<ResolvedVolume>, VolumeError> {
         let root = fs::canonicalize(root).map_err(|source| VolumeError::Root {
             root: root.to_path_buf(),
             source,
         })?;
+        if self.volumes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let root_dir = cap_std::fs::Dir::open_ambient_dir(&root, cap_std::ambient_authority())
+            .map_err(|source| VolumeError::Root {
+                root: root.clone(),
+                source,
+            })?;
         self.volumes
             .iter()
             .map(|volume| {
                 let path = root.join(&volume.path);
+                let beneath = if volume.path.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    volume.path.as_path()
+                };
+                let opened = root_dir.open_dir(beneath);
                 let target = match fs::canonicalize(&path) {
                     Ok(target) => target,
                     Err(source) => {
@@ -585,9 +611,17 @@ impl Policy {
                         path,
                     });
                 }
+                // The checks above explain the usual failures; the open is
+                // what counts (the tree may have changed in between).
+                let dir = opened.map_err(|source| VolumeError::Unavailable {
+                    volume: volume.name.clone(),
+                    path: path.clone(),
+                    source,
+                })?;
                 Ok(ResolvedVolume {
                     name: volume.name.clone(),
                     host_path: target,
+                    dir: Arc::new(dir),
                     mount: volume.mount.clone(),
                     read_only: volume.read_only,
                 })
@@ -613,6 +647,13 @@ impl Policy {
             let n = doc.in_range("max_concurrency", v, MAX_CONCURRENCY_RANGE)?;
             policy.max_concurrency = u32::try_from(n)
                 .map_err(|_| doc.error(span, "max_concurrency", "does not fit in 32 bits"))?;
+        }
+        if let Some(v) = raw.max_anonymous_concurrency {
+            let span = v.span();
+            let n = doc.in_range("max_anonymous_concurrency", v, MAX_CONCURRENCY_RANGE)?;
+            policy.max_anonymous_concurrency = u32::try_from(n).map_err(|_| {
+                doc.error(span, "max_anonymous_concurrency", "does not fit in 32 bits")
+            })?;
         }
         if let Some(v) = raw.max_queued_jobs {
             policy.max_queued_jobs = doc.in_range("max_queued_jobs", v, MAX_QUEUED_JOBS_RANGE)?;
@@ -777,6 +818,7 @@ struct RawPolicy {
     timeout_ms: Option<Spanned<u64>>,
     memory_mb: Option<Spanned<u64>>,
     max_concurrency: Option<Spanned<u64>>,
+    max_anonymous_concurrency: Option<Spanned<u64>>,
     max_queued_jobs: Option<Spanned<u64>>,
     reuse_instances: Option<Spanned<u64>>,
     max_body_bytes: Option<Spanned<ByteCount>>,
@@ -977,6 +1019,24 @@ impl Doc<'_> {
                     format!("another volume is already mounted at {mount:?}"),
                 ));
             }
+            // A volume inside another would let a function that can write
+            // the outer one replace the inner one's directory (with a
+            // symlink, say) under the host's feet.
+            if let Some(outer) = volumes
+                .iter()
+                .find(|o: &&Volume| path.starts_with(&o.path) || o.path.starts_with(&path))
+            {
+                return Err(self.error(
+                    v.path.span(),
+                    key("path"),
+                    format!(
+                        "{:?} and volume {:?} ({:?}) are nested: volumes must not contain one another",
+                        display_volume_path(&path),
+                        outer.name,
+                        display_volume_path(&outer.path)
+                    ),
+                ));
+            }
             volumes.push(Volume {
                 name: v.name.into_inner(),
                 path,
@@ -1041,6 +1101,15 @@ impl Doc<'_> {
 /// Checks a volume's `path` and normalises it: relative, with no `..`, so it
 /// cannot name anything outside the tenant's volume root (symlinks are
 /// checked when it is resolved).
+/// A normalised volume path as a policy writes it (`.` for the root).
+fn display_volume_path(path: &Path) -> String {
+    if path.as_os_str().is_empty() {
+        ".".to_owned()
+    } else {
+        path.display().to_string()
+    }
+}
+
 fn volume_path(path: &str) -> Result<PathBuf, String> {
     if path.is_empty() {
         return Err("must not be empty (use \".\" for the whole volume root)".to_owned());

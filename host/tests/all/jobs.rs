@@ -7,7 +7,7 @@ use gust_test_artifacts as artifacts;
 use serde_json::Value;
 use tempfile::TempDir;
 
-use super::server::{TestServer, deploy, invocation_record, request, tenant};
+use super::server::{ADMIN_KEY, TestServer, deploy, invocation_record, request, tenant};
 
 /// Polls `GET url` until `done` holds for the JSON answer. The bound only
 /// keeps a broken host from hanging the test; nothing is timed.
@@ -172,7 +172,7 @@ async fn cancel_interrupts_a_running_loop_and_the_queue_is_bounded() {
     .await;
     full.problem(429, "queue-full");
     assert!(full.headers.contains_key("retry-after"));
-    let metrics = request("GET", &server.url("/metrics"), None, "")
+    let metrics = request("GET", &server.url("/metrics"), Some(ADMIN_KEY), "")
         .await
         .text();
     assert!(metrics.contains("gust_jobs_queued 2"), "{metrics}");

@@ -13,6 +13,7 @@ mod cli;
 mod crash;
 mod fixtures;
 mod gpu;
+mod hostile;
 mod jobs;
 mod limits;
 mod load_errors;

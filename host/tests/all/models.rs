@@ -46,6 +46,7 @@ fn fixture_limits() -> (gust_host::runtime::CallLimits, TempDir) {
             models: Some(ModelGrant {
                 registry,
                 allowed: std::sync::Arc::from(vec!["tiny-bert".to_owned()]),
+                usage: Default::default(),
             }),
         }),
         ..gust_host::runtime::CallLimits::default()
@@ -397,6 +398,7 @@ async fn wasi_nn_generates_with_a_resident_llama() {
             models: Some(ModelGrant {
                 registry,
                 allowed: std::sync::Arc::from(vec!["smollm2-135m-instruct".to_owned()]),
+                usage: Default::default(),
             }),
         }),
         ..gust_host::runtime::CallLimits::default()

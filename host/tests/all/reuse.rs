@@ -8,7 +8,7 @@ use gust_host::runtime::{CallLimits, Invocation, LoadedComponent, Outcome, Reuse
 use gust_test_artifacts::COUNTER_COMPONENT;
 use tempfile::TempDir;
 
-use super::server::{TestServer, deploy, invocation_record, request, tenant};
+use super::server::{ADMIN_KEY, TestServer, deploy, invocation_record, request, tenant};
 use super::{limits, load, request as call_request, runtime};
 
 fn reusing(scope: &str, max_uses: u32) -> CallLimits {
@@ -188,7 +188,7 @@ async fn the_policy_turns_reuse_on_per_function() {
     let id = reply.headers["gust-invocation-id"].to_str().unwrap();
     let record = invocation_record(&server, &reusing, id).await;
     assert_eq!(record["timings"]["reused_instance"], true, "{record}");
-    let metrics = request("GET", &server.url("/metrics"), None, "")
+    let metrics = request("GET", &server.url("/metrics"), Some(ADMIN_KEY), "")
         .await
         .text();
     // Instances: one's two, two's one, and the other tenant's two calls.

@@ -67,6 +67,12 @@ pub(crate) fn policies(dir: &Path) -> PathBuf {
     )
     .unwrap();
     std::fs::write(policies.join("nogpu.toml"), "[gpu]\nbackends = []\n").unwrap();
+    // One anonymous call at a time, beside two of the tenant's own.
+    std::fs::write(
+        policies.join("anon.toml"),
+        "max_concurrency = 2\nmax_anonymous_concurrency = 1\ntimeout_ms = 4000\n",
+    )
+    .unwrap();
     std::fs::write(
         policies.join("smallgpu.toml"),
         "[gpu]\nbackends = [\"wgpu\", \"cpu\"]\nmemory_mb = 2\n",
@@ -475,7 +481,7 @@ async fn function_outcomes_map_to_status_codes() {
     .await
     .problem(400, "invalid-request");
 
-    let metrics = request("GET", &server.url("/metrics"), None, "")
+    let metrics = request("GET", &server.url("/metrics"), Some(ADMIN_KEY), "")
         .await
         .text();
     assert!(
@@ -709,7 +715,9 @@ async fn concurrency_limits_answer_429_and_503() {
     let hello_url = server.url("/v1/functions/hello/invoke");
     let metrics_url = server.url("/metrics");
     let in_flight = || async {
-        let text = request("GET", &metrics_url, None, "").await.text();
+        let text = request("GET", &metrics_url, Some(ADMIN_KEY), "")
+            .await
+            .text();
         metric(&text, "gust_invocations_in_flight").unwrap_or(0.0)
     };
 
@@ -761,10 +769,11 @@ async fn wasi_http_components_are_served() {
         (201, Some(true))
     );
 
-    // Private: the tenant's key is needed; another tenant's key sees nothing.
+    // Private: the tenant's key is needed; without it, or with another
+    // tenant's, the function does not exist.
     request("GET", &server.url("/http/demo/web/"), None, "")
         .await
-        .problem(401, "unauthorized");
+        .problem(404, "not-found");
     let stranger = tenant(&server, "stranger").await;
     request("GET", &server.url("/http/demo/web/"), Some(&stranger), "")
         .await
@@ -895,7 +904,7 @@ async fn a_restart_serves_everything_with_zero_recompiles() {
         2,
         "records survive the restart"
     );
-    let metrics = request("GET", &server.url("/metrics"), None, "")
+    let metrics = request("GET", &server.url("/metrics"), Some(ADMIN_KEY), "")
         .await
         .text();
     assert_eq!(
@@ -1101,7 +1110,7 @@ async fn tensors_over_http_with_per_tenant_gpu_policies() {
         .await
         .problem(401, "unauthorized");
 
-    let metrics = request("GET", &server.url("/metrics"), None, "")
+    let metrics = request("GET", &server.url("/metrics"), Some(ADMIN_KEY), "")
         .await
         .text();
     assert!(
@@ -1116,7 +1125,7 @@ async fn tensors_over_http_with_per_tenant_gpu_policies() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let text = request("GET", &server.url("/metrics"), None, "")
+        let text = request("GET", &server.url("/metrics"), Some(ADMIN_KEY), "")
             .await
             .text();
         held = metric(&text, "gust_gpu_memory_bytes{backend=\"cpu\"}");

@@ -305,14 +305,15 @@ fn error_escaping_volume_path() {
 
 #[test]
 fn volume_paths_are_normalised() {
-    let p = parse(
-        "[[volumes]]\nname = \"root\"\npath = \".\"\nmount = \"/\"\n[[volumes]]\nname = \"b\"\npath = \"./a/./b/\"\nmount = \"/b\"\nread_only = false\n",
-    )
-    .unwrap();
+    let p = parse("[[volumes]]\nname = \"root\"\npath = \".\"\nmount = \"/\"\n").unwrap();
     assert_eq!(p.volumes[0].path, PathBuf::new());
     assert!(p.volumes[0].read_only, "read_only defaults to true");
-    assert_eq!(p.volumes[1].path, PathBuf::from("a/b"));
-    assert!(!p.volumes[1].read_only);
+    let p = parse(
+        "[[volumes]]\nname = \"b\"\npath = \"./a/./b/\"\nmount = \"/b\"\nread_only = false\n",
+    )
+    .unwrap();
+    assert_eq!(p.volumes[0].path, PathBuf::from("a/b"));
+    assert!(!p.volumes[0].read_only);
 }
 
 #[test]
@@ -538,15 +539,37 @@ fn volumes_resolve_inside_the_root() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("volumes").join("acme");
     fs::create_dir_all(root.join("data/sub")).unwrap();
-    let p = volume_policy(&[".", "data", "data/sub"]);
+    fs::create_dir_all(root.join("other")).unwrap();
+    fs::write(root.join("data/sub/marker"), "sub").unwrap();
+    let p = volume_policy(&["other", "data/sub"]);
     let resolved = p.resolve_volumes(&root).unwrap();
     let canonical = fs::canonicalize(&root).unwrap();
-    assert_eq!(resolved[0].host_path, canonical);
-    assert_eq!(resolved[1].host_path, canonical.join("data"));
-    assert_eq!(resolved[2].host_path, canonical.join("data/sub"));
+    assert_eq!(resolved[0].host_path, canonical.join("other"));
+    assert_eq!(resolved[1].host_path, canonical.join("data/sub"));
     assert_eq!(resolved[1].mount, "/v1");
     assert!(resolved[1].read_only);
     assert_eq!(resolved[1].name, "v1");
+    // The open handle is the directory the path named.
+    assert_eq!(resolved[1].dir.read_to_string("marker").unwrap(), "sub");
+    let whole = volume_policy(&["."]).resolve_volumes(&root).unwrap();
+    assert_eq!(whole[0].host_path, canonical);
+    assert!(whole[0].dir.is_dir("data"));
+}
+
+#[test]
+fn nested_volumes_are_refused() {
+    // With one volume inside a writable other, a function could swap the
+    // inner directory for a symlink between admission and open.
+    for (outer, inner) in [("data", "data/sub"), (".", "data"), ("a/b/c", "a/b")] {
+        let text = format!(
+            "[[volumes]]\nname = \"outer\"\npath = {outer:?}\nmount = \"/o\"\n\
+             [[volumes]]\nname = \"inner\"\npath = {inner:?}\nmount = \"/i\"\n"
+        );
+        let err = expect_error(&text, 7, "volumes[1].path");
+        assert!(err.to_string().contains("nested"), "{err}");
+    }
+    // Siblings, and names that only share a prefix, are fine.
+    volume_policy(&["data/a", "data/b", "data-2"]);
 }
 
 #[cfg(unix)]
