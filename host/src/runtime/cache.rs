@@ -157,6 +157,53 @@ impl CompileCache {
         }
     }
 
+    /// Removes the entry for `digest`, if any (its component is gone).
+    pub(crate) fn remove(&self, digest: &Digest) -> Result<(), CacheError> {
+        let entry = self.entry_path(digest);
+        for path in [Self::mac_path(&entry), entry] {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error(&path)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every entry but those of `keep` for this engine: artifacts of
+    /// components no longer deployed, and of engines this host no longer
+    /// runs (a Wasmtime upgrade changes the fingerprint). Returns how many
+    /// files went.
+    pub(crate) fn retain(&self, keep: &[Digest]) -> Result<usize, CacheError> {
+        let kept: std::collections::HashSet<PathBuf> =
+            keep.iter().map(|d| self.entry_path(d)).collect();
+        let mut removed = 0;
+        for entry in fs::read_dir(&self.dir).map_err(io_error(&self.dir))? {
+            let entry = entry.map_err(io_error(&self.dir))?;
+            let path = entry.path();
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            // The MAC file goes with its artifact; the key and anything
+            // else stay.
+            let artifact = match name.strip_suffix(".mac") {
+                Some(artifact) => self.dir.join(artifact),
+                None => path.clone(),
+            };
+            let is_entry = artifact
+                .extension()
+                .is_some_and(|extension| extension == "cwasm");
+            if !is_entry || kept.contains(&artifact) {
+                continue;
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error(&path)(e)),
+            }
+        }
+        Ok(removed)
+    }
+
     /// Stores a serialized artifact for `digest`, atomically.
     pub(crate) fn store(&self, digest: &Digest, artifact: &[u8]) -> Result<(), CacheError> {
         let entry = self.entry_path(digest);

@@ -172,6 +172,24 @@ impl Runtime {
         self.prepare(digest, component, source)
     }
 
+    /// Removes the compiled artifact of `digest` from the cache: its
+    /// component was deleted or replaced and nothing else uses it.
+    ///
+    /// # Errors
+    /// The artifact could not be removed.
+    pub fn forget_compiled(&self, digest: &Digest) -> Result<(), super::CacheError> {
+        self.cache.remove(digest)
+    }
+
+    /// Removes every compiled artifact but those of `keep` (the components
+    /// still deployed); returns how many files went.
+    ///
+    /// # Errors
+    /// The cache directory could not be read or a file not removed.
+    pub fn retain_compiled(&self, keep: &[Digest]) -> Result<usize, super::CacheError> {
+        self.cache.retain(keep)
+    }
+
     fn compile(&self, digest: &Digest, bytes: &[u8]) -> Result<Component, LoadError> {
         self.stats.compiles.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();

@@ -18,6 +18,8 @@ pub trait BlobStore: Send + Sync + 'static {
     fn contains(&self, digest: &Digest) -> Result<bool, StoreError>;
     /// Removes the blob; false if it was absent.
     fn remove(&self, digest: &Digest) -> Result<bool, StoreError>;
+    /// Every stored blob's digest (for garbage collection).
+    fn list(&self) -> Result<Vec<Digest>, StoreError>;
 }
 
 /// Names of files being written start with this; only [`FsBlobStore::put`]
@@ -181,6 +183,21 @@ impl BlobStore for FsBlobStore {
                 source: error,
             }),
         }
+    }
+
+    fn list(&self) -> Result<Vec<Digest>, StoreError> {
+        let mut digests = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(io_error(&self.dir))? {
+            let entry = entry.map_err(io_error(&self.dir))?;
+            // Only `<hex>.wasm` names are blobs; anything else is left alone.
+            let digest = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.strip_suffix(".wasm"))
+                .and_then(|hex| Digest::parse(&format!("sha256:{hex}")));
+            digests.extend(digest);
+        }
+        Ok(digests)
     }
 }
 

@@ -66,6 +66,25 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the disk is full (or the quota of the data directory's
+    /// filesystem used up): the caller is told so (507) rather than given a
+    /// generic host error, and what was acknowledged before stays.
+    pub fn is_out_of_space(&self) -> bool {
+        let io = match self {
+            Self::Io { source, .. } => Some(source),
+            Self::Backend(BackendError::Sled(::sled::Error::Io(source))) => Some(source),
+            _ => None,
+        };
+        io.is_some_and(|e| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            )
+        })
+    }
+}
+
 /// Why the database failed (see [`StoreError::Backend`]).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -422,7 +441,23 @@ pub trait MetaStore: Send + Sync + 'static {
         tenant: &str,
         function: &str,
         limit: usize,
-    ) -> Result<Vec<InvocationRecord>, StoreError>;
+    ) -> Result<Vec<InvocationRecord>, StoreError> {
+        Ok(self
+            .invocations_before(tenant, function, limit, None)?
+            .into_iter()
+            .map(|(_, record)| record)
+            .collect())
+    }
+    /// A page of a function's invocation records, newest first: at most
+    /// `limit`, all older than the record at position `before` (from an
+    /// earlier page) when given. Each comes with its position.
+    fn invocations_before(
+        &self,
+        tenant: &str,
+        function: &str,
+        limit: usize,
+        before: Option<u64>,
+    ) -> Result<Vec<(u64, InvocationRecord)>, StoreError>;
 
     /// Creates or replaces a job.
     fn put_job(&self, job: &JobRecord) -> Result<(), StoreError>;

@@ -95,6 +95,9 @@ pub struct SledStore {
     purges: Tree,
     jobs: Tree,
     schedules: Tree,
+    /// Records that did not decode, moved aside (key `<tree>\0<key>`) so
+    /// that one bad record does not stop the host from starting.
+    quarantine: Tree,
     retention: usize,
     /// Serialises invocation-record writes (and function deletes, which
     /// reset their counts) within this process. Records are written with
@@ -177,12 +180,47 @@ impl SledStore {
             purges: tree("purges")?,
             jobs: tree("jobs")?,
             schedules: tree("schedules")?,
+            quarantine: tree("quarantine")?,
             db,
             retention: retention_per_function,
             records: Arc::new(std::sync::Mutex::new(())),
         };
         store.finish_purges()?;
         Ok(store)
+    }
+
+    /// Decodes `entries` of `tree` (called `name`); a record that does not
+    /// decode is logged and moved to the quarantine tree instead of failing
+    /// the listing: these are the listings a start reads, and one corrupt
+    /// record must not keep the host (and every other tenant) down. The
+    /// bytes are kept there for an operator to inspect.
+    fn decode_or_quarantine<T: DeserializeOwned>(
+        &self,
+        name: &str,
+        tree: &Tree,
+        entries: impl Iterator<Item = sled::Result<(IVec, IVec)>>,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut decoded = Vec::new();
+        for entry in entries {
+            let (key, value) = entry.map_err(backend)?;
+            match decode(name, &key, &value) {
+                Ok(record) => decoded.push(record),
+                Err(error) => {
+                    tracing::error!(%error, "a stored record does not decode; moved to the quarantine tree");
+                    let mut moved = name.as_bytes().to_vec();
+                    moved.push(0);
+                    moved.extend_from_slice(&key);
+                    self.quarantine.insert(moved, value).map_err(backend)?;
+                    tree.remove(&key).map_err(backend)?;
+                }
+            }
+        }
+        Ok(decoded)
+    }
+
+    /// Records moved to the quarantine tree so far.
+    pub fn quarantined(&self) -> usize {
+        self.quarantine.len()
     }
 
     /// The retention bound this store was opened with.
@@ -329,7 +367,7 @@ impl MetaStore for SledStore {
     }
 
     fn tenants(&self) -> Result<Vec<TenantRecord>, StoreError> {
-        decode_all("tenants", self.tenants.iter())
+        self.decode_or_quarantine("tenants", &self.tenants, self.tenants.iter())
     }
 
     fn add_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
@@ -472,7 +510,8 @@ impl MetaStore for SledStore {
     }
 
     fn all_functions(&self) -> Result<Vec<FunctionRecord>, StoreError> {
-        let stored: Vec<StoredFunction> = decode_all("functions", self.functions.iter())?;
+        let stored: Vec<StoredFunction> =
+            self.decode_or_quarantine("functions", &self.functions, self.functions.iter())?;
         Ok(stored.into_iter().map(|stored| stored.function).collect())
     }
 
@@ -594,20 +633,41 @@ impl MetaStore for SledStore {
         Ok(live.then_some(record))
     }
 
-    fn invocations(
+    fn invocations_before(
         &self,
         tenant: &str,
         function: &str,
         limit: usize,
-    ) -> Result<Vec<InvocationRecord>, StoreError> {
+        before: Option<u64>,
+    ) -> Result<Vec<(u64, InvocationRecord)>, StoreError> {
         let Some(stored) = self.load_function(&function_key(tenant, function))? else {
             return Ok(Vec::new());
         };
         let prefix = invocation_prefix(tenant, function, stored.incarnation);
-        decode_all(
-            INVOCATIONS,
-            self.invocations.scan_prefix(prefix).rev().take(limit),
-        )
+        // Keys end in the big-endian `seq`: those before `prefix seq` are
+        // exactly the older records.
+        let entries: Box<dyn DoubleEndedIterator<Item = sled::Result<(IVec, IVec)>>> = match before
+        {
+            Some(seq) => {
+                let mut upper = prefix.clone();
+                upper.extend_from_slice(&seq.to_be_bytes());
+                Box::new(self.invocations.range(prefix..upper))
+            }
+            None => Box::new(self.invocations.scan_prefix(prefix)),
+        };
+        entries
+            .rev()
+            .take(limit)
+            .map(|entry| {
+                let (key, value) = entry.map_err(backend)?;
+                let seq = key
+                    .len()
+                    .checked_sub(8)
+                    .and_then(|at| <[u8; 8]>::try_from(&key[at..]).ok())
+                    .map_or(0, u64::from_be_bytes);
+                Ok((seq, decode(INVOCATIONS, &key, &value)?))
+            })
+            .collect()
     }
 
     fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
@@ -634,7 +694,8 @@ impl MetaStore for SledStore {
     }
 
     fn all_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
-        let mut jobs: Vec<JobRecord> = decode_all("jobs", self.jobs.iter())?;
+        let mut jobs: Vec<JobRecord> =
+            self.decode_or_quarantine("jobs", &self.jobs, self.jobs.iter())?;
         // Keys group by tenant; ids are time-ordered.
         jobs.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(jobs)
@@ -671,7 +732,7 @@ impl MetaStore for SledStore {
     }
 
     fn all_schedules(&self) -> Result<Vec<ScheduleRecord>, StoreError> {
-        decode_all("schedules", self.schedules.iter())
+        self.decode_or_quarantine("schedules", &self.schedules, self.schedules.iter())
     }
 
     fn flush(&self) -> Result<(), StoreError> {
@@ -957,6 +1018,33 @@ mod tests {
             .deploy(&request("acme", "hello", DIGEST_A, false))
             .unwrap();
         (dir, store)
+    }
+
+    /// A record that does not decode is moved aside with a log line; the
+    /// listings a start reads go on with the others.
+    #[test]
+    fn undecodable_records_are_quarantined_not_fatal() {
+        let (dir, store) = open(10);
+        store.create_tenant("alpha").unwrap();
+        store.create_tenant("beta").unwrap();
+        store.tenants.insert("broken", &b"{not json"[..]).unwrap();
+        store.schedules.insert("x\0y", &b"\xff"[..]).unwrap();
+        let store = reopen(&dir, store, 10);
+        let names: Vec<String> = store
+            .tenants()
+            .unwrap()
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        assert_eq!(names, ["alpha", "beta"]);
+        assert!(store.all_schedules().unwrap().is_empty());
+        assert_eq!(store.quarantined(), 2);
+        assert!(store.tenants.get("broken").unwrap().is_none());
+        // The bytes are kept for an operator.
+        assert_eq!(
+            store.quarantine.get(b"tenants\0broken").unwrap().unwrap(),
+            &b"{not json"[..]
+        );
     }
 
     #[test]
@@ -1429,7 +1517,10 @@ mod tests {
             store.tenant("acme"),
             Err(StoreError::Corrupt { .. })
         ));
-        assert!(matches!(store.tenants(), Err(StoreError::Corrupt { .. })));
+        // Listings move a corrupt record aside (see
+        // `undecodable_records_are_quarantined_not_fatal`).
+        assert!(store.tenants().unwrap().is_empty());
+        assert_eq!(store.quarantined(), 1);
 
         let (record_key, _) = store.invocations.iter().next().unwrap().unwrap();
         store.invocations.insert(&record_key, &b"[]"[..]).unwrap();
@@ -1454,10 +1545,6 @@ mod tests {
         }
         assert!(matches!(
             store.functions("acme"),
-            Err(StoreError::Corrupt { .. })
-        ));
-        assert!(matches!(
-            store.all_functions(),
             Err(StoreError::Corrupt { .. })
         ));
         assert!(matches!(
