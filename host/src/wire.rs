@@ -182,6 +182,9 @@ impl From<&InvocationRecord> for Invocation {
 pub struct InvocationList {
     /// Newest first.
     pub invocations: Vec<Invocation>,
+    /// Pass as `cursor` for the next (older) page; absent on the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }
 
 /// A tenant.

@@ -23,12 +23,15 @@ pub(super) struct DeployFlags {
     retryable: Option<String>,
 }
 
-/// `?limit=N` of the logs.
+/// `?limit=N&cursor=C` of the logs.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub(super) struct LogsQuery {
-    /// Records to return, 1..=1000 (default 50).
+    /// Records to return, 1..=1000 (default 50); a page also stops at 4 MiB
+    /// of captured output.
     limit: Option<String>,
+    /// Where to go on from: the `next_cursor` of the previous page.
+    cursor: Option<String>,
 }
 
 /// Deploy a component as the function `name`.
@@ -46,6 +49,8 @@ pub(super) struct LogsQuery {
         (status = 401, description = "No valid tenant key", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The body did not arrive within the host's body timeout", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Larger than the policy allows", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Too many deploys are waiting to compile", body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "Beyond the policy's max_functions or max_storage_bytes, or the host's disk is full", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -148,7 +153,7 @@ pub(super) async fn delete(
     params(("name" = String, Path, description = "Function name"), LogsQuery),
     responses(
         (status = 200, description = "Its invocation records", body = wire::InvocationList),
-        (status = 400, description = "`limit` out of range", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "`limit` out of range or a malformed `cursor`", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid tenant key", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such function", body = Problem, content_type = "application/problem+json"),
     ),
@@ -168,14 +173,25 @@ pub(super) async fn logs(
             .filter(|n| (1..=1000).contains(n))
             .ok_or_else(|| Problem::bad_request("invalid-request", "`limit` must be 1..=1000"))?,
     };
-    let invocations = service
-        .invocations(&tenant, &name, limit)?
-        .iter()
-        .map(wire::Invocation::from)
-        .collect();
+    let cursor = query
+        .cursor
+        .map(|raw| {
+            raw.parse::<u64>().map_err(|_| {
+                Problem::bad_request(
+                    "invalid-request",
+                    "`cursor` must be the `next_cursor` of an earlier page",
+                )
+            })
+        })
+        .transpose()?;
+    let (records, next) = service.invocations(&tenant, &name, limit, cursor)?;
+    let invocations = records.iter().map(wire::Invocation::from).collect();
     Ok(json_response(
         StatusCode::OK,
-        &wire::InvocationList { invocations },
+        &wire::InvocationList {
+            invocations,
+            next_cursor: next.map(|seq| seq.to_string()),
+        },
     ))
 }
 

@@ -98,6 +98,10 @@ pub fn checked_name<'a>(name: &'a str, what: &'static str) -> Result<&'a str, Se
     }
 }
 
+/// Captured output one page of logs may carry: a thousand records of 64 KiB
+/// stdout and stderr each would otherwise be built in memory at once.
+const LOG_PAGE_BYTES: usize = 4 << 20;
+
 fn no_function(name: &str) -> ServiceError {
     ServiceError::NotFound(format!("no function `{name}`"))
 }
@@ -152,9 +156,16 @@ impl Service {
     /// Validates and compiles `bytes`, stores them and the function, and
     /// makes the new version the one calls run.
     ///
+    /// Compiles run one per core; a deploy waits for a slot, or is refused
+    /// with [`ServiceError::HostBusy`] when many already wait. A version
+    /// replaced takes its blob and compiled artifact with it unless another
+    /// function uses them.
+    ///
     /// # Errors
     /// [`ServiceError::InvalidName`], [`ServiceError::InvalidComponent`]
-    /// (nothing is stored then), or a store failure.
+    /// (nothing is stored then), [`ServiceError::FunctionQuota`],
+    /// [`ServiceError::StorageQuota`], [`ServiceError::HostBusy`], or a
+    /// store failure.
     #[tracing::instrument(level = "debug", name = "deploy", skip_all, fields(%tenant, function = %name, size = bytes.len()))]
     pub async fn deploy(
         self: &Arc<Self>,
@@ -167,6 +178,9 @@ impl Service {
         let name = checked_name(name, "function")?.to_owned();
         let digest = Digest::of(&bytes);
         let size = bytes.len() as u64;
+        // Refused before compiling: a tenant at its quota costs no CPU.
+        self.check_quota(tenant, &name, size)?;
+        let _compiling = self.compile_slot().await?;
         let service = Arc::clone(self);
         let loaded = tokio::task::spawn_blocking(move || {
             // Validate and compile before storing anything: a bad upload
@@ -174,29 +188,62 @@ impl Service {
             // points to it, so a crash in between leaves an orphan blob,
             // never a function without its component.
             let component = service.runtime.load(&bytes)?;
-            Ok::<_, crate::runtime::LoadError>((component, service.blobs.put(&digest, &bytes)))
+            let stored = service.blobs.put(&digest, &bytes);
+            Ok::<_, crate::runtime::LoadError>((component, stored, bytes))
         })
         .await
         .map_err(|e| ServiceError::Internal(format!("compiling panicked: {e}")))?;
-        let (component, stored) = loaded.inspect_err(|_| self.metrics.deploy("invalid"))?;
-        stored?;
+        let (component, stored, bytes) = loaded.inspect_err(|_| self.metrics.deploy("invalid"))?;
+        if let Err(e) = stored {
+            self.forget_if_unused(&self.deploy_lock(), &digest);
+            return Err(e.into());
+        }
         let world = match component.world() {
             World::Http => FunctionWorld::Http,
             _ => FunctionWorld::Handler,
         };
-        let deployed = self.store.deploy(&DeployRequest {
-            tenant: tenant.to_owned(),
-            name,
-            digest: digest.to_string(),
-            size,
-            world,
-            public,
-            retryable,
-        })?;
-        self.put_deployment(Deployment {
-            record: deployed.function.clone(),
-            component: Ok(component),
-        });
+        let deployed = {
+            let deploying = self.deploy_lock();
+            // Again, now that no other deploy of the tenant can come in
+            // between the check and the write.
+            let replaced = self.store.function(tenant, &name)?;
+            // A failed deploy of the same bytes may have removed the blob
+            // since it was written above (it was unused then).
+            if !self.blobs.contains(&digest)? {
+                self.blobs.put(&digest, &bytes)?;
+            }
+            let written = self.check_quota(tenant, &name, size).and_then(|()| {
+                Ok(self.store.deploy(&DeployRequest {
+                    tenant: tenant.to_owned(),
+                    name,
+                    digest: digest.to_string(),
+                    size,
+                    world,
+                    public,
+                    retryable,
+                })?)
+            });
+            let deployed = match written {
+                Ok(deployed) => deployed,
+                Err(e) => {
+                    // Nothing points at what was stored for this deploy.
+                    self.forget_if_unused(&deploying, &digest);
+                    return Err(e);
+                }
+            };
+            self.put_deployment(Deployment {
+                record: deployed.function.clone(),
+                component: Ok(component),
+            });
+            // The version replaced leaves its bytes and compiled code
+            // behind unless another function uses them.
+            if let Some(old) = replaced.and_then(|r| Digest::parse(&r.digest))
+                && old != digest
+            {
+                self.forget_if_unused(&deploying, &old);
+            }
+            deployed
+        };
         self.metrics.deploy(if deployed.changed {
             "created"
         } else {
@@ -258,6 +305,7 @@ impl Service {
     /// # Errors
     /// [`ServiceError::NotFound`], or a store failure.
     pub fn delete_function(&self, tenant: &str, name: &str) -> Result<(), ServiceError> {
+        let deploying = self.deploy_lock();
         let deleted = self
             .store
             .delete_function(tenant, name)?
@@ -270,18 +318,136 @@ impl Service {
         if self.store.delete_schedule(tenant, name)? {
             self.schedules.remove(tenant, name);
         }
-        // The blob goes when nothing else uses it (another tenant may have
-        // deployed the same bytes).
-        if let Some(digest) = Digest::parse(&deleted.digest)
-            && !self.store.digest_in_use(&deleted.digest)?
-            && let Err(e) = self.blobs.remove(&digest)
-        {
-            tracing::warn!(%digest, error = %e, "could not remove an unused blob");
+        // The blob and compiled code go when nothing else uses them
+        // (another tenant may have deployed the same bytes).
+        if let Some(digest) = Digest::parse(&deleted.digest) {
+            self.forget_if_unused(&deploying, &digest);
         }
         Ok(())
     }
 
-    /// The newest `limit` invocation records of a function.
+    /// Whether `tenant` may deploy `size` bytes as `name`: within its
+    /// policy's `max_functions` and `max_storage_bytes`, counting what is
+    /// deployed now except the version `name` would replace.
+    ///
+    /// # Errors
+    /// [`ServiceError::FunctionQuota`], [`ServiceError::StorageQuota`], or
+    /// a store failure.
+    fn check_quota(&self, tenant: &str, name: &str, size: u64) -> Result<(), ServiceError> {
+        let policy = self.policy(tenant);
+        let others: Vec<FunctionRecord> = self
+            .store
+            .functions(tenant)?
+            .into_iter()
+            .filter(|f| f.name != name)
+            .collect();
+        if others.len() as u64 >= policy.max_functions {
+            return Err(ServiceError::FunctionQuota {
+                limit: policy.max_functions,
+            });
+        }
+        let needed = others
+            .iter()
+            .fold(size, |total, f| total.saturating_add(f.size));
+        if needed > policy.max_storage_bytes {
+            return Err(ServiceError::StorageQuota {
+                limit: policy.max_storage_bytes,
+                needed,
+            });
+        }
+        Ok(())
+    }
+
+    /// The lock deploys and deletes hold around their checks and writes.
+    fn deploy_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.deploying
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A compile slot (one per core), waiting in line for one; refused with
+    /// [`ServiceError::HostBusy`] when the line is already long.
+    async fn compile_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ServiceError> {
+        use std::sync::atomic::Ordering;
+        if let Ok(slot) = Arc::clone(&self.compiles).try_acquire_owned() {
+            return Ok(slot);
+        }
+        let line = super::MAX_QUEUED_COMPILES.saturating_mul(super::cores());
+        if self.queued_compiles.fetch_add(1, Ordering::AcqRel) >= line {
+            self.queued_compiles.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.rejected("compile-queue");
+            return Err(ServiceError::HostBusy);
+        }
+        let slot = Arc::clone(&self.compiles).acquire_owned().await;
+        self.queued_compiles.fetch_sub(1, Ordering::AcqRel);
+        // The semaphore is never closed.
+        slot.map_err(|_| ServiceError::HostBusy)
+    }
+
+    /// Removes the blob and the compiled artifact of `digest` when no
+    /// function uses it. Failures are logged: the next start's garbage
+    /// collection tries again.
+    ///
+    /// `_deploying` is the deploy lock, held: the removal cannot then fall
+    /// between another deploy's check of its blob and its function's write.
+    fn forget_if_unused(&self, _deploying: &std::sync::MutexGuard<'_, ()>, digest: &Digest) {
+        match self.store.digest_in_use(&digest.to_string()) {
+            Ok(false) => {}
+            Ok(true) => return,
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "could not tell whether a blob is in use");
+                return;
+            }
+        }
+        if let Err(e) = self.blobs.remove(digest) {
+            tracing::warn!(%digest, error = %e, "could not remove an unused blob");
+        }
+        if let Err(e) = self.runtime.forget_compiled(digest) {
+            tracing::warn!(%digest, error = %e, "could not remove an unused compiled artifact");
+        }
+    }
+
+    /// Removes blobs and compiled artifacts no function uses: left by a
+    /// crash between a blob's write and its function's, by a removal that
+    /// failed, or by an engine this host no longer runs.
+    pub(super) fn collect_garbage(&self) {
+        let used: Vec<Digest> = match self.store.all_functions() {
+            Ok(functions) => functions
+                .iter()
+                .filter_map(|f| Digest::parse(&f.digest))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "garbage collection skipped: functions unreadable");
+                return;
+            }
+        };
+        let mut removed = 0usize;
+        match self.blobs.list() {
+            Ok(stored) => {
+                for digest in stored.iter().filter(|d| !used.contains(d)) {
+                    match self.blobs.remove(digest) {
+                        Ok(_) => removed += 1,
+                        Err(e) => {
+                            tracing::warn!(%digest, error = %e, "could not remove an unused blob")
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not list blobs"),
+        }
+        match self.runtime.retain_compiled(&used) {
+            Ok(files) => removed += files,
+            Err(e) => tracing::warn!(error = %e, "could not clean the compiled cache"),
+        }
+        if removed > 0 {
+            tracing::info!(removed, "removed files no function uses");
+        }
+    }
+
+    /// A page of a function's invocation records, newest first: at most
+    /// `limit`, older than `cursor` (from an earlier page) when given, and
+    /// at most [`LOG_PAGE_BYTES`] of captured output (at least one record).
+    /// Also returns the cursor of the next page, if there is one.
     ///
     /// # Errors
     /// [`ServiceError::NotFound`] for an unknown function, or a store failure.
@@ -290,11 +456,33 @@ impl Service {
         tenant: &str,
         name: &str,
         limit: usize,
-    ) -> Result<Vec<InvocationRecord>, ServiceError> {
+        cursor: Option<u64>,
+    ) -> Result<(Vec<InvocationRecord>, Option<u64>), ServiceError> {
         if self.store.function(tenant, name)?.is_none() {
             return Err(no_function(name));
         }
-        Ok(self.store.invocations(tenant, name, limit)?)
+        // One more than asked for tells whether another page follows.
+        let mut records =
+            self.store
+                .invocations_before(tenant, name, limit.saturating_add(1), cursor)?;
+        let mut bytes = 0usize;
+        let mut kept = 0usize;
+        for (_, record) in &records {
+            bytes = bytes.saturating_add(
+                record.stdout.len()
+                    + record.stderr.len()
+                    + record.message.as_ref().map_or(0, String::len),
+            );
+            // The first record always goes out, whatever its size.
+            if kept == limit || (kept > 0 && bytes > LOG_PAGE_BYTES) {
+                break;
+            }
+            kept += 1;
+        }
+        let more = records.len() > kept;
+        records.truncate(kept);
+        let next = more.then(|| records.last().map(|(seq, _)| *seq)).flatten();
+        Ok((records.into_iter().map(|(_, r)| r).collect(), next))
     }
 
     /// One invocation record of the tenant.

@@ -47,6 +47,24 @@ pub enum ServiceError {
     /// A volume of the tenant's policy cannot be used.
     #[error("a volume of this tenant is unavailable: {0}")]
     Volume(#[source] crate::tenancy::VolumeError),
+    /// A deploy would give the tenant more functions than its policy's
+    /// `max_functions`.
+    #[error("the tenant has {limit} functions, its policy's max_functions; delete one first")]
+    FunctionQuota {
+        /// The policy's `max_functions`.
+        limit: u64,
+    },
+    /// A deploy would make the tenant's components take more than its
+    /// policy's `max_storage_bytes`.
+    #[error(
+        "the tenant's components would take {needed} bytes, beyond its policy's max_storage_bytes of {limit}"
+    )]
+    StorageQuota {
+        /// The policy's `max_storage_bytes`.
+        limit: u64,
+        /// What the tenant's components would take with this deploy.
+        needed: u64,
+    },
     /// The uploaded component is not one the host can run.
     #[error(transparent)]
     InvalidComponent(#[from] LoadError),
@@ -89,6 +107,15 @@ impl ServiceError {
             Self::TenantBusy { .. } => (StatusCode::TOO_MANY_REQUESTS, "too-many-requests", true),
             Self::HostBusy => (StatusCode::SERVICE_UNAVAILABLE, "overloaded", true),
             Self::QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "queue-full", true),
+            Self::FunctionQuota { .. } => {
+                (StatusCode::INSUFFICIENT_STORAGE, "function-quota", false)
+            }
+            Self::StorageQuota { .. } => (StatusCode::INSUFFICIENT_STORAGE, "storage-quota", false),
+            // The disk, not the caller: nothing was acknowledged, and the
+            // host keeps serving what it has.
+            Self::Store(error) if error.is_out_of_space() => {
+                (StatusCode::INSUFFICIENT_STORAGE, "disk-full", true)
+            }
             Self::InvalidComponent(error) => (
                 StatusCode::BAD_REQUEST,
                 match error {

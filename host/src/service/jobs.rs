@@ -43,8 +43,33 @@ struct Inner {
     /// Per tenant, queue places taken by spawns still being stored: counted
     /// with the queue, so two spawns at once cannot both take the last one.
     reserved: HashMap<String, usize>,
+    /// Finished jobs kept per tenant, in the order they finished: what
+    /// retention and the policy's caps remove, oldest first, without
+    /// reading the records.
+    finished: HashMap<String, VecDeque<Finished>>,
     /// Set at shutdown: nothing more is started.
     stopping: bool,
+}
+
+/// A finished job as retention sees it.
+struct Finished {
+    id: String,
+    finished_at: u64,
+    /// What its record holds: input, result body, error.
+    bytes: u64,
+}
+
+impl Finished {
+    fn of(job: &JobRecord) -> Self {
+        let bytes = job.input.len()
+            + job.result.as_ref().map_or(0, |r| r.body.len())
+            + job.error.as_ref().map_or(0, |e| e.message.len());
+        Self {
+            id: job.id.clone(),
+            finished_at: job.finished_at.unwrap_or(job.created_at),
+            bytes: bytes as u64,
+        }
+    }
 }
 
 /// A place in a tenant's queue, held while its job is stored; dropped
@@ -226,6 +251,7 @@ impl Service {
     pub(super) fn recover_jobs(&self) -> Result<(), StoreError> {
         let mut requeued = 0usize;
         let mut failed = 0usize;
+        let mut finished = Vec::new();
         for mut job in self.store.all_jobs()? {
             match job.status {
                 JobStatus::Pending => {
@@ -255,11 +281,18 @@ impl Service {
                         };
                         finish_with_error(&mut job, JobStatus::Failed, &failure);
                         self.store.put_job(&job)?;
+                        finished.push(job);
                         failed += 1;
                     }
                 }
-                _ => {}
+                _ => finished.push(job),
             }
+        }
+        // Retention's index, in the order the jobs finished; the caps apply
+        // at once (a policy may have been lowered since).
+        finished.sort_by_key(|job| job.finished_at.unwrap_or(job.created_at));
+        for job in &finished {
+            self.keep_finished(job);
         }
         if requeued + failed > 0 {
             tracing::info!(requeued, failed, "jobs recovered from the store");
@@ -318,6 +351,35 @@ impl Service {
         Ok(job)
     }
 
+    /// Notes a finished job (just stored) for retention, then removes the
+    /// tenant's oldest finished jobs while it keeps more than its policy's
+    /// `max_stored_jobs` or `max_stored_job_bytes`.
+    fn keep_finished(&self, job: &JobRecord) {
+        let policy = self.policy(&job.tenant);
+        let evicted: Vec<String> = {
+            let mut inner = self.jobs.lock();
+            let kept = inner.finished.entry(job.tenant.clone()).or_default();
+            kept.retain(|f| f.id != job.id);
+            kept.push_back(Finished::of(job));
+            let mut bytes: u64 = kept.iter().map(|f| f.bytes).sum();
+            let mut evicted = Vec::new();
+            while kept.len() as u64 > policy.max_stored_jobs || bytes > policy.max_stored_job_bytes
+            {
+                let Some(oldest) = kept.pop_front() else {
+                    break;
+                };
+                bytes = bytes.saturating_sub(oldest.bytes);
+                evicted.push(oldest.id);
+            }
+            evicted
+        };
+        for id in evicted {
+            if let Err(e) = self.store.delete_job(&job.tenant, &id) {
+                tracing::warn!(job = %id, error = %e, "could not remove a job beyond the tenant's caps");
+            }
+        }
+    }
+
     /// One job of the tenant.
     ///
     /// # Errors
@@ -334,6 +396,11 @@ impl Service {
     /// [`ServiceError::NotFound`], or a store failure.
     pub fn cancel_job(&self, tenant: &str, id: &str) -> Result<Cancelled, ServiceError> {
         let not_found = || ServiceError::NotFound(format!("no job `{id}`"));
+        let settled = |job: JobRecord| -> Result<Cancelled, ServiceError> {
+            self.store.put_job(&job)?;
+            self.keep_finished(&job);
+            Ok(Cancelled::Cancelled(Box::new(job)))
+        };
         {
             // Read under the lock: see `run`.
             let mut inner = self.jobs.lock();
@@ -347,8 +414,7 @@ impl Service {
                 drop(inner);
                 let failure = cancelled("the job was cancelled before it ran");
                 finish_with_error(&mut job, JobStatus::Cancelled, &failure);
-                self.store.put_job(&job)?;
-                return Ok(Cancelled::Cancelled(Box::new(job)));
+                return settled(job);
             }
             if let Some(running) = inner.running.get(id) {
                 // Interrupted at its next epoch tick; the job's task then
@@ -364,11 +430,15 @@ impl Service {
                     JobStatus::Cancelled,
                     &cancelled("the job was cancelled"),
                 );
-                self.store.put_job(&job)?;
-                return Ok(Cancelled::Cancelled(Box::new(job)));
+                drop(inner);
+                return settled(job);
             }
         }
         if self.store.delete_job(tenant, id)? {
+            let mut inner = self.jobs.lock();
+            if let Some(kept) = inner.finished.get_mut(tenant) {
+                kept.retain(|f| f.id != id);
+            }
             Ok(Cancelled::Deleted)
         } else {
             Err(not_found())
@@ -443,15 +513,47 @@ async fn run(service: Arc<Service>, tenant: String, id: String, cancel: Cancel, 
     let finished = run_job(&service, &tenant, &id, cancel, permit).await;
     // Stored under the lock, so that a concurrent DELETE sees the job either
     // running or finished, never in between.
-    let mut inner = service.jobs.lock();
-    let stored = finished.and_then(|job| match job {
-        Some(job) => service.store.put_job(&job),
-        None => Ok(()),
-    });
-    if let Err(e) = stored {
-        tracing::error!(job = %id, error = %e, "a job could not be run");
+    let finished = match finished {
+        Ok(finished) => finished,
+        Err(e) => {
+            tracing::error!(job = %id, error = %e, "a job could not be run");
+            service.jobs.lock().running.remove(&id);
+            return;
+        }
+    };
+    let Some(job) = finished else {
+        service.jobs.lock().running.remove(&id);
+        return;
+    };
+    // A final write that fails would leave the job `running` for ever (to
+    // be failed only at the next start): try again, a few times, waiting
+    // longer each time.
+    let mut wait = Duration::from_millis(50);
+    for attempt in 1..=5 {
+        let stored = {
+            let mut inner = service.jobs.lock();
+            let stored = service.store.put_job(&job);
+            if stored.is_ok() {
+                inner.running.remove(&id);
+            }
+            stored
+        };
+        match stored {
+            Ok(()) => {
+                service.keep_finished(&job);
+                return;
+            }
+            Err(e) if attempt < 5 => {
+                tracing::warn!(job = %id, attempt, error = %e, "storing a finished job failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = wait.saturating_mul(4);
+            }
+            Err(e) => {
+                tracing::error!(job = %id, error = %e, "a finished job could not be stored; it reads as running until the next start fails it");
+            }
+        }
     }
-    inner.running.remove(&id);
+    service.jobs.lock().running.remove(&id);
 }
 
 async fn run_job(
@@ -516,6 +618,24 @@ async fn run_job(
     drop(permit);
     service.record_outcome(&target.function, &started, &invocation);
     match invocation.outcome {
+        // A job keeps its result for everyone to read later: at most what
+        // a request may carry, like an invocation's input.
+        Outcome::Ok(reply) if reply.body.len() as u64 > service.policy(tenant).max_body_bytes => {
+            let limit = service.policy(tenant).max_body_bytes;
+            finish_with_error(
+                &mut job,
+                JobStatus::Failed,
+                &Failure {
+                    status: http::StatusCode::INTERNAL_SERVER_ERROR,
+                    code: "result-too-large".into(),
+                    detail: format!(
+                        "the function answered {} bytes; a job keeps at most max_body_bytes ({limit})",
+                        reply.body.len()
+                    ),
+                    retry: false,
+                },
+            );
+        }
         Outcome::Ok(reply) => {
             job.status = JobStatus::Succeeded;
             job.finished_at = Some(now_millis());
@@ -545,20 +665,25 @@ async fn sweep(service: Arc<Service>) {
         tokio::time::sleep(every).await;
         let cutoff =
             now_millis().saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
-        let jobs = match service.store.all_jobs() {
-            Ok(jobs) => jobs,
-            Err(e) => {
-                tracing::warn!(error = %e, "listing jobs for retention failed");
-                continue;
+        // From the index, oldest first: no record is read.
+        let expired: Vec<(String, String)> = {
+            let mut inner = service.jobs.lock();
+            let mut expired = Vec::new();
+            for (tenant, kept) in &mut inner.finished {
+                while kept.front().is_some_and(|f| f.finished_at <= cutoff) {
+                    if let Some(job) = kept.pop_front() {
+                        expired.push((tenant.clone(), job.id));
+                    }
+                }
             }
+            inner.finished.retain(|_, kept| !kept.is_empty());
+            expired
         };
         let mut removed = 0usize;
-        for job in jobs {
-            if job.status.is_finished()
-                && job.finished_at.is_some_and(|at| at <= cutoff)
-                && service.store.delete_job(&job.tenant, &job.id).is_ok()
-            {
-                removed += 1;
+        for (tenant, id) in expired {
+            match service.store.delete_job(&tenant, &id) {
+                Ok(_) => removed += 1,
+                Err(e) => tracing::warn!(job = %id, error = %e, "could not remove an expired job"),
             }
         }
         if removed > 0 {

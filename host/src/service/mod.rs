@@ -62,7 +62,19 @@ pub struct Service {
     gpu: Arc<crate::tenancy::GpuHost>,
     jobs: Jobs,
     schedules: Schedules,
+    /// Compiles running at once, host-wide (one per core): more deploys
+    /// wait their turn instead of each taking memory and a blocking thread.
+    compiles: Arc<tokio::sync::Semaphore>,
+    /// Deploys waiting for a compile slot; beyond [`MAX_QUEUED_COMPILES`]
+    /// more are answered 503.
+    queued_compiles: std::sync::atomic::AtomicUsize,
+    /// Held from a deploy's quota check to its store write, and by deletes,
+    /// so that two deploys cannot both take a tenant's last place.
+    deploying: std::sync::Mutex<()>,
 }
+
+/// Deploys that may wait for a compile slot, per core.
+const MAX_QUEUED_COMPILES: usize = 8;
 
 impl std::fmt::Debug for Service {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -119,6 +131,9 @@ impl Service {
             gpu,
             jobs: Jobs::default(),
             schedules: Schedules::default(),
+            compiles: Arc::new(tokio::sync::Semaphore::new(cores())),
+            queued_compiles: std::sync::atomic::AtomicUsize::new(0),
+            deploying: std::sync::Mutex::new(()),
             config,
             runtime,
             store,
@@ -126,6 +141,7 @@ impl Service {
             policies,
         };
         service.load_all().await?;
+        service.collect_garbage();
         // Before serving: a GET of a job must already see its recovered state.
         service.recover_jobs()?;
         service.load_schedules()?;
@@ -182,6 +198,11 @@ impl Service {
     pub fn rejected(&self, reason: &'static str) {
         self.metrics.rejected(reason);
     }
+}
+
+/// The machine's cores (1 if it cannot say).
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }
 
 async fn open_gpu(

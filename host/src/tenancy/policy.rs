@@ -54,6 +54,10 @@ pub const TIMEOUT_MS_RANGE: RangeInclusive<u64> = 1..=3_600_000;
 pub const MEMORY_MB_RANGE: RangeInclusive<u64> = 1..=4096;
 /// Allowed `max_concurrency` and `max_anonymous_concurrency`.
 pub const MAX_CONCURRENCY_RANGE: RangeInclusive<u64> = 1..=u32::MAX as u64;
+/// Allowed `max_stored_jobs`.
+pub const MAX_STORED_JOBS_RANGE: RangeInclusive<u64> = 1..=1_000_000;
+/// Allowed `max_stored_job_bytes`.
+pub const MAX_STORED_JOB_BYTES_RANGE: RangeInclusive<u64> = 1..=1024 * GIB;
 /// Allowed `max_queued_jobs` (0: the tenant may not spawn jobs).
 pub const MAX_QUEUED_JOBS_RANGE: RangeInclusive<u64> = 0..=1_000_000;
 /// Allowed `reuse_instances` (0 and 1: every call gets a fresh instance).
@@ -62,6 +66,10 @@ pub const REUSE_INSTANCES_RANGE: RangeInclusive<u64> = 0..=1_000_000;
 pub const MAX_BODY_BYTES_RANGE: RangeInclusive<u64> = 1..=GIB;
 /// Allowed `max_component_bytes`.
 pub const MAX_COMPONENT_BYTES_RANGE: RangeInclusive<u64> = 1..=GIB;
+/// Allowed `max_functions`.
+pub const MAX_FUNCTIONS_RANGE: RangeInclusive<u64> = 1..=100_000;
+/// Allowed `max_storage_bytes`: up to a TiB of components per tenant.
+pub const MAX_STORAGE_BYTES_RANGE: RangeInclusive<u64> = 1..=1024 * GIB;
 /// Allowed `log_bytes` (0 keeps no output); every invocation record stores
 /// up to twice this much.
 pub const LOG_BYTES_RANGE: RangeInclusive<u64> = 0..=16 * MIB;
@@ -433,6 +441,12 @@ pub struct Policy {
     /// Jobs (`spawn`) that may wait in the tenant's queue; more are
     /// answered `429`.
     pub max_queued_jobs: u64,
+    /// Finished jobs (their results) kept for the tenant; beyond it the
+    /// oldest are removed before their retention ends.
+    pub max_stored_jobs: u64,
+    /// Bytes the tenant's finished jobs may keep together (inputs, results,
+    /// errors); beyond it the oldest are removed.
+    pub max_stored_job_bytes: u64,
     /// Calls of one function that one instance may serve, one after the
     /// other (instance reuse); 0 or 1: a fresh instance for every call.
     pub reuse_instances: u32,
@@ -440,6 +454,11 @@ pub struct Policy {
     pub max_body_bytes: u64,
     /// Largest component upload, in bytes.
     pub max_component_bytes: u64,
+    /// Functions the tenant may have deployed at once.
+    pub max_functions: u64,
+    /// Bytes the tenant's deployed components may take together (each
+    /// function's current version counts its size).
+    pub max_storage_bytes: u64,
     /// Captured stdout, and separately stderr, kept per invocation, in bytes.
     pub log_bytes: u64,
     /// Environment variables granted to the tenant's functions, sorted by
@@ -463,9 +482,13 @@ impl Default for Policy {
             max_concurrency: 16,
             max_anonymous_concurrency: 8,
             max_queued_jobs: 100,
+            max_stored_jobs: 1000,
+            max_stored_job_bytes: 256 * MIB,
             reuse_instances: 0,
             max_body_bytes: 10 * MIB,
             max_component_bytes: 64 * MIB,
+            max_functions: 100,
+            max_storage_bytes: GIB,
             log_bytes: 64 * KIB,
             env: Arc::new([]),
             volumes: Vec::new(),
@@ -493,9 +516,13 @@ impl fmt::Debug for Policy {
             .field("max_concurrency", &self.max_concurrency)
             .field("max_anonymous_concurrency", &self.max_anonymous_concurrency)
             .field("max_queued_jobs", &self.max_queued_jobs)
+            .field("max_stored_jobs", &self.max_stored_jobs)
+            .field("max_stored_job_bytes", &self.max_stored_job_bytes)
             .field("reuse_instances", &self.reuse_instances)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_component_bytes", &self.max_component_bytes)
+            .field("max_functions", &self.max_functions)
+            .field("max_storage_bytes", &self.max_storage_bytes)
             .field("log_bytes", &self.log_bytes)
             .field("env", &EnvNames(&self.env))
             .field("volumes", &self.volumes)
@@ -658,6 +685,13 @@ impl Policy {
         if let Some(v) = raw.max_queued_jobs {
             policy.max_queued_jobs = doc.in_range("max_queued_jobs", v, MAX_QUEUED_JOBS_RANGE)?;
         }
+        if let Some(v) = raw.max_stored_jobs {
+            policy.max_stored_jobs = doc.in_range("max_stored_jobs", v, MAX_STORED_JOBS_RANGE)?;
+        }
+        if let Some(v) = raw.max_stored_job_bytes {
+            policy.max_stored_job_bytes =
+                doc.bytes_in_range("max_stored_job_bytes", v, MAX_STORED_JOB_BYTES_RANGE)?;
+        }
         if let Some(v) = raw.reuse_instances {
             let n = doc.in_range("reuse_instances", v, REUSE_INSTANCES_RANGE)?;
             // The range keeps it within 32 bits.
@@ -670,6 +704,13 @@ impl Policy {
         if let Some(v) = raw.max_component_bytes {
             policy.max_component_bytes =
                 doc.bytes_in_range("max_component_bytes", v, MAX_COMPONENT_BYTES_RANGE)?;
+        }
+        if let Some(v) = raw.max_functions {
+            policy.max_functions = doc.in_range("max_functions", v, MAX_FUNCTIONS_RANGE)?;
+        }
+        if let Some(v) = raw.max_storage_bytes {
+            policy.max_storage_bytes =
+                doc.bytes_in_range("max_storage_bytes", v, MAX_STORAGE_BYTES_RANGE)?;
         }
         if let Some(v) = raw.log_bytes {
             policy.log_bytes = doc.bytes_in_range("log_bytes", v, LOG_BYTES_RANGE)?;
@@ -820,9 +861,13 @@ struct RawPolicy {
     max_concurrency: Option<Spanned<u64>>,
     max_anonymous_concurrency: Option<Spanned<u64>>,
     max_queued_jobs: Option<Spanned<u64>>,
+    max_stored_jobs: Option<Spanned<u64>>,
+    max_stored_job_bytes: Option<Spanned<ByteCount>>,
     reuse_instances: Option<Spanned<u64>>,
     max_body_bytes: Option<Spanned<ByteCount>>,
     max_component_bytes: Option<Spanned<ByteCount>>,
+    max_functions: Option<Spanned<u64>>,
+    max_storage_bytes: Option<Spanned<ByteCount>>,
     log_bytes: Option<Spanned<ByteCount>>,
     env: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
     volumes: Option<Vec<RawVolume>>,

@@ -268,3 +268,69 @@ async fn anonymous_callers_have_their_own_budget_and_see_no_internals() {
     );
     server.stop().await;
 }
+
+/// Logs come in pages: `limit` records at most, then a cursor to the next
+/// (older) page; a malformed cursor is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_paginated_with_a_cursor() {
+    let dir = TempDir::new().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let key = server.demo_key.clone().unwrap();
+    assert_eq!(
+        deploy(&server, &key, "hello", artifacts::HELLO_COMPONENT)
+            .await
+            .status,
+        201
+    );
+    let mut invoked = Vec::new();
+    for i in 0..5 {
+        let reply = request(
+            "POST",
+            &server.url("/v1/functions/hello/invoke"),
+            Some(&key),
+            format!("n{i}"),
+        )
+        .await;
+        invoked.push(
+            reply.headers["gust-invocation-id"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    invoked.reverse();
+    let mut seen = Vec::new();
+    let mut url = server.url("/v1/functions/hello/logs?limit=2");
+    let mut pages = 0;
+    loop {
+        let page = request("GET", &url, Some(&key), "").await;
+        assert_eq!(page.status, 200, "{}", page.text());
+        let page = page.json();
+        pages += 1;
+        let ids: Vec<String> = page["invocations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_owned())
+            .collect();
+        assert!(ids.len() <= 2);
+        seen.extend(ids);
+        match page["next_cursor"].as_str() {
+            Some(cursor) => {
+                url = server.url(&format!("/v1/functions/hello/logs?limit=2&cursor={cursor}"));
+            }
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, invoked);
+    request(
+        "GET",
+        &server.url("/v1/functions/hello/logs?cursor=soon"),
+        Some(&key),
+        "",
+    )
+    .await
+    .problem(400, "invalid-request");
+    server.stop().await;
+}

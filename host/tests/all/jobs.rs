@@ -317,3 +317,50 @@ async fn finished_jobs_expire_after_the_retention() {
     }
     server.stop().await;
 }
+
+/// A tenant keeps at most `max_stored_jobs` finished jobs (the oldest go
+/// first), and a result larger than `max_body_bytes` fails its job instead
+/// of being kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_are_capped_per_tenant() {
+    let dir = TempDir::new().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(
+        policies.join("capped.toml"),
+        "max_stored_jobs = 2\nmax_body_bytes = 64\n",
+    )
+    .unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let key = tenant(&server, "capped").await;
+    assert_eq!(
+        deploy(&server, &key, "hello", artifacts::HELLO_COMPONENT)
+            .await
+            .status,
+        201
+    );
+    let mut ids = Vec::new();
+    for name in ["one", "two", "three"] {
+        let id = spawn(&server, &key, "hello", name).await;
+        let job = wait_finished(&server, &key, &id).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        ids.push(id);
+    }
+    let status = |id: String| {
+        let url = server.url(&format!("/v1/jobs/{id}"));
+        let key = key.clone();
+        async move { request("GET", &url, Some(&key), "").await.status }
+    };
+    assert_eq!(status(ids[0].clone()).await, 404, "the oldest went");
+    assert_eq!(status(ids[1].clone()).await, 200);
+    assert_eq!(status(ids[2].clone()).await, 200);
+
+    // "Hello, <60 bytes>!" is 68 bytes: more than a request may carry.
+    let long = "x".repeat(60);
+    let id = spawn(&server, &key, "hello", &long).await;
+    let job = wait_finished(&server, &key, &id).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "result-too-large", "{job}");
+    assert!(job["result"].is_null(), "{job}");
+    server.stop().await;
+}

@@ -21,6 +21,7 @@ mod map;
 mod models;
 mod python;
 mod python_build;
+mod quotas;
 mod reuse;
 mod routes;
 mod schedules;
