@@ -24,5 +24,12 @@ fn main() -> ExitCode {
             return ExitCode::from(cli::EXIT_HOST);
         }
     };
-    runtime.block_on(cli::dispatch(args))
+    let code = runtime.block_on(cli::dispatch(args));
+    // Tasks still spawned (a response body being streamed, a WebSocket
+    // session) hold parts of the host: dropping them here, before `main`
+    // returns, lets the devices' worker threads and the store close while
+    // the process is whole, not race the exit's teardown of the libraries
+    // they use (a wgpu device on lavapipe crashed the host that way).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    code
 }

@@ -41,7 +41,7 @@ pub(super) struct LogsQuery {
 #[utoipa::path(
     put, path = "/v1/functions/{name}", tag = "functions", operation_id = "deployFunction",
     params(("name" = String, Path, description = "Function name"), DeployFlags),
-    request_body(content = Vec<u8>, content_type = "application/wasm", description = "The component's bytes"),
+    request_body(description = "The component's bytes (any content type)", content((Vec<u8> = "application/wasm"), (Vec<u8> = "application/octet-stream"))),
     responses(
         (status = 201, description = "A new version", body = wire::Function),
         (status = 200, description = "Unchanged", body = wire::Function),
