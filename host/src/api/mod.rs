@@ -24,6 +24,32 @@ mod schedules;
 mod tenants;
 mod ws;
 
+/// Entry points for the fuzz targets in `fuzz/`: the parsers of untrusted
+/// request bodies that are not reached through a public API. Not a stable
+/// API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Splits `body` into map inputs (NDJSON when `ndjson`, otherwise one
+    /// JSON array), fed in chunks of `chunk` bytes, each input capped at
+    /// `limit` bytes; returns the inputs found (and errors per input).
+    pub fn split_map_inputs(body: &[u8], ndjson: bool, chunk: usize, limit: usize) -> usize {
+        let format = if ndjson {
+            super::map::Format::Ndjson
+        } else {
+            super::map::Format::Array
+        };
+        let mut splitter = super::map::Splitter::new(format, limit);
+        let mut out = Vec::new();
+        for piece in body.chunks(chunk.max(1)) {
+            if splitter.push(piece, &mut out).is_err() {
+                return out.len();
+            }
+        }
+        let _ = splitter.finish(&mut out);
+        out.len()
+    }
+}
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;

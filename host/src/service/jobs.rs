@@ -346,7 +346,14 @@ impl Service {
         };
         self.store.put_job(&job)?;
         // Accepted means it survives a crash from here on.
-        self.store.flush()?;
+        if let Err(e) = self.store.flush() {
+            // Refused means it never runs: not even when the disk has room
+            // again and the buffered record reaches it after all.
+            if let Err(removal) = self.store.delete_job(tenant, &job.id) {
+                tracing::warn!(job = %job.id, error = %removal, "could not withdraw a refused job");
+            }
+            return Err(e.into());
+        }
         place.enqueue(job.id.clone());
         Ok(job)
     }

@@ -257,3 +257,238 @@ fn the_admin_key_is_generated_private_on_first_start() {
         );
     }
 }
+
+/// What a burst of writes got acknowledged before the host was killed.
+#[derive(Default, Debug)]
+struct Acknowledged {
+    deployed: Vec<String>,
+    deleted: Vec<String>,
+    jobs: Vec<String>,
+    schedules: Vec<String>,
+    keys: Vec<String>,
+    revoked: Vec<String>,
+}
+
+/// Writes of every kind, one after the other, recording each acknowledged
+/// one, until the host goes away.
+async fn write_until_killed(url: String, key: String) -> Acknowledged {
+    let mut acked = Acknowledged::default();
+    let hello = std::fs::read(artifacts::HELLO_COMPONENT).unwrap();
+    for i in 0.. {
+        let name = format!("f{i}");
+        let Some(deployed) = try_request(
+            "PUT",
+            &format!("{url}/v1/functions/{name}"),
+            &key,
+            hello.clone(),
+        )
+        .await
+        else {
+            break;
+        };
+        if deployed.0 != 201 {
+            continue;
+        }
+        acked.deployed.push(name.clone());
+        let Some(spawned) = try_request(
+            "POST",
+            &format!("{url}/v1/functions/{name}/spawn"),
+            &key,
+            b"job".to_vec(),
+        )
+        .await
+        else {
+            break;
+        };
+        if spawned.0 == 202 {
+            let id = serde_json::from_slice::<serde_json::Value>(&spawned.1).unwrap()["job_id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            acked.jobs.push(id);
+        }
+        let schedule = br#"{"cron": "0 0 1 1 *", "input": "yearly"}"#.to_vec();
+        let Some(scheduled) = try_request(
+            "PUT",
+            &format!("{url}/v1/functions/{name}/schedule"),
+            &key,
+            schedule,
+        )
+        .await
+        else {
+            break;
+        };
+        if scheduled.0 == 201 {
+            acked.schedules.push(name.clone());
+        }
+        let Some(made) = try_request("POST", &format!("{url}/v1/keys"), &key, Vec::new()).await
+        else {
+            break;
+        };
+        if made.0 == 201 {
+            let made: serde_json::Value = serde_json::from_slice(&made.1).unwrap();
+            let secret = made["key"].as_str().unwrap().to_owned();
+            let id = made["id"].as_str().unwrap().to_owned();
+            if i % 2 == 0 {
+                let Some(revoked) =
+                    try_request("DELETE", &format!("{url}/v1/keys/{id}"), &key, Vec::new()).await
+                else {
+                    acked.keys.push(secret);
+                    break;
+                };
+                if revoked.0 == 204 {
+                    acked.revoked.push(secret);
+                } else {
+                    acked.keys.push(secret);
+                }
+            } else {
+                acked.keys.push(secret);
+            }
+        }
+        if i % 3 == 2 {
+            let victim = format!("f{}", i - 1);
+            let Some(deleted) = try_request(
+                "DELETE",
+                &format!("{url}/v1/functions/{victim}"),
+                &key,
+                Vec::new(),
+            )
+            .await
+            else {
+                break;
+            };
+            if deleted.0 == 204 {
+                acked.deleted.push(victim);
+            }
+        }
+    }
+    acked
+}
+
+/// A request whose failure to get any answer (the host was killed) is
+/// `None`.
+async fn try_request(method: &str, url: &str, key: &str, body: Vec<u8>) -> Option<(u16, Vec<u8>)> {
+    let client = reqwest_like::client();
+    reqwest_like::send(&client, method, url, key, body).await
+}
+
+/// A minimal client on hyper-util that reports a lost connection as `None`
+/// instead of panicking like the tests' `request`.
+mod reqwest_like {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
+
+    pub(super) type Http = Client<HttpConnector, Full<Bytes>>;
+
+    pub(super) fn client() -> Http {
+        Client::builder(TokioExecutor::new()).build_http()
+    }
+
+    pub(super) async fn send(
+        client: &Http,
+        method: &str,
+        url: &str,
+        key: &str,
+        body: Vec<u8>,
+    ) -> Option<(u16, Vec<u8>)> {
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(url)
+            .header("authorization", format!("Bearer {key}"))
+            .body(Full::new(Bytes::from(body)))
+            .ok()?;
+        let response = client.request(request).await.ok()?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.ok()?.to_bytes();
+        Some((status, body.to_vec()))
+    }
+}
+
+/// `kill -9` in the middle of a stream of deploys, deletes, spawns,
+/// schedule writes and key creations and revocations: after a restart
+/// everything acknowledged is there (or, for deletes and revocations, gone)
+/// and the store is consistent enough to serve and to take new writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_every_write_loses_nothing_acknowledged() {
+    let dir = TempDir::new().unwrap();
+    let mut key = None;
+    for (round, after_ms) in [150u64, 400, 900].into_iter().enumerate() {
+        let host = Host::start(dir.path());
+        let key = key
+            .get_or_insert_with(|| host.demo_key.clone().expect("first start"))
+            .clone();
+        let writer = tokio::spawn(write_until_killed(host.url.clone(), key.clone()));
+        tokio::time::sleep(Duration::from_millis(after_ms)).await;
+        host.kill();
+        let acked = writer.await.unwrap();
+
+        let host = Host::start(dir.path());
+        let get = |path: String| {
+            let url = format!("{}{path}", host.url);
+            let key = key.clone();
+            async move { request("GET", &url, Some(&key), "").await }
+        };
+        let functions = get("/v1/functions".into()).await.json();
+        let names: Vec<String> = functions["functions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["name"].as_str().unwrap().to_owned())
+            .collect();
+        for name in &acked.deployed {
+            let gone = acked.deleted.contains(name);
+            assert_eq!(
+                names.contains(name),
+                !gone,
+                "round {round}: {name} ({acked:?})"
+            );
+        }
+        for id in &acked.jobs {
+            let job = get(format!("/v1/jobs/{id}")).await;
+            assert_eq!(job.status, 200, "round {round}: job {id}: {}", job.text());
+        }
+        for name in acked
+            .schedules
+            .iter()
+            .filter(|n| !acked.deleted.contains(n))
+        {
+            let schedule = get(format!("/v1/functions/{name}/schedule")).await;
+            assert_eq!(schedule.status, 200, "round {round}: schedule of {name}");
+        }
+        for secret in &acked.keys {
+            let reply = request(
+                "GET",
+                &format!("{}/v1/functions", host.url),
+                Some(secret),
+                "",
+            )
+            .await;
+            assert_eq!(reply.status, 200, "round {round}: a created key");
+        }
+        for secret in &acked.revoked {
+            let reply = request(
+                "GET",
+                &format!("{}/v1/functions", host.url),
+                Some(secret),
+                "",
+            )
+            .await;
+            assert_eq!(reply.status, 401, "round {round}: a revoked key");
+        }
+        // Still consistent: new writes and calls work.
+        if let Some(name) = names.first() {
+            let call = request(
+                "POST",
+                &format!("{}/v1/functions/{name}/invoke", host.url),
+                Some(&key),
+                "x",
+            )
+            .await;
+            assert_eq!(call.status, 200, "round {round}: {}", call.text());
+        }
+        host.kill();
+    }
+}

@@ -11,6 +11,7 @@
 mod cache;
 mod cli;
 mod crash;
+mod diskfull;
 mod fixtures;
 mod gpu;
 mod hostile;

@@ -102,7 +102,7 @@ pub(crate) struct TestServer {
     pub(crate) demo_key: Option<String>,
     pub(crate) data_dir: PathBuf,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), gust_host::api::ServeError>>>,
 }
 
 impl TestServer {
@@ -152,7 +152,6 @@ impl TestServer {
                     let _ = stopped.await;
                 })
                 .await
-                .unwrap();
         });
         Self {
             addr,
@@ -163,12 +162,19 @@ impl TestServer {
         }
     }
 
-    pub(crate) async fn stop(mut self) {
+    pub(crate) async fn stop(self) {
+        self.stop_result().await.unwrap();
+    }
+
+    /// Stops the server and returns how its run ended (the final flush of
+    /// the store may fail, on a full disk say).
+    pub(crate) async fn stop_result(mut self) -> Result<(), gust_host::api::ServeError> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if let Some(task) = self.task.take() {
-            task.await.unwrap();
+        match self.task.take() {
+            Some(task) => task.await.unwrap(),
+            None => Ok(()),
         }
     }
 
