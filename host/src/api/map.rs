@@ -272,7 +272,26 @@ async fn run_one(map: &MapTarget, index: u64, input: Result<Vec<u8>, ItemError>)
     };
     let invocation = service.run(target, call, control.clone()).await;
     drop(permit);
+    // Results wait in the window for those before them: each is bounded
+    // like a request body, so a window holds a bounded number of bytes.
+    let result_limit = service.policy(tenant).max_body_bytes;
     let (status, value) = match &invocation.outcome {
+        Outcome::Ok(reply) if reply.body.len() as u64 > result_limit => (
+            500,
+            MapLine {
+                index,
+                ok: None,
+                error: Some(ErrorInfo {
+                    code: "result-too-large".into(),
+                    status: 500,
+                    message: format!(
+                        "the function answered {} bytes; a map result is at most max_body_bytes ({result_limit})",
+                        reply.body.len()
+                    ),
+                }),
+                invocation_id: Some(started.id.clone()),
+            },
+        ),
         Outcome::Ok(reply) if reply.status < 400 => (
             reply.status,
             MapLine {
@@ -389,6 +408,7 @@ type Chunk = Result<Frame<Bytes>, BoxError>;
         (status = 400, description = "A wasi:http function (wrong-world)", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid tenant key", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such function", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The tenant has max_streams maps and WebSocket sessions open (too-many-streams)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -400,6 +420,7 @@ pub(super) async fn map(
 ) -> Handled {
     // Resolved once (volumes are checked on disk), not per input.
     let target = service.handler_target(&tenant, &name, "map needs a handler function")?;
+    let stream_slot = service.open_stream(&tenant)?;
     let policy = service.policy(&tenant);
     let content_type = request
         .headers()
@@ -429,6 +450,8 @@ pub(super) async fn map(
 
     let (chunks, chunk_stream) = mpsc::channel::<Chunk>(16);
     tokio::spawn(async move {
+        // Held until the map is done (or its caller gone).
+        let _stream_slot = stream_slot;
         let window = Arc::new(Semaphore::new(fan_out * WINDOW_PER_WORKER));
         let (input_tx, input_rx) = mpsc::channel(fan_out);
         let (result_tx, mut result_rx) = mpsc::channel::<(u64, Bytes)>(fan_out * WINDOW_PER_WORKER);

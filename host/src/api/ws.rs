@@ -52,6 +52,7 @@ fn message(body: &[u8], content_type: Option<&str>) -> Message {
         (status = 400, description = "Not a WebSocket handshake, or a wasi:http function", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid tenant key", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such function", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The tenant has max_streams maps and WebSocket sessions open (too-many-streams)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -86,9 +87,12 @@ pub(super) async fn websocket(
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let max_message = usize::try_from(service.policy(&tenant).max_body_bytes).unwrap_or(usize::MAX);
     let idle = service.config().connections.websocket_idle_timeout;
+    let stream_slot = service.open_stream(&tenant)?;
     let on_upgrade = hyper::upgrade::on(request);
     let session_service = Arc::clone(&service);
     let session = tokio::spawn(async move {
+        // Held for the session's life.
+        let _stream_slot = stream_slot;
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => {

@@ -90,10 +90,7 @@ impl Runtime {
             deadline,
         );
         state.output = match control.stream {
-            Some(sender) => control::OutputSink::Stream {
-                sender,
-                cancel: cancel.clone(),
-            },
+            Some(sender) => control::OutputSink::stream(sender, cancel.clone()),
             None => control::OutputSink::Buffer {
                 data: Vec::new(),
                 limit: match control.output_limit {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::bindings::gust::function::output;
 
@@ -92,12 +92,47 @@ pub(crate) enum OutputSink {
     Stream {
         sender: mpsc::Sender<Bytes>,
         cancel: Cancel,
+        /// Bytes emitted but not yet written out (see
+        /// [`STREAM_BUFFER_BYTES`]): each chunk holds permits until the
+        /// caller's side drops it.
+        unsent: Arc<Semaphore>,
     },
     /// A `wasi:http` call: its answer is the response it writes through
     /// `wasi:http`, and nothing would ever read emitted output, so an emit
     /// (or a streaming `generate`) fails the call rather than piling bytes
     /// up on the host.
     Refused,
+}
+
+/// Emitted bytes a streaming call may have on their way to its caller (in
+/// the channel, in the connection's buffers) before its next emit waits.
+/// Counted in bytes, not chunks: eight chunks of a guest's whole memory
+/// would otherwise sit on the host per stream. A chunk larger than this
+/// waits until nothing else is in flight, then goes alone.
+pub(crate) const STREAM_BUFFER_BYTES: usize = 1 << 20;
+
+/// A chunk on its way to the caller, holding its share of the stream's
+/// buffer until it is dropped (written out, or dropped with the caller).
+struct InFlight {
+    data: Vec<u8>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for InFlight {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl OutputSink {
+    /// A sink that sends to `sender` as the guest emits.
+    pub(crate) fn stream(sender: mpsc::Sender<Bytes>, cancel: Cancel) -> Self {
+        Self::Stream {
+            sender,
+            cancel,
+            unsent: Arc::new(Semaphore::new(STREAM_BUFFER_BYTES)),
+        }
+    }
 }
 
 impl Default for OutputSink {
@@ -131,8 +166,24 @@ impl OutputSink {
                 data.extend_from_slice(&chunk);
                 Ok(())
             }
-            Self::Stream { sender, cancel } => {
-                if sender.send(Bytes::from(chunk)).await.is_err() {
+            Self::Stream {
+                sender,
+                cancel,
+                unsent,
+            } => {
+                // At least one permit, so that empty chunks queue too; at
+                // most the whole buffer, so that a big chunk can go at all.
+                let share = chunk.len().clamp(1, STREAM_BUFFER_BYTES);
+                let share = u32::try_from(share).unwrap_or(u32::MAX);
+                // Never closed: the semaphore lives as long as the sink.
+                let Ok(permit) = Arc::clone(unsent).acquire_many_owned(share).await else {
+                    return Err(wasmtime::format_err!("the stream's buffer was closed"));
+                };
+                let held = Bytes::from_owner(InFlight {
+                    data: chunk,
+                    _permit: permit,
+                });
+                if sender.send(held).await.is_err() {
                     // Nobody will read what comes next: stop the guest
                     // rather than let it run to its deadline.
                     cancel.cancel();
@@ -153,5 +204,49 @@ impl OutputSink {
 impl output::Host for OutputSink {
     async fn emit(&mut self, chunk: Vec<u8>) -> wasmtime::Result<()> {
         OutputSink::emit(self, chunk).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A streaming caller that does not read holds up the guest after
+    /// [`STREAM_BUFFER_BYTES`] of output, whatever the chunks' count; what
+    /// it drops frees room again.
+    #[tokio::test]
+    async fn streamed_output_in_flight_is_bounded_in_bytes() {
+        let (sender, mut receiver) = mpsc::channel(1000);
+        let mut sink = OutputSink::stream(sender, Cancel::new());
+        let half = STREAM_BUFFER_BYTES / 2;
+        sink.emit(vec![1; half]).await.unwrap();
+        sink.emit(vec![2; half]).await.unwrap();
+        let blocked = tokio::time::timeout(Duration::from_millis(50), sink.emit(vec![3; 10])).await;
+        assert!(blocked.is_err(), "a third chunk waits for room");
+        let first = receiver.recv().await.unwrap();
+        assert_eq!(first.len(), half);
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(5), sink.emit(vec![3; 10]))
+            .await
+            .expect("room again once the caller took a chunk")
+            .unwrap();
+        // A chunk bigger than the whole buffer still goes, alone.
+        drop(receiver.recv().await);
+        drop(receiver.recv().await);
+        sink.emit(vec![4; STREAM_BUFFER_BYTES * 2]).await.unwrap();
+        assert_eq!(
+            receiver.recv().await.unwrap().len(),
+            STREAM_BUFFER_BYTES * 2
+        );
+    }
+
+    /// A wasi:http call has no caller for emitted output: refused, with
+    /// the outcome that says so.
+    #[tokio::test]
+    async fn a_refusing_sink_refuses() {
+        let error = OutputSink::Refused.emit(b"x".to_vec()).await.unwrap_err();
+        assert!(error.downcast_ref::<LimitExceeded>().is_some(), "{error:#}");
     }
 }

@@ -48,6 +48,8 @@ pub(crate) struct Admission {
     tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Per tenant, the slots of anonymous callers of its public functions.
     anonymous: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Per tenant, its open long-lived requests (maps, WebSocket sessions).
+    streams: Mutex<HashMap<String, Arc<Semaphore>>>,
     released: Arc<Notify>,
 }
 
@@ -59,6 +61,7 @@ impl Admission {
             host_capacity,
             tenants: Mutex::new(HashMap::new()),
             anonymous: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
             released: Arc::new(Notify::new()),
         }
     }
@@ -122,6 +125,21 @@ impl Admission {
             slots: Some((anonymous_slot, host_slot)),
             released: Arc::clone(&self.released),
         })
+    }
+
+    /// A place for one of `tenant`'s long-lived requests (at most `limit`
+    /// open at once), held for the request's life.
+    ///
+    /// # Errors
+    /// [`ServiceError::TooManyStreams`] when all are taken.
+    pub(crate) fn open_stream(
+        &self,
+        tenant: &str,
+        limit: usize,
+    ) -> Result<OwnedSemaphorePermit, ServiceError> {
+        Self::slots_of(&self.streams, tenant, limit)
+            .try_acquire_owned()
+            .map_err(|_| ServiceError::TooManyStreams { limit })
     }
 
     /// A slot of `tenant` (at most `limit` at once) and one of the host.

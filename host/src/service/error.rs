@@ -27,6 +27,15 @@ pub enum ServiceError {
         /// The policy's `max_concurrency`.
         limit: usize,
     },
+    /// The tenant has as many maps and WebSocket sessions open as its
+    /// policy allows.
+    #[error(
+        "the tenant has {limit} long-lived requests (maps, WebSocket sessions) open, its policy's max_streams"
+    )]
+    TooManyStreams {
+        /// The policy's `max_streams`.
+        limit: usize,
+    },
     /// The host runs as many calls as it can.
     #[error("the host is at capacity; retry shortly")]
     HostBusy,
@@ -106,6 +115,9 @@ impl ServiceError {
             Self::WrongWorld { .. } => (StatusCode::BAD_REQUEST, "wrong-world", false),
             Self::TenantBusy { .. } => (StatusCode::TOO_MANY_REQUESTS, "too-many-requests", true),
             Self::HostBusy => (StatusCode::SERVICE_UNAVAILABLE, "overloaded", true),
+            Self::TooManyStreams { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "too-many-streams", true)
+            }
             Self::QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "queue-full", true),
             Self::FunctionQuota { .. } => {
                 (StatusCode::INSUFFICIENT_STORAGE, "function-quota", false)

@@ -290,6 +290,21 @@ impl Service {
             })
     }
 
+    /// A place for one of the tenant's long-lived requests (a map, a
+    /// WebSocket session), to hold for the request's life.
+    ///
+    /// # Errors
+    /// [`ServiceError::TooManyStreams`].
+    pub fn open_stream(
+        &self,
+        tenant: &str,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, ServiceError> {
+        let limit = self.policy(tenant).max_streams as usize;
+        self.admission
+            .open_stream(tenant, limit)
+            .inspect_err(|_| self.metrics.rejected("tenant-streams"))
+    }
+
     /// Calls the host can run at once (the instance pool's size).
     pub fn host_capacity(&self) -> usize {
         self.admission.host_capacity()

@@ -438,6 +438,10 @@ pub struct Policy {
     /// (no key, or another tenant's) that may run at once: a budget of
     /// their own, so strangers cannot take the tenant's `max_concurrency`.
     pub max_anonymous_concurrency: u32,
+    /// Long-lived requests (maps, WebSocket sessions) the tenant may have
+    /// open at once; each holds buffers and a connection for as long as
+    /// its caller keeps it.
+    pub max_streams: u32,
     /// Jobs (`spawn`) that may wait in the tenant's queue; more are
     /// answered `429`.
     pub max_queued_jobs: u64,
@@ -481,6 +485,7 @@ impl Default for Policy {
             memory_mb: 128,
             max_concurrency: 16,
             max_anonymous_concurrency: 8,
+            max_streams: 16,
             max_queued_jobs: 100,
             max_stored_jobs: 1000,
             max_stored_job_bytes: 256 * MIB,
@@ -515,6 +520,7 @@ impl fmt::Debug for Policy {
             .field("memory_mb", &self.memory_mb)
             .field("max_concurrency", &self.max_concurrency)
             .field("max_anonymous_concurrency", &self.max_anonymous_concurrency)
+            .field("max_streams", &self.max_streams)
             .field("max_queued_jobs", &self.max_queued_jobs)
             .field("max_stored_jobs", &self.max_stored_jobs)
             .field("max_stored_job_bytes", &self.max_stored_job_bytes)
@@ -681,6 +687,12 @@ impl Policy {
             policy.max_anonymous_concurrency = u32::try_from(n).map_err(|_| {
                 doc.error(span, "max_anonymous_concurrency", "does not fit in 32 bits")
             })?;
+        }
+        if let Some(v) = raw.max_streams {
+            let span = v.span();
+            let n = doc.in_range("max_streams", v, MAX_CONCURRENCY_RANGE)?;
+            policy.max_streams = u32::try_from(n)
+                .map_err(|_| doc.error(span, "max_streams", "does not fit in 32 bits"))?;
         }
         if let Some(v) = raw.max_queued_jobs {
             policy.max_queued_jobs = doc.in_range("max_queued_jobs", v, MAX_QUEUED_JOBS_RANGE)?;
@@ -860,6 +872,7 @@ struct RawPolicy {
     memory_mb: Option<Spanned<u64>>,
     max_concurrency: Option<Spanned<u64>>,
     max_anonymous_concurrency: Option<Spanned<u64>>,
+    max_streams: Option<Spanned<u64>>,
     max_queued_jobs: Option<Spanned<u64>>,
     max_stored_jobs: Option<Spanned<u64>>,
     max_stored_job_bytes: Option<Spanned<ByteCount>>,

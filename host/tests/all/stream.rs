@@ -207,3 +207,60 @@ async fn a_websocket_session_runs_one_invocation_per_message() {
     assert!(refused.to_string().contains("401"), "{refused}");
     server.stop().await;
 }
+
+/// A tenant's open WebSocket sessions and maps are capped by `max_streams`
+/// (429 `too-many-streams` beyond it); a closed one frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_streams_are_capped_per_tenant() {
+    let dir = TempDir::new().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("onestream.toml"), "max_streams = 1\n").unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let key = tenant(&server, "onestream").await;
+    deploy(&server, &key, "echo", artifacts::ECHO_COMPONENT).await;
+    let connect = || {
+        let url = format!("ws://{}/v1/functions/echo/ws", server.addr);
+        let (key, addr) = (key.clone(), server.addr);
+        async move {
+            let mut request = url.into_client_request().unwrap();
+            request
+                .headers_mut()
+                .insert("authorization", format!("Bearer {key}").parse().unwrap());
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tokio_tungstenite::client_async(request, tcp).await
+        }
+    };
+    let (mut first, _) = connect().await.unwrap();
+    first.send(Message::text("one")).await.unwrap();
+    assert_eq!(first.next().await.unwrap().unwrap(), Message::text("one"));
+    let refused = connect().await.unwrap_err();
+    assert!(refused.to_string().contains("429"), "{refused}");
+    let map = request(
+        "POST",
+        &server.url("/v1/functions/echo/map"),
+        Some(&key),
+        "[1, 2]",
+    )
+    .await;
+    map.problem(429, "too-many-streams");
+    first.close(None).await.unwrap();
+    drop(first);
+    // The session ends on the server's side shortly after the close.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let map = request(
+            "POST",
+            &server.url("/v1/functions/echo/map"),
+            Some(&key),
+            "[1, 2]",
+        )
+        .await;
+        if map.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", map.text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.stop().await;
+}
