@@ -143,7 +143,7 @@ pub(super) async fn delete(
     TenantKey(tenant): TenantKey,
     Params(name): Params<String>,
 ) -> Handled {
-    service.delete_function(&tenant, &name)?;
+    super::blocking(&service, move |s| s.delete_function(&tenant, &name)).await?;
     Ok(empty(StatusCode::NO_CONTENT))
 }
 

@@ -41,7 +41,11 @@ pub(super) async fn spawn(
     service.handler_function(&tenant, &name, "only handler functions run as jobs")?;
     let limit = service.policy(&tenant).max_body_bytes;
     let (parts, body) = read_capped(request, limit, "the request body").await?;
-    let job = service.spawn_job(&tenant, &name, content_type(&parts.headers), body.to_vec())?;
+    let content_type = content_type(&parts.headers);
+    let job = super::blocking(&service, move |s| {
+        s.spawn_job(&tenant, &name, content_type, body.to_vec())
+    })
+    .await?;
     let url = format!("/v1/jobs/{}", job.id);
     let mut response = json_response(
         StatusCode::ACCEPTED,
@@ -94,8 +98,12 @@ pub(super) async fn delete(
     TenantKey(tenant): TenantKey,
     Params(id): Params<String>,
 ) -> Handled {
-    Ok(match service.cancel_job(&tenant, &id)? {
-        Cancelled::Cancelled(job) => json_response(StatusCode::ACCEPTED, &wire::Job::from(&*job)),
-        Cancelled::Deleted => empty(StatusCode::NO_CONTENT),
-    })
+    Ok(
+        match super::blocking(&service, move |s| s.cancel_job(&tenant, &id)).await? {
+            Cancelled::Cancelled(job) => {
+                json_response(StatusCode::ACCEPTED, &wire::Job::from(&*job))
+            }
+            Cancelled::Deleted => empty(StatusCode::NO_CONTENT),
+        },
+    )
 }

@@ -24,6 +24,20 @@ mod schedules;
 mod tenants;
 mod ws;
 
+/// Runs a service operation that writes and syncs the store on a blocking
+/// thread: an fsync (or sled waiting for log space) must not stall an async
+/// worker and every other request it polls.
+pub(super) async fn blocking<T: Send + 'static>(
+    service: &Arc<Service>,
+    work: impl FnOnce(&Service) -> Result<T, crate::service::ServiceError> + Send + 'static,
+) -> Result<T, problem::Problem> {
+    let service = Arc::clone(service);
+    tokio::task::spawn_blocking(move || work(&service))
+        .await
+        .map_err(|e| problem::Problem::internal(format!("a store operation panicked: {e}")))?
+        .map_err(problem::Problem::from)
+}
+
 /// Entry points for the fuzz targets in `fuzz/`: the parsers of untrusted
 /// request bodies that are not reached through a public API. Not a stable
 /// API.

@@ -46,7 +46,10 @@ pub(super) async fn put(
             format!("expected {{\"cron\": \"*/5 * * * *\", \"input\": …}}: {e}"),
         )
     })?;
-    let (record, existed) = service.put_schedule(&tenant, &name, &new.cron, new.input)?;
+    let (record, existed) = super::blocking(&service, move |s| {
+        s.put_schedule(&tenant, &name, &new.cron, new.input)
+    })
+    .await?;
     let status = if existed {
         StatusCode::OK
     } else {
@@ -91,6 +94,6 @@ pub(super) async fn delete(
     TenantKey(tenant): TenantKey,
     Params(name): Params<String>,
 ) -> Handled {
-    service.delete_schedule(&tenant, &name)?;
+    super::blocking(&service, move |s| s.delete_schedule(&tenant, &name)).await?;
     Ok(empty(StatusCode::NO_CONTENT))
 }

@@ -24,7 +24,7 @@ pub(super) async fn create_own_key(
     State(service): State<Arc<Service>>,
     TenantKey(tenant): TenantKey,
 ) -> Handled {
-    let (record, secret) = service.create_key(&tenant)?;
+    let (record, secret) = super::blocking(&service, move |s| s.create_key(&tenant)).await?;
     Ok(json_response(
         StatusCode::CREATED,
         &wire::NewKey::new(&record, secret),
@@ -64,7 +64,7 @@ pub(super) async fn revoke_own_key(
     TenantKey(tenant): TenantKey,
     Params(id): Params<String>,
 ) -> Handled {
-    service.revoke_key(&tenant, &id)?;
+    super::blocking(&service, move |s| s.revoke_key(&tenant, &id)).await?;
     Ok(empty(StatusCode::NO_CONTENT))
 }
 
@@ -92,7 +92,8 @@ pub(super) async fn create_tenant(
             format!("expected {{\"name\": \"…\"}}: {e}"),
         )
     })?;
-    let (tenant, key, secret) = service.create_tenant(&new.name)?;
+    let (tenant, key, secret) =
+        super::blocking(&service, move |s| s.create_tenant(&new.name)).await?;
     Ok(json_response(
         StatusCode::CREATED,
         &wire::CreatedTenant {
@@ -132,7 +133,7 @@ pub(super) async fn admin_create_key(
     _admin: AdminKey,
     Params(tenant): Params<String>,
 ) -> Handled {
-    let (record, secret) = service.create_key(&tenant)?;
+    let (record, secret) = super::blocking(&service, move |s| s.create_key(&tenant)).await?;
     Ok(json_response(
         StatusCode::CREATED,
         &wire::NewKey::new(&record, secret),
@@ -156,6 +157,6 @@ pub(super) async fn admin_revoke_key(
     Params(key): Params<(String, String)>,
 ) -> Handled {
     let (tenant, id) = key;
-    service.revoke_key(&tenant, &id)?;
+    super::blocking(&service, move |s| s.revoke_key(&tenant, &id)).await?;
     Ok(empty(StatusCode::NO_CONTENT))
 }
