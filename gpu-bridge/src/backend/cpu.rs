@@ -176,8 +176,20 @@ impl Backend for CpuBackend {
     }
 
     fn upload(&mut self, data: &[u8]) -> Result<CpuBuffer> {
-        let mut buffer = self.alloc(data.len())?;
-        buffer.bytes_mut()[..data.len()].copy_from_slice(data);
+        let words = words_for(data.len());
+        // Every byte is written below, so a recycled buffer need not be
+        // zeroed first: uploads cost what they did.
+        let mut buffer = CpuBuffer {
+            words: self
+                .recycler
+                .take_for_overwrite(words)
+                .ok_or_else(|| out_of_host_memory(words))?,
+            recycler: Some(Arc::clone(&self.recycler)),
+        };
+        let (head, tail) = buffer.bytes_mut().split_at_mut(data.len());
+        head.copy_from_slice(data);
+        // The padding to a whole word: an earlier owner's bytes otherwise.
+        tail.fill(0);
         Ok(buffer)
     }
 
