@@ -14,6 +14,10 @@ use crate::error::Result;
 pub struct BridgeConfig {
     /// Bytes of host memory the cpu backend may hold in tensors.
     pub cpu_memory_bytes: u64,
+    /// Threads of the cpu backend's pool; `None`:
+    /// [`default_threads`](crate::backend::cpu::default_threads), which
+    /// leaves a core to the rest of the host.
+    pub cpu_threads: Option<usize>,
     /// Try to open a wgpu adapter.
     pub wgpu: bool,
     /// Accept a software wgpu adapter (lavapipe) when there is no GPU.
@@ -28,6 +32,7 @@ impl Default for BridgeConfig {
     fn default() -> Self {
         Self {
             cpu_memory_bytes: 4 << 30,
+            cpu_threads: None,
             wgpu: true,
             wgpu_allow_software: true,
             cuda: true,
@@ -65,10 +70,11 @@ impl Bridge {
                 Err(e) => unavailable.push((BackendKind::Wgpu, e.message)),
             }
         }
-        devices.push(Device::start(
-            CpuBackend::new(config.cpu_memory_bytes),
-            config.device,
-        )?);
+        let cpu = match config.cpu_threads {
+            Some(threads) => CpuBackend::with_threads(config.cpu_memory_bytes, threads),
+            None => CpuBackend::new(config.cpu_memory_bytes),
+        };
+        devices.push(Device::start(cpu, config.device)?);
         for device in &devices {
             let d = device.description();
             info!(backend = %d.kind, name = %d.name, is_gpu = d.is_gpu, memory_bytes = d.memory_bytes, "gpu bridge device ready");

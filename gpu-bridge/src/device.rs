@@ -2,13 +2,26 @@
 //!
 //! A [`Device`] owns its backend on a dedicated thread fed by a bounded
 //! queue, so no executor thread ever blocks on a kernel, a copy or a driver
-//! call. Ops are *pipelined*: `run` validates, reserves the output's memory,
-//! queues the kernel and returns the new tensor at once, without waiting for
-//! the device, as CUDA streams and PyTorch do. The worker runs jobs in queue
-//! order, so a kernel always finds its inputs computed; only `read` (and
-//! `synchronize`) wait, and a failure on the device (a driver error, an
-//! allocation the backend refused) surfaces there, or in any op that uses
-//! the failed tensor. A full queue makes submitters wait (backpressure).
+//! call. Ops are *pipelined*: `run` validates, reserves the output's memory
+//! and an estimate of its device time, queues the kernel and returns the
+//! new tensor at once, without waiting for the device, as CUDA streams and
+//! PyTorch do. Only `read` (and `synchronize`) wait, and a failure on the
+//! device (a driver error, an allocation the backend refused, a panic)
+//! surfaces there, or in any op that uses the failed tensor.
+//!
+//! The queue is shared fairly: each tenant (top-level [`Account`]) has its
+//! own lane and the worker serves lanes in turn by estimated device time
+//! (see `device/queue.rs`), so one tenant's backlog does not delay
+//! another's ops. A tenant's jobs run in the order it queued them, and a
+//! job that reads a tensor another tenant's job computes waits for that
+//! job, so a kernel always finds its inputs computed. A tenant whose lane
+//! is full waits for room (backpressure) without holding up the others.
+//!
+//! An op is refused with `quota-exceeded` before it is queued when its
+//! estimated device time (its multiply-adds or elements, at the rate this
+//! device has been measured to run them) does not fit its account's time
+//! budget. A panic in a kernel fails that op with `internal` and the worker
+//! goes on serving.
 //!
 //! Tensor data is shared immutably (`Arc`): views such as `reshape` reuse the
 //! buffer, and the buffer — with its device bytes and its owner's quota — is
@@ -17,19 +30,24 @@
 //! invocation trapped or timed out) is skipped.
 
 use std::any::Any;
-use std::sync::Arc;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
-use crate::account::Account;
+use crate::account::{Account, TimeReservation};
 use crate::backend::{Backend, BackendKind, DeviceDescription};
 use crate::dtype::DType;
-use crate::error::{BridgeError, ErrorCode, Result};
+use crate::error::{BridgeError, ErrorCode, KernelPanicked, Result, contain};
 use crate::kernel::Kernel;
 use crate::op::{Op, Operand, Work, element_count};
+
+mod queue;
+
+use queue::Lanes;
 
 /// How long an idle worker keeps polling its queue before it sleeps. A
 /// guest chaining small ops submits the next one within microseconds; a
@@ -96,12 +114,229 @@ impl<B: Backend> ErasedBackend for B {
     }
 }
 
-type Job = Box<dyn FnOnce(&mut dyn ErasedBackend) + Send>;
+/// What a queued job does with the backend.
+type JobFn = Box<dyn FnOnce(&mut dyn ErasedBackend) + Send>;
+
+/// Work for the device's worker.
+struct Job {
+    run: JobFn,
+    /// What the job reads: it waits until their producers have run (they
+    /// may be queued in another tenant's lane).
+    inputs: Vec<Arc<Storage>>,
+    /// The job's place in its tenant's lane, given back once it has run.
+    place: OwnedSemaphorePermit,
+}
+
+impl Job {
+    fn is_ready(&self) -> bool {
+        self.inputs.iter().all(|s| s.is_ready())
+    }
+}
+
+/// The worker's queue: per-tenant lanes behind a lock, and how submitters
+/// wait for room and the worker for work.
+struct RunQueue {
+    state: Mutex<QueueState>,
+    /// Signalled when a job arrives for a sleeping worker, or the device
+    /// closes.
+    wake: Condvar,
+    /// Jobs queued, readable without the lock, for the worker's spin.
+    queued: AtomicUsize,
+    /// Jobs each tenant may have queued at once.
+    depth: usize,
+}
+
+struct QueueState {
+    lanes: Lanes<Job>,
+    /// Each tenant's places in the queue, while it has any taken or
+    /// awaited (idle tenants are forgotten when the queue empties).
+    places: HashMap<u64, Arc<Semaphore>>,
+    /// The worker waits on `wake`: a submitter must signal it.
+    sleeping: bool,
+    /// The device is gone: no job will come, the worker stops once the
+    /// lanes are empty.
+    closed: bool,
+}
+
+impl RunQueue {
+    fn new(depth: usize) -> Self {
+        Self {
+            state: Mutex::new(QueueState {
+                lanes: Lanes::default(),
+                places: HashMap::new(),
+                sleeping: false,
+                closed: false,
+            }),
+            wake: Condvar::new(),
+            queued: AtomicUsize::new(0),
+            depth: depth.clamp(1, Semaphore::MAX_PERMITS),
+        }
+    }
+
+    // Nothing panics while holding the lock (the lanes are plain data and
+    // jobs run outside it), so a poisoned lock's state is whole.
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The places of `tenant`'s lane.
+    fn places(&self, tenant: u64) -> Arc<Semaphore> {
+        let mut state = self.lock();
+        Arc::clone(
+            state
+                .places
+                .entry(tenant)
+                .or_insert_with(|| Arc::new(Semaphore::new(self.depth))),
+        )
+    }
+
+    fn push(&self, tenant: u64, job: Job, cost: Duration) {
+        let mut state = self.lock();
+        let nanos = u64::try_from(cost.as_nanos()).unwrap_or(u64::MAX);
+        state.lanes.push(tenant, job, nanos);
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        if state.sleeping {
+            self.wake.notify_one();
+        }
+    }
+
+    fn pop(&self, state: &mut QueueState) -> Option<Job> {
+        let (_, job) = state.lanes.pop(Job::is_ready)?;
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        Some(job)
+    }
+
+    /// The next job, sleeping until one comes; `None` once the device is
+    /// gone and its queue empty.
+    fn wait_next(&self) -> Option<Job> {
+        let mut state = self.lock();
+        loop {
+            if let Some(job) = self.pop(&mut state) {
+                return Some(job);
+            }
+            if state.closed {
+                return None;
+            }
+            state.sleeping = true;
+            state = self
+                .wake
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+            state.sleeping = false;
+        }
+    }
+
+    /// The next job if one comes within [`WORKER_SPIN`]; `None` when none
+    /// does (the worker then sleeps in [`RunQueue::wait_next`]).
+    fn poll_next(&self) -> Option<Job> {
+        let until = Instant::now() + WORKER_SPIN;
+        loop {
+            if self.queued.load(Ordering::Acquire) > 0 {
+                return self.pop(&mut self.lock());
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Forget the places of tenants with nothing queued, taken or awaited
+    /// (only the map holds their semaphore), so the map holds the tenants
+    /// that are busy rather than every tenant ever seen.
+    fn forget_idle(&self) {
+        let mut state = self.lock();
+        state
+            .places
+            .retain(|_, places| Arc::strong_count(places) > 1);
+    }
+
+    fn close(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        self.wake.notify_one();
+    }
+}
+
+/// How much work an op is, for estimating its device time.
+#[derive(Debug, Clone, Copy)]
+enum CostClass {
+    /// Multiply-adds of a matrix product.
+    MultiplyAdds = 0,
+    /// Elements read and written by anything else (elementwise ops,
+    /// reductions, copies, uploads and reads).
+    Elements = 1,
+}
+
+/// Work below this many units is not measured: fixed costs (allocation,
+/// dispatch) would dominate the rate. About 50-100 µs at the priors' rates
+/// on a small CPU.
+const LEARN_MIN_UNITS: [u64; 2] = [1 << 22, 1 << 16];
+
+/// What ops cost on one device, in nanoseconds per unit of each
+/// [`CostClass`], learned from the ops it runs: a moving average of
+/// measured rates, starting from a prior.
+///
+/// The priors are deliberately fast, so an estimate made before the device
+/// has measured anything is low: a low estimate only lets an op overrun its
+/// budget (which the time it really took is then charged for), while a
+/// high one would refuse work that fits. Unknown (GPU) devices start at
+/// zero, which refuses nothing until measured.
+#[derive(Debug)]
+struct CostModel {
+    /// `f64` bits, indexed by [`CostClass`].
+    nanos_per_unit: [AtomicU64; 2],
+}
+
+impl CostModel {
+    fn new(kind: BackendKind) -> Self {
+        let (per_multiply_add, per_element) = match kind {
+            // 500 G multiply-adds and 20 G elements a second: beyond any
+            // CPU's gemm and memory bandwidth this bridge runs on.
+            BackendKind::Cpu => (0.002, 0.05),
+            BackendKind::Wgpu | BackendKind::Cuda => (0.0, 0.0),
+        };
+        Self {
+            nanos_per_unit: [
+                AtomicU64::new(f64::to_bits(per_multiply_add)),
+                AtomicU64::new(f64::to_bits(per_element)),
+            ],
+        }
+    }
+
+    fn rate(&self, class: CostClass) -> f64 {
+        f64::from_bits(self.nanos_per_unit[class as usize].load(Ordering::Relaxed))
+    }
+
+    /// The device time `units` of `class` are expected to take.
+    fn estimate(&self, class: CostClass, units: u64) -> Duration {
+        // A float-to-int `as` saturates, so a huge estimate stays huge.
+        Duration::from_nanos((units as f64 * self.rate(class)) as u64)
+    }
+
+    /// Fold in that `units` of `class` took `spent`.
+    fn learn(&self, class: CostClass, units: u64, spent: Duration) {
+        if units < LEARN_MIN_UNITS[class as usize] {
+            return;
+        }
+        let observed = spent.as_nanos() as f64 / units as f64;
+        let old = self.rate(class);
+        let new = if old == 0.0 {
+            observed
+        } else {
+            old + (observed - old) / 4.0
+        };
+        // Racing learners (inline ops on callers' threads) may lose an
+        // update; the average does not need every sample.
+        self.nanos_per_unit[class as usize].store(new.to_bits(), Ordering::Relaxed);
+    }
+}
 
 /// How a device worker is set up.
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceOptions {
-    /// Jobs the worker queues before submitters wait for room.
+    /// Jobs each tenant (top-level account) may have queued before its
+    /// submitters wait for room; other tenants' lanes are separate.
     pub queue_depth: usize,
     /// Fill every op's output with NaN bytes before the kernel runs, so a
     /// kernel that leaves elements unwritten fails its tests instead of
@@ -145,17 +380,26 @@ struct DeviceInner {
     poison_outputs: bool,
     inline: Option<(Box<dyn InlineRunner>, usize)>,
     ordinal: u64,
-    queue: mpsc::Sender<Job>,
+    queue: Arc<RunQueue>,
+    costs: Arc<CostModel>,
     used: AtomicU64,
     busy_nanos: AtomicU64,
     /// Jobs queued and not yet finished.
     pending: AtomicU64,
 }
 
+impl Drop for DeviceInner {
+    fn drop(&mut self) {
+        // Every clone, tensor and queued job is gone: let the worker stop.
+        self.queue.close();
+    }
+}
+
 impl DeviceInner {
-    /// Charge `spent` device time to `account` and to this device's total.
-    fn charge_time(&self, account: &Account, spent: Duration) {
-        account.charge_time(spent);
+    /// Charge `spent` device time for the work `time` was reserved for, and
+    /// add it to this device's total.
+    fn settle(&self, time: TimeReservation, spent: Duration) {
+        time.settle(spent);
         self.busy_nanos.fetch_add(
             u64::try_from(spent.as_nanos()).unwrap_or(u64::MAX),
             Ordering::AcqRel,
@@ -351,24 +595,27 @@ impl Device {
         let queue_depth = options.queue_depth;
         let description = backend.describe();
         let ordinal = NEXT_ORDINAL.fetch_add(1, Ordering::Relaxed);
-        let (queue, jobs) = mpsc::channel::<Job>(queue_depth.max(1));
+        let queue = Arc::new(RunQueue::new(queue_depth));
+        let jobs = Arc::clone(&queue);
         match backend.worker_pool() {
             // The loop holds one of the pool's threads for the device's
             // lifetime; the pool is the backend's own, so no other device
             // competes for it.
-            Some(pool) => pool.spawn(move || worker(backend, jobs)),
+            Some(pool) => pool.spawn(move || worker(backend, &jobs)),
             None => {
                 std::thread::Builder::new()
                     .name(format!("gust-gpu-{}-{ordinal}", description.kind))
-                    .spawn(move || worker(backend, jobs))
+                    .spawn(move || worker(backend, &jobs))
                     .map_err(|e| {
                         BridgeError::backend(format!("cannot start the device worker thread: {e}"))
                             .with_source(e)
                     })?;
             }
         }
+        let costs = Arc::new(CostModel::new(description.kind));
         Ok(Self {
             inner: Arc::new(DeviceInner {
+                costs,
                 description,
                 poison_outputs: options.poison_outputs,
                 inline,
@@ -412,78 +659,109 @@ impl Device {
         }
     }
 
+    /// Run `job` now on the caller's thread, charging its time to `time`'s
+    /// account; a panic in it is `step`'s `internal` error.
     fn run_inline<T>(
         &self,
         inline: &dyn InlineRunner,
-        account: &Account,
+        time: TimeReservation,
+        step: &str,
         job: impl FnOnce(&mut dyn ErasedBackend) -> Result<T>,
     ) -> Result<T> {
         let started = Instant::now();
         let mut job = Some(job);
         let mut result = None;
+        // Contained inside the closure, so a panicking kernel neither
+        // unwinds into the caller (an executor thread) nor skips the
+        // charge below.
         inline.with_backend(&mut |backend| {
             if let Some(job) = job.take() {
-                result = Some(job(backend));
+                result = Some(contain(step, || job(backend)));
             }
         });
-        self.inner.charge_time(account, started.elapsed());
+        self.inner.settle(time, started.elapsed());
         result.unwrap_or_else(|| Err(BridgeError::backend("the inline job did not run")))
     }
 
-    /// Queue `job` behind everything submitted so far, waiting for room if
-    /// the queue is full.
+    fn stopped(&self) -> BridgeError {
+        BridgeError::backend(format!(
+            "{}: the device worker has stopped",
+            self.inner.description.name
+        ))
+    }
+
+    /// Queue `job` at the back of its tenant's lane, waiting for room if
+    /// the lane is full. It runs once `inputs` are computed, charging the
+    /// time it takes to `time`'s account; `cost` is its estimated time, its
+    /// weight in taking turns with other tenants.
     async fn enqueue(
         &self,
-        account: &Arc<Account>,
+        time: TimeReservation,
+        inputs: Vec<Arc<Storage>>,
+        cost: Duration,
         job: impl FnOnce(&mut dyn ErasedBackend) + Send + 'static,
     ) -> Result<()> {
-        let charged = Arc::clone(account);
+        let tenant = time.account().tenant_key();
+        // A caller that gives up while waiting for room drops `time`, which
+        // gives the reserved time back.
+        let place = self
+            .inner
+            .queue
+            .places(tenant)
+            .acquire_owned()
+            .await
+            .map_err(|_| self.stopped())?;
         let device = Arc::clone(&self.inner);
-        let timed: Job = Box::new(move |backend| {
+        let run: JobFn = Box::new(move |backend: &mut dyn ErasedBackend| {
             let started = Instant::now();
             job(backend);
-            device.charge_time(&charged, started.elapsed());
+            device.settle(time, started.elapsed());
             device.pending.fetch_sub(1, Ordering::AcqRel);
         });
         self.inner.pending.fetch_add(1, Ordering::AcqRel);
-        self.inner.queue.send(timed).await.map_err(|_| {
-            BridgeError::backend(format!(
-                "{}: the device worker has stopped",
-                self.inner.description.name
-            ))
-        })
+        self.inner
+            .queue
+            .push(tenant, Job { run, inputs, place }, cost);
+        Ok(())
     }
 
     /// Queue a job that computes `output`'s buffer.
     async fn produce(
         &self,
-        account: &Arc<Account>,
+        time: TimeReservation,
         output: &Arc<Storage>,
+        inputs: Vec<Arc<Storage>>,
+        cost: Duration,
+        step: &'static str,
         compute: impl FnOnce(&mut dyn ErasedBackend) -> Result<AnyBuffer> + Send + 'static,
     ) -> Result<()> {
         let target = Arc::clone(output);
-        self.enqueue(account, move |backend| {
+        self.enqueue(time, inputs, cost, move |backend| {
             // Only this job holds the result: its tensor is gone (the guest
             // dropped it, trapped or timed out), so skip the work.
             if Arc::strong_count(&target) == 1 {
                 return;
             }
-            let _ = target.buffer.set(compute(backend));
+            let _ = target.buffer.set(contain(step, || compute(backend)));
         })
         .await
     }
 
-    /// Run `job` after everything submitted so far and await its answer.
+    /// Run `job` after everything this tenant submitted so far (and after
+    /// the producers of `inputs`) and await its answer.
     async fn call<T: Send + 'static>(
         &self,
-        account: &Arc<Account>,
+        time: TimeReservation,
+        inputs: Vec<Arc<Storage>>,
+        cost: Duration,
+        step: &'static str,
         job: impl FnOnce(&mut dyn ErasedBackend) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let (reply, answer) = oneshot::channel();
-        self.enqueue(account, move |backend| {
+        self.enqueue(time, inputs, cost, move |backend| {
             // A caller that gave up (deadline, trap) no longer wants this.
             if !reply.is_closed() {
-                let _ = reply.send(job(backend));
+                let _ = reply.send(contain(step, || job(backend)));
             }
         })
         .await?;
@@ -504,6 +782,13 @@ impl Device {
                 self.inner.description.name
             ))
         })?
+    }
+
+    /// The estimated device time of touching `elements` elements.
+    fn element_cost(&self, elements: usize) -> Duration {
+        self.inner
+            .costs
+            .estimate(CostClass::Elements, elements as u64)
     }
 
     /// `invalid-argument` unless `tensor` lives on this device.
@@ -534,14 +819,19 @@ impl Device {
                 data.len()
             )));
         }
-        account.check_time()?;
+        let elements = expected / dtype.size();
+        let cost = self.element_cost(elements);
+        let time = account.reserve_time(cost)?;
         let storage = Storage::pending(Charge::new(&self.inner, account, expected as u64)?);
-        if let Some(inline) = self.inline_for(expected / dtype.size(), &[]) {
-            let buffer = self.run_inline(inline, account, |backend| backend.upload(&data))?;
+        if let Some(inline) = self.inline_for(elements, &[]) {
+            let buffer =
+                self.run_inline(inline, time, "upload", |backend| backend.upload(&data))?;
             let _ = storage.buffer.set(Ok(buffer));
         } else {
-            self.produce(account, &storage, move |backend| backend.upload(&data))
-                .await?;
+            self.produce(time, &storage, Vec::new(), cost, "upload", move |backend| {
+                backend.upload(&data)
+            })
+            .await?;
         }
         Ok(Tensor {
             storage,
@@ -568,28 +858,36 @@ impl Device {
         if bytes == 0 {
             return Ok(Vec::new());
         }
-        account.check_time()?;
+        let cost = self.element_cost(tensor.len());
+        let time = account.reserve_time(cost)?;
         let storage = Arc::clone(&tensor.storage);
         if let Some(inline) = self.inline_for(tensor.len(), &[&storage]) {
-            return self.run_inline(inline, account, |backend| {
+            return self.run_inline(inline, time, "read", |backend| {
                 backend.download(storage.buffer()?, bytes)
             });
         }
-        self.call(account, move |backend| {
+        let inputs = vec![Arc::clone(&storage)];
+        self.call(time, inputs, cost, "read", move |backend| {
             backend.download(storage.buffer()?, bytes)
         })
         .await
     }
 
-    /// Wait until every job submitted so far has finished on the device.
+    /// Wait until every job `account`'s tenant submitted so far has
+    /// finished on the device (and the jobs of other tenants that they
+    /// read). Other tenants' queued work is not waited for: lanes are
+    /// served in turn, not in submission order.
     pub async fn synchronize(&self, account: &Arc<Account>) -> Result<()> {
-        account.check_time()?;
+        let time = account.reserve_time(Duration::ZERO)?;
         // A device whose kernels run synchronously on the host (the cpu
         // backend) is idle once its queue is: nothing to wait for.
         if self.inner.inline.is_some() && self.inner.pending.load(Ordering::Acquire) == 0 {
             return Ok(());
         }
-        self.call(account, |backend| backend.synchronize()).await
+        self.call(time, Vec::new(), Duration::ZERO, "synchronize", |backend| {
+            backend.synchronize()
+        })
+        .await
     }
 
     /// Validate `op` against `operands` and run it, charging the result's
@@ -629,25 +927,39 @@ impl Device {
                         self.inner.description.arithmetic_dtypes
                     )));
                 }
-                account.check_time()?;
-                let output = Storage::pending(Charge::new(&self.inner, account, out_bytes as u64)?);
-                let inputs: Vec<Arc<Storage>> =
-                    operands.iter().map(|t| Arc::clone(&t.storage)).collect();
-                let poison = self.inner.poison_outputs;
-                let work = match &kernel {
+                let (class, work) = match &kernel {
                     Kernel::Matmul {
                         m,
                         k,
                         n,
                         lhs_offsets,
                         ..
-                    } => m * k * n * lhs_offsets.len(),
-                    _ => {
+                    } => (
+                        CostClass::MultiplyAdds,
+                        m.saturating_mul(*k)
+                            .saturating_mul(*n)
+                            .saturating_mul(lhs_offsets.len()),
+                    ),
+                    _ => (
+                        CostClass::Elements,
                         operands.iter().map(|t| t.len()).sum::<usize>()
-                            + out_bytes / plan.dtype.size()
-                    }
+                            + out_bytes / plan.dtype.size(),
+                    ),
                 };
+                let units = work as u64;
+                let cost = self.inner.costs.estimate(class, units);
+                // Before anything is queued or allocated: an op that cannot
+                // fit the budget left is refused, not run into overdraft.
+                let time = account.reserve_time(cost)?;
+                let output = Storage::pending(Charge::new(&self.inner, account, out_bytes as u64)?);
+                let inputs: Vec<Arc<Storage>> =
+                    operands.iter().map(|t| Arc::clone(&t.storage)).collect();
+                let waits_for = inputs.clone();
+                let poison = self.inner.poison_outputs;
+                let costs = Arc::clone(&self.inner.costs);
+                let step = kernel.name();
                 let compute = move |backend: &mut dyn ErasedBackend| -> Result<AnyBuffer> {
+                    let started = Instant::now();
                     let refs = inputs
                         .iter()
                         .map(|s| s.buffer())
@@ -658,16 +970,18 @@ impl Device {
                         backend.alloc(out_bytes)?
                     };
                     backend.run(&kernel, &refs, buffer.as_mut())?;
+                    costs.learn(class, units, started.elapsed());
                     Ok(buffer)
                 };
                 let input_refs: Vec<&Arc<Storage>> = operands.iter().map(|t| &t.storage).collect();
                 if let Some(inline) = self.inline_for(work, &input_refs) {
                     // Small work on ready inputs: computed now, so an error
                     // is the caller's at once.
-                    let buffer = self.run_inline(inline, account, compute)?;
+                    let buffer = self.run_inline(inline, time, step, compute)?;
                     let _ = output.buffer.set(Ok(buffer));
                 } else {
-                    self.produce(account, &output, compute).await?;
+                    self.produce(time, &output, waits_for, cost, step, compute)
+                        .await?;
                 }
                 Ok(Tensor {
                     storage: output,
@@ -684,16 +998,17 @@ impl Device {
     }
 }
 
-/// Runs jobs until every sender is gone. Jobs come in batches: a guest
+/// Runs jobs until the device is gone. Jobs come in batches: a guest
 /// chaining small ops submits the next within microseconds, so after each
-/// job the worker polls for the next a short while (see [`poll_job`])
-/// before it sleeps. Each batch, from waking to sleeping again, is one
-/// debug-level `bridge_batch` span with its op count: free when tracing is
-/// off at debug (the macros check a cached interest, and the backend's
-/// kind is a `&'static str`), and it shows how well ops chain when on.
-fn worker<B: Backend>(mut backend: B, mut jobs: mpsc::Receiver<Job>) {
+/// job the worker polls for the next a short while
+/// ([`RunQueue::poll_next`]) before it sleeps. Each batch, from waking to
+/// sleeping again, is one debug-level `bridge_batch` span with its op
+/// count: free when tracing is off at debug (the macros check a cached
+/// interest, and the backend's kind is a `&'static str`), and it shows how
+/// well ops chain when on.
+fn worker<B: Backend>(mut backend: B, queue: &RunQueue) {
     let backend_kind = backend.describe().kind.as_str();
-    while let Some(first) = jobs.blocking_recv() {
+    while let Some(first) = queue.wait_next() {
         let span = tracing::debug_span!(
             "bridge_batch",
             backend = backend_kind,
@@ -703,29 +1018,28 @@ fn worker<B: Backend>(mut backend: B, mut jobs: mpsc::Receiver<Job>) {
         let mut ops = 0u64;
         let mut next = Some(first);
         while let Some(job) = next {
-            job(&mut backend);
+            run_job(&mut backend, queue, job);
             ops += 1;
-            next = poll_job(&mut jobs);
+            next = queue.poll_next();
         }
         span.record("ops", ops);
         tracing::debug!(ops, "bridge batch done");
     }
 }
 
-/// The next job if one arrives within [`WORKER_SPIN`]; `None` when none
-/// does (the worker then sleeps in `blocking_recv`) or every sender is
-/// gone (`blocking_recv` then says so).
-fn poll_job(jobs: &mut mpsc::Receiver<Job>) -> Option<Job> {
-    let until = Instant::now() + WORKER_SPIN;
-    loop {
-        match jobs.try_recv() {
-            Ok(job) => return Some(job),
-            Err(mpsc::error::TryRecvError::Disconnected) => return None,
-            Err(mpsc::error::TryRecvError::Empty) if Instant::now() < until => {
-                std::hint::spin_loop()
-            }
-            Err(mpsc::error::TryRecvError::Empty) => return None,
-        }
+/// Run one job. Each job already turns a panic in its op into that op's
+/// error (see [`contain`]); this catches whatever is left (a panic in the
+/// bookkeeping around it), so that no panic ends the worker, which would
+/// stop the device for every tenant.
+fn run_job(backend: &mut dyn ErasedBackend, queue: &RunQueue, job: Job) {
+    let Job { run, inputs, place } = job;
+    if let Err(payload) = catch_unwind(AssertUnwindSafe(|| run(backend))) {
+        let panic = KernelPanicked::new("a device job", payload.as_ref());
+        tracing::error!(error = %panic, "the device worker caught a panic outside an op");
+    }
+    drop((inputs, place));
+    if queue.queued.load(Ordering::Acquire) == 0 {
+        queue.forget_idle();
     }
 }
 
@@ -799,5 +1113,147 @@ mod tests {
         );
         drop((x, y, z));
         assert_eq!(account.used_bytes(), 0);
+    }
+
+    /// The cpu backend, except that `exp` panics, as a kernel with a bug
+    /// some input reaches would.
+    #[derive(Debug, Clone)]
+    struct PanickingExp(CpuBackend);
+
+    impl Backend for PanickingExp {
+        type Buffer = <CpuBackend as Backend>::Buffer;
+
+        fn describe(&self) -> DeviceDescription {
+            self.0.describe()
+        }
+
+        fn alloc(&mut self, bytes: usize) -> Result<Self::Buffer> {
+            Backend::alloc(&mut self.0, bytes)
+        }
+
+        fn upload(&mut self, data: &[u8]) -> Result<Self::Buffer> {
+            Backend::upload(&mut self.0, data)
+        }
+
+        fn download(&mut self, buffer: &Self::Buffer, bytes: usize) -> Result<Vec<u8>> {
+            Backend::download(&mut self.0, buffer, bytes)
+        }
+
+        fn run(
+            &mut self,
+            kernel: &Kernel,
+            inputs: &[&Self::Buffer],
+            output: &mut Self::Buffer,
+        ) -> Result<()> {
+            if let Kernel::Unary {
+                op: crate::UnaryOp::Exp,
+                ..
+            } = kernel
+            {
+                let empty: &[f32] = &[];
+                // A real out-of-bounds panic, not a `panic!` stand-in.
+                let _ = empty[inputs.len()];
+            }
+            Backend::run(&mut self.0, kernel, inputs, output)
+        }
+
+        fn synchronize(&mut self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn f32s(bytes: &[u8]) -> Vec<f32> {
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+
+    #[test]
+    fn a_kernel_panic_fails_its_op_and_the_worker_keeps_serving() {
+        let device = Device::start(
+            PanickingExp(CpuBackend::new(1 << 20)),
+            DeviceOptions::default(),
+        )
+        .unwrap();
+        let account = Account::new("t", None, None);
+        let other = Account::new("other", None, None);
+        let data: Vec<u8> = bytemuck::cast_slice(&[-1.0f32, 2.0]).to_vec();
+        let x = pollster::block_on(device.upload(DType::F32, &[2], data, &account)).unwrap();
+        let exp = pollster::block_on(device.run(&Op::Unary(crate::UnaryOp::Exp), &[&x], &account))
+            .unwrap();
+        let err = pollster::block_on(device.read(&exp, &account)).unwrap_err();
+        assert_eq!(err.code, ErrorCode::Internal, "{err}");
+        assert!(err.message.contains("exp panicked"), "{err}");
+        assert!(err.message.contains("index out of bounds"), "{err}");
+        // The same device still serves this tenant and the next.
+        let relu =
+            pollster::block_on(device.run(&Op::Unary(crate::UnaryOp::Relu), &[&x], &account))
+                .unwrap();
+        let bytes = pollster::block_on(device.read(&relu, &account)).unwrap();
+        assert_eq!(f32s(&bytes), vec![0.0, 2.0]);
+        let y = pollster::block_on(device.upload(DType::F32, &[1], vec![0; 4], &other)).unwrap();
+        assert_eq!(
+            pollster::block_on(device.read(&y, &other)).unwrap(),
+            vec![0; 4]
+        );
+        drop((x, exp, relu));
+        pollster::block_on(device.synchronize(&account)).unwrap();
+        assert_eq!(account.used_bytes(), 0, "the failed op's output was freed");
+    }
+
+    #[test]
+    fn a_kernel_panic_on_the_callers_thread_is_an_error_not_an_unwind() {
+        let device = Device::start_inline(
+            PanickingExp(CpuBackend::new(1 << 20)),
+            DeviceOptions::default(),
+        )
+        .unwrap();
+        let account = Account::new("t", None, None);
+        let data: Vec<u8> = bytemuck::cast_slice(&[-1.0f32, 2.0]).to_vec();
+        let x = pollster::block_on(device.upload(DType::F32, &[2], data, &account)).unwrap();
+        // Two elements: computed inline, so the error is the caller's now.
+        let err = pollster::block_on(device.run(&Op::Unary(crate::UnaryOp::Exp), &[&x], &account))
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::Internal, "{err}");
+        let relu =
+            pollster::block_on(device.run(&Op::Unary(crate::UnaryOp::Relu), &[&x], &account))
+                .unwrap();
+        let bytes = pollster::block_on(device.read(&relu, &account)).unwrap();
+        assert_eq!(f32s(&bytes), vec![0.0, 2.0]);
+    }
+
+    #[test]
+    fn another_tenant_never_sees_a_freed_tensors_bytes() {
+        let device = Device::start(CpuBackend::new(1 << 30), DeviceOptions::default()).unwrap();
+        let first = Account::new("first", None, None);
+        let second = Account::new("second", None, None);
+        // Large enough for the cpu backend to keep the buffer for reuse.
+        let bytes = 1 << 20;
+        let pattern: Vec<u8> = (0..bytes).map(|i| (i % 253) as u8 | 0x80).collect();
+        let secret =
+            pollster::block_on(device.upload(DType::U32, &[bytes / 4], pattern, &first)).unwrap();
+        pollster::block_on(device.synchronize(&first)).unwrap();
+        drop(secret);
+        // A buffer allocated for the second tenant and read before anything
+        // writes it: what a kernel that leaves part of its output alone
+        // would hand back.
+        let time = second.reserve_time(Duration::ZERO).unwrap();
+        let seen = pollster::block_on(device.call(
+            time,
+            Vec::new(),
+            Duration::ZERO,
+            "alloc",
+            move |backend| {
+                let buffer = backend.alloc(bytes)?;
+                backend.download(buffer.as_ref(), bytes)
+            },
+        ))
+        .unwrap();
+        let stale = seen.iter().filter(|&&b| b != 0).count();
+        assert_eq!(
+            stale, 0,
+            "{stale} of {bytes} bytes left by the first tenant"
+        );
     }
 }

@@ -26,6 +26,12 @@ pub enum ErrorCode {
     /// The backend does not offer this operation, dtype or capability
     /// (including a backend this build was not compiled with).
     Unsupported,
+    /// The bridge itself failed: a kernel or another step of an op
+    /// panicked on the device. That op failed (its source is a
+    /// [`KernelPanicked`]); the device caught the panic and keeps serving
+    /// other ops and tenants. Not in the WIT `error-code` enum: the host
+    /// reports it to guests as `backend`.
+    Internal,
 }
 
 impl ErrorCode {
@@ -41,6 +47,7 @@ impl ErrorCode {
             Self::Timeout => "timeout",
             Self::Backend => "backend",
             Self::Unsupported => "unsupported",
+            Self::Internal => "internal",
         }
     }
 }
@@ -57,8 +64,7 @@ impl fmt::Display for ErrorCode {
 ///
 /// Equality compares code and message only: the source is already spelled
 /// out in the message, and library errors rarely compare.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{code}: {message}")]
+#[derive(Debug, Clone)]
 pub struct BridgeError {
     /// What kind of failure this is.
     pub code: ErrorCode,
@@ -67,8 +73,25 @@ pub struct BridgeError {
     /// The typed error this one was made from. An `Arc` keeps the error
     /// `Clone`, which callers that fan one failure out to several waiters
     /// rely on.
-    #[source]
     source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl fmt::Display for BridgeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+// By hand rather than derived: thiserror's `#[source]` on an `Arc<dyn
+// Error>` hands out the `Arc` itself (it implements `Error`), so callers
+// could not downcast the source to its type ([`KernelPanicked`], a driver
+// error). This hands out the error inside.
+impl std::error::Error for BridgeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|source| source as &(dyn std::error::Error + 'static))
+    }
 }
 
 impl PartialEq for BridgeError {
@@ -124,6 +147,59 @@ impl BridgeError {
     }
 }
 
+/// The typed cause of an [`ErrorCode::Internal`] error: a panic caught on
+/// the device (in a kernel, an allocation or a copy) instead of letting it
+/// unwind through the device's worker, which would stop the device for
+/// every tenant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{step} panicked: {message}")]
+pub struct KernelPanicked {
+    /// What was running: a kernel's name, or the step (`upload`, `read`).
+    pub step: String,
+    /// The panic's message, where it carried one.
+    pub message: String,
+}
+
+impl KernelPanicked {
+    /// Describe a panic caught while `step` ran, from its payload.
+    pub fn new(step: impl Into<String>, payload: &(dyn std::any::Any + Send)) -> Self {
+        // `panic!` carries a `&str` or a `String`; anything else (a payload
+        // from `panic_any`) has no message to show.
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned());
+        Self {
+            step: step.into(),
+            message,
+        }
+    }
+}
+
+impl From<KernelPanicked> for BridgeError {
+    fn from(panic: KernelPanicked) -> Self {
+        Self::new(
+            ErrorCode::Internal,
+            format!(
+                "{panic}; the op failed, the device keeps serving (a bug in the bridge: please report it)"
+            ),
+        )
+        .with_source(panic)
+    }
+}
+
+/// Run `f`, turning a panic inside it into an [`ErrorCode::Internal`] error
+/// about `step`. Device code is shared by every tenant, so a bug one input
+/// reaches must fail that op, not the device.
+pub(crate) fn contain<T>(step: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    // The state a panicking op leaves half-written is its own output (never
+    // handed out) and the backend's scratch, which every op overwrites
+    // before it reads; nothing else is observed across the unwind.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|payload| Err(KernelPanicked::new(step, payload.as_ref()).into()))
+}
+
 /// Shorthand for results of bridge calls.
 pub type Result<T, E = BridgeError> = std::result::Result<T, E>;
 
@@ -142,5 +218,31 @@ mod tests {
         assert_eq!(source.as_deref(), Some("disk on fire"));
         assert!(std::error::Error::source(&without).is_none());
         assert!(std::error::Error::source(&with.clone()).is_some());
+    }
+
+    #[test]
+    fn a_contained_panic_is_an_internal_error_with_a_typed_source() {
+        let err = contain::<()>("exp", || panic!("index out of bounds")).unwrap_err();
+        assert_eq!(err.code, ErrorCode::Internal);
+        assert!(
+            err.message.contains("exp panicked: index out of bounds"),
+            "{err}"
+        );
+        let source = std::error::Error::source(&err)
+            .and_then(|s| s.downcast_ref::<KernelPanicked>())
+            .cloned();
+        assert_eq!(
+            source,
+            Some(KernelPanicked {
+                step: "exp".into(),
+                message: "index out of bounds".into()
+            })
+        );
+        let formatted = contain::<()>("read", || panic!("{} bytes", 3)).unwrap_err();
+        assert!(
+            formatted.message.contains("read panicked: 3 bytes"),
+            "{formatted}"
+        );
+        assert_eq!(contain("relu", || Ok(7)), Ok(7));
     }
 }

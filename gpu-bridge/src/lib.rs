@@ -27,7 +27,7 @@ pub mod kernel;
 pub mod models;
 mod op;
 
-pub use account::Account;
+pub use account::{Account, DEFAULT_TIME_PER_MINUTE};
 pub use backend::{Backend, BackendKind, DeviceDescription};
 pub use bridge::{Bridge, BridgeConfig};
 pub use device::{Device, DeviceOptions, Tensor};

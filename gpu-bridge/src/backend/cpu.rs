@@ -86,11 +86,11 @@ impl CpuBuffer {
 /// The CPU backend. `memory_bytes` is a budget the host sets, not a
 /// hardware figure: the bridge refuses allocations past it.
 ///
-/// Each backend has its own rayon pool (as many threads as rayon's default:
-/// `RAYON_NUM_THREADS` or the logical CPUs); a device started on it runs its
-/// worker loop on one of them (see [`Backend::worker_pool`]). Kernels run
-/// directly through [`Backend::run`] fan out over whatever pool the calling
-/// thread is in, rayon's global one outside any.
+/// Each backend has its own rayon pool, of [`default_threads`] threads
+/// unless built with [`CpuBackend::with_threads`]; a device started on it
+/// runs its worker loop on one of them (see [`Backend::worker_pool`]).
+/// Kernels run directly through [`Backend::run`] fan out over whatever pool
+/// the calling thread is in, rayon's global one outside any.
 #[derive(Debug, Clone)]
 pub struct CpuBackend {
     memory_bytes: u64,
@@ -103,10 +103,39 @@ pub struct CpuBackend {
 /// budget, and never more than this.
 const MAX_RECYCLED_BYTES: u64 = 256 << 20;
 
+/// The threads a CPU backend's pool gets by default: `RAYON_NUM_THREADS`
+/// when the operator set it, else one fewer than the logical CPUs (at least
+/// one). A pool of every core left the host's own threads (the HTTP
+/// executor, Wasmtime's epoch ticker, guests computing on the CPU) to
+/// compete with a busy device for every core; a core kept back answers
+/// requests while a tenant's kernels run.
+pub fn default_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    threads_for(std::env::var("RAYON_NUM_THREADS").ok().as_deref(), cores)
+}
+
+/// [`default_threads`] given the environment variable and the core count.
+fn threads_for(rayon_num_threads: Option<&str>, cores: usize) -> usize {
+    match rayon_num_threads.and_then(|v| v.trim().parse::<usize>().ok()) {
+        // Zero is rayon's "choose for me": do as without it.
+        Some(threads) if threads > 0 => threads,
+        _ => cores.saturating_sub(1).max(1),
+    }
+}
+
 impl CpuBackend {
-    /// A CPU device that may hold up to `memory_bytes` of tensors.
+    /// A CPU device that may hold up to `memory_bytes` of tensors, on a pool
+    /// of [`default_threads`] threads.
     pub fn new(memory_bytes: u64) -> Self {
+        Self::with_threads(memory_bytes, default_threads())
+    }
+
+    /// A CPU device that may hold up to `memory_bytes` of tensors, on a pool
+    /// of `threads` threads (at least one; the device's worker loop is one
+    /// of them).
+    pub fn with_threads(memory_bytes: u64, threads: usize) -> Self {
         let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
             .thread_name(|index| format!("gust-cpu-{index}"))
             // A job that panics must not abort the host (rayon's default);
             // the device's callers see their jobs' senders dropped instead.
@@ -176,8 +205,20 @@ impl Backend for CpuBackend {
     }
 
     fn upload(&mut self, data: &[u8]) -> Result<CpuBuffer> {
-        let mut buffer = self.alloc(data.len())?;
-        buffer.bytes_mut()[..data.len()].copy_from_slice(data);
+        let words = words_for(data.len());
+        // Every byte is written below, so a recycled buffer need not be
+        // zeroed first: uploads cost what they did.
+        let mut buffer = CpuBuffer {
+            words: self
+                .recycler
+                .take_for_overwrite(words)
+                .ok_or_else(|| out_of_host_memory(words))?,
+            recycler: Some(Arc::clone(&self.recycler)),
+        };
+        let (head, tail) = buffer.bytes_mut().split_at_mut(data.len());
+        head.copy_from_slice(data);
+        // The padding to a whole word: an earlier owner's bytes otherwise.
+        tail.fill(0);
         Ok(buffer)
     }
 
@@ -1160,5 +1201,21 @@ mod tests {
             f64_to_half_bits(16_777_217.0, DType::F16),
             f16::INFINITY.to_bits()
         );
+    }
+
+    #[test]
+    fn the_default_pool_leaves_a_core_unless_told_otherwise() {
+        assert_eq!(threads_for(None, 16), 15);
+        assert_eq!(threads_for(None, 2), 1);
+        assert_eq!(threads_for(None, 1), 1, "never no thread at all");
+        assert_eq!(threads_for(Some("16"), 16), 16, "the operator's choice");
+        assert_eq!(
+            threads_for(Some("0"), 8),
+            7,
+            "zero: rayon's 'choose for me'"
+        );
+        assert_eq!(threads_for(Some("lots"), 8), 7);
+        let backend = CpuBackend::with_threads(1 << 20, 3);
+        assert_eq!(backend.describe().name, "cpu (3 threads)");
     }
 }

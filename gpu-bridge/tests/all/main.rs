@@ -20,3 +20,4 @@ mod models;
 mod ops;
 mod props;
 mod reference;
+mod sharing;

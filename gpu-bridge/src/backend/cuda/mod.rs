@@ -210,14 +210,10 @@ impl CudaBackend {
     }
 }
 
-impl Backend for CudaBackend {
-    type Buffer = CudaBuffer;
-
-    fn describe(&self) -> DeviceDescription {
-        self.description.clone()
-    }
-
-    fn alloc(&mut self, bytes: usize) -> Result<CudaBuffer> {
+impl CudaBackend {
+    /// A buffer of at least `bytes` bytes holding anything, an earlier
+    /// allocation's bytes included: for callers that overwrite it.
+    fn alloc_for_overwrite(&mut self, bytes: usize) -> Result<CudaBuffer> {
         // Whole words, and never zero: cuMemAlloc rejects empty requests,
         // and an empty tensor still needs a buffer to stand for it.
         let rounded = bytes.max(1).checked_next_multiple_of(4).ok_or_else(|| {
@@ -226,21 +222,51 @@ impl Backend for CudaBackend {
                 format!("cuda: cannot allocate {bytes} bytes"),
             )
         })?;
-        // SAFETY: the contents are unspecified, as `alloc` promises; every
-        // kernel writes its whole output.
+        // SAFETY: the contents are unspecified; callers overwrite them
+        // (`alloc` zeroes them, `upload` copies over them) before any
+        // kernel or download reads them.
         let slice = unsafe { self.stream.alloc::<u8>(rounded) }
             .map_err(|e| driver_error(&format!("cannot allocate {bytes} bytes"), e))?;
         Ok(CudaBuffer { slice })
     }
+}
+
+impl Backend for CudaBackend {
+    type Buffer = CudaBuffer;
+
+    fn describe(&self) -> DeviceDescription {
+        self.description.clone()
+    }
+
+    fn alloc(&mut self, bytes: usize) -> Result<CudaBuffer> {
+        let mut buffer = self.alloc_for_overwrite(bytes)?;
+        // The stream-ordered pool (cuMemAllocAsync) hands a freed block
+        // straight back, holding an earlier tensor, possibly another
+        // tenant's. A memset on the stream runs at device bandwidth, ahead
+        // of whatever kernel writes the buffer next.
+        self.stream
+            .memset_zeros(&mut buffer.slice)
+            .map_err(|e| driver_error(&format!("cannot zero {bytes} bytes"), e))?;
+        Ok(buffer)
+    }
 
     fn upload(&mut self, data: &[u8]) -> Result<CudaBuffer> {
-        let mut buffer = self.alloc(data.len())?;
+        // Every byte but the padding to a whole word is copied over, so
+        // only the padding needs zeroing.
+        let mut buffer = self.alloc_for_overwrite(data.len())?;
         if !data.is_empty() {
             // From pageable memory the driver stages the bytes before it
             // returns, so `data` may go as soon as this does.
             self.stream
                 .memcpy_htod(data, &mut buffer.slice)
                 .map_err(|e| driver_error(&format!("cannot upload {} bytes", data.len()), e))?;
+        }
+        if let Some(mut padding) = buffer.slice.try_slice_mut(data.len()..)
+            && !padding.is_empty()
+        {
+            self.stream
+                .memset_zeros(&mut padding)
+                .map_err(|e| driver_error("cannot zero a buffer's padding", e))?;
         }
         Ok(buffer)
     }

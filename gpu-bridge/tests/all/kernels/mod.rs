@@ -11,6 +11,7 @@
 //! unless `GUST_REQUIRE_CUDA=1` (set by scripts/gpu-check.sh) makes that a
 //! failure, so a GPU run cannot pass by skipping.
 
+mod buffers;
 mod casts;
 mod compute;
 // Buffers of real types exist only in builds with the backend (the
@@ -40,6 +41,11 @@ pub(crate) trait Runner {
     /// download the result.
     fn try_run(&mut self, kernel: &Kernel, inputs: &[&[u8]], out_bytes: usize) -> Result<Vec<u8>>;
 
+    /// Upload `pattern`, free that buffer, allocate one of the same size
+    /// and download it without writing it: what a recycled allocation
+    /// shows its next owner.
+    fn reallocated(&mut self, pattern: &[u8]) -> Result<Vec<u8>>;
+
     /// As `try_run`, failing the test on an error.
     fn run(&mut self, kernel: &Kernel, inputs: &[&[u8]], out_bytes: usize) -> Vec<u8> {
         let name = self.description().name;
@@ -62,6 +68,16 @@ impl<B: Backend> Runner for B {
         let mut out = self.upload(&vec![0xFF; out_bytes])?;
         Backend::run(self, kernel, &refs, &mut out)?;
         self.download(&out, out_bytes)
+    }
+
+    fn reallocated(&mut self, pattern: &[u8]) -> Result<Vec<u8>> {
+        let written = self.upload(pattern)?;
+        // Make sure the pattern really landed before the buffer goes.
+        assert_eq!(self.download(&written, pattern.len())?, pattern);
+        drop(written);
+        self.synchronize()?;
+        let fresh = self.alloc(pattern.len())?;
+        self.download(&fresh, pattern.len())
     }
 }
 

@@ -242,7 +242,9 @@ pub(super) fn to_wit(e: BridgeError) -> Error {
         BridgeCode::OutOfMemory => ErrorCode::OutOfMemory,
         BridgeCode::QuotaExceeded => ErrorCode::QuotaExceeded,
         BridgeCode::Timeout => ErrorCode::Timeout,
-        BridgeCode::Backend => ErrorCode::Backend,
+        // A panic the bridge contained: the WIT has no `internal`, and to
+        // the guest it is the backend failing its op.
+        BridgeCode::Backend | BridgeCode::Internal => ErrorCode::Backend,
         _ => ErrorCode::Unsupported,
     };
     Error {
