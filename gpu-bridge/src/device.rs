@@ -386,12 +386,43 @@ struct DeviceInner {
     busy_nanos: AtomicU64,
     /// Jobs queued and not yet finished.
     pending: AtomicU64,
+    /// The worker's end: it says so once it has dropped the backend.
+    worker: WorkerEnd,
 }
+
+/// How a device's owner waits for its worker to finish: the backend (a
+/// Vulkan or CUDA device, a thread pool) must be torn down while the
+/// process is whole, not race `exit`'s teardown of the libraries it uses
+/// (a host stopped with the wgpu device still closing on lavapipe crashed).
+struct WorkerEnd {
+    /// Set by the worker when it starts.
+    thread: Arc<std::sync::OnceLock<std::thread::ThreadId>>,
+    /// Receives once the backend is dropped.
+    done: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+/// How long dropping the last handle of a device waits for its worker to
+/// finish the job in hand and drop the backend.
+const WORKER_STOP_WAIT: Duration = Duration::from_secs(10);
 
 impl Drop for DeviceInner {
     fn drop(&mut self) {
         // Every clone, tensor and queued job is gone: let the worker stop.
         self.queue.close();
+        // Wait for it, unless this is the worker itself dropping the last
+        // handle (from a job): it finishes on its own once it returns.
+        if self.worker.thread.get() == Some(&std::thread::current().id()) {
+            return;
+        }
+        let done = self
+            .worker
+            .done
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = done.recv_timeout(WORKER_STOP_WAIT)
+        {
+            tracing::warn!(device = %self.description.name, "the device's worker did not stop in time");
+        }
     }
 }
 
@@ -597,15 +628,25 @@ impl Device {
         let ordinal = NEXT_ORDINAL.fetch_add(1, Ordering::Relaxed);
         let queue = Arc::new(RunQueue::new(queue_depth));
         let jobs = Arc::clone(&queue);
-        match backend.worker_pool() {
+        let backend_pool = backend.worker_pool();
+        let thread = Arc::new(std::sync::OnceLock::new());
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let worker_thread = Arc::clone(&thread);
+        let run = move || {
+            let _ = worker_thread.set(std::thread::current().id());
+            // Drops the backend before saying it is done.
+            worker(backend, &jobs);
+            let _ = done_tx.send(());
+        };
+        match backend_pool {
             // The loop holds one of the pool's threads for the device's
             // lifetime; the pool is the backend's own, so no other device
             // competes for it.
-            Some(pool) => pool.spawn(move || worker(backend, &jobs)),
+            Some(pool) => pool.spawn(run),
             None => {
                 std::thread::Builder::new()
                     .name(format!("gust-gpu-{}-{ordinal}", description.kind))
-                    .spawn(move || worker(backend, &jobs))
+                    .spawn(run)
                     .map_err(|e| {
                         BridgeError::backend(format!("cannot start the device worker thread: {e}"))
                             .with_source(e)
@@ -624,6 +665,10 @@ impl Device {
                 used: AtomicU64::new(0),
                 busy_nanos: AtomicU64::new(0),
                 pending: AtomicU64::new(0),
+                worker: WorkerEnd {
+                    thread,
+                    done: std::sync::Mutex::new(done),
+                },
             }),
         })
     }

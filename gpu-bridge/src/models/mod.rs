@@ -24,6 +24,22 @@ pub mod testing;
 pub use batch::BatchStats;
 mod sampling;
 
+/// Entry points for the fuzz targets in `fuzz/`: the readers of untrusted
+/// model files, whole. Not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Parses `bytes` as a GGUF file (header, metadata, tensor infos, and
+    /// the dequantisation of every tensor it lists).
+    pub fn gguf(bytes: &[u8]) {
+        let _ = super::gguf::parse(bytes);
+    }
+
+    /// Reads `bytes` as a safetensors file.
+    pub fn safetensors(bytes: &[u8]) {
+        let _ = super::safetensors::read_safetensors(&mut &bytes[..], bytes.len() as u64);
+    }
+}
+
 pub use gguf::{GgufMetadata, GgufValue};
 pub use manifest::{
     Batching, FileFormat, FileRole, GraphSpec, GraphStep, MANIFEST_FILE, ModelDType, ModelFile,

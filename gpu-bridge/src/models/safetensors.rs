@@ -220,7 +220,7 @@ fn check_sha256(manifest: &ModelManifest, file: &ModelFile, actual: &[u8]) -> Re
 
 /// Why a weights file could not be read: its I/O failed or its content is
 /// not valid safetensors.
-enum ReadFailure {
+pub(super) enum ReadFailure {
     Io(io::Error),
     Format(String),
 }
@@ -232,11 +232,11 @@ impl From<io::Error> for ReadFailure {
 }
 
 /// Each tensor, or why its dtype cannot be loaded.
-type Tensors = Vec<(String, std::result::Result<HostTensor, String>)>;
+pub(super) type Tensors = Vec<(String, std::result::Result<HostTensor, String>)>;
 
 /// Read a safetensors file of `size` bytes: the header, then each tensor in
 /// data order, straight into its own buffer.
-fn read_safetensors(
+pub(super) fn read_safetensors(
     reader: &mut impl Read,
     size: u64,
 ) -> std::result::Result<Tensors, ReadFailure> {
