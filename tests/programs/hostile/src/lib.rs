@@ -65,7 +65,9 @@ fn handle(req: Request) -> Result<Response, Error> {
                 out.write_all(&piece).map_err(refused)?;
             }
         }
-        other => Err(Error::new("bad-request", format!("unknown command `{other}`")).with_status(400)),
+        other => {
+            Err(Error::new("bad-request", format!("unknown command `{other}`")).with_status(400))
+        }
     }
 }
 
