@@ -237,7 +237,9 @@ impl Default for GpuPolicy {
         Self {
             backends: vec![GpuBackend::Cpu],
             memory_mb: 1024,
-            time_ms_per_minute: 60_000,
+            // A quarter of a device: one tenant's sustained load leaves the rest
+            // to others (see `gust_gpu_bridge::DEFAULT_TIME_PER_MINUTE`).
+            time_ms_per_minute: 15_000,
             models: Vec::new(),
         }
     }

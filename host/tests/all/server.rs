@@ -63,7 +63,7 @@ pub(crate) fn policies(dir: &Path) -> PathBuf {
     // Python and a resident model.
     std::fs::write(
         policies.join("pymodels.toml"),
-        "timeout_ms = 10000\nmemory_mb = 256\nmax_component_bytes = 67108864\n[gpu]\nmodels = [\"all-minilm-l6-v2\"]\n",
+        "timeout_ms = 10000\nmemory_mb = 256\nmax_component_bytes = 67108864\n[gpu]\nmodels = [\"all-minilm-l6-v2\"]\ntime_ms_per_minute = 600000\n",
     )
     .unwrap();
     std::fs::write(policies.join("nogpu.toml"), "[gpu]\nbackends = []\n").unwrap();
@@ -80,13 +80,13 @@ pub(crate) fn policies(dir: &Path) -> PathBuf {
     .unwrap();
     std::fs::write(
         policies.join("models.toml"),
-        "timeout_ms = 5000\n[gpu]\nmodels = [\"tiny-bert\", \"queue-bert\", \"missing-bert\", \"all-minilm-l6-v2\", \"smollm2-135m-instruct\"]\n",
+        "timeout_ms = 5000\n[gpu]\nmodels = [\"tiny-bert\", \"queue-bert\", \"missing-bert\", \"all-minilm-l6-v2\", \"smollm2-135m-instruct\"]\ntime_ms_per_minute = 600000\n",
     )
     .unwrap();
     // Generation in a debug build loads and runs a 135M model slowly.
     std::fs::write(
         policies.join("llm.toml"),
-        "timeout_ms = 300000\n[gpu]\nmodels = [\"smollm2-135m-instruct\"]\n",
+        "timeout_ms = 300000\n[gpu]\nmodels = [\"smollm2-135m-instruct\"]\ntime_ms_per_minute = 600000\n",
     )
     .unwrap();
     std::fs::write(

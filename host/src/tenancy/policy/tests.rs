@@ -39,7 +39,7 @@ fn builtin_defaults() {
     assert!(p.outbound_http.is_empty());
     assert_eq!(p.gpu.backends, [GpuBackend::Cpu]);
     assert_eq!(p.gpu.memory_mb, 1024);
-    assert_eq!(p.gpu.time_ms_per_minute, 60_000);
+    assert_eq!(p.gpu.time_ms_per_minute, 15_000);
     assert!(p.gpu.models.is_empty());
     assert!(!p.allows_outbound("example.com", 443));
 }
@@ -154,7 +154,7 @@ fn gpu_team_example_parses() {
     assert!(!p.volumes[1].read_only);
     assert_eq!(p.gpu.backends, [GpuBackend::Cuda, GpuBackend::Cpu]);
     assert_eq!(p.gpu.memory_mb, 16384);
-    assert_eq!(p.gpu.time_ms_per_minute, 60_000, "not overridden");
+    assert_eq!(p.gpu.time_ms_per_minute, 15_000, "not overridden");
     assert!(p.gpu.allows_model("bge-small-en-v1.5"));
     assert!(!p.gpu.allows_model("gpt-5"));
 }
