@@ -377,8 +377,12 @@ impl Service {
             stdout_dropped_bytes: invocation.stdout.dropped_bytes,
             stderr_dropped_bytes: invocation.stderr.dropped_bytes,
         };
-        if let Err(e) = self.store.record_invocation(&record) {
-            tracing::error!(invocation = %started.id, error = %e, "could not record the invocation");
+        match self.store.record_invocation(&record) {
+            Ok(pruned) => self.metrics.record_written(pruned),
+            Err(e) => {
+                self.metrics.record_failed();
+                tracing::error!(invocation = %started.id, error = %e, "could not record the invocation");
+            }
         }
     }
 

@@ -430,9 +430,11 @@ pub trait MetaStore: Send + Sync + 'static {
     fn digest_in_use(&self, digest: &str) -> Result<bool, StoreError>;
 
     /// Records an invocation, then drops the oldest records of that
-    /// function beyond the retention bound. `Missing` if the function does
-    /// not exist (any more): a deleted function's records are not kept.
-    fn record_invocation(&self, record: &InvocationRecord) -> Result<(), StoreError>;
+    /// function beyond the retention bound, and returns how many it dropped
+    /// (with a retention of 0, the record itself: 1), so that every record is
+    /// accounted for as kept or pruned. `Missing` if the function does not
+    /// exist (any more): a deleted function's records are not kept.
+    fn record_invocation(&self, record: &InvocationRecord) -> Result<u64, StoreError>;
     /// One of a tenant's invocation records.
     fn invocation(&self, tenant: &str, id: &str) -> Result<Option<InvocationRecord>, StoreError>;
     /// A function's most recent invocation records, newest first.

@@ -543,14 +543,15 @@ impl MetaStore for SledStore {
         }
     }
 
-    fn record_invocation(&self, record: &InvocationRecord) -> Result<(), StoreError> {
+    fn record_invocation(&self, record: &InvocationRecord) -> Result<u64, StoreError> {
         let what = format!("function {}/{}", record.tenant, record.function);
         let function_key = function_key(&record.tenant, &record.function);
         if self.retention == 0 {
-            // Nothing is kept, but the caller still learns of a missing
-            // function, as with any other retention.
+            // Nothing is kept (the record counts as pruned at once), but the
+            // caller still learns of a missing function, as with any other
+            // retention.
             return match self.load_function(&function_key)? {
-                Some(_) => Ok(()),
+                Some(_) => Ok(1),
                 None => Err(StoreError::Missing(what)),
             };
         }
@@ -572,7 +573,7 @@ impl MetaStore for SledStore {
             // Ids are unique, so an existing one is a retried write: fine if
             // it is the same record.
             return match self.invocations.get(&existing).map_err(backend)? {
-                Some(current) if current.as_ref() == value.as_slice() => Ok(()),
+                Some(current) if current.as_ref() == value.as_slice() => Ok(0),
                 _ => Err(StoreError::Conflict(format!("invocation {:?}", record.id))),
             };
         }
@@ -586,10 +587,12 @@ impl MetaStore for SledStore {
             .insert(&id_key, record_key.as_slice())
             .map_err(backend)?;
         let mut count = self.count(&function_key)?.saturating_add(1);
+        let mut pruned = 0;
         if count > retention {
             for (key, id_key) in self.oldest(&prefix, count - retention)? {
                 if self.invocations.remove(&key).map_err(backend)?.is_some() {
                     count = count.saturating_sub(1);
+                    pruned += 1;
                     if let Some(id_key) = id_key
                         && self
                             .invocation_ids
@@ -605,7 +608,7 @@ impl MetaStore for SledStore {
         self.invocation_counts
             .insert(&function_key, &count.to_be_bytes()[..])
             .map_err(backend)?;
-        Ok(())
+        Ok(pruned)
     }
 
     fn invocation(&self, tenant: &str, id: &str) -> Result<Option<InvocationRecord>, StoreError> {
@@ -1302,11 +1305,17 @@ mod tests {
         // Ids deliberately sort opposite to recording order: retention
         // follows the recording order.
         let recorded: Vec<String> = (0..10).map(|i| format!("inv_{}", 9 - i)).collect();
-        for id in &recorded {
-            store
-                .record_invocation(&invocation("acme", "hello", id))
-                .unwrap();
-        }
+        let pruned: Vec<u64> = recorded
+            .iter()
+            .map(|id| {
+                store
+                    .record_invocation(&invocation("acme", "hello", id))
+                    .unwrap()
+            })
+            .collect();
+        // Each record past the third pushes exactly one out, and says so:
+        // the host's pruned counter is the sum of these.
+        assert_eq!(pruned, [0, 0, 0, 1, 1, 1, 1, 1, 1, 1]);
         assert_eq!(
             ids(&store.invocations("acme", "hello", 100).unwrap()),
             ["inv_0", "inv_1", "inv_2"]
@@ -1328,9 +1337,13 @@ mod tests {
     #[test]
     fn retention_zero_keeps_nothing() {
         let (_dir, store) = with_function(0);
-        store
-            .record_invocation(&invocation("acme", "hello", "inv_1"))
-            .unwrap();
+        // Dropped at once, so counted as pruned: nothing goes unaccounted.
+        assert_eq!(
+            store
+                .record_invocation(&invocation("acme", "hello", "inv_1"))
+                .unwrap(),
+            1
+        );
         assert!(store.invocations("acme", "hello", 10).unwrap().is_empty());
         assert!(matches!(
             store.record_invocation(&invocation("acme", "ghost", "inv_2")),
