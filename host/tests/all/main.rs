@@ -23,6 +23,7 @@ mod models;
 mod python;
 mod python_build;
 mod quotas;
+mod records;
 mod reuse;
 mod routes;
 mod schedules;

@@ -2,16 +2,9 @@
 //! accounted for as written, pruned or failed (`benches/soak.sh` relies on
 //! both).
 //!
-//! Its own test binary because it installs a counting global allocator: the
-//! bytes this thread holds are measured across many recorded invocations,
-//! which no other test's allocations can disturb (the count is per thread).
-
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "test code: a failed expectation is a failed test"
-)]
+//! The test binary's global allocator counts, per thread, the bytes each
+//! thread holds: the bytes one test's thread holds are measured across many
+//! recorded invocations, which no other test's allocations can disturb.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -135,7 +128,14 @@ async fn records_are_counted_as_written_pruned_or_failed() {
     // Retention 3: the 4th and 5th record each pushed one out.
     assert_eq!(sample(&text, "gust_invocation_records_pruned_total"), 2.0);
     assert_eq!(sample(&text, failed), 1.0);
-    assert_eq!(service.invocations("demo", "hello", 100).unwrap().len(), 3);
+    assert_eq!(
+        service
+            .invocations("demo", "hello", 100, None)
+            .unwrap()
+            .0
+            .len(),
+        3
+    );
 }
 
 #[tokio::test]
