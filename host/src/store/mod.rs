@@ -431,7 +431,8 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// Records an invocation, then drops the oldest records of that
     /// function beyond the retention bound, and returns how many it dropped
-    /// (with a retention of 0, the record itself: 1), so that every record is
+    /// (with a retention of 0, the record itself: 1; for a repeat of a record
+    /// already stored, a retried write, 0), so that every record is
     /// accounted for as kept or pruned. `Missing` if the function does not
     /// exist (any more): a deleted function's records are not kept.
     fn record_invocation(&self, record: &InvocationRecord) -> Result<u64, StoreError>;
