@@ -191,7 +191,7 @@ async fn sigterm_stops_gracefully_and_a_restart_recompiles_nothing() {
     )
     .await;
     assert_eq!(reply.text(), "Hello, again!");
-    let metrics = request("GET", &format!("{}/metrics", host.url), None, "")
+    let metrics = request("GET", &format!("{}/metrics", host.url), Some(ADMIN_KEY), "")
         .await
         .text();
     assert!(

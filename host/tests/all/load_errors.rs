@@ -95,7 +95,7 @@ fn every_fixture_loads_with_its_world() {
     for (name, path) in artifacts::FIXTURES {
         let bytes = std::fs::read(path).unwrap();
         let loaded = rt.load(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let world = if *name == "http_hello" {
+        let world = if matches!(*name, "http_hello" | "hostile_http") {
             "http"
         } else {
             "handler"
@@ -104,14 +104,14 @@ fn every_fixture_loads_with_its_world() {
         let uses_gpu = loaded.imports().iter().any(|i| i.starts_with("gust:gpu"));
         assert_eq!(
             uses_gpu,
-            matches!(*name, "tensors" | "models"),
+            matches!(*name, "tensors" | "models" | "hostile"),
             "{name}: only a function that calls the bridge imports it: {:?}",
             loaded.imports()
         );
         let uses_nn = loaded.imports().iter().any(|i| i.starts_with("wasi:nn"));
         assert_eq!(
             uses_nn,
-            *name == "wasi_nn",
+            matches!(*name, "wasi_nn" | "hostile"),
             "{name}: {:?}",
             loaded.imports()
         );
