@@ -68,9 +68,11 @@ cleanup() {
 trap cleanup EXIT
 
 base="http://127.0.0.1:$GUST_PORT"
+# /metrics needs it.
+admin="gust_bench-admin-key-not-secret-0123456789abcd"
 GUST_LOG=warn "$gust" serve --listen "127.0.0.1:$GUST_PORT" --data-dir "$work/gust-data" \
     --policies "$work/no-policies" --retention "$RETENTION" \
-    --admin-key "gust_bench-admin-key-not-secret-0123456789abcd" \
+    --admin-key "$admin" \
     >"$out/gust.out" 2>"$out/gust.err" &
 gust_pid=$!
 pids+=("$gust_pid")
@@ -112,7 +114,7 @@ warm_rss="$(awk '/^VmRSS:/ {print $2}' "/proc/$gust_pid/status")"
 warm_at=$(($(date +%s) - started))
 load "$MEASURE" "$out/wrk-measure.txt"
 end_rss="$(awk '/^VmRSS:/ {print $2}' "/proc/$gust_pid/status")"
-curl -sf "$base/metrics" >"$out/metrics.txt"
+curl -sf -H "Authorization: Bearer $admin" "$base/metrics" >"$out/metrics.txt"
 kept="$(curl -sf -H "Authorization: Bearer $key" "$base/v1/functions/hello/logs?limit=1000" |
     jq '.invocations | length')"
 
