@@ -153,15 +153,21 @@ pub fn element_count(shape: &[usize]) -> Result<usize> {
             shape.len()
         )));
     }
-    shape
+    // The non-zero dimensions must fit too, even when a zero makes the
+    // tensor empty: every stride and every product of some of the
+    // dimensions is then bounded, and no later arithmetic on the shape can
+    // overflow (the `op_plan` fuzz target found `[0, huge, huge]`).
+    let nonzero = shape
         .iter()
+        .filter(|&&d| d != 0)
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
         .filter(|&n| n <= MAX_ELEMENTS)
         .ok_or_else(|| {
             BridgeError::invalid(format!(
-                "shape {shape:?} has more than {MAX_ELEMENTS} elements"
+                "shape {shape:?} has more than {MAX_ELEMENTS} elements (or would, without its zero dimension)"
             ))
-        })
+        })?;
+    Ok(if shape.contains(&0) { 0 } else { nonzero })
 }
 
 /// Resolve a possibly negative dimension index against `rank`.
@@ -209,11 +215,15 @@ fn same_dtype(op_name: &str, a: DType, b: DType) -> Result<()> {
     }
 }
 
-/// Row-major element strides of `shape`.
+/// Row-major element strides of `shape`. Saturating: a shape with a zero
+/// dimension has no elements whatever its other dimensions are (so
+/// `element_count` accepts `[0, huge, huge]`), and its strides, never
+/// used to address anything, must not overflow (found by the `op_plan`
+/// fuzz target).
 pub(crate) fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
     let mut strides = vec![1usize; shape.len()];
     for d in (0..shape.len().saturating_sub(1)).rev() {
-        strides[d] = strides[d + 1] * shape[d + 1];
+        strides[d] = strides[d + 1].saturating_mul(shape[d + 1]);
     }
     strides
 }
@@ -839,4 +849,40 @@ fn plan_concat(dim: i32, operands: &[Operand<'_>]) -> Result<Plan> {
             })
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An empty operand may have huge other dimensions: planning it must
+    /// not overflow (the `op_plan` fuzz target's first find).
+    #[test]
+    fn empty_operands_with_huge_dimensions_plan_without_overflow() {
+        let huge = [0, usize::MAX, usize::MAX];
+        let operands = [
+            Operand {
+                dtype: DType::F32,
+                shape: &huge,
+            },
+            Operand {
+                dtype: DType::F32,
+                shape: &huge,
+            },
+        ];
+        // Refused, not overflowed.
+        for (op, count) in [
+            (Op::Binary(BinaryOp::Add), 2),
+            (Op::Matmul, 2),
+            (Op::Unary(UnaryOp::Relu), 1),
+            (Op::Softmax { dim: 1 }, 1),
+        ] {
+            let err = op.plan(&operands[..count]).unwrap_err();
+            assert!(err.message.contains("zero dimension"), "{err}");
+        }
+        assert_eq!(contiguous_strides(&huge), [usize::MAX, usize::MAX, 1]);
+        // Empty tensors of sane shapes are fine.
+        assert_eq!(element_count(&[0, 3, 4]).unwrap(), 0);
+        assert_eq!(element_count(&[3, 0]).unwrap(), 0);
+    }
 }

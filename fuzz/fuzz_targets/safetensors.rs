@@ -1,0 +1,8 @@
+//! safetensors model files (header and tensors).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|bytes: &[u8]| {
+    gust_gpu_bridge::models::fuzzing::safetensors(bytes);
+});
