@@ -85,6 +85,15 @@ pub(crate) async fn fixture_embeds_and_is_refused_models_not_granted() {
         Outcome::GuestError(e) => assert_eq!(e.http_status(), 400, "{e:?}"),
         other => panic!("expected a 400, got {other:?}"),
     }
+    // More text than a model call takes is refused before it is tokenised.
+    let long = format!("embed tiny-bert\n{}", "word ".repeat(220_000));
+    match call(&long).await.outcome {
+        Outcome::GuestError(e) => {
+            assert_eq!(e.code, "gpu-invalid-argument", "{e:?}");
+            assert!(e.message.contains("at most 1048576 bytes"), "{e:?}");
+        }
+        other => panic!("expected invalid-argument, got {other:?}"),
+    }
 }
 
 /// The `wasi-nn` fixture: a guest written against the standard interface

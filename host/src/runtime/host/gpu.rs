@@ -602,6 +602,25 @@ impl tensors::Host for GpuCtxView<'_> {
     }
 }
 
+/// The most text one model call takes (a prompt, or all of an embed's
+/// texts together). Tokenising runs before any other check of the input,
+/// on the thread that serves the call: a guest's megabytes of prompt would
+/// otherwise hold that thread for as long as the tokenizer takes.
+pub(super) const MAX_MODEL_INPUT_BYTES: usize = 1 << 20;
+
+/// Refuses text of `bytes` beyond [`MAX_MODEL_INPUT_BYTES`].
+pub(super) fn check_model_input(what: &str, bytes: usize) -> Result<(), Error> {
+    if bytes > MAX_MODEL_INPUT_BYTES {
+        return Err(Error {
+            code: ErrorCode::InvalidArgument,
+            message: format!(
+                "{what} is {bytes} bytes; a model call takes at most {MAX_MODEL_INPUT_BYTES} bytes of text"
+            ),
+        });
+    }
+    Ok(())
+}
+
 impl GpuCtxView<'_> {
     /// Generate with `model`; with `stream`, every piece of text goes to the
     /// invocation's output as soon as the model produces it (an SSE or
@@ -615,6 +634,7 @@ impl GpuCtxView<'_> {
         params: GenerateParams,
         stream: bool,
     ) -> Outcome<String> {
+        attempt!(check_model_input("the prompt", prompt.len()));
         let account = attempt!(self.session.account());
         let params = gust_gpu_bridge::GenerateParams {
             max_tokens: params.max_tokens,
@@ -682,6 +702,11 @@ impl models::HostModel for GpuCtxView<'_> {
         texts: Vec<String>,
     ) -> Outcome<Vec<Vec<f32>>> {
         let model = self.model(&model)?;
+        let total = texts
+            .iter()
+            .map(String::len)
+            .fold(0usize, usize::saturating_add);
+        attempt!(check_model_input("the texts", total));
         let account = attempt!(self.session.account());
         let span = tracing::debug_span!("embed", model = model.name(), texts = texts.len());
         Ok(model

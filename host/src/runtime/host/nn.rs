@@ -169,6 +169,13 @@ impl NnCtxView<'_> {
                 ));
             }
         }
+        // Text inputs are tokenised before anything else looks at them.
+        for (name, t) in &inputs {
+            if t.ty == TensorType::U8 && (name == "prompt" || name == "text") {
+                super::gpu::check_model_input(&format!("tensor `{name}`"), t.data.len())
+                    .map_err(from_gpu)?;
+            }
+        }
         let account = self.session.account().map_err(from_gpu)?;
         if let Some((_, prompt)) = inputs
             .iter()
