@@ -94,28 +94,42 @@ pub(crate) struct ServeArgs {
     no_batching: bool,
 }
 
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is
+/// called, not when the future is first polled: the host calls it before it
+/// says it is listening, so a SIGTERM sent right after that line stops it
+/// gracefully instead of killing it.
+fn shutdown_signal() -> impl Future<Output = ()> {
     #[cfg(unix)]
     {
-        let terminate = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut signal) => {
-                    signal.recv().await;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                    std::future::pending::<()>().await;
-                }
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind: SignalKind, name: &'static str| match signal(kind) {
+            Ok(signal) => Some(signal),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for {name}");
+                None
             }
         };
-        tokio::select! {
-            _ = interrupt => {}
-            () = terminate => {}
+        let interrupt = listen(SignalKind::interrupt(), "SIGINT");
+        let terminate = listen(SignalKind::terminate(), "SIGTERM");
+        async move {
+            let wait = |signal: Option<tokio::signal::unix::Signal>| async move {
+                match signal {
+                    Some(mut signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = wait(interrupt) => {}
+                () = wait(terminate) => {}
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = interrupt.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 pub(crate) async fn serve(args: ServeArgs) -> ExitCode {
@@ -157,6 +171,8 @@ pub(crate) async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_HOST);
         }
     };
+    // Before the ready line below: see `shutdown_signal`.
+    let shutdown = shutdown_signal();
     let address = match server.local_addr() {
         Ok(address) => address,
         Err(e) => {
@@ -178,7 +194,7 @@ pub(crate) async fn serve(args: ServeArgs) -> ExitCode {
         let _ = writeln!(out, "gust: listening on http://{address}");
         let _ = out.flush();
     }
-    match server.run(shutdown_signal()).await {
+    match server.run(shutdown).await {
         Ok(()) => {
             eprintln!("gust: stopped");
             ExitCode::SUCCESS
