@@ -46,8 +46,8 @@ MAX_GROWTH_PCT="${MAX_GROWTH_PCT:-5}"
 GUST_PORT="${GUST_PORT:-18082}"
 RETENTION="${RETENTION:-1000}" # records kept per function; the listing shows up to 1000
 
-if ! command -v wrk >/dev/null; then
-    apt-get update -qq && apt-get install -y -qq wrk
+if ! command -v wrk >/dev/null || ! command -v jq >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq wrk jq
 fi
 
 target_dir="$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
