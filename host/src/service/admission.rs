@@ -115,14 +115,20 @@ impl Admission {
         tenant: &str,
         limit: usize,
     ) -> Result<Permit, ServiceError> {
-        let anonymous_slot = Self::slots_of(&self.anonymous, tenant, limit)
+        self.try_pair(Self::slots_of(&self.anonymous, tenant, limit), limit)
+    }
+
+    /// A slot of `group` (a tenant's own or its anonymous callers', of
+    /// `limit`) and one of the host, without waiting.
+    fn try_pair(&self, group: Arc<Semaphore>, limit: usize) -> Result<Permit, ServiceError> {
+        let group_slot = group
             .try_acquire_owned()
             .map_err(|_| ServiceError::TenantBusy { limit })?;
         let host_slot = Arc::clone(&self.host)
             .try_acquire_owned()
             .map_err(|_| ServiceError::HostBusy)?;
         Ok(Permit {
-            slots: Some((anonymous_slot, host_slot)),
+            slots: Some((group_slot, host_slot)),
             released: Arc::clone(&self.released),
         })
     }
@@ -155,15 +161,7 @@ impl Admission {
     ) -> Result<Permit, ServiceError> {
         let tenant_slots = self.tenant(tenant, limit);
         let slots = match mode {
-            Admit::Fail => {
-                let tenant_slot = tenant_slots
-                    .try_acquire_owned()
-                    .map_err(|_| ServiceError::TenantBusy { limit })?;
-                let host_slot = Arc::clone(&self.host)
-                    .try_acquire_owned()
-                    .map_err(|_| ServiceError::HostBusy)?;
-                (tenant_slot, host_slot)
-            }
+            Admit::Fail => return self.try_pair(tenant_slots, limit),
             Admit::Wait => {
                 // The semaphores are never closed; a closed one would mean
                 // the host is going away.
@@ -187,12 +185,7 @@ impl Admission {
     /// [`Admission::admit`] with [`Admit::Fail`], without awaiting (the job
     /// dispatcher decides under its lock).
     pub(crate) fn try_admit(&self, tenant: &str, limit: usize) -> Option<Permit> {
-        let tenant_slot = self.tenant(tenant, limit).try_acquire_owned().ok()?;
-        let host_slot = Arc::clone(&self.host).try_acquire_owned().ok()?;
-        Some(Permit {
-            slots: Some((tenant_slot, host_slot)),
-            released: Arc::clone(&self.released),
-        })
+        self.try_pair(self.tenant(tenant, limit), limit).ok()
     }
 }
 
