@@ -243,6 +243,8 @@ struct MapTarget {
     tenant: String,
     target: Target,
     control: CallControl,
+    /// The largest result kept (the policy's `max_body_bytes`).
+    result_limit: u64,
 }
 
 /// Run one input and describe the result as its output line.
@@ -257,6 +259,7 @@ async fn run_one(map: &MapTarget, index: u64, input: Result<Vec<u8>, ItemError>)
         tenant,
         target,
         control,
+        result_limit,
     } = map;
     // A map shares the tenant's concurrency with its other calls, waiting
     // for a slot rather than failing with 429.
@@ -274,9 +277,8 @@ async fn run_one(map: &MapTarget, index: u64, input: Result<Vec<u8>, ItemError>)
     drop(permit);
     // Results wait in the window for those before them: each is bounded
     // like a request body, so a window holds a bounded number of bytes.
-    let result_limit = service.policy(tenant).max_body_bytes;
     let (status, value) = match &invocation.outcome {
-        Outcome::Ok(reply) if reply.body.len() as u64 > result_limit => (
+        Outcome::Ok(reply) if reply.body.len() as u64 > *result_limit => (
             500,
             MapLine {
                 index,
@@ -445,6 +447,7 @@ pub(super) async fn map(
         service: Arc::clone(&service),
         tenant,
         target,
+        result_limit: policy.max_body_bytes,
     });
     let body = request.into_body();
 
