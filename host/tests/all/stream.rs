@@ -208,6 +208,96 @@ async fn a_websocket_session_runs_one_invocation_per_message() {
     server.stop().await;
 }
 
+/// A WebSocket session ends (close 1008) once its key is revoked or its
+/// function deleted: on the next message, and within the recheck interval
+/// for an idle session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_session_ends_with_its_key_or_its_function() {
+    let dir = TempDir::new().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let owner = server.demo_key.clone().unwrap();
+    deploy(&server, &owner, "echo", artifacts::ECHO_COMPONENT).await;
+    deploy(&server, &owner, "doomed", artifacts::ECHO_COMPONENT).await;
+    let made = request("POST", &server.url("/v1/keys"), Some(&owner), "").await;
+    assert_eq!(made.status, 201);
+    let (id, key) = (
+        made.json()["id"].as_str().unwrap().to_owned(),
+        made.json()["key"].as_str().unwrap().to_owned(),
+    );
+    let connect = |function: &str, key: &str| {
+        let url = format!("ws://{}/v1/functions/{function}/ws", server.addr);
+        let (key, addr) = (key.to_owned(), server.addr);
+        async move {
+            let mut request = url.into_client_request().unwrap();
+            request
+                .headers_mut()
+                .insert("authorization", format!("Bearer {key}").parse().unwrap());
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tokio_tungstenite::client_async(request, tcp)
+                .await
+                .unwrap()
+                .0
+        }
+    };
+    /// The next message must be the close frame (its code and reason): an
+    /// echo first would mean a message ran after the key or function went.
+    async fn closed_with<S>(socket: &mut S) -> (u16, String)
+    where
+        S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+    {
+        match tokio::time::timeout(Duration::from_secs(20), socket.next()).await {
+            Ok(Some(Ok(Message::Close(Some(frame))))) => {
+                (u16::from(frame.code), frame.reason.to_string())
+            }
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+
+    let mut busy = connect("echo", &key).await;
+    let mut idle = connect("echo", &key).await;
+    let mut on_doomed = connect("doomed", &owner).await;
+    for socket in [&mut busy, &mut idle, &mut on_doomed] {
+        socket.send(Message::text("hi")).await.unwrap();
+        assert_eq!(socket.next().await.unwrap().unwrap(), Message::text("hi"));
+    }
+
+    let revoked = request(
+        "DELETE",
+        &server.url(&format!("/v1/keys/{id}")),
+        Some(&owner),
+        "",
+    )
+    .await;
+    assert_eq!(revoked.status, 204);
+    let deleted = request(
+        "DELETE",
+        &server.url("/v1/functions/doomed"),
+        Some(&owner),
+        "",
+    )
+    .await;
+    assert_eq!(deleted.status, 204, "{}", deleted.text());
+
+    // The next message is not run: the session closes instead.
+    busy.send(Message::text("after")).await.unwrap();
+    let (code, reason) = closed_with(&mut busy).await;
+    assert_eq!(code, 1008);
+    assert!(reason.contains("revoked"), "{reason}");
+    on_doomed.send(Message::text("after")).await.unwrap();
+    let (code, reason) = closed_with(&mut on_doomed).await;
+    assert_eq!(code, 1008);
+    assert!(reason.contains("doomed"), "{reason}");
+    // An idle session is closed without waiting for a message.
+    let (code, _) = closed_with(&mut idle).await;
+    assert_eq!(code, 1008);
+
+    // The tenant's other sessions go on.
+    let mut still = connect("echo", &owner).await;
+    still.send(Message::text("ok")).await.unwrap();
+    assert_eq!(still.next().await.unwrap().unwrap(), Message::text("ok"));
+    server.stop().await;
+}
+
 /// A tenant's open WebSocket sessions and maps are capped by `max_streams`
 /// (429 `too-many-streams` beyond it); a closed one frees its place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
