@@ -93,7 +93,8 @@ struct Layer {
 /// A resident BERT encoder: its tokenizer and its weights on one device.
 pub(crate) struct Bert {
     config: BertConfig,
-    tokenizer: Tokenizer,
+    /// Shared with the blocking-pool tasks that tokenise texts.
+    tokenizer: Arc<Tokenizer>,
     activation: UnaryOp,
     word_embeddings: Tensor,
     position_embeddings: Tensor,
@@ -431,7 +432,7 @@ impl Prepared {
             embedding_norm_bias: get("embeddings.LayerNorm.bias")?,
             layers,
             config: self.config,
-            tokenizer: self.tokenizer,
+            tokenizer: Arc::new(self.tokenizer),
             activation: self.activation,
         })
     }
@@ -496,29 +497,13 @@ impl Bert {
         self.config.hidden_size
     }
 
-    fn tokenize(&self, texts: &[String]) -> Result<Tokens> {
-        let encodings = self
-            .tokenizer
-            .encode_batch(texts.to_vec(), true)
-            .map_err(|e| BridgeError::invalid(format!("tokenizing: {e}")))?;
-        let positions = encodings.first().map_or(0, |e| e.len());
-        let mut ids = Vec::with_capacity(texts.len() * positions);
-        let mut mask = Vec::with_capacity(texts.len() * positions);
-        for encoding in &encodings {
-            if encoding.len() != positions {
-                return Err(BridgeError::backend(
-                    "the tokenizer padded a batch to different lengths",
-                ));
-            }
-            ids.extend_from_slice(encoding.get_ids());
-            mask.extend(encoding.get_attention_mask().iter().map(|&m| m as f32));
-        }
-        Ok(Tokens {
-            texts: texts.len(),
-            positions,
-            ids,
-            mask,
-        })
+    /// Tokenises `texts` on tokio's blocking pool: they are the guest's (up
+    /// to the host's input cap) and tokenising them must not hold an async
+    /// worker thread.
+    async fn tokenize(&self, texts: &[String]) -> Result<Tokens> {
+        let tokenizer = Arc::clone(&self.tokenizer);
+        let texts = texts.to_vec();
+        super::off_async("tokenize", move || tokenize(&tokenizer, texts)).await
     }
 
     /// One L2-normalised embedding per text, computed on `device` (where the
@@ -533,7 +518,7 @@ impl Bert {
             return Ok(Vec::new());
         }
         check_count(texts.len())?;
-        let tokens = self.tokenize(texts)?;
+        let tokens = self.tokenize(texts).await?;
         let (_, pooled) = self.encode(device, &tokens, account, false).await?;
         let bytes = device.read(&pooled, account).await?;
         Ok(normalised_rows(&bytes, self.config.hidden_size))
@@ -938,4 +923,30 @@ async fn read_indices(
 
 fn u32_bytes(values: &[u32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Token ids and attention mask of `texts`, padded to the longest.
+fn tokenize(tokenizer: &Tokenizer, texts: Vec<String>) -> Result<Tokens> {
+    let count = texts.len();
+    let encodings = tokenizer
+        .encode_batch(texts, true)
+        .map_err(|e| BridgeError::invalid(format!("tokenizing: {e}")))?;
+    let positions = encodings.first().map_or(0, |e| e.len());
+    let mut ids = Vec::with_capacity(count * positions);
+    let mut mask = Vec::with_capacity(count * positions);
+    for encoding in &encodings {
+        if encoding.len() != positions {
+            return Err(BridgeError::backend(
+                "the tokenizer padded a batch to different lengths",
+            ));
+        }
+        ids.extend_from_slice(encoding.get_ids());
+        mask.extend(encoding.get_attention_mask().iter().map(|&m| m as f32));
+    }
+    Ok(Tokens {
+        texts: count,
+        positions,
+        ids,
+        mask,
+    })
 }

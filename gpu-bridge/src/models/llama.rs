@@ -102,7 +102,8 @@ pub(crate) struct Llama {
     sin_q: Tensor,
     /// `[head_dim, head_dim]`: `(x @ rot)` maps each pair `(a, b)` to `(-b, a)`.
     rot: Tensor,
-    tokenizer: Tokenizer,
+    /// Shared with the blocking-pool tasks that tokenise prompts.
+    tokenizer: Arc<Tokenizer>,
     bos: Option<u32>,
     add_bos: bool,
     eos: Option<u32>,
@@ -326,7 +327,7 @@ impl Llama {
             cos_q,
             sin_q,
             rot,
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
             bos,
             add_bos,
             eos,
@@ -336,29 +337,19 @@ impl Llama {
     /// Token ids of `prompt` as the model sees it (with BOS if the model
     /// wants one).
     pub(crate) fn encode(&self, prompt: &str) -> Result<Vec<u32>> {
-        let encoding = self
-            .tokenizer
-            .encode_fast(prompt, false)
-            .map_err(|e| BridgeError::invalid(format!("generate: cannot tokenize: {e}")))?;
-        let mut ids = Vec::with_capacity(encoding.len() + 1);
-        if self.add_bos
-            && let Some(bos) = self.bos
-        {
-            ids.push(bos);
-        }
-        ids.extend_from_slice(encoding.get_ids());
-        if ids.is_empty() {
-            // An empty prompt still needs one position to predict from.
-            match self.bos {
-                Some(bos) => ids.push(bos),
-                None => {
-                    return Err(BridgeError::invalid(
-                        "generate: the prompt is empty and the model has no BOS token",
-                    ));
-                }
-            }
-        }
-        Ok(ids)
+        encode(&self.tokenizer, self.add_bos, self.bos, prompt)
+    }
+
+    /// [`encode`](Self::encode) on tokio's blocking pool: a prompt is the
+    /// guest's (up to the host's input cap) and tokenising it must not hold
+    /// an async worker thread.
+    async fn encode_off_async(&self, prompt: &str) -> Result<Vec<u32>> {
+        let (tokenizer, add_bos, bos) = (Arc::clone(&self.tokenizer), self.add_bos, self.bos);
+        let prompt = prompt.to_owned();
+        super::off_async("tokenize", move || {
+            encode(&tokenizer, add_bos, bos, &prompt)
+        })
+        .await
     }
 
     /// Generate from `prompt`: see [`ResidentModel::generate`](crate::models::ResidentModel::generate).
@@ -370,7 +361,7 @@ impl Llama {
         on_token: &mut (dyn FnMut(&str) -> ControlFlow<()> + Send),
     ) -> Result<Generation> {
         params.validate()?;
-        let prompt_ids = self.encode(prompt)?;
+        let prompt_ids = self.encode_off_async(prompt).await?;
         self.generate_ids(&prompt_ids, params, account, on_token)
             .await
     }
@@ -667,6 +658,36 @@ fn strings(meta: &GgufMetadata, key: &str, model: &str) -> Result<Vec<String>> {
                 .ok_or_else(|| invalid(model, format!("GGUF metadata `{key}` holds a non-string")))
         })
         .collect()
+}
+
+/// Token ids of `prompt` (with `bos` first if `add_bos`); an empty prompt
+/// becomes `[bos]`.
+fn encode(
+    tokenizer: &Tokenizer,
+    add_bos: bool,
+    bos: Option<u32>,
+    prompt: &str,
+) -> Result<Vec<u32>> {
+    let encoding = tokenizer
+        .encode_fast(prompt, false)
+        .map_err(|e| BridgeError::invalid(format!("generate: cannot tokenize: {e}")))?;
+    let mut ids = Vec::with_capacity(encoding.len() + 1);
+    if add_bos && let Some(bos) = bos {
+        ids.push(bos);
+    }
+    ids.extend_from_slice(encoding.get_ids());
+    if ids.is_empty() {
+        // An empty prompt still needs one position to predict from.
+        match bos {
+            Some(bos) => ids.push(bos),
+            None => {
+                return Err(BridgeError::invalid(
+                    "generate: the prompt is empty and the model has no BOS token",
+                ));
+            }
+        }
+    }
+    Ok(ids)
 }
 
 /// A gpt2-style byte-level BPE tokenizer from `tokenizer.ggml.*`, and the

@@ -40,6 +40,25 @@ pub mod fuzzing {
     }
 }
 
+/// Runs `f` (CPU work whose size a guest chooses, such as tokenising its
+/// text) on tokio's blocking pool when called inside a runtime, so that it
+/// never holds an async worker thread; inline otherwise. A panic in `f`
+/// fails this call only, as on the device ([`crate::error`]).
+pub(crate) async fn off_async<T: Send + 'static>(
+    step: &'static str,
+    f: impl FnOnce() -> crate::Result<T> + Send + 'static,
+) -> crate::Result<T> {
+    let contained = move || crate::error::contain(step, f);
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => runtime.spawn_blocking(contained).await.unwrap_or_else(|e| {
+            Err(crate::BridgeError::backend(format!(
+                "{step} did not finish: {e}"
+            )))
+        }),
+        Err(_) => contained(),
+    }
+}
+
 pub use gguf::{GgufMetadata, GgufValue};
 pub use manifest::{
     Batching, FileFormat, FileRole, GraphSpec, GraphStep, MANIFEST_FILE, ModelDType, ModelFile,
@@ -47,3 +66,39 @@ pub use manifest::{
 };
 pub use registry::{ModelEntry, ModelRegistry, RegistryConfig, RegistryStats, ResidentModel};
 pub use sampling::{FinishReason, GenerateParams, Generation, MAX_GENERATE_TOKENS};
+
+#[cfg(test)]
+mod tests {
+    use super::off_async;
+    use crate::ErrorCode;
+
+    /// Inside a runtime the work runs on another thread (the blocking
+    /// pool), even on a current-thread runtime, whose one thread would
+    /// otherwise stall every other task for as long as it takes.
+    #[test]
+    fn off_async_work_leaves_the_runtime_thread_free() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let caller = std::thread::current().id();
+        let ran_on = runtime
+            .block_on(off_async("tokenize", || Ok(std::thread::current().id())))
+            .unwrap();
+        assert_ne!(ran_on, caller);
+        // Outside a runtime there is nothing to keep free.
+        let inline = pollster::block_on(off_async("tokenize", || Ok(std::thread::current().id())));
+        assert_eq!(inline.unwrap(), caller);
+    }
+
+    #[test]
+    fn a_panic_in_off_async_work_fails_that_call() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let err = runtime
+            .block_on(off_async::<()>("tokenize", || panic!("bad text")))
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::Internal);
+        assert!(err.message.contains("bad text"), "{err}");
+    }
+}
