@@ -205,12 +205,14 @@ async fn serve(service: Arc<Service>, Route { tenant, name }: Route, request: Re
             let problem = answer(
                 Problem::from(Failure::of(&invocation.outcome)).with_invocation(&started.id),
             );
-            service.record(
-                &target.function,
-                &started,
-                problem.status().as_u16(),
-                &invocation,
-            );
+            service
+                .record(
+                    &target.function,
+                    &started,
+                    problem.status().as_u16(),
+                    &invocation,
+                )
+                .await;
             Err(problem)
         }
     }

@@ -127,12 +127,14 @@ pub(super) async fn invoke(
     let invocation = service.run(&target, call, service.buffered(&tenant)).await;
     drop(permit);
     let response = outcome_response(&invocation, &started.id);
-    service.record(
-        &target.function,
-        &started,
-        response.status().as_u16(),
-        &invocation,
-    );
+    service
+        .record(
+            &target.function,
+            &started,
+            response.status().as_u16(),
+            &invocation,
+        )
+        .await;
     Ok(response)
 }
 
@@ -190,10 +192,31 @@ struct SseForward(Frames);
 
 impl Forward for SseForward {
     async fn send(&mut self, chunk: Bytes) -> bool {
+        let held = HeldEvent {
+            event: event(None, &chunk),
+            _chunk: chunk,
+        };
         self.0
-            .send(Ok(Frame::data(event(None, &chunk))))
+            .send(Ok(Frame::data(Bytes::from_owner(held))))
             .await
             .is_ok()
+    }
+}
+
+/// An event kept with the chunk it was made from until the connection has
+/// sent it. An emitted chunk holds its share of the call's stream buffer
+/// (bounded in bytes, see `OutputSink::Stream`) for as long as it lives, so
+/// events queued for a slow reader count against that bound; copies that
+/// let their chunk go would add up beside it, up to `BACKLOG` times the
+/// largest chunk.
+struct HeldEvent {
+    event: Bytes,
+    _chunk: Bytes,
+}
+
+impl AsRef<[u8]> for HeldEvent {
+    fn as_ref(&self) -> &[u8] {
+        &self.event
     }
 }
 
@@ -223,7 +246,9 @@ fn events(
             })
             .await;
         drop(permit);
-        service.record_outcome(&target.function, &started, &invocation);
+        service
+            .record_outcome(&target.function, &started, &invocation)
+            .await;
         let last = match &invocation.outcome {
             Outcome::Ok(reply) => {
                 if !reply.body.is_empty() {
@@ -274,6 +299,32 @@ mod tests {
         assert_eq!(event(None, b"a\n"), "data: a\ndata: \n\n");
         assert_eq!(event(None, b"one\r\ntwo"), "data: one\ndata: two\n\n");
         assert_eq!(event(Some("done"), b"{}"), "event: done\ndata: {}\n\n");
+    }
+
+    /// An event waiting to be sent keeps its chunk (and so the chunk's
+    /// share of the stream buffer) until it is gone.
+    #[tokio::test]
+    async fn an_event_holds_its_chunk_until_it_is_sent() {
+        struct Tracked(Vec<u8>, std::sync::Arc<std::sync::atomic::AtomicBool>);
+        impl AsRef<[u8]> for Tracked {
+            fn as_ref(&self) -> &[u8] {
+                &self.0
+            }
+        }
+        impl Drop for Tracked {
+            fn drop(&mut self) {
+                self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let chunk = Bytes::from_owner(Tracked(b"hello".to_vec(), dropped.clone()));
+        let (frames, mut queued) = mpsc::channel(BACKLOG);
+        assert!(SseForward(frames).send(chunk).await);
+        assert!(!dropped.load(std::sync::atomic::Ordering::SeqCst));
+        let frame = queued.recv().await.unwrap().unwrap();
+        assert_eq!(frame.data_ref().unwrap(), "data: hello\n\n");
+        drop(frame);
+        assert!(dropped.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     #[test]

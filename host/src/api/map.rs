@@ -334,7 +334,9 @@ async fn run_one(map: &MapTarget, index: u64, input: Result<Vec<u8>, ItemError>)
             )
         }
     };
-    service.record(&target.function, &started, status, &invocation);
+    service
+        .record(&target.function, &started, status, &invocation)
+        .await;
     line(&value)
 }
 

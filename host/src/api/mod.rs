@@ -31,11 +31,7 @@ pub(super) async fn blocking<T: Send + 'static>(
     service: &Arc<Service>,
     work: impl FnOnce(&Service) -> Result<T, crate::service::ServiceError> + Send + 'static,
 ) -> Result<T, problem::Problem> {
-    let service = Arc::clone(service);
-    tokio::task::spawn_blocking(move || work(&service))
-        .await
-        .map_err(|e| problem::Problem::internal(format!("a store operation panicked: {e}")))?
-        .map_err(problem::Problem::from)
+    Ok(service.blocking(work).await?)
 }
 
 /// Entry points for the fuzz targets in `fuzz/`: the parsers of untrusted

@@ -272,7 +272,8 @@ impl Session<'_> {
             .await;
         drop(permit);
         self.service
-            .record_outcome(&target.function, &started, &invocation);
+            .record_outcome(&target.function, &started, &invocation)
+            .await;
         let reply = match &invocation.outcome {
             Outcome::Ok(reply) if reply.body.is_empty() => return Ok(true),
             Outcome::Ok(reply) => message(&reply.body, Some(&reply.content_type)),

@@ -179,7 +179,9 @@ impl Service {
         let digest = Digest::of(&bytes);
         let size = bytes.len() as u64;
         // Refused before compiling: a tenant at its quota costs no CPU.
-        self.check_quota(tenant, &name, size)?;
+        let (quota_tenant, quota_name) = (tenant.to_owned(), name.clone());
+        self.blocking(move |s| s.check_quota(&quota_tenant, &quota_name, size))
+            .await?;
         let _compiling = self.compile_slot().await?;
         let service = Arc::clone(self);
         let loaded = tokio::task::spawn_blocking(move || {
@@ -188,16 +190,52 @@ impl Service {
             // points to it, so a crash in between leaves an orphan blob,
             // never a function without its component.
             let component = service.runtime.load(&bytes)?;
-            let stored = service.blobs.put(&digest, &bytes);
-            Ok::<_, crate::runtime::LoadError>((component, stored, bytes))
+            if let Err(e) = service.blobs.put(&digest, &bytes) {
+                service.forget_if_unused(&service.deploy_lock(), &digest);
+                return Ok(Err(e));
+            }
+            Ok::<_, crate::runtime::LoadError>(Ok((component, bytes)))
         })
         .await
         .map_err(|e| ServiceError::Internal(format!("compiling panicked: {e}")))?;
-        let (component, stored, bytes) = loaded.inspect_err(|_| self.metrics.deploy("invalid"))?;
-        if let Err(e) = stored {
-            self.forget_if_unused(&self.deploy_lock(), &digest);
-            return Err(e.into());
-        }
+        let (component, bytes) = loaded.inspect_err(|_| self.metrics.deploy("invalid"))??;
+        // Store writes and fsyncs, blob checks and file removals: off the
+        // async threads.
+        let tenant = tenant.to_owned();
+        let (deployed, schedule) = self
+            .blocking(move |s| {
+                s.commit_deploy(&tenant, name, digest, &bytes, component, public, retryable)
+            })
+            .await?;
+        tracing::debug!(
+            version = deployed.function.version,
+            changed = deployed.changed,
+            "deployed"
+        );
+        Ok(Deployed {
+            function: deployed.function,
+            schedule,
+            changed: deployed.changed,
+        })
+    }
+
+    /// The part of [`deploy`](Self::deploy) after compiling, on a blocking
+    /// thread: under the deploy lock, checks the quota again, stores the
+    /// function, makes the new version the one calls run and forgets what
+    /// the replaced version leaves unused. Returns the stored function and
+    /// its schedule's cron expression.
+    #[allow(clippy::too_many_arguments)]
+    fn commit_deploy(
+        &self,
+        tenant: &str,
+        name: String,
+        digest: Digest,
+        bytes: &[u8],
+        component: LoadedComponent,
+        public: bool,
+        retryable: bool,
+    ) -> Result<(crate::store::Deployed, Option<String>), ServiceError> {
+        let size = bytes.len() as u64;
         let world = match component.world() {
             World::Http => FunctionWorld::Http,
             _ => FunctionWorld::Handler,
@@ -210,7 +248,7 @@ impl Service {
             // A failed deploy of the same bytes may have removed the blob
             // since it was written above (it was unused then).
             if !self.blobs.contains(&digest)? {
-                self.blobs.put(&digest, &bytes)?;
+                self.blobs.put(&digest, bytes)?;
             }
             let written = self.check_quota(tenant, &name, size).and_then(|()| {
                 Ok(self.store.deploy(&DeployRequest {
@@ -252,16 +290,7 @@ impl Service {
         let schedule = self
             .store
             .schedule(&deployed.function.tenant, &deployed.function.name)?;
-        tracing::debug!(
-            version = deployed.function.version,
-            changed = deployed.changed,
-            "deployed"
-        );
-        Ok(Deployed {
-            function: deployed.function,
-            schedule: schedule.map(|s| s.cron),
-            changed: deployed.changed,
-        })
+        Ok((deployed, schedule.map(|s| s.cron)))
     }
 
     /// The tenant's functions, each with its schedule's cron expression.

@@ -344,8 +344,10 @@ impl Service {
     }
 
     /// Records a finished invocation (and counts it); `status` is what the
-    /// caller got. A lost record does not fail the call it describes.
-    pub fn record(
+    /// caller got. Returns once the record is stored (on the record writer's
+    /// thread, see `records`). A lost record does not fail the call it
+    /// describes.
+    pub async fn record(
         &self,
         function: &FunctionRecord,
         started: &Started,
@@ -377,23 +379,28 @@ impl Service {
             stdout_dropped_bytes: invocation.stdout.dropped_bytes,
             stderr_dropped_bytes: invocation.stderr.dropped_bytes,
         };
-        match self.store.record_invocation(&record) {
-            Ok(pruned) => self.metrics.record_written(pruned),
-            Err(e) => {
+        match self.records.write(record).await {
+            Some(Ok(pruned)) => self.metrics.record_written(pruned),
+            Some(Err(e)) => {
                 self.metrics.record_failed();
                 tracing::error!(invocation = %started.id, error = %e, "could not record the invocation");
+            }
+            None => {
+                self.metrics.record_failed();
+                tracing::error!(invocation = %started.id, "could not record the invocation: the record writer has stopped");
             }
         }
     }
 
     /// Records `invocation` with the status an invoke would have answered.
-    pub fn record_outcome(
+    pub async fn record_outcome(
         &self,
         function: &FunctionRecord,
         started: &Started,
         invocation: &Invocation,
     ) {
-        self.record(function, started, invocation_status(invocation), invocation);
+        self.record(function, started, invocation_status(invocation), invocation)
+            .await;
     }
 
     /// The tenant's wasi:http function `name`, ready to serve, and who is
@@ -474,7 +481,9 @@ impl Service {
         tokio::spawn(async move {
             let _permit = permit;
             if let Ok(invocation) = completion.await {
-                service.record(&function, &started, status, &invocation);
+                service
+                    .record(&function, &started, status, &invocation)
+                    .await;
             }
         });
     }

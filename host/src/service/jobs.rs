@@ -623,7 +623,9 @@ async fn run_job(
     };
     let invocation = service.run(&target, call, control).await;
     drop(permit);
-    service.record_outcome(&target.function, &started, &invocation);
+    service
+        .record_outcome(&target.function, &started, &invocation)
+        .await;
     match invocation.outcome {
         // A job keeps its result for everyone to read later: at most what
         // a request may carry, like an invocation's input.

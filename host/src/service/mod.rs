@@ -20,6 +20,7 @@ mod error;
 mod invoke;
 pub mod jobs;
 mod metrics;
+mod records;
 mod schedules;
 mod stream;
 mod tenants;
@@ -57,6 +58,8 @@ pub struct Service {
     policies: PolicySet,
     admin_key_hash: [u8; 32],
     metrics: Metrics,
+    /// Writes invocation records on a thread of its own.
+    records: records::Recorder,
     deployments: Deployments,
     admission: Admission,
     gpu: Arc<crate::tenancy::GpuHost>,
@@ -90,6 +93,22 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
 }
 
 impl Service {
+    /// Runs `work` (store reads and writes, fsyncs, file removals) on a
+    /// blocking thread: sled waiting for log space or an fsync must not
+    /// stall an async worker and every other request it polls.
+    ///
+    /// # Errors
+    /// What `work` fails with; [`ServiceError::Internal`] if it panicked.
+    pub async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&Self) -> Result<T, ServiceError> + Send + 'static,
+    ) -> Result<T, ServiceError> {
+        let service = Arc::clone(self);
+        tokio::task::spawn_blocking(move || work(&service))
+            .await
+            .map_err(|e| ServiceError::Internal(format!("a store operation panicked: {e}")))?
+    }
+
     /// Opens the data directory, the stores, the bridge and the policies,
     /// loads every deployed function (from the compiled cache: a restart
     /// compiles nothing), and rebuilds the job queues and schedules from
@@ -126,6 +145,8 @@ impl Service {
         let service = Self {
             admin_key_hash: keys::hash(&admin_key),
             metrics: Metrics::new(),
+            records: records::Recorder::start(Arc::clone(&store))
+                .map_err(io("starting the invocation-record writer"))?,
             deployments: Deployments::default(),
             admission: Admission::new(host_capacity),
             gpu,
@@ -167,6 +188,8 @@ impl Service {
     /// When the store cannot be flushed.
     pub async fn shutdown(&self) -> Result<(), crate::store::StoreError> {
         self.jobs.shutdown().await;
+        // Calls that finished before the stop have their records stored.
+        self.records.drain().await;
         self.store.flush()?;
         Ok(())
     }

@@ -256,7 +256,9 @@ async fn fire(service: &Service, tenant: &str, function: &str) {
     };
     let invocation = service.run(&target, call, service.buffered(tenant)).await;
     drop(permit);
-    service.record_outcome(&target.function, &started, &invocation);
+    service
+        .record_outcome(&target.function, &started, &invocation)
+        .await;
     // Re-read: the schedule may have been replaced or removed meanwhile.
     if let Ok(Some(current)) = service.store.schedule(tenant, function)
         && current.cron == schedule.cron

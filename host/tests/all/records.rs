@@ -3,78 +3,107 @@
 //! both).
 //!
 //! The test binary's global allocator counts, per thread, the bytes each
-//! thread holds: the bytes one test's thread holds are measured across many
-//! recorded invocations, which no other test's allocations can disturb.
+//! thread allocated that are still held, by whichever thread: a record is
+//! built on the calling thread and freed on the record writer's, and must
+//! still count as the caller's until it is freed. The bytes one test's
+//! thread holds are measured across many recorded invocations, which no
+//! other test's allocations can disturb.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
 
 use gust_host::runtime::Invocation;
 use gust_host::service::{ServeConfig, Service, Started};
 use gust_host::store::FunctionRecord;
 use tempfile::TempDir;
 
-/// The system allocator, keeping a per-thread count of bytes held.
-struct Counting;
+/// Per-thread counts of live bytes, by slot; threads past the last slot
+/// share slot 0, which no test reads. Slots are never reused, so a block
+/// freed after its thread ended still finds its count.
+const SLOTS: usize = 4096;
+static LIVE: [AtomicIsize; SLOTS] = [const { AtomicIsize::new(0) }; SLOTS];
+static NEXT_SLOT: AtomicUsize = AtomicUsize::new(1);
 
 thread_local! {
-    /// Bytes allocated minus bytes freed by this thread.
-    static HELD: Cell<isize> = const { Cell::new(0) };
+    /// This thread's slot, drawn at its first allocation.
+    static SLOT: Cell<usize> = const { Cell::new(0) };
 }
 
-fn count(delta: isize) {
-    // `try_with`: allocations during thread teardown must not panic.
-    let _ = HELD.try_with(|held| held.set(held.get() + delta));
+fn my_slot() -> usize {
+    // `try_with`: allocations during thread teardown count in slot 0.
+    SLOT.try_with(|slot| {
+        if slot.get() == 0 {
+            let drawn = NEXT_SLOT.fetch_add(1, Ordering::Relaxed);
+            slot.set(if drawn < SLOTS { drawn } else { usize::MAX });
+        }
+        slot.get()
+    })
+    .ok()
+    .filter(|&slot| slot < SLOTS)
+    .unwrap_or(0)
+}
+
+/// The system allocator, with each block prefixed by a header naming the
+/// slot of the thread that allocated it.
+struct Counting;
+
+/// The header's size for `layout`: a word for the slot, padded to keep the
+/// block's alignment.
+fn header(layout: Layout) -> usize {
+    layout.align().max(std::mem::size_of::<usize>())
 }
 
 fn signed(n: usize) -> isize {
     isize::try_from(n).unwrap_or(isize::MAX)
 }
 
-// SAFETY: every method forwards to `System` with the caller's arguments and
-// only adds bookkeeping in a const-initialised thread local (which never
-// allocates).
+// SAFETY: every block is a `System` block of the caller's layout grown by
+// `header(layout)` bytes (a multiple of its alignment) at the front, so the
+// pointer handed out keeps the alignment asked for; the word just before it
+// holds the slot, written at allocation and read back at free.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded unchanged; the caller upholds `alloc`'s contract.
-        let ptr = unsafe { System.alloc(layout) };
-        if !ptr.is_null() {
-            count(signed(layout.size()));
+        let extra = header(layout);
+        let Ok(full) = Layout::from_size_align(layout.size() + extra, layout.align()) else {
+            return std::ptr::null_mut();
+        };
+        // SAFETY: `full` has a non-zero size.
+        let base = unsafe { System.alloc(full) };
+        if base.is_null() {
+            return base;
         }
-        ptr
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as for `alloc`.
-        let ptr = unsafe { System.alloc_zeroed(layout) };
-        if !ptr.is_null() {
-            count(signed(layout.size()));
+        let slot = my_slot();
+        LIVE[slot].fetch_add(signed(layout.size()), Ordering::Relaxed);
+        // SAFETY: `extra` is within the block and at least a word; the word
+        // before the user pointer is aligned for `usize` (extra is a
+        // multiple of the word size).
+        unsafe {
+            let user = base.add(extra);
+            user.cast::<usize>().sub(1).write(slot);
+            user
         }
-        ptr
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded unchanged; `ptr` came from `System` via us.
-        unsafe { System.dealloc(ptr, layout) };
-        count(-signed(layout.size()));
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded unchanged; `ptr` came from `System` via us.
-        let new = unsafe { System.realloc(ptr, layout, new_size) };
-        if !new.is_null() {
-            count(signed(new_size) - signed(layout.size()));
+        let extra = header(layout);
+        // SAFETY: `ptr` came from `alloc` above with this layout.
+        unsafe {
+            let slot = ptr.cast::<usize>().sub(1).read();
+            LIVE[slot].fetch_sub(signed(layout.size()), Ordering::Relaxed);
+            let full = Layout::from_size_align_unchecked(layout.size() + extra, layout.align());
+            System.dealloc(ptr.sub(extra), full);
         }
-        new
     }
 }
 
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
+/// Bytes this thread allocated that are still held.
 fn held() -> isize {
-    HELD.with(Cell::get)
+    LIVE[my_slot()].load(Ordering::Relaxed)
 }
 
 /// A service (no GPU) keeping `retention` records per function, with the
@@ -113,13 +142,17 @@ async fn records_are_counted_as_written_pruned_or_failed() {
     let (service, function, _dir) = service(3).await;
     let invocation = Invocation::host_error("not run");
     for _ in 0..5 {
-        service.record(&function, &Started::now(), 500, &invocation);
+        service
+            .record(&function, &Started::now(), 500, &invocation)
+            .await;
     }
     let ghost = FunctionRecord {
         name: "ghost".into(),
         ..function.clone()
     };
-    service.record(&ghost, &Started::now(), 500, &invocation);
+    service
+        .record(&ghost, &Started::now(), 500, &invocation)
+        .await;
 
     let text = service.metrics_text();
     let written = r#"gust_invocation_records_total{result="written"}"#;
@@ -151,12 +184,16 @@ async fn recording_without_scrapes_holds_bounded_memory() {
     let invocation = Invocation::host_error("not run");
     // Warm up: metric handles, sled's cache for the lookup.
     for _ in 0..10_000 {
-        service.record(&ghost, &Started::now(), 500, &invocation);
+        service
+            .record(&ghost, &Started::now(), 500, &invocation)
+            .await;
     }
     let before = held();
     let calls = 100_000;
     for _ in 0..calls {
-        service.record(&ghost, &Started::now(), 500, &invocation);
+        service
+            .record(&ghost, &Started::now(), 500, &invocation)
+            .await;
     }
     let grown = held() - before;
     // Each duration sample takes 8 bytes until it is folded into the

@@ -1,0 +1,96 @@
+//! The invocation-record writer: one thread of its own writes every record,
+//! in the order calls finished.
+//!
+//! A record is written after each call, so the writes come at the rate
+//! calls finish. On the async threads they would stall every request those
+//! threads poll whenever sled waits for log space; on the blocking pool
+//! each would take a thread and contend for the store's write lock. One
+//! writer thread takes the lock uncontended, and a full queue makes the
+//! finishing calls wait (a task waiting, not a thread) instead of growing.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::{InvocationRecord, MetaStore, StoreError};
+
+/// Records waiting to be written, at most: beyond it, calls wait to queue.
+const QUEUE: usize = 1024;
+
+/// What the writer thread is sent.
+enum Queued {
+    /// Write this record and answer with what the store said.
+    Record(
+        Box<InvocationRecord>,
+        oneshot::Sender<Result<u64, StoreError>>,
+    ),
+    /// Answer once everything queued before is written.
+    Drain(oneshot::Sender<()>),
+}
+
+/// The handle to the writer thread; dropping it lets the thread finish the
+/// queue and waits for it.
+pub(super) struct Recorder {
+    /// `None` only while dropping.
+    queue: Option<mpsc::Sender<Queued>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Recorder {
+    /// Starts the writer thread on `store`.
+    pub(super) fn start(store: Arc<dyn MetaStore>) -> std::io::Result<Self> {
+        let (queue, mut queued) = mpsc::channel(QUEUE);
+        let writer = std::thread::Builder::new()
+            .name("gust-records".into())
+            .spawn(move || {
+                while let Some(item) = queued.blocking_recv() {
+                    match item {
+                        Queued::Record(record, done) => {
+                            let _ = done.send(store.record_invocation(&record));
+                        }
+                        Queued::Drain(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            })?;
+        Ok(Self {
+            queue: Some(queue),
+            writer: Some(writer),
+        })
+    }
+
+    /// Writes `record` and returns how many older records retention pruned
+    /// for it, once it is in the store (so that a read after the call's
+    /// answer finds it); `None` if the writer has stopped.
+    pub(super) async fn write(&self, record: InvocationRecord) -> Option<Result<u64, StoreError>> {
+        let (done, written) = oneshot::channel();
+        self.queue
+            .as_ref()?
+            .send(Queued::Record(Box::new(record), done))
+            .await
+            .ok()?;
+        written.await.ok()
+    }
+
+    /// Waits until every record queued so far is written.
+    pub(super) async fn drain(&self) {
+        let (done, drained) = oneshot::channel();
+        if let Some(queue) = &self.queue
+            && queue.send(Queued::Drain(done)).await.is_ok()
+        {
+            let _ = drained.await;
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread once it has written the rest;
+        // joined so that the store is closed when the service is gone.
+        self.queue = None;
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
