@@ -93,8 +93,8 @@ pub(super) async fn list(
     State(service): State<Arc<Service>>,
     TenantKey(tenant): TenantKey,
 ) -> Handled {
-    let functions = service
-        .functions(&tenant)?
+    let functions = super::blocking(&service, move |s| s.functions(&tenant))
+        .await?
         .iter()
         .map(|(f, schedule)| wire::Function::from_record(f, schedule.as_deref()))
         .collect();
@@ -120,7 +120,7 @@ pub(super) async fn get(
     TenantKey(tenant): TenantKey,
     Params(name): Params<String>,
 ) -> Handled {
-    let (record, schedule) = service.function(&tenant, &name)?;
+    let (record, schedule) = super::blocking(&service, move |s| s.function(&tenant, &name)).await?;
     Ok(json_response(
         StatusCode::OK,
         &wire::Function::from_record(&record, schedule.as_deref()),
@@ -184,7 +184,11 @@ pub(super) async fn logs(
             })
         })
         .transpose()?;
-    let (records, next) = service.invocations(&tenant, &name, limit, cursor)?;
+    // Up to a page of records (4 MiB) read from the store.
+    let (records, next) = super::blocking(&service, move |s| {
+        s.invocations(&tenant, &name, limit, cursor)
+    })
+    .await?;
     let invocations = records.iter().map(wire::Invocation::from).collect();
     Ok(json_response(
         StatusCode::OK,
@@ -211,7 +215,7 @@ pub(super) async fn invocation(
     TenantKey(tenant): TenantKey,
     Params(id): Params<String>,
 ) -> Handled {
-    let record = service.invocation(&tenant, &id)?;
+    let record = super::blocking(&service, move |s| s.invocation(&tenant, &id)).await?;
     Ok(json_response(
         StatusCode::OK,
         &wire::Invocation::from(&record),

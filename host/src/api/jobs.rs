@@ -77,7 +77,7 @@ pub(super) async fn get(
     TenantKey(tenant): TenantKey,
     Params(id): Params<String>,
 ) -> Handled {
-    let job = service.job(&tenant, &id)?;
+    let job = super::blocking(&service, move |s| s.job(&tenant, &id)).await?;
     Ok(json_response(StatusCode::OK, &wire::Job::from(&job)))
 }
 

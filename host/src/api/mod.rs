@@ -24,9 +24,12 @@ mod schedules;
 mod tenants;
 mod ws;
 
-/// Runs a service operation that writes and syncs the store on a blocking
-/// thread: an fsync (or sled waiting for log space) must not stall an async
-/// worker and every other request it polls.
+/// Runs a service operation that reads or writes the store on a blocking
+/// thread: an fsync, a page read from disk or sled waiting for log space
+/// must not stall an async worker and every other request it polls. (Only
+/// authentication reads the store on the async threads: two point reads of
+/// small trees that stay in sled's cache, on every request, where a thread
+/// hop would cost more than the read.)
 pub(super) async fn blocking<T: Send + 'static>(
     service: &Arc<Service>,
     work: impl FnOnce(&Service) -> Result<T, crate::service::ServiceError> + Send + 'static,

@@ -74,7 +74,7 @@ pub(super) async fn get(
     TenantKey(tenant): TenantKey,
     Params(name): Params<String>,
 ) -> Handled {
-    let record = service.schedule(&tenant, &name)?;
+    let record = super::blocking(&service, move |s| s.schedule(&tenant, &name)).await?;
     Ok(json_response(StatusCode::OK, &schedule(&service, &record)))
 }
 

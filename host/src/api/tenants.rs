@@ -44,7 +44,11 @@ pub(super) async fn list_own_keys(
     State(service): State<Arc<Service>>,
     TenantKey(tenant): TenantKey,
 ) -> Handled {
-    let keys = service.keys(&tenant)?.iter().map(wire::Key::from).collect();
+    let keys = super::blocking(&service, move |s| s.keys(&tenant))
+        .await?
+        .iter()
+        .map(wire::Key::from)
+        .collect();
     Ok(json_response(StatusCode::OK, &wire::KeyList { keys }))
 }
 
@@ -113,7 +117,11 @@ pub(super) async fn create_tenant(
     security(("bearer" = []))
 )]
 pub(super) async fn list_tenants(State(service): State<Arc<Service>>, _admin: AdminKey) -> Handled {
-    let tenants = service.tenants()?.iter().map(wire::Tenant::from).collect();
+    let tenants = super::blocking(&service, Service::tenants)
+        .await?
+        .iter()
+        .map(wire::Tenant::from)
+        .collect();
     Ok(json_response(StatusCode::OK, &wire::TenantList { tenants }))
 }
 
