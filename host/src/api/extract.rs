@@ -23,8 +23,13 @@ pub(crate) struct TenantKey(pub(crate) String);
 pub(crate) struct AdminKey;
 
 /// The caller named by `Authorization: Bearer`; `None` when no key was
-/// sent, 401 for a malformed header or a key of no one.
-pub(crate) fn caller(service: &Service, headers: &HeaderMap) -> Result<Option<Caller>, Problem> {
+/// sent, 401 for a malformed header or a key of no one. A key seen valid
+/// moments ago is answered from memory; otherwise the store is asked on a
+/// blocking thread.
+pub(crate) async fn caller(
+    service: &Arc<Service>,
+    headers: &HeaderMap,
+) -> Result<Option<Caller>, Problem> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Ok(None);
     };
@@ -33,8 +38,12 @@ pub(crate) fn caller(service: &Service, headers: &HeaderMap) -> Result<Option<Ca
         .ok()
         .and_then(keys::parse_bearer)
         .ok_or_else(|| Problem::unauthorized("the Authorization header must be `Bearer <key>`"))?;
-    service
-        .authenticate(token)?
+    if let Some(known) = service.authenticate_cached(token) {
+        return Ok(Some(known));
+    }
+    let token = token.to_owned();
+    super::blocking(service, move |s| s.authenticate(&token))
+        .await?
         .map(Some)
         .ok_or_else(|| Problem::unauthorized("the API key is not valid"))
 }
@@ -46,7 +55,7 @@ impl FromRequestParts<Arc<Service>> for TenantKey {
         parts: &mut Parts,
         service: &Arc<Service>,
     ) -> Result<Self, Self::Rejection> {
-        match caller(service, &parts.headers)? {
+        match caller(service, &parts.headers).await? {
             Some(Caller::Tenant(tenant)) => Ok(Self(tenant)),
             Some(Caller::Admin) => Err(Problem::unauthorized(
                 "the admin key manages tenants; use a tenant's key for functions",
@@ -65,7 +74,7 @@ impl FromRequestParts<Arc<Service>> for AdminKey {
         parts: &mut Parts,
         service: &Arc<Service>,
     ) -> Result<Self, Self::Rejection> {
-        match caller(service, &parts.headers)? {
+        match caller(service, &parts.headers).await? {
             Some(Caller::Admin) => Ok(Self),
             Some(Caller::Tenant(_)) => {
                 Err(Problem::unauthorized("this endpoint needs the admin key"))

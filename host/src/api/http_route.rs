@@ -116,7 +116,11 @@ fn body_error(error: axum::Error) -> HttpError {
 
 async fn serve(service: Arc<Service>, Route { tenant, name }: Route, request: Request) -> Handled {
     let headers = request.headers();
-    let (target, access) = service.http_target(&tenant, &name, || caller(&service, headers))?;
+    // Asked before the target is known (a cached key costs nothing, and no
+    // key nothing at all): the store, if it must be read, is read here on
+    // a blocking thread rather than inside `http_target`.
+    let who = caller(&service, headers).await;
+    let (target, access) = service.http_target(&tenant, &name, || who)?;
     let max_body = service.policy(&tenant).max_body_bytes;
     if declared_length(request.headers()).is_some_and(|length| length > max_body) {
         return Err(Problem::too_large(max_body, "the request body"));

@@ -23,6 +23,17 @@ pub(crate) struct ServeArgs {
     #[arg(long, default_value = "./gust-data", env = "GUST_DATA_DIR")]
     data_dir: PathBuf,
 
+    /// Where state lives: `sled` (the embedded store in `--data-dir`, one
+    /// host) or a `postgres://` URL of a database several hosts share
+    /// (component blobs are then cached in `--data-dir`).
+    #[arg(
+        long,
+        default_value = "sled",
+        env = "GUST_STORE",
+        hide_env_values = true
+    )]
+    store: gust_host::service::StoreLocation,
+
     /// Policy directory: `default.toml` and `<tenant>.toml` overrides. A
     /// missing directory means the built-in defaults.
     #[arg(long, default_value = "./policies", env = "GUST_POLICIES")]
@@ -135,6 +146,7 @@ fn shutdown_signal() -> impl Future<Output = ()> {
 pub(crate) async fn serve(args: ServeArgs) -> ExitCode {
     let mut config = ServeConfig::new(args.listen, args.data_dir, args.policies);
     config.admin_key = args.admin_key;
+    config.store = args.store;
     config.grace = args.grace;
     config.retention_per_function = args.retention.max(1);
     config.job_retention = args.job_retention;

@@ -36,6 +36,47 @@ pub struct ServeConfig {
     pub models: gust_gpu_bridge::models::RegistryConfig,
     /// Connection budgets: how many, and how long each may dawdle.
     pub connections: ConnectionLimits,
+    /// Where tenants, keys, functions, blobs, records, jobs and schedules
+    /// live.
+    pub store: StoreLocation,
+}
+
+/// Where a host keeps its state.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// The embedded sled store and blob files in the data directory: one
+    /// host, nothing else to run.
+    #[default]
+    Embedded,
+    /// A PostgreSQL database (`postgres://…`) that several hosts share;
+    /// each keeps a cache of component blobs and its compiled code in its
+    /// data directory.
+    Postgres(String),
+}
+
+impl std::fmt::Debug for StoreLocation {
+    // The URL may carry a password: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Embedded => f.write_str("Embedded"),
+            Self::Postgres(_) => f.write_str("Postgres(…)"),
+        }
+    }
+}
+
+impl std::str::FromStr for StoreLocation {
+    type Err = String;
+
+    /// `sled` (the default), or a `postgres://` / `postgresql://` URL.
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        if value == "sled" {
+            Ok(Self::Embedded)
+        } else if value.starts_with("postgres://") || value.starts_with("postgresql://") {
+            Ok(Self::Postgres(value.to_owned()))
+        } else {
+            Err("expected `sled` or a `postgres://` URL".to_owned())
+        }
+    }
 }
 
 /// What one client's connections may hold of the host: a slow or idle
@@ -85,6 +126,7 @@ impl ServeConfig {
             models_dir: None,
             models: gust_gpu_bridge::models::RegistryConfig::default(),
             connections: ConnectionLimits::default(),
+            store: StoreLocation::Embedded,
         }
     }
 }

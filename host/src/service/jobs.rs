@@ -536,15 +536,18 @@ async fn run(service: Arc<Service>, tenant: String, id: String, cancel: Cancel, 
     // be failed only at the next start): try again, a few times, waiting
     // longer each time.
     let mut wait = Duration::from_millis(50);
+    let job = Arc::new(job);
     for attempt in 1..=5 {
-        let stored = {
+        let (written, job_id) = (Arc::clone(&job), id.clone());
+        let stored = on_store(&service, move |service| {
             let mut inner = service.jobs.lock();
-            let stored = service.store.put_job(&job);
+            let stored = service.store.put_job(&written);
             if stored.is_ok() {
-                inner.running.remove(&id);
+                inner.running.remove(&job_id);
             }
             stored
-        };
+        })
+        .await;
         match stored {
             Ok(()) => {
                 service.keep_finished(&job);
@@ -563,14 +566,32 @@ async fn run(service: Arc<Service>, tenant: String, id: String, cancel: Cancel, 
     service.jobs.lock().running.remove(&id);
 }
 
+/// `work` on the store, on a blocking thread: the job runner and the
+/// sweeper are async tasks, and a store call (an fsync, a page read, a
+/// database round trip) must not stall the worker that polls them.
+async fn on_store<T: Send + 'static>(
+    service: &Arc<Service>,
+    work: impl FnOnce(&Service) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let service = Arc::clone(service);
+    tokio::task::spawn_blocking(move || work(&service))
+        .await
+        .unwrap_or_else(|e| {
+            Err(StoreError::Backend(crate::store::BackendError::Task(
+                e.to_string(),
+            )))
+        })
+}
+
 async fn run_job(
-    service: &Service,
+    service: &Arc<Service>,
     tenant: &str,
     id: &str,
     cancel: Cancel,
     permit: Permit,
 ) -> Result<Option<JobRecord>, StoreError> {
-    let Some(mut job) = service.store.job(tenant, id)? else {
+    let (job_tenant, job_id) = (tenant.to_owned(), id.to_owned());
+    let Some(mut job) = on_store(service, move |s| s.store.job(&job_tenant, &job_id)).await? else {
         // Deleted while it waited.
         return Ok(None);
     };
@@ -603,13 +624,19 @@ async fn run_job(
     job.started_at = Some(started.at);
     job.attempts = job.attempts.saturating_add(1);
     job.invocation_id = Some(started.id.clone());
-    service.store.put_job(&job)?;
-    // Durable before the guest runs, so that a crash from here on reads as
-    // "was running" at the next start, never as a job that never ran. A
-    // failed flush only weakens that; the job still runs.
-    if let Err(e) = service.store.flush() {
-        tracing::warn!(job = %id, error = %e, "could not flush the job's running state");
-    }
+    let running = job.clone();
+    let job_id = id.to_owned();
+    on_store(service, move |s| {
+        s.store.put_job(&running)?;
+        // Durable before the guest runs, so that a crash from here on reads
+        // as "was running" at the next start, never as a job that never
+        // ran. A failed flush only weakens that; the job still runs.
+        if let Err(e) = s.store.flush() {
+            tracing::warn!(job = %job_id, error = %e, "could not flush the job's running state");
+        }
+        Ok(())
+    })
+    .await?;
 
     let call = CallRequest {
         body: job.input.clone(),
@@ -688,13 +715,23 @@ async fn sweep(service: Arc<Service>) {
             inner.finished.retain(|_, kept| !kept.is_empty());
             expired
         };
-        let mut removed = 0usize;
-        for (tenant, id) in expired {
-            match service.store.delete_job(&tenant, &id) {
-                Ok(_) => removed += 1,
-                Err(e) => tracing::warn!(job = %id, error = %e, "could not remove an expired job"),
-            }
+        if expired.is_empty() {
+            continue;
         }
+        let removed = on_store(&service, move |service| {
+            let mut removed = 0usize;
+            for (tenant, id) in expired {
+                match service.store.delete_job(&tenant, &id) {
+                    Ok(_) => removed += 1,
+                    Err(e) => {
+                        tracing::warn!(job = %id, error = %e, "could not remove an expired job");
+                    }
+                }
+            }
+            Ok(removed)
+        })
+        .await
+        .unwrap_or(0);
         if removed > 0 {
             tracing::debug!(removed, "expired job results removed");
         }

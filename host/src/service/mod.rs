@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use self::admission::Admission;
 pub use self::admission::{Admit, Permit};
-pub use self::config::{ConnectionLimits, FirstStart, ServeConfig, ServeError};
+pub use self::config::{ConnectionLimits, FirstStart, ServeConfig, ServeError, StoreLocation};
 use self::deployments::Deployments;
 pub use self::deployments::{Deployed, Deployment, checked_name};
 pub use self::error::ServiceError;
@@ -43,6 +43,7 @@ use self::schedules::Schedules;
 pub(crate) use self::stream::Forward;
 pub use self::tenants::Caller;
 use crate::runtime::{AllocationConfig, Runtime};
+use crate::store::postgres::{PgBlobStore, PgStore};
 use crate::store::sled::SledStore;
 use crate::store::{BlobStore, FsBlobStore, MetaStore};
 use crate::tenancy::{Policy, PolicySet, keys};
@@ -57,6 +58,8 @@ pub struct Service {
     blobs: Arc<dyn BlobStore>,
     policies: PolicySet,
     admin_key_hash: [u8; 32],
+    /// Tenant keys recently found valid.
+    keys: tenants::KeyCache,
     metrics: Metrics,
     /// Writes invocation records on a thread of its own.
     records: records::Recorder,
@@ -84,6 +87,39 @@ impl std::fmt::Debug for Service {
         f.debug_struct("Service")
             .field("data_dir", &self.config.data_dir)
             .finish_non_exhaustive()
+    }
+}
+
+/// The stores `config` names: sled and blob files in `data`, or a
+/// PostgreSQL database with a blob cache in `data`.
+async fn open_store(
+    config: &ServeConfig,
+    data: &std::path::Path,
+) -> Result<(Arc<dyn MetaStore>, Arc<dyn BlobStore>), ServeError> {
+    match &config.store {
+        StoreLocation::Embedded => Ok((
+            Arc::new(SledStore::open(
+                &data.join("meta"),
+                config.retention_per_function,
+            )?),
+            Arc::new(FsBlobStore::open(&data.join("blobs"))?),
+        )),
+        StoreLocation::Postgres(url) => {
+            let (url, retention) = (url.clone(), config.retention_per_function);
+            let cache = data.join("blob-cache");
+            // Connecting and migrating block: off the async threads.
+            let (store, blobs) = tokio::task::spawn_blocking(move || {
+                let store = PgStore::connect(&url, retention)?;
+                let blobs = PgBlobStore::new(store.clone(), &cache)?;
+                Ok::<_, crate::store::StoreError>((store, blobs))
+            })
+            .await
+            .map_err(|e| ServeError::Io {
+                context: "connecting to PostgreSQL".into(),
+                source: std::io::Error::other(e.to_string()),
+            })??;
+            Ok((Arc::new(store), Arc::new(blobs)))
+        }
     }
 }
 
@@ -121,11 +157,7 @@ impl Service {
         let data = config.data_dir.clone();
         std::fs::create_dir_all(&data).map_err(io(format!("creating {}", data.display())))?;
         let policies = PolicySet::load(&config.policies_dir)?;
-        let store: Arc<dyn MetaStore> = Arc::new(SledStore::open(
-            &data.join("meta"),
-            config.retention_per_function,
-        )?);
-        let blobs: Arc<dyn BlobStore> = Arc::new(FsBlobStore::open(&data.join("blobs"))?);
+        let (store, blobs) = open_store(&config, &data).await?;
         config.runtime.cache_dir = data.join("compiled");
         let host_capacity = match &config.runtime.allocation {
             AllocationConfig::Pooling(pool) => pool.max_instances as usize,
@@ -138,12 +170,18 @@ impl Service {
             None => load_or_create_key(&data.join("admin.key"))?,
         };
         let first_start = if store.tenants()?.is_empty() {
-            Some(tenants::create_demo_tenant(store.as_ref(), &data)?)
+            match tenants::create_demo_tenant(store.as_ref(), &data) {
+                Ok(first) => Some(first),
+                // Another host sharing the store made it first.
+                Err(ServeError::Store(crate::store::StoreError::Conflict(_))) => None,
+                Err(other) => return Err(other),
+            }
         } else {
             None
         };
         let service = Self {
             admin_key_hash: keys::hash(&admin_key),
+            keys: tenants::KeyCache::default(),
             metrics: Metrics::new(),
             records: records::Recorder::start(Arc::clone(&store))
                 .map_err(io("starting the invocation-record writer"))?,

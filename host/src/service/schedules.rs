@@ -222,8 +222,18 @@ async fn fire_loop(service: Arc<Service>) {
 }
 
 /// One run of a schedule: an invocation with its record.
-async fn fire(service: &Service, tenant: &str, function: &str) {
-    let Ok(Some(mut schedule)) = service.store.schedule(tenant, function) else {
+async fn fire(service: &Arc<Service>, tenant: &str, function: &str) {
+    // Store calls on a blocking thread: this is an async task.
+    let read = || {
+        let service = Arc::clone(service);
+        let (tenant, function) = (tenant.to_owned(), function.to_owned());
+        async move {
+            service
+                .blocking(move |s| Ok(s.store.schedule(&tenant, &function)?))
+                .await
+        }
+    };
+    let Ok(Some(mut schedule)) = read().await else {
         return;
     };
     let Some(deployment) = service.deployment(tenant, function) else {
@@ -260,7 +270,7 @@ async fn fire(service: &Service, tenant: &str, function: &str) {
         .record_outcome(&target.function, &started, &invocation)
         .await;
     // Re-read: the schedule may have been replaced or removed meanwhile.
-    if let Ok(Some(current)) = service.store.schedule(tenant, function)
+    if let Ok(Some(current)) = read().await
         && current.cron == schedule.cron
         && current.created_at == schedule.created_at
     {
@@ -268,7 +278,10 @@ async fn fire(service: &Service, tenant: &str, function: &str) {
         schedule.last_run_at = Some(started.at);
         schedule.last_invocation_id = Some(started.id);
         schedule.last_outcome = Some(invocation.outcome.code().to_owned());
-        if let Err(e) = service.store.put_schedule(&schedule) {
+        let noted = service
+            .blocking(move |s| Ok(s.store.put_schedule(&schedule)?))
+            .await;
+        if let Err(e) = noted {
             tracing::warn!(%tenant, %function, error = %e, "could not note a scheduled run");
         }
     }

@@ -1,7 +1,10 @@
 //! Callers, tenants and their keys, and what a tenant may see of the host
 //! (GPU usage, models).
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use super::{FirstStart, ServeError, Service, ServiceError};
 use crate::store::{ApiKeyRecord, MetaStore, StoreError, TenantRecord, now_millis};
@@ -15,6 +18,48 @@ pub enum Caller {
     Admin,
     /// A key of this tenant.
     Tenant(String),
+}
+
+/// How long a key found valid is trusted without asking the store again.
+/// A key revoked on this host is forgotten at once; one revoked on another
+/// host sharing the store stops working here within this time.
+const KEY_CACHE_TTL: Duration = Duration::from_millis(500);
+
+/// Keys remembered at most; past it the cache starts over (a flood of
+/// distinct valid keys costs store reads, never memory).
+const KEY_CACHE_MAX: usize = 65_536;
+
+/// Valid keys recently seen, by hash, with their tenant: a request
+/// authenticates from memory, with no store read, however slow the store.
+#[derive(Debug, Default)]
+pub(super) struct KeyCache {
+    entries: Mutex<HashMap<[u8; 32], (String, Instant)>>,
+}
+
+impl KeyCache {
+    /// The tenant of a key known valid within the last [`KEY_CACHE_TTL`].
+    fn get(&self, hash: &[u8; 32]) -> Option<String> {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries
+            .get(hash)
+            .filter(|(_, at)| at.elapsed() < KEY_CACHE_TTL)
+            .map(|(tenant, _)| tenant.clone())
+    }
+
+    fn put(&self, hash: [u8; 32], tenant: String) {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if entries.len() >= KEY_CACHE_MAX {
+            entries.clear();
+        }
+        entries.insert(hash, (tenant, Instant::now()));
+    }
+
+    fn forget(&self, hash: &[u8; 32]) {
+        self.entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(hash);
+    }
 }
 
 /// Generates and stores a new key of `tenant`; returns its record and the
@@ -70,16 +115,28 @@ impl Service {
     /// # Errors
     /// A store failure.
     pub fn authenticate(&self, token: &str) -> Result<Option<Caller>, ServiceError> {
-        let hash = keys::hash(token);
-        if keys::constant_time_eq(&hash, &self.admin_key_hash) {
-            return Ok(Some(Caller::Admin));
+        if let Some(known) = self.authenticate_cached(token) {
+            return Ok(Some(known));
         }
+        let hash = keys::hash(token);
         Ok(match self.store.key_by_hash(&hash)? {
             Some(record) if keys::constant_time_eq(&record.hash, &hash) => {
+                self.keys.put(hash, record.tenant.clone());
                 Some(Caller::Tenant(record.tenant))
             }
             _ => None,
         })
+    }
+
+    /// The caller a bearer token names, when that is known without the
+    /// store: the admin key, or a tenant key found valid moments ago.
+    /// `None` means the store must be asked ([`Service::authenticate`]).
+    pub fn authenticate_cached(&self, token: &str) -> Option<Caller> {
+        let hash = keys::hash(token);
+        if keys::constant_time_eq(&hash, &self.admin_key_hash) {
+            return Some(Caller::Admin);
+        }
+        self.keys.get(&hash).map(Caller::Tenant)
     }
 
     /// A new key of `tenant`, with its secret (shown once).
@@ -107,7 +164,16 @@ impl Service {
     /// # Errors
     /// [`ServiceError::NotFound`], or a store failure.
     pub fn revoke_key(&self, tenant: &str, id: &str) -> Result<(), ServiceError> {
+        let hash = self
+            .store
+            .keys(tenant)?
+            .into_iter()
+            .find(|key| key.id == id)
+            .map(|key| key.hash);
         if self.store.revoke_key(tenant, id)? {
+            if let Some(hash) = hash {
+                self.keys.forget(&hash);
+            }
             Ok(())
         } else {
             Err(ServiceError::NotFound(format!("no key `{id}`")))

@@ -4,8 +4,11 @@
 //!
 //! [`sled::SledStore`] is the single-node implementation of `MetaStore`;
 //! [`FsBlobStore`] keeps blobs as content-addressed files.
+//! [`postgres::PgStore`] and [`postgres::PgBlobStore`] keep both in one
+//! PostgreSQL database that several hosts share.
 
 mod blobs;
+pub mod postgres;
 pub mod sled;
 
 use serde::{Deserialize, Serialize};
@@ -71,6 +74,9 @@ impl StoreError {
     /// filesystem used up): the caller is told so (507) rather than given a
     /// generic host error, and what was acknowledged before stays.
     pub fn is_out_of_space(&self) -> bool {
+        if let Self::Backend(BackendError::Postgres(error)) = self {
+            return error.code() == Some(&tokio_postgres::error::SqlState::DISK_FULL);
+        }
         let io = match self {
             Self::Io { source, .. } => Some(source),
             Self::Backend(BackendError::Sled(::sled::Error::Io(source))) => Some(source),
@@ -113,6 +119,24 @@ pub enum BackendError {
     /// A record could not be encoded.
     #[error("encoding a record: {0}")]
     Encode(#[source] serde_json::Error),
+    /// PostgreSQL answered with an error, or the connection failed.
+    #[error("postgres: {0}")]
+    Postgres(#[source] tokio_postgres::Error),
+    /// No connection could be had from the pool.
+    #[error("postgres connection pool: {0}")]
+    Pool(String),
+    /// A schema migration failed at connect.
+    #[error("postgres schema migration: {0}")]
+    Migration(#[source] Box<refinery::Error>),
+    /// The store's own runtime could not be started.
+    #[error("starting the postgres client's runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// A query's task ended without an answer (the store is shutting down).
+    #[error("a postgres query did not finish: {0}")]
+    Task(String),
+    /// The store is closed.
+    #[error("the store is closed")]
+    Closed,
 }
 
 impl From<::sled::Error> for StoreError {

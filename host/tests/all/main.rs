@@ -28,6 +28,7 @@ mod reuse;
 mod routes;
 mod schedules;
 mod server;
+mod store;
 mod stream;
 
 use std::path::Path;

@@ -1,0 +1,1027 @@
+//! The shared [`MetaStore`] and [`BlobStore`]: one PostgreSQL database that
+//! several hosts use at once.
+//!
+//! The schema lives in `host/migrations/` and is applied at connect by
+//! refinery, in order and once (its history table records what ran), so
+//! hosts of different builds agree on it or the newer one upgrades it.
+//!
+//! The store traits are synchronous (the embedded sled store answers from
+//! memory); this one runs every query on a small tokio runtime of its own,
+//! through a `deadpool` connection pool, and the calling thread waits for
+//! the answer. The service calls stores from blocking threads (the
+//! blocking pool, the record writer), never from its async workers.
+//!
+//! Multi-row changes run in one transaction each; a deploy or a delete
+//! locks the function's row (`FOR UPDATE`), so concurrent deploys of one
+//! name on several hosts get consecutive versions.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Json;
+use tokio_postgres::{NoTls, Row};
+
+use super::{
+    ApiKeyRecord, BackendError, BlobStore, DeployRequest, Deployed, FsBlobStore, FunctionRecord,
+    FunctionWorld, InvocationRecord, JobRecord, MetaStore, ScheduleRecord, StoreError,
+    TenantRecord, now_millis,
+};
+use crate::digest::Digest;
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Connections a host keeps open at most.
+const POOL_SIZE: usize = 16;
+
+/// Columns of `functions` in the order [`function`] reads them.
+const FUNCTION_COLUMNS: &str = "tenant, name, version, digest, size, world, public, retryable, created_at, updated_at, incarnation";
+
+/// A PostgreSQL-backed store; cheap to clone (the pool and runtime are
+/// shared).
+#[derive(Clone)]
+pub struct PgStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    /// Runs the pool's connections and every query; `None` only while
+    /// dropping.
+    runtime: Option<tokio::runtime::Runtime>,
+    retention: usize,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Without waiting: the last handle may be dropped on an async
+        // thread, where a blocking shutdown would panic.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("retention_per_function", &self.inner.retention)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (a `postgres://` URL or a libpq
+    /// key-value string), applies the migrations this build has and the
+    /// database lacks, and keeps at most `retention_per_function` records
+    /// per function.
+    ///
+    /// # Errors
+    /// When the URL is malformed, the database cannot be reached, or a
+    /// migration fails.
+    pub fn connect(url: &str, retention_per_function: usize) -> Result<Self, StoreError> {
+        Self::with_config(url.parse().map_err(postgres)?, retention_per_function)
+    }
+
+    /// As [`connect`](Self::connect), with the connection settings parsed.
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect).
+    pub fn with_config(
+        config: tokio_postgres::Config,
+        retention_per_function: usize,
+    ) -> Result<Self, StoreError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("gust-postgres")
+            .enable_all()
+            .build()
+            .map_err(BackendError::Runtime)?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| BackendError::Pool(e.to_string()))?;
+        let store = Self {
+            inner: Arc::new(Inner {
+                pool,
+                runtime: Some(runtime),
+                retention: retention_per_function,
+            }),
+        };
+        store.run(|pool| async move {
+            let mut client = pool.get().await.map_err(pool_error)?;
+            embedded::migrations::runner()
+                .run_async(&mut **client)
+                .await
+                .map_err(|e| BackendError::Migration(Box::new(e)))?;
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    /// The retention bound this store was opened with.
+    pub fn retention_per_function(&self) -> usize {
+        self.inner.retention
+    }
+
+    /// Whether the database answers now (for readiness).
+    ///
+    /// # Errors
+    /// When it does not.
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            client.simple_query("SELECT 1").await.map_err(postgres)?;
+            Ok(())
+        })
+    }
+
+    /// Runs `work` on the store's runtime with a handle to the pool and
+    /// waits for it on this thread.
+    fn run<T, F>(&self, work: impl FnOnce(Pool) -> F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let Some(runtime) = &self.inner.runtime else {
+            return Err(BackendError::Closed.into());
+        };
+        let task = runtime.spawn(work(self.inner.pool.clone()));
+        futures::executor::block_on(task)
+            .map_err(|e| StoreError::from(BackendError::Task(e.to_string())))?
+    }
+}
+
+fn postgres(error: tokio_postgres::Error) -> StoreError {
+    BackendError::Postgres(error).into()
+}
+
+fn pool_error(error: deadpool_postgres::PoolError) -> StoreError {
+    match error {
+        deadpool_postgres::PoolError::Backend(error) => postgres(error),
+        other => BackendError::Pool(other.to_string()).into(),
+    }
+}
+
+/// The SQLSTATE and constraint of a database error, if it is one.
+fn violated(error: &tokio_postgres::Error) -> Option<(&SqlState, Option<&str>)> {
+    let db = error.as_db_error()?;
+    Some((db.code(), db.constraint()))
+}
+
+fn u64_of(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+fn i64_of(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn world_name(world: FunctionWorld) -> &'static str {
+    match world {
+        FunctionWorld::Handler => "handler",
+        FunctionWorld::Http => "http",
+    }
+}
+
+/// A `functions` row read with [`FUNCTION_COLUMNS`], and its incarnation.
+fn function(row: &Row) -> Result<(FunctionRecord, i64), StoreError> {
+    let world: String = row.try_get(5).map_err(postgres)?;
+    let world = match world.as_str() {
+        "handler" => FunctionWorld::Handler,
+        "http" => FunctionWorld::Http,
+        other => {
+            return Err(StoreError::Corrupt {
+                key: "functions".into(),
+                message: format!("unknown world {other:?}"),
+                source: None,
+            });
+        }
+    };
+    let record = FunctionRecord {
+        tenant: row.try_get(0).map_err(postgres)?,
+        name: row.try_get(1).map_err(postgres)?,
+        version: u64_of(row.try_get(2).map_err(postgres)?),
+        digest: row.try_get(3).map_err(postgres)?,
+        size: u64_of(row.try_get(4).map_err(postgres)?),
+        world,
+        public: row.try_get(6).map_err(postgres)?,
+        retryable: row.try_get(7).map_err(postgres)?,
+        created_at: u64_of(row.try_get(8).map_err(postgres)?),
+        updated_at: u64_of(row.try_get(9).map_err(postgres)?),
+    };
+    Ok((record, row.try_get(10).map_err(postgres)?))
+}
+
+fn tenant(row: &Row) -> Result<TenantRecord, StoreError> {
+    Ok(TenantRecord {
+        name: row.try_get(0).map_err(postgres)?,
+        created_at: u64_of(row.try_get(1).map_err(postgres)?),
+    })
+}
+
+fn key(row: &Row) -> Result<ApiKeyRecord, StoreError> {
+    let hash: Vec<u8> = row.try_get(2).map_err(postgres)?;
+    let hash = <[u8; 32]>::try_from(hash.as_slice()).map_err(|_| StoreError::Corrupt {
+        key: "api_keys".into(),
+        message: format!("a key hash of {} bytes", hash.len()),
+        source: None,
+    })?;
+    Ok(ApiKeyRecord {
+        id: row.try_get(0).map_err(postgres)?,
+        tenant: row.try_get(1).map_err(postgres)?,
+        hash,
+        created_at: u64_of(row.try_get(3).map_err(postgres)?),
+    })
+}
+
+/// The JSON record in column `index`.
+fn json<T: serde::de::DeserializeOwned>(row: &Row, index: usize) -> Result<T, StoreError> {
+    let Json(value) = row.try_get::<_, Json<T>>(index).map_err(postgres)?;
+    Ok(value)
+}
+
+/// Transactions that lose a serialization race are retried this often.
+const DEPLOY_ATTEMPTS: usize = 3;
+
+impl MetaStore for PgStore {
+    fn create_tenant(&self, name: &str) -> Result<TenantRecord, StoreError> {
+        let record = TenantRecord {
+            name: name.to_owned(),
+            created_at: now_millis(),
+        };
+        let row = record.clone();
+        let inserted = self.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            client
+                .execute(
+                    "INSERT INTO tenants (name, created_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    &[&row.name, &i64_of(row.created_at)],
+                )
+                .await
+                .map_err(postgres)
+        })?;
+        if inserted == 0 {
+            return Err(StoreError::Conflict(format!("tenant {name:?}")));
+        }
+        Ok(record)
+    }
+
+    fn tenant(&self, name: &str) -> Result<Option<TenantRecord>, StoreError> {
+        let name = name.to_owned();
+        self.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            client
+                .query_opt(
+                    "SELECT name, created_at FROM tenants WHERE name = $1",
+                    &[&name],
+                )
+                .await
+                .map_err(postgres)?
+                .as_ref()
+                .map(tenant)
+                .transpose()
+        })
+    }
+
+    fn tenants(&self) -> Result<Vec<TenantRecord>, StoreError> {
+        self.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            client
+                .query(
+                    r#"SELECT name, created_at FROM tenants ORDER BY name COLLATE "C""#,
+                    &[],
+                )
+                .await
+                .map_err(postgres)?
+                .iter()
+                .map(tenant)
+                .collect()
+        })
+    }
+
+    fn add_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+        let record = key.clone();
+        self.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            let inserted = client
+                .execute(
+                    "INSERT INTO api_keys (id, tenant, hash, created_at) VALUES ($1, $2, $3, $4)",
+                    &[
+                        &record.id,
+                        &record.tenant,
+                        &&record.hash[..],
+                        &i64_of(record.created_at),
+                    ],
+                )
+                .await;
+            match inserted {
+                Ok(_) => Ok(()),
+                Err(error) => Err(match violated(&error) {
+                    Some((&SqlState::FOREIGN_KEY_VIOLATION, _)) => {
+                        StoreError::Missing(format!("tenant {:?}", record.tenant))
+                    }
+                    Some((&SqlState::UNIQUE_VIOLATION, Some("api_keys_pkey"))) => {
+                        StoreError::Conflict(format!("key {:?}", record.id))
+                    }
+                    Some((&SqlState::UNIQUE_VIOLATION, _)) => {
+                        StoreError::Conflict("a key with this hash".into())
+                    }
+                    _ => postgres(error),
+                }),
+            }
+        })
+    }
+
+    fn key_by_hash(&self, hash: &[u8; 32]) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let hash = hash.to_vec();
+        self.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            client
+                .query_opt(
+                    "SELECT id, tenant, hash, created_at FROM api_keys WHERE hash = $1",
+                    &[&hash],
+                )
+                .await
+                .map_err(postgres)?
+                .as_ref()
+                .map(key)
+                .transpose()
+        })
+    }
+
+    fn keys(&self, tenant: &str) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        let tenant = tenant.to_owned();
+        self.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            client
+                .query(
+                    r#"SELECT id, tenant, hash, created_at FROM api_keys WHERE tenant = $1
+                       ORDER BY id COLLATE "C""#,
+                    &[&tenant],
+                )
+                .await
+                .map_err(postgres)?
+                .iter()
+                .map(key)
+                .collect()
+        })
+    }
+
+    fn revoke_key(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        self.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            let removed = client
+                .execute(
+                    "DELETE FROM api_keys WHERE tenant = $1 AND id = $2",
+                    &[&tenant, &id],
+                )
+                .await
+                .map_err(postgres)?;
+            Ok(removed > 0)
+        })
+    }
+
+    fn deploy(&self, request: &DeployRequest) -> Result<Deployed, StoreError> {
+        let request = request.clone();
+        self.run(|pool| async move {
+            let mut client = pool.get().await.map_err(pool_error)?;
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match deploy_once(&mut client, &request).await {
+                    // Two first deploys of one name raced: the loser sees the
+                    // winner's row on its next try.
+                    Err(error)
+                        if attempt < DEPLOY_ATTEMPTS
+                            && violated(&error)
+                                .is_some_and(|(code, _)| *code == SqlState::UNIQUE_VIOLATION) => {}
+                    Err(error) => {
+                        return Err(match violated(&error) {
+                            Some((&SqlState::FOREIGN_KEY_VIOLATION, _)) => {
+                                StoreError::Missing(format!("tenant {:?}", request.tenant))
+                            }
+                            _ => postgres(error),
+                        });
+                    }
+                    Ok(deployed) => return deployed,
+                }
+            }
+        })
+    }
+
+    fn function(&self, tenant: &str, name: &str) -> Result<Option<FunctionRecord>, StoreError> {
+        let (tenant, name) = (tenant.to_owned(), name.to_owned());
+        self.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            let row = client
+                .query_opt(
+                    &format!(
+                        "SELECT {FUNCTION_COLUMNS} FROM functions WHERE tenant = $1 AND name = $2"
+                    ),
+                    &[&tenant, &name],
+                )
+                .await
+                .map_err(postgres)?;
+            Ok(row.as_ref().map(function).transpose()?.map(|(f, _)| f))
+        })
+    }
+
+    fn functions(&self, tenant: &str) -> Result<Vec<FunctionRecord>, StoreError> {
+        let tenant = tenant.to_owned();
+        self.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            client
+                .query(
+                    &format!(
+                        r#"SELECT {FUNCTION_COLUMNS} FROM functions WHERE tenant = $1
+                           ORDER BY name COLLATE "C""#
+                    ),
+                    &[&tenant],
+                )
+                .await
+                .map_err(postgres)?
+                .iter()
+                .map(|row| function(row).map(|(f, _)| f))
+                .collect()
+        })
+    }
+
+    fn all_functions(&self) -> Result<Vec<FunctionRecord>, StoreError> {
+        self.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            client
+                .query(
+                    &format!(
+                        r#"SELECT {FUNCTION_COLUMNS} FROM functions
+                           ORDER BY tenant COLLATE "C", name COLLATE "C""#
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(postgres)?
+                .iter()
+                .map(|row| function(row).map(|(f, _)| f))
+                .collect()
+        })
+    }
+
+    fn delete_function(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Option<FunctionRecord>, StoreError> {
+        let (tenant, name) = (tenant.to_owned(), name.to_owned());
+        self.run(|pool| async move {
+            let mut client = pool.get().await.map_err(pool_error)?;
+            let tx = client.transaction().await.map_err(postgres)?;
+            let Some(row) = tx
+                .query_opt(
+                    &format!(
+                        "DELETE FROM functions WHERE tenant = $1 AND name = $2
+                         RETURNING {FUNCTION_COLUMNS}"
+                    ),
+                    &[&tenant, &name],
+                )
+                .await
+                .map_err(postgres)?
+            else {
+                return Ok(None);
+            };
+            let (record, incarnation) = function(&row)?;
+            tx.execute(
+                "DELETE FROM invocations WHERE tenant = $1 AND function = $2 AND incarnation = $3",
+                &[&tenant, &name, &incarnation],
+            )
+            .await
+            .map_err(postgres)?;
+            tx.commit().await.map_err(postgres)?;
+            Ok(Some(record))
+        })
+    }
+
+    fn digest_in_use(&self, digest: &str) -> Result<bool, StoreError> {
+        let digest = digest.to_owned();
+        self.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            let row = client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM functions WHERE digest = $1)",
+                    &[&digest],
+                )
+                .await
+                .map_err(postgres)?;
+            row.try_get(0).map_err(postgres)
+        })
+    }
+
+    fn record_invocation(&self, record: &InvocationRecord) -> Result<u64, StoreError> {
+        let record = record.clone();
+        let retention = i64_of(self.inner.retention as u64);
+        self.run(|pool| async move {
+            let mut client = pool.get().await.map_err(pool_error)?;
+            let tx = client.transaction().await.map_err(postgres)?;
+            let Some(function) = tx
+                .query_opt(
+                    // Locked: record writes of one function take turns, so
+                    // each one's pruning sees the others' records (under
+                    // READ COMMITTED two could each keep `retention`
+                    // without the other's).
+                    "SELECT incarnation FROM functions WHERE tenant = $1 AND name = $2
+                     FOR NO KEY UPDATE",
+                    &[&record.tenant, &record.function],
+                )
+                .await
+                .map_err(postgres)?
+            else {
+                return Err(StoreError::Missing(format!(
+                    "function {}/{}",
+                    record.tenant, record.function
+                )));
+            };
+            if retention == 0 {
+                // Nothing is kept: the record counts as pruned at once.
+                return Ok(1);
+            }
+            let incarnation: i64 = function.try_get(0).map_err(postgres)?;
+            let inserted = tx
+                .execute(
+                    "INSERT INTO invocations (tenant, function, incarnation, id, record)
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant, id) DO NOTHING",
+                    &[
+                        &record.tenant,
+                        &record.function,
+                        &incarnation,
+                        &record.id,
+                        &Json(&record),
+                    ],
+                )
+                .await
+                .map_err(postgres)?;
+            if inserted == 0 {
+                // Ids are unique, so an existing one is a retried write:
+                // fine if it is the same record.
+                let existing = tx
+                    .query_opt(
+                        "SELECT record FROM invocations WHERE tenant = $1 AND id = $2",
+                        &[&record.tenant, &record.id],
+                    )
+                    .await
+                    .map_err(postgres)?;
+                let same = match &existing {
+                    Some(row) => json::<InvocationRecord>(row, 0)? == record,
+                    None => false,
+                };
+                return if same {
+                    Ok(0)
+                } else {
+                    Err(StoreError::Conflict(format!("invocation {:?}", record.id)))
+                };
+            }
+            // Everything older than the newest `retention` records goes.
+            let pruned = tx
+                .execute(
+                    "DELETE FROM invocations WHERE tenant = $1 AND function = $2
+                       AND incarnation = $3 AND seq <= (
+                         SELECT seq FROM invocations
+                         WHERE tenant = $1 AND function = $2 AND incarnation = $3
+                         ORDER BY seq DESC OFFSET $4 LIMIT 1)",
+                    &[&record.tenant, &record.function, &incarnation, &retention],
+                )
+                .await
+                .map_err(postgres)?;
+            tx.commit().await.map_err(postgres)?;
+            Ok(pruned)
+        })
+    }
+
+    fn invocation(&self, tenant: &str, id: &str) -> Result<Option<InvocationRecord>, StoreError> {
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        self.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            // Only records of a function's current incarnation exist for
+            // readers.
+            client
+                .query_opt(
+                    "SELECT i.record FROM invocations i JOIN functions f
+                       ON f.tenant = i.tenant AND f.name = i.function
+                      AND f.incarnation = i.incarnation
+                     WHERE i.tenant = $1 AND i.id = $2",
+                    &[&tenant, &id],
+                )
+                .await
+                .map_err(postgres)?
+                .as_ref()
+                .map(|row| json(row, 0))
+                .transpose()
+        })
+    }
+
+    fn invocations_before(
+        &self,
+        tenant: &str,
+        function: &str,
+        limit: usize,
+        before: Option<u64>,
+    ) -> Result<Vec<(u64, InvocationRecord)>, StoreError> {
+        let (tenant, function) = (tenant.to_owned(), function.to_owned());
+        let limit = i64_of(limit as u64);
+        let before = before.map(i64_of);
+        self.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            client
+                .query(
+                    "SELECT i.seq, i.record FROM invocations i JOIN functions f
+                       ON f.tenant = i.tenant AND f.name = i.function
+                      AND f.incarnation = i.incarnation
+                     WHERE i.tenant = $1 AND i.function = $2
+                       AND ($3::BIGINT IS NULL OR i.seq < $3)
+                     ORDER BY i.seq DESC LIMIT $4",
+                    &[&tenant, &function, &before, &limit],
+                )
+                .await
+                .map_err(postgres)?
+                .iter()
+                .map(|row| Ok((u64_of(row.try_get(0).map_err(postgres)?), json(row, 1)?)))
+                .collect()
+        })
+    }
+
+    fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+        let job = job.clone();
+        self.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            client
+                .execute(
+                    "INSERT INTO jobs (tenant, id, record) VALUES ($1, $2, $3)
+                     ON CONFLICT (tenant, id) DO UPDATE SET record = EXCLUDED.record",
+                    &[&job.tenant, &job.id, &Json(&job)],
+                )
+                .await
+                .map_err(postgres)?;
+            Ok(())
+        })
+    }
+
+    fn job(&self, tenant: &str, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        self.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            client
+                .query_opt(
+                    "SELECT record FROM jobs WHERE tenant = $1 AND id = $2",
+                    &[&tenant, &id],
+                )
+                .await
+                .map_err(postgres)?
+                .as_ref()
+                .map(|row| json(row, 0))
+                .transpose()
+        })
+    }
+
+    fn delete_job(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        self.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            let removed = client
+                .execute(
+                    "DELETE FROM jobs WHERE tenant = $1 AND id = $2",
+                    &[&tenant, &id],
+                )
+                .await
+                .map_err(postgres)?;
+            Ok(removed > 0)
+        })
+    }
+
+    fn all_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        self.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            // Ids are time-ordered.
+            client
+                .query(r#"SELECT record FROM jobs ORDER BY id COLLATE "C""#, &[])
+                .await
+                .map_err(postgres)?
+                .iter()
+                .map(|row| json(row, 0))
+                .collect()
+        })
+    }
+
+    fn put_schedule(&self, schedule: &ScheduleRecord) -> Result<(), StoreError> {
+        let schedule = schedule.clone();
+        self.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            client
+                .execute(
+                    "INSERT INTO schedules (tenant, function, record) VALUES ($1, $2, $3)
+                     ON CONFLICT (tenant, function) DO UPDATE SET record = EXCLUDED.record",
+                    &[&schedule.tenant, &schedule.function, &Json(&schedule)],
+                )
+                .await
+                .map_err(postgres)?;
+            Ok(())
+        })
+    }
+
+    fn schedule(&self, tenant: &str, function: &str) -> Result<Option<ScheduleRecord>, StoreError> {
+        let (tenant, function) = (tenant.to_owned(), function.to_owned());
+        self.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            client
+                .query_opt(
+                    "SELECT record FROM schedules WHERE tenant = $1 AND function = $2",
+                    &[&tenant, &function],
+                )
+                .await
+                .map_err(postgres)?
+                .as_ref()
+                .map(|row| json(row, 0))
+                .transpose()
+        })
+    }
+
+    fn delete_schedule(&self, tenant: &str, function: &str) -> Result<bool, StoreError> {
+        let (tenant, function) = (tenant.to_owned(), function.to_owned());
+        self.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            let removed = client
+                .execute(
+                    "DELETE FROM schedules WHERE tenant = $1 AND function = $2",
+                    &[&tenant, &function],
+                )
+                .await
+                .map_err(postgres)?;
+            Ok(removed > 0)
+        })
+    }
+
+    fn all_schedules(&self) -> Result<Vec<ScheduleRecord>, StoreError> {
+        self.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            client
+                .query(
+                    r#"SELECT record FROM schedules
+                       ORDER BY tenant COLLATE "C", function COLLATE "C""#,
+                    &[],
+                )
+                .await
+                .map_err(postgres)?
+                .iter()
+                .map(|row| json(row, 0))
+                .collect()
+        })
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        // Every write is a committed statement: nothing is buffered here.
+        Ok(())
+    }
+}
+
+/// One try of a deploy, in a transaction that locks the function's row.
+async fn deploy_once(
+    client: &mut deadpool_postgres::Object,
+    request: &DeployRequest,
+) -> Result<Result<Deployed, StoreError>, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    let current = tx
+        .query_opt(
+            &format!(
+                "SELECT {FUNCTION_COLUMNS} FROM functions WHERE tenant = $1 AND name = $2
+                 FOR UPDATE"
+            ),
+            &[&request.tenant, &request.name],
+        )
+        .await?;
+    let current = match current.as_ref().map(function).transpose() {
+        Ok(current) => current,
+        Err(error) => return Ok(Err(error)),
+    };
+    let now = now_millis();
+    let (record, incarnation) = match current {
+        Some((current, _))
+            if current.digest == request.digest
+                && current.public == request.public
+                && current.retryable == request.retryable =>
+        {
+            return Ok(Ok(Deployed {
+                function: current,
+                changed: false,
+            }));
+        }
+        Some((current, incarnation)) => {
+            let Some(version) = current.version.checked_add(1) else {
+                return Ok(Err(StoreError::Backend(BackendError::VersionOverflow {
+                    tenant: request.tenant.clone(),
+                    name: request.name.clone(),
+                })));
+            };
+            (
+                new_function(request, version, current.created_at, now),
+                incarnation,
+            )
+        }
+        None => {
+            let row = tx.query_one("SELECT nextval('incarnations')", &[]).await?;
+            (new_function(request, 1, now, now), row.try_get(0)?)
+        }
+    };
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 11] = [
+        &record.tenant,
+        &record.name,
+        &incarnation,
+        &i64_of(record.version),
+        &record.digest,
+        &i64_of(record.size),
+        &world_name(record.world),
+        &record.public,
+        &record.retryable,
+        &i64_of(record.created_at),
+        &i64_of(record.updated_at),
+    ];
+    if record.version == 1 {
+        // A first deploy racing another of the same name fails here with a
+        // unique violation and is retried (it then finds the other's row).
+        tx.execute(
+            "INSERT INTO functions (tenant, name, incarnation, version, digest, size, world,
+                                    public, retryable, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            &params,
+        )
+        .await?;
+    } else {
+        // The row is locked (`FOR UPDATE` above).
+        tx.execute(
+            "UPDATE functions SET version = $4, digest = $5, size = $6, world = $7,
+                    public = $8, retryable = $9, updated_at = $11
+              WHERE tenant = $1 AND name = $2 AND incarnation = $3 AND created_at = $10",
+            &params,
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(Ok(Deployed {
+        function: record,
+        changed: true,
+    }))
+}
+
+fn new_function(
+    request: &DeployRequest,
+    version: u64,
+    created_at: u64,
+    updated_at: u64,
+) -> FunctionRecord {
+    FunctionRecord {
+        tenant: request.tenant.clone(),
+        name: request.name.clone(),
+        version,
+        digest: request.digest.clone(),
+        size: request.size,
+        world: request.world,
+        public: request.public,
+        retryable: request.retryable,
+        created_at,
+        updated_at,
+    }
+}
+
+/// Component blobs in the database (one dependency to run), read through a
+/// cache of files on this host: a blob is immutable under its digest, so a
+/// cached copy is never stale, and a host reads each blob from the database
+/// at most once (and not at all after a restart that kept the cache).
+#[derive(Debug, Clone)]
+pub struct PgBlobStore {
+    store: PgStore,
+    cache: FsBlobStore,
+}
+
+impl PgBlobStore {
+    /// Blobs in `store`'s database, cached under `cache_dir`.
+    ///
+    /// # Errors
+    /// When the cache directory cannot be made.
+    pub fn new(store: PgStore, cache_dir: &std::path::Path) -> Result<Self, StoreError> {
+        Ok(Self {
+            store,
+            cache: FsBlobStore::open(cache_dir)?,
+        })
+    }
+}
+
+impl BlobStore for PgBlobStore {
+    fn put(&self, digest: &Digest, bytes: &[u8]) -> Result<(), StoreError> {
+        let actual = Digest::of(bytes);
+        if actual != *digest {
+            return Err(StoreError::DigestMismatch {
+                expected: digest.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+        let (key, owned) = (digest.to_string(), bytes.to_vec());
+        self.store.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            client
+                .execute(
+                    "INSERT INTO blobs (digest, bytes) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    &[&key, &owned],
+                )
+                .await
+                .map_err(postgres)?;
+            Ok(())
+        })?;
+        // The database has it; a failed cache write only costs a later read.
+        if let Err(error) = self.cache.put(digest, bytes) {
+            tracing::warn!(%error, %digest, "caching a blob on this host failed");
+        }
+        Ok(())
+    }
+
+    fn get(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Ok(Some(bytes)) = self.cache.get(digest) {
+            return Ok(Some(bytes));
+        }
+        let key = digest.to_string();
+        let bytes: Option<Vec<u8>> = self.store.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            client
+                .query_opt("SELECT bytes FROM blobs WHERE digest = $1", &[&key])
+                .await
+                .map_err(postgres)?
+                .map(|row| row.try_get(0).map_err(postgres))
+                .transpose()
+        })?;
+        let Some(bytes) = bytes else {
+            return Ok(None);
+        };
+        let actual = Digest::of(&bytes);
+        if actual != *digest {
+            return Err(StoreError::Corrupt {
+                key: format!("blobs/{digest}"),
+                message: format!("the stored bytes hash to {actual}"),
+                source: None,
+            });
+        }
+        if let Err(error) = self.cache.put(digest, &bytes) {
+            tracing::warn!(%error, %digest, "caching a blob on this host failed");
+        }
+        Ok(Some(bytes))
+    }
+
+    fn contains(&self, digest: &Digest) -> Result<bool, StoreError> {
+        let key = digest.to_string();
+        self.store.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            let row = client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM blobs WHERE digest = $1)",
+                    &[&key],
+                )
+                .await
+                .map_err(postgres)?;
+            row.try_get(0).map_err(postgres)
+        })
+    }
+
+    fn remove(&self, digest: &Digest) -> Result<bool, StoreError> {
+        let key = digest.to_string();
+        let removed = self.store.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            let removed = client
+                .execute("DELETE FROM blobs WHERE digest = $1", &[&key])
+                .await
+                .map_err(postgres)?;
+            Ok(removed > 0)
+        })?;
+        self.cache.remove(digest)?;
+        Ok(removed)
+    }
+
+    fn list(&self) -> Result<Vec<Digest>, StoreError> {
+        let digests: Vec<String> = self.store.run(|pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            client
+                .query("SELECT digest FROM blobs ORDER BY digest", &[])
+                .await
+                .map_err(postgres)?
+                .iter()
+                .map(|row| row.try_get(0).map_err(postgres))
+                .collect()
+        })?;
+        Ok(digests.iter().filter_map(|d| Digest::parse(d)).collect())
+    }
+}
