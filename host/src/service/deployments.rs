@@ -65,6 +65,15 @@ impl Deployments {
             .insert(key, deployment);
     }
 
+    fn all(&self) -> Vec<Deployment> {
+        self.map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
     fn remove(&self, tenant: &str, name: &str) {
         self.map
             .write()
@@ -102,6 +111,20 @@ pub fn checked_name<'a>(name: &'a str, what: &'static str) -> Result<&'a str, Se
 /// stdout and stderr each would otherwise be built in memory at once.
 const LOG_PAGE_BYTES: usize = 4 << 20;
 
+/// Reads the blob `digest` and loads it (from the compiled cache when it
+/// is there).
+fn load_blob(
+    blobs: &dyn crate::store::BlobStore,
+    runtime: &crate::runtime::Runtime,
+    digest: &Digest,
+) -> Result<LoadedComponent, String> {
+    let bytes = blobs
+        .get(digest)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("component blob {digest} is missing"))?;
+    runtime.load(&bytes).map_err(|e| e.to_string())
+}
+
 fn no_function(name: &str) -> ServiceError {
     ServiceError::NotFound(format!("no function `{name}`"))
 }
@@ -128,15 +151,63 @@ impl Service {
             .ok_or_else(|| format!("stored digest {} is malformed", record.digest))?;
         let blobs = Arc::clone(&self.blobs);
         let runtime = Arc::clone(&self.runtime);
-        tokio::task::spawn_blocking(move || {
-            let bytes = blobs
-                .get(&digest)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("component blob {digest} is missing"))?;
-            runtime.load(&bytes).map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| format!("loading panicked: {e}"))?
+        tokio::task::spawn_blocking(move || load_blob(blobs.as_ref(), &runtime, &digest))
+            .await
+            .map_err(|e| format!("loading panicked: {e}"))?
+    }
+
+    /// Makes the loaded deployments what the store holds now: loads the
+    /// functions other hosts sharing the store deployed or redeployed,
+    /// drops those they deleted (with what only they used). Runs on a
+    /// blocking thread, under the deploy lock, so that a deploy or delete
+    /// of this host cannot interleave. Returns how many functions changed.
+    ///
+    /// # Errors
+    /// When the store cannot list the functions.
+    pub(super) fn sync_functions(&self) -> Result<usize, ServiceError> {
+        let deploying = self.deploy_lock();
+        let stored = self.store.all_functions()?;
+        let mut changed = 0;
+        let mut present = std::collections::HashSet::new();
+        for record in stored {
+            present.insert((record.tenant.clone(), record.name.clone()));
+            let replaced = self.deployments.get(&record.tenant, &record.name);
+            if replaced.as_ref().is_some_and(|d| d.record == record) {
+                continue;
+            }
+            let component = Digest::parse(&record.digest)
+                .ok_or_else(|| format!("stored digest {} is malformed", record.digest))
+                .and_then(|digest| load_blob(self.blobs.as_ref(), &self.runtime, &digest));
+            if let Err(reason) = &component {
+                tracing::error!(tenant = %record.tenant, function = %record.name, %reason, "a function deployed by another host could not be loaded here");
+            }
+            tracing::debug!(tenant = %record.tenant, function = %record.name, version = record.version, "following another host's deploy");
+            let digest = record.digest.clone();
+            self.put_deployment(Deployment { record, component });
+            if let Some(old) = replaced.and_then(|d| Digest::parse(&d.record.digest))
+                && old.to_string() != digest
+            {
+                self.forget_if_unused(&deploying, &old);
+            }
+            changed += 1;
+        }
+        for gone in self
+            .deployments
+            .all()
+            .into_iter()
+            .filter(|d| !present.contains(&(d.record.tenant.clone(), d.record.name.clone())))
+        {
+            let (tenant, name) = (&gone.record.tenant, &gone.record.name);
+            tracing::debug!(%tenant, function = %name, "following another host's delete");
+            self.deployments.remove(tenant, name);
+            self.runtime
+                .drop_idle_instances(&Reuse::scope_of(tenant, name));
+            if let Some(digest) = Digest::parse(&gone.record.digest) {
+                self.forget_if_unused(&deploying, &digest);
+            }
+            changed += 1;
+        }
+        Ok(changed)
     }
 
     /// The deployment of `tenant`'s function `name`, if there is one.
@@ -451,7 +522,12 @@ impl Service {
             }
         };
         let mut removed = 0usize;
+        // On a store other hosts share, a blob that no function uses yet
+        // may be another host's deploy in flight: only this host's own
+        // files (compiled code) are collected then.
+        let shared = self.store.function_changes().is_some();
         match self.blobs.list() {
+            Ok(_) if shared => {}
             Ok(stored) => {
                 for digest in stored.iter().filter(|d| !used.contains(d)) {
                     match self.blobs.remove(digest) {

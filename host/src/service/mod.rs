@@ -90,6 +90,33 @@ impl std::fmt::Debug for Service {
     }
 }
 
+/// How often a host on a shared store reads the functions again even
+/// without a notification (one may be lost while the listening connection
+/// reconnects).
+const FUNCTIONS_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Keeps this host's deployments in step with what other hosts sharing the
+/// store deploy and delete: on every change notification, and every
+/// [`FUNCTIONS_RECHECK`].
+async fn follow_functions(service: Arc<Service>, mut changes: tokio::sync::watch::Receiver<u64>) {
+    loop {
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = tokio::time::sleep(FUNCTIONS_RECHECK) => {}
+        }
+        changes.mark_unchanged();
+        match service.blocking(|s| s.sync_functions()).await {
+            Ok(0) => {}
+            Ok(changed) => tracing::debug!(changed, "deployments brought in step with the store"),
+            Err(error) => tracing::warn!(%error, "could not follow other hosts' deploys"),
+        }
+    }
+}
+
 /// The stores `config` names: sled and blob files in `data`, or a
 /// PostgreSQL database with a blob cache in `data`.
 async fn open_store(
@@ -212,6 +239,9 @@ impl Service {
     pub fn start(self: &Arc<Self>) {
         self.start_jobs();
         self.start_schedules();
+        if let Some(changes) = self.store.function_changes() {
+            self.track(tokio::spawn(follow_functions(Arc::clone(self), changes)));
+        }
         self.track(tokio::spawn(sweep_idle_instances(Arc::clone(self))));
     }
 

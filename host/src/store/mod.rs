@@ -506,4 +506,12 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// Makes every completed write durable.
     fn flush(&self) -> Result<(), StoreError>;
+
+    /// For a store that other hosts write too: a value that changes soon
+    /// after any host deploys, redeploys or deletes a function (a host then
+    /// reads the functions again). `None` for a store only this process
+    /// writes.
+    fn function_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }

@@ -49,6 +49,9 @@ pub struct PgStore {
 
 struct Inner {
     pool: Pool,
+    /// Bumped when another host (or this one) changes `functions`: see
+    /// [`listen`].
+    function_changes: Arc<tokio::sync::watch::Sender<u64>>,
     /// Runs the pool's connections and every query; `None` only while
     /// dropping.
     runtime: Option<tokio::runtime::Runtime>,
@@ -100,6 +103,8 @@ impl PgStore {
             .enable_all()
             .build()
             .map_err(BackendError::Runtime)?;
+        let function_changes = Arc::new(tokio::sync::watch::Sender::new(0));
+        let listener = (config.clone(), Arc::clone(&function_changes));
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -115,6 +120,7 @@ impl PgStore {
         let store = Self {
             inner: Arc::new(Inner {
                 pool,
+                function_changes,
                 runtime: Some(runtime),
                 retention: retention_per_function,
             }),
@@ -127,6 +133,9 @@ impl PgStore {
                 .map_err(|e| BackendError::Migration(Box::new(e)))?;
             Ok(())
         })?;
+        if let Some(runtime) = &store.inner.runtime {
+            runtime.spawn(listen(listener.0, listener.1));
+        }
         Ok(store)
     }
 
@@ -160,6 +169,53 @@ impl PgStore {
         let task = runtime.spawn(work(self.inner.pool.clone()));
         futures::executor::block_on(task)
             .map_err(|e| StoreError::from(BackendError::Task(e.to_string())))?
+    }
+}
+
+/// How long a lost listening connection waits before it connects again.
+const RELISTEN_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Follows `functions` changes (the `gust_functions` notifications of
+/// migration V2) on a connection of its own, bumping `changes` for each,
+/// and once more whenever it (re)starts listening, since notifications sent
+/// while it was not are lost. Runs until the store's runtime stops.
+async fn listen(config: tokio_postgres::Config, changes: Arc<tokio::sync::watch::Sender<u64>>) {
+    use futures::StreamExt as _;
+    loop {
+        match config.connect(NoTls).await {
+            Ok((client, mut connection)) => {
+                let (notified, mut notifications) = tokio::sync::mpsc::unbounded_channel();
+                let driver = tokio::spawn(async move {
+                    let mut messages =
+                        futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    while let Some(Ok(message)) = messages.next().await {
+                        if let tokio_postgres::AsyncMessage::Notification(_) = message {
+                            let _ = notified.send(());
+                        }
+                    }
+                });
+                match client.batch_execute("LISTEN gust_functions").await {
+                    Ok(()) => {
+                        changes.send_modify(|n| *n = n.wrapping_add(1));
+                        while notifications.recv().await.is_some() {
+                            changes.send_modify(|n| *n = n.wrapping_add(1));
+                        }
+                        tracing::warn!(
+                            "lost the connection that follows other hosts' deploys; reconnecting"
+                        );
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "could not listen for other hosts' deploys")
+                    }
+                }
+                drop(client);
+                let _ = driver.await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not connect to follow other hosts' deploys")
+            }
+        }
+        tokio::time::sleep(RELISTEN_AFTER).await;
     }
 }
 
@@ -789,6 +845,10 @@ impl MetaStore for PgStore {
     fn flush(&self) -> Result<(), StoreError> {
         // Every write is a committed statement: nothing is buffered here.
         Ok(())
+    }
+
+    fn function_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.inner.function_changes.subscribe())
     }
 }
 

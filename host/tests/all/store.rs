@@ -641,3 +641,115 @@ async fn hosts_on_one_database_serve_what_each_stored() {
     .problem(404, "not-found");
     a.stop().await;
 }
+
+/// Hosts up at the same time on one database follow each other: a deploy,
+/// a redeploy and a delete on one are served by the other moments later
+/// (a notification, then a load: from the database's blob, compiled
+/// there), and a key revoked on one stops working on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_up_together_follow_each_others_changes() {
+    use std::time::{Duration, Instant};
+
+    use gust_host::service::StoreLocation;
+    use gust_test_artifacts as artifacts;
+
+    use super::server::{Reply, TestServer, deploy, request};
+
+    let Some(db) = test_database() else { return };
+    let (a_dir, b_dir) = (TempDir::new().unwrap(), TempDir::new().unwrap());
+    let start = |dir: &TempDir| {
+        let (url, dir) = (db.url.clone(), dir.path().to_owned());
+        async move {
+            TestServer::start_configured(&dir, |config| {
+                config.store = StoreLocation::Postgres(url);
+            })
+            .await
+        }
+    };
+    let a = start(&a_dir).await;
+    let b = start(&b_dir).await;
+    let demo = a.demo_key.clone().unwrap();
+    // Polls `call` until `done` holds; how long that took. Generous
+    // deadline: the other host compiles the component (a debug build, on a
+    // loaded machine) after the notification.
+    async fn until<F, Fut>(what: &str, mut call: F, done: impl Fn(&Reply) -> bool) -> Duration
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Reply>,
+    {
+        let started = Instant::now();
+        loop {
+            let reply = call().await;
+            if done(&reply) {
+                let took = started.elapsed();
+                eprintln!("{what}: seen after {took:?}");
+                return took;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "{what}: not seen in 20 s; last answer {} {}",
+                reply.status,
+                reply.text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let invoke = |host: &TestServer, key: &str| {
+        let (url, key) = (host.url("/v1/functions/f/invoke"), key.to_owned());
+        move || {
+            let (url, key) = (url.clone(), key.clone());
+            async move { request("POST", &url, Some(&key), "Ada").await }
+        }
+    };
+
+    assert_eq!(
+        deploy(&a, &demo, "f", artifacts::ECHO_COMPONENT)
+            .await
+            .status,
+        201
+    );
+    until("a deploy on A, on B", invoke(&b, &demo), |r| {
+        r.text() == "Ada"
+    })
+    .await;
+    assert_eq!(
+        deploy(&b, &demo, "f", artifacts::HELLO_COMPONENT)
+            .await
+            .status,
+        201
+    );
+    until("a redeploy on B, on A", invoke(&a, &demo), |r| {
+        r.text() == "Hello, Ada!"
+    })
+    .await;
+    let deleted = request("DELETE", &a.url("/v1/functions/f"), Some(&demo), "").await;
+    assert_eq!(deleted.status, 204);
+    until("a delete on A, on B", invoke(&b, &demo), |r| {
+        r.status == 404
+    })
+    .await;
+
+    // A key used on A (so A trusts it for a moment), revoked on B.
+    let made = request("POST", &b.url("/v1/keys"), Some(&demo), "").await;
+    let (id, key) = (
+        made.json()["id"].as_str().unwrap().to_owned(),
+        made.json()["key"].as_str().unwrap().to_owned(),
+    );
+    let list = |host: &TestServer| {
+        let (url, key) = (host.url("/v1/functions"), key.clone());
+        move || {
+            let (url, key) = (url.clone(), key.clone());
+            async move { request("GET", &url, Some(&key), "").await }
+        }
+    };
+    assert_eq!(list(&a)().await.status, 200);
+    let revoked = request("DELETE", &b.url(&format!("/v1/keys/{id}")), Some(&demo), "").await;
+    assert_eq!(revoked.status, 204);
+    let took = until("a revoke on B, on A", list(&a), |r| r.status == 401).await;
+    assert!(
+        took < Duration::from_secs(2),
+        "a revoked key worked {took:?} on"
+    );
+    a.stop().await;
+    b.stop().await;
+}
