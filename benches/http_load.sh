@@ -71,8 +71,15 @@ to_ms() { # wrk latency like 1.23ms / 456.00us / 1.2s
 }
 
 # gust serve, with the component deployed as a public function of `demo`.
+# wrk calls it anonymously over CONNECTIONS connections: the anonymous
+# budget (max_anonymous_concurrency, 8 by default) is raised to let them all
+# in, since this measures throughput, not that limit (`wasmtime serve` has
+# none).
+mkdir -p "$work/policies"
+printf 'max_concurrency = %d\nmax_anonymous_concurrency = %d\n' \
+    "$((CONNECTIONS * 2))" "$((CONNECTIONS * 2))" >"$work/policies/default.toml"
 GUST_LOG=warn "$gust" serve --listen "127.0.0.1:$GUST_PORT" --data-dir "$work/gust-data" \
-    --policies "$work/no-policies" --admin-key "gust_bench-admin-key-not-secret-0123456789abcd" \
+    --policies "$work/policies" --admin-key "gust_bench-admin-key-not-secret-0123456789abcd" \
     >"$work/gust.out" 2>"$work/gust.err" &
 pids+=($!)
 wait_for "http://127.0.0.1:$GUST_PORT/healthz"

@@ -468,7 +468,7 @@ impl Service {
 
     /// Records a wasi:http call once its guest is done (its body may still
     /// be streaming to the caller when this is called); `permit` is held
-    /// until then.
+    /// until the guest is done, not while its record is written.
     pub fn record_when_done(
         self: &Arc<Self>,
         function: FunctionRecord,
@@ -479,8 +479,9 @@ impl Service {
     ) {
         let service = Arc::clone(self);
         tokio::spawn(async move {
-            let _permit = permit;
-            if let Ok(invocation) = completion.await {
+            let completed = completion.await;
+            drop(permit);
+            if let Ok(invocation) = completed {
                 service
                     .record(&function, &started, status, &invocation)
                     .await;
