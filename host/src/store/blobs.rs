@@ -108,13 +108,7 @@ impl FsBlobStore {
 
 impl BlobStore for FsBlobStore {
     fn put(&self, digest: &Digest, bytes: &[u8]) -> Result<(), StoreError> {
-        let actual = Digest::of(bytes);
-        if actual != *digest {
-            return Err(StoreError::DigestMismatch {
-                expected: digest.to_string(),
-                actual: actual.to_string(),
-            });
-        }
+        super::check_digest(digest, bytes)?;
         let path = self.path_of(digest);
         match fs::metadata(&path) {
             // Files only appear by rename, complete; the length check

@@ -224,6 +224,42 @@ pub struct DeployRequest {
     pub retryable: bool,
 }
 
+impl DeployRequest {
+    /// The function this request stores as `version`.
+    pub(crate) fn function(
+        &self,
+        version: u64,
+        created_at: UnixMillis,
+        updated_at: UnixMillis,
+    ) -> FunctionRecord {
+        FunctionRecord {
+            tenant: self.tenant.clone(),
+            name: self.name.clone(),
+            version,
+            digest: self.digest.clone(),
+            size: self.size,
+            world: self.world,
+            public: self.public,
+            retryable: self.retryable,
+            created_at,
+            updated_at,
+        }
+    }
+}
+
+/// [`StoreError::DigestMismatch`] unless `bytes` hash to `digest`.
+pub(crate) fn check_digest(digest: &crate::digest::Digest, bytes: &[u8]) -> Result<(), StoreError> {
+    let actual = crate::digest::Digest::of(bytes);
+    if actual == *digest {
+        Ok(())
+    } else {
+        Err(StoreError::DigestMismatch {
+            expected: digest.to_string(),
+            actual: actual.to_string(),
+        })
+    }
+}
+
 /// The result of [`MetaStore::deploy`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deployed {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::Json;
+use tokio_postgres::types::{Json, ToSql};
 use tokio_postgres::{NoTls, Row};
 
 use super::{
@@ -36,6 +36,10 @@ mod embedded {
 
 /// Connections a host keeps open at most.
 const POOL_SIZE: usize = 16;
+
+/// How long a call waits for a connection (to make one, or for one of the
+/// pool's to come free) before it fails.
+const STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Columns of `functions` in the order [`function`] reads them.
 const FUNCTION_COLUMNS: &str = "tenant, name, version, digest, size, world, public, retryable, created_at, updated_at, incarnation";
@@ -94,9 +98,14 @@ impl PgStore {
     /// # Errors
     /// As [`connect`](Self::connect).
     pub fn with_config(
-        config: tokio_postgres::Config,
+        mut config: tokio_postgres::Config,
         retention_per_function: usize,
     ) -> Result<Self, StoreError> {
+        // A database that does not answer fails calls in seconds instead of
+        // holding them for the operating system's TCP timeout.
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(STORE_TIMEOUT);
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("gust-postgres")
@@ -114,6 +123,9 @@ impl PgStore {
         );
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
+            .wait_timeout(Some(STORE_TIMEOUT))
+            .create_timeout(Some(STORE_TIMEOUT))
+            .recycle_timeout(Some(STORE_TIMEOUT))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| BackendError::Pool(e.to_string()))?;
@@ -144,18 +156,6 @@ impl PgStore {
         self.inner.retention
     }
 
-    /// Whether the database answers now (for readiness).
-    ///
-    /// # Errors
-    /// When it does not.
-    pub fn ping(&self) -> Result<(), StoreError> {
-        self.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            client.simple_query("SELECT 1").await.map_err(postgres)?;
-            Ok(())
-        })
-    }
-
     /// Runs `work` on the store's runtime with a handle to the pool and
     /// waits for it on this thread.
     fn run<T, F>(&self, work: impl FnOnce(Pool) -> F) -> Result<T, StoreError>
@@ -169,6 +169,84 @@ impl PgStore {
         let task = runtime.spawn(work(self.inner.pool.clone()));
         futures::executor::block_on(task)
             .map_err(|e| StoreError::from(BackendError::Task(e.to_string())))?
+    }
+}
+
+/// Query parameters, owned so that a query can run on the store's runtime.
+type Param = Box<dyn ToSql + Sync + Send>;
+
+/// `params![a, b]`: owned query parameters.
+macro_rules! params {
+    ($($param:expr),* $(,)?) => {
+        vec![$(Box::new($param) as Param),*]
+    };
+}
+
+/// `params` as tokio-postgres takes them.
+fn param_refs(params: &[Param]) -> Vec<&(dyn ToSql + Sync)> {
+    params
+        .iter()
+        .map(|param| param.as_ref() as &(dyn ToSql + Sync))
+        .collect()
+}
+
+impl PgStore {
+    /// Every row `sql` returns, each read by `read`.
+    fn rows<T: Send + 'static>(
+        &self,
+        sql: impl Into<String>,
+        params: Vec<Param>,
+        read: impl Fn(&Row) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<Vec<T>, StoreError> {
+        let sql = sql.into();
+        self.run(move |pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            client
+                .query(&sql, &param_refs(&params))
+                .await
+                .map_err(postgres)?
+                .iter()
+                .map(read)
+                .collect()
+        })
+    }
+
+    /// The one row `sql` returns, if any, read by `read`.
+    fn row<T: Send + 'static>(
+        &self,
+        sql: impl Into<String>,
+        params: Vec<Param>,
+        read: impl Fn(&Row) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<Option<T>, StoreError> {
+        let sql = sql.into();
+        self.run(move |pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            client
+                .query_opt(&sql, &param_refs(&params))
+                .await
+                .map_err(postgres)?
+                .as_ref()
+                .map(read)
+                .transpose()
+        })
+    }
+
+    /// The boolean `sql` (a `SELECT EXISTS …`) returns.
+    fn exists(&self, sql: &'static str, params: Vec<Param>) -> Result<bool, StoreError> {
+        Ok(self
+            .row(sql, params, |row| row.try_get(0).map_err(postgres))?
+            .unwrap_or(false))
+    }
+
+    /// Runs `sql`; the rows it changed.
+    fn execute(&self, sql: &'static str, params: Vec<Param>) -> Result<u64, StoreError> {
+        self.run(move |pool| async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            client
+                .execute(sql, &param_refs(&params))
+                .await
+                .map_err(postgres)
+        })
     }
 }
 
@@ -280,6 +358,12 @@ fn function(row: &Row) -> Result<(FunctionRecord, i64), StoreError> {
     Ok((record, row.try_get(10).map_err(postgres)?))
 }
 
+/// A `functions` row read with [`FUNCTION_COLUMNS`], without its
+/// incarnation.
+fn function_record(row: &Row) -> Result<FunctionRecord, StoreError> {
+    function(row).map(|(record, _)| record)
+}
+
 fn tenant(row: &Row) -> Result<TenantRecord, StoreError> {
     Ok(TenantRecord {
         name: row.try_get(0).map_err(postgres)?,
@@ -317,17 +401,10 @@ impl MetaStore for PgStore {
             name: name.to_owned(),
             created_at: now_millis(),
         };
-        let row = record.clone();
-        let inserted = self.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            client
-                .execute(
-                    "INSERT INTO tenants (name, created_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                    &[&row.name, &i64_of(row.created_at)],
-                )
-                .await
-                .map_err(postgres)
-        })?;
+        let inserted = self.execute(
+            "INSERT INTO tenants (name, created_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            params![record.name.clone(), i64_of(record.created_at)],
+        )?;
         if inserted == 0 {
             return Err(StoreError::Conflict(format!("tenant {name:?}")));
         }
@@ -335,38 +412,19 @@ impl MetaStore for PgStore {
     }
 
     fn tenant(&self, name: &str) -> Result<Option<TenantRecord>, StoreError> {
-        let name = name.to_owned();
-        self.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            client
-                .query_opt(
-                    "SELECT name, created_at FROM tenants WHERE name = $1",
-                    &[&name],
-                )
-                .await
-                .map_err(postgres)?
-                .as_ref()
-                .map(tenant)
-                .transpose()
-        })
+        self.row(
+            "SELECT name, created_at FROM tenants WHERE name = $1",
+            params![name.to_owned()],
+            tenant,
+        )
     }
-
     fn tenants(&self) -> Result<Vec<TenantRecord>, StoreError> {
-        self.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            client
-                .query(
-                    r#"SELECT name, created_at FROM tenants ORDER BY name COLLATE "C""#,
-                    &[],
-                )
-                .await
-                .map_err(postgres)?
-                .iter()
-                .map(tenant)
-                .collect()
-        })
+        self.rows(
+            r#"SELECT name, created_at FROM tenants ORDER BY name COLLATE "C""#,
+            params![],
+            tenant,
+        )
     }
-
     fn add_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
         let record = key.clone();
         self.run(|pool| async move {
@@ -401,55 +459,27 @@ impl MetaStore for PgStore {
     }
 
     fn key_by_hash(&self, hash: &[u8; 32]) -> Result<Option<ApiKeyRecord>, StoreError> {
-        let hash = hash.to_vec();
-        self.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            client
-                .query_opt(
-                    "SELECT id, tenant, hash, created_at FROM api_keys WHERE hash = $1",
-                    &[&hash],
-                )
-                .await
-                .map_err(postgres)?
-                .as_ref()
-                .map(key)
-                .transpose()
-        })
+        self.row(
+            "SELECT id, tenant, hash, created_at FROM api_keys WHERE hash = $1",
+            params![hash.to_vec()],
+            key,
+        )
     }
-
     fn keys(&self, tenant: &str) -> Result<Vec<ApiKeyRecord>, StoreError> {
-        let tenant = tenant.to_owned();
-        self.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            client
-                .query(
-                    r#"SELECT id, tenant, hash, created_at FROM api_keys WHERE tenant = $1
-                       ORDER BY id COLLATE "C""#,
-                    &[&tenant],
-                )
-                .await
-                .map_err(postgres)?
-                .iter()
-                .map(key)
-                .collect()
-        })
+        self.rows(
+            r#"SELECT id, tenant, hash, created_at FROM api_keys WHERE tenant = $1
+               ORDER BY id COLLATE "C""#,
+            params![tenant.to_owned()],
+            key,
+        )
     }
-
     fn revoke_key(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
-        let (tenant, id) = (tenant.to_owned(), id.to_owned());
-        self.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            let removed = client
-                .execute(
-                    "DELETE FROM api_keys WHERE tenant = $1 AND id = $2",
-                    &[&tenant, &id],
-                )
-                .await
-                .map_err(postgres)?;
-            Ok(removed > 0)
-        })
+        let removed = self.execute(
+            "DELETE FROM api_keys WHERE tenant = $1 AND id = $2",
+            params![tenant.to_owned(), id.to_owned()],
+        )?;
+        Ok(removed > 0)
     }
-
     fn deploy(&self, request: &DeployRequest) -> Result<Deployed, StoreError> {
         let request = request.clone();
         self.run(|pool| async move {
@@ -479,61 +509,32 @@ impl MetaStore for PgStore {
     }
 
     fn function(&self, tenant: &str, name: &str) -> Result<Option<FunctionRecord>, StoreError> {
-        let (tenant, name) = (tenant.to_owned(), name.to_owned());
-        self.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            let row = client
-                .query_opt(
-                    &format!(
-                        "SELECT {FUNCTION_COLUMNS} FROM functions WHERE tenant = $1 AND name = $2"
-                    ),
-                    &[&tenant, &name],
-                )
-                .await
-                .map_err(postgres)?;
-            Ok(row.as_ref().map(function).transpose()?.map(|(f, _)| f))
-        })
+        self.row(
+            format!("SELECT {FUNCTION_COLUMNS} FROM functions WHERE tenant = $1 AND name = $2"),
+            params![tenant.to_owned(), name.to_owned()],
+            function_record,
+        )
     }
-
     fn functions(&self, tenant: &str) -> Result<Vec<FunctionRecord>, StoreError> {
-        let tenant = tenant.to_owned();
-        self.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            client
-                .query(
-                    &format!(
-                        r#"SELECT {FUNCTION_COLUMNS} FROM functions WHERE tenant = $1
-                           ORDER BY name COLLATE "C""#
-                    ),
-                    &[&tenant],
-                )
-                .await
-                .map_err(postgres)?
-                .iter()
-                .map(|row| function(row).map(|(f, _)| f))
-                .collect()
-        })
+        self.rows(
+            format!(
+                r#"SELECT {FUNCTION_COLUMNS} FROM functions WHERE tenant = $1
+                   ORDER BY name COLLATE "C""#
+            ),
+            params![tenant.to_owned()],
+            function_record,
+        )
     }
-
     fn all_functions(&self) -> Result<Vec<FunctionRecord>, StoreError> {
-        self.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            client
-                .query(
-                    &format!(
-                        r#"SELECT {FUNCTION_COLUMNS} FROM functions
-                           ORDER BY tenant COLLATE "C", name COLLATE "C""#
-                    ),
-                    &[],
-                )
-                .await
-                .map_err(postgres)?
-                .iter()
-                .map(|row| function(row).map(|(f, _)| f))
-                .collect()
-        })
+        self.rows(
+            format!(
+                r#"SELECT {FUNCTION_COLUMNS} FROM functions
+                   ORDER BY tenant COLLATE "C", name COLLATE "C""#
+            ),
+            params![],
+            function_record,
+        )
     }
-
     fn delete_function(
         &self,
         tenant: &str,
@@ -569,20 +570,11 @@ impl MetaStore for PgStore {
     }
 
     fn digest_in_use(&self, digest: &str) -> Result<bool, StoreError> {
-        let digest = digest.to_owned();
-        self.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            let row = client
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM functions WHERE digest = $1)",
-                    &[&digest],
-                )
-                .await
-                .map_err(postgres)?;
-            row.try_get(0).map_err(postgres)
-        })
+        self.exists(
+            "SELECT EXISTS (SELECT 1 FROM functions WHERE digest = $1)",
+            params![digest.to_owned()],
+        )
     }
-
     fn record_invocation(&self, record: &InvocationRecord) -> Result<u64, StoreError> {
         let record = record.clone();
         let retention = i64_of(self.inner.retention as u64);
@@ -664,27 +656,17 @@ impl MetaStore for PgStore {
     }
 
     fn invocation(&self, tenant: &str, id: &str) -> Result<Option<InvocationRecord>, StoreError> {
-        let (tenant, id) = (tenant.to_owned(), id.to_owned());
-        self.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            // Only records of a function's current incarnation exist for
-            // readers.
-            client
-                .query_opt(
-                    "SELECT i.record FROM invocations i JOIN functions f
-                       ON f.tenant = i.tenant AND f.name = i.function
-                      AND f.incarnation = i.incarnation
-                     WHERE i.tenant = $1 AND i.id = $2",
-                    &[&tenant, &id],
-                )
-                .await
-                .map_err(postgres)?
-                .as_ref()
-                .map(|row| json(row, 0))
-                .transpose()
-        })
+        // Only records of a function's current incarnation exist for
+        // readers.
+        self.row(
+            "SELECT i.record FROM invocations i JOIN functions f
+               ON f.tenant = i.tenant AND f.name = i.function
+              AND f.incarnation = i.incarnation
+             WHERE i.tenant = $1 AND i.id = $2",
+            params![tenant.to_owned(), id.to_owned()],
+            |row| json(row, 0),
+        )
     }
-
     fn invocations_before(
         &self,
         tenant: &str,
@@ -692,156 +674,85 @@ impl MetaStore for PgStore {
         limit: usize,
         before: Option<u64>,
     ) -> Result<Vec<(u64, InvocationRecord)>, StoreError> {
-        let (tenant, function) = (tenant.to_owned(), function.to_owned());
-        let limit = i64_of(limit as u64);
-        let before = before.map(i64_of);
-        self.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            client
-                .query(
-                    "SELECT i.seq, i.record FROM invocations i JOIN functions f
-                       ON f.tenant = i.tenant AND f.name = i.function
-                      AND f.incarnation = i.incarnation
-                     WHERE i.tenant = $1 AND i.function = $2
-                       AND ($3::BIGINT IS NULL OR i.seq < $3)
-                     ORDER BY i.seq DESC LIMIT $4",
-                    &[&tenant, &function, &before, &limit],
-                )
-                .await
-                .map_err(postgres)?
-                .iter()
-                .map(|row| Ok((u64_of(row.try_get(0).map_err(postgres)?), json(row, 1)?)))
-                .collect()
-        })
+        self.rows(
+            "SELECT i.seq, i.record FROM invocations i JOIN functions f
+               ON f.tenant = i.tenant AND f.name = i.function
+              AND f.incarnation = i.incarnation
+             WHERE i.tenant = $1 AND i.function = $2
+               AND ($3::BIGINT IS NULL OR i.seq < $3)
+             ORDER BY i.seq DESC LIMIT $4",
+            params![
+                tenant.to_owned(),
+                function.to_owned(),
+                before.map(i64_of),
+                i64_of(limit as u64)
+            ],
+            |row| Ok((u64_of(row.try_get(0).map_err(postgres)?), json(row, 1)?)),
+        )
     }
-
     fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
-        let job = job.clone();
-        self.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            client
-                .execute(
-                    "INSERT INTO jobs (tenant, id, record) VALUES ($1, $2, $3)
-                     ON CONFLICT (tenant, id) DO UPDATE SET record = EXCLUDED.record",
-                    &[&job.tenant, &job.id, &Json(&job)],
-                )
-                .await
-                .map_err(postgres)?;
-            Ok(())
-        })
+        self.execute(
+            "INSERT INTO jobs (tenant, id, record) VALUES ($1, $2, $3)
+             ON CONFLICT (tenant, id) DO UPDATE SET record = EXCLUDED.record",
+            params![job.tenant.clone(), job.id.clone(), Json(job.clone())],
+        )?;
+        Ok(())
     }
-
     fn job(&self, tenant: &str, id: &str) -> Result<Option<JobRecord>, StoreError> {
-        let (tenant, id) = (tenant.to_owned(), id.to_owned());
-        self.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            client
-                .query_opt(
-                    "SELECT record FROM jobs WHERE tenant = $1 AND id = $2",
-                    &[&tenant, &id],
-                )
-                .await
-                .map_err(postgres)?
-                .as_ref()
-                .map(|row| json(row, 0))
-                .transpose()
-        })
+        self.row(
+            "SELECT record FROM jobs WHERE tenant = $1 AND id = $2",
+            params![tenant.to_owned(), id.to_owned()],
+            |row| json(row, 0),
+        )
     }
-
     fn delete_job(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
-        let (tenant, id) = (tenant.to_owned(), id.to_owned());
-        self.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            let removed = client
-                .execute(
-                    "DELETE FROM jobs WHERE tenant = $1 AND id = $2",
-                    &[&tenant, &id],
-                )
-                .await
-                .map_err(postgres)?;
-            Ok(removed > 0)
-        })
+        let removed = self.execute(
+            "DELETE FROM jobs WHERE tenant = $1 AND id = $2",
+            params![tenant.to_owned(), id.to_owned()],
+        )?;
+        Ok(removed > 0)
     }
-
     fn all_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
-        self.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            // Ids are time-ordered.
-            client
-                .query(r#"SELECT record FROM jobs ORDER BY id COLLATE "C""#, &[])
-                .await
-                .map_err(postgres)?
-                .iter()
-                .map(|row| json(row, 0))
-                .collect()
-        })
+        // Ids are time-ordered.
+        self.rows(
+            r#"SELECT record FROM jobs ORDER BY id COLLATE "C""#,
+            params![],
+            |row| json(row, 0),
+        )
     }
-
     fn put_schedule(&self, schedule: &ScheduleRecord) -> Result<(), StoreError> {
-        let schedule = schedule.clone();
-        self.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            client
-                .execute(
-                    "INSERT INTO schedules (tenant, function, record) VALUES ($1, $2, $3)
-                     ON CONFLICT (tenant, function) DO UPDATE SET record = EXCLUDED.record",
-                    &[&schedule.tenant, &schedule.function, &Json(&schedule)],
-                )
-                .await
-                .map_err(postgres)?;
-            Ok(())
-        })
+        self.execute(
+            "INSERT INTO schedules (tenant, function, record) VALUES ($1, $2, $3)
+             ON CONFLICT (tenant, function) DO UPDATE SET record = EXCLUDED.record",
+            params![
+                schedule.tenant.clone(),
+                schedule.function.clone(),
+                Json(schedule.clone())
+            ],
+        )?;
+        Ok(())
     }
-
     fn schedule(&self, tenant: &str, function: &str) -> Result<Option<ScheduleRecord>, StoreError> {
-        let (tenant, function) = (tenant.to_owned(), function.to_owned());
-        self.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            client
-                .query_opt(
-                    "SELECT record FROM schedules WHERE tenant = $1 AND function = $2",
-                    &[&tenant, &function],
-                )
-                .await
-                .map_err(postgres)?
-                .as_ref()
-                .map(|row| json(row, 0))
-                .transpose()
-        })
+        self.row(
+            "SELECT record FROM schedules WHERE tenant = $1 AND function = $2",
+            params![tenant.to_owned(), function.to_owned()],
+            |row| json(row, 0),
+        )
     }
-
     fn delete_schedule(&self, tenant: &str, function: &str) -> Result<bool, StoreError> {
-        let (tenant, function) = (tenant.to_owned(), function.to_owned());
-        self.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            let removed = client
-                .execute(
-                    "DELETE FROM schedules WHERE tenant = $1 AND function = $2",
-                    &[&tenant, &function],
-                )
-                .await
-                .map_err(postgres)?;
-            Ok(removed > 0)
-        })
+        let removed = self.execute(
+            "DELETE FROM schedules WHERE tenant = $1 AND function = $2",
+            params![tenant.to_owned(), function.to_owned()],
+        )?;
+        Ok(removed > 0)
     }
-
     fn all_schedules(&self) -> Result<Vec<ScheduleRecord>, StoreError> {
-        self.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            client
-                .query(
-                    r#"SELECT record FROM schedules
-                       ORDER BY tenant COLLATE "C", function COLLATE "C""#,
-                    &[],
-                )
-                .await
-                .map_err(postgres)?
-                .iter()
-                .map(|row| json(row, 0))
-                .collect()
-        })
+        self.rows(
+            r#"SELECT record FROM schedules ORDER BY tenant COLLATE "C", function COLLATE "C""#,
+            params![],
+            |row| json(row, 0),
+        )
     }
-
     fn flush(&self) -> Result<(), StoreError> {
         // Every write is a committed statement: nothing is buffered here.
         Ok(())
@@ -891,13 +802,13 @@ async fn deploy_once(
                 })));
             };
             (
-                new_function(request, version, current.created_at, now),
+                request.function(version, current.created_at, now),
                 incarnation,
             )
         }
         None => {
             let row = tx.query_one("SELECT nextval('incarnations')", &[]).await?;
-            (new_function(request, 1, now, now), row.try_get(0)?)
+            (request.function(1, now, now), row.try_get(0)?)
         }
     };
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 11] = [
@@ -940,26 +851,6 @@ async fn deploy_once(
     }))
 }
 
-fn new_function(
-    request: &DeployRequest,
-    version: u64,
-    created_at: u64,
-    updated_at: u64,
-) -> FunctionRecord {
-    FunctionRecord {
-        tenant: request.tenant.clone(),
-        name: request.name.clone(),
-        version,
-        digest: request.digest.clone(),
-        size: request.size,
-        world: request.world,
-        public: request.public,
-        retryable: request.retryable,
-        created_at,
-        updated_at,
-    }
-}
-
 /// Component blobs in the database (one dependency to run), read through a
 /// cache of files on this host: a blob is immutable under its digest, so a
 /// cached copy is never stale, and a host reads each blob from the database
@@ -985,25 +876,11 @@ impl PgBlobStore {
 
 impl BlobStore for PgBlobStore {
     fn put(&self, digest: &Digest, bytes: &[u8]) -> Result<(), StoreError> {
-        let actual = Digest::of(bytes);
-        if actual != *digest {
-            return Err(StoreError::DigestMismatch {
-                expected: digest.to_string(),
-                actual: actual.to_string(),
-            });
-        }
-        let (key, owned) = (digest.to_string(), bytes.to_vec());
-        self.store.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            client
-                .execute(
-                    "INSERT INTO blobs (digest, bytes) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                    &[&key, &owned],
-                )
-                .await
-                .map_err(postgres)?;
-            Ok(())
-        })?;
+        super::check_digest(digest, bytes)?;
+        self.store.execute(
+            "INSERT INTO blobs (digest, bytes) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            params![digest.to_string(), bytes.to_vec()],
+        )?;
         // The database has it; a failed cache write only costs a later read.
         if let Err(error) = self.cache.put(digest, bytes) {
             tracing::warn!(%error, %digest, "caching a blob on this host failed");
@@ -1015,16 +892,11 @@ impl BlobStore for PgBlobStore {
         if let Ok(Some(bytes)) = self.cache.get(digest) {
             return Ok(Some(bytes));
         }
-        let key = digest.to_string();
-        let bytes: Option<Vec<u8>> = self.store.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            client
-                .query_opt("SELECT bytes FROM blobs WHERE digest = $1", &[&key])
-                .await
-                .map_err(postgres)?
-                .map(|row| row.try_get(0).map_err(postgres))
-                .transpose()
-        })?;
+        let bytes: Option<Vec<u8>> = self.store.row(
+            "SELECT bytes FROM blobs WHERE digest = $1",
+            params![digest.to_string()],
+            |row| row.try_get(0).map_err(postgres),
+        )?;
         let Some(bytes) = bytes else {
             return Ok(None);
         };
@@ -1043,45 +915,25 @@ impl BlobStore for PgBlobStore {
     }
 
     fn contains(&self, digest: &Digest) -> Result<bool, StoreError> {
-        let key = digest.to_string();
-        self.store.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            let row = client
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM blobs WHERE digest = $1)",
-                    &[&key],
-                )
-                .await
-                .map_err(postgres)?;
-            row.try_get(0).map_err(postgres)
-        })
+        self.store.exists(
+            "SELECT EXISTS (SELECT 1 FROM blobs WHERE digest = $1)",
+            params![digest.to_string()],
+        )
     }
-
     fn remove(&self, digest: &Digest) -> Result<bool, StoreError> {
-        let key = digest.to_string();
-        let removed = self.store.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            let removed = client
-                .execute("DELETE FROM blobs WHERE digest = $1", &[&key])
-                .await
-                .map_err(postgres)?;
-            Ok(removed > 0)
-        })?;
+        let removed = self.store.execute(
+            "DELETE FROM blobs WHERE digest = $1",
+            params![digest.to_string()],
+        )?;
         self.cache.remove(digest)?;
-        Ok(removed)
+        Ok(removed > 0)
     }
-
     fn list(&self) -> Result<Vec<Digest>, StoreError> {
-        let digests: Vec<String> = self.store.run(|pool| async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            client
-                .query("SELECT digest FROM blobs ORDER BY digest", &[])
-                .await
-                .map_err(postgres)?
-                .iter()
-                .map(|row| row.try_get(0).map_err(postgres))
-                .collect()
-        })?;
+        let digests: Vec<String> = self.store.rows(
+            "SELECT digest FROM blobs ORDER BY digest",
+            params![],
+            |row| row.try_get(0).map_err(postgres),
+        )?;
         Ok(digests.iter().filter_map(|d| Digest::parse(d)).collect())
     }
 }

@@ -568,7 +568,7 @@ impl MetaStore for SledStore {
                 let old_ref = (current.function.digest != request.digest)
                     .then(|| digest_key(&current.function.digest, &request.tenant, &request.name));
                 let stored = StoredFunction {
-                    function: new_function(request, version, current.function.created_at, now),
+                    function: request.function(version, current.function.created_at, now),
                     incarnation: current.incarnation,
                 };
                 (stored, old_ref)
@@ -580,7 +580,7 @@ impl MetaStore for SledStore {
                     .remove(&function_key)
                     .map_err(backend)?;
                 let stored = StoredFunction {
-                    function: new_function(request, 1, now, now),
+                    function: request.function(1, now, now),
                     incarnation: self.db.generate_id().map_err(backend)?,
                 };
                 (stored, None)
@@ -849,26 +849,6 @@ impl MetaStore for SledStore {
     }
 }
 
-fn new_function(
-    request: &DeployRequest,
-    version: u64,
-    created_at: u64,
-    updated_at: u64,
-) -> FunctionRecord {
-    FunctionRecord {
-        tenant: request.tenant.clone(),
-        name: request.name.clone(),
-        version,
-        digest: request.digest.clone(),
-        size: request.size,
-        world: request.world,
-        public: request.public,
-        retryable: request.retryable,
-        created_at,
-        updated_at,
-    }
-}
-
 /// Appends one key part: `0x00` is escaped as `00 FF` and the part ends with
 /// `00 01`. That keeps byte order equal to part order and makes the encoding
 /// prefix-free, whatever bytes the part holds.
@@ -1054,6 +1034,9 @@ fn backend(error: sled::Error) -> StoreError {
 }
 
 #[cfg(test)]
+/// Behaviour every store shares is tested once for all of them, in
+/// `host/tests/all/store.rs`; these are sled's own: its layout, its repair
+/// of interrupted writes, its handling of damaged records.
 mod tests {
     use std::sync::Arc;
 
@@ -1163,63 +1146,6 @@ mod tests {
     }
 
     #[test]
-    fn tenants_are_created_once_and_listed_by_name() {
-        let (_dir, store) = open(10);
-        let before = now_millis();
-        let b = store.create_tenant("beta").unwrap();
-        assert_eq!(b.name, "beta");
-        assert!(b.created_at >= before);
-        store.create_tenant("alpha").unwrap();
-        assert!(matches!(
-            store.create_tenant("beta"),
-            Err(StoreError::Conflict(_))
-        ));
-
-        assert_eq!(store.tenant("beta").unwrap(), Some(b));
-        assert_eq!(store.tenant("gamma").unwrap(), None);
-        let names: Vec<String> = store
-            .tenants()
-            .unwrap()
-            .into_iter()
-            .map(|t| t.name)
-            .collect();
-        assert_eq!(names, ["alpha", "beta"]);
-    }
-
-    #[test]
-    fn keys_need_their_tenant_and_are_unique_by_id_and_hash() {
-        let (_dir, store) = open(10);
-        assert!(matches!(
-            store.add_key(&key("acme", "key_1", 1)),
-            Err(StoreError::Missing(_))
-        ));
-        store.create_tenant("acme").unwrap();
-        store.create_tenant("other").unwrap();
-        store.add_key(&key("acme", "key_2", 2)).unwrap();
-        store.add_key(&key("acme", "key_1", 1)).unwrap();
-        // Same id (even for another tenant), same hash: refused.
-        assert!(matches!(
-            store.add_key(&key("other", "key_1", 9)),
-            Err(StoreError::Conflict(_))
-        ));
-        assert!(matches!(
-            store.add_key(&key("other", "key_9", 1)),
-            Err(StoreError::Conflict(_))
-        ));
-
-        assert_eq!(
-            store.key_by_hash(&[1; 32]).unwrap(),
-            Some(key("acme", "key_1", 1))
-        );
-        assert_eq!(store.key_by_hash(&[9; 32]).unwrap(), None);
-        assert_eq!(
-            store.keys("acme").unwrap(),
-            vec![key("acme", "key_1", 1), key("acme", "key_2", 2)]
-        );
-        assert!(store.keys("other").unwrap().is_empty());
-    }
-
-    #[test]
     fn revoke_removes_the_key_and_its_indexes() {
         let (_dir, store) = open(10);
         store.create_tenant("acme").unwrap();
@@ -1243,55 +1169,6 @@ mod tests {
     }
 
     #[test]
-    fn deploy_versions_only_on_change() {
-        let (_dir, store) = open(10);
-        let before = now_millis();
-        let first = store
-            .deploy(&request("acme", "hello", DIGEST_A, false))
-            .unwrap();
-        assert!(first.changed);
-        let v1 = first.function;
-        assert_eq!(v1.version, 1);
-        assert_eq!(v1.created_at, v1.updated_at);
-        assert!(v1.created_at >= before);
-        assert_eq!(
-            (
-                v1.tenant.as_str(),
-                v1.name.as_str(),
-                v1.digest.as_str(),
-                v1.size,
-                v1.public
-            ),
-            ("acme", "hello", DIGEST_A, 1234, false)
-        );
-
-        let again = store
-            .deploy(&request("acme", "hello", DIGEST_A, false))
-            .unwrap();
-        assert!(!again.changed);
-        assert_eq!(again.function, v1);
-
-        let public = store
-            .deploy(&request("acme", "hello", DIGEST_A, true))
-            .unwrap();
-        assert!(public.changed);
-        assert_eq!(public.function.version, 2);
-        assert!(public.function.public);
-
-        let new_bytes = store
-            .deploy(&request("acme", "hello", DIGEST_B, true))
-            .unwrap();
-        assert!(new_bytes.changed);
-        let v3 = new_bytes.function;
-        assert_eq!((v3.version, v3.digest.as_str()), (3, DIGEST_B));
-        assert_eq!(v3.created_at, v1.created_at);
-        assert!(v3.updated_at >= v1.updated_at);
-
-        assert_eq!(store.function("acme", "hello").unwrap(), Some(v3));
-        assert_eq!(store.function("acme", "nope").unwrap(), None);
-    }
-
-    #[test]
     fn digest_in_use_follows_deploys_and_deletes_across_tenants() {
         let (_dir, store) = open(10);
         assert!(!store.digest_in_use(DIGEST_A).unwrap());
@@ -1310,99 +1187,6 @@ mod tests {
         assert!(!store.digest_in_use("sha256:bb").unwrap());
         store.delete_function("t1", "f").unwrap();
         assert!(!store.digest_in_use(DIGEST_B).unwrap());
-    }
-
-    #[test]
-    fn functions_are_listed_per_tenant_by_name() {
-        let (_dir, store) = open(10);
-        // `a` is a prefix of `ab`, and names may hold any bytes: listings
-        // must not mix them up.
-        for (tenant, name) in [
-            ("ab", "x"),
-            ("a", "z"),
-            ("a", "b\0c"),
-            ("a", "b"),
-            ("a\0", "y"),
-        ] {
-            store
-                .deploy(&request(tenant, name, DIGEST_A, false))
-                .unwrap();
-        }
-        let names = |tenant: &str| -> Vec<String> {
-            store
-                .functions(tenant)
-                .unwrap()
-                .into_iter()
-                .map(|f| f.name)
-                .collect()
-        };
-        assert_eq!(names("a"), ["b", "b\0c", "z"]);
-        assert_eq!(names("ab"), ["x"]);
-        assert_eq!(names("a\0"), ["y"]);
-        assert!(names("").is_empty());
-
-        let all: Vec<(String, String)> = store
-            .all_functions()
-            .unwrap()
-            .into_iter()
-            .map(|f| (f.tenant, f.name))
-            .collect();
-        assert_eq!(all.len(), 5);
-        assert!(all.contains(&("ab".into(), "x".into())));
-        assert!(all.contains(&("a\0".into(), "y".into())));
-    }
-
-    #[test]
-    fn invocations_are_newest_first_and_limited() {
-        let (_dir, store) = with_function(100);
-        for id in ["inv_1", "inv_2", "inv_3"] {
-            store
-                .record_invocation(&invocation("acme", "hello", id))
-                .unwrap();
-        }
-        assert_eq!(
-            ids(&store.invocations("acme", "hello", 10).unwrap()),
-            ["inv_3", "inv_2", "inv_1"]
-        );
-        assert_eq!(
-            ids(&store.invocations("acme", "hello", 2).unwrap()),
-            ["inv_3", "inv_2"]
-        );
-        assert!(store.invocations("acme", "hello", 0).unwrap().is_empty());
-        assert!(store.invocations("acme", "missing", 10).unwrap().is_empty());
-        assert_eq!(
-            store.invocation("acme", "inv_2").unwrap(),
-            Some(invocation("acme", "hello", "inv_2"))
-        );
-        assert_eq!(store.invocation("acme", "inv_9").unwrap(), None);
-    }
-
-    #[test]
-    fn recording_for_a_missing_function_is_refused() {
-        let (_dir, store) = with_function(100);
-        let error = store
-            .record_invocation(&invocation("acme", "ghost", "inv_1"))
-            .unwrap_err();
-        assert!(matches!(error, StoreError::Missing(_)), "{error:?}");
-        assert_eq!(store.invocation("acme", "inv_1").unwrap(), None);
-    }
-
-    #[test]
-    fn recording_the_same_id_twice() {
-        let (_dir, store) = with_function(100);
-        let record = invocation("acme", "hello", "inv_1");
-        store.record_invocation(&record).unwrap();
-        // A retried write of the same record is a no-op ...
-        store.record_invocation(&record).unwrap();
-        assert_eq!(store.invocations("acme", "hello", 10).unwrap().len(), 1);
-        // ... a different record under the same id is refused.
-        let mut other = record.clone();
-        other.status = 500;
-        assert!(matches!(
-            store.record_invocation(&other),
-            Err(StoreError::Conflict(_))
-        ));
-        assert_eq!(store.invocation("acme", "inv_1").unwrap(), Some(record));
     }
 
     #[test]
@@ -1444,23 +1228,6 @@ mod tests {
         assert_eq!(store.invocations.len(), 4);
         assert_eq!(store.invocation_ids.len(), 4);
         assert_eq!(store.count(&function_key("acme", "hello")).unwrap(), 3);
-    }
-
-    #[test]
-    fn retention_zero_keeps_nothing() {
-        let (_dir, store) = with_function(0);
-        // Dropped at once, so counted as pruned: nothing goes unaccounted.
-        assert_eq!(
-            store
-                .record_invocation(&invocation("acme", "hello", "inv_1"))
-                .unwrap(),
-            1
-        );
-        assert!(store.invocations("acme", "hello", 10).unwrap().is_empty());
-        assert!(matches!(
-            store.record_invocation(&invocation("acme", "ghost", "inv_2")),
-            Err(StoreError::Missing(_))
-        ));
     }
 
     #[test]
