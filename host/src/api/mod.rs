@@ -26,10 +26,9 @@ mod ws;
 
 /// Runs a service operation that reads or writes the store on a blocking
 /// thread: an fsync, a page read from disk or sled waiting for log space
-/// must not stall an async worker and every other request it polls. (Only
-/// authentication reads the store on the async threads: two point reads of
-/// small trees that stay in sled's cache, on every request, where a thread
-/// hop would cost more than the read.)
+/// must not stall an async worker and every other request it polls.
+/// (Authentication answers a key seen valid moments ago from memory, and
+/// comes here for the others.)
 pub(super) async fn blocking<T: Send + 'static>(
     service: &Arc<Service>,
     work: impl FnOnce(&Service) -> Result<T, crate::service::ServiceError> + Send + 'static,
