@@ -539,15 +539,15 @@ async fn run(service: Arc<Service>, tenant: String, id: String, cancel: Cancel, 
     let job = Arc::new(job);
     for attempt in 1..=5 {
         let (written, job_id) = (Arc::clone(&job), id.clone());
-        let stored = on_store(&service, move |service| {
-            let mut inner = service.jobs.lock();
-            let stored = service.store.put_job(&written);
-            if stored.is_ok() {
+        // The store call on a blocking thread: this is an async task.
+        let stored = service
+            .blocking(move |service| {
+                let mut inner = service.jobs.lock();
+                service.store.put_job(&written)?;
                 inner.running.remove(&job_id);
-            }
-            stored
-        })
-        .await;
+                Ok(())
+            })
+            .await;
         match stored {
             Ok(()) => {
                 service.keep_finished(&job);
@@ -566,32 +566,19 @@ async fn run(service: Arc<Service>, tenant: String, id: String, cancel: Cancel, 
     service.jobs.lock().running.remove(&id);
 }
 
-/// `work` on the store, on a blocking thread: the job runner and the
-/// sweeper are async tasks, and a store call (an fsync, a page read, a
-/// database round trip) must not stall the worker that polls them.
-async fn on_store<T: Send + 'static>(
-    service: &Arc<Service>,
-    work: impl FnOnce(&Service) -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    let service = Arc::clone(service);
-    tokio::task::spawn_blocking(move || work(&service))
-        .await
-        .unwrap_or_else(|e| {
-            Err(StoreError::Backend(crate::store::BackendError::Task(
-                e.to_string(),
-            )))
-        })
-}
-
 async fn run_job(
     service: &Arc<Service>,
     tenant: &str,
     id: &str,
     cancel: Cancel,
     permit: Permit,
-) -> Result<Option<JobRecord>, StoreError> {
+) -> Result<Option<JobRecord>, ServiceError> {
+    // Store calls on blocking threads: the runner is an async task.
     let (job_tenant, job_id) = (tenant.to_owned(), id.to_owned());
-    let Some(mut job) = on_store(service, move |s| s.store.job(&job_tenant, &job_id)).await? else {
+    let Some(mut job) = service
+        .blocking(move |s| Ok(s.store.job(&job_tenant, &job_id)?))
+        .await?
+    else {
         // Deleted while it waited.
         return Ok(None);
     };
@@ -626,17 +613,23 @@ async fn run_job(
     job.invocation_id = Some(started.id.clone());
     let running = job.clone();
     let job_id = id.to_owned();
-    on_store(service, move |s| {
-        s.store.put_job(&running)?;
-        // Durable before the guest runs, so that a crash from here on reads
-        // as "was running" at the next start, never as a job that never
-        // ran. A failed flush only weakens that; the job still runs.
-        if let Err(e) = s.store.flush() {
-            tracing::warn!(job = %job_id, error = %e, "could not flush the job's running state");
-        }
-        Ok(())
-    })
-    .await?;
+    service
+        .blocking(move |s| {
+            s.store.put_job(&running)?;
+            // Durable before the guest runs, so that a crash from here on
+            // reads as "was running" at the next start, never as a job that
+            // never ran. A failed flush only weakens that; the job still
+            // runs.
+            if let Err(e) = s.store.flush() {
+                tracing::warn!(
+                    job = %job_id,
+                    error = %e,
+                    "could not flush the job's running state"
+                );
+            }
+            Ok(())
+        })
+        .await?;
 
     let call = CallRequest {
         body: job.input.clone(),
@@ -718,7 +711,7 @@ async fn sweep(service: Arc<Service>) {
         if expired.is_empty() {
             continue;
         }
-        let removed = on_store(&service, move |service| {
+        let removed = service.blocking(move |service| {
             let mut removed = 0usize;
             for (tenant, id) in expired {
                 match service.store.delete_job(&tenant, &id) {

@@ -115,10 +115,10 @@ impl Service {
     /// # Errors
     /// A store failure.
     pub fn authenticate(&self, token: &str) -> Result<Option<Caller>, ServiceError> {
-        if let Some(known) = self.authenticate_cached(token) {
+        let hash = keys::hash(token);
+        if let Some(known) = self.known_caller(&hash) {
             return Ok(Some(known));
         }
-        let hash = keys::hash(token);
         Ok(match self.store.key_by_hash(&hash)? {
             Some(record) if keys::constant_time_eq(&record.hash, &hash) => {
                 self.keys.put(hash, record.tenant.clone());
@@ -132,11 +132,15 @@ impl Service {
     /// store: the admin key, or a tenant key found valid moments ago.
     /// `None` means the store must be asked ([`Service::authenticate`]).
     pub fn authenticate_cached(&self, token: &str) -> Option<Caller> {
-        let hash = keys::hash(token);
-        if keys::constant_time_eq(&hash, &self.admin_key_hash) {
+        self.known_caller(&keys::hash(token))
+    }
+
+    /// [`Service::authenticate_cached`], from the key's hash.
+    fn known_caller(&self, hash: &[u8; 32]) -> Option<Caller> {
+        if keys::constant_time_eq(hash, &self.admin_key_hash) {
             return Some(Caller::Admin);
         }
-        self.keys.get(&hash).map(Caller::Tenant)
+        self.keys.get(hash).map(Caller::Tenant)
     }
 
     /// A new key of `tenant`, with its secret (shown once).

@@ -783,6 +783,7 @@ async fn deploy_once(
         Err(error) => return Ok(Err(error)),
     };
     let now = now_millis();
+    let first = current.is_none();
     let (record, incarnation) = match current {
         Some((current, _))
             if current.digest == request.digest
@@ -824,7 +825,7 @@ async fn deploy_once(
         &i64_of(record.created_at),
         &i64_of(record.updated_at),
     ];
-    if record.version == 1 {
+    if first {
         // A first deploy racing another of the same name fails here with a
         // unique violation and is retried (it then finds the other's row).
         tx.execute(

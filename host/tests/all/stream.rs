@@ -142,6 +142,29 @@ async fn server_sent_events_deliver_chunks_before_the_function_finishes() {
     server.stop().await;
 }
 
+/// Opens a WebSocket session on `function`, with `key` as the bearer key.
+async fn ws_connect(
+    server: &TestServer,
+    function: &str,
+    key: Option<&str>,
+) -> Result<
+    (
+        tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    tokio_tungstenite::tungstenite::Error,
+> {
+    let url = format!("ws://{}/v1/functions/{function}/ws", server.addr);
+    let mut request = url.into_client_request().unwrap();
+    if let Some(key) = key {
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    }
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    tokio_tungstenite::client_async(request, tcp).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_session_runs_one_invocation_per_message() {
     let dir = TempDir::new().unwrap();
@@ -151,23 +174,7 @@ async fn a_websocket_session_runs_one_invocation_per_message() {
     deploy(&server, &key, "stream", artifacts::STREAMER_COMPONENT).await;
     deploy(&server, &key, "errors", artifacts::RETURNS_ERROR_COMPONENT).await;
 
-    let connect = |function: &str, key: Option<&str>| {
-        let url = format!("ws://{}/v1/functions/{function}/ws", server.addr);
-        let key = key.map(str::to_owned);
-        let addr = server.addr;
-        async move {
-            let mut request = url.into_client_request().unwrap();
-            if let Some(key) = key {
-                request
-                    .headers_mut()
-                    .insert("authorization", format!("Bearer {key}").parse().unwrap());
-            }
-            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-            tokio_tungstenite::client_async(request, tcp).await
-        }
-    };
-
-    let (mut echo, _) = connect("echo", Some(&key)).await.unwrap();
+    let (mut echo, _) = ws_connect(&server, "echo", Some(&key)).await.unwrap();
     echo.send(Message::text("hello")).await.unwrap();
     assert_eq!(echo.next().await.unwrap().unwrap(), Message::text("hello"));
     let bytes = vec![0u8, 1, 255];
@@ -176,7 +183,7 @@ async fn a_websocket_session_runs_one_invocation_per_message() {
     echo.close(None).await.unwrap();
 
     // Emitted chunks come back as messages as they are emitted.
-    let (mut stream, _) = connect("stream", Some(&key)).await.unwrap();
+    let (mut stream, _) = ws_connect(&server, "stream", Some(&key)).await.unwrap();
     stream.send(Message::text("p q")).await.unwrap();
     for expected in ["p\n", "q\n", "done\n"] {
         assert_eq!(
@@ -187,7 +194,7 @@ async fn a_websocket_session_runs_one_invocation_per_message() {
     stream.close(None).await.unwrap();
 
     // A failure is a JSON message naming the invocation.
-    let (mut errors, _) = connect("errors", Some(&key)).await.unwrap();
+    let (mut errors, _) = ws_connect(&server, "errors", Some(&key)).await.unwrap();
     errors.send(Message::text("x")).await.unwrap();
     let Message::Text(text) = errors.next().await.unwrap().unwrap() else {
         panic!("expected a text message");
@@ -203,7 +210,7 @@ async fn a_websocket_session_runs_one_invocation_per_message() {
     errors.close(None).await.unwrap();
 
     // The handshake is authenticated like every endpoint.
-    let refused = connect("echo", None).await.unwrap_err();
+    let refused = ws_connect(&server, "echo", None).await.unwrap_err();
     assert!(refused.to_string().contains("401"), "{refused}");
     server.stop().await;
 }
@@ -224,21 +231,6 @@ async fn a_websocket_session_ends_with_its_key_or_its_function() {
         made.json()["id"].as_str().unwrap().to_owned(),
         made.json()["key"].as_str().unwrap().to_owned(),
     );
-    let connect = |function: &str, key: &str| {
-        let url = format!("ws://{}/v1/functions/{function}/ws", server.addr);
-        let (key, addr) = (key.to_owned(), server.addr);
-        async move {
-            let mut request = url.into_client_request().unwrap();
-            request
-                .headers_mut()
-                .insert("authorization", format!("Bearer {key}").parse().unwrap());
-            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-            tokio_tungstenite::client_async(request, tcp)
-                .await
-                .unwrap()
-                .0
-        }
-    };
     /// The next message must be the close frame (its code and reason): an
     /// echo first would mean a message ran after the key or function went.
     async fn closed_with<S>(socket: &mut S) -> (u16, String)
@@ -253,9 +245,9 @@ async fn a_websocket_session_ends_with_its_key_or_its_function() {
         }
     }
 
-    let mut busy = connect("echo", &key).await;
-    let mut idle = connect("echo", &key).await;
-    let mut on_doomed = connect("doomed", &owner).await;
+    let mut busy = ws_connect(&server, "echo", Some(&key)).await.unwrap().0;
+    let mut idle = ws_connect(&server, "echo", Some(&key)).await.unwrap().0;
+    let mut on_doomed = ws_connect(&server, "doomed", Some(&owner)).await.unwrap().0;
     for socket in [&mut busy, &mut idle, &mut on_doomed] {
         socket.send(Message::text("hi")).await.unwrap();
         assert_eq!(socket.next().await.unwrap().unwrap(), Message::text("hi"));
@@ -292,7 +284,7 @@ async fn a_websocket_session_ends_with_its_key_or_its_function() {
     assert_eq!(code, 1008);
 
     // The tenant's other sessions go on.
-    let mut still = connect("echo", &owner).await;
+    let mut still = ws_connect(&server, "echo", Some(&owner)).await.unwrap().0;
     still.send(Message::text("ok")).await.unwrap();
     assert_eq!(still.next().await.unwrap().unwrap(), Message::text("ok"));
     server.stop().await;
@@ -309,22 +301,10 @@ async fn open_streams_are_capped_per_tenant() {
     let server = TestServer::start(dir.path()).await;
     let key = tenant(&server, "onestream").await;
     deploy(&server, &key, "echo", artifacts::ECHO_COMPONENT).await;
-    let connect = || {
-        let url = format!("ws://{}/v1/functions/echo/ws", server.addr);
-        let (key, addr) = (key.clone(), server.addr);
-        async move {
-            let mut request = url.into_client_request().unwrap();
-            request
-                .headers_mut()
-                .insert("authorization", format!("Bearer {key}").parse().unwrap());
-            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-            tokio_tungstenite::client_async(request, tcp).await
-        }
-    };
-    let (mut first, _) = connect().await.unwrap();
+    let (mut first, _) = ws_connect(&server, "echo", Some(&key)).await.unwrap();
     first.send(Message::text("one")).await.unwrap();
     assert_eq!(first.next().await.unwrap().unwrap(), Message::text("one"));
-    let refused = connect().await.unwrap_err();
+    let refused = ws_connect(&server, "echo", Some(&key)).await.unwrap_err();
     assert!(refused.to_string().contains("429"), "{refused}");
     let map = request(
         "POST",
