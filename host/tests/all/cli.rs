@@ -134,6 +134,51 @@ fn failures_exit_non_zero_with_one_line() {
     }
 }
 
+/// `--store` takes `sled` or a `postgres://` URL: anything else is a usage
+/// error naming what it takes; a database that cannot be reached stops the
+/// start with an error that says so (within the store's 5 s timeout), and
+/// never prints the URL's password.
+#[test]
+fn serve_refuses_a_bad_or_unreachable_store() {
+    let dir = TempDir::new().unwrap();
+    let data = dir.path().join("data");
+    let serve = |store: &str| {
+        gust(
+            &dir,
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--gpu",
+                "cpu",
+                "--store",
+                store,
+            ],
+            None,
+        )
+    };
+    let out = serve("mysql://db/gust");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("expected `sled` or a `postgres://` URL"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Port 1 on localhost: refused at once.
+    let started = std::time::Instant::now();
+    let out = serve("postgres://gust:hunter2@127.0.0.1:1/gust");
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("postgres"), "{stderr}");
+    assert!(
+        !stderr.contains("hunter2"),
+        "the password was printed: {stderr}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+}
+
 #[test]
 fn help_is_complete() {
     let cache = TempDir::new().unwrap();
