@@ -82,6 +82,12 @@ pub(crate) struct ServeArgs {
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, env = "GUST_JOB_RETENTION")]
     job_retention: Duration,
 
+    /// With a shared store: how long a claim on a running job holds
+    /// without renewal (renewed every third of it), so how soon other hosts
+    /// take over the jobs of a host that died.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, env = "GUST_JOB_LEASE")]
+    job_lease: Duration,
+
     /// GPU-bridge backends to open (comma-separated); each tenant's policy
     /// then picks among them. A backend that is not compiled in or finds no
     /// device is logged and skipped; cpu is always open.
@@ -150,6 +156,7 @@ pub(crate) async fn serve(args: ServeArgs) -> ExitCode {
     config.grace = args.grace;
     config.retention_per_function = args.retention.max(1);
     config.job_retention = args.job_retention;
+    config.job_lease = args.job_lease.max(Duration::from_millis(300));
     config.connections = gust_host::api::ConnectionLimits {
         max_connections: args.max_connections.max(1),
         header_timeout: args.header_timeout,

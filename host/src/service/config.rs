@@ -26,6 +26,10 @@ pub struct ServeConfig {
     pub retention_per_function: usize,
     /// How long a finished job's result stays readable.
     pub job_retention: Duration,
+    /// On a shared store, how long a host's claim on a running job holds
+    /// without renewal: how soon other hosts take over the jobs of a host
+    /// that died. Renewed every third of it.
+    pub job_lease: Duration,
     /// Runtime configuration; `cache_dir` is replaced by `<data-dir>/compiled`.
     pub runtime: RuntimeConfig,
     /// Which GPU-bridge devices to open.
@@ -121,6 +125,7 @@ impl ServeConfig {
             grace: Duration::from_secs(10),
             retention_per_function: 1000,
             job_retention: Duration::from_secs(24 * 3600),
+            job_lease: Duration::from_secs(30),
             runtime,
             gpu: gust_gpu_bridge::BridgeConfig::default(),
             models_dir: None,

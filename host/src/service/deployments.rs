@@ -525,7 +525,7 @@ impl Service {
         // On a store other hosts share, a blob that no function uses yet
         // may be another host's deploy in flight: only this host's own
         // files (compiled code) are collected then.
-        let shared = self.store.function_changes().is_some();
+        let shared = self.store.shared().is_some();
         match self.blobs.list() {
             Ok(_) if shared => {}
             Ok(stored) => {

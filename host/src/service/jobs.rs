@@ -6,15 +6,24 @@
 //! record) and keeps its result or error in the store until the host's job
 //! retention has passed.
 //!
-//! The queues and the set of running jobs live in memory; the store has
-//! every job's state, so a start rebuilds the queues from it. A job that was
-//! running when the host stopped is failed with a reason, or queued once more
-//! if its function is deployed `retryable`. The dispatcher sleeps until a job
-//! is queued or a concurrency slot is released: it never polls.
+//! On a store only this host writes (sled), the queues and the set of
+//! running jobs live in memory; the store has every job's state, so a start
+//! rebuilds the queues from it. A job that was running when the host stopped
+//! is failed with a reason, or queued once more if its function is deployed
+//! `retryable`. The dispatcher sleeps until a job is queued or a concurrency
+//! slot is released: it never polls.
+//!
+//! On a store several hosts share (PostgreSQL), the queue is the store's:
+//! a host with room claims the oldest pending job of a tenant (see
+//! [`SharedStore`]) and holds it with a lease that it renews while the job
+//! runs. A host that dies stops renewing; once the lease lapses any host
+//! queues the job again (its function `retryable`, first retry) or fails it
+//! with `host-lost`. Hosts wake on the store's notifications, and look again
+//! every [`JOBS_RECHECK`] in case one was missed.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -22,16 +31,28 @@ use tracing::Instrument as _;
 
 use super::{Failure, Permit, Service, ServiceError, Started};
 use crate::runtime::{CallControl, Cancel, Outcome, Request as CallRequest, new_invocation_id};
-use crate::store::{JobError, JobRecord, JobResult, JobStatus, StoreError, UnixMillis, now_millis};
+use crate::store::{
+    JobCancel, JobCaps, JobClaim, JobError, JobRecord, JobResult, JobStatus, SharedStore,
+    StoreError, UnixMillis, now_millis,
+};
 
 /// The status recorded for an invocation that was cancelled (nginx's
 /// "client closed request": nobody got an answer).
 pub const CANCELLED_STATUS: u16 = 499;
 
+/// How often a host on a shared store looks for pending jobs even without
+/// a notification.
+const JOBS_RECHECK: Duration = Duration::from_secs(2);
+
 /// A job being run.
 struct Running {
+    /// Its tenant: a cancel names the job by tenant and id.
+    tenant: String,
     cancel: Cancel,
     task: Option<JoinHandle<()>>,
+    /// When this host took it: a lease renewal that began earlier cannot
+    /// have seen it.
+    since: Instant,
 }
 
 #[derive(Default)]
@@ -61,13 +82,10 @@ struct Finished {
 
 impl Finished {
     fn of(job: &JobRecord) -> Self {
-        let bytes = job.input.len()
-            + job.result.as_ref().map_or(0, |r| r.body.len())
-            + job.error.as_ref().map_or(0, |e| e.message.len());
         Self {
             id: job.id.clone(),
             finished_at: job.finished_at.unwrap_or(job.created_at),
-            bytes: bytes as u64,
+            bytes: job.stored_bytes(),
         }
     }
 }
@@ -214,16 +232,30 @@ impl Jobs {
     }
 }
 
-fn finish_with_error(job: &mut JobRecord, status: JobStatus, failure: &Failure) {
-    job.status = status;
-    job.finished_at = Some(now_millis());
-    job.input = Vec::new();
-    job.result = None;
-    job.error = Some(JobError {
+fn job_error(failure: &Failure) -> JobError {
+    JobError {
         code: failure.code.clone(),
         status: failure.status.as_u16(),
         message: failure.detail.clone(),
-    });
+    }
+}
+
+fn finish_with_error(job: &mut JobRecord, status: JobStatus, failure: &Failure) {
+    job.settle(status, job_error(failure), now_millis());
+}
+
+/// Why a job whose host stopped renewing its lease did not finish.
+fn host_lost(retryable: bool) -> JobError {
+    let message = if retryable {
+        "the host running the job stopped answering, for the second time; it is not retried again"
+    } else {
+        "the host running the job stopped answering; deploy the function with `retryable` to have such a job run once more"
+    };
+    JobError {
+        code: "host-lost".into(),
+        status: 500,
+        message: message.into(),
+    }
 }
 
 fn cancelled(message: &str) -> Failure {
@@ -249,6 +281,11 @@ impl Service {
     /// Rebuilds the queues from the store: pending jobs wait again, jobs
     /// that were running fail (or, for a retryable function, wait again).
     pub(super) fn recover_jobs(&self) -> Result<(), StoreError> {
+        if self.store.shared().is_some() {
+            // The queue is the store's, and a job that was running is
+            // another host's until its lease lapses: nothing to rebuild.
+            return Ok(());
+        }
         let mut requeued = 0usize;
         let mut failed = 0usize;
         let mut finished = Vec::new();
@@ -302,8 +339,23 @@ impl Service {
 
     /// Starts the dispatcher and the retention sweeper.
     pub(super) fn start_jobs(self: &Arc<Self>) {
-        self.track(tokio::spawn(dispatch(Arc::clone(self))));
-        self.track(tokio::spawn(sweep(Arc::clone(self))));
+        if self.store.shared().is_some() {
+            self.track(tokio::spawn(dispatch_shared(Arc::clone(self))));
+            self.track(tokio::spawn(keep_leases(Arc::clone(self))));
+            self.track(tokio::spawn(sweep_shared(Arc::clone(self))));
+        } else {
+            self.track(tokio::spawn(dispatch(Arc::clone(self))));
+            self.track(tokio::spawn(sweep(Arc::clone(self))));
+        }
+    }
+
+    /// The caps on the tenant's finished jobs.
+    fn job_caps(&self, tenant: &str) -> JobCaps {
+        let policy = self.policy(tenant);
+        JobCaps {
+            jobs: policy.max_stored_jobs,
+            bytes: policy.max_stored_job_bytes,
+        }
     }
 
     /// Queues an invocation of the tenant's handler `name` with `input`;
@@ -321,6 +373,15 @@ impl Service {
     ) -> Result<JobRecord, ServiceError> {
         self.handler_function(tenant, name, "only handler functions run as jobs")?;
         let limit = self.policy(tenant).max_queued_jobs;
+        if let Some(shared) = self.store.shared() {
+            let job = pending_job(tenant, name, content_type, input);
+            // Counted and stored in one step in the store, across hosts.
+            if !shared.enqueue_job(&job, limit)? {
+                self.metrics.rejected("job-queue-full");
+                return Err(ServiceError::QueueFull { limit });
+            }
+            return Ok(job);
+        }
         let Some(place) = self
             .jobs
             .reserve(tenant, usize::try_from(limit).unwrap_or(usize::MAX))
@@ -328,22 +389,7 @@ impl Service {
             self.metrics.rejected("job-queue-full");
             return Err(ServiceError::QueueFull { limit });
         };
-        let now = now_millis();
-        let job = JobRecord {
-            id: new_job_id(now),
-            tenant: tenant.to_owned(),
-            function: name.to_owned(),
-            status: JobStatus::Pending,
-            created_at: now,
-            started_at: None,
-            finished_at: None,
-            attempts: 0,
-            invocation_id: None,
-            content_type,
-            input,
-            result: None,
-            error: None,
-        };
+        let job = pending_job(tenant, name, content_type, input);
         self.store.put_job(&job)?;
         // Accepted means it survives a crash from here on.
         if let Err(e) = self.store.flush() {
@@ -403,6 +449,9 @@ impl Service {
     /// [`ServiceError::NotFound`], or a store failure.
     pub fn cancel_job(&self, tenant: &str, id: &str) -> Result<Cancelled, ServiceError> {
         let not_found = || ServiceError::NotFound(format!("no job `{id}`"));
+        if let Some(shared) = self.store.shared() {
+            return self.cancel_shared_job(shared, tenant, id);
+        }
         let settled = |job: JobRecord| -> Result<Cancelled, ServiceError> {
             self.store.put_job(&job)?;
             self.keep_finished(&job);
@@ -451,6 +500,71 @@ impl Service {
             Err(not_found())
         }
     }
+
+    /// [`Service::cancel_job`] on a shared store: a job this host runs is
+    /// interrupted here; a pending one is settled in the store; one that
+    /// another host runs is flagged there, and that host (told by a
+    /// notification, or at its next lease renewal) interrupts it.
+    fn cancel_shared_job(
+        &self,
+        shared: &dyn SharedStore,
+        tenant: &str,
+        id: &str,
+    ) -> Result<Cancelled, ServiceError> {
+        let not_found = || ServiceError::NotFound(format!("no job `{id}`"));
+        let here = {
+            let inner = self.jobs.lock();
+            inner
+                .running
+                .get(id)
+                .filter(|running| running.tenant == tenant)
+                .map(|running| running.cancel.clone())
+        };
+        if let Some(cancel) = here {
+            cancel.cancel();
+            let job = self.store.job(tenant, id)?.ok_or_else(not_found)?;
+            return Ok(Cancelled::Cancelled(Box::new(job)));
+        }
+        let error = job_error(&cancelled("the job was cancelled before it ran"));
+        match shared.cancel_job(tenant, id, &error, now_millis(), self.job_caps(tenant))? {
+            JobCancel::Settled(job) | JobCancel::Requested(job) => {
+                Ok(Cancelled::Cancelled(Box::new(job)))
+            }
+            JobCancel::Deleted => Ok(Cancelled::Deleted),
+            JobCancel::Missing => Err(not_found()),
+        }
+    }
+
+    /// Lets another host take the jobs this one runs at once (their leases
+    /// lapse now), instead of after the lease: at shutdown, when they have
+    /// been stopped.
+    pub(super) fn abandon_jobs(&self) {
+        if let Some(shared) = self.store.shared()
+            && let Err(error) = shared.abandon_jobs(&self.host_id)
+        {
+            tracing::warn!(%error, "could not hand this host's running jobs over; they lapse with their leases");
+        }
+    }
+}
+
+/// A new pending job.
+fn pending_job(tenant: &str, name: &str, content_type: String, input: Vec<u8>) -> JobRecord {
+    let now = now_millis();
+    JobRecord {
+        id: new_job_id(now),
+        tenant: tenant.to_owned(),
+        function: name.to_owned(),
+        status: JobStatus::Pending,
+        created_at: now,
+        started_at: None,
+        finished_at: None,
+        attempts: 0,
+        invocation_id: None,
+        content_type,
+        input,
+        result: None,
+        error: None,
+    }
 }
 
 /// Starts queued jobs as the tenants' and the host's concurrency allow,
@@ -491,35 +605,60 @@ fn start_ready(service: &Arc<Service>) -> bool {
                 break;
             };
             let Some(id) = queue.pop_front() else { break };
-            let cancel = Cancel::new();
-            let span = tracing::debug_span!("job", %tenant, job = %id);
-            let task = tokio::spawn(
-                run(
-                    Arc::clone(service),
-                    tenant.clone(),
-                    id.clone(),
-                    cancel.clone(),
-                    permit,
-                )
-                .instrument(span),
-            );
-            inner.running.insert(
-                id,
-                Running {
-                    cancel,
-                    task: Some(task),
-                },
-            );
+            start(service, &mut inner, &tenant, id, None, permit);
         }
     }
     inner.queues.values().any(|q| !q.is_empty())
 }
 
-/// Runs one job: marks it running, invokes, records and stores the result.
-async fn run(service: Arc<Service>, tenant: String, id: String, cancel: Cancel, permit: Permit) {
-    let finished = run_job(&service, &tenant, &id, cancel, permit).await;
-    // Stored under the lock, so that a concurrent DELETE sees the job either
-    // running or finished, never in between.
+/// Starts the task that runs job `id`, already claimed in the store when
+/// `claimed` (a shared store) and to be marked running by the task when not.
+fn start(
+    service: &Arc<Service>,
+    inner: &mut Inner,
+    tenant: &str,
+    id: String,
+    claimed: Option<(JobRecord, Started)>,
+    permit: Permit,
+) {
+    let cancel = Cancel::new();
+    let span = tracing::debug_span!("job", %tenant, job = %id);
+    let task = tokio::spawn(
+        run(
+            Arc::clone(service),
+            tenant.to_owned(),
+            id.clone(),
+            claimed,
+            cancel.clone(),
+            permit,
+        )
+        .instrument(span),
+    );
+    inner.running.insert(
+        id,
+        Running {
+            tenant: tenant.to_owned(),
+            cancel,
+            task: Some(task),
+            since: Instant::now(),
+        },
+    );
+}
+
+/// Runs one job: marks it running (unless it was claimed so), invokes,
+/// records and stores the result.
+async fn run(
+    service: Arc<Service>,
+    tenant: String,
+    id: String,
+    claimed: Option<(JobRecord, Started)>,
+    cancel: Cancel,
+    permit: Permit,
+) {
+    let finished = match claimed {
+        Some((job, started)) => Ok(Some(execute(&service, job, started, cancel, permit).await)),
+        None => run_job(&service, &tenant, &id, cancel, permit).await,
+    };
     let finished = match finished {
         Ok(finished) => finished,
         Err(e) => {
@@ -532,8 +671,8 @@ async fn run(service: Arc<Service>, tenant: String, id: String, cancel: Cancel, 
         service.jobs.lock().running.remove(&id);
         return;
     };
-    // A final write that fails would leave the job `running` for ever (to
-    // be failed only at the next start): try again, a few times, waiting
+    // A final write that fails would leave the job `running` (until the
+    // next start, or its lease lapses): try again, a few times, waiting
     // longer each time.
     let mut wait = Duration::from_millis(50);
     let job = Arc::new(job);
@@ -542,15 +681,31 @@ async fn run(service: Arc<Service>, tenant: String, id: String, cancel: Cancel, 
         // The store call on a blocking thread: this is an async task.
         let stored = service
             .blocking(move |service| {
+                if let Some(shared) = service.store.shared() {
+                    // Not under the lock: a database round trip. A cancel
+                    // meanwhile is a cancel of a job that is finishing.
+                    let caps = service.job_caps(&written.tenant);
+                    let held = shared.finish_job(&written, &service.host_id, caps)?;
+                    service.jobs.lock().running.remove(&job_id);
+                    return Ok(held);
+                }
+                // Stored under the lock, so that a concurrent DELETE sees
+                // the job either running or finished, never in between.
                 let mut inner = service.jobs.lock();
                 service.store.put_job(&written)?;
                 inner.running.remove(&job_id);
-                Ok(())
+                Ok(true)
             })
             .await;
         match stored {
-            Ok(()) => {
-                service.keep_finished(&job);
+            Ok(true) => {
+                if service.store.shared().is_none() {
+                    service.keep_finished(&job);
+                }
+                return;
+            }
+            Ok(false) => {
+                tracing::warn!(job = %id, "the job's lease lapsed while it ran and another host took it over; this run's result is dropped");
                 return;
             }
             Err(e) if attempt < 5 => {
@@ -559,13 +714,32 @@ async fn run(service: Arc<Service>, tenant: String, id: String, cancel: Cancel, 
                 wait = wait.saturating_mul(4);
             }
             Err(e) => {
-                tracing::error!(job = %id, error = %e, "a finished job could not be stored; it reads as running until the next start fails it");
+                tracing::error!(job = %id, error = %e, "a finished job could not be stored; it reads as running until the next start (or its lease lapses)");
             }
         }
     }
     service.jobs.lock().running.remove(&id);
 }
 
+/// The job's function, ready to run; why it cannot run otherwise.
+fn resolve(service: &Service, job: &JobRecord) -> Result<super::Target, ServiceError> {
+    match service.deployment(&job.tenant, &job.function) {
+        None => Err(ServiceError::NotFound(format!(
+            "no function `{}` (deleted after the job was spawned)",
+            job.function
+        ))),
+        Some(d) if d.record.world != crate::store::FunctionWorld::Handler => {
+            Err(ServiceError::WrongWorld {
+                name: job.function.clone(),
+                instead: "it cannot run as a job".into(),
+            })
+        }
+        Some(deployment) => service.target(deployment),
+    }
+}
+
+/// A job of a store only this host writes: reads it, marks it running
+/// (durably) and runs it; `None` if it was deleted or is no longer pending.
 async fn run_job(
     service: &Arc<Service>,
     tenant: &str,
@@ -585,26 +759,10 @@ async fn run_job(
     if job.status != JobStatus::Pending {
         return Ok(None);
     }
-    let target = match service.deployment(tenant, &job.function) {
-        None => Err(ServiceError::NotFound(format!(
-            "no function `{}` (deleted after the job was spawned)",
-            job.function
-        ))),
-        Some(d) if d.record.world != crate::store::FunctionWorld::Handler => {
-            Err(ServiceError::WrongWorld {
-                name: job.function.clone(),
-                instead: "it cannot run as a job".into(),
-            })
-        }
-        Some(deployment) => service.target(deployment),
-    };
-    let target = match target {
-        Ok(target) => target,
-        Err(error) => {
-            finish_with_error(&mut job, JobStatus::Failed, &error.failure());
-            return Ok(Some(job));
-        }
-    };
+    if let Err(error) = resolve(service, &job) {
+        finish_with_error(&mut job, JobStatus::Failed, &error.failure());
+        return Ok(Some(job));
+    }
 
     let started = Started::now();
     job.status = JobStatus::Running;
@@ -630,7 +788,26 @@ async fn run_job(
             Ok(())
         })
         .await?;
+    Ok(Some(execute(service, job, started, cancel, permit).await))
+}
 
+/// Runs a job marked running as `started`: invokes, records, and returns
+/// the job as it finished.
+async fn execute(
+    service: &Arc<Service>,
+    mut job: JobRecord,
+    started: Started,
+    cancel: Cancel,
+    permit: Permit,
+) -> JobRecord {
+    let target = match resolve(service, &job) {
+        Ok(target) => target,
+        Err(error) => {
+            finish_with_error(&mut job, JobStatus::Failed, &error.failure());
+            return job;
+        }
+    };
+    let tenant = job.tenant.clone();
     let call = CallRequest {
         body: job.input.clone(),
         content_type: job.content_type.clone(),
@@ -639,7 +816,7 @@ async fn run_job(
     };
     let control = CallControl {
         cancel: Some(cancel),
-        ..service.buffered(tenant)
+        ..service.buffered(&tenant)
     };
     let invocation = service.run(&target, call, control).await;
     drop(permit);
@@ -649,8 +826,8 @@ async fn run_job(
     match invocation.outcome {
         // A job keeps its result for everyone to read later: at most what
         // a request may carry, like an invocation's input.
-        Outcome::Ok(reply) if reply.body.len() as u64 > service.policy(tenant).max_body_bytes => {
-            let limit = service.policy(tenant).max_body_bytes;
+        Outcome::Ok(reply) if reply.body.len() as u64 > service.policy(&tenant).max_body_bytes => {
+            let limit = service.policy(&tenant).max_body_bytes;
             finish_with_error(
                 &mut job,
                 JobStatus::Failed,
@@ -683,7 +860,191 @@ async fn run_job(
         ),
         other => finish_with_error(&mut job, JobStatus::Failed, &Failure::of(&other)),
     }
-    Ok(Some(job))
+    job
+}
+
+/// The dispatcher on a shared store: claims pending jobs of the tenants
+/// this host has room for; sleeps until a job is queued (any host), a slot
+/// is released, or [`JOBS_RECHECK`] has passed.
+async fn dispatch_shared(service: Arc<Service>) {
+    let Some(mut queued) = service.store.shared().map(SharedStore::jobs_queued) else {
+        return;
+    };
+    loop {
+        queued.mark_unchanged();
+        // Registered before looking, so that a release in between is not lost.
+        let released = service.admission.released().notified();
+        let waiting = match claim_ready(&service).await {
+            Ok(waiting) => waiting,
+            Err(error) => {
+                tracing::warn!(%error, "could not claim jobs from the shared store");
+                false
+            }
+        };
+        tokio::select! {
+            () = released, if waiting => {}
+            changed = queued.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = tokio::time::sleep(JOBS_RECHECK) => {}
+        }
+    }
+}
+
+/// One pass over the tenants with pending jobs, claiming as many as this
+/// host has room for; returns whether some had to wait for room.
+async fn claim_ready(service: &Arc<Service>) -> Result<bool, ServiceError> {
+    let tenants = service
+        .blocking(|s| match s.store.shared() {
+            Some(shared) => Ok(shared.pending_job_tenants()?),
+            None => Ok(Vec::new()),
+        })
+        .await?;
+    let mut waiting = false;
+    for tenant in tenants {
+        let limit = service.policy(&tenant).max_concurrency as usize;
+        loop {
+            if service.jobs.lock().stopping {
+                return Ok(false);
+            }
+            let Some(permit) = service.admission.try_admit(&tenant, limit) else {
+                waiting = true;
+                break;
+            };
+            let started = Started::now();
+            let claim = JobClaim {
+                host: service.host_id.clone(),
+                lease: service.config.job_lease,
+                started_at: started.at,
+                invocation_id: started.id.clone(),
+            };
+            let of = tenant.clone();
+            let claimed = service
+                .blocking(move |s| match s.store.shared() {
+                    Some(shared) => Ok(shared.claim_job(&of, &claim)?),
+                    None => Ok(None),
+                })
+                .await?;
+            // None left (or other hosts took them): the permit goes back.
+            let Some(job) = claimed else { break };
+            let id = job.id.clone();
+            start(
+                service,
+                &mut service.jobs.lock(),
+                &tenant,
+                id,
+                Some((job, started)),
+                permit,
+            );
+        }
+    }
+    Ok(waiting)
+}
+
+/// Renews the leases of the jobs this host runs, every third of a lease;
+/// interrupts those whose cancellation another host asked for (at once on
+/// its notification) and those this host no longer holds; and expires the
+/// leases of hosts that stopped renewing theirs.
+async fn keep_leases(service: Arc<Service>) {
+    let Some(mut cancels) = service.store.shared().map(SharedStore::cancels_requested) else {
+        return;
+    };
+    let lease = service.config.job_lease;
+    let every = (lease / 3).max(Duration::from_millis(100));
+    let mut renewed = Instant::now();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            changed = cancels.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+        cancels.mark_unchanged();
+        let began = Instant::now();
+        let held = service
+            .blocking(move |s| match s.store.shared() {
+                Some(shared) => Ok(shared.renew_jobs(&s.host_id, lease)?),
+                None => Ok(Vec::new()),
+            })
+            .await;
+        match held {
+            Ok(held) => {
+                renewed = began;
+                let held: HashMap<String, bool> = held.into_iter().collect();
+                let inner = service.jobs.lock();
+                for (id, running) in &inner.running {
+                    match held.get(id) {
+                        Some(true) => running.cancel.cancel(),
+                        Some(false) => {}
+                        // Taken over by another host after its lease
+                        // lapsed: its result would not be kept.
+                        None if running.since < began => running.cancel.cancel(),
+                        None => {}
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not renew the leases of this host's jobs");
+                if renewed.elapsed() >= lease {
+                    // Other hosts may run them already: stop, so that each
+                    // runs once.
+                    let inner = service.jobs.lock();
+                    let lost: HashSet<&String> = inner.running.keys().collect();
+                    tracing::warn!(
+                        jobs = lost.len(),
+                        "the leases of this host's jobs lapsed; they are stopped here"
+                    );
+                    for running in inner.running.values() {
+                        running.cancel.cancel();
+                    }
+                }
+            }
+        }
+        let expired = service
+            .blocking(|s| match s.store.shared() {
+                Some(shared) => Ok(shared.expire_jobs(host_lost)?),
+                None => Ok(Default::default()),
+            })
+            .await;
+        match expired {
+            Ok(expired) if expired.requeued + expired.failed > 0 => {
+                tracing::info!(
+                    requeued = expired.requeued,
+                    failed = expired.failed,
+                    "jobs of a host that stopped answering were taken over"
+                );
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "could not expire lapsed job leases"),
+        }
+    }
+}
+
+/// Deletes finished jobs older than the retention from a shared store,
+/// periodically (any host may; deleting twice is harmless).
+async fn sweep_shared(service: Arc<Service>) {
+    let retention = service.config.job_retention;
+    let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        tokio::time::sleep(every).await;
+        let cutoff =
+            now_millis().saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
+        let pruned = service
+            .blocking(move |s| match s.store.shared() {
+                Some(shared) => Ok(shared.prune_jobs(cutoff)?),
+                None => Ok(0),
+            })
+            .await;
+        match pruned {
+            Ok(0) => {}
+            Ok(removed) => tracing::debug!(removed, "expired job results removed"),
+            Err(error) => tracing::warn!(%error, "could not remove expired jobs"),
+        }
+    }
 }
 
 /// Deletes finished jobs older than the retention, periodically.

@@ -77,6 +77,10 @@ pub struct Service {
     /// Held from a deploy's quota check to its store write, and by deletes,
     /// so that two deploys cannot both take a tenant's last place.
     deploying: std::sync::Mutex<()>,
+    /// This process among the hosts sharing a store: what its job claims
+    /// name. New at every start, so a restarted host never takes for its
+    /// own the claims of its previous life.
+    host_id: String,
 }
 
 /// Deploys that may wait for a compile slot, per core.
@@ -220,6 +224,7 @@ impl Service {
             compiles: Arc::new(tokio::sync::Semaphore::new(cores())),
             queued_compiles: std::sync::atomic::AtomicUsize::new(0),
             deploying: std::sync::Mutex::new(()),
+            host_id: new_host_id(),
             config,
             runtime,
             store,
@@ -239,7 +244,8 @@ impl Service {
     pub fn start(self: &Arc<Self>) {
         self.start_jobs();
         self.start_schedules();
-        if let Some(changes) = self.store.function_changes() {
+        if let Some(shared) = self.store.shared() {
+            let changes = shared.functions_changed();
             self.track(tokio::spawn(follow_functions(Arc::clone(self), changes)));
         }
         self.track(tokio::spawn(sweep_idle_instances(Arc::clone(self))));
@@ -256,6 +262,8 @@ impl Service {
     /// When the store cannot be flushed.
     pub async fn shutdown(&self) -> Result<(), crate::store::StoreError> {
         self.jobs.shutdown().await;
+        // Stopped here: other hosts may take them over now.
+        self.abandon_jobs();
         // Calls that finished before the stop have their records stored.
         self.records.drain().await;
         self.store.flush()?;
@@ -289,6 +297,27 @@ impl Service {
     pub fn rejected(&self, reason: &'static str) {
         self.metrics.rejected(reason);
     }
+}
+
+/// A new host id: `<hostname>-<pid>-<random>`, readable in the store and
+/// unique across restarts.
+fn new_host_id() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "host".to_owned());
+    let mut random = [0u8; 4];
+    // Without randomness, the pid and the start time still tell restarts
+    // apart.
+    if getrandom::fill(&mut random).is_err() {
+        random = (crate::store::now_millis() as u32).to_le_bytes();
+    }
+    format!(
+        "{name}-{}-{:08x}",
+        std::process::id(),
+        u32::from_le_bytes(random)
+    )
 }
 
 /// The machine's cores (1 if it cannot say).

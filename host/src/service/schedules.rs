@@ -7,6 +7,12 @@
 //! policy's limits; an invocation record). Fires missed while the host was
 //! down are not caught up: after a start, a schedule next fires at its next
 //! time from then.
+//!
+//! Hosts sharing a store each keep every schedule (following each other's
+//! changes) and each wake at every fire time; the one that claims the fire
+//! in the store ([`SharedStore::claim_fire`]) runs it, so a schedule fires
+//! once per time whatever the number of hosts, and keeps firing while any
+//! host is up.
 
 use std::collections::HashMap;
 use std::str::FromStr as _;
@@ -21,19 +27,23 @@ use tracing::Instrument as _;
 
 use super::{Admit, Service, ServiceError, Started, json_input};
 use crate::runtime::Request as CallRequest;
-use crate::store::{ScheduleRecord, StoreError, UnixMillis, now_millis};
+use crate::store::{ScheduleRecord, SharedStore, StoreError, UnixMillis, now_millis};
 
 /// A schedule and when it fires next.
 struct Entry {
     cron: Cron,
+    /// Which setting of the schedule this is: a replaced one starts over.
+    text: String,
+    created_at: UnixMillis,
     next: Option<UnixMillis>,
     /// Set while a run is in progress: a fire that finds it set is skipped,
     /// so a run slower than its schedule never piles up waiting runs.
     running: Arc<AtomicBool>,
 }
 
-/// A schedule to fire now: (tenant, function) and its running flag.
-type Due = ((String, String), Arc<AtomicBool>);
+/// A schedule to fire now: (tenant, function), its running flag, and the
+/// cron time it fires for.
+type Due = ((String, String), Arc<AtomicBool>, UnixMillis);
 
 /// The host's schedules, by (tenant, function).
 #[derive(Default)]
@@ -60,22 +70,67 @@ fn next_after(cron: &Cron, after: UnixMillis) -> Option<UnixMillis> {
     u64::try_from(next.timestamp_millis()).ok()
 }
 
+impl Entry {
+    fn new(schedule: &ScheduleRecord, cron: Cron, now: UnixMillis) -> Self {
+        Self {
+            next: next_after(&cron, now),
+            cron,
+            text: schedule.cron.clone(),
+            created_at: schedule.created_at,
+            running: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
 impl Schedules {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Entry>> {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn set(&self, schedule: &ScheduleRecord, cron: Cron, now: UnixMillis) {
-        let next = next_after(&cron, now);
         self.lock().insert(
             (schedule.tenant.clone(), schedule.function.clone()),
-            Entry {
-                cron,
-                next,
-                running: Arc::new(AtomicBool::new(false)),
-            },
+            Entry::new(schedule, cron, now),
         );
         self.changed.notify_one();
+    }
+
+    /// Makes the schedules `stored` (every schedule of the store) the ones
+    /// kept: an unchanged one keeps its next time and running flag, a new or
+    /// replaced one starts from `now`, one no longer stored goes. Whether
+    /// anything changed.
+    fn sync(&self, stored: Vec<ScheduleRecord>, now: UnixMillis) -> bool {
+        let mut entries = self.lock();
+        let mut kept = HashMap::with_capacity(stored.len());
+        let mut changed = false;
+        for schedule in stored {
+            let key = (schedule.tenant.clone(), schedule.function.clone());
+            let entry = match entries.remove(&key) {
+                Some(entry)
+                    if entry.text == schedule.cron && entry.created_at == schedule.created_at =>
+                {
+                    entry
+                }
+                _ => match parse_cron(&schedule.cron) {
+                    Ok(cron) => {
+                        changed = true;
+                        Entry::new(&schedule, cron, now)
+                    }
+                    Err(e) => {
+                        tracing::error!(tenant = %schedule.tenant, function = %schedule.function, error = %e, "a stored schedule is invalid; it does not run");
+                        continue;
+                    }
+                },
+            };
+            kept.insert(key, entry);
+        }
+        changed |= !entries.is_empty();
+        *entries = kept;
+        drop(entries);
+        if changed {
+            self.changed.notify_one();
+        }
+        changed
     }
 
     /// Forgets a function's schedule (it was deleted).
@@ -97,8 +152,8 @@ impl Schedules {
         let mut due = Vec::new();
         let mut earliest: Option<UnixMillis> = None;
         for (key, entry) in self.lock().iter_mut() {
-            if entry.next.is_some_and(|next| next <= now) {
-                due.push((key.clone(), Arc::clone(&entry.running)));
+            if let Some(tick) = entry.next.filter(|next| *next <= now) {
+                due.push((key.clone(), Arc::clone(&entry.running), tick));
                 entry.next = next_after(&entry.cron, now);
             }
             if let Some(next) = entry.next {
@@ -124,9 +179,13 @@ impl Service {
         Ok(())
     }
 
-    /// Starts the task that fires schedules.
+    /// Starts the task that fires schedules, and on a shared store the one
+    /// that follows other hosts' schedule changes.
     pub(super) fn start_schedules(self: &Arc<Self>) {
         self.track(tokio::spawn(fire_loop(Arc::clone(self))));
+        if let Some(changes) = self.store.shared().map(SharedStore::schedules_changed) {
+            self.track(tokio::spawn(follow_schedules(Arc::clone(self), changes)));
+        }
     }
 
     /// When the tenant's schedule of `function` fires next.
@@ -192,7 +251,7 @@ impl Service {
 async fn fire_loop(service: Arc<Service>) {
     loop {
         let (due, earliest) = service.schedules.due(now_millis());
-        for ((tenant, function), running) in due {
+        for ((tenant, function), running, tick) in due {
             if running.swap(true, Ordering::AcqRel) {
                 tracing::info!(%tenant, %function, "the previous scheduled run is still going; this one is skipped");
                 continue;
@@ -203,7 +262,7 @@ async fn fire_loop(service: Arc<Service>) {
                 let span = tracing::debug_span!("schedule", %tenant, %function);
                 tokio::spawn(
                     async move {
-                        fire(&service, &tenant, &function).await;
+                        fire(&service, &tenant, &function, tick).await;
                         running.store(false, Ordering::Release);
                     }
                     .instrument(span),
@@ -221,8 +280,37 @@ async fn fire_loop(service: Arc<Service>) {
     }
 }
 
-/// One run of a schedule: an invocation with its record.
-async fn fire(service: &Arc<Service>, tenant: &str, function: &str) {
+/// How often a host on a shared store reads the schedules again even
+/// without a notification.
+const SCHEDULES_RECHECK: Duration = Duration::from_secs(5);
+
+/// Keeps this host's schedules in step with the shared store's: on every
+/// change notification, and every [`SCHEDULES_RECHECK`].
+async fn follow_schedules(service: Arc<Service>, mut changes: tokio::sync::watch::Receiver<u64>) {
+    loop {
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = tokio::time::sleep(SCHEDULES_RECHECK) => {}
+        }
+        changes.mark_unchanged();
+        match service.blocking(|s| Ok(s.store.all_schedules()?)).await {
+            Ok(stored) => {
+                if service.schedules.sync(stored, now_millis()) {
+                    tracing::debug!("schedules brought in step with the store");
+                }
+            }
+            Err(error) => tracing::warn!(%error, "could not follow other hosts' schedules"),
+        }
+    }
+}
+
+/// One run of a schedule, for the cron time `tick`: an invocation with its
+/// record. On a shared store, only the host that claims the tick runs it.
+async fn fire(service: &Arc<Service>, tenant: &str, function: &str, tick: UnixMillis) {
     // Store calls on a blocking thread: this is an async task.
     let read = || {
         let service = Arc::clone(service);
@@ -236,6 +324,24 @@ async fn fire(service: &Arc<Service>, tenant: &str, function: &str) {
     let Ok(Some(mut schedule)) = read().await else {
         return;
     };
+    if service.store.shared().is_some() {
+        let (of, name, created_at) = (tenant.to_owned(), function.to_owned(), schedule.created_at);
+        let claimed = service
+            .blocking(move |s| match s.store.shared() {
+                Some(shared) => Ok(shared.claim_fire(&of, &name, created_at, tick)?),
+                None => Ok(true),
+            })
+            .await;
+        match claimed {
+            Ok(true) => {}
+            // Another host runs this one.
+            Ok(false) => return,
+            Err(e) => {
+                tracing::warn!(%tenant, %function, error = %e, "could not claim a scheduled run; skipped");
+                return;
+            }
+        }
+    }
     let Some(deployment) = service.deployment(tenant, function) else {
         return;
     };

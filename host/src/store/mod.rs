@@ -407,6 +407,27 @@ pub struct JobRecord {
     pub error: Option<JobError>,
 }
 
+impl JobRecord {
+    /// Ends the job as `status` (failed or cancelled) with `error`: its
+    /// input is dropped, it has no result.
+    pub fn settle(&mut self, status: JobStatus, error: JobError, now: UnixMillis) {
+        self.status = status;
+        self.finished_at = Some(now);
+        self.input = Vec::new();
+        self.result = None;
+        self.error = Some(error);
+    }
+
+    /// What it keeps in the store beyond its fixed fields (input, result
+    /// body, error message): what `max_stored_job_bytes` counts.
+    pub fn stored_bytes(&self) -> u64 {
+        let bytes = self.input.len()
+            + self.result.as_ref().map_or(0, |r| r.body.len())
+            + self.error.as_ref().map_or(0, |e| e.message.len());
+        bytes as u64
+    }
+}
+
 /// A function's cron schedule (`PUT /v1/functions/{name}/schedule`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScheduleRecord {
@@ -543,11 +564,129 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Makes every completed write durable.
     fn flush(&self) -> Result<(), StoreError>;
 
-    /// For a store that other hosts write too: a value that changes soon
-    /// after any host deploys, redeploys or deletes a function (a host then
-    /// reads the functions again). `None` for a store only this process
-    /// writes.
-    fn function_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+    /// What a store that several hosts share offers beyond this trait;
+    /// `None` for a store only this process writes (which then keeps its
+    /// job queues in memory).
+    fn shared(&self) -> Option<&dyn SharedStore> {
         None
     }
+}
+
+/// A host's claim on a pending job: what its run is recorded as.
+#[derive(Debug, Clone)]
+pub struct JobClaim {
+    /// The claiming host (see [`SharedStore::renew_jobs`]).
+    pub host: String,
+    /// How long the claim holds without a renewal.
+    pub lease: std::time::Duration,
+    /// When the run starts.
+    pub started_at: UnixMillis,
+    /// The run's invocation id.
+    pub invocation_id: String,
+}
+
+/// The caps on a tenant's finished jobs (its policy's `max_stored_jobs`
+/// and `max_stored_job_bytes`): beyond them the oldest go.
+#[derive(Debug, Clone, Copy)]
+pub struct JobCaps {
+    /// Finished jobs kept at most.
+    pub jobs: u64,
+    /// Bytes ([`JobRecord::stored_bytes`]) of finished jobs kept at most.
+    pub bytes: u64,
+}
+
+/// What [`SharedStore::cancel_job`] did.
+#[derive(Debug, Clone)]
+pub enum JobCancel {
+    /// The job was pending: it is now cancelled, as returned.
+    Settled(JobRecord),
+    /// The job is running on the host named in the store; that host is
+    /// asked to stop it (and stores it cancelled when it has).
+    Requested(JobRecord),
+    /// The job had finished: it is deleted.
+    Deleted,
+    /// No such job.
+    Missing,
+}
+
+/// Jobs whose host stopped renewing its lease.
+#[derive(Debug, Clone, Default)]
+pub struct ExpiredJobs {
+    /// Queued once more (their function is `retryable`, first retry).
+    pub requeued: u64,
+    /// Failed.
+    pub failed: u64,
+}
+
+/// Coordination between hosts that share one store: change notifications,
+/// a job queue that any host may take from, and schedule fires that only
+/// one host runs.
+///
+/// A job's life here: [`enqueue_job`](Self::enqueue_job) stores it
+/// `pending`; a host with room [`claim_job`](Self::claim_job)s it
+/// (`running`, with a lease); that host renews the lease while it runs and
+/// [`finish_job`](Self::finish_job)es it. When a host dies, its leases
+/// lapse and [`expire_jobs`](Self::expire_jobs) (run by every host) queues
+/// the job again or fails it.
+pub trait SharedStore: Send + Sync {
+    /// Changes soon after any host deploys, redeploys or deletes a function.
+    fn functions_changed(&self) -> tokio::sync::watch::Receiver<u64>;
+    /// Changes soon after any host sets or removes a schedule.
+    fn schedules_changed(&self) -> tokio::sync::watch::Receiver<u64>;
+    /// Changes soon after any host queues a job (or one is queued again).
+    fn jobs_queued(&self) -> tokio::sync::watch::Receiver<u64>;
+    /// Changes soon after any host asks for a running job to be cancelled.
+    fn cancels_requested(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// Stores a new pending job unless its tenant already has `limit`
+    /// pending ones (counted in the store, across hosts): false then.
+    fn enqueue_job(&self, job: &JobRecord, limit: u64) -> Result<bool, StoreError>;
+    /// Tenants with pending jobs.
+    fn pending_job_tenants(&self) -> Result<Vec<String>, StoreError>;
+    /// Takes the tenant's oldest pending job that no other host is taking,
+    /// marks it running under `claim` and returns it as now stored.
+    fn claim_job(&self, tenant: &str, claim: &JobClaim) -> Result<Option<JobRecord>, StoreError>;
+    /// Extends the lease of every job `host` holds; returns each job it
+    /// still holds, with whether its cancellation was asked for.
+    fn renew_jobs(
+        &self,
+        host: &str,
+        lease: std::time::Duration,
+    ) -> Result<Vec<(String, bool)>, StoreError>;
+    /// Stores a finished job if `host` still holds it (false if its lease
+    /// lapsed and the job was taken from it), then removes the tenant's
+    /// oldest finished jobs beyond `caps`.
+    fn finish_job(&self, job: &JobRecord, host: &str, caps: JobCaps) -> Result<bool, StoreError>;
+    /// Cancels a pending job (settled with `error` at `now`, then `caps`
+    /// applied), asks the host of a running one to stop it, deletes a
+    /// finished one.
+    fn cancel_job(
+        &self,
+        tenant: &str,
+        id: &str,
+        error: &JobError,
+        now: UnixMillis,
+        caps: JobCaps,
+    ) -> Result<JobCancel, StoreError>;
+    /// Running jobs whose lease has lapsed: a `retryable` function's job
+    /// that ran once is queued again, any other is failed with
+    /// `lost(retryable)`.
+    fn expire_jobs(&self, lost: fn(bool) -> JobError) -> Result<ExpiredJobs, StoreError>;
+    /// Lets the jobs `host` holds lapse now (it stopped them, shutting
+    /// down), for [`expire_jobs`](Self::expire_jobs) to hand over; how many.
+    fn abandon_jobs(&self, host: &str) -> Result<u64, StoreError>;
+    /// Deletes jobs that finished at or before `cutoff`; how many.
+    fn prune_jobs(&self, cutoff: UnixMillis) -> Result<u64, StoreError>;
+
+    /// Claims the fire of the schedule set at `created_at` for the cron
+    /// time `tick`: true for exactly one caller per tick, whatever the
+    /// number of hosts; false when another host has it, or the schedule
+    /// was replaced or removed.
+    fn claim_fire(
+        &self,
+        tenant: &str,
+        function: &str,
+        created_at: UnixMillis,
+        tick: UnixMillis,
+    ) -> Result<bool, StoreError>;
 }

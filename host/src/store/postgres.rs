@@ -24,9 +24,10 @@ use tokio_postgres::types::{Json, ToSql};
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    ApiKeyRecord, BackendError, BlobStore, DeployRequest, Deployed, FsBlobStore, FunctionRecord,
-    FunctionWorld, InvocationRecord, JobRecord, MetaStore, ScheduleRecord, StoreError,
-    TenantRecord, now_millis,
+    ApiKeyRecord, BackendError, BlobStore, DeployRequest, Deployed, ExpiredJobs, FsBlobStore,
+    FunctionRecord, FunctionWorld, InvocationRecord, JobCancel, JobCaps, JobClaim, JobError,
+    JobRecord, JobStatus, MetaStore, ScheduleRecord, SharedStore, StoreError, TenantRecord,
+    UnixMillis, now_millis,
 };
 use crate::digest::Digest;
 
@@ -53,9 +54,8 @@ pub struct PgStore {
 
 struct Inner {
     pool: Pool,
-    /// Bumped when another host (or this one) changes `functions`: see
-    /// [`listen`].
-    function_changes: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Bumped on other hosts' (and this one's) changes: see [`listen`].
+    changes: Arc<Changes>,
     /// Runs the pool's connections and every query; `None` only while
     /// dropping.
     runtime: Option<tokio::runtime::Runtime>,
@@ -112,8 +112,8 @@ impl PgStore {
             .enable_all()
             .build()
             .map_err(BackendError::Runtime)?;
-        let function_changes = Arc::new(tokio::sync::watch::Sender::new(0));
-        let listener = (config.clone(), Arc::clone(&function_changes));
+        let changes = Arc::new(Changes::default());
+        let listener = (config.clone(), Arc::clone(&changes));
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -132,7 +132,7 @@ impl PgStore {
         let store = Self {
             inner: Arc::new(Inner {
                 pool,
-                function_changes,
+                changes,
                 runtime: Some(runtime),
                 retention: retention_per_function,
             }),
@@ -253,11 +253,52 @@ impl PgStore {
 /// How long a lost listening connection waits before it connects again.
 const RELISTEN_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Follows `functions` changes (the `gust_functions` notifications of
-/// migration V2) on a connection of its own, bumping `changes` for each,
-/// and once more whenever it (re)starts listening, since notifications sent
-/// while it was not are lost. Runs until the store's runtime stops.
-async fn listen(config: tokio_postgres::Config, changes: Arc<tokio::sync::watch::Sender<u64>>) {
+/// What other hosts changed, one counter per notification channel.
+#[derive(Default)]
+struct Changes {
+    /// `gust_functions` (migration V2).
+    functions: tokio::sync::watch::Sender<u64>,
+    /// `gust_schedules` (migration V3).
+    schedules: tokio::sync::watch::Sender<u64>,
+    /// `gust_jobs`: a job was queued.
+    jobs: tokio::sync::watch::Sender<u64>,
+    /// `gust_job_cancels`: a running job's cancellation was asked for.
+    cancels: tokio::sync::watch::Sender<u64>,
+}
+
+/// The channels [`listen`] follows.
+const CHANNELS: &str =
+    "LISTEN gust_functions; LISTEN gust_schedules; LISTEN gust_jobs; LISTEN gust_job_cancels";
+
+impl Changes {
+    fn bump(sender: &tokio::sync::watch::Sender<u64>) {
+        sender.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn notified(&self, channel: &str) {
+        match channel {
+            "gust_functions" => Self::bump(&self.functions),
+            "gust_schedules" => Self::bump(&self.schedules),
+            "gust_jobs" => Self::bump(&self.jobs),
+            "gust_job_cancels" => Self::bump(&self.cancels),
+            _ => {}
+        }
+    }
+
+    /// Every counter: after (re)connecting, since notifications sent while
+    /// not listening are lost.
+    fn all(&self) {
+        for sender in [&self.functions, &self.schedules, &self.jobs, &self.cancels] {
+            Self::bump(sender);
+        }
+    }
+}
+
+/// Follows the notification channels on a connection of its own, bumping
+/// the matching counter of `changes` for each notification, and every
+/// counter whenever it (re)starts listening. Runs until the store's
+/// runtime stops.
+async fn listen(config: tokio_postgres::Config, changes: Arc<Changes>) {
     use futures::StreamExt as _;
     loop {
         match config.connect(NoTls).await {
@@ -267,16 +308,16 @@ async fn listen(config: tokio_postgres::Config, changes: Arc<tokio::sync::watch:
                     let mut messages =
                         futures::stream::poll_fn(move |cx| connection.poll_message(cx));
                     while let Some(Ok(message)) = messages.next().await {
-                        if let tokio_postgres::AsyncMessage::Notification(_) = message {
-                            let _ = notified.send(());
+                        if let tokio_postgres::AsyncMessage::Notification(note) = message {
+                            let _ = notified.send(note.channel().to_owned());
                         }
                     }
                 });
-                match client.batch_execute("LISTEN gust_functions").await {
+                match client.batch_execute(CHANNELS).await {
                     Ok(()) => {
-                        changes.send_modify(|n| *n = n.wrapping_add(1));
-                        while notifications.recv().await.is_some() {
-                            changes.send_modify(|n| *n = n.wrapping_add(1));
+                        changes.all();
+                        while let Some(channel) = notifications.recv().await {
+                            changes.notified(&channel);
                         }
                         tracing::warn!(
                             "lost the connection that follows other hosts' deploys; reconnecting"
@@ -691,10 +732,21 @@ impl MetaStore for PgStore {
         )
     }
     fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+        // Who runs it stays as it was: this is a plain write, not a claim.
         self.execute(
-            "INSERT INTO jobs (tenant, id, record) VALUES ($1, $2, $3)
-             ON CONFLICT (tenant, id) DO UPDATE SET record = EXCLUDED.record",
-            params![job.tenant.clone(), job.id.clone(), Json(job.clone())],
+            "INSERT INTO jobs (tenant, id, record, status, finished_at, bytes)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (tenant, id) DO UPDATE SET record = EXCLUDED.record,
+                 status = EXCLUDED.status, finished_at = EXCLUDED.finished_at,
+                 bytes = EXCLUDED.bytes",
+            params![
+                job.tenant.clone(),
+                job.id.clone(),
+                Json(job.clone()),
+                job.status.as_str(),
+                job.finished_at.map(i64_of),
+                i64_of(job.stored_bytes())
+            ],
         )?;
         Ok(())
     }
@@ -758,8 +810,8 @@ impl MetaStore for PgStore {
         Ok(())
     }
 
-    fn function_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
-        Some(self.inner.function_changes.subscribe())
+    fn shared(&self) -> Option<&dyn SharedStore> {
+        Some(self)
     }
 }
 
@@ -938,3 +990,6 @@ impl BlobStore for PgBlobStore {
         Ok(digests.iter().filter_map(|d| Digest::parse(d)).collect())
     }
 }
+
+// Last: it uses the helpers above, `params!` among them.
+mod jobs;

@@ -12,20 +12,26 @@ use tempfile::TempDir;
 use super::server::{ADMIN_KEY, policies, request};
 
 /// A `gust serve` child process, killed (SIGKILL) when dropped.
-struct Host {
+pub(crate) struct Host {
     child: Child,
-    url: String,
-    demo_key: Option<String>,
+    pub(crate) url: String,
+    pub(crate) demo_key: Option<String>,
 }
 
 impl Host {
     fn start(dir: &Path) -> Self {
+        Self::start_with(dir, &[])
+    }
+
+    /// A host on `dir` with the test policies and `extra` arguments.
+    pub(crate) fn start_with(dir: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_gust"))
             .args(["serve", "--listen", "127.0.0.1:0", "--max-instances", "16"])
             .arg("--data-dir")
             .arg(dir.join("data"))
             .arg("--policies")
             .arg(policies(dir))
+            .args(extra)
             .env("GUST_ADMIN_KEY", ADMIN_KEY)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -54,7 +60,7 @@ impl Host {
         }
     }
 
-    fn kill(mut self) {
+    pub(crate) fn kill(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }

@@ -10,6 +10,7 @@
 
 mod cache;
 mod cli;
+mod cluster;
 mod crash;
 mod diskfull;
 mod fixtures;

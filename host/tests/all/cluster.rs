@@ -1,0 +1,675 @@
+//! Several hosts on one PostgreSQL: the shared job queue and its leases,
+//! schedule fires claimed once, at the store and with real hosts (in this
+//! process, and `gust serve` processes killed with SIGKILL).
+//!
+//! Like the PostgreSQL half of the store suite, these skip with a message
+//! without `GUST_TEST_POSTGRES`, and fail without it in CI.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use gust_host::service::StoreLocation;
+use gust_host::store::postgres::PgStore;
+use gust_host::store::{
+    DeployRequest, FunctionWorld, JobCancel, JobCaps, JobClaim, JobError, JobRecord, JobStatus,
+    MetaStore, ScheduleRecord, SharedStore,
+};
+use gust_test_artifacts as artifacts;
+use serde_json::Value;
+use tempfile::TempDir;
+
+use super::crash::Host;
+use super::jobs::poll_json;
+use super::server::{TestServer, deploy, request, tenant};
+use super::store::test_database;
+
+/// The one number `sql` returns, asked on a connection of its own.
+fn query_i64(url: &str, sql: &str) -> i64 {
+    let (url, sql) = (url.to_owned(), sql.to_owned());
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            let driver = tokio::spawn(connection);
+            let value: i64 = client.query_one(&sql, &[]).await.unwrap().get(0);
+            drop(client);
+            let _ = driver.await;
+            value
+        })
+    })
+    .join()
+    .unwrap()
+}
+
+fn deploy_request(name: &str, retryable: bool) -> DeployRequest {
+    DeployRequest {
+        tenant: "acme".into(),
+        name: name.into(),
+        digest: "sha256:aaaa".into(),
+        size: 1,
+        world: FunctionWorld::Handler,
+        public: false,
+        retryable,
+    }
+}
+
+fn job(n: usize, function: &str) -> JobRecord {
+    JobRecord {
+        // Ids sort by creation, as the host's do.
+        id: format!("job_{n:06}"),
+        tenant: "acme".into(),
+        function: function.into(),
+        status: JobStatus::Pending,
+        created_at: 1,
+        started_at: None,
+        finished_at: None,
+        attempts: 0,
+        invocation_id: None,
+        content_type: "text/plain".into(),
+        input: vec![b'x'; 10],
+        result: None,
+        error: None,
+    }
+}
+
+fn claim(host: &str, lease: Duration) -> JobClaim {
+    JobClaim {
+        host: host.into(),
+        lease,
+        started_at: 5,
+        invocation_id: format!("inv_{host}"),
+    }
+}
+
+fn lost(retryable: bool) -> JobError {
+    JobError {
+        code: "host-lost".into(),
+        status: 500,
+        message: format!("lost (retryable: {retryable})"),
+    }
+}
+
+const CAPS: JobCaps = JobCaps {
+    jobs: 1000,
+    bytes: 1 << 30,
+};
+
+/// Two stores on one database, with tenant `acme` and its functions `once`
+/// and `again` (retryable).
+fn two_stores() -> Option<(super::store::TestDatabase, PgStore, PgStore)> {
+    let db = test_database()?;
+    let a = PgStore::connect(&db.url, 100).unwrap();
+    let b = PgStore::connect(&db.url, 100).unwrap();
+    a.create_tenant("acme").unwrap();
+    a.deploy(&deploy_request("once", false)).unwrap();
+    a.deploy(&deploy_request("again", true)).unwrap();
+    Some((db, a, b))
+}
+
+/// Whether `changes` changes within 5 s.
+fn changes_within(changes: &tokio::sync::watch::Receiver<u64>) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if changes.has_changed().unwrap_or(false) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+fn shared(store: &PgStore) -> &dyn SharedStore {
+    store.shared().expect("PostgreSQL is a shared store")
+}
+
+#[test]
+fn a_shared_queue_counts_its_limit_and_hands_each_job_out_once() {
+    let Some((_db, a, b)) = two_stores() else {
+        return;
+    };
+    for n in 0..40 {
+        assert!(shared(&a).enqueue_job(&job(n, "once"), 40).unwrap());
+    }
+    assert!(
+        !shared(&b).enqueue_job(&job(40, "once"), 40).unwrap(),
+        "the limit is counted in the database, whichever host asks"
+    );
+    assert_eq!(shared(&b).pending_job_tenants().unwrap(), ["acme"]);
+
+    // Eight claimers, four per host, at once.
+    let claimed: Vec<(String, JobRecord)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..8)
+            .map(|worker| {
+                let (store, host) = if worker % 2 == 0 {
+                    (&a, "host-a")
+                } else {
+                    (&b, "host-b")
+                };
+                scope.spawn(move || {
+                    let mut mine = Vec::new();
+                    while let Some(job) = shared(store)
+                        .claim_job("acme", &claim(host, Duration::from_secs(60)))
+                        .unwrap()
+                    {
+                        mine.push((host.to_owned(), job));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    let ids: HashSet<&str> = claimed.iter().map(|(_, job)| job.id.as_str()).collect();
+    assert_eq!(claimed.len(), 40, "every job was claimed");
+    assert_eq!(ids.len(), 40, "and none twice");
+    assert!(shared(&a).pending_job_tenants().unwrap().is_empty());
+    for (host, job) in &claimed {
+        assert_eq!(job.status, JobStatus::Running);
+        assert_eq!(job.attempts, 1);
+        assert_eq!(job.invocation_id.as_deref(), Some(&*format!("inv_{host}")));
+        assert_eq!(a.job("acme", &job.id).unwrap().as_ref(), Some(job));
+    }
+    // Each host renews exactly what it holds.
+    let held_by_a = claimed.iter().filter(|(host, _)| host == "host-a").count();
+    let renewed = shared(&b)
+        .renew_jobs("host-a", Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(renewed.len(), held_by_a);
+    assert!(renewed.iter().all(|(_, cancel)| !cancel));
+
+    // A finish lands only from the host that holds the job.
+    let (holder, mut running) = claimed[0].clone();
+    let other = if holder == "host-a" {
+        "host-b"
+    } else {
+        "host-a"
+    };
+    running.status = JobStatus::Succeeded;
+    running.finished_at = Some(9);
+    assert!(!shared(&a).finish_job(&running, other, CAPS).unwrap());
+    assert_eq!(
+        a.job("acme", &running.id).unwrap().unwrap().status,
+        JobStatus::Running
+    );
+    assert!(shared(&a).finish_job(&running, &holder, CAPS).unwrap());
+    assert_eq!(
+        b.job("acme", &running.id).unwrap().unwrap().status,
+        JobStatus::Succeeded
+    );
+    assert!(
+        !shared(&a).finish_job(&running, &holder, CAPS).unwrap(),
+        "finished once"
+    );
+}
+
+#[test]
+fn lapsed_leases_requeue_retryable_jobs_once_and_fail_the_rest() {
+    let Some((_db, a, b)) = two_stores() else {
+        return;
+    };
+    shared(&a).enqueue_job(&job(1, "once"), 10).unwrap();
+    shared(&a).enqueue_job(&job(2, "again"), 10).unwrap();
+    shared(&a).enqueue_job(&job(3, "again"), 10).unwrap();
+    // Host A takes all three with a lease that lapses at once; no expiry
+    // before it has.
+    let short = Duration::from_millis(1);
+    for _ in 0..2 {
+        shared(&a)
+            .claim_job("acme", &claim("host-a", short))
+            .unwrap();
+    }
+    shared(&a)
+        .claim_job("acme", &claim("host-a", Duration::from_secs(60)))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let expired = shared(&b).expire_jobs(lost).unwrap();
+    assert_eq!((expired.requeued, expired.failed), (1, 1), "{expired:?}");
+    let once = b.job("acme", "job_000001").unwrap().unwrap();
+    assert_eq!(once.status, JobStatus::Failed);
+    assert_eq!(once.error.unwrap().message, "lost (retryable: false)");
+    assert!(once.input.is_empty());
+    let again = b.job("acme", "job_000002").unwrap().unwrap();
+    assert_eq!(again.status, JobStatus::Pending);
+    // Host A no longer holds it: its finish does not land, its renewal
+    // does not list it.
+    let mut late = again.clone();
+    late.status = JobStatus::Succeeded;
+    assert!(!shared(&a).finish_job(&late, "host-a", CAPS).unwrap());
+    let held = shared(&a)
+        .renew_jobs("host-a", Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(held, [("job_000003".to_owned(), false)]);
+
+    // Host B runs it again; when B dies too, it is not retried a third time.
+    let retried = shared(&b)
+        .claim_job("acme", &claim("host-b", short))
+        .unwrap()
+        .unwrap();
+    assert_eq!((retried.id.as_str(), retried.attempts), ("job_000002", 2));
+    std::thread::sleep(Duration::from_millis(20));
+    let expired = shared(&a).expire_jobs(lost).unwrap();
+    assert_eq!((expired.requeued, expired.failed), (0, 1));
+    assert_eq!(
+        a.job("acme", "job_000002")
+            .unwrap()
+            .unwrap()
+            .error
+            .unwrap()
+            .message,
+        "lost (retryable: true)"
+    );
+
+    // A host that stops gracefully hands its jobs over at once.
+    assert_eq!(shared(&a).abandon_jobs("host-a").unwrap(), 1);
+    let expired = shared(&b).expire_jobs(lost).unwrap();
+    assert_eq!((expired.requeued, expired.failed), (1, 0));
+    assert!(shared(&b).expire_jobs(lost).unwrap().requeued == 0);
+}
+
+#[test]
+fn cancels_settle_pending_jobs_flag_running_ones_and_delete_finished_ones() {
+    let Some((_db, a, b)) = two_stores() else {
+        return;
+    };
+    let cancelled = JobError {
+        code: "cancelled".into(),
+        status: 499,
+        message: "cancelled".into(),
+    };
+    for n in 1..=3 {
+        shared(&a).enqueue_job(&job(n, "once"), 10).unwrap();
+    }
+    let running = shared(&a)
+        .claim_job("acme", &claim("host-a", Duration::from_secs(60)))
+        .unwrap()
+        .unwrap();
+    assert_eq!(running.id, "job_000001");
+
+    // Asked on host B: the pending one is cancelled in the store.
+    match shared(&b)
+        .cancel_job("acme", "job_000002", &cancelled, 77, CAPS)
+        .unwrap()
+    {
+        JobCancel::Settled(job) => {
+            assert_eq!(job.status, JobStatus::Cancelled);
+            assert_eq!(job.finished_at, Some(77));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        a.job("acme", "job_000002").unwrap().unwrap().status,
+        JobStatus::Cancelled
+    );
+    // The running one is flagged for host A, which learns it at its next
+    // renewal (and, on a host, at once from the notification).
+    let mut asked = shared(&a).cancels_requested();
+    asked.mark_unchanged();
+    assert!(matches!(
+        shared(&b)
+            .cancel_job("acme", "job_000001", &cancelled, 78, CAPS)
+            .unwrap(),
+        JobCancel::Requested(_)
+    ));
+    assert!(changes_within(&asked), "host A was notified");
+    assert_eq!(
+        shared(&a)
+            .renew_jobs("host-a", Duration::from_secs(60))
+            .unwrap(),
+        [("job_000001".to_owned(), true)]
+    );
+    // Another tenant's job is not found; a finished one is deleted.
+    assert!(matches!(
+        shared(&b)
+            .cancel_job("other", "job_000003", &cancelled, 79, CAPS)
+            .unwrap(),
+        JobCancel::Missing
+    ));
+    assert!(matches!(
+        shared(&b)
+            .cancel_job("acme", "job_000002", &cancelled, 79, CAPS)
+            .unwrap(),
+        JobCancel::Deleted
+    ));
+    assert!(a.job("acme", "job_000002").unwrap().is_none());
+}
+
+#[test]
+fn finished_jobs_are_capped_per_tenant_and_pruned_by_age() {
+    let Some((_db, a, _b)) = two_stores() else {
+        return;
+    };
+    for n in 1..=5 {
+        shared(&a).enqueue_job(&job(n, "once"), 10).unwrap();
+    }
+    // Finished in order 1..5 at times 10..50; each result holds 100 bytes.
+    for n in 1..=5u64 {
+        let mut job = shared(&a)
+            .claim_job("acme", &claim("host-a", Duration::from_secs(60)))
+            .unwrap()
+            .unwrap();
+        job.status = JobStatus::Succeeded;
+        job.finished_at = Some(n * 10);
+        job.input = Vec::new();
+        job.result = Some(gust_host::store::JobResult {
+            status: 200,
+            content_type: "text/plain".into(),
+            body: vec![b'r'; 100],
+        });
+        let caps = JobCaps {
+            jobs: 3,
+            bytes: 250,
+        };
+        assert!(shared(&a).finish_job(&job, "host-a", caps).unwrap());
+    }
+    // At most 3 jobs and 250 bytes: the two newest.
+    let kept: Vec<String> = a
+        .all_jobs()
+        .unwrap()
+        .into_iter()
+        .map(|job| job.id)
+        .collect();
+    assert_eq!(kept, ["job_000004", "job_000005"]);
+    assert_eq!(shared(&a).prune_jobs(40).unwrap(), 1);
+    assert_eq!(a.all_jobs().unwrap().len(), 1);
+}
+
+#[test]
+fn each_schedule_tick_is_claimed_by_one_host() {
+    let Some((_db, a, b)) = two_stores() else {
+        return;
+    };
+    let schedule = ScheduleRecord {
+        tenant: "acme".into(),
+        function: "once".into(),
+        cron: "* * * * * *".into(),
+        input: Value::Null,
+        created_at: 1000,
+        last_run_at: None,
+        last_invocation_id: None,
+        last_outcome: None,
+    };
+    a.put_schedule(&schedule).unwrap();
+    assert!(shared(&a).claim_fire("acme", "once", 1000, 2000).unwrap());
+    assert!(!shared(&b).claim_fire("acme", "once", 1000, 2000).unwrap());
+    assert!(!shared(&a).claim_fire("acme", "once", 1000, 1000).unwrap());
+    // A replaced schedule: fires of the old one are refused.
+    a.put_schedule(&ScheduleRecord {
+        created_at: 1500,
+        ..schedule.clone()
+    })
+    .unwrap();
+    assert!(!shared(&b).claim_fire("acme", "once", 1000, 3000).unwrap());
+    assert!(shared(&b).claim_fire("acme", "once", 1500, 3000).unwrap());
+    // Noting a run is not a change other hosts reload for; a new setting is.
+    let mut changes = shared(&a).schedules_changed();
+    changes.mark_unchanged();
+    a.put_schedule(&ScheduleRecord {
+        created_at: 1500,
+        last_run_at: Some(3000),
+        ..schedule.clone()
+    })
+    .unwrap();
+    a.delete_schedule("acme", "once").unwrap();
+    assert!(changes_within(&changes), "a removal is announced");
+    assert!(!shared(&a).claim_fire("acme", "once", 1500, 4000).unwrap());
+}
+
+/// A host of the test setup on the database at `url`, with `config` on top.
+async fn host_on(dir: &Path, url: &str, lease: Duration) -> TestServer {
+    let url = url.to_owned();
+    TestServer::start_configured(dir, move |config| {
+        config.store = StoreLocation::Postgres(url);
+        config.job_lease = lease;
+    })
+    .await
+}
+
+/// Polls `url` (with `key`) until it answers 200.
+async fn until_ok(url: &str, key: &str, body: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = request("POST", url, Some(key), body.to_owned()).await;
+        if reply.status == 200 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{url}: {}", reply.text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_spawned_on_two_hosts_each_run_exactly_once() {
+    let Some(db) = test_database() else { return };
+    let (a_dir, b_dir) = (TempDir::new().unwrap(), TempDir::new().unwrap());
+    for dir in [&a_dir, &b_dir] {
+        let policies = super::server::policies(dir.path());
+        std::fs::write(
+            policies.join("cluster.toml"),
+            "max_queued_jobs = 1000\nmax_concurrency = 4\n",
+        )
+        .unwrap();
+    }
+    let a = host_on(a_dir.path(), &db.url, Duration::from_secs(30)).await;
+    let b = host_on(b_dir.path(), &db.url, Duration::from_secs(30)).await;
+    let key = tenant(&a, "cluster").await;
+    assert_eq!(
+        deploy(&a, &key, "hello", artifacts::HELLO_COMPONENT)
+            .await
+            .status,
+        201
+    );
+    // Host B follows the deploy.
+    until_ok(&b.url("/v1/functions/hello/invoke"), &key, "B").await;
+    let before = query_i64(
+        &db.url,
+        "SELECT count(*) FROM invocations WHERE function = 'hello'",
+    );
+
+    let spawns = (0..200).map(|n| {
+        let host = if n % 2 == 0 { &a } else { &b };
+        let (url, key) = (host.url("/v1/functions/hello/spawn"), key.clone());
+        async move {
+            let reply = request("POST", &url, Some(&key), format!("{n}")).await;
+            assert_eq!(reply.status, 202, "{}", reply.text());
+            (n, reply.json()["job_id"].as_str().unwrap().to_owned())
+        }
+    });
+    let ids = futures::future::join_all(spawns).await;
+    for (n, id) in &ids {
+        // Read on the other host than the one it was spawned on.
+        let host = if n % 2 == 0 { &b } else { &a };
+        let job = poll_json(&host.url(&format!("/v1/jobs/{id}")), &key, |job| {
+            job["status"] != "pending" && job["status"] != "running"
+        })
+        .await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert_eq!(job["attempts"], 1, "{job}");
+        assert_eq!(job["result"]["output"], format!("Hello, {n}!"), "{job}");
+    }
+    // One invocation record per job: none ran twice. Records are written
+    // off the request path: wait for the last.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ran = loop {
+        let ran = query_i64(
+            &db.url,
+            "SELECT count(*) FROM invocations WHERE function = 'hello'",
+        ) - before;
+        if ran >= 200 || Instant::now() > deadline {
+            break ran;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(ran, 200);
+    let distinct = query_i64(
+        &db.url,
+        "SELECT count(DISTINCT record ->> 'invocation_id') FROM jobs",
+    );
+    assert_eq!(distinct, 200);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_running_on_one_host_is_cancelled_from_another() {
+    let Some(db) = test_database() else { return };
+    let (a_dir, b_dir) = (TempDir::new().unwrap(), TempDir::new().unwrap());
+    let a = host_on(a_dir.path(), &db.url, Duration::from_secs(30)).await;
+    let key = tenant(&a, "other").await;
+    deploy(&a, &key, "loop", artifacts::INFINITE_LOOP_COMPONENT).await;
+    let spawned = request("POST", &a.url("/v1/functions/loop/spawn"), Some(&key), "").await;
+    let id = spawned.json()["job_id"].as_str().unwrap().to_owned();
+    poll_json(&a.url(&format!("/v1/jobs/{id}")), &key, |job| {
+        job["status"] == "running"
+    })
+    .await;
+    // Host B starts after the job is running on A, so A runs it.
+    let b = host_on(b_dir.path(), &db.url, Duration::from_secs(30)).await;
+    let asked = Instant::now();
+    let cancel = request("DELETE", &b.url(&format!("/v1/jobs/{id}")), Some(&key), "").await;
+    assert_eq!(cancel.status, 202, "{}", cancel.text());
+    let job = poll_json(&b.url(&format!("/v1/jobs/{id}")), &key, |job| {
+        job["status"] == "cancelled"
+    })
+    .await;
+    // Well inside the function's 5 s timeout: the notification, not the
+    // timeout, stopped it.
+    let took = asked.elapsed();
+    eprintln!("cancelled on the other host after {took:?}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    assert_eq!(job["error"]["code"], "cancelled", "{job}");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_hosts_jobs_are_finished_elsewhere_or_fail_host_lost() {
+    let Some(db) = test_database() else { return };
+    let (a_dir, b_dir) = (TempDir::new().unwrap(), TempDir::new().unwrap());
+    let a = Host::start_with(a_dir.path(), &["--store", &db.url, "--job-lease", "1s"]);
+    let admin = super::server::ADMIN_KEY;
+    let created = request(
+        "POST",
+        &format!("{}/v1/tenants", a.url),
+        Some(admin),
+        r#"{"name": "other"}"#,
+    )
+    .await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    let key = created.json()["key"]["key"].as_str().unwrap().to_owned();
+    let component = std::fs::read(artifacts::INFINITE_LOOP_COMPONENT).unwrap();
+    for url in ["/v1/functions/again?retryable=true", "/v1/functions/once"] {
+        let reply = request(
+            "PUT",
+            &format!("{}{url}", a.url),
+            Some(&key),
+            component.clone(),
+        )
+        .await;
+        assert_eq!(reply.status, 201, "{}", reply.text());
+    }
+    let mut spawned = Vec::new();
+    // Long enough to be running when A is killed; short enough to finish
+    // on B within the tenant's 5 s timeout.
+    for (function, input) in [
+        ("again", "for 1500"),
+        ("again", "for 1500"),
+        ("once", "for 4000"),
+    ] {
+        let reply = request(
+            "POST",
+            &format!("{}/v1/functions/{function}/spawn", a.url),
+            Some(&key),
+            input,
+        )
+        .await;
+        assert_eq!(reply.status, 202, "{}", reply.text());
+        spawned.push((
+            function,
+            reply.json()["job_id"].as_str().unwrap().to_owned(),
+        ));
+    }
+    for (_, id) in &spawned {
+        poll_json(&format!("{}/v1/jobs/{id}", a.url), &key, |job| {
+            job["status"] == "running"
+        })
+        .await;
+    }
+    let b = host_on(b_dir.path(), &db.url, Duration::from_secs(1)).await;
+    a.kill();
+    for (function, id) in &spawned {
+        let job = poll_json(&b.url(&format!("/v1/jobs/{id}")), &key, |job| {
+            job["status"] != "running" && job["status"] != "pending"
+        })
+        .await;
+        if *function == "again" {
+            assert_eq!(job["status"], "succeeded", "{job}");
+            assert_eq!(job["attempts"], 2, "{job}");
+            assert_eq!(job["result"]["output"], "spun", "{job}");
+        } else {
+            assert_eq!(job["status"], "failed", "{job}");
+            assert_eq!(job["error"]["code"], "host-lost", "{job}");
+            assert_eq!(job["attempts"], 1, "{job}");
+        }
+    }
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_fires_once_per_second_with_three_hosts_up() {
+    let Some(db) = test_database() else { return };
+    let dirs = [
+        TempDir::new().unwrap(),
+        TempDir::new().unwrap(),
+        TempDir::new().unwrap(),
+    ];
+    let mut hosts = Vec::new();
+    for dir in &dirs {
+        hosts.push(host_on(dir.path(), &db.url, Duration::from_secs(30)).await);
+    }
+    let key = hosts[0].demo_key.clone().unwrap();
+    deploy(&hosts[0], &key, "hello", artifacts::HELLO_COMPONENT).await;
+    for host in &hosts[1..] {
+        until_ok(&host.url("/v1/functions/hello/invoke"), &key, "up").await;
+    }
+    let before = query_i64(
+        &db.url,
+        "SELECT count(*) FROM invocations WHERE function = 'hello'",
+    );
+    let set = request(
+        "PUT",
+        &hosts[1].url("/v1/functions/hello/schedule"),
+        Some(&key),
+        r#"{"cron": "* * * * * *", "input": "tick"}"#,
+    )
+    .await;
+    assert_eq!(set.status, 201, "{}", set.text());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let removed = request(
+        "DELETE",
+        &hosts[2].url("/v1/functions/hello/schedule"),
+        Some(&key),
+        "",
+    )
+    .await;
+    assert_eq!(removed.status, 204, "{}", removed.text());
+    // The last run's record is written after its call.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let fired = query_i64(
+        &db.url,
+        "SELECT count(*) FROM invocations WHERE function = 'hello'",
+    ) - before;
+    eprintln!("fired {fired} times in 10 s on three hosts");
+    assert!((9..=11).contains(&fired), "fired {fired} times");
+    for host in hosts {
+        host.stop().await;
+    }
+}
