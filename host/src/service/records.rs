@@ -7,6 +7,11 @@
 //! each would take a thread and contend for the store's write lock. One
 //! writer thread takes the lock uncontended, and a full queue makes the
 //! finishing calls wait (a task waiting, not a thread) instead of growing.
+//!
+//! What queues up while a write is under way is written next as one batch
+//! ([`MetaStore::record_invocations`]): on PostgreSQL one round trip for
+//! many records, so the writer keeps up with the calls however far away
+//! the database is.
 
 use std::sync::Arc;
 
@@ -16,6 +21,9 @@ use crate::store::{InvocationRecord, MetaStore, StoreError};
 
 /// Records waiting to be written, at most: beyond it, calls wait to queue.
 const QUEUE: usize = 1024;
+
+/// Records written in one batch at most.
+const BATCH: usize = 256;
 
 /// What the writer thread is sent.
 enum Queued {
@@ -43,15 +51,30 @@ impl Recorder {
         let writer = std::thread::Builder::new()
             .name("gust-records".into())
             .spawn(move || {
-                while let Some(item) = queued.blocking_recv() {
-                    match item {
-                        Queued::Record(record, done) => {
-                            let _ = done.send(store.record_invocation(&record));
+                let mut records = Vec::with_capacity(BATCH);
+                let mut acks = Vec::with_capacity(BATCH);
+                while let Some(first) = queued.blocking_recv() {
+                    let mut next = Some(first);
+                    while let Some(item) = next {
+                        match item {
+                            Queued::Record(record, done) => {
+                                records.push(*record);
+                                acks.push(done);
+                            }
+                            Queued::Drain(done) => {
+                                // Everything queued before it is written
+                                // before it is answered.
+                                write(store.as_ref(), &mut records, &mut acks);
+                                let _ = done.send(());
+                            }
                         }
-                        Queued::Drain(done) => {
-                            let _ = done.send(());
-                        }
+                        next = if records.len() < BATCH {
+                            queued.try_recv().ok()
+                        } else {
+                            None
+                        };
                     }
+                    write(store.as_ref(), &mut records, &mut acks);
                 }
             })?;
         Ok(Self {
@@ -81,6 +104,23 @@ impl Recorder {
         {
             let _ = drained.await;
         }
+    }
+}
+
+/// Writes `records` as one batch and answers each one's `acks`; leaves
+/// both empty.
+fn write(
+    store: &dyn MetaStore,
+    records: &mut Vec<InvocationRecord>,
+    acks: &mut Vec<oneshot::Sender<Result<u64, StoreError>>>,
+) {
+    if records.is_empty() {
+        return;
+    }
+    let answers = store.record_invocations(records);
+    records.clear();
+    for (done, answer) in acks.drain(..).zip(answers) {
+        let _ = done.send(answer);
     }
 }
 

@@ -89,6 +89,40 @@ impl StoreError {
             )
         })
     }
+
+    /// Whether the store could not be reached at all (the database is down
+    /// or cut off, its connections are used up, it is shutting down), as
+    /// opposed to refusing or failing this one operation: worth trying again
+    /// later (503), and what the host has cached still serves meanwhile.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Backend(BackendError::Postgres(error)) => postgres_unreachable(error),
+            Self::Backend(BackendError::Pool(_) | BackendError::Task(_) | BackendError::Closed) => {
+                true
+            }
+            Self::Backend(BackendError::Batch { unavailable, .. }) => *unavailable,
+            _ => false,
+        }
+    }
+}
+
+/// Whether a PostgreSQL error is about reaching the server rather than a
+/// statement: a lost or refused connection, or SQLSTATE class 08
+/// (connection exception), 57P01–57P03 (shutting down, cannot connect
+/// now), 53300 (too many connections).
+pub(crate) fn postgres_unreachable(error: &tokio_postgres::Error) -> bool {
+    use std::error::Error as _;
+    if error.is_closed() {
+        return true;
+    }
+    if let Some(db) = error.as_db_error() {
+        let code = db.code().code();
+        return code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300");
+    }
+    // No answer from the server: an I/O error (refused, reset, timed out).
+    error
+        .source()
+        .is_some_and(|source| source.downcast_ref::<std::io::Error>().is_some())
 }
 
 /// Why the database failed (see [`StoreError::Backend`]).
@@ -134,6 +168,18 @@ pub enum BackendError {
     /// A query's task ended without an answer (the store is shutting down).
     #[error("a postgres query did not finish: {0}")]
     Task(String),
+    /// A batch of writes failed as a whole (the database's error for
+    /// the first of them is given).
+    #[error("a batch of {size} writes failed: {message}")]
+    Batch {
+        /// Writes in the batch.
+        size: usize,
+        /// What the database said.
+        message: String,
+        /// Whether it failed for want of the database (see
+        /// [`StoreError::is_unavailable`]).
+        unavailable: bool,
+    },
     /// The store is closed.
     #[error("the store is closed")]
     Closed,
@@ -517,6 +563,12 @@ pub trait MetaStore: Send + Sync + 'static {
     /// accounted for as kept or pruned. `Missing` if the function does not
     /// exist (any more): a deleted function's records are not kept.
     fn record_invocation(&self, record: &InvocationRecord) -> Result<u64, StoreError>;
+    /// [`record_invocation`](Self::record_invocation) of several records,
+    /// in order, with one answer each; a store that can, writes them in one
+    /// round (the record writer hands it what queued up meanwhile).
+    fn record_invocations(&self, records: &[InvocationRecord]) -> Vec<Result<u64, StoreError>> {
+        records.iter().map(|r| self.record_invocation(r)).collect()
+    }
     /// One of a tenant's invocation records.
     fn invocation(&self, tenant: &str, id: &str) -> Result<Option<InvocationRecord>, StoreError>;
     /// A function's most recent invocation records, newest first.

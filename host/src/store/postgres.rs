@@ -696,6 +696,13 @@ impl MetaStore for PgStore {
         })
     }
 
+    fn record_invocations(&self, records: &[InvocationRecord]) -> Vec<Result<u64, StoreError>> {
+        match records {
+            [one] => vec![self.record_invocation(one)],
+            _ => self.record_batch(records),
+        }
+    }
+
     fn invocation(&self, tenant: &str, id: &str) -> Result<Option<InvocationRecord>, StoreError> {
         // Only records of a function's current incarnation exist for
         // readers.
@@ -991,5 +998,6 @@ impl BlobStore for PgBlobStore {
     }
 }
 
-// Last: it uses the helpers above, `params!` among them.
+// Last: they use the helpers above, `params!` among them.
 mod jobs;
+mod records;

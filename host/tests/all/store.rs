@@ -394,6 +394,47 @@ fn records_are_newest_first_paged_and_kept_by_retention() {
     });
 }
 
+/// A batch (what the record writer hands over) answers each record as a
+/// single write would, keeps the batch's order, and prunes per function.
+#[test]
+fn a_batch_of_records_answers_each_like_a_single_write() {
+    both(3, |s| {
+        s.store.create_tenant("acme").unwrap();
+        s.store.deploy(&request("acme", "f", A, false)).unwrap();
+        s.store.deploy(&request("acme", "g", B, false)).unwrap();
+        s.store
+            .record_invocation(&invocation("acme", "f", "inv_0"))
+            .unwrap();
+        let mut changed = invocation("acme", "f", "inv_0");
+        changed.status = 500;
+        let mut batch = vec![
+            // A retried write, then a conflicting one.
+            invocation("acme", "f", "inv_0"),
+            changed,
+            invocation("acme", "ghost", "inv_x"),
+        ];
+        batch.extend((1..=4).map(|i| invocation("acme", "f", &format!("inv_{i}"))));
+        batch.push(invocation("acme", "g", "inv_g"));
+        let answers = s.store.record_invocations(&batch);
+        assert_eq!(answers.len(), batch.len());
+        assert!(matches!(answers[0], Ok(0)), "{:?}", answers[0]);
+        assert!(matches!(answers[1], Err(StoreError::Conflict(_))));
+        assert!(matches!(answers[2], Err(StoreError::Missing(_))));
+        // Five records of f, three kept: two pruned, all told.
+        let pruned: u64 = answers[3..7].iter().map(|a| *a.as_ref().unwrap()).sum();
+        assert_eq!(pruned, 2);
+        assert!(matches!(answers[7], Ok(0)));
+        assert_eq!(
+            ids(&s.store.invocations("acme", "f", 10).unwrap()),
+            ["inv_4", "inv_3", "inv_2"]
+        );
+        assert_eq!(
+            ids(&s.store.invocations("acme", "g", 10).unwrap()),
+            ["inv_g"]
+        );
+    });
+}
+
 #[test]
 fn a_deleted_functions_records_never_show_again() {
     both(10, |s| {
