@@ -24,7 +24,7 @@ pub fn rfc3339(millis: UnixMillis) -> String {
 /// `GET /healthz`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Health {
-    /// Always `ok` while the host answers.
+    /// `ok` from `/healthz` while the host answers; `ready` from `/readyz`.
     pub status: String,
 }
 

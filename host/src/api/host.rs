@@ -34,6 +34,31 @@ pub(super) async fn healthz() -> Handled {
     ))
 }
 
+/// Whether the host is ready for all traffic: its store answers, with the
+/// schema this build needs. A host that is not keeps serving the functions
+/// it has loaded (so a liveness probe should ask `/healthz`), but refuses
+/// deploys; a load balancer should send its traffic elsewhere.
+#[utoipa::path(
+    get, path = "/readyz", tag = "host", operation_id = "ready",
+    responses(
+        (status = 200, description = "Ready", body = wire::Health),
+        (status = 503, description = "Not ready: the store is out of reach or its schema is older than this build", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(super) async fn readyz(State(service): State<Arc<Service>>) -> Handled {
+    match service.ready() {
+        Ok(()) => Ok(json_response(
+            StatusCode::OK,
+            &wire::Health {
+                status: "ready".into(),
+            },
+        )),
+        Err(why) => {
+            Err(Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", why).retry_after(1))
+        }
+    }
+}
+
 /// Prometheus metrics (`gust_` prefix), for the operator: they show every
 /// tenant's activity, so the admin key is required.
 #[utoipa::path(

@@ -2,7 +2,7 @@
 //!
 //! Control plane (deploy, list, delete, keys, tenants), invoke plane
 //! (handler calls, map, jobs, schedules, SSE and WebSocket streams,
-//! `wasi:http` routes), `/metrics`, `/healthz` and the OpenAPI document.
+//! `wasi:http` routes), `/metrics`, `/healthz`, `/readyz` and the OpenAPI document.
 //! Routes are declared once, in [`router`], each with its `utoipa` path
 //! attribute; the OpenAPI document served at `/v1/openapi.json` is generated
 //! from them. See `docs/api.md`.

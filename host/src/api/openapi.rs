@@ -64,6 +64,7 @@ impl Modify for BearerScheme {
 pub(super) fn routes() -> OpenApiRouter<Arc<Service>> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(host::healthz))
+        .routes(routes!(host::readyz))
         .routes(routes!(host::metrics))
         .routes(routes!(host::openapi))
         .routes(routes!(functions::list))

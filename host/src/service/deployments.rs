@@ -247,6 +247,8 @@ impl Service {
         retryable: bool,
     ) -> Result<Deployed, ServiceError> {
         let name = checked_name(name, "function")?.to_owned();
+        // Refused before compiling: it could not be stored.
+        self.ready().map_err(ServiceError::StoreUnavailable)?;
         let digest = Digest::of(&bytes);
         let size = bytes.len() as u64;
         // Refused before compiling: a tenant at its quota costs no CPU.

@@ -96,6 +96,9 @@ pub enum ServiceError {
     /// The store failed.
     #[error("the host's store failed: {0}")]
     Store(#[from] StoreError),
+    /// The store is out of reach (see [`Service::ready`](super::Service::ready)).
+    #[error("the host's store is out of reach, so this cannot be done now: {0}")]
+    StoreUnavailable(String),
     /// A key could not be made.
     #[error("issuing a key: {0}")]
     Key(#[from] KeyError),
@@ -127,6 +130,14 @@ impl ServiceError {
             // host keeps serving what it has.
             Self::Store(error) if error.is_out_of_space() => {
                 (StatusCode::INSUFFICIENT_STORAGE, "disk-full", true)
+            }
+            // The database, not the caller: what the host has loaded still
+            // serves; this needs the database.
+            Self::Store(error) if error.is_unavailable() => {
+                (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", true)
+            }
+            Self::StoreUnavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", true)
             }
             Self::InvalidComponent(error) => (
                 StatusCode::BAD_REQUEST,

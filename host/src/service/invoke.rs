@@ -379,6 +379,15 @@ impl Service {
             stdout_dropped_bytes: invocation.stdout.dropped_bytes,
             stderr_dropped_bytes: invocation.stderr.dropped_bytes,
         };
+        if !self.store_reachable() {
+            // Not waited for: the call's answer does not wait on a store
+            // out of reach. The writer tries it for a while.
+            if !self.records.write_detached(record) {
+                self.metrics.record_failed();
+                tracing::warn!(invocation = %started.id, "could not record the invocation: the store is out of reach and the record queue is full");
+            }
+            return;
+        }
         match self.records.write(record).await {
             Some(Ok(pruned)) => self.metrics.record_written(pruned),
             Some(Err(e)) => {

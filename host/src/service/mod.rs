@@ -17,6 +17,7 @@ mod admission;
 mod config;
 mod deployments;
 mod error;
+mod health;
 mod invoke;
 pub mod jobs;
 mod metrics;
@@ -81,6 +82,8 @@ pub struct Service {
     /// name. New at every start, so a restarted host never takes for its
     /// own the claims of its previous life.
     host_id: String,
+    /// Whether the store answers.
+    readiness: health::Readiness,
 }
 
 /// Deploys that may wait for a compile slot, per core.
@@ -225,6 +228,7 @@ impl Service {
             queued_compiles: std::sync::atomic::AtomicUsize::new(0),
             deploying: std::sync::Mutex::new(()),
             host_id: new_host_id(),
+            readiness: health::Readiness::default(),
             config,
             runtime,
             store,
@@ -242,6 +246,7 @@ impl Service {
     /// Starts the background work: the job dispatcher and sweeper, the cron
     /// loop and the idle-instance sweeper. They stop at [`Service::shutdown`].
     pub fn start(self: &Arc<Self>) {
+        self.start_health();
         self.start_jobs();
         self.start_schedules();
         if let Some(shared) = self.store.shared() {

@@ -25,6 +25,11 @@ const QUEUE: usize = 1024;
 /// Records written in one batch at most.
 const BATCH: usize = 256;
 
+/// How often a batch is tried again when the store is out of reach, and
+/// how long after each failure.
+const RETRIES: usize = 10;
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What the writer thread is sent.
 enum Queued {
     /// Write this record and answer with what the store said.
@@ -96,6 +101,17 @@ impl Recorder {
         written.await.ok()
     }
 
+    /// Queues `record` without waiting for it to be written (nor for room
+    /// in the queue); false if the queue is full or the writer has stopped.
+    pub(super) fn write_detached(&self, record: InvocationRecord) -> bool {
+        let (done, _) = oneshot::channel();
+        self.queue.as_ref().is_some_and(|queue| {
+            queue
+                .try_send(Queued::Record(Box::new(record), done))
+                .is_ok()
+        })
+    }
+
     /// Waits until every record queued so far is written.
     pub(super) async fn drain(&self) {
         let (done, drained) = oneshot::channel();
@@ -117,7 +133,20 @@ fn write(
     if records.is_empty() {
         return;
     }
-    let answers = store.record_invocations(records);
+    let mut answers = store.record_invocations(records);
+    // A store out of reach may be back soon: the same batch again, a few
+    // times, while the queue fills behind it (then calls wait, or, with
+    // the store known out of reach, their records are dropped).
+    for _ in 0..RETRIES {
+        let unreachable = answers
+            .iter()
+            .all(|answer| answer.as_ref().is_err_and(StoreError::is_unavailable));
+        if !unreachable {
+            break;
+        }
+        std::thread::sleep(RETRY_AFTER);
+        answers = store.record_invocations(records);
+    }
     records.clear();
     for (done, answer) in acks.drain(..).zip(answers) {
         let _ = done.send(answer);

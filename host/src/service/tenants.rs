@@ -37,12 +37,15 @@ pub(super) struct KeyCache {
 }
 
 impl KeyCache {
-    /// The tenant of a key known valid within the last [`KEY_CACHE_TTL`].
-    fn get(&self, hash: &[u8; 32]) -> Option<String> {
+    /// The tenant of a key known valid within the last [`KEY_CACHE_TTL`],
+    /// or at any time when `stale` (the store is out of reach: a key seen
+    /// valid before keeps working, a revocation meanwhile waits for the
+    /// store).
+    fn get(&self, hash: &[u8; 32], stale: bool) -> Option<String> {
         let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         entries
             .get(hash)
-            .filter(|(_, at)| at.elapsed() < KEY_CACHE_TTL)
+            .filter(|(_, at)| stale || at.elapsed() < KEY_CACHE_TTL)
             .map(|(tenant, _)| tenant.clone())
     }
 
@@ -119,7 +122,18 @@ impl Service {
         if let Some(known) = self.known_caller(&hash) {
             return Ok(Some(known));
         }
-        Ok(match self.store.key_by_hash(&hash)? {
+        let found = match self.store.key_by_hash(&hash) {
+            Ok(found) => found,
+            Err(error) if error.is_unavailable() => {
+                // Checked moments ago the store was fine; now it is not.
+                return match self.keys.get(&hash, true) {
+                    Some(tenant) => Ok(Some(Caller::Tenant(tenant))),
+                    None => Err(error.into()),
+                };
+            }
+            Err(error) => return Err(error.into()),
+        };
+        Ok(match found {
             Some(record) if keys::constant_time_eq(&record.hash, &hash) => {
                 self.keys.put(hash, record.tenant.clone());
                 Some(Caller::Tenant(record.tenant))
@@ -140,7 +154,9 @@ impl Service {
         if keys::constant_time_eq(hash, &self.admin_key_hash) {
             return Some(Caller::Admin);
         }
-        self.keys.get(hash).map(Caller::Tenant)
+        self.keys
+            .get(hash, !self.store_reachable())
+            .map(Caller::Tenant)
     }
 
     /// A new key of `tenant`, with its secret (shown once).

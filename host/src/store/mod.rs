@@ -180,6 +180,15 @@ pub enum BackendError {
         /// [`StoreError::is_unavailable`]).
         unavailable: bool,
     },
+    /// The database's schema is older than this build's (its migrations
+    /// were not applied).
+    #[error("the database's schema is at version {applied}; this build needs {needed}")]
+    Schema {
+        /// The newest migration the database records.
+        applied: i64,
+        /// The newest migration this build has.
+        needed: i64,
+    },
     /// The store is closed.
     #[error("the store is closed")]
     Closed,
@@ -615,6 +624,12 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// Makes every completed write durable.
     fn flush(&self) -> Result<(), StoreError>;
+
+    /// Whether the store answers and holds the schema this build needs
+    /// (checked every second by a host on a shared store, for `/readyz`).
+    fn check_ready(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     /// What a store that several hosts share offers beyond this trait;
     /// `None` for a store only this process writes (which then keeps its

@@ -42,6 +42,9 @@ const POOL_SIZE: usize = 16;
 /// pool's to come free) before it fails.
 const STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long a readiness check waits for the database.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Columns of `functions` in the order [`function`] reads them.
 const FUNCTION_COLUMNS: &str = "tenant, name, version, digest, size, world, public, retryable, created_at, updated_at, incarnation";
 
@@ -812,6 +815,39 @@ impl MetaStore for PgStore {
             |row| json(row, 0),
         )
     }
+    fn check_ready(&self) -> Result<(), StoreError> {
+        let needed = embedded::migrations::runner()
+            .get_migrations()
+            .iter()
+            .map(|migration| i64::from(migration.version()))
+            .max()
+            .unwrap_or(0);
+        let applied = self.run(|pool| async move {
+            let ask = async {
+                let client = pool.get().await.map_err(pool_error)?;
+                client
+                    .query_one(
+                        "SELECT coalesce(max(version), 0)::BIGINT FROM refinery_schema_history",
+                        &[],
+                    )
+                    .await
+                    .and_then(|row| row.try_get::<_, i64>(0))
+                    .map_err(postgres)
+            };
+            tokio::time::timeout(READY_TIMEOUT, ask)
+                .await
+                .map_err(|_| {
+                    StoreError::from(BackendError::Pool(format!(
+                        "the database did not answer within {READY_TIMEOUT:?}"
+                    )))
+                })?
+        })?;
+        if applied < needed {
+            return Err(BackendError::Schema { applied, needed }.into());
+        }
+        Ok(())
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         // Every write is a committed statement: nothing is buffered here.
         Ok(())

@@ -673,3 +673,132 @@ async fn a_schedule_fires_once_per_second_with_three_hosts_up() {
         host.stop().await;
     }
 }
+
+/// A TCP proxy to PostgreSQL that a test can cut (every connection
+/// dropped, new ones closed at once) and mend: a database gone from one
+/// host's view while the cluster serves the other tests.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl Proxy {
+    async fn to(upstream: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (cut, cut_seen) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if *cut_seen.borrow() {
+                    continue;
+                }
+                let mut cut_seen = cut_seen.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut_seen.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, cut }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+
+    /// `url` with its host and port replaced by the proxy's.
+    fn url(&self, url: &str) -> String {
+        let at = url
+            .find('@')
+            .map_or(url.find("://").unwrap() + 3, |at| at + 1);
+        let end = at + url[at..].find('/').unwrap();
+        format!("{}{}{}", &url[..at], self.addr, &url[end..])
+    }
+}
+
+/// The address of the URL's server.
+fn server_addr(url: &str) -> std::net::SocketAddr {
+    let at = url
+        .find('@')
+        .map_or(url.find("://").unwrap() + 3, |at| at + 1);
+    let end = at + url[at..].find('/').unwrap();
+    use std::net::ToSocketAddrs as _;
+    url[at..end].to_socket_addrs().unwrap().next().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_loses_its_database_stops_being_ready_and_serves_what_it_has() {
+    let Some(db) = test_database() else { return };
+    let proxy = Proxy::to(server_addr(&db.url)).await;
+    let dir = TempDir::new().unwrap();
+    let host = host_on(dir.path(), &proxy.url(&db.url), Duration::from_secs(30)).await;
+    let key = host.demo_key.clone().unwrap();
+    deploy(&host, &key, "hello", artifacts::HELLO_COMPONENT).await;
+    let invoke_url = host.url("/v1/functions/hello/invoke");
+    let invoke = || request("POST", &invoke_url, Some(&key), "Ada");
+    assert_eq!(invoke().await.text(), "Hello, Ada!");
+    let ready = request("GET", &host.url("/readyz"), None, "").await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    assert_eq!(ready.json()["status"], "ready");
+
+    proxy.set_cut(true);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let ready = request("GET", &host.url("/readyz"), None, "").await;
+        if ready.status == 503 {
+            ready.problem(503, "not-ready");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still ready: {}", ready.text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Alive, and serving the function it has loaded to the key it knows,
+    // without waiting on the database.
+    let health = request("GET", &host.url("/healthz"), None, "").await;
+    assert_eq!(health.status, 200);
+    for _ in 0..3 {
+        let started = Instant::now();
+        let reply = invoke().await;
+        assert_eq!(reply.text(), "Hello, Ada!");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    // What needs the database is refused, clearly.
+    let refused = deploy(&host, &key, "later", artifacts::ECHO_COMPONENT).await;
+    refused.problem(503, "store-unavailable");
+    let logs = request("GET", &host.url("/v1/functions/hello/logs"), Some(&key), "").await;
+    logs.problem(503, "store-unavailable");
+
+    // Mended: ready again, deploys go through, and the records of the
+    // calls made meanwhile were written after all.
+    proxy.set_cut(false);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while request("GET", &host.url("/readyz"), None, "").await.status != 200 {
+        assert!(Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        deploy(&host, &key, "later", artifacts::ECHO_COMPONENT)
+            .await
+            .status,
+        201
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let logs = request("GET", &host.url("/v1/functions/hello/logs"), Some(&key), "").await;
+        if logs.status == 200 && logs.json()["invocations"].as_array().unwrap().len() == 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", logs.text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    host.stop().await;
+}
