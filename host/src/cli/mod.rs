@@ -19,6 +19,7 @@ mod output;
 mod python;
 mod run;
 mod serve;
+mod store;
 mod ws;
 
 /// Exit status when the function ran and failed (error, trap, timeout, ...);
@@ -69,6 +70,11 @@ enum Command {
     /// it. Stops gracefully on SIGINT/SIGTERM: no new connections, in-flight
     /// requests finish within `--grace`, the store is flushed.
     Serve(serve::ServeArgs),
+
+    /// Move a host's state between stores: `gust store migrate --from
+    /// <data-dir> --to postgres://…` copies a single host's embedded store
+    /// to a database that several hosts share.
+    Store(store::StoreArgs),
 
     /// Build a function from source into a component without deploying it.
     ///
@@ -195,6 +201,7 @@ pub(crate) async fn dispatch(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Run(args) => run::run(args).await,
         Command::Serve(args) => serve::serve(args).await,
+        Command::Store(args) => store::store(args).await,
         Command::Build(args) => {
             client_command(build::build(&args, &mut stdout(), &mut stderr())).await
         }

@@ -8,6 +8,7 @@
 //! PostgreSQL database that several hosts share.
 
 mod blobs;
+pub mod migrate;
 pub mod postgres;
 pub mod sled;
 

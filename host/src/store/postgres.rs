@@ -181,7 +181,7 @@ type Param = Box<dyn ToSql + Sync + Send>;
 /// `params![a, b]`: owned query parameters.
 macro_rules! params {
     ($($param:expr),* $(,)?) => {
-        vec![$(Box::new($param) as Param),*]
+        vec![$(Box::new($param) as $crate::store::postgres::Param),*]
     };
 }
 
@@ -1035,5 +1035,8 @@ impl BlobStore for PgBlobStore {
 }
 
 // Last: they use the helpers above, `params!` among them.
+mod import;
 mod jobs;
 mod records;
+
+pub use self::import::Imported;

@@ -802,3 +802,195 @@ async fn a_host_that_loses_its_database_stops_being_ready_and_serves_what_it_has
     }
     host.stop().await;
 }
+
+/// `gust store migrate` with `args`; its exit status and stdout.
+fn migrate(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gust"))
+        .args(["store", "migrate"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sled_host_moves_to_postgres_with_gust_store_migrate() {
+    let Some(db) = test_database() else { return };
+    let dir = TempDir::new().unwrap();
+    let data = dir.path().join("data");
+    // A single host on sled, with versions, a schedule, and jobs left
+    // running and waiting when it stops.
+    let sled = TestServer::start(dir.path()).await;
+    let demo = sled.demo_key.clone().unwrap();
+    deploy(&sled, &demo, "hello", artifacts::HELLO_COMPONENT).await;
+    let public = request(
+        "PUT",
+        &sled.url("/v1/functions/hello?public=true"),
+        Some(&demo),
+        std::fs::read(artifacts::HELLO_COMPONENT).unwrap(),
+    )
+    .await;
+    assert_eq!(public.json()["version"], 2, "{}", public.text());
+    let scheduled = request(
+        "PUT",
+        &sled.url("/v1/functions/hello/schedule"),
+        Some(&demo),
+        r#"{"cron": "0 0 1 1 *", "input": "new year"}"#,
+    )
+    .await;
+    assert_eq!(scheduled.status, 201, "{}", scheduled.text());
+    let queue = tenant(&sled, "queue").await;
+    deploy(&sled, &queue, "loop", artifacts::INFINITE_LOOP_COMPONENT).await;
+    deploy(&sled, &queue, "hello", artifacts::HELLO_COMPONENT).await;
+    let spawn = |function: &str, input: &str| {
+        let url = sled.url(&format!("/v1/functions/{function}/spawn"));
+        let (queue, input) = (queue.clone(), input.to_owned());
+        async move {
+            let reply = request("POST", &url, Some(&queue), input).await;
+            assert_eq!(reply.status, 202, "{}", reply.text());
+            reply.json()["job_id"].as_str().unwrap().to_owned()
+        }
+    };
+    let looping = spawn("loop", "").await;
+    poll_json(&sled.url(&format!("/v1/jobs/{looping}")), &queue, |job| {
+        job["status"] == "running"
+    })
+    .await;
+    let waiting = spawn("hello", "later").await;
+    sled.stop().await;
+
+    // Bad input first: not a data directory, not a database URL.
+    let (status, _, err) = migrate(&["--from", "/nonexistent", "--to", &db.url]);
+    assert_eq!(status, 2, "{err}");
+    assert!(err.contains("no embedded store"), "{err}");
+    let (status, _, err) = migrate(&["--from", data.to_str().unwrap(), "--to", "mysql://x"]);
+    assert_eq!(status, 2, "{err}");
+
+    let (status, out, err) = migrate(&["--from", data.to_str().unwrap(), "--to", &db.url]);
+    assert_eq!(status, 0, "{out}{err}");
+    eprintln!("{out}");
+    let counts = |out: &str, what: &str| -> (u64, u64) {
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with(what))
+            .unwrap_or_else(|| panic!("no {what} in {out}"));
+        let numbers: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        (numbers[0], numbers[1])
+    };
+    assert_eq!(counts(&out, "tenants"), (2, 0));
+    assert_eq!(counts(&out, "keys"), (2, 0));
+    assert_eq!(counts(&out, "functions"), (3, 0));
+    assert_eq!(counts(&out, "schedules"), (1, 0));
+    assert_eq!(counts(&out, "jobs"), (2, 0));
+    // Again: nothing new, nothing overwritten.
+    let (status, again, err) = migrate(&["--from", data.to_str().unwrap(), "--to", &db.url]);
+    assert_eq!(status, 0, "{again}{err}");
+    assert_eq!(counts(&again, "functions"), (0, 3));
+    assert_eq!(counts(&again, "jobs"), (0, 2));
+
+    // A host on PostgreSQL, on the same data directory: the same keys,
+    // functions and versions, with nothing compiled again.
+    let pg = host_on(dir.path(), &db.url, Duration::from_secs(1)).await;
+    assert!(pg.demo_key.is_none());
+    let invoked = request(
+        "POST",
+        &pg.url("/v1/functions/hello/invoke"),
+        Some(&demo),
+        "pg",
+    )
+    .await;
+    assert_eq!(invoked.text(), "Hello, pg!");
+    let function = request("GET", &pg.url("/v1/functions/hello"), Some(&demo), "").await;
+    assert_eq!(function.json()["version"], 2, "{}", function.text());
+    assert_eq!(function.json()["public"], true);
+    let schedule = request(
+        "GET",
+        &pg.url("/v1/functions/hello/schedule"),
+        Some(&demo),
+        "",
+    )
+    .await;
+    assert_eq!(schedule.json()["cron"], "0 0 1 1 *", "{}", schedule.text());
+    let metrics = request(
+        "GET",
+        &pg.url("/metrics"),
+        Some(super::server::ADMIN_KEY),
+        "",
+    )
+    .await
+    .text();
+    assert!(
+        metrics.lines().any(|l| l == "gust_compile_total 0"),
+        "{metrics}"
+    );
+    // The waiting job runs; the one that was running when its host stopped
+    // ends as a lost host's job does.
+    let job = poll_json(&pg.url(&format!("/v1/jobs/{waiting}")), &queue, |job| {
+        job["status"] == "succeeded"
+    })
+    .await;
+    assert_eq!(job["result"]["output"], "Hello, later!");
+    let job = poll_json(&pg.url(&format!("/v1/jobs/{looping}")), &queue, |job| {
+        job["status"] == "failed"
+    })
+    .await;
+    assert_eq!(job["error"]["code"], "host-lost", "{job}");
+    pg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_host_restarted_serves_everything_without_compiling() {
+    let Some(db) = test_database() else { return };
+    let dirs = [TempDir::new().unwrap(), TempDir::new().unwrap()];
+    let a = host_on(dirs[0].path(), &db.url, Duration::from_secs(30)).await;
+    let b = host_on(dirs[1].path(), &db.url, Duration::from_secs(30)).await;
+    let key = a.demo_key.clone().unwrap();
+    deploy(&a, &key, "hello", artifacts::HELLO_COMPONENT).await;
+    deploy(&b, &key, "echo", artifacts::ECHO_COMPONENT).await;
+    for host in [&a, &b] {
+        until_ok(&host.url("/v1/functions/hello/invoke"), &key, "x").await;
+        until_ok(&host.url("/v1/functions/echo/invoke"), &key, "x").await;
+    }
+    a.stop().await;
+    b.stop().await;
+
+    for dir in &dirs {
+        let host = host_on(dir.path(), &db.url, Duration::from_secs(30)).await;
+        let hello = request(
+            "POST",
+            &host.url("/v1/functions/hello/invoke"),
+            Some(&key),
+            "again",
+        )
+        .await;
+        assert_eq!(hello.text(), "Hello, again!");
+        let echo = request(
+            "POST",
+            &host.url("/v1/functions/echo/invoke"),
+            Some(&key),
+            "again",
+        )
+        .await;
+        assert_eq!(echo.text(), "again");
+        let metrics = request(
+            "GET",
+            &host.url("/metrics"),
+            Some(super::server::ADMIN_KEY),
+            "",
+        )
+        .await
+        .text();
+        assert!(
+            metrics.lines().any(|l| l == "gust_compile_total 0"),
+            "{metrics}"
+        );
+        host.stop().await;
+    }
+}
