@@ -1,5 +1,6 @@
 //! `gust store migrate`: moves a single host's state to PostgreSQL.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -62,7 +63,11 @@ pub(crate) async fn store(args: StoreArgs) -> ExitCode {
     let copied = tokio::task::spawn_blocking(move || run(&args)).await;
     match copied {
         Ok(Ok(copied)) => {
-            println!("{}", summary(&copied));
+            let mut out = std::io::stdout();
+            if writeln!(out, "{}", summary(&copied)).is_err() {
+                // The copy is done; only its summary could not be shown.
+                return ExitCode::from(EXIT_HOST);
+            }
             ExitCode::SUCCESS
         }
         Ok(Err(Failed::Source(error))) => {
