@@ -160,6 +160,10 @@ pub enum BackendError {
     /// No connection could be had from the pool.
     #[error("postgres connection pool: {0}")]
     Pool(String),
+    /// The TLS settings of the database URL are wrong (a bad `sslmode`,
+    /// an unreadable `sslrootcert`, no trusted roots).
+    #[error("postgres TLS: {0}")]
+    Tls(String),
     /// A schema migration failed at connect.
     #[error("postgres schema migration: {0}")]
     Migration(#[source] Box<refinery::Error>),

@@ -19,9 +19,9 @@ use std::future::Future;
 use std::sync::Arc;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{Json, ToSql};
-use tokio_postgres::{NoTls, Row};
 
 use super::{
     ApiKeyRecord, BackendError, BlobStore, DeployRequest, Deployed, ExpiredJobs, FsBlobStore,
@@ -85,23 +85,21 @@ impl std::fmt::Debug for PgStore {
 
 impl PgStore {
     /// Connects to the database at `url` (a `postgres://` URL or a libpq
-    /// key-value string), applies the migrations this build has and the
-    /// database lacks, and keeps at most `retention_per_function` records
-    /// per function.
+    /// key-value string; TLS as its `sslmode` says, see [`tls`]), applies
+    /// the migrations this build has and the database lacks, and keeps at
+    /// most `retention_per_function` records per function.
     ///
     /// # Errors
-    /// When the URL is malformed, the database cannot be reached, or a
-    /// migration fails.
+    /// When the URL or its TLS settings are malformed, the database cannot
+    /// be reached, or a migration fails.
     pub fn connect(url: &str, retention_per_function: usize) -> Result<Self, StoreError> {
-        Self::with_config(url.parse().map_err(postgres)?, retention_per_function)
+        let (config, tls) = tls::configure(url)?;
+        Self::open(config, tls, retention_per_function)
     }
 
-    /// As [`connect`](Self::connect), with the connection settings parsed.
-    ///
-    /// # Errors
-    /// As [`connect`](Self::connect).
-    pub fn with_config(
+    fn open(
         mut config: tokio_postgres::Config,
+        tls: tls::Tls,
         retention_per_function: usize,
     ) -> Result<Self, StoreError> {
         // A database that does not answer fails calls in seconds instead of
@@ -116,10 +114,10 @@ impl PgStore {
             .build()
             .map_err(BackendError::Runtime)?;
         let changes = Arc::new(Changes::default());
-        let listener = (config.clone(), Arc::clone(&changes));
+        let listener = (config.clone(), tls.clone(), Arc::clone(&changes));
         let manager = Manager::from_config(
             config,
-            NoTls,
+            tls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -149,7 +147,7 @@ impl PgStore {
             Ok(())
         })?;
         if let Some(runtime) = &store.inner.runtime {
-            runtime.spawn(listen(listener.0, listener.1));
+            runtime.spawn(listen(listener.0, listener.1, listener.2));
         }
         Ok(store)
     }
@@ -301,10 +299,10 @@ impl Changes {
 /// the matching counter of `changes` for each notification, and every
 /// counter whenever it (re)starts listening. Runs until the store's
 /// runtime stops.
-async fn listen(config: tokio_postgres::Config, changes: Arc<Changes>) {
+async fn listen(config: tokio_postgres::Config, tls: tls::Tls, changes: Arc<Changes>) {
     use futures::StreamExt as _;
     loop {
-        match config.connect(NoTls).await {
+        match config.connect(tls.clone()).await {
             Ok((client, mut connection)) => {
                 let (notified, mut notifications) = tokio::sync::mpsc::unbounded_channel();
                 let driver = tokio::spawn(async move {
@@ -1038,5 +1036,6 @@ impl BlobStore for PgBlobStore {
 mod import;
 mod jobs;
 mod records;
+pub mod tls;
 
 pub use self::import::Imported;

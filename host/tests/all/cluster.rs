@@ -994,3 +994,77 @@ async fn every_host_restarted_serves_everything_without_compiling() {
         host.stop().await;
     }
 }
+
+/// The one text `sql` returns, asked on a connection of its own.
+fn query_text(url: &str, sql: &str) -> String {
+    let (url, sql) = (url.to_owned(), sql.to_owned());
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            let driver = tokio::spawn(connection);
+            let value: String = client.query_one(&sql, &[]).await.unwrap().get(0);
+            drop(client);
+            let _ = driver.await;
+            value
+        })
+    })
+    .join()
+    .unwrap()
+}
+
+/// `sslmode` as libpq reads it: encrypted unless `disable`; verified
+/// against the system's roots (or `sslrootcert`) with `verify-*`, which
+/// refuses the test cluster's self-signed certificate.
+#[test]
+fn tls_to_the_database_follows_sslmode() {
+    let Some(db) = test_database() else { return };
+    let with = |options: &str| {
+        let joiner = if db.url.contains('?') { '&' } else { '?' };
+        format!("{}{joiner}{options}", db.url)
+    };
+    // Connections of this store, encrypted or not, as the server sees them.
+    let encrypted = |name: &str, ssl: bool| {
+        query_i64(
+            &db.url,
+            &format!(
+                "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+                 WHERE a.application_name = '{name}' AND s.ssl = {ssl}"
+            ),
+        )
+    };
+    let plain = PgStore::connect(&with("sslmode=disable&application_name=gust-plain"), 10).unwrap();
+    plain.tenants().unwrap();
+    assert!(encrypted("gust-plain", false) > 0);
+    assert_eq!(encrypted("gust-plain", true), 0);
+    if query_text(&db.url, "SHOW ssl") != "on" {
+        eprintln!("the test cluster has no TLS: checking only that sslmode=require is refused");
+        let error = PgStore::connect(&with("sslmode=require"), 10).unwrap_err();
+        eprintln!("{error}");
+        return;
+    }
+    let required =
+        PgStore::connect(&with("sslmode=require&application_name=gust-require"), 10).unwrap();
+    required.tenants().unwrap();
+    assert!(encrypted("gust-require", true) > 0);
+    assert_eq!(encrypted("gust-require", false), 0);
+    // The default, `prefer`, encrypts when the server can.
+    let preferred = PgStore::connect(&with("application_name=gust-prefer"), 10).unwrap();
+    preferred.tenants().unwrap();
+    assert!(encrypted("gust-prefer", true) > 0);
+    // A certificate no trusted root vouches for is refused, saying why.
+    let error = PgStore::connect(&with("sslmode=verify-full"), 10).unwrap_err();
+    let message = format!("{error:?}");
+    assert!(
+        message.contains("certificate") || message.contains("Certificate"),
+        "{message}"
+    );
+    let error =
+        PgStore::connect(&with("sslmode=verify-ca&sslrootcert=/nonexistent.pem"), 10).unwrap_err();
+    assert!(error.to_string().contains("/nonexistent.pem"), "{error}");
+}
