@@ -4,8 +4,8 @@
 # function) and `POST /v1/functions/hello/invoke` (the `hello` handler,
 # authenticated, with its invocation record), each loaded by wrk, two
 # interleaved rounds; then two hosts on one database, both loaded at once.
-# Prints req/s, p50, p99 and errors per run and the Postgres/sled ratios
-# (target >= 0.8x).
+# Prints successful answers per second, p50, p99 and errors per run and the
+# Postgres/sled ratios (target >= 0.8x).
 #
 #   benches/store.sh                          # starts PostgreSQL if needed
 #   GUST_BENCH_POSTGRES=postgres://… benches/store.sh
@@ -98,9 +98,11 @@ wrk_run() { # connections key-file url
 }
 
 report() { # label wrk-output
+    # Successful answers per second: wrk's req/s counts refusals too.
     local rps
-    rps="$(awk '/^Requests\/sec:/ {print $2}' <<<"$2")"
-    printf '%-26s %10s req/s   p50 %9s   p99 %9s   %s\n' "$1" "$rps" \
+    rps="$(awk '/ requests in / {n = $1; t = $4; sub(/s,$/, "", t)} /Non-2xx/ {bad = $5}
+        END {printf "%.2f", (n - bad) / t}' <<<"$2")"
+    printf '%-26s %10s ok/s   p50 %9s   p99 %9s   %s\n' "$1" "$rps" \
         "$(awk '$1 == "50%" {print $2}' <<<"$2")" \
         "$(awk '$1 == "99%" {print $2}' <<<"$2")" \
         "$(grep -E 'Non-2xx|Socket errors' <<<"$2" | tr '\n' ' ' || true)"

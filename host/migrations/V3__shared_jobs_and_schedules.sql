@@ -57,3 +57,21 @@ FOR EACH ROW
 WHEN (OLD.record -> 'created_at' IS DISTINCT FROM NEW.record -> 'created_at'
       OR OLD.record -> 'cron' IS DISTINCT FROM NEW.record -> 'cron')
 EXECUTE FUNCTION gust_schedule_changed();
+
+-- How many records each function incarnation keeps, and the `seq` at or
+-- below which all of its records are pruned: a record write deletes exactly
+-- the oldest records beyond the retention, found from that floor, instead
+-- of counting the newest ones every time.
+CREATE TABLE record_counts (
+    tenant TEXT NOT NULL,
+    function TEXT NOT NULL,
+    incarnation BIGINT NOT NULL,
+    kept BIGINT NOT NULL,
+    pruned_to BIGINT NOT NULL,
+    PRIMARY KEY (tenant, function, incarnation)
+);
+
+INSERT INTO record_counts (tenant, function, incarnation, kept, pruned_to)
+SELECT tenant, function, incarnation, count(*), min(seq) - 1
+FROM invocations
+GROUP BY tenant, function, incarnation;

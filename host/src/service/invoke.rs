@@ -344,15 +344,31 @@ impl Service {
     }
 
     /// Records a finished invocation (and counts it); `status` is what the
-    /// caller got. Returns once the record is stored (on the record writer's
-    /// thread, see `records`). A lost record does not fail the call it
-    /// describes.
+    /// caller got. On the embedded store, returns once the record is stored
+    /// (on the record writer's thread, see `records`); on a shared store,
+    /// once it is queued for the writer's next batch. A lost record does not
+    /// fail the call it describes.
     pub async fn record(
         &self,
         function: &FunctionRecord,
         started: &Started,
         status: u16,
         invocation: &Invocation,
+    ) {
+        self.record_releasing(function, started, status, invocation, None)
+            .await;
+    }
+
+    /// [`Service::record`]; `permit` (the call's concurrency slot) is
+    /// released before the record is written, or waits for room in the
+    /// writer's queue: a record never holds a slot that a call could use.
+    async fn record_releasing(
+        &self,
+        function: &FunctionRecord,
+        started: &Started,
+        status: u16,
+        invocation: &Invocation,
+        permit: Option<Permit>,
     ) {
         let total = started.instant.elapsed();
         self.metrics
@@ -379,16 +395,35 @@ impl Service {
             stdout_dropped_bytes: invocation.stdout.dropped_bytes,
             stderr_dropped_bytes: invocation.stderr.dropped_bytes,
         };
-        if !self.store_reachable() {
-            // Not waited for: the call's answer does not wait on a store
-            // out of reach. The writer tries it for a while.
-            if !self.records.write_detached(record) {
+        if self.store.shared().is_some() {
+            // Off the request path: the writer batches it with others and
+            // counts it. With the store out of reach, not even waiting for
+            // room (the writer retries for a while; beyond the queue, the
+            // record is dropped and counted).
+            drop(permit);
+            let queued = if self.store_reachable() {
+                self.records.queue(record).await
+            } else {
+                self.records.queue_now(record)
+            };
+            if !queued {
                 self.metrics.record_failed();
-                tracing::warn!(invocation = %started.id, "could not record the invocation: the store is out of reach and the record queue is full");
+                // Many at once while the store is away: a line a second.
+                if let Some(dropped) = self.records.dropped() {
+                    tracing::warn!(
+                        dropped,
+                        "invocation records dropped: the store is out of reach, or far behind the calls"
+                    );
+                }
             }
             return;
         }
-        match self.records.write(record).await {
+        drop(permit);
+        let written = match self.records.send(record).await {
+            Some(written) => written.await.ok(),
+            None => None,
+        };
+        match written {
             Some(Ok(pruned)) => self.metrics.record_written(pruned),
             Some(Err(e)) => {
                 self.metrics.record_failed();
@@ -477,7 +512,8 @@ impl Service {
 
     /// Records a wasi:http call once its guest is done (its body may still
     /// be streaming to the caller when this is called); `permit` is held
-    /// until the guest is done, not while its record is written.
+    /// until the guest is done and its record queued, not while the record
+    /// is written.
     pub fn record_when_done(
         self: &Arc<Self>,
         function: FunctionRecord,
@@ -488,11 +524,9 @@ impl Service {
     ) {
         let service = Arc::clone(self);
         tokio::spawn(async move {
-            let completed = completion.await;
-            drop(permit);
-            if let Ok(invocation) = completed {
+            if let Ok(invocation) = completion.await {
                 service
-                    .record(&function, &started, status, &invocation)
+                    .record_releasing(&function, &started, status, &invocation, Some(permit))
                     .await;
             }
         });

@@ -21,7 +21,7 @@
 //! with `host-lost`. Hosts wake on the store's notifications, and look again
 //! every [`JOBS_RECHECK`] in case one was missed.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -993,9 +993,8 @@ async fn keep_leases(service: Arc<Service>) {
                     // Other hosts may run them already: stop, so that each
                     // runs once.
                     let inner = service.jobs.lock();
-                    let lost: HashSet<&String> = inner.running.keys().collect();
                     tracing::warn!(
-                        jobs = lost.len(),
+                        jobs = inner.running.len(),
                         "the leases of this host's jobs lapsed; they are stopped here"
                     );
                     for running in inner.running.values() {

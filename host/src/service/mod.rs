@@ -61,7 +61,7 @@ pub struct Service {
     admin_key_hash: [u8; 32],
     /// Tenant keys recently found valid.
     keys: tenants::KeyCache,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
     /// Writes invocation records on a thread of its own.
     records: records::Recorder,
     deployments: Deployments,
@@ -213,11 +213,12 @@ impl Service {
         } else {
             None
         };
+        let metrics = Arc::new(Metrics::new());
         let service = Self {
             admin_key_hash: keys::hash(&admin_key),
             keys: tenants::KeyCache::default(),
-            metrics: Metrics::new(),
-            records: records::Recorder::start(Arc::clone(&store))
+            metrics: Arc::clone(&metrics),
+            records: records::Recorder::start(Arc::clone(&store), metrics)
                 .map_err(io("starting the invocation-record writer"))?,
             deployments: Deployments::default(),
             admission: Admission::new(host_capacity),

@@ -9,14 +9,20 @@
 //! finishing calls wait (a task waiting, not a thread) instead of growing.
 //!
 //! What queues up while a write is under way is written next as one batch
-//! ([`MetaStore::record_invocations`]): on PostgreSQL one round trip for
-//! many records, so the writer keeps up with the calls however far away
-//! the database is.
+//! ([`MetaStore::record_invocations`]): on PostgreSQL one transaction for
+//! many records.
+//!
+//! A call on the embedded store waits for its record to be written, so a
+//! read after the answer finds it ([`Recorder::send`]). On a shared store
+//! a call only waits for room in the queue ([`Recorder::queue`]): the
+//! record is written off the request path, in batches as large as the load
+//! makes them, and the writer counts (and logs) what the store said.
 
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::metrics::Metrics;
 use crate::store::{InvocationRecord, MetaStore, StoreError};
 
 /// Records waiting to be written, at most: beyond it, calls wait to queue.
@@ -30,13 +36,18 @@ const BATCH: usize = 256;
 const RETRIES: usize = 10;
 const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Who learns what the store said about a record.
+enum Ack {
+    /// The call, waiting for it.
+    Reply(oneshot::Sender<Result<u64, StoreError>>),
+    /// Nobody waits: the writer counts it in the metrics.
+    Counted,
+}
+
 /// What the writer thread is sent.
 enum Queued {
-    /// Write this record and answer with what the store said.
-    Record(
-        Box<InvocationRecord>,
-        oneshot::Sender<Result<u64, StoreError>>,
-    ),
+    /// Write this record and acknowledge it.
+    Record(Box<InvocationRecord>, Ack),
     /// Answer once everything queued before is written.
     Drain(oneshot::Sender<()>),
 }
@@ -47,67 +58,132 @@ pub(super) struct Recorder {
     /// `None` only while dropping.
     queue: Option<mpsc::Sender<Queued>>,
     writer: Option<std::thread::JoinHandle<()>>,
+    /// Records dropped since the last warning, and when that was.
+    dropped: std::sync::Mutex<(u64, Option<std::time::Instant>)>,
+    /// Records waiting for room in the queue ([`Recorder::queue`]).
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
+/// Records that may wait for room in the queue at most (a few MiB): calls
+/// whose answers do not wait for their records (wasi:http, any call on a
+/// shared store) could otherwise pile them up without bound when the store
+/// is slower than the calls for long.
+const MAX_WAITING: usize = 16_384;
+
+/// Warnings of dropped records come at most this often.
+const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Recorder {
-    /// Starts the writer thread on `store`.
-    pub(super) fn start(store: Arc<dyn MetaStore>) -> std::io::Result<Self> {
+    /// Starts the writer thread on `store`; records nobody waits for are
+    /// counted in `metrics`.
+    pub(super) fn start(store: Arc<dyn MetaStore>, metrics: Arc<Metrics>) -> std::io::Result<Self> {
         let (queue, mut queued) = mpsc::channel(QUEUE);
         let writer = std::thread::Builder::new()
             .name("gust-records".into())
             .spawn(move || {
-                let mut records = Vec::with_capacity(BATCH);
-                let mut acks = Vec::with_capacity(BATCH);
+                let mut batch = Batch {
+                    store,
+                    metrics,
+                    records: Vec::with_capacity(BATCH),
+                    acks: Vec::with_capacity(BATCH),
+                };
                 while let Some(first) = queued.blocking_recv() {
                     let mut next = Some(first);
                     while let Some(item) = next {
                         match item {
-                            Queued::Record(record, done) => {
-                                records.push(*record);
-                                acks.push(done);
+                            Queued::Record(record, ack) => {
+                                batch.records.push(*record);
+                                batch.acks.push(ack);
                             }
                             Queued::Drain(done) => {
                                 // Everything queued before it is written
                                 // before it is answered.
-                                write(store.as_ref(), &mut records, &mut acks);
+                                batch.write();
                                 let _ = done.send(());
                             }
                         }
-                        next = if records.len() < BATCH {
+                        next = if batch.records.len() < BATCH {
                             queued.try_recv().ok()
                         } else {
                             None
                         };
                     }
-                    write(store.as_ref(), &mut records, &mut acks);
+                    batch.write();
                 }
             })?;
         Ok(Self {
             queue: Some(queue),
             writer: Some(writer),
+            dropped: std::sync::Mutex::new((0, None)),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
-    /// Writes `record` and returns how many older records retention pruned
-    /// for it, once it is in the store (so that a read after the call's
-    /// answer finds it); `None` if the writer has stopped.
-    pub(super) async fn write(&self, record: InvocationRecord) -> Option<Result<u64, StoreError>> {
+    /// Counts a dropped record; every [`WARN_EVERY`], how many were dropped
+    /// since the last time it said (so that a flood of them logs a line a
+    /// second, not a line a record).
+    pub(super) fn dropped(&self) -> Option<u64> {
+        let mut dropped = self
+            .dropped
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        dropped.0 += 1;
+        if dropped.1.is_some_and(|at| at.elapsed() < WARN_EVERY) {
+            return None;
+        }
+        let count = std::mem::take(&mut dropped.0);
+        dropped.1 = Some(std::time::Instant::now());
+        Some(count)
+    }
+
+    /// Queues `record` (waiting for room) and returns what will answer,
+    /// once it is in the store (so that a read after the call's answer
+    /// finds it), how many older records retention pruned for it; `None` if
+    /// the writer has stopped.
+    pub(super) async fn send(
+        &self,
+        record: InvocationRecord,
+    ) -> Option<oneshot::Receiver<Result<u64, StoreError>>> {
         let (done, written) = oneshot::channel();
         self.queue
             .as_ref()?
-            .send(Queued::Record(Box::new(record), done))
+            .send(Queued::Record(Box::new(record), Ack::Reply(done)))
             .await
             .ok()?;
-        written.await.ok()
+        Some(written)
     }
 
-    /// Queues `record` without waiting for it to be written (nor for room
-    /// in the queue); false if the queue is full or the writer has stopped.
-    pub(super) fn write_detached(&self, record: InvocationRecord) -> bool {
-        let (done, _) = oneshot::channel();
+    /// Queues `record`, waiting for room but not for the write (counted by
+    /// the writer); false if the writer has stopped, or if [`MAX_WAITING`]
+    /// records already wait for room (the store is far behind the calls:
+    /// records are dropped, and counted, rather than piling up in memory).
+    pub(super) async fn queue(&self, record: InvocationRecord) -> bool {
+        let Some(queue) = &self.queue else {
+            return false;
+        };
+        if let Ok(permit) = queue.try_reserve() {
+            permit.send(Queued::Record(Box::new(record), Ack::Counted));
+            return true;
+        }
+        let waiting = self
+            .waiting
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let queued = waiting < MAX_WAITING
+            && queue
+                .send(Queued::Record(Box::new(record), Ack::Counted))
+                .await
+                .is_ok();
+        self.waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        queued
+    }
+
+    /// Queues `record` without waiting even for room; false if the queue
+    /// is full or the writer has stopped.
+    pub(super) fn queue_now(&self, record: InvocationRecord) -> bool {
         self.queue.as_ref().is_some_and(|queue| {
             queue
-                .try_send(Queued::Record(Box::new(record), done))
+                .try_send(Queued::Record(Box::new(record), Ack::Counted))
                 .is_ok()
         })
     }
@@ -123,33 +199,60 @@ impl Recorder {
     }
 }
 
-/// Writes `records` as one batch and answers each one's `acks`; leaves
-/// both empty.
-fn write(
-    store: &dyn MetaStore,
-    records: &mut Vec<InvocationRecord>,
-    acks: &mut Vec<oneshot::Sender<Result<u64, StoreError>>>,
-) {
-    if records.is_empty() {
-        return;
-    }
-    let mut answers = store.record_invocations(records);
-    // A store out of reach may be back soon: the same batch again, a few
-    // times, while the queue fills behind it (then calls wait, or, with
-    // the store known out of reach, their records are dropped).
-    for _ in 0..RETRIES {
-        let unreachable = answers
-            .iter()
-            .all(|answer| answer.as_ref().is_err_and(StoreError::is_unavailable));
-        if !unreachable {
-            break;
+/// What the writer has taken from the queue and not written yet.
+struct Batch {
+    store: Arc<dyn MetaStore>,
+    metrics: Arc<Metrics>,
+    records: Vec<InvocationRecord>,
+    acks: Vec<Ack>,
+}
+
+impl Batch {
+    /// Writes the records as one batch and acknowledges each; leaves the
+    /// batch empty.
+    fn write(&mut self) {
+        if self.records.is_empty() {
+            return;
         }
-        std::thread::sleep(RETRY_AFTER);
-        answers = store.record_invocations(records);
-    }
-    records.clear();
-    for (done, answer) in acks.drain(..).zip(answers) {
-        let _ = done.send(answer);
+        let mut answers = self.store.record_invocations(&self.records);
+        // A store out of reach may be back soon: the same batch again, a
+        // few times, while the queue fills behind it (then calls wait, or,
+        // with the store known out of reach, their records are dropped).
+        for _ in 0..RETRIES {
+            let unreachable = answers
+                .iter()
+                .all(|answer| answer.as_ref().is_err_and(StoreError::is_unavailable));
+            if !unreachable {
+                break;
+            }
+            std::thread::sleep(RETRY_AFTER);
+            answers = self.store.record_invocations(&self.records);
+        }
+        let mut failed: Option<(usize, StoreError)> = None;
+        for ((ack, answer), record) in self.acks.drain(..).zip(answers).zip(&self.records) {
+            match ack {
+                Ack::Reply(done) => {
+                    let _ = done.send(answer);
+                }
+                Ack::Counted => match answer {
+                    Ok(pruned) => self.metrics.record_written(pruned),
+                    Err(error) => {
+                        self.metrics.record_failed();
+                        match &mut failed {
+                            Some((count, _)) => *count += 1,
+                            None => {
+                                tracing::error!(invocation = %record.id, %error, "could not record the invocation");
+                                failed = Some((1, error));
+                            }
+                        }
+                    }
+                },
+            }
+        }
+        if let Some((count, error)) = failed.filter(|(count, _)| *count > 1) {
+            tracing::error!(count, %error, "could not record these invocations either");
+        }
+        self.records.clear();
     }
 }
 

@@ -409,4 +409,49 @@ mod tests {
         assert!(parse_cron("61 * * * *").is_err());
         assert!(parse_cron("* * * * * * *").is_err());
     }
+
+    fn record(function: &str, cron: &str, created_at: UnixMillis) -> ScheduleRecord {
+        ScheduleRecord {
+            tenant: "acme".into(),
+            function: function.into(),
+            cron: cron.into(),
+            input: serde_json::Value::Null,
+            created_at,
+            last_run_at: None,
+            last_invocation_id: None,
+            last_outcome: None,
+        }
+    }
+
+    /// Following another host's changes keeps what did not change (its
+    /// next time and running flag), restarts what was replaced, drops what
+    /// was removed.
+    #[test]
+    fn syncing_with_the_store_keeps_unchanged_schedules() {
+        let start = 1_767_225_600_000;
+        let schedules = Schedules::default();
+        assert!(schedules.sync(
+            vec![record("a", "* * * * * *", 1), record("b", "0 * * * * *", 1)],
+            start,
+        ));
+        let (due, _) = schedules.due(start + 1000);
+        assert_eq!(due.len(), 1, "a fires at the next second");
+        let running = Arc::clone(&due[0].1);
+        running.store(true, Ordering::Release);
+        // Nothing changed: same entries, a's flag and next time kept.
+        assert!(!schedules.sync(
+            vec![record("a", "* * * * * *", 1), record("b", "0 * * * * *", 1)],
+            start + 1500,
+        ));
+        assert_eq!(schedules.next_run("acme", "a"), Some(start + 2000));
+        let (due, _) = schedules.due(start + 2000);
+        assert!(due[0].1.load(Ordering::Acquire), "the same running flag");
+        // b replaced (set again), a removed.
+        assert!(schedules.sync(vec![record("b", "*/5 * * * * *", 2)], start + 2100));
+        assert_eq!(schedules.next_run("acme", "a"), None);
+        assert_eq!(schedules.next_run("acme", "b"), Some(start + 5000));
+        // A stored schedule that does not parse is left out, not fatal.
+        schedules.sync(vec![record("c", "not cron", 3)], start);
+        assert_eq!(schedules.next_run("acme", "c"), None);
+    }
 }

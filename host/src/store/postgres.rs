@@ -42,8 +42,9 @@ const POOL_SIZE: usize = 16;
 /// pool's to come free) before it fails.
 const STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// How long a readiness check waits for the database.
-const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a readiness check waits for the database: a database that
+/// answers slowly under load is not out of reach.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Columns of `functions` in the order [`function`] reads them.
 const FUNCTION_COLUMNS: &str = "tenant, name, version, digest, size, world, public, retryable, created_at, updated_at, incarnation";
@@ -600,12 +601,14 @@ impl MetaStore for PgStore {
                 return Ok(None);
             };
             let (record, incarnation) = function(&row)?;
-            tx.execute(
+            for sql in [
                 "DELETE FROM invocations WHERE tenant = $1 AND function = $2 AND incarnation = $3",
-                &[&tenant, &name, &incarnation],
-            )
-            .await
-            .map_err(postgres)?;
+                "DELETE FROM record_counts WHERE tenant = $1 AND function = $2 AND incarnation = $3",
+            ] {
+                tx.execute(sql, &[&tenant, &name, &incarnation])
+                    .await
+                    .map_err(postgres)?;
+            }
             tx.commit().await.map_err(postgres)?;
             Ok(Some(record))
         })
@@ -618,83 +621,7 @@ impl MetaStore for PgStore {
         )
     }
     fn record_invocation(&self, record: &InvocationRecord) -> Result<u64, StoreError> {
-        let record = record.clone();
-        let retention = i64_of(self.inner.retention as u64);
-        self.run(|pool| async move {
-            let mut client = pool.get().await.map_err(pool_error)?;
-            let tx = client.transaction().await.map_err(postgres)?;
-            let Some(function) = tx
-                .query_opt(
-                    // Locked: record writes of one function take turns, so
-                    // each one's pruning sees the others' records (under
-                    // READ COMMITTED two could each keep `retention`
-                    // without the other's).
-                    "SELECT incarnation FROM functions WHERE tenant = $1 AND name = $2
-                     FOR NO KEY UPDATE",
-                    &[&record.tenant, &record.function],
-                )
-                .await
-                .map_err(postgres)?
-            else {
-                return Err(StoreError::Missing(format!(
-                    "function {}/{}",
-                    record.tenant, record.function
-                )));
-            };
-            if retention == 0 {
-                // Nothing is kept: the record counts as pruned at once.
-                return Ok(1);
-            }
-            let incarnation: i64 = function.try_get(0).map_err(postgres)?;
-            let inserted = tx
-                .execute(
-                    "INSERT INTO invocations (tenant, function, incarnation, id, record)
-                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant, id) DO NOTHING",
-                    &[
-                        &record.tenant,
-                        &record.function,
-                        &incarnation,
-                        &record.id,
-                        &Json(&record),
-                    ],
-                )
-                .await
-                .map_err(postgres)?;
-            if inserted == 0 {
-                // Ids are unique, so an existing one is a retried write:
-                // fine if it is the same record.
-                let existing = tx
-                    .query_opt(
-                        "SELECT record FROM invocations WHERE tenant = $1 AND id = $2",
-                        &[&record.tenant, &record.id],
-                    )
-                    .await
-                    .map_err(postgres)?;
-                let same = match &existing {
-                    Some(row) => json::<InvocationRecord>(row, 0)? == record,
-                    None => false,
-                };
-                return if same {
-                    Ok(0)
-                } else {
-                    Err(StoreError::Conflict(format!("invocation {:?}", record.id)))
-                };
-            }
-            // Everything older than the newest `retention` records goes.
-            let pruned = tx
-                .execute(
-                    "DELETE FROM invocations WHERE tenant = $1 AND function = $2
-                       AND incarnation = $3 AND seq <= (
-                         SELECT seq FROM invocations
-                         WHERE tenant = $1 AND function = $2 AND incarnation = $3
-                         ORDER BY seq DESC OFFSET $4 LIMIT 1)",
-                    &[&record.tenant, &record.function, &incarnation, &retention],
-                )
-                .await
-                .map_err(postgres)?;
-            tx.commit().await.map_err(postgres)?;
-            Ok(pruned)
-        })
+        self.record_one(record)
     }
 
     fn record_invocations(&self, records: &[InvocationRecord]) -> Vec<Result<u64, StoreError>> {

@@ -1,6 +1,7 @@
-//! Invocation records written in batches: what the record writer has
+//! Invocation records, written in batches: what the record writer has
 //! queued goes in one transaction, one multi-row `INSERT` and one pruning
-//! per function, instead of a transaction per record.
+//! per function, instead of a transaction per record. A single record is a
+//! batch of one.
 
 use std::collections::{HashMap, HashSet};
 
@@ -14,6 +15,18 @@ use super::{
 type FunctionKey = (String, String);
 
 impl PgStore {
+    /// [`MetaStore::record_invocation`](super::MetaStore::record_invocation):
+    /// a batch of one, failing with the database's own error.
+    pub(super) fn record_one(&self, record: &InvocationRecord) -> Result<u64, StoreError> {
+        let batch = vec![record.clone()];
+        let retention = i64_of(self.inner.retention as u64);
+        self.run(move |pool| write_batch(pool, batch, retention))?
+            .pop()
+            .unwrap_or_else(
+                || Err(BackendError::Task("a batch of one had no answer".into()).into()),
+            )
+    }
+
     /// [`MetaStore::record_invocations`](super::MetaStore::record_invocations)
     /// in one transaction; when the transaction fails, every record of the
     /// batch fails with it.
@@ -50,6 +63,14 @@ async fn write_batch(
 ) -> Result<Vec<Result<u64, StoreError>>, StoreError> {
     let mut client = pool.get().await.map_err(pool_error)?;
     let tx = client.transaction().await.map_err(postgres)?;
+    // Records are history, not state: their commit does not wait for the
+    // WAL to reach the disk (a database crash may lose the last moments of
+    // them, as sled's periodic flush may), which would otherwise bound the
+    // writer to one disk flush per batch. Functions, keys and jobs keep
+    // synchronous commits.
+    tx.batch_execute("SET LOCAL synchronous_commit = off")
+        .await
+        .map_err(postgres)?;
     // The functions' rows, locked as in a single write (so each pruning
     // sees every record of its function), in one order, so that writers on
     // several hosts never wait on each other in a cycle.
@@ -162,25 +183,60 @@ async fn write_batch(
     }
 
     // Everything older than the newest `retention` records of each
-    // function goes; what went is counted on the function's last record.
-    let mut pruned: HashMap<FunctionKey, u64> = HashMap::new();
+    // function goes: its count says how many, its floor where they start
+    // (migration V3); what went is counted on the function's last record.
+    let mut added: Vec<(FunctionKey, i64, i64)> = Vec::new();
     for (r, incarnation) in &kept {
-        let key = (r.tenant.clone(), r.function.clone());
-        if pruned.contains_key(&key) {
+        if !inserted.contains(&r.id) {
             continue;
         }
-        let removed = tx
-            .execute(
-                "DELETE FROM invocations WHERE tenant = $1 AND function = $2
-                   AND incarnation = $3 AND seq <= (
-                     SELECT seq FROM invocations
-                     WHERE tenant = $1 AND function = $2 AND incarnation = $3
-                     ORDER BY seq DESC OFFSET $4 LIMIT 1)",
-                &[&r.tenant, &r.function, incarnation, &retention],
+        let key = (r.tenant.clone(), r.function.clone());
+        match added.iter_mut().find(|(k, _, _)| *k == key) {
+            Some((_, _, n)) => *n += 1,
+            None => added.push((key, *incarnation, 1)),
+        }
+    }
+    let mut pruned: HashMap<FunctionKey, u64> = HashMap::new();
+    for ((tenant, function), incarnation, n) in added {
+        let row = tx
+            .query_one(
+                "INSERT INTO record_counts (tenant, function, incarnation, kept, pruned_to)
+                 VALUES ($1, $2, $3, $4, 0)
+                 ON CONFLICT (tenant, function, incarnation)
+                 DO UPDATE SET kept = record_counts.kept + EXCLUDED.kept
+                 RETURNING kept, pruned_to",
+                &[&tenant, &function, &incarnation, &n],
             )
             .await
             .map_err(postgres)?;
-        pruned.insert(key, removed);
+        let (kept_now, floor): (i64, i64) = (
+            row.try_get(0).map_err(postgres)?,
+            row.try_get(1).map_err(postgres)?,
+        );
+        let excess = kept_now - retention;
+        let mut removed = 0u64;
+        if excess > 0 {
+            let row = tx
+                .query_one(
+                    "WITH gone AS (
+                         DELETE FROM invocations WHERE seq IN (
+                             SELECT seq FROM invocations
+                             WHERE tenant = $1 AND function = $2 AND incarnation = $3
+                               AND seq > $4
+                             ORDER BY seq LIMIT $5)
+                         RETURNING seq)
+                     UPDATE record_counts
+                     SET kept = kept - (SELECT count(*) FROM gone),
+                         pruned_to = coalesce((SELECT max(seq) FROM gone), pruned_to)
+                     WHERE tenant = $1 AND function = $2 AND incarnation = $3
+                     RETURNING (SELECT count(*) FROM gone)",
+                    &[&tenant, &function, &incarnation, &floor, &excess],
+                )
+                .await
+                .map_err(postgres)?;
+            removed = u64::try_from(row.try_get::<_, i64>(0).map_err(postgres)?).unwrap_or(0);
+        }
+        pruned.insert((tenant, function), removed);
     }
 
     let mut answers = Vec::with_capacity(batch.len());
