@@ -42,14 +42,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# A fresh database; prints its URL.
+# A fresh database, dropped at the end; its URL in $url. (Not a command
+# substitution: the list of databases to drop must outlive it.)
 database() { # name
     local name="gust_bench_$1_$$"
     psql_admin "CREATE DATABASE $name"
     databases+=("$name")
     local root="${admin%%\?*}" query=""
     [[ "$admin" == *\?* ]] && query="?${admin#*\?}"
-    echo "${root%/*}/$name$query"
+    url="${root%/*}/$name$query"
 }
 
 mkdir -p "$work/policies"
@@ -122,7 +123,8 @@ run() { # label url [host-name-for-invoke]
 }
 
 start sled 18191 sled deploy
-start pg 18192 "$(database single)" deploy
+database single
+start pg 18192 "$url" deploy
 echo "$(date -u '+%F %T') UTC, $(nproc) cores; gust: $gust; $(psql -Atc 'SELECT version()' "$admin" | cut -d' ' -f1-2)"
 for round in 1 2; do
     run "http sled ($round)" "http://127.0.0.1:18191/http/demo/web/"
@@ -144,9 +146,9 @@ for host in sled pg; do kill "$(cat "$work/$host.pid")"; done
 
 # Two hosts on one database, loaded at once (wrk's connections split over
 # both): a shared load, every answer a success.
-shared="$(database shared)"
-start a 18193 "$shared" deploy
-start b 18194 "$shared"
+database shared
+start a 18193 "$url" deploy
+start b 18194 "$url"
 cp "$work/a.key" "$work/b.key"
 # Host B serves what A deployed once it has followed the deploy.
 for _ in $(seq 1 100); do
