@@ -79,11 +79,12 @@ impl Service {
 async fn check_store(service: Arc<Service>) {
     loop {
         tokio::time::sleep(READY_CHECK).await;
-        let answer = service
-            .blocking(|s| Ok(s.store.check_ready()))
-            .await
-            .unwrap_or_else(|e| Err(crate::store::StoreError::Missing(e.to_string())))
-            .map_err(|e| e.to_string());
+        let answer = match service.blocking(|s| Ok(s.store.check_ready())).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(error.to_string()),
+            // The check itself failed (it panicked): not known reachable.
+            Err(error) => Err(error.to_string()),
+        };
         let failed = answer.clone().err();
         if service.readiness.note(answer) {
             match failed {
