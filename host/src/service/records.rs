@@ -145,11 +145,15 @@ impl Recorder {
         record: InvocationRecord,
     ) -> Option<oneshot::Receiver<Result<u64, StoreError>>> {
         let (done, written) = oneshot::channel();
-        self.queue
-            .as_ref()?
-            .send(Queued::Record(Box::new(record), Ack::Reply(done)))
-            .await
-            .ok()?;
+        let queue = self.queue.as_ref()?;
+        let item = Queued::Record(Box::new(record), Ack::Reply(done));
+        // Queued at once when there is room, so that a caller dropped right
+        // after (its client hung up) still has its record written.
+        match queue.try_send(item) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(item)) => queue.send(item).await.ok()?,
+            Err(mpsc::error::TrySendError::Closed(_)) => return None,
+        }
         Some(written)
     }
 
@@ -230,23 +234,28 @@ impl Batch {
         }
         let mut failed: Option<(usize, StoreError)> = None;
         for ((ack, answer), record) in self.acks.drain(..).zip(answers).zip(&self.records) {
-            match ack {
-                Ack::Reply(done) => {
-                    let _ = done.send(answer);
-                }
-                Ack::Counted => match answer {
-                    Ok(pruned) => self.metrics.record_written(pruned),
-                    Err(error) => {
-                        self.metrics.record_failed();
-                        match &mut failed {
-                            Some((count, _)) => *count += 1,
-                            None => {
-                                tracing::error!(invocation = %record.id, %error, "could not record the invocation");
-                                failed = Some((1, error));
-                            }
+            let answer = match ack {
+                // The caller counts it, unless it went away meanwhile (its
+                // client hung up): then it is counted here, so that every
+                // finished call's record is accounted for.
+                Ack::Reply(done) => match done.send(answer) {
+                    Ok(()) => continue,
+                    Err(answer) => answer,
+                },
+                Ack::Counted => answer,
+            };
+            match answer {
+                Ok(pruned) => self.metrics.record_written(pruned),
+                Err(error) => {
+                    self.metrics.record_failed();
+                    match &mut failed {
+                        Some((count, _)) => *count += 1,
+                        None => {
+                            tracing::error!(invocation = %record.id, %error, "could not record the invocation");
+                            failed = Some((1, error));
                         }
                     }
-                },
+                }
             }
         }
         if let Some((count, error)) = failed.filter(|(count, _)| *count > 1) {
