@@ -419,15 +419,11 @@ impl Service {
             return;
         }
         drop(permit);
-        let written = match self.records.send(record).await {
-            Some(written) => written.await.ok(),
-            None => None,
-        };
-        match written {
-            Some(Ok(pruned)) => self.metrics.record_written(pruned),
-            Some(Err(e)) => {
-                self.metrics.record_failed();
-                tracing::error!(invocation = %started.id, error = %e, "could not record the invocation");
+        // The writer counts (and logs) what the store said; this waits so
+        // that a read after the answer finds the record.
+        match self.records.send(record).await {
+            Some(written) => {
+                let _ = written.await;
             }
             None => {
                 self.metrics.record_failed();

@@ -36,11 +36,13 @@ const BATCH: usize = 256;
 const RETRIES: usize = 10;
 const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Who learns what the store said about a record.
+/// Who waits for a record to be written. The writer counts every record
+/// in the metrics itself, whoever waits: a caller dropped while waiting
+/// (its client hung up) leaves its record counted all the same.
 enum Ack {
-    /// The call, waiting for it.
-    Reply(oneshot::Sender<Result<u64, StoreError>>),
-    /// Nobody waits: the writer counts it in the metrics.
+    /// The call, told once the record is written.
+    Reply(oneshot::Sender<()>),
+    /// Nobody.
     Counted,
 }
 
@@ -136,14 +138,10 @@ impl Recorder {
         Some(count)
     }
 
-    /// Queues `record` (waiting for room) and returns what will answer,
-    /// once it is in the store (so that a read after the call's answer
-    /// finds it), how many older records retention pruned for it; `None` if
-    /// the writer has stopped.
-    pub(super) async fn send(
-        &self,
-        record: InvocationRecord,
-    ) -> Option<oneshot::Receiver<Result<u64, StoreError>>> {
+    /// Queues `record` (waiting for room) and returns what answers once
+    /// the store has answered for it (so that a read after the call's
+    /// answer finds it); `None` if the writer has stopped.
+    pub(super) async fn send(&self, record: InvocationRecord) -> Option<oneshot::Receiver<()>> {
         let (done, written) = oneshot::channel();
         let queue = self.queue.as_ref()?;
         let item = Queued::Record(Box::new(record), Ack::Reply(done));
@@ -234,16 +232,6 @@ impl Batch {
         }
         let mut failed: Option<(usize, StoreError)> = None;
         for ((ack, answer), record) in self.acks.drain(..).zip(answers).zip(&self.records) {
-            let answer = match ack {
-                // The caller counts it, unless it went away meanwhile (its
-                // client hung up): then it is counted here, so that every
-                // finished call's record is accounted for.
-                Ack::Reply(done) => match done.send(answer) {
-                    Ok(()) => continue,
-                    Err(answer) => answer,
-                },
-                Ack::Counted => answer,
-            };
             match answer {
                 Ok(pruned) => self.metrics.record_written(pruned),
                 Err(error) => {
@@ -256,6 +244,9 @@ impl Batch {
                         }
                     }
                 }
+            }
+            if let Ack::Reply(done) = ack {
+                let _ = done.send(());
             }
         }
         if let Some((count, error)) = failed.filter(|(count, _)| *count > 1) {
