@@ -897,10 +897,7 @@ async fn dispatch_shared(service: Arc<Service>) {
 /// host has room for; returns whether some had to wait for room.
 async fn claim_ready(service: &Arc<Service>) -> Result<bool, ServiceError> {
     let tenants = service
-        .blocking(|s| match s.store.shared() {
-            Some(shared) => Ok(shared.pending_job_tenants()?),
-            None => Ok(Vec::new()),
-        })
+        .on_shared(|_, shared| shared.pending_job_tenants())
         .await?;
     let mut waiting = false;
     for tenant in tenants {
@@ -922,10 +919,7 @@ async fn claim_ready(service: &Arc<Service>) -> Result<bool, ServiceError> {
             };
             let of = tenant.clone();
             let claimed = service
-                .blocking(move |s| match s.store.shared() {
-                    Some(shared) => Ok(shared.claim_job(&of, &claim)?),
-                    None => Ok(None),
-                })
+                .on_shared(move |_, shared| shared.claim_job(&of, &claim))
                 .await?;
             // None left (or other hosts took them): the permit goes back.
             let Some(job) = claimed else { break };
@@ -966,10 +960,7 @@ async fn keep_leases(service: Arc<Service>) {
         cancels.mark_unchanged();
         let began = Instant::now();
         let held = service
-            .blocking(move |s| match s.store.shared() {
-                Some(shared) => Ok(shared.renew_jobs(&s.host_id, lease)?),
-                None => Ok(Vec::new()),
-            })
+            .on_shared(move |s, shared| shared.renew_jobs(&s.host_id, lease))
             .await;
         match held {
             Ok(held) => {
@@ -1004,10 +995,7 @@ async fn keep_leases(service: Arc<Service>) {
             }
         }
         let expired = service
-            .blocking(|s| match s.store.shared() {
-                Some(shared) => Ok(shared.expire_jobs(host_lost)?),
-                None => Ok(Default::default()),
-            })
+            .on_shared(|_, shared| shared.expire_jobs(host_lost))
             .await;
         match expired {
             Ok(expired) if expired.requeued + expired.failed > 0 => {
@@ -1033,10 +1021,7 @@ async fn sweep_shared(service: Arc<Service>) {
         let cutoff =
             now_millis().saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
         let pruned = service
-            .blocking(move |s| match s.store.shared() {
-                Some(shared) => Ok(shared.prune_jobs(cutoff)?),
-                None => Ok(0),
-            })
+            .on_shared(move |_, shared| shared.prune_jobs(cutoff))
             .await;
         match pruned {
             Ok(0) => {}

@@ -179,6 +179,25 @@ impl Service {
             .map_err(|e| ServiceError::Internal(format!("a store operation panicked: {e}")))?
     }
 
+    /// [`Service::blocking`] on the shared store: `work` gets it, and its
+    /// store errors become service errors. Only background work of a shared
+    /// store calls this; without one, the answer is `T::default()`.
+    ///
+    /// # Errors
+    /// What `work` fails with; [`ServiceError::Internal`] if it panicked.
+    pub(crate) async fn on_shared<T: Default + Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&Self, &dyn crate::store::SharedStore) -> Result<T, crate::store::StoreError>
+        + Send
+        + 'static,
+    ) -> Result<T, ServiceError> {
+        self.blocking(move |s| match s.store.shared() {
+            Some(shared) => Ok(work(s, shared)?),
+            None => Ok(T::default()),
+        })
+        .await
+    }
+
     /// Opens the data directory, the stores, the bridge and the policies,
     /// loads every deployed function (from the compiled cache: a restart
     /// compiles nothing), and rebuilds the job queues and schedules from

@@ -327,10 +327,7 @@ async fn fire(service: &Arc<Service>, tenant: &str, function: &str, tick: UnixMi
     if service.store.shared().is_some() {
         let (of, name, created_at) = (tenant.to_owned(), function.to_owned(), schedule.created_at);
         let claimed = service
-            .blocking(move |s| match s.store.shared() {
-                Some(shared) => Ok(shared.claim_fire(&of, &name, created_at, tick)?),
-                None => Ok(true),
-            })
+            .on_shared(move |_, shared| shared.claim_fire(&of, &name, created_at, tick))
             .await;
         match claimed {
             Ok(true) => {}

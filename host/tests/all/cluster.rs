@@ -24,8 +24,11 @@ use super::jobs::poll_json;
 use super::server::{TestServer, deploy, request, tenant};
 use super::store::test_database;
 
-/// The one number `sql` returns, asked on a connection of its own.
-fn query_i64(url: &str, sql: &str) -> i64 {
+/// The one value `sql` returns, asked on a connection of its own.
+fn query_one<T>(url: &str, sql: &str) -> T
+where
+    T: for<'r> tokio_postgres::types::FromSql<'r> + Send + 'static,
+{
     let (url, sql) = (url.to_owned(), sql.to_owned());
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -37,7 +40,7 @@ fn query_i64(url: &str, sql: &str) -> i64 {
                 .await
                 .unwrap();
             let driver = tokio::spawn(connection);
-            let value: i64 = client.query_one(&sql, &[]).await.unwrap().get(0);
+            let value: T = client.query_one(&sql, &[]).await.unwrap().get(0);
             drop(client);
             let _ = driver.await;
             value
@@ -45,6 +48,11 @@ fn query_i64(url: &str, sql: &str) -> i64 {
     })
     .join()
     .unwrap()
+}
+
+/// The number `sql` (a count) returns.
+fn query_i64(url: &str, sql: &str) -> i64 {
+    query_one(url, sql)
 }
 
 fn deploy_request(name: &str, retryable: bool) -> DeployRequest {
@@ -998,29 +1006,6 @@ async fn every_host_restarted_serves_everything_without_compiling() {
     }
 }
 
-/// The one text `sql` returns, asked on a connection of its own.
-fn query_text(url: &str, sql: &str) -> String {
-    let (url, sql) = (url.to_owned(), sql.to_owned());
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            let driver = tokio::spawn(connection);
-            let value: String = client.query_one(&sql, &[]).await.unwrap().get(0);
-            drop(client);
-            let _ = driver.await;
-            value
-        })
-    })
-    .join()
-    .unwrap()
-}
-
 /// `sslmode` as libpq reads it: encrypted unless `disable`; verified
 /// against the system's roots (or `sslrootcert`) with `verify-*`, which
 /// refuses the test cluster's self-signed certificate.
@@ -1045,7 +1030,7 @@ fn tls_to_the_database_follows_sslmode() {
     plain.tenants().unwrap();
     assert!(encrypted("gust-plain", false) > 0);
     assert_eq!(encrypted("gust-plain", true), 0);
-    if query_text(&db.url, "SHOW ssl") != "on" {
+    if query_one::<String>(&db.url, "SHOW ssl") != "on" {
         eprintln!("the test cluster has no TLS: checking only that sslmode=require is refused");
         let error = PgStore::connect(&with("sslmode=require"), 10).unwrap_err();
         eprintln!("{error}");
