@@ -659,7 +659,17 @@ fn plan_matmul(a: Operand<'_>, b: Operand<'_>) -> Result<Plan> {
     let batch: usize = batch_shape.iter().product();
     let mut shape = batch_shape.clone();
     shape.extend_from_slice(&[m, n]);
-    element_count(&shape)?;
+    if element_count(&shape)? == 0 {
+        // Nothing to compute, and the per-matrix offsets below would cost
+        // time and memory in the batch size, which an empty `m` or `n`
+        // leaves unbounded by the output (`[1, 0, k] × [2³⁰, k, n]`, found
+        // by the `op_plan` fuzz target as a timeout).
+        return Ok(Plan {
+            dtype: a.dtype,
+            shape,
+            work: Work::Empty,
+        });
+    }
     // `[batch…, m, k] × [k, n]` (the right side shared by every batch, as
     // for a linear layer's weight) is one `[batch·m, k] × [k, n]` product
     // over the same bytes: one large matmul instead of many thin ones,
@@ -884,5 +894,27 @@ mod tests {
         // Empty tensors of sane shapes are fine.
         assert_eq!(element_count(&[0, 3, 4]).unwrap(), 0);
         assert_eq!(element_count(&[3, 0]).unwrap(), 0);
+    }
+
+    /// A batched matmul with an empty output plans in constant time,
+    /// however many matrices its batch has (the fuzz target's timeout).
+    #[test]
+    fn empty_batched_matmul_plans_without_per_matrix_work() {
+        let batch = 1 << 30;
+        let (lhs, rhs) = ([1, 0, 1], [batch, 1, 1]);
+        let plan = Op::Matmul
+            .plan(&[
+                Operand {
+                    dtype: DType::F32,
+                    shape: &lhs,
+                },
+                Operand {
+                    dtype: DType::F32,
+                    shape: &rhs,
+                },
+            ])
+            .unwrap();
+        assert_eq!(plan.shape, [batch, 0, 1]);
+        assert_eq!(plan.work, Work::Empty);
     }
 }
