@@ -7,4 +7,5 @@ pub mod runtime;
 pub mod service;
 pub mod store;
 pub mod tenancy;
+mod tls_roots;
 pub mod wire;

@@ -155,6 +155,11 @@ pub struct Invocation {
     /// Error output beyond the capture bound, dropped.
     #[serde(default)]
     pub stderr_dropped_bytes: u64,
+    /// Why the function's outgoing requests were refused by the tenant's
+    /// egress policy (`outbound_http`, private addresses); absent when
+    /// none were.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_denied: Vec<String>,
 }
 
 impl From<&InvocationRecord> for Invocation {
@@ -173,6 +178,7 @@ impl From<&InvocationRecord> for Invocation {
             stderr: record.stderr.clone(),
             stdout_dropped_bytes: record.stdout_dropped_bytes,
             stderr_dropped_bytes: record.stderr_dropped_bytes,
+            egress_denied: record.egress_denied.clone(),
         }
     }
 }

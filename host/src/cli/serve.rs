@@ -109,6 +109,12 @@ pub(crate) struct ServeArgs {
     /// models whose manifest has `[batching]`.
     #[arg(long)]
     no_batching: bool,
+
+    /// A PEM file of CA certificates that functions' HTTPS requests trust
+    /// besides the system's roots (which `SSL_CERT_FILE` and
+    /// `SSL_CERT_DIR` can point elsewhere): for APIs behind a private CA.
+    #[arg(long, env = "GUST_CA_FILE")]
+    ca_file: Option<PathBuf>,
 }
 
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is
@@ -179,9 +185,13 @@ pub(crate) async fn serve(args: ServeArgs) -> ExitCode {
         ..PoolingConfig::default()
     };
     config.runtime.allocation = AllocationConfig::Pooling(pool);
+    config.runtime.ca_file = args.ca_file;
     let server = match Server::bind(config).await {
         Ok(server) => server,
-        Err(e @ gust_host::api::ServeError::Policy(_)) => {
+        Err(
+            e @ (gust_host::api::ServeError::Policy(_)
+            | gust_host::api::ServeError::Runtime(gust_host::runtime::RuntimeError::Egress(_))),
+        ) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_BAD_INPUT);
         }

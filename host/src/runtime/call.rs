@@ -16,6 +16,7 @@ use super::bindings::exports::gust::function::handler as wit_handler;
 use super::capture::BoundedCapture;
 use super::config::CallLimits;
 use super::control::{self, CallControl, Cancel};
+use super::egress::{Egress, EgressLog};
 use super::load::{LoadedComponent, Prepared};
 use super::outcome::{self, GuestError, Invocation, Outcome, Request, Response, Timings};
 use super::reuse::IdleInstance;
@@ -35,7 +36,7 @@ impl Runtime {
             stdout: stdout.clone(),
             stderr: stderr.clone(),
         };
-        let state = CallState::new(grants, limits.outbound.clone(), memory_limit);
+        let state = CallState::new(grants, memory_limit);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
         self.stats.instantiations.fetch_add(1, Ordering::Relaxed);
@@ -83,12 +84,14 @@ impl Runtime {
         let memory_limit = usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX);
         let cancel = control.cancel.unwrap_or_default();
         let state = store.data_mut();
-        state.renew(
-            limits.outbound.clone(),
-            memory_limit,
-            limits.gpu.clone(),
+        let egress = Egress {
+            policy: limits.outbound.clone(),
+            client: self.egress.clone(),
             deadline,
-        );
+            log: EgressLog::default(),
+            traceparent: control.traceparent.clone(),
+        };
+        state.renew(egress, memory_limit, limits.gpu.clone(), deadline);
         state.output = match control.stream {
             Some(sender) => control::OutputSink::stream(sender, cancel.clone()),
             None => control::OutputSink::Buffer {
@@ -330,6 +333,7 @@ impl Call {
         result: Result<Outcome, Option<wasmtime::Error>>,
         timings: Timings,
     ) -> (Invocation, Option<IdleInstance>) {
+        let egress_denied = self.store.data().egress_denials();
         let limiter = &self.store.data().limiter;
         let peak_memory_bytes = limiter.peak_bytes as u64;
         let denied = limiter.denied_request;
@@ -377,6 +381,7 @@ impl Call {
             stderr,
             timings,
             peak_memory_bytes,
+            egress_denied,
         };
         (invocation, idle)
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::http::OutboundPolicy;
+use super::egress::OutboundPolicy;
 
 /// How instances get their memories, tables and stacks.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -105,6 +105,9 @@ pub struct RuntimeConfig {
     pub max_idle_per_function: usize,
     /// An idle instance unused this long is dropped.
     pub idle_instance_timeout: Duration,
+    /// A PEM file of CA certificates that guests' HTTPS requests trust
+    /// besides the system's roots (`gust serve --ca-file`), for private CAs.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl RuntimeConfig {
@@ -118,6 +121,7 @@ impl RuntimeConfig {
             max_idle_instances: 32,
             max_idle_per_function: 4,
             idle_instance_timeout: Duration::from_secs(60),
+            ca_file: None,
         }
     }
 }

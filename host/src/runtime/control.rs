@@ -66,6 +66,9 @@ pub struct CallControl {
     /// call's memory limit; emitted output is held on the host, so it is
     /// never unbounded).
     pub output_limit: usize,
+    /// The W3C `traceparent` the call's outgoing requests carry, so that
+    /// the APIs a function calls join the caller's trace.
+    pub traceparent: Option<http::HeaderValue>,
 }
 
 /// A host API refused the guest more of a bounded resource (emitted

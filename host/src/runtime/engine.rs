@@ -28,6 +28,9 @@ pub enum RuntimeError {
     /// Setting up the host's imports failed.
     #[error("could not set up host imports: {0:#}")]
     Linker(#[source] wasmtime::Error),
+    /// The HTTPS client for guests' outgoing requests could not be set up.
+    #[error(transparent)]
+    Egress(#[from] super::egress::EgressError),
 }
 
 /// Which allocator the engine actually runs with.
@@ -155,6 +158,7 @@ impl Runtime {
     /// Creates the engine (falling back to on-demand allocation if the pool
     /// cannot be reserved), the linker, the cache and the epoch ticker.
     pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
+        let egress = super::egress::EgressClient::new(config.ca_file.as_deref())?;
         let (engine, allocator) = build_engine(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(RuntimeError::Linker)?;
@@ -179,6 +183,7 @@ impl Runtime {
             allocator,
             config,
             idle,
+            egress,
             _ticker: ticker,
         })
     }

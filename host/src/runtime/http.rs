@@ -1,121 +1,37 @@
 //! `wasi:http` for guests: serving incoming requests to `wasi:http/proxy`
-//! components and the egress policy for their outgoing requests.
+//! components, and the hooks that hand their outgoing requests to the
+//! call's egress (see `egress`).
 
-use std::fmt;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
-use wasmtime_wasi_http::io::TokioIo;
 use wasmtime_wasi_http::{WasiBody, WasiHttpHooks};
 
-type AllowFn = dyn Fn(&str, u16) -> bool + Send + Sync;
-
-/// Decides which outgoing HTTP requests a guest may make. Nothing is allowed
-/// by default.
-#[derive(Clone, Default)]
-pub struct OutboundPolicy {
-    allow: Option<Arc<AllowFn>>,
-}
-
-impl OutboundPolicy {
-    /// Allow requests whose host and port `allow` accepts.
-    pub fn new(allow: impl Fn(&str, u16) -> bool + Send + Sync + 'static) -> Self {
-        Self {
-            allow: Some(Arc::new(allow)),
-        }
-    }
-
-    /// Whether a request to `host:port` may be sent.
-    pub fn allows(&self, host: &str, port: u16) -> bool {
-        self.allow.as_ref().is_some_and(|allow| allow(host, port))
-    }
-}
-
-impl fmt::Debug for OutboundPolicy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.allow.is_some() {
-            "OutboundPolicy(rules)"
-        } else {
-            "OutboundPolicy(deny all)"
-        })
-    }
-}
+use super::egress::{Egress, SendResult};
 
 type HttpError = wasmtime_wasi_http::Error;
-type SendResult = Result<
-    (
-        http::Response<WasiBody>,
-        Box<dyn Future<Output = Result<(), HttpError>> + Send>,
-    ),
-    HttpError,
->;
 
-/// The host's `wasi:http` hooks: outgoing requests pass the tenant's
-/// egress policy, then go out over plain HTTP/1.1.
+/// The host's `wasi:http` hooks: outgoing requests go through the call's
+/// [`Egress`] (the tenant's rules, the address check, HTTP or HTTPS); a
+/// store not yet armed for a call sends nothing.
 pub(crate) struct GustHttpHooks {
-    pub(crate) outbound: OutboundPolicy,
+    pub(crate) egress: Option<Egress>,
 }
 
 impl WasiHttpHooks for GustHttpHooks {
     fn send_request(
         &mut self,
         request: http::Request<WasiBody>,
-        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
     ) -> Box<dyn Future<Output = SendResult> + Send> {
-        let uri = request.uri();
-        let host = uri.host().unwrap_or_default().to_owned();
-        let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let allowed = !host.is_empty() && self.outbound.allows(&host, port);
-        Box::new(async move {
-            if !allowed {
-                tracing::debug!(%host, port, "outgoing request denied by policy");
-                return Err(HttpError::HttpRequestDenied);
-            }
-            if https {
-                // No TLS client is linked into the host yet; refuse clearly
-                // rather than downgrade to plain text.
-                return Err(HttpError::TlsProtocolError);
-            }
-            send_plain_http(request, &host, port).await
-        })
-    }
-}
-
-async fn send_plain_http(request: http::Request<WasiBody>, host: &str, port: u16) -> SendResult {
-    let stream = tokio::net::TcpStream::connect((host, port))
-        .await
-        .map_err(HttpError::Connect)?;
-    let _ = stream.set_nodelay(true);
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(HttpError::Hyper)?;
-    let mut driver = Box::pin(async move { connection.await.map_err(HttpError::Hyper) });
-    let (parts, body) = request.into_parts();
-    let mut request = http::Request::from_parts(parts, body);
-    // HTTP/1.1 wants origin-form on the wire.
-    if let Some(path) = request.uri().path_and_query().cloned()
-        && let Ok(uri) = http::Uri::builder().path_and_query(path).build()
-    {
-        *request.uri_mut() = uri;
-    }
-    let send = sender.send_request(request);
-    // Drive the connection until the response head arrives, then hand the
-    // connection's remaining work (the body) back as the I/O future.
-    let response = tokio::select! {
-        response = send => response.map_err(HttpError::Hyper)?,
-        result = &mut driver => {
-            result?;
-            return Err(HttpError::HttpResponseIncomplete);
+        match &self.egress {
+            Some(egress) => Box::new(egress.clone().send(request, options)),
+            None => Box::new(async { Err(HttpError::HttpRequestDenied) }),
         }
-    };
-    let response = response.map(|body| body.map_err(HttpError::Hyper).boxed_unsync());
-    Ok((response, Box::new(driver)))
+    }
 }
 
 /// A request body that fails once more than `limit` bytes arrive, so an

@@ -19,6 +19,7 @@ mod call;
 mod capture;
 mod config;
 mod control;
+mod egress;
 mod engine;
 mod epoch;
 mod host;
@@ -39,9 +40,12 @@ pub use self::call::HttpCall;
 pub use self::capture::{BoundedCapture, CapturedOutput};
 pub use self::config::{AllocationConfig, CallLimits, PoolingConfig, Preopen, RuntimeConfig};
 pub use self::control::{CallControl, Cancel};
+pub use self::egress::{
+    Destination, EgressError, InvalidOutboundRule, OutboundPolicy, OutboundRule, restricted_kind,
+};
 pub use self::engine::{AllocatorInUse, RuntimeError, RuntimeStats, StatsSnapshot};
 pub use self::host::{GpuGrant, ModelGrant, ModelUsage};
-pub use self::http::{BodyTooLarge, CappedBody, CappedBodyError, OutboundPolicy};
+pub use self::http::{BodyTooLarge, CappedBody, CappedBodyError};
 pub use self::load::{
     HANDLER_EXPORT, HTTP_EXPORT_PREFIX, LoadError, LoadSource, LoadedComponent, World,
 };
@@ -71,6 +75,7 @@ pub struct Runtime {
     allocator: AllocatorInUse,
     config: RuntimeConfig,
     idle: InstancePool,
+    egress: egress::EgressClient,
     _ticker: EpochTicker,
 }
 

@@ -198,6 +198,9 @@ pub struct Invocation {
     pub timings: Timings,
     /// The most linear memory the instance held at once, in bytes.
     pub peak_memory_bytes: u64,
+    /// Why outgoing requests were refused (the egress policy's reasons),
+    /// a bounded list.
+    pub egress_denied: Vec<String>,
 }
 
 impl Invocation {
@@ -211,6 +214,7 @@ impl Invocation {
             stderr: CapturedOutput::default(),
             timings: Timings::default(),
             peak_memory_bytes: 0,
+            egress_denied: Vec::new(),
         }
     }
 }

@@ -8,10 +8,11 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::capture::BoundedCapture;
+use super::egress::Egress;
 use super::host::GpuGrant;
 use super::host::gpu::{GpuCtxView, GpuSession, GpuView};
 use super::host::nn::{NnCtxView, NnView};
-use super::http::{GustHttpHooks, OutboundPolicy};
+use super::http::GustHttpHooks;
 
 /// Grants for the guest's WASI context; turned into a `WasiCtx` only when
 /// the guest first makes a WASI call. Most handlers make none, and building a
@@ -160,18 +161,14 @@ pub(crate) struct CallState {
 impl CallState {
     /// The state of a new store; the per-call parts (GPU session, output
     /// sink) are set by [`CallState::renew`] before each call.
-    pub(crate) fn new(
-        grants: WasiGrants,
-        outbound: OutboundPolicy,
-        memory_limit_bytes: usize,
-    ) -> Self {
+    pub(crate) fn new(grants: WasiGrants, memory_limit_bytes: usize) -> Self {
         let mut table = ResourceTable::new();
         table.set_max_capacity(MAX_RESOURCES);
         Self {
             grants,
             wasi: None,
             http: WasiHttpCtx::new(),
-            http_hooks: GustHttpHooks { outbound },
+            http_hooks: GustHttpHooks { egress: None },
             table,
             limiter: MemoryLimiter {
                 limit_bytes: memory_limit_bytes,
@@ -185,21 +182,35 @@ impl CallState {
     }
 
     /// Sets what belongs to one call: its memory limit (the memory already
-    /// held counts against it), outbound rules, GPU grant and deadline.
+    /// held counts against it), egress (rules, deadline, trace), GPU grant
+    /// and deadline.
     /// Tensors and other resources an earlier call of a reused instance
     /// left behind stay, charged as before.
     pub(crate) fn renew(
         &mut self,
-        outbound: OutboundPolicy,
+        egress: Egress,
         memory_limit_bytes: usize,
         gpu: Option<GpuGrant>,
         deadline: std::time::Instant,
     ) {
-        self.http_hooks = GustHttpHooks { outbound };
+        self.http_hooks = GustHttpHooks {
+            egress: Some(egress),
+        };
         self.limiter.limit_bytes = memory_limit_bytes;
         self.limiter.denied_request = None;
         self.limiter.peak_bytes = self.limiter.committed_bytes;
         self.gpu = GpuSession::new(gpu, Some(deadline));
+    }
+}
+
+impl CallState {
+    /// Why the call's outgoing requests were refused, emptied.
+    pub(crate) fn egress_denials(&self) -> Vec<String> {
+        self.http_hooks
+            .egress
+            .as_ref()
+            .map(|egress| egress.log.take())
+            .unwrap_or_default()
     }
 }
 

@@ -394,6 +394,7 @@ impl Service {
             stderr: invocation.stderr.text(),
             stdout_dropped_bytes: invocation.stdout.dropped_bytes,
             stderr_dropped_bytes: invocation.stderr.dropped_bytes,
+            egress_denied: invocation.egress_denied.clone(),
         };
         if self.store.shared().is_some() {
             // Off the request path: the writer batches it with others and

@@ -44,6 +44,7 @@ impl Service {
             cancel: Some(cancel.clone()),
             stream: Some(chunks_tx),
             output_limit: 0,
+            ..CallControl::default()
         };
         let invoke = self.run(target, call, control);
         tokio::pin!(invoke);

@@ -376,6 +376,10 @@ pub struct InvocationRecord {
     pub stdout_dropped_bytes: u64,
     /// Stderr bytes dropped beyond the bound.
     pub stderr_dropped_bytes: u64,
+    /// Why the function's outgoing requests were refused (bounded); absent
+    /// in records from before egress was checked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_denied: Vec<String>,
 }
 
 /// Where a job is in its life.

@@ -1101,6 +1101,7 @@ mod tests {
             stderr: String::new(),
             stdout_dropped_bytes: 0,
             stderr_dropped_bytes: 0,
+            egress_denied: Vec::new(),
         }
     }
 

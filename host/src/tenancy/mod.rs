@@ -18,9 +18,10 @@ pub mod policy;
 pub use self::gpu::GpuHost;
 pub use self::keys::{GeneratedKey, KeyError};
 pub use self::policy::{
-    DEFAULT_FILE, GpuBackend, GpuPolicy, InvalidOutboundRule, InvalidPolicy, Location,
-    OutboundRule, Policy, PolicyError, PolicySet, ResolvedVolume, Volume, VolumeError, volume_root,
+    DEFAULT_FILE, GpuBackend, GpuPolicy, InvalidPolicy, Location, Policy, PolicyError, PolicySet,
+    ResolvedVolume, Volume, VolumeError, volume_root,
 };
+pub use crate::runtime::{InvalidOutboundRule, OutboundRule};
 
 /// The longest tenant or function name.
 pub const MAX_NAME_LEN: usize = 63;

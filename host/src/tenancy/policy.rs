@@ -25,7 +25,6 @@ use std::fs;
 use std::io;
 use std::ops::{Range, RangeInclusive};
 use std::path::{Component, Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,7 +34,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use super::valid_name;
-use crate::runtime::{CallLimits, OutboundPolicy};
+use crate::runtime::{CallLimits, OutboundPolicy, OutboundRule};
 
 #[cfg(test)]
 mod tests;
@@ -297,135 +296,6 @@ pub fn volume_root(data_dir: &Path, tenant: &str) -> Option<PathBuf> {
     valid_name(tenant).then(|| data_dir.join("volumes").join(tenant))
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum HostPattern {
-    /// Exactly this host.
-    Exact(String),
-    /// Any host with at least one more label before this suffix.
-    Subdomains(String),
-}
-
-/// One allowed destination for outgoing HTTP: `host`, `*.domain`, either
-/// with an optional `:port`.
-///
-/// `*.example.org` matches `a.example.org` and `a.b.example.org`, but not
-/// `example.org` itself (list it separately) and not
-/// `a.example.org.evil.com`. Without a port every port is allowed. Hosts
-/// compare case-insensitively and ignore one trailing dot.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutboundRule {
-    host: HostPattern,
-    port: Option<u16>,
-}
-
-/// Why an `outbound_http` entry is not a valid host pattern.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct InvalidOutboundRule(String);
-
-impl FromStr for OutboundRule {
-    type Err = InvalidOutboundRule;
-
-    fn from_str(pattern: &str) -> Result<Self, Self::Err> {
-        let err = |msg: &str| Err(InvalidOutboundRule(msg.to_owned()));
-        if pattern.contains("://") {
-            return err("write a host name such as `api.example.com`, not a URL");
-        }
-        let (host, port) = match pattern.split_once(':') {
-            None => (pattern, None),
-            Some((host, port)) => {
-                if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
-                    return err(
-                        "the port must be a number (IPv6 addresses and URLs are not supported; write `host` or `host:port`)",
-                    );
-                }
-                match port.parse::<u16>() {
-                    Ok(p) if p != 0 => (host, Some(p)),
-                    _ => return err("the port must be between 1 and 65535"),
-                }
-            }
-        };
-        let host = host.to_ascii_lowercase();
-        if let Some(suffix) = host.strip_prefix("*.") {
-            if !valid_host(suffix) {
-                return err("after `*.` must come a host name (letters, digits, `-` and dots)");
-            }
-            // `*.com` would open a whole top-level domain.
-            if !suffix.contains('.') {
-                return err("a wildcard must be followed by at least two labels (`*.example.org`)");
-            }
-            return Ok(Self {
-                host: HostPattern::Subdomains(suffix.to_owned()),
-                port,
-            });
-        }
-        if host.contains('*') {
-            return err("`*` is only allowed as the whole first label (`*.example.org`)");
-        }
-        if !valid_host(&host) {
-            return err(
-                "not a host name (letters, digits, `-` and dots; no scheme, path or trailing dot)",
-            );
-        }
-        Ok(Self {
-            host: HostPattern::Exact(host),
-            port,
-        })
-    }
-}
-
-impl fmt::Display for OutboundRule {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.host {
-            HostPattern::Exact(host) => f.write_str(host)?,
-            HostPattern::Subdomains(suffix) => write!(f, "*.{suffix}")?,
-        }
-        if let Some(port) = self.port {
-            write!(f, ":{port}")?;
-        }
-        Ok(())
-    }
-}
-
-impl OutboundRule {
-    /// Whether this rule allows a request to `host` on `port`. `host` must
-    /// be a plain host name (no port, no brackets); anything else is denied.
-    pub fn matches(&self, host: &str, port: u16) -> bool {
-        if self.port.is_some_and(|p| p != port) {
-            return false;
-        }
-        let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
-        if !valid_host(&host) {
-            return false;
-        }
-        match &self.host {
-            HostPattern::Exact(exact) => host == *exact,
-            HostPattern::Subdomains(suffix) => host
-                .strip_suffix(suffix.as_str())
-                .and_then(|rest| rest.strip_suffix('.'))
-                .is_some_and(|label| !label.is_empty()),
-        }
-    }
-}
-
-/// Whether `host` is a DNS host name (or dotted IPv4 address): labels of
-/// 1 to 63 ASCII letters, digits and inner hyphens, 253 characters at most.
-/// Anything that could smuggle another host in (`@`, `/`, `#`, `:`,
-/// whitespace) fails.
-fn valid_host(host: &str) -> bool {
-    !host.is_empty()
-        && host.len() <= 253
-        && host.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
-}
-
 /// The effective policy of one tenant.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Policy {
@@ -475,6 +345,10 @@ pub struct Policy {
     /// Where the tenant's functions may send HTTP requests; empty: nowhere.
     /// Shared so every call's [`OutboundPolicy`] can hold it without copying.
     pub outbound_http: Arc<[OutboundRule]>,
+    /// Whether names in `outbound_http` may lead to private addresses
+    /// (loopback, private, link-local, unique-local…); without it only
+    /// address rules open those. Never the clouds' metadata services.
+    pub outbound_private: bool,
     /// GPU-bridge quotas.
     pub gpu: GpuPolicy,
 }
@@ -500,6 +374,7 @@ impl Default for Policy {
             env: Arc::new([]),
             volumes: Vec::new(),
             outbound_http: Arc::new([]),
+            outbound_private: false,
             gpu: GpuPolicy::default(),
         }
     }
@@ -535,6 +410,7 @@ impl fmt::Debug for Policy {
             .field("env", &EnvNames(&self.env))
             .field("volumes", &self.volumes)
             .field("outbound_http", &self.outbound_http)
+            .field("outbound_private", &self.outbound_private)
             .field("gpu", &self.gpu)
             .finish()
     }
@@ -573,20 +449,19 @@ impl Policy {
         }
     }
 
-    /// `outbound_http` in the form the runtime checks; denies everything
-    /// when the list is empty.
+    /// `outbound_http` and `outbound_private` in the form the runtime
+    /// checks; denies everything when the list is empty.
     pub fn outbound_policy(&self) -> OutboundPolicy {
-        if self.outbound_http.is_empty() {
-            return OutboundPolicy::default();
-        }
-        let rules = Arc::clone(&self.outbound_http);
-        OutboundPolicy::new(move |host, port| rules.iter().any(|r| r.matches(host, port)))
+        OutboundPolicy::new(Arc::clone(&self.outbound_http), self.outbound_private)
     }
 
-    /// Whether the tenant's functions may send HTTP requests to `host` on
-    /// `port` (see [`OutboundRule`] for the matching rules).
-    pub fn allows_outbound(&self, host: &str, port: u16) -> bool {
-        self.outbound_http.iter().any(|r| r.matches(host, port))
+    /// Whether the tenant's functions may send a request by name to `host`
+    /// on `port`, over HTTPS or plain HTTP (see [`OutboundRule`]); the
+    /// addresses the name resolves to are checked when the request is sent.
+    pub fn allows_outbound(&self, https: bool, host: &str, port: u16) -> bool {
+        self.outbound_http
+            .iter()
+            .any(|r| r.matches(https, host, port))
     }
 
     /// Resolves the policy's volumes against the tenant's volume root
@@ -746,6 +621,9 @@ impl Policy {
                 })
                 .collect::<Result<_, _>>()?;
         }
+        if let Some(private) = raw.outbound_private {
+            policy.outbound_private = private;
+        }
         if let Some(gpu) = raw.gpu {
             doc.gpu(gpu, &mut policy.gpu)?;
         }
@@ -887,6 +765,7 @@ struct RawPolicy {
     env: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
     volumes: Option<Vec<RawVolume>>,
     outbound_http: Option<Vec<Spanned<String>>>,
+    outbound_private: Option<bool>,
     gpu: Option<RawGpu>,
 }
 

@@ -581,6 +581,7 @@ async fn streamer() {
         cancel: Some(cancel.clone()),
         stream: Some(sender),
         output_limit: 0,
+        ..CallControl::default()
     };
     let call = {
         let rt = Arc::clone(&rt);

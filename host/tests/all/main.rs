@@ -13,6 +13,7 @@ mod cli;
 mod cluster;
 mod crash;
 mod diskfull;
+mod egress;
 mod fixtures;
 mod gpu;
 mod hostile;

@@ -227,6 +227,7 @@ fn invocation(tenant: &str, function: &str, id: &str) -> InvocationRecord {
         stderr: String::new(),
         stdout_dropped_bytes: 0,
         stderr_dropped_bytes: 0,
+        egress_denied: Vec::new(),
     }
 }
 

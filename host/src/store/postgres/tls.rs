@@ -17,7 +17,6 @@ use std::sync::Arc;
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio_postgres::config::SslMode;
@@ -131,31 +130,16 @@ fn roots(file: Option<&str>) -> Result<RootCertStore, StoreError> {
     let mut roots = RootCertStore::empty();
     match file {
         Some(path) => {
-            let certificates = CertificateDer::pem_file_iter(path)
-                .map_err(|e| bad(format!("sslrootcert {path}: {e}")))?;
-            for certificate in certificates {
-                let certificate =
-                    certificate.map_err(|e| bad(format!("sslrootcert {path}: {e}")))?;
-                roots
-                    .add(certificate)
-                    .map_err(|e| bad(format!("sslrootcert {path}: {e}")))?;
-            }
+            crate::tls_roots::add_pem_file(&mut roots, std::path::Path::new(path))
+                .map_err(|e| bad(format!("sslrootcert {e}")))?;
         }
         None => {
-            let found = rustls_native_certs::load_native_certs();
-            for error in &found.errors {
-                tracing::warn!(%error, "a system root certificate could not be read");
-            }
-            let (added, _ignored) = roots.add_parsable_certificates(found.certs);
-            if added == 0 {
+            if crate::tls_roots::add_system_roots(&mut roots) == 0 {
                 return Err(bad(
                     "no trusted root certificates on this system (give sslrootcert=<PEM file>)",
                 ));
             }
         }
-    }
-    if roots.is_empty() {
-        return Err(bad("sslrootcert holds no certificate"));
     }
     Ok(roots)
 }

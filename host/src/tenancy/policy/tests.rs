@@ -1,4 +1,5 @@
 use super::*;
+use crate::runtime::Destination;
 
 const FILE: &str = "policies/acme.toml";
 
@@ -41,7 +42,7 @@ fn builtin_defaults() {
     assert_eq!(p.gpu.memory_mb, 1024);
     assert_eq!(p.gpu.time_ms_per_minute, 15_000);
     assert!(p.gpu.models.is_empty());
-    assert!(!p.allows_outbound("example.com", 443));
+    assert!(!p.allows_outbound(true, "example.com", 443));
 }
 
 #[test]
@@ -53,7 +54,12 @@ fn builtin_call_limits_match_runtime_defaults() {
     assert_eq!(limits.stdout_limit, runtime.stdout_limit);
     assert_eq!(limits.stderr_limit, runtime.stderr_limit);
     assert!(limits.env.is_empty());
-    assert!(!limits.outbound.allows("example.com", 443));
+    assert!(
+        limits
+            .outbound
+            .admits(true, &Destination::Name("example.com".to_owned()), 443)
+            .is_err()
+    );
     // Every call gets a fresh instance unless the policy says otherwise.
     assert_eq!(limits.reuse, runtime.reuse);
     assert_eq!(limits.reuse, None);
@@ -111,13 +117,30 @@ fn call_limits_map_the_policy() {
     );
     // Shared, not copied.
     assert!(Arc::ptr_eq(&limits.env, &p.env));
-    assert!(!limits.outbound.allows("example.com", 443));
+    assert!(
+        limits
+            .outbound
+            .admits(true, &Destination::Name("example.com".to_owned()), 443)
+            .is_err()
+    );
 
     let p = parse("outbound_http = [\"*.example.com:443\"]\n").unwrap();
     let outbound = p.call_limits("acme", "resize").outbound;
-    assert!(outbound.allows("api.example.com", 443));
-    assert!(!outbound.allows("api.example.com", 80));
-    assert!(!outbound.allows("example.com", 443));
+    assert!(
+        outbound
+            .admits(true, &Destination::Name("api.example.com".to_owned()), 443)
+            .is_ok()
+    );
+    assert!(
+        outbound
+            .admits(true, &Destination::Name("api.example.com".to_owned()), 80)
+            .is_err()
+    );
+    assert!(
+        outbound
+            .admits(true, &Destination::Name("example.com".to_owned()), 443)
+            .is_err()
+    );
 }
 
 #[test]
@@ -145,9 +168,9 @@ fn gpu_team_example_parses() {
     assert_eq!(p.max_body_bytes, 32 << 20);
     assert_eq!(p.max_component_bytes, 256 << 20);
     assert_eq!(p.max_concurrency, 16, "not overridden");
-    assert!(p.allows_outbound("huggingface.co", 443));
-    assert!(p.allows_outbound("cdn-lfs.hf.co", 443));
-    assert!(!p.allows_outbound("huggingface.co", 80));
+    assert!(p.allows_outbound(true, "huggingface.co", 443));
+    assert!(p.allows_outbound(true, "cdn-lfs.hf.co", 443));
+    assert!(!p.allows_outbound(true, "huggingface.co", 80));
     assert_eq!(&*p.env, [("HF_HOME".to_owned(), "/models".to_owned())]);
     assert_eq!(p.volumes.len(), 2);
     assert!(p.volumes[0].read_only);
@@ -190,8 +213,8 @@ fn lists_and_env_replace_but_gpu_keys_merge() {
             "outbound_http = [\"b.example.com\"]\n[env]\nC = \"3\"\n[gpu]\nmemory_mb = 2048\n",
         )
         .unwrap();
-    assert!(!tenant.allows_outbound("a.example.com", 443));
-    assert!(tenant.allows_outbound("b.example.com", 443));
+    assert!(!tenant.allows_outbound(true, "a.example.com", 443));
+    assert!(tenant.allows_outbound(true, "b.example.com", 443));
     assert_eq!(&*tenant.env, [("C".to_owned(), "3".to_owned())]);
     assert_eq!(tenant.gpu.memory_mb, 2048);
     assert_eq!(tenant.gpu.backends, [GpuBackend::Cpu, GpuBackend::Cuda]);
@@ -347,8 +370,8 @@ fn error_bad_env_name() {
 #[test]
 fn error_bad_outbound_pattern() {
     for (pattern, needle) in [
-        ("https://api.example.com", "not a URL"),
-        ("api.example.com:80/x", "port"),
+        ("ftp://api.example.com", "schemes"),
+        ("api.example.com:80/x", "no path"),
         ("api.example.com/path", "host name"),
         ("*", "first label"),
         ("*.com", "two labels"),
@@ -359,7 +382,7 @@ fn error_bad_outbound_pattern() {
         ("api.example.com:65536", "port"),
         ("api.example.com:", "port"),
         ("api.example.com:http", "port"),
-        ("[::1]:80", "port"),
+        ("[::1]:http", "port"),
         ("", "host name"),
         ("user@api.example.com", "host name"),
         ("api.example.com.", "host name"),
@@ -440,44 +463,47 @@ fn rules(patterns: &[&str]) -> Policy {
 #[test]
 fn outbound_exact_host() {
     let p = rules(&["api.example.com"]);
-    assert!(p.allows_outbound("api.example.com", 443));
+    assert!(p.allows_outbound(true, "api.example.com", 443));
     assert!(
-        p.allows_outbound("api.example.com", 8080),
+        p.allows_outbound(true, "api.example.com", 8080),
         "no port: any port"
     );
     assert!(
-        p.allows_outbound("API.Example.COM", 443),
+        p.allows_outbound(true, "API.Example.COM", 443),
         "case-insensitive"
     );
-    assert!(p.allows_outbound("api.example.com.", 443), "trailing dot");
-    assert!(!p.allows_outbound("example.com", 443));
-    assert!(!p.allows_outbound("x.api.example.com", 443));
-    assert!(!p.allows_outbound("api.example.com.evil.com", 443));
-    assert!(!p.allows_outbound("evilapi.example.com", 443));
-    assert!(!p.allows_outbound("api.example.co", 443));
+    assert!(
+        p.allows_outbound(true, "api.example.com.", 443),
+        "trailing dot"
+    );
+    assert!(!p.allows_outbound(true, "example.com", 443));
+    assert!(!p.allows_outbound(true, "x.api.example.com", 443));
+    assert!(!p.allows_outbound(true, "api.example.com.evil.com", 443));
+    assert!(!p.allows_outbound(true, "evilapi.example.com", 443));
+    assert!(!p.allows_outbound(true, "api.example.co", 443));
 }
 
 #[test]
 fn outbound_wildcard() {
     let p = rules(&["*.example.org"]);
-    assert!(p.allows_outbound("a.example.org", 443));
-    assert!(p.allows_outbound("a.b.example.org", 443), "any depth");
-    assert!(p.allows_outbound("A.EXAMPLE.ORG.", 80));
-    assert!(!p.allows_outbound("example.org", 443), "not the apex");
-    assert!(!p.allows_outbound(".example.org", 443));
-    assert!(!p.allows_outbound("a.example.org.evil.com", 443));
-    assert!(!p.allows_outbound("aexample.org", 443));
-    assert!(!p.allows_outbound("a-example.org", 443));
-    assert!(!p.allows_outbound("example.org.a", 443));
+    assert!(p.allows_outbound(true, "a.example.org", 443));
+    assert!(p.allows_outbound(true, "a.b.example.org", 443), "any depth");
+    assert!(p.allows_outbound(true, "A.EXAMPLE.ORG.", 80));
+    assert!(!p.allows_outbound(true, "example.org", 443), "not the apex");
+    assert!(!p.allows_outbound(true, ".example.org", 443));
+    assert!(!p.allows_outbound(true, "a.example.org.evil.com", 443));
+    assert!(!p.allows_outbound(true, "aexample.org", 443));
+    assert!(!p.allows_outbound(true, "a-example.org", 443));
+    assert!(!p.allows_outbound(true, "example.org.a", 443));
 }
 
 #[test]
 fn outbound_ports() {
     let p = rules(&["api.example.com:443", "*.example.org:8443"]);
-    assert!(p.allows_outbound("api.example.com", 443));
-    assert!(!p.allows_outbound("api.example.com", 80));
-    assert!(p.allows_outbound("x.example.org", 8443));
-    assert!(!p.allows_outbound("x.example.org", 443));
+    assert!(p.allows_outbound(true, "api.example.com", 443));
+    assert!(!p.allows_outbound(true, "api.example.com", 80));
+    assert!(p.allows_outbound(true, "x.example.org", 8443));
+    assert!(!p.allows_outbound(true, "x.example.org", 443));
 }
 
 #[test]
@@ -495,8 +521,33 @@ fn outbound_rejects_malformed_hosts() {
         "a.example.org..",
         "api.example.com\0",
     ] {
-        assert!(!p.allows_outbound(host, 443), "{host:?}");
+        assert!(!p.allows_outbound(true, host, 443), "{host:?}");
     }
+}
+
+#[test]
+fn outbound_private_opens_private_addresses_behind_listed_names() {
+    let closed = rules(&["db.internal", "https://api.example.com"]);
+    assert!(!closed.outbound_private);
+    let loopback: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let policy = closed.outbound_policy();
+    assert!(
+        policy
+            .admits_address(false, "db.internal", loopback, 80)
+            .is_err()
+    );
+    let open = parse("outbound_http = [\"db.internal\"]\noutbound_private = true\n").unwrap();
+    assert!(open.outbound_private);
+    let policy = open.outbound_policy();
+    assert!(
+        policy
+            .admits_address(false, "db.internal", loopback, 80)
+            .is_ok()
+    );
+    // The scheme rule: HTTPS only to that host.
+    assert!(closed.allows_outbound(true, "api.example.com", 443));
+    assert!(!closed.allows_outbound(false, "api.example.com", 80));
+    expect_error("outbound_private = \"yes\"\n", 1, "outbound_private");
 }
 
 #[test]
@@ -507,7 +558,7 @@ fn outbound_rules_display_and_parse() {
     }
     let rule: OutboundRule = "API.Example.com".parse().unwrap();
     assert_eq!(rule.to_string(), "api.example.com");
-    assert!(rule.matches("api.example.com", 1));
+    assert!(rule.matches(true, "api.example.com", 1));
 }
 
 // --- Volumes --------------------------------------------------------------

@@ -7,7 +7,9 @@
 //!   (path and query as the component saw them)
 //! * `/stream/{n}` → 200, `n` chunks `chunk {i}\n`, 100 ms apart, each flushed
 //! * `/fetch/{authority}/{path…}` → makes an outgoing `GET http://{authority}/{path…}`
-//!   and answers 200 `{status} {body}`, or 502 with the error code
+//!   and answers 200 `{status} {body}`, or 502 with the error code;
+//!   `/fetchs/…` does the same over HTTPS. The query may set the request's
+//!   timeouts: `connect-ms`, `first-byte-ms`, `between-bytes-ms`
 //! * `/panic` → panics before responding
 //! * `/loop` → spins forever before responding
 
@@ -17,7 +19,7 @@ use wasip2::clocks::monotonic_clock;
 use wasip2::http::outgoing_handler;
 use wasip2::http::types::{
     Fields, IncomingRequest, Method, OutgoingBody, OutgoingRequest, OutgoingResponse,
-    ResponseOutparam, Scheme,
+    RequestOptions, ResponseOutparam, Scheme,
 };
 
 wasip2::http::proxy::export!(HttpHello);
@@ -68,13 +70,37 @@ fn read_body(request: &IncomingRequest) -> Vec<u8> {
     data
 }
 
-/// `GET http://{authority}{path}`: the status and body, or the error.
-fn fetch(authority: &str, path: &str) -> Result<String, String> {
+/// The request options the query asks for (`connect-ms`, `first-byte-ms`,
+/// `between-bytes-ms`), if any.
+fn options(query: &str) -> Option<RequestOptions> {
+    let mut options = None;
+    for pair in query.split('&') {
+        let Some((name, value)) = pair.split_once('=') else {
+            continue;
+        };
+        let Ok(ms) = value.parse::<u64>() else {
+            continue;
+        };
+        let options = options.get_or_insert_with(RequestOptions::new);
+        let ns = Some(ms * 1_000_000);
+        let _ = match name {
+            "connect-ms" => options.set_connect_timeout(ns),
+            "first-byte-ms" => options.set_first_byte_timeout(ns),
+            "between-bytes-ms" => options.set_between_bytes_timeout(ns),
+            _ => Ok(()),
+        };
+    }
+    options
+}
+
+/// `GET {scheme}://{authority}{path}`: the status and body, or the error.
+fn fetch(https: bool, authority: &str, path: &str, query: &str) -> Result<String, String> {
     let request = OutgoingRequest::new(Fields::new());
-    let _ = request.set_scheme(Some(&Scheme::Http));
+    let _ = request.set_scheme(Some(if https { &Scheme::Https } else { &Scheme::Http }));
     let _ = request.set_authority(Some(authority));
     let _ = request.set_path_with_query(Some(path));
-    let pending = outgoing_handler::handle(request, None).map_err(|e| format!("{e:?}"))?;
+    let pending =
+        outgoing_handler::handle(request, options(query)).map_err(|e| format!("{e:?}"))?;
     pending.subscribe().block();
     let response = match pending.get() {
         Some(Ok(Ok(response))) => response,
@@ -85,8 +111,16 @@ fn fetch(authority: &str, path: &str) -> Result<String, String> {
     let body = response.consume().map_err(|()| "no body".to_owned())?;
     let mut data = Vec::new();
     if let Ok(stream) = body.stream() {
-        while let Ok(chunk) = stream.blocking_read(64 * 1024) {
-            data.extend_from_slice(&chunk);
+        loop {
+            match stream.blocking_read(64 * 1024) {
+                Ok(chunk) => data.extend_from_slice(&chunk),
+                Err(wasip2::io::streams::StreamError::Closed) => break,
+                // A failed body (a timeout between bytes, say) says why.
+                Err(wasip2::io::streams::StreamError::LastOperationFailed(error)) => {
+                    let code = wasip2::http::types::http_error_code(&error);
+                    return Err(format!("body: {code:?}"));
+                }
+            }
         }
     }
     Ok(format!("{status} {}", String::from_utf8_lossy(&data)))
@@ -138,9 +172,10 @@ impl wasip2::exports::http::incoming_handler::Guest for HttpHello {
                     100_000_000,
                 );
             }
-            ["fetch", authority, rest @ ..] => {
-                let path = format!("/{}", rest.join("/"));
-                match fetch(authority, &path) {
+            [verb @ ("fetch" | "fetchs"), authority, rest @ ..] => {
+                let upstream = format!("/{}", rest.join("/"));
+                let query = path.split_once('?').map_or("", |(_, q)| q);
+                match fetch(*verb == "fetchs", authority, &upstream, query) {
                     Ok(text) => respond(out, 200, &[], &[text.into_bytes()], 0),
                     Err(error) => respond(out, 502, &[], &[error.into_bytes()], 0),
                 }
