@@ -51,6 +51,10 @@ pub struct Function {
     /// The cron expression of its schedule, if it has one.
     #[serde(default)]
     pub schedule: Option<String>,
+    /// The tenant's secrets its calls get as environment variables (names
+    /// only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
     /// When the function was first deployed.
     #[serde(default)]
     pub created_at: String,
@@ -75,10 +79,39 @@ impl Function {
             public: record.public,
             retryable: record.retryable,
             schedule: schedule.map(str::to_owned),
+            secrets: record.secrets.clone(),
             created_at: rfc3339(record.created_at),
             updated_at: rfc3339(record.updated_at),
         }
     }
+}
+
+/// A tenant secret, as `GET /v1/secrets` shows it: never its value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Secret {
+    /// Its name: the environment variable a function deployed with it sees.
+    pub name: String,
+    /// When it was first set.
+    pub created_at: String,
+    /// When it was last set.
+    pub updated_at: String,
+}
+
+impl From<&crate::service::SecretInfo> for Secret {
+    fn from(info: &crate::service::SecretInfo) -> Self {
+        Self {
+            name: info.name.clone(),
+            created_at: rfc3339(info.created_at),
+            updated_at: rfc3339(info.updated_at),
+        }
+    }
+}
+
+/// `GET /v1/secrets`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SecretList {
+    /// The tenant's secrets, by name.
+    pub secrets: Vec<Secret>,
 }
 
 /// `GET /v1/functions`.

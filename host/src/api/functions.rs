@@ -21,6 +21,9 @@ pub(super) struct DeployFlags {
     public: Option<String>,
     /// Run an interrupted job of this function once more.
     retryable: Option<String>,
+    /// The tenant's secrets (comma-separated names) its calls get as
+    /// environment variables; each must exist.
+    secrets: Option<String>,
 }
 
 /// `?limit=N&cursor=C` of the logs.
@@ -45,7 +48,7 @@ pub(super) struct LogsQuery {
     responses(
         (status = 201, description = "A new version", body = wire::Function),
         (status = 200, description = "Unchanged", body = wire::Function),
-        (status = 400, description = "Invalid name, flags or component", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Invalid name, flags or component (invalid-name, invalid-component, …), or a secret the tenant does not have (invalid-secret, invalid-secret-name)", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid tenant key", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The body did not arrive within the host's body timeout", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Larger than the policy allows", body = Problem, content_type = "application/problem+json"),
@@ -64,11 +67,23 @@ pub(super) async fn deploy(
     crate::service::checked_name(&name, "function")?;
     let public = flag(flags.public.as_deref(), "public")?;
     let retryable = flag(flags.retryable.as_deref(), "retryable")?;
+    let secrets = flags
+        .secrets
+        .as_deref()
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(str::to_owned)
+        .collect();
     let limit = service.policy(&tenant).max_component_bytes;
     let (_, bytes) = read_capped(request, limit, "the component").await?;
-    let deployed = service
-        .deploy(&tenant, &name, bytes, public, retryable)
-        .await?;
+    let options = crate::service::DeployOptions {
+        public,
+        retryable,
+        secrets,
+    };
+    let deployed = service.deploy(&tenant, &name, bytes, options).await?;
     let status = if deployed.changed {
         StatusCode::CREATED
     } else {

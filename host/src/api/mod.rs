@@ -21,6 +21,7 @@ mod map;
 mod openapi;
 mod problem;
 mod schedules;
+mod secrets;
 mod tenants;
 mod ws;
 

@@ -10,7 +10,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::problem::Problem;
-use super::{functions, host, http_route, invoke, jobs, map, schedules, tenants, ws};
+use super::{functions, host, http_route, invoke, jobs, map, schedules, secrets, tenants, ws};
 use crate::service::Service;
 
 /// The document's fixed parts: info, tags, the bearer scheme and the
@@ -41,6 +41,7 @@ use crate::service::Service;
         (name = "invoke", description = "Call functions: invoke, map, streams, wasi:http routes"),
         (name = "jobs", description = "Invocations that run later"),
         (name = "schedules", description = "Cron schedules"),
+        (name = "secrets", description = "Tenant secrets: set once, given to the functions deployed with them as environment variables"),
         (name = "keys", description = "API keys and tenants"),
         (name = "gpu", description = "GPU-bridge usage and models")
     )
@@ -81,6 +82,8 @@ pub(super) fn routes() -> OpenApiRouter<Arc<Service>> {
         .routes(routes!(jobs::spawn))
         .routes(routes!(jobs::get, jobs::delete))
         .routes(routes!(schedules::put, schedules::get, schedules::delete))
+        .routes(routes!(secrets::list))
+        .routes(routes!(secrets::put, secrets::delete))
         .routes(routes!(host::usage))
         .routes(routes!(host::models))
         .routes(routes!(tenants::create_own_key, tenants::list_own_keys))

@@ -48,6 +48,12 @@ pub(crate) struct DeployArgs {
     #[arg(long)]
     pub(crate) retryable: bool,
 
+    /// Give the function this secret of the tenant as an environment
+    /// variable of the same name (`gust secrets set` first); repeat for
+    /// more. Redeploying without it takes it away.
+    #[arg(long = "secret", value_name = "NAME")]
+    pub(crate) secrets: Vec<String>,
+
     #[command(flatten)]
     pub(crate) connect: ConnectArgs,
 }
@@ -144,13 +150,18 @@ pub(crate) async fn deploy(
 
     let progress = Progress::new(len, &name);
     let mut path = format!("/v1/functions/{}", segment(&name));
-    let flags: Vec<&str> = [
+    let mut flags: Vec<String> = [
         (args.public, "public=true"),
         (args.retryable, "retryable=true"),
     ]
     .into_iter()
-    .filter_map(|(set, flag)| set.then_some(flag))
+    .filter(|(set, _)| *set)
+    .map(|(_, flag)| flag.to_owned())
     .collect();
+    if !args.secrets.is_empty() {
+        let names: Vec<String> = args.secrets.iter().map(|s| segment(s)).collect();
+        flags.push(format!("secrets={}", names.join(",")));
+    }
     if !flags.is_empty() {
         path.push('?');
         path.push_str(&flags.join("&"));
@@ -332,6 +343,7 @@ mod tests {
             name: None,
             public: true,
             retryable: false,
+            secrets: Vec::new(),
             connect: host.connect(),
         };
         let mut out = Vec::new();
@@ -370,6 +382,7 @@ mod tests {
             name: None,
             public: false,
             retryable: false,
+            secrets: Vec::new(),
             connect: ConnectArgs {
                 url: "http://127.0.0.1:1".to_owned(),
                 key: Some("gust_x".to_owned()),

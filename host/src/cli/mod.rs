@@ -18,6 +18,7 @@ mod objects;
 mod output;
 mod python;
 mod run;
+mod secrets;
 mod serve;
 mod store;
 mod ws;
@@ -166,6 +167,12 @@ enum Command {
     /// `--tenant` and the admin key.
     #[command(after_long_help = CLIENT_EXIT_STATUS)]
     Keys(admin::KeysArgs),
+
+    /// Manage the tenant's secrets: values (API tokens, passwords) that
+    /// functions deployed with `--secret NAME` get as environment
+    /// variables. Values are sealed at rest and never shown again.
+    #[command(after_long_help = CLIENT_EXIT_STATUS)]
+    Secrets(secrets::SecretsArgs),
 }
 
 /// Where compiled components are cached when `--cache-dir` is not given.
@@ -237,6 +244,16 @@ pub(crate) async fn dispatch(cli: Cli) -> ExitCode {
         }
         Command::Keys(args) => {
             client_command(admin::keys(&args, &mut stdout(), &mut stderr())).await
+        }
+        Command::Secrets(args) => {
+            let mut stdin = std::io::stdin();
+            client_command(secrets::secrets(
+                &args,
+                &mut stdin,
+                &mut stdout(),
+                &mut stderr(),
+            ))
+            .await
         }
     }
 }

@@ -110,6 +110,7 @@ fn summary(copied: &Copied) -> String {
         "copied to PostgreSQL:".to_owned(),
         line("tenants", copied.tenants),
         line("keys", copied.keys),
+        line("secrets", copied.secrets),
         line("functions", copied.functions),
         line("blobs", copied.blobs),
         line("schedules", copied.schedules),

@@ -43,6 +43,9 @@ pub struct ServeConfig {
     /// Where tenants, keys, functions, blobs, records, jobs and schedules
     /// live.
     pub store: StoreLocation,
+    /// The key tenant secrets are sealed with (`GUST_SECRETS_KEY`); `None`
+    /// uses `<data-dir>/secrets.key`, generated at the first start.
+    pub secrets_key: Option<super::secrets::SecretsKeyText>,
 }
 
 /// Where a host keeps its state.
@@ -132,6 +135,7 @@ impl ServeConfig {
             models: gust_gpu_bridge::models::RegistryConfig::default(),
             connections: ConnectionLimits::default(),
             store: StoreLocation::Embedded,
+            secrets_key: None,
         }
     }
 }
@@ -163,6 +167,9 @@ pub enum ServeError {
     /// A key file is malformed, or a key could not be made.
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// The secrets key is malformed or its file unusable.
+    #[error("the secrets key: {0}")]
+    SecretsKey(#[from] super::secrets::SecretsKeyError),
 }
 
 /// What a first start created, for the operator to see once.

@@ -129,6 +129,17 @@ fn no_function(name: &str) -> ServiceError {
     ServiceError::NotFound(format!("no function `{name}`"))
 }
 
+/// How a deploy stores its function, besides its component.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeployOptions {
+    /// Serve `/http/{tenant}/{name}/…` to callers without a key.
+    pub public: bool,
+    /// Run an interrupted job of it once more.
+    pub retryable: bool,
+    /// The tenant's secrets its calls get as environment variables.
+    pub secrets: Vec<String>,
+}
+
 impl Service {
     /// Loads every stored function; with a warm compiled cache this
     /// deserializes and compiles nothing.
@@ -224,8 +235,8 @@ impl Service {
         self.deployments.put(deployment);
     }
 
-    /// Validates and compiles `bytes`, stores them and the function, and
-    /// makes the new version the one calls run.
+    /// Validates and compiles `bytes`, stores them and the function (with
+    /// `options`), and makes the new version the one calls run.
     ///
     /// Compiles run one per core; a deploy waits for a slot, or is refused
     /// with [`ServiceError::HostBusy`] when many already wait. A version
@@ -233,7 +244,8 @@ impl Service {
     /// function uses them.
     ///
     /// # Errors
-    /// [`ServiceError::InvalidName`], [`ServiceError::InvalidComponent`]
+    /// [`ServiceError::InvalidName`], [`ServiceError::InvalidSecret`] or
+    /// [`ServiceError::InvalidSecretName`], [`ServiceError::InvalidComponent`]
     /// (nothing is stored then), [`ServiceError::FunctionQuota`],
     /// [`ServiceError::StorageQuota`], [`ServiceError::HostBusy`], or a
     /// store failure.
@@ -243,12 +255,16 @@ impl Service {
         tenant: &str,
         name: &str,
         bytes: bytes::Bytes,
-        public: bool,
-        retryable: bool,
+        options: DeployOptions,
     ) -> Result<Deployed, ServiceError> {
         let name = checked_name(name, "function")?.to_owned();
         // Refused before compiling: it could not be stored.
         self.ready().map_err(ServiceError::StoreUnavailable)?;
+        // Refused before compiling too: a secret the tenant does not have.
+        let options = DeployOptions {
+            secrets: self.deploy_secrets(tenant, &options.secrets)?,
+            ..options
+        };
         let digest = Digest::of(&bytes);
         let size = bytes.len() as u64;
         // Refused before compiling: a tenant at its quota costs no CPU.
@@ -276,9 +292,7 @@ impl Service {
         // async threads.
         let tenant = tenant.to_owned();
         let (deployed, schedule) = self
-            .blocking(move |s| {
-                s.commit_deploy(&tenant, name, digest, &bytes, component, public, retryable)
-            })
+            .blocking(move |s| s.commit_deploy(&tenant, name, digest, &bytes, component, options))
             .await?;
         tracing::debug!(
             version = deployed.function.version,
@@ -297,7 +311,6 @@ impl Service {
     /// function, makes the new version the one calls run and forgets what
     /// the replaced version leaves unused. Returns the stored function and
     /// its schedule's cron expression.
-    #[allow(clippy::too_many_arguments)]
     fn commit_deploy(
         &self,
         tenant: &str,
@@ -305,8 +318,7 @@ impl Service {
         digest: Digest,
         bytes: &[u8],
         component: LoadedComponent,
-        public: bool,
-        retryable: bool,
+        options: DeployOptions,
     ) -> Result<(crate::store::Deployed, Option<String>), ServiceError> {
         let size = bytes.len() as u64;
         let world = match component.world() {
@@ -330,8 +342,9 @@ impl Service {
                     digest: digest.to_string(),
                     size,
                     world,
-                    public,
-                    retryable,
+                    public: options.public,
+                    retryable: options.retryable,
+                    secrets: options.secrets,
                 })?)
             });
             let deployed = match written {

@@ -90,6 +90,39 @@ pub enum ServiceError {
     /// A cron expression that does not parse.
     #[error("{0}")]
     InvalidCron(String),
+    /// A secret name that is not `^[A-Z_][A-Z0-9_]{0,127}$`.
+    #[error(
+        "`{0}` is not a valid secret name: use 1-128 of A-Z, 0-9 and `_`, not starting with a digit (it becomes an environment variable)"
+    )]
+    InvalidSecretName(String),
+    /// A secret value that cannot be one, or a deploy naming a secret the
+    /// tenant does not have.
+    #[error("{0}")]
+    InvalidSecret(String),
+    /// The tenant has as many secrets as its policy allows.
+    #[error("the tenant has {limit} secrets, its policy's max_secrets; delete one first")]
+    SecretQuota {
+        /// The policy's `max_secrets`.
+        limit: u64,
+    },
+    /// A function was deployed with a secret that has since been deleted.
+    #[error(
+        "`{function}` is deployed with secret {name}, which no longer exists: set it again, or deploy the function without it"
+    )]
+    SecretMissing {
+        /// The function.
+        function: String,
+        /// The secret.
+        name: String,
+    },
+    /// A secret this host cannot open.
+    #[error("secret {name} cannot be opened: {reason}")]
+    SecretUnreadable {
+        /// The secret.
+        name: String,
+        /// Why.
+        reason: String,
+    },
     /// The thing to create exists already.
     #[error("{0}")]
     Conflict(String),
@@ -153,6 +186,15 @@ impl ServiceError {
             ),
             Self::InvalidName { .. } => (StatusCode::BAD_REQUEST, "invalid-name", false),
             Self::InvalidCron(_) => (StatusCode::BAD_REQUEST, "invalid-cron", false),
+            Self::InvalidSecretName(_) => (StatusCode::BAD_REQUEST, "invalid-secret-name", false),
+            Self::InvalidSecret(_) => (StatusCode::BAD_REQUEST, "invalid-secret", false),
+            Self::SecretQuota { .. } => (StatusCode::BAD_REQUEST, "too-many-secrets", false),
+            Self::SecretMissing { .. } => (StatusCode::CONFLICT, "secret-missing", false),
+            Self::SecretUnreadable { .. } => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "secret-unreadable",
+                false,
+            ),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict", false),
             Self::Unloadable { .. }
             | Self::Volume(_)

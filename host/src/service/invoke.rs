@@ -209,17 +209,22 @@ impl Service {
         self.target(deployment)
     }
 
-    /// `deployment` ready to call: loaded, limits resolved.
+    /// `deployment` ready to call: loaded, limits resolved, its secrets
+    /// opened into its environment.
     ///
     /// # Errors
-    /// [`ServiceError::Unloadable`] or [`ServiceError::Volume`].
+    /// [`ServiceError::Unloadable`], [`ServiceError::Volume`],
+    /// [`ServiceError::SecretMissing`] or [`ServiceError::SecretUnreadable`].
     pub fn target(&self, deployment: super::Deployment) -> Result<Target, ServiceError> {
         let super::Deployment { record, component } = deployment;
         let component = component.map_err(|reason| ServiceError::Unloadable {
             name: record.name.clone(),
             reason,
         })?;
-        let limits = self.limits(&record.tenant, &record.name)?;
+        let mut limits = self.limits(&record.tenant, &record.name)?;
+        if !record.secrets.is_empty() {
+            limits.env = self.secret_env(&record, &limits.env)?;
+        }
         Ok(Target {
             function: record,
             component,
@@ -343,6 +348,23 @@ impl Service {
         invocation
     }
 
+    /// `record` with the values of `function`'s secrets taken out of what
+    /// it captured (output, message), in case the function printed them.
+    fn redacted(&self, function: &FunctionRecord, record: InvocationRecord) -> InvocationRecord {
+        let values = self.secret_values(function);
+        if values.is_empty() {
+            return record;
+        }
+        InvocationRecord {
+            stdout: super::secrets::redact(&record.stdout, &values),
+            stderr: super::secrets::redact(&record.stderr, &values),
+            message: record
+                .message
+                .map(|message| super::secrets::redact(&message, &values)),
+            ..record
+        }
+    }
+
     /// Records a finished invocation (and counts it); `status` is what the
     /// caller got. On the embedded store, returns once the record is stored
     /// (on the record writer's thread, see `records`); on a shared store,
@@ -396,6 +418,7 @@ impl Service {
             stderr_dropped_bytes: invocation.stderr.dropped_bytes,
             egress_denied: invocation.egress_denied.clone(),
         };
+        let record = self.redacted(function, record);
         if self.store.shared().is_some() {
             // Off the request path: the writer batches it with others and
             // counts it. With the store out of reach, not even waiting for

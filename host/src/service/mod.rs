@@ -23,6 +23,7 @@ pub mod jobs;
 mod metrics;
 mod records;
 mod schedules;
+mod secrets;
 mod stream;
 mod tenants;
 
@@ -34,13 +35,16 @@ use self::admission::Admission;
 pub use self::admission::{Admit, Permit};
 pub use self::config::{ConnectionLimits, FirstStart, ServeConfig, ServeError, StoreLocation};
 use self::deployments::Deployments;
-pub use self::deployments::{Deployed, Deployment, checked_name};
+pub use self::deployments::{DeployOptions, Deployed, Deployment, checked_name};
 pub use self::error::ServiceError;
 pub use self::invoke::{Access, Failure, Started, Target, json_input};
 pub use self::jobs::CANCELLED_STATUS;
 use self::jobs::Jobs;
 use self::metrics::Metrics;
 use self::schedules::Schedules;
+pub use self::secrets::{
+    MAX_SECRET_BYTES, SecretInfo, SecretsKeyError, SecretsKeyText, valid_secret_name,
+};
 pub(crate) use self::stream::Forward;
 pub use self::tenants::Caller;
 use crate::runtime::{AllocationConfig, Runtime};
@@ -84,6 +88,8 @@ pub struct Service {
     host_id: String,
     /// Whether the store answers.
     readiness: health::Readiness,
+    /// Every tenant's sealed secrets and the key that opens them.
+    secrets: secrets::Secrets,
 }
 
 /// Deploys that may wait for a compile slot, per core.
@@ -232,6 +238,17 @@ impl Service {
         } else {
             None
         };
+        let secrets_key = secrets::SecretsKey::load(
+            &data,
+            config.secrets_key.as_ref().map(|key| key.0.as_str()),
+        )?;
+        if store.shared().is_some() && config.secrets_key.is_none() {
+            tracing::warn!(
+                key_id = secrets_key.id(),
+                "no GUST_SECRETS_KEY: secrets this host sets open only on hosts with the same <data-dir>/secrets.key; give every host sharing the store the same GUST_SECRETS_KEY"
+            );
+        }
+        let secrets = secrets::Secrets::load(secrets_key, store.as_ref())?;
         let metrics = Arc::new(Metrics::new());
         let service = Self {
             admin_key_hash: keys::hash(&admin_key),
@@ -249,6 +266,7 @@ impl Service {
             deploying: std::sync::Mutex::new(()),
             host_id: new_host_id(),
             readiness: health::Readiness::default(),
+            secrets,
             config,
             runtime,
             store,
@@ -272,6 +290,9 @@ impl Service {
         if let Some(shared) = self.store.shared() {
             let changes = shared.functions_changed();
             self.track(tokio::spawn(follow_functions(Arc::clone(self), changes)));
+            // Without a shared store, only this host changes secrets, and
+            // it reloads them as it does.
+            self.track(self.follow_secrets());
         }
         self.track(tokio::spawn(sweep_idle_instances(Arc::clone(self))));
     }

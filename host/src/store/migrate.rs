@@ -2,8 +2,9 @@
 //! store to a PostgreSQL database that several hosts can then share.
 //!
 //! What is copied: tenants, API keys (their hashes: the keys themselves
-//! were never stored), functions with their versions and component blobs,
-//! schedules, and jobs not yet finished. Invocation records and finished
+//! were never stored), secrets (sealed, as they are: the hosts sharing the
+//! database need the same `GUST_SECRETS_KEY`), functions with their
+//! versions and component blobs, schedules, and jobs not yet finished. Invocation records and finished
 //! jobs stay behind (they are history, and retention would soon drop
 //! them). Every step is idempotent: a migration that stopped half-way is
 //! finished by running it again, and what the database has already is
@@ -20,6 +21,8 @@ pub struct Copied {
     pub tenants: (u64, u64),
     /// API keys.
     pub keys: (u64, u64),
+    /// Secrets.
+    pub secrets: (u64, u64),
     /// Functions.
     pub functions: (u64, u64),
     /// Component blobs.
@@ -66,6 +69,9 @@ pub fn copy(
             }
             to.add_key(&key)?;
             count(&mut copied.keys, Imported::Copied);
+        }
+        for secret in from.secrets(&tenant.name)? {
+            count(&mut copied.secrets, to.import_secret(&secret)?);
         }
     }
     for function in from.all_functions()? {

@@ -12,6 +12,8 @@ pub mod migrate;
 pub mod postgres;
 pub mod sled;
 
+use std::fmt;
+
 use serde::{Deserialize, Serialize};
 
 pub use self::blobs::{BlobStore, FsBlobStore};
@@ -259,6 +261,10 @@ pub struct FunctionRecord {
     /// once more at the next start (instead of failing).
     #[serde(default)]
     pub retryable: bool,
+    /// The tenant's secrets its calls get as environment variables, by
+    /// name, sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
     /// First deploy.
     pub created_at: UnixMillis,
     /// Latest changed deploy.
@@ -282,6 +288,8 @@ pub struct DeployRequest {
     pub public: bool,
     /// Retryable flag (see [`FunctionRecord::retryable`]).
     pub retryable: bool,
+    /// Secrets by name, sorted (see [`FunctionRecord::secrets`]).
+    pub secrets: Vec<String>,
 }
 
 impl DeployRequest {
@@ -301,10 +309,62 @@ impl DeployRequest {
             world: self.world,
             public: self.public,
             retryable: self.retryable,
+            secrets: self.secrets.clone(),
             created_at,
             updated_at,
         }
     }
+
+    /// Whether storing this request over `current` changes nothing.
+    pub(crate) fn unchanged(&self, current: &FunctionRecord) -> bool {
+        current.digest == self.digest
+            && current.public == self.public
+            && current.retryable == self.retryable
+            && current.secrets == self.secrets
+    }
+}
+
+/// A tenant's secret, sealed: the host stores and copies it, only the
+/// service opens it (see `service::secrets`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretRecord {
+    /// Owning tenant.
+    pub tenant: String,
+    /// Name, unique per tenant (`^[A-Z_][A-Z0-9_]{0,127}$`).
+    pub name: String,
+    /// Which host key sealed it (a short digest of the key, not the key).
+    pub key_id: String,
+    /// Nonce and ciphertext.
+    #[serde(with = "base64_bytes")]
+    pub sealed: Vec<u8>,
+    /// First set.
+    pub created_at: UnixMillis,
+    /// Last set.
+    pub updated_at: UnixMillis,
+}
+
+// By hand, so that a logged record shows no ciphertext either.
+impl fmt::Debug for SecretRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretRecord")
+            .field("tenant", &self.tenant)
+            .field("name", &self.name)
+            .field("key_id", &self.key_id)
+            .field("created_at", &self.created_at)
+            .field("updated_at", &self.updated_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`MetaStore::put_secret`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretPut {
+    /// A new secret (its `created_at` is the one given).
+    Created,
+    /// An existing secret, replaced (its `created_at` kept).
+    Replaced,
+    /// Not stored: the tenant has `max` secrets already.
+    AtLimit,
 }
 
 /// [`StoreError::DigestMismatch`] unless `bytes` hash to `digest`.
@@ -630,6 +690,22 @@ pub trait MetaStore: Send + Sync + 'static {
     fn delete_schedule(&self, tenant: &str, function: &str) -> Result<bool, StoreError>;
     /// Every schedule of every tenant.
     fn all_schedules(&self) -> Result<Vec<ScheduleRecord>, StoreError>;
+
+    /// Stores a secret, replacing the tenant's secret of that name (whose
+    /// `created_at` is kept); a new one only while the tenant has fewer
+    /// than `max`. `Missing` without its tenant.
+    fn put_secret(&self, secret: &SecretRecord, max: u64) -> Result<SecretPut, StoreError>;
+    /// A tenant's secrets, by name.
+    fn secrets(&self, tenant: &str) -> Result<Vec<SecretRecord>, StoreError>;
+    /// Every tenant's secrets (what a host loads at start and after a
+    /// change).
+    fn all_secrets(&self) -> Result<Vec<SecretRecord>, StoreError>;
+    /// Removes a tenant's secret; false if it has no such secret.
+    fn delete_secret(&self, tenant: &str, name: &str) -> Result<bool, StoreError>;
+    /// Bumped whenever any tenant's secrets may have changed, by this host
+    /// or (on a shared store) another: what a host's cache of opened
+    /// secrets follows.
+    fn secrets_changed(&self) -> tokio::sync::watch::Receiver<u64>;
 
     /// Makes every completed write durable.
     fn flush(&self) -> Result<(), StoreError>;

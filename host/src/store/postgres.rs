@@ -26,8 +26,8 @@ use tokio_postgres::types::{Json, ToSql};
 use super::{
     ApiKeyRecord, BackendError, BlobStore, DeployRequest, Deployed, ExpiredJobs, FsBlobStore,
     FunctionRecord, FunctionWorld, InvocationRecord, JobCancel, JobCaps, JobClaim, JobError,
-    JobRecord, JobStatus, MetaStore, ScheduleRecord, SharedStore, StoreError, TenantRecord,
-    UnixMillis, now_millis,
+    JobRecord, JobStatus, MetaStore, ScheduleRecord, SecretPut, SecretRecord, SharedStore,
+    StoreError, TenantRecord, UnixMillis, now_millis,
 };
 use crate::digest::Digest;
 
@@ -47,7 +47,7 @@ const STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Columns of `functions` in the order [`function`] reads them.
-const FUNCTION_COLUMNS: &str = "tenant, name, version, digest, size, world, public, retryable, created_at, updated_at, incarnation";
+const FUNCTION_COLUMNS: &str = "tenant, name, version, digest, size, world, public, retryable, created_at, updated_at, incarnation, secrets";
 
 /// A PostgreSQL-backed store; cheap to clone (the pool and runtime are
 /// shared).
@@ -266,11 +266,13 @@ struct Changes {
     jobs: tokio::sync::watch::Sender<u64>,
     /// `gust_job_cancels`: a running job's cancellation was asked for.
     cancels: tokio::sync::watch::Sender<u64>,
+    /// `gust_secrets` (migration V4): a tenant's secrets changed.
+    secrets: tokio::sync::watch::Sender<u64>,
 }
 
 /// The channels [`listen`] follows.
-const CHANNELS: &str =
-    "LISTEN gust_functions; LISTEN gust_schedules; LISTEN gust_jobs; LISTEN gust_job_cancels";
+const CHANNELS: &str = "LISTEN gust_functions; LISTEN gust_schedules; LISTEN gust_jobs; \
+                        LISTEN gust_job_cancels; LISTEN gust_secrets";
 
 impl Changes {
     fn bump(sender: &tokio::sync::watch::Sender<u64>) {
@@ -283,6 +285,7 @@ impl Changes {
             "gust_schedules" => Self::bump(&self.schedules),
             "gust_jobs" => Self::bump(&self.jobs),
             "gust_job_cancels" => Self::bump(&self.cancels),
+            "gust_secrets" => Self::bump(&self.secrets),
             _ => {}
         }
     }
@@ -290,7 +293,13 @@ impl Changes {
     /// Every counter: after (re)connecting, since notifications sent while
     /// not listening are lost.
     fn all(&self) {
-        for sender in [&self.functions, &self.schedules, &self.jobs, &self.cancels] {
+        for sender in [
+            &self.functions,
+            &self.schedules,
+            &self.jobs,
+            &self.cancels,
+            &self.secrets,
+        ] {
             Self::bump(sender);
         }
     }
@@ -395,6 +404,7 @@ fn function(row: &Row) -> Result<(FunctionRecord, i64), StoreError> {
         world,
         public: row.try_get(6).map_err(postgres)?,
         retryable: row.try_get(7).map_err(postgres)?,
+        secrets: row.try_get(11).map_err(postgres)?,
         created_at: u64_of(row.try_get(8).map_err(postgres)?),
         updated_at: u64_of(row.try_get(9).map_err(postgres)?),
     };
@@ -740,6 +750,21 @@ impl MetaStore for PgStore {
             |row| json(row, 0),
         )
     }
+    fn put_secret(&self, secret: &SecretRecord, max: u64) -> Result<SecretPut, StoreError> {
+        self.put_secret_row(secret, max)
+    }
+    fn secrets(&self, tenant: &str) -> Result<Vec<SecretRecord>, StoreError> {
+        self.secret_rows(Some(tenant))
+    }
+    fn all_secrets(&self) -> Result<Vec<SecretRecord>, StoreError> {
+        self.secret_rows(None)
+    }
+    fn delete_secret(&self, tenant: &str, name: &str) -> Result<bool, StoreError> {
+        self.delete_secret_row(tenant, name)
+    }
+    fn secrets_changed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changes.secrets.subscribe()
+    }
     fn check_ready(&self) -> Result<(), StoreError> {
         let needed = embedded::migrations::runner()
             .get_migrations()
@@ -805,11 +830,7 @@ async fn deploy_once(
     let now = now_millis();
     let first = current.is_none();
     let (record, incarnation) = match current {
-        Some((current, _))
-            if current.digest == request.digest
-                && current.public == request.public
-                && current.retryable == request.retryable =>
-        {
+        Some((current, _)) if request.unchanged(&current) => {
             return Ok(Ok(Deployed {
                 function: current,
                 changed: false,
@@ -832,7 +853,7 @@ async fn deploy_once(
             (request.function(1, now, now), row.try_get(0)?)
         }
     };
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 11] = [
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 12] = [
         &record.tenant,
         &record.name,
         &incarnation,
@@ -844,14 +865,15 @@ async fn deploy_once(
         &record.retryable,
         &i64_of(record.created_at),
         &i64_of(record.updated_at),
+        &record.secrets,
     ];
     if first {
         // A first deploy racing another of the same name fails here with a
         // unique violation and is retried (it then finds the other's row).
         tx.execute(
             "INSERT INTO functions (tenant, name, incarnation, version, digest, size, world,
-                                    public, retryable, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                                    public, retryable, created_at, updated_at, secrets)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             &params,
         )
         .await?;
@@ -859,7 +881,7 @@ async fn deploy_once(
         // The row is locked (`FOR UPDATE` above).
         tx.execute(
             "UPDATE functions SET version = $4, digest = $5, size = $6, world = $7,
-                    public = $8, retryable = $9, updated_at = $11
+                    public = $8, retryable = $9, updated_at = $11, secrets = $12
               WHERE tenant = $1 AND name = $2 AND incarnation = $3 AND created_at = $10",
             &params,
         )
@@ -963,6 +985,7 @@ impl BlobStore for PgBlobStore {
 mod import;
 mod jobs;
 mod records;
+mod secrets;
 pub mod tls;
 
 pub use self::import::Imported;

@@ -22,6 +22,7 @@
 //! | `purges`            | part(tenant) part(function) inc           | empty                              |
 //! | `jobs`              | part(tenant) job id (raw)                 | [`JobRecord`] (JSON)               |
 //! | `schedules`         | part(tenant) part(function)               | [`ScheduleRecord`] (JSON)          |
+//! | `secrets`           | part(tenant) part(name)                   | [`SecretRecord`] (JSON, sealed)    |
 //!
 //! The default tree holds `gust_meta_format` = `1`, the layout's version.
 //!
@@ -61,7 +62,8 @@ use sled::{Db, IVec, Tree};
 
 use super::{
     ApiKeyRecord, BackendError, DeployRequest, Deployed, FunctionRecord, InvocationRecord,
-    JobRecord, MetaStore, ScheduleRecord, StoreError, TenantRecord, now_millis,
+    JobRecord, MetaStore, ScheduleRecord, SecretPut, SecretRecord, StoreError, TenantRecord,
+    now_millis,
 };
 
 /// Version of the layout above, kept in the default tree; a database written
@@ -99,6 +101,9 @@ pub struct SledStore {
     purges: Tree,
     jobs: Tree,
     schedules: Tree,
+    secrets: Tree,
+    /// Bumped at every secret write (see [`MetaStore::secrets_changed`]).
+    secrets_changed: Arc<tokio::sync::watch::Sender<u64>>,
     /// Records that did not decode, moved aside (key `<tree>\0<key>`) so
     /// that one bad record does not stop the host from starting.
     quarantine: Tree,
@@ -177,6 +182,8 @@ impl SledStore {
             purges: tree("purges")?,
             jobs: tree("jobs")?,
             schedules: tree("schedules")?,
+            secrets: tree("secrets")?,
+            secrets_changed: Arc::new(tokio::sync::watch::Sender::new(0)),
             quarantine: tree("quarantine")?,
             db,
             retention: retention_per_function,
@@ -548,11 +555,7 @@ impl MetaStore for SledStore {
         let now = now_millis();
         let _writes = self.exclusive();
         let (stored, old_ref) = match self.load_function(&function_key)? {
-            Some(current)
-                if current.function.digest == request.digest
-                    && current.function.public == request.public
-                    && current.function.retryable == request.retryable =>
-            {
+            Some(current) if request.unchanged(&current.function) => {
                 return Ok(Deployed {
                     function: current.function,
                     changed: false,
@@ -844,6 +847,67 @@ impl MetaStore for SledStore {
         self.decode_or_quarantine("schedules", &self.schedules, self.schedules.iter())
     }
 
+    fn put_secret(&self, secret: &SecretRecord, max: u64) -> Result<SecretPut, StoreError> {
+        let key = parts(&secret.tenant, &secret.name);
+        let _writes = self.exclusive();
+        if self
+            .tenants
+            .get(secret.tenant.as_bytes())
+            .map_err(backend)?
+            .is_none()
+        {
+            return Err(StoreError::Missing(format!("tenant {:?}", secret.tenant)));
+        }
+        let (put, stored) = match self.secrets.get(&key).map_err(backend)? {
+            Some(value) => {
+                let current: SecretRecord = decode("secrets", &key, &value)?;
+                let replaced = SecretRecord {
+                    created_at: current.created_at,
+                    ..secret.clone()
+                };
+                (SecretPut::Replaced, replaced)
+            }
+            None => {
+                let held = self.secrets.scan_prefix(part(&secret.tenant)).count() as u64;
+                if held >= max {
+                    return Ok(SecretPut::AtLimit);
+                }
+                (SecretPut::Created, secret.clone())
+            }
+        };
+        self.secrets
+            .insert(key.as_slice(), encode(&stored)?)
+            .map_err(backend)?;
+        self.sync()?;
+        self.secrets_changed.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(put)
+    }
+
+    fn secrets(&self, tenant: &str) -> Result<Vec<SecretRecord>, StoreError> {
+        decode_all("secrets", self.secrets.scan_prefix(part(tenant)))
+    }
+
+    fn all_secrets(&self) -> Result<Vec<SecretRecord>, StoreError> {
+        self.decode_or_quarantine("secrets", &self.secrets, self.secrets.iter())
+    }
+
+    fn delete_secret(&self, tenant: &str, name: &str) -> Result<bool, StoreError> {
+        let removed = self
+            .secrets
+            .remove(parts(tenant, name))
+            .map_err(backend)?
+            .is_some();
+        if removed {
+            self.sync()?;
+            self.secrets_changed.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        Ok(removed)
+    }
+
+    fn secrets_changed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.secrets_changed.subscribe()
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         self.sync()
     }
@@ -1061,6 +1125,7 @@ mod tests {
 
     fn request(tenant: &str, name: &str, digest: &str, public: bool) -> DeployRequest {
         DeployRequest {
+            secrets: Vec::new(),
             retryable: false,
             tenant: tenant.into(),
             name: name.into(),

@@ -67,6 +67,8 @@ pub const MAX_BODY_BYTES_RANGE: RangeInclusive<u64> = 1..=GIB;
 pub const MAX_COMPONENT_BYTES_RANGE: RangeInclusive<u64> = 1..=GIB;
 /// Allowed `max_functions`.
 pub const MAX_FUNCTIONS_RANGE: RangeInclusive<u64> = 1..=100_000;
+/// Allowed `max_secrets`.
+pub const MAX_SECRETS_RANGE: RangeInclusive<u64> = 0..=10_000;
 /// Allowed `max_storage_bytes`: up to a TiB of components per tenant.
 pub const MAX_STORAGE_BYTES_RANGE: RangeInclusive<u64> = 1..=1024 * GIB;
 /// Allowed `log_bytes` (0 keeps no output); every invocation record stores
@@ -345,6 +347,8 @@ pub struct Policy {
     /// Where the tenant's functions may send HTTP requests; empty: nowhere.
     /// Shared so every call's [`OutboundPolicy`] can hold it without copying.
     pub outbound_http: Arc<[OutboundRule]>,
+    /// Secrets the tenant may keep (`PUT /v1/secrets/{name}`).
+    pub max_secrets: u64,
     /// Whether names in `outbound_http` may lead to private addresses
     /// (loopback, private, link-local, unique-local…); without it only
     /// address rules open those. Never the clouds' metadata services.
@@ -375,6 +379,7 @@ impl Default for Policy {
             volumes: Vec::new(),
             outbound_http: Arc::new([]),
             outbound_private: false,
+            max_secrets: 100,
             gpu: GpuPolicy::default(),
         }
     }
@@ -411,6 +416,7 @@ impl fmt::Debug for Policy {
             .field("volumes", &self.volumes)
             .field("outbound_http", &self.outbound_http)
             .field("outbound_private", &self.outbound_private)
+            .field("max_secrets", &self.max_secrets)
             .field("gpu", &self.gpu)
             .finish()
     }
@@ -621,6 +627,9 @@ impl Policy {
                 })
                 .collect::<Result<_, _>>()?;
         }
+        if let Some(v) = raw.max_secrets {
+            policy.max_secrets = doc.in_range("max_secrets", v, MAX_SECRETS_RANGE)?;
+        }
         if let Some(private) = raw.outbound_private {
             policy.outbound_private = private;
         }
@@ -766,6 +775,7 @@ struct RawPolicy {
     volumes: Option<Vec<RawVolume>>,
     outbound_http: Option<Vec<Spanned<String>>>,
     outbound_private: Option<bool>,
+    max_secrets: Option<Spanned<u64>>,
     gpu: Option<RawGpu>,
 }
 

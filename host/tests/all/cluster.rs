@@ -57,6 +57,7 @@ fn query_i64(url: &str, sql: &str) -> i64 {
 
 fn deploy_request(name: &str, retryable: bool) -> DeployRequest {
     DeployRequest {
+        secrets: Vec::new(),
         tenant: "acme".into(),
         name: name.into(),
         digest: "sha256:aaaa".into(),
@@ -829,6 +830,102 @@ fn migrate(args: &[&str]) -> (i32, String, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_set_on_one_host_is_used_and_rotated_on_another() {
+    let Some(db) = test_database() else { return };
+    let (a_dir, b_dir) = (TempDir::new().unwrap(), TempDir::new().unwrap());
+    // Hosts sharing a store share the secrets key.
+    let key = gust_host::service::SecretsKeyText("42".repeat(32));
+    let start = |dir: &Path| {
+        let (url, key) = (db.url.clone(), key.clone());
+        let dir = dir.to_owned();
+        async move {
+            TestServer::start_configured(&dir, move |config| {
+                config.store = StoreLocation::Postgres(url);
+                config.secrets_key = Some(key);
+            })
+            .await
+        }
+    };
+    let a = start(a_dir.path()).await;
+    let b = start(b_dir.path()).await;
+    let demo = a.demo_key.clone().or(b.demo_key.clone()).unwrap();
+    let set = |value: &'static str| {
+        let url = a.url("/v1/secrets/SHARED_TOKEN");
+        let demo = demo.clone();
+        async move { request("PUT", &url, Some(&demo), value).await }
+    };
+    assert_eq!(set("first-value-1").await.status, 201);
+    let deployed = request(
+        "PUT",
+        &a.url("/v1/functions/env?secrets=SHARED_TOKEN"),
+        Some(&demo),
+        std::fs::read(artifacts::ENV_VAR_COMPONENT).unwrap(),
+    )
+    .await;
+    assert_eq!(deployed.status, 201, "{}", deployed.text());
+    // Host B sees the deploy and the secret within moments.
+    let read_on_b = || {
+        let url = b.url("/v1/functions/env/invoke");
+        let demo = demo.clone();
+        async move {
+            request("POST", &url, Some(&demo), "SHARED_TOKEN")
+                .await
+                .text()
+        }
+    };
+    let until = |expected: &'static str| async move {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let seen = read_on_b().await;
+            if seen == expected {
+                return;
+            }
+            assert!(Instant::now() < deadline, "host B still answers {seen:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    until("first-value-1").await;
+    // Rotated on A: B's next calls see the new value.
+    assert_eq!(set("second-value-2").await.status, 200);
+    until("second-value-2").await;
+    // The database holds it sealed.
+    let plain: i64 = query_one(
+        &db.url,
+        "SELECT count(*) FROM secrets WHERE position('second-value'::bytea IN sealed) > 0",
+    );
+    assert_eq!(plain, 0);
+    let listed = request("GET", &b.url("/v1/secrets"), Some(&demo), "").await;
+    assert_eq!(listed.json()["secrets"][0]["name"], "SHARED_TOKEN");
+    // Deleted on B: A's calls fail with secret-missing.
+    let deleted = request(
+        "DELETE",
+        &b.url("/v1/secrets/SHARED_TOKEN"),
+        Some(&demo),
+        "",
+    )
+    .await;
+    assert_eq!(deleted.status, 204);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = request(
+            "POST",
+            &a.url("/v1/functions/env/invoke"),
+            Some(&demo),
+            "SHARED_TOKEN",
+        )
+        .await;
+        if reply.status == 409 {
+            reply.problem(409, "secret-missing");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", reply.text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sled_host_moves_to_postgres_with_gust_store_migrate() {
     let Some(db) = test_database() else { return };
     let dir = TempDir::new().unwrap();
@@ -872,6 +969,23 @@ async fn a_sled_host_moves_to_postgres_with_gust_store_migrate() {
     })
     .await;
     let waiting = spawn("hello", "later").await;
+    // A secret and a function deployed with it.
+    let set = request(
+        "PUT",
+        &sled.url("/v1/secrets/MIGRATED_TOKEN"),
+        Some(&demo),
+        "moved-along-0042",
+    )
+    .await;
+    assert_eq!(set.status, 201, "{}", set.text());
+    let env = request(
+        "PUT",
+        &sled.url("/v1/functions/env?secrets=MIGRATED_TOKEN"),
+        Some(&demo),
+        std::fs::read(artifacts::ENV_VAR_COMPONENT).unwrap(),
+    )
+    .await;
+    assert_eq!(env.status, 201, "{}", env.text());
     sled.stop().await;
 
     // Bad input first: not a data directory, not a database URL.
@@ -897,13 +1011,15 @@ async fn a_sled_host_moves_to_postgres_with_gust_store_migrate() {
     };
     assert_eq!(counts(&out, "tenants"), (2, 0));
     assert_eq!(counts(&out, "keys"), (2, 0));
-    assert_eq!(counts(&out, "functions"), (3, 0));
+    assert_eq!(counts(&out, "secrets"), (1, 0));
+    assert_eq!(counts(&out, "functions"), (4, 0));
     assert_eq!(counts(&out, "schedules"), (1, 0));
     assert_eq!(counts(&out, "jobs"), (2, 0));
     // Again: nothing new, nothing overwritten.
     let (status, again, err) = migrate(&["--from", data.to_str().unwrap(), "--to", &db.url]);
     assert_eq!(status, 0, "{again}{err}");
-    assert_eq!(counts(&again, "functions"), (0, 3));
+    assert_eq!(counts(&again, "functions"), (0, 4));
+    assert_eq!(counts(&again, "secrets"), (0, 1));
     assert_eq!(counts(&again, "jobs"), (0, 2));
 
     // A host on PostgreSQL, on the same data directory: the same keys,
@@ -929,6 +1045,15 @@ async fn a_sled_host_moves_to_postgres_with_gust_store_migrate() {
     )
     .await;
     assert_eq!(schedule.json()["cron"], "0 0 1 1 *", "{}", schedule.text());
+    // The secret came along sealed; the same data directory's key opens it.
+    let secret = request(
+        "POST",
+        &pg.url("/v1/functions/env/invoke"),
+        Some(&demo),
+        "MIGRATED_TOKEN",
+    )
+    .await;
+    assert_eq!(secret.text(), "moved-along-0042");
     let metrics = request(
         "GET",
         &pg.url("/metrics"),

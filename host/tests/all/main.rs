@@ -29,6 +29,7 @@ mod records;
 mod reuse;
 mod routes;
 mod schedules;
+mod secrets;
 mod server;
 mod store;
 mod stream;

@@ -122,7 +122,7 @@ async fn service(retention: usize) -> (Arc<Service>, FunctionRecord, TempDir) {
     let service = Arc::new(service);
     let wasm = std::fs::read(gust_test_artifacts::HELLO_COMPONENT).unwrap();
     service
-        .deploy("demo", "hello", wasm.into(), false, false)
+        .deploy("demo", "hello", wasm.into(), Default::default())
         .await
         .unwrap();
     let function = service.deployment("demo", "hello").unwrap().record;

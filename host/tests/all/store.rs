@@ -187,6 +187,7 @@ fn both(retention: usize, test: impl Fn(Subject)) {
 
 fn request(tenant: &str, name: &str, digest: &str, public: bool) -> DeployRequest {
     DeployRequest {
+        secrets: Vec::new(),
         tenant: tenant.into(),
         name: name.into(),
         digest: digest.into(),

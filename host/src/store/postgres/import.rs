@@ -5,7 +5,9 @@
 
 use tokio_postgres::types::Json;
 
-use super::{FunctionRecord, JobRecord, JobStatus, PgStore, StoreError, i64_of, world_name};
+use super::{
+    FunctionRecord, JobRecord, JobStatus, PgStore, SecretRecord, StoreError, i64_of, world_name,
+};
 
 /// What an import found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,8 +30,8 @@ impl PgStore {
         let f = function.clone();
         let inserted = self.execute(
             "INSERT INTO functions (tenant, name, incarnation, version, digest, size, world,
-                                    public, retryable, created_at, updated_at)
-             SELECT $1, $2, nextval('incarnations'), $3, $4, $5, $6, $7, $8, $9, $10
+                                    public, retryable, created_at, updated_at, secrets)
+             SELECT $1, $2, nextval('incarnations'), $3, $4, $5, $6, $7, $8, $9, $10, $11
              WHERE EXISTS (SELECT 1 FROM tenants WHERE name = $1)
              ON CONFLICT (tenant, name) DO NOTHING",
             params![
@@ -42,7 +44,8 @@ impl PgStore {
                 f.public,
                 f.retryable,
                 i64_of(f.created_at),
-                i64_of(f.updated_at)
+                i64_of(f.updated_at),
+                f.secrets.clone()
             ],
         )?;
         if inserted == 1 {
@@ -57,6 +60,33 @@ impl PgStore {
                 there.tenant, there.name, there.version, there.digest
             ))),
         }
+    }
+
+    /// Stores `secret` as it is (sealed: the hosts sharing the database
+    /// need the same secrets key as the host it came from) unless the
+    /// tenant has a secret of that name already.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub fn import_secret(&self, secret: &SecretRecord) -> Result<Imported, StoreError> {
+        let inserted = self.execute(
+            "INSERT INTO secrets (tenant, name, key_id, sealed, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (tenant, name) DO NOTHING",
+            params![
+                secret.tenant.clone(),
+                secret.name.clone(),
+                secret.key_id.clone(),
+                secret.sealed.clone(),
+                i64_of(secret.created_at),
+                i64_of(secret.updated_at)
+            ],
+        )?;
+        Ok(if inserted == 1 {
+            Imported::Copied
+        } else {
+            Imported::Present
+        })
     }
 
     /// Stores `job` as it is unless a job of that id is there already. A
