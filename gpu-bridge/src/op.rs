@@ -636,6 +636,11 @@ fn plan_attention(qkv: Operand<'_>, heads: u32, lengths: &[u32]) -> Result<Plan>
     })
 }
 
+/// The most matrices one batched matmul may multiply pairwise (when its
+/// right side is not one matrix shared by the whole batch, which plans as a
+/// single product whatever the batch).
+pub const MAX_MATMUL_BATCH: usize = 1 << 16;
+
 fn plan_matmul(a: Operand<'_>, b: Operand<'_>) -> Result<Plan> {
     float("matmul", a.dtype)?;
     same_dtype("matmul", a.dtype, b.dtype)?;
@@ -687,6 +692,15 @@ fn plan_matmul(a: Operand<'_>, b: Operand<'_>) -> Result<Plan> {
                 rhs_offsets: vec![0],
             }),
         });
+    }
+    // Each matrix of the batch gets its own pair of offsets, computed here:
+    // bounded, so that a plan never costs more than its operands' shapes
+    // justify (`[3, 1, 1, 1] × [1, 1, 1, 10⁸, 1, 1]` would have asked for
+    // 600 million offsets; found by the `op_plan` fuzz target).
+    if batch > MAX_MATMUL_BATCH {
+        return Err(BridgeError::invalid(format!(
+            "matmul: a batch of {batch} matrices is above the limit of {MAX_MATMUL_BATCH}; reshape into fewer, larger matrices"
+        )));
     }
     let (mut lhs_offsets, mut rhs_offsets) = (Vec::with_capacity(batch), Vec::with_capacity(batch));
     for index in 0..batch {
@@ -916,5 +930,34 @@ mod tests {
             .unwrap();
         assert_eq!(plan.shape, [batch, 0, 1]);
         assert_eq!(plan.work, Work::Empty);
+    }
+
+    /// Pairwise products of more matrices than the limit are refused, not
+    /// planned with an offset per matrix (the fuzz target's second find).
+    #[test]
+    fn a_broadcast_matmul_batch_is_bounded() {
+        let f32_operand = |shape| Operand {
+            dtype: DType::F32,
+            shape,
+        };
+        let (lhs, rhs) = ([3, 1, 1, 1], [1, 1, 1, 100_860_671, 1, 1]);
+        let error = Op::Matmul
+            .plan(&[f32_operand(&lhs), f32_operand(&rhs)])
+            .unwrap_err();
+        assert!(error.message.contains("batch of 302582013"), "{error}");
+        // At the limit it plans; a shared right side plans whatever the
+        // batch.
+        let (lhs, rhs) = ([MAX_MATMUL_BATCH, 1, 2], [MAX_MATMUL_BATCH, 2, 1]);
+        assert!(
+            Op::Matmul
+                .plan(&[f32_operand(&lhs), f32_operand(&rhs)])
+                .is_ok()
+        );
+        let (lhs, rhs) = ([MAX_MATMUL_BATCH * 4, 1, 2], [2, 1]);
+        assert!(
+            Op::Matmul
+                .plan(&[f32_operand(&lhs), f32_operand(&rhs)])
+                .is_ok()
+        );
     }
 }
