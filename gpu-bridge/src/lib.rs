@@ -35,4 +35,4 @@ pub use dtype::DType;
 pub use error::{BridgeError, ErrorCode, Result};
 pub use kernel::{BinaryOp, Kernel, ReduceOp, UnaryOp};
 pub use models::{FinishReason, GenerateParams, Generation};
-pub use op::{Op, Operand, Plan, Work, broadcast, element_count};
+pub use op::{MAX_MATMUL_BATCH, Op, Operand, Plan, Work, broadcast, element_count};
