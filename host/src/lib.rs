@@ -8,4 +8,5 @@ pub mod service;
 pub mod store;
 pub mod tenancy;
 mod tls_roots;
+pub mod trace;
 pub mod wire;

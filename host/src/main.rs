@@ -8,7 +8,6 @@ mod cli;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    cli::init_tracing(args.verbose);
     // Guests yield to the executor at every epoch tick (10 ms), so a busy
     // worker polls many long tasks in a row; checking for I/O every 8 polls
     // (instead of tokio's 61) keeps accepting and answering other requests
@@ -24,7 +23,20 @@ fn main() -> ExitCode {
             return ExitCode::from(cli::EXIT_HOST);
         }
     };
+    let telemetry = match cli::init_tracing(&args, runtime.handle().clone()) {
+        Ok(telemetry) => telemetry,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(cli::EXIT_BAD_INPUT);
+        }
+    };
     let code = runtime.block_on(cli::dispatch(args));
+    // The last spans go out while the runtime their connections use runs.
+    if let Some(telemetry) = telemetry {
+        runtime.block_on(async {
+            let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+        });
+    }
     // Tasks still spawned (a response body being streamed, a WebSocket
     // session) hold parts of the host: dropping them here, before `main`
     // returns, lets the devices' worker threads and the store close while

@@ -38,3 +38,26 @@ pub(crate) fn add_system_roots(roots: &mut RootCertStore) -> usize {
     let (added, _ignored) = roots.add_parsable_certificates(found.certs);
     added
 }
+
+/// A TLS client configuration (rustls on aws-lc-rs) trusting the system's
+/// roots plus those of `ca_file`; no ALPN (the caller sets what it speaks).
+/// `Err` names the CA file and what is wrong with it.
+pub(crate) fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = RootCertStore::empty();
+    let system = add_system_roots(&mut roots);
+    if let Some(path) = ca_file {
+        add_pem_file(&mut roots, path)?;
+    }
+    if roots.is_empty() {
+        tracing::warn!(
+            "no trusted root certificates: HTTPS connections will fail until the system has some or --ca-file names a CA"
+        );
+    }
+    tracing::debug!(system, total = roots.len(), "TLS roots loaded");
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}

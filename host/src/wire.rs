@@ -193,6 +193,10 @@ pub struct Invocation {
     /// none were.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress_denied: Vec<String>,
+    /// The W3C trace id of the trace the invocation was part of: the
+    /// caller's `traceparent`'s, or one the host started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 impl From<&InvocationRecord> for Invocation {
@@ -212,6 +216,7 @@ impl From<&InvocationRecord> for Invocation {
             stdout_dropped_bytes: record.stdout_dropped_bytes,
             stderr_dropped_bytes: record.stderr_dropped_bytes,
             egress_denied: record.egress_denied.clone(),
+            trace_id: record.trace_id.clone(),
         }
     }
 }

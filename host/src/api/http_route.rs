@@ -169,9 +169,11 @@ async fn serve(service: Arc<Service>, Route { tenant, name }: Route, request: Re
     let body = body.map_err(body_error as fn(axum::Error) -> HttpError);
     let request = hyper::Request::from_parts(parts, CappedBody::new(body, max_body));
 
-    let call = service.serve_http(&target, request).map_err(|invocation| {
-        answer(Problem::from(Failure::of(&invocation.outcome)).with_invocation(&started.id))
-    })?;
+    let call = service
+        .serve_http(&target, request, &started)
+        .map_err(|invocation| {
+            answer(Problem::from(Failure::of(&invocation.outcome)).with_invocation(&started.id))
+        })?;
     match call.response.await {
         Ok(Ok(response)) => {
             let status = response.status().as_u16();

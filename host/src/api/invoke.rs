@@ -124,7 +124,8 @@ pub(super) async fn invoke(
     if wants_events(&parts.headers) {
         return Ok(events(service, target, call, started, permit));
     }
-    let invocation = service.run(&target, call, service.buffered(&tenant)).await;
+    let control = started.control(service.buffered(&tenant));
+    let invocation = service.run(&target, call, control).await;
     drop(permit);
     let response = outcome_response(&invocation, &started.id);
     service
@@ -235,7 +236,7 @@ fn events(
     let task = tokio::spawn(async move {
         let heartbeat_frames = frames.clone();
         let invocation = service
-            .run_streaming(&target, call, SseForward(frames.clone()), || {
+            .run_streaming(&target, &started, call, SseForward(frames.clone()), || {
                 let frames = heartbeat_frames.clone();
                 Some(async move {
                     frames

@@ -273,7 +273,9 @@ async fn run_one(map: &MapTarget, index: u64, input: Result<Vec<u8>, ItemError>)
         headers: Vec::new(),
         invocation_id: started.id.clone(),
     };
-    let invocation = service.run(target, call, control.clone()).await;
+    let invocation = service
+        .run(target, call, started.control(control.clone()))
+        .await;
     drop(permit);
     // Results wait in the window for those before them: each is bounded
     // like a request body, so a window holds a bounded number of bytes.

@@ -140,6 +140,45 @@ pub fn router(service: Arc<Service>) -> axum::Router {
             body_timeout,
             extract::stamp_body_deadline,
         ))
+        .layer(axum::middleware::from_fn(trace_request))
+}
+
+/// Each request's span (`request`), in the trace its `traceparent` names
+/// or a new one, and that trace as the context of everything the request
+/// starts (see [`crate::trace`]).
+async fn trace_request(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use tracing::Instrument as _;
+
+    let incoming = request
+        .headers()
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+        .and_then(crate::trace::TraceContext::parse);
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(
+            || request.uri().path().to_owned(),
+            |path| path.as_str().to_owned(),
+        );
+    let span = tracing::info_span!(
+        "request",
+        otel.name = format!("{} {route}", request.method()),
+        http.request.method = %request.method(),
+        http.route = %route,
+        url.path = %request.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+    );
+    let context = crate::trace::TraceContext::adopt(&span, incoming);
+    let response = context
+        .scope(next.run(request))
+        .instrument(span.clone())
+        .await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
 }
 
 /// A bound, ready server.

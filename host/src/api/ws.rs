@@ -266,7 +266,7 @@ impl Session<'_> {
         };
         let invocation = self
             .service
-            .run_streaming(&target, call, WsForward(sink), || {
+            .run_streaming(&target, &started, call, WsForward(sink), || {
                 None::<std::future::Ready<bool>>
             })
             .await;

@@ -189,8 +189,21 @@ pub(crate) fn default_cache_dir() -> PathBuf {
     PathBuf::from(".gust-cache")
 }
 
-pub(crate) fn init_tracing(verbose: u8) {
-    let default = match verbose {
+/// Logs to stderr (`-v`, `RUST_LOG`) and, for `gust serve` with an OTLP
+/// endpoint, spans to the collector; the returned pipeline is to be shut
+/// down (its last batch sent) before `runtime` stops.
+///
+/// # Errors
+/// A malformed endpoint or CA file, as a message.
+pub(crate) fn init_tracing(
+    cli: &Cli,
+    runtime: tokio::runtime::Handle,
+) -> Result<Option<gust_host::trace::Telemetry>, String> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
+    let default = match cli.verbose {
         0 => "warn",
         1 => "info",
         2 => "debug",
@@ -198,10 +211,53 @@ pub(crate) fn init_tracing(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .init();
+        .with_filter(filter);
+    let telemetry = match &cli.command {
+        Command::Serve(args) => match &args.otlp_endpoint {
+            Some(endpoint) if !endpoint.trim().is_empty() => {
+                let instance = format!(
+                    "{}-{}",
+                    hostname().unwrap_or_else(|| "gust".to_owned()),
+                    std::process::id()
+                );
+                Some(
+                    gust_host::trace::Telemetry::otlp(
+                        endpoint,
+                        args.ca_file.as_deref(),
+                        &instance,
+                        runtime,
+                    )
+                    .map_err(|e| e.to_string())?,
+                )
+            }
+            _ => None,
+        },
+        _ => None,
+    };
+    // The host's own spans at info (the `model.*`, `request`, `call`…
+    // spans), whatever the log level; dependencies' only from warnings.
+    let spans = telemetry.as_ref().map(|telemetry| {
+        tracing_opentelemetry::layer()
+            .with_tracer(telemetry.tracer())
+            .with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target("gust_host", tracing::Level::INFO)
+                    .with_target("gust_gpu_bridge", tracing::Level::INFO)
+                    .with_default(tracing::Level::WARN),
+            )
+    });
+    tracing_subscriber::registry().with(logs).with(spans).init();
+    Ok(telemetry)
+}
+
+/// This machine's name, for telling hosts apart in traces.
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
 }
 
 pub(crate) async fn dispatch(cli: Cli) -> ExitCode {

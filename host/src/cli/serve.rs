@@ -114,7 +114,16 @@ pub(crate) struct ServeArgs {
     /// besides the system's roots (which `SSL_CERT_FILE` and
     /// `SSL_CERT_DIR` can point elsewhere): for APIs behind a private CA.
     #[arg(long, env = "GUST_CA_FILE")]
-    ca_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
+
+    /// Export the host's spans (requests, admission, instantiation, calls,
+    /// model work, functions' outgoing requests) over OTLP/HTTP to the
+    /// collector at this base URL (traces go to `<URL>/v1/traces`;
+    /// `OTEL_EXPORTER_OTLP_HEADERS` and the `OTEL_BSP_*` batching variables
+    /// apply). Without it nothing is exported; trace ids are still recorded
+    /// and passed on.
+    #[arg(long, value_name = "URL", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub(crate) otlp_endpoint: Option<String>,
 }
 
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is
@@ -186,10 +195,17 @@ pub(crate) async fn serve(args: ServeArgs) -> ExitCode {
     };
     config.runtime.allocation = AllocationConfig::Pooling(pool);
     config.runtime.ca_file = args.ca_file;
+    // From the environment only: a key on the command line would show in
+    // `ps` and shell histories.
+    config.secrets_key = std::env::var("GUST_SECRETS_KEY")
+        .ok()
+        .filter(|key| !key.trim().is_empty())
+        .map(gust_host::service::SecretsKeyText);
     let server = match Server::bind(config).await {
         Ok(server) => server,
         Err(
             e @ (gust_host::api::ServeError::Policy(_)
+            | gust_host::api::ServeError::SecretsKey(_)
             | gust_host::api::ServeError::Runtime(gust_host::runtime::RuntimeError::Egress(_))),
         ) => {
             eprintln!("error: {e}");

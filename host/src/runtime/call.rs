@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use tracing::Instrument as _;
 use wasmtime::component::ResourceTableError;
 use wasmtime::{PoolConcurrencyLimitError, Store, Trap, UpdateDeadline, WasmBacktrace};
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
@@ -89,7 +90,7 @@ impl Runtime {
             client: self.egress.clone(),
             deadline,
             log: EgressLog::default(),
-            traceparent: control.traceparent.clone(),
+            trace: control.trace,
         };
         state.renew(egress, memory_limit, limits.gpu.clone(), deadline);
         state.output = match control.stream {
@@ -180,12 +181,17 @@ impl Runtime {
         let run = async {
             let guest = match reused_guest {
                 Some(guest) => guest,
-                None => pre.instantiate_async(&mut *store).await?,
+                None => {
+                    pre.instantiate_async(&mut *store)
+                        .instrument(tracing::info_span!("instantiate"))
+                        .await?
+                }
             };
             timings.instantiate = started.elapsed();
             let result = guest
                 .gust_function_handler()
                 .call_handle(&mut *store, &request)
+                .instrument(tracing::info_span!("call"))
                 .await;
             timings.call = started.elapsed() - timings.instantiate;
             result.map(|returned| (returned, guest))
@@ -242,6 +248,7 @@ impl Runtime {
         component: &LoadedComponent,
         request: hyper::Request<B>,
         limits: &CallLimits,
+        control: CallControl,
     ) -> Result<HttpCall, Box<Invocation>>
     where
         B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
@@ -255,7 +262,7 @@ impl Runtime {
             )));
         };
         let pre = pre.clone();
-        let mut call = self.new_call(limits, CallControl::default());
+        let mut call = self.new_call(limits, control);
         call.store.data_mut().output = control::OutputSink::Refused;
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let store = call.store.data_mut();
@@ -267,29 +274,37 @@ impl Runtime {
             Ok(resources) => resources,
             Err(e) => return Err(Box::new(Invocation::host_error(&format!("{e:#}")))),
         };
-        let completion = tokio::spawn(async move {
-            let mut timings = Timings::default();
-            let started = call.started;
-            let store = &mut call.store;
-            let run = async {
-                let proxy = pre.instantiate_async(&mut *store).await?;
-                timings.instantiate = started.elapsed();
-                let result = proxy
-                    .wasi_http_incoming_handler()
-                    .call_handle(&mut *store, req, out)
-                    .await;
-                timings.call = started.elapsed() - timings.instantiate;
-                result
-            };
-            let result = match tokio::time::timeout(call.hard_limit, run).await {
-                Err(_elapsed) => Err(None),
-                // The response (status, headers, body) went to the caller
-                // through the outparam; here only success is recorded.
-                Ok(Ok(())) => Ok(Outcome::Ok(Response::default())),
-                Ok(Err(error)) => Err(Some(error)),
-            };
-            call.finish(result, timings).0
-        });
+        let completion = tokio::spawn(
+            async move {
+                let mut timings = Timings::default();
+                let started = call.started;
+                let store = &mut call.store;
+                let run = async {
+                    let proxy = pre
+                        .instantiate_async(&mut *store)
+                        .instrument(tracing::info_span!("instantiate"))
+                        .await?;
+                    timings.instantiate = started.elapsed();
+                    let result = proxy
+                        .wasi_http_incoming_handler()
+                        .call_handle(&mut *store, req, out)
+                        .instrument(tracing::info_span!("call"))
+                        .await;
+                    timings.call = started.elapsed() - timings.instantiate;
+                    result
+                };
+                let result = match tokio::time::timeout(call.hard_limit, run).await {
+                    Err(_elapsed) => Err(None),
+                    // The response (status, headers, body) went to the caller
+                    // through the outparam; here only success is recorded.
+                    Ok(Ok(())) => Ok(Outcome::Ok(Response::default())),
+                    Ok(Err(error)) => Err(Some(error)),
+                };
+                call.finish(result, timings).0
+            }
+            // The guest runs on in a task of its own: in the caller's span.
+            .instrument(tracing::Span::current()),
+        );
         Ok(HttpCall {
             response: receiver,
             completion,

@@ -66,9 +66,10 @@ pub struct CallControl {
     /// call's memory limit; emitted output is held on the host, so it is
     /// never unbounded).
     pub output_limit: usize,
-    /// The W3C `traceparent` the call's outgoing requests carry, so that
-    /// the APIs a function calls join the caller's trace.
-    pub traceparent: Option<http::HeaderValue>,
+    /// The trace the call belongs to: its outgoing requests carry it on
+    /// (`traceparent`), so that the APIs a function calls join the
+    /// caller's trace.
+    pub trace: Option<crate::trace::TraceContext>,
 }
 
 /// A host API refused the guest more of a bounded resource (emitted

@@ -9,6 +9,8 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use wasmtime_wasi_http::{WasiBody, WasiHttpHooks};
 
+use tracing::Instrument as _;
+
 use super::egress::{Egress, SendResult};
 
 type HttpError = wasmtime_wasi_http::Error;
@@ -27,10 +29,17 @@ impl WasiHttpHooks for GustHttpHooks {
         options: Option<wasmtime_wasi_http::RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
     ) -> Box<dyn Future<Output = SendResult> + Send> {
-        match &self.egress {
-            Some(egress) => Box::new(egress.clone().send(request, options)),
-            None => Box::new(async { Err(HttpError::HttpRequestDenied) }),
-        }
+        let Some(egress) = &self.egress else {
+            return Box::new(async { Err(HttpError::HttpRequestDenied) });
+        };
+        // Sent from a task of its own: the span carries the call's trace.
+        let span = tracing::info_span!(
+            "http.outbound",
+            http.request.method = %request.method(),
+            server.address = request.uri().host().unwrap_or_default(),
+            url.scheme = request.uri().scheme_str().unwrap_or_default(),
+        );
+        Box::new(egress.clone().send(request, options).instrument(span))
     }
 }
 

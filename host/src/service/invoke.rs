@@ -15,6 +15,7 @@ use crate::runtime::{
 use crate::store::{
     FunctionRecord, FunctionWorld, InvocationRecord, TimingsRecord, UnixMillis, now_millis,
 };
+use crate::trace::TraceContext;
 
 /// A function resolved for calls: its record, its compiled component and
 /// the limits of a call.
@@ -46,16 +47,29 @@ pub struct Started {
     pub at: UnixMillis,
     /// Monotonic start, for the total duration.
     pub instant: Instant,
+    /// The trace it is part of: the request's, or a new one.
+    pub trace: TraceContext,
 }
 
 impl Started {
-    /// An invocation starting now, with a new id.
+    /// An invocation starting now, with a new id, in the current request's
+    /// trace (see [`TraceContext::current`]).
     pub fn now() -> Self {
         let at = now_millis();
         Self {
             id: new_invocation_id(at),
             at,
             instant: Instant::now(),
+            trace: TraceContext::current(),
+        }
+    }
+
+    /// The controls of a call of this invocation that are not the
+    /// caller's to choose: its trace.
+    pub fn control(&self, control: CallControl) -> CallControl {
+        CallControl {
+            trace: Some(self.trace),
+            ..control
         }
     }
 }
@@ -267,6 +281,7 @@ impl Service {
     /// # Errors
     /// With [`Admit::Fail`]: [`ServiceError::TenantBusy`] or
     /// [`ServiceError::HostBusy`] (each counted as a rejection).
+    #[tracing::instrument(level = "info", name = "admission", skip(self, mode), fields(%tenant))]
     pub async fn admit(&self, tenant: &str, mode: Admit) -> Result<Permit, ServiceError> {
         let limit = self.policy(tenant).max_concurrency as usize;
         self.admission
@@ -285,6 +300,7 @@ impl Service {
     /// # Errors
     /// [`ServiceError::TenantBusy`] or [`ServiceError::HostBusy`].
     pub fn admit_anonymous(&self, tenant: &str) -> Result<Permit, ServiceError> {
+        let _span = tracing::info_span!("admission", %tenant, anonymous = true).entered();
         let limit = self.policy(tenant).max_anonymous_concurrency as usize;
         self.admission
             .admit_anonymous(tenant, limit)
@@ -324,19 +340,26 @@ impl Service {
         }
     }
 
-    /// Runs one handler call of `target`.
+    /// Runs one handler call of `target`, in the trace `control` names (the
+    /// current request's when it names none).
     pub async fn run(
         &self,
         target: &Target,
         call: CallRequest,
-        control: CallControl,
+        mut control: CallControl,
     ) -> Invocation {
-        let span = tracing::debug_span!(
+        let trace = *control.trace.get_or_insert_with(TraceContext::current);
+        let span = tracing::info_span!(
             "invocation",
             tenant = %target.function.tenant,
             function = %target.function.name,
             id = %call.invocation_id,
         );
+        // Work no request started (a job, a schedule) has no span to hang
+        // from: its span joins the invocation's trace directly.
+        if TraceContext::of_span(&tracing::Span::current()).is_none() {
+            TraceContext::adopt(&span, Some(trace));
+        }
         let invocation = self
             .runtime
             .invoke_with(&target.component, call, &target.limits, control)
@@ -417,6 +440,7 @@ impl Service {
             stdout_dropped_bytes: invocation.stdout.dropped_bytes,
             stderr_dropped_bytes: invocation.stderr.dropped_bytes,
             egress_denied: invocation.egress_denied.clone(),
+            trace_id: Some(started.trace.trace_id()),
         };
         let record = self.redacted(function, record);
         if self.store.shared().is_some() {
@@ -514,20 +538,23 @@ impl Service {
         &self,
         target: &Target,
         request: hyper::Request<B>,
+        started: &Started,
     ) -> Result<HttpCall, Box<Invocation>>
     where
         B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
-        let _span = tracing::debug_span!(
+        let _span = tracing::info_span!(
             "invocation",
             tenant = %target.function.tenant,
             function = %target.function.name,
+            id = %started.id,
             world = "http",
         )
         .entered();
+        let control = started.control(CallControl::default());
         self.runtime
-            .serve_http(&target.component, request, &target.limits)
+            .serve_http(&target.component, request, &target.limits, control)
     }
 
     /// Records a wasi:http call once its guest is done (its body may still

@@ -814,10 +814,10 @@ async fn execute(
         headers: Vec::new(),
         invocation_id: started.id.clone(),
     };
-    let control = CallControl {
+    let control = started.control(CallControl {
         cancel: Some(cancel),
         ..service.buffered(&tenant)
-    };
+    });
     let invocation = service.run(&target, call, control).await;
     drop(permit);
     service

@@ -367,7 +367,8 @@ async fn fire(service: &Arc<Service>, tenant: &str, function: &str, tick: UnixMi
         headers: vec![("gust-schedule".to_owned(), schedule.cron.clone())],
         invocation_id: started.id.clone(),
     };
-    let invocation = service.run(&target, call, service.buffered(tenant)).await;
+    let control = started.control(service.buffered(tenant));
+    let invocation = service.run(&target, call, control).await;
     drop(permit);
     service
         .record_outcome(&target.function, &started, &invocation)

@@ -30,6 +30,7 @@ impl Service {
     pub(crate) async fn run_streaming<F, Fut>(
         &self,
         target: &Target,
+        started: &super::Started,
         call: CallRequest,
         mut forward: F,
         mut idle: impl FnMut() -> Option<Fut>,
@@ -40,12 +41,12 @@ impl Service {
     {
         let (chunks_tx, mut chunks) = mpsc::channel::<Bytes>(BACKLOG);
         let cancel = Cancel::new();
-        let control = CallControl {
+        let control = started.control(CallControl {
             cancel: Some(cancel.clone()),
             stream: Some(chunks_tx),
             output_limit: 0,
             ..CallControl::default()
-        };
+        });
         let invoke = self.run(target, call, control);
         tokio::pin!(invoke);
         let mut heartbeat = tokio::time::interval(HEARTBEAT);

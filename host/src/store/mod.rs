@@ -440,6 +440,10 @@ pub struct InvocationRecord {
     /// in records from before egress was checked.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress_denied: Vec<String>,
+    /// The W3C trace id of the trace the invocation was part of (the
+    /// caller's `traceparent`, or one the host started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 /// Where a job is in its life.

@@ -1120,7 +1120,19 @@ mod tests {
 
     fn reopen(dir: &TempDir, store: SledStore, retention: usize) -> SledStore {
         drop(store);
-        SledStore::open(&dir.path().join("meta"), retention).unwrap()
+        // sled's flusher thread lets go of the database's file lock a
+        // moment after the last handle is dropped.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match SledStore::open(&dir.path().join("meta"), retention) {
+                Ok(store) => return store,
+                Err(error) if std::time::Instant::now() < deadline => {
+                    eprintln!("reopening: {error}; retrying");
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(error) => panic!("reopening the store: {error}"),
+            }
+        }
     }
 
     fn request(tenant: &str, name: &str, digest: &str, public: bool) -> DeployRequest {
@@ -1167,6 +1179,7 @@ mod tests {
             stdout_dropped_bytes: 0,
             stderr_dropped_bytes: 0,
             egress_denied: Vec::new(),
+            trace_id: None,
         }
     }
 

@@ -25,6 +25,11 @@ impl Host {
 
     /// A host on `dir` with the test policies and `extra` arguments.
     pub(crate) fn start_with(dir: &Path, extra: &[&str]) -> Self {
+        Self::start_with_env(dir, extra, &[])
+    }
+
+    /// [`Host::start_with`], with `env` set for the host.
+    pub(crate) fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_gust"))
             .args(["serve", "--listen", "127.0.0.1:0", "--max-instances", "16"])
             .arg("--data-dir")
@@ -32,6 +37,7 @@ impl Host {
             .arg("--policies")
             .arg(policies(dir))
             .args(extra)
+            .envs(env.iter().copied())
             .env("GUST_ADMIN_KEY", ADMIN_KEY)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

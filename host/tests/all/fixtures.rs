@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gust_host::runtime::{CallLimits, Outcome};
+use gust_host::runtime::{CallControl, CallLimits, Outcome};
 use gust_test_artifacts as artifacts;
 
 use super::{invoke, limits, load, request, runtime};
@@ -264,7 +264,7 @@ async fn serve(
             body.as_bytes(),
         )))
         .unwrap();
-    match rt.serve_http(component, request, &limits()) {
+    match rt.serve_http(component, request, &limits(), CallControl::default()) {
         Ok(call) => call,
         Err(invocation) => panic!("not served: {:?}", invocation.outcome),
     }
@@ -319,7 +319,10 @@ async fn http_hello() {
         timeout: Duration::from_millis(200),
         ..limits()
     };
-    let call = rt.serve_http(&component, request, &short).ok().unwrap();
+    let call = rt
+        .serve_http(&component, request, &short, CallControl::default())
+        .ok()
+        .unwrap();
     assert!(call.response.await.is_err());
     assert_eq!(call.completion.await.unwrap().outcome.code(), "timeout");
 }
@@ -551,7 +554,7 @@ async fn wasi_nn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamer() {
-    use gust_host::runtime::{CallControl, Cancel};
+    use gust_host::runtime::Cancel;
 
     let (rt, _dir) = runtime();
     let component = load(&rt, artifacts::STREAMER_COMPONENT);

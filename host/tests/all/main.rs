@@ -33,6 +33,7 @@ mod secrets;
 mod server;
 mod store;
 mod stream;
+mod traces;
 
 use std::path::Path;
 use std::time::Duration;

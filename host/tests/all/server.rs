@@ -290,9 +290,14 @@ pub(crate) async fn invocation_status(server: &TestServer, key: &str, id: &str) 
 
 /// Creates tenant `name` with the admin key and returns its key.
 pub(crate) async fn tenant(server: &TestServer, name: &str) -> String {
+    tenant_on(&server.url(""), name).await
+}
+
+/// Creates tenant `name` with the admin key on the host at `url`.
+pub(crate) async fn tenant_on(url: &str, name: &str) -> String {
     let reply = request(
         "POST",
-        &server.url("/v1/tenants"),
+        &format!("{url}/v1/tenants"),
         Some(ADMIN_KEY),
         format!(r#"{{"name":"{name}"}}"#),
     )

@@ -229,6 +229,7 @@ fn invocation(tenant: &str, function: &str, id: &str) -> InvocationRecord {
         stdout_dropped_bytes: 0,
         stderr_dropped_bytes: 0,
         egress_denied: Vec::new(),
+        trace_id: None,
     }
 }
 

@@ -49,12 +49,10 @@ pub(crate) type SendResult = Result<
 /// Why the egress client could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum EgressError {
-    /// The CA file given with `--ca-file` could not be used.
+    /// The CA file given with `--ca-file` (or the TLS configuration) could
+    /// not be used.
     #[error("--ca-file {0}")]
     CaFile(String),
-    /// rustls refused the configuration.
-    #[error("TLS client configuration: {0}")]
-    Tls(#[from] rustls::Error),
 }
 
 /// The host's HTTPS client configuration, shared by every call.
@@ -76,22 +74,7 @@ impl EgressClient {
     /// # Errors
     /// The CA file cannot be read or holds no certificate.
     pub(crate) fn new(ca_file: Option<&Path>) -> Result<Self, EgressError> {
-        let mut roots = rustls::RootCertStore::empty();
-        let system = crate::tls_roots::add_system_roots(&mut roots);
-        if let Some(path) = ca_file {
-            crate::tls_roots::add_pem_file(&mut roots, path).map_err(EgressError::CaFile)?;
-        }
-        if roots.is_empty() {
-            tracing::warn!(
-                "no trusted root certificates: HTTPS requests from functions will fail until the system has some or --ca-file names a CA"
-            );
-        }
-        tracing::debug!(system, total = roots.len(), "egress TLS roots loaded");
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let mut config = crate::tls_roots::client_config(ca_file).map_err(EgressError::CaFile)?;
         // The connection speaks HTTP/1.1 only.
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Self {
@@ -147,9 +130,8 @@ pub(crate) struct Egress {
     pub(crate) client: EgressClient,
     pub(crate) deadline: std::time::Instant,
     pub(crate) log: EgressLog,
-    /// The `traceparent` the outgoing requests carry, when the call is
-    /// part of a trace.
-    pub(crate) traceparent: Option<http::HeaderValue>,
+    /// The trace the call belongs to, which its outgoing requests carry on.
+    pub(crate) trace: Option<crate::trace::TraceContext>,
 }
 
 /// The timeouts of one request: the guest's options, none past the call's
@@ -213,10 +195,14 @@ impl Egress {
             }
         };
         let stream = connect(&addresses, connect_by).await?;
-        if let Some(traceparent) = &self.traceparent {
-            request
-                .headers_mut()
-                .insert("traceparent", traceparent.clone());
+        // The next hop's parent: this request's span where spans are
+        // exported, else a new span id in the call's trace.
+        let next_hop = crate::trace::TraceContext::of_span(&tracing::Span::current())
+            .or_else(|| self.trace.map(crate::trace::TraceContext::child));
+        if let Some(next_hop) = next_hop
+            && let Ok(value) = http::HeaderValue::from_str(&next_hop.traceparent())
+        {
+            request.headers_mut().insert("traceparent", value);
         }
         origin_form(&mut request);
         if https {

@@ -338,7 +338,15 @@ impl GpuCtxView<'_> {
             None => attempt!(self.session.default_device()),
         };
         let refs: Vec<&Tensor> = tensors.iter().collect();
-        let result = attempt!(device.run(&op, &refs, &account).await.map_err(to_wit));
+        // Debug: a guest may run thousands of ops per call.
+        let span = tracing::debug_span!("bridge.op", op = op.name());
+        let result = attempt!(
+            device
+                .run(&op, &refs, &account)
+                .instrument(span)
+                .await
+                .map_err(to_wit)
+        );
         Ok(Ok(self.new_tensor(result, device)?))
     }
 
@@ -626,7 +634,7 @@ impl GpuCtxView<'_> {
     /// invocation's output as soon as the model produces it (an SSE or
     /// WebSocket caller sees tokens as they come), the output's backpressure
     /// pacing the generation.
-    #[tracing::instrument(level = "debug", skip_all, fields(model = model.name(), stream = stream))]
+    #[tracing::instrument(level = "info", name = "model.generate", skip_all, fields(model = model.name(), stream = stream))]
     async fn generate_with(
         &mut self,
         model: Arc<ResidentModel>,
@@ -684,7 +692,8 @@ impl GpuCtxView<'_> {
 
 impl models::HostModel for GpuCtxView<'_> {
     async fn load(&mut self, name: String) -> Outcome<Resource<GpuModel>> {
-        let model = attempt!(self.session.load_resident(&name).await);
+        let span = tracing::info_span!("model.load", model = %name);
+        let model = attempt!(self.session.load_resident(&name).instrument(span).await);
         Ok(Ok(self.table.push(GpuModel { model })?))
     }
 
@@ -708,7 +717,7 @@ impl models::HostModel for GpuCtxView<'_> {
             .fold(0usize, usize::saturating_add);
         attempt!(check_model_input("the texts", total));
         let account = attempt!(self.session.account());
-        let span = tracing::debug_span!("embed", model = model.name(), texts = texts.len());
+        let span = tracing::info_span!("model.embed", model = model.name(), texts = texts.len());
         Ok(model
             .embed(texts, &account, self.session.deadline)
             .instrument(span)
