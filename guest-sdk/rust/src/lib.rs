@@ -62,9 +62,11 @@ pub mod bindings {
     });
 }
 
+pub mod fetch;
 pub mod model;
 pub mod tensor;
 
+pub use fetch::{Fetch, FetchError, Fetched, fetch};
 pub use model::{GenerateParams, Model, ModelError};
 pub use tensor::{Tensor, TensorError};
 

@@ -62,8 +62,8 @@ impl TestCa {
     }
 }
 
-/// An HTTPS server on loopback answering `secure {path}`, and the
-/// `traceparent` it was sent, if any, on a second line.
+/// An HTTPS server on loopback answering `secure {path}`, then on lines of
+/// their own the `authorization` header and the body it was sent, if any.
 pub(crate) async fn tls_upstream(ca: &TestCa) -> SocketAddr {
     let acceptor = tokio_rustls::TlsAcceptor::from(ca.server_config());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -80,9 +80,16 @@ pub(crate) async fn tls_upstream(ca: &TestCa) -> SocketAddr {
                     return;
                 };
                 let service = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    use http_body_util::BodyExt as _;
                     let mut text = format!("secure {}", req.uri().path());
-                    if let Some(parent) = req.headers().get("traceparent") {
-                        text.push_str(&format!("\n{}", parent.to_str().unwrap_or("?")));
+                    if let Some(auth) = req.headers().get("authorization") {
+                        text.push_str(&format!("\nauth={}", auth.to_str().unwrap_or("?")));
+                    }
+                    let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                    if let Ok(body) = body
+                        && !body.is_empty()
+                    {
+                        text.push_str(&format!("\nbody={}", String::from_utf8_lossy(&body)));
                     }
                     Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(text))))
                 });
@@ -362,4 +369,80 @@ async fn the_guests_connect_first_byte_and_between_bytes_timeouts_fire() {
     assert!(body.starts_with("body: "), "{body}");
     drop(fillers);
     egress.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_call_api_example_calls_https_with_its_secret() {
+    let dir = TempDir::new().unwrap();
+    let ca = TestCa::new("Gust egress test CA");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let upstream = tls_upstream(&ca).await;
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(
+        policies.join("caller.toml"),
+        format!(
+            "outbound_http = [\"https://localhost\"]\noutbound_private = true\n[env]\nAPI_URL = \"https://localhost:{}/v1/echo\"\n",
+            upstream.port()
+        ),
+    )
+    .unwrap();
+    let server = TestServer::start_configured(dir.path(), |config| {
+        config.runtime.ca_file = Some(ca_file);
+    })
+    .await;
+    let key = tenant(&server, "caller").await;
+    let set = request(
+        "PUT",
+        &server.url("/v1/secrets/API_TOKEN"),
+        Some(&key),
+        "tok-9f8e7d6c",
+    )
+    .await;
+    assert_eq!(set.status, 201, "{}", set.text());
+    let deployed = request(
+        "PUT",
+        &server.url("/v1/functions/call-api?secrets=API_TOKEN"),
+        Some(&key),
+        std::fs::read(artifacts::EXAMPLE_CALL_API_COMPONENT).unwrap(),
+    )
+    .await;
+    assert_eq!(deployed.status, 201, "{}", deployed.text());
+    let reply = request(
+        "POST",
+        &server.url("/v1/functions/call-api/invoke"),
+        Some(&key),
+        "hello API",
+    )
+    .await;
+    assert_eq!(
+        (reply.status, reply.text().as_str()),
+        (
+            200,
+            "secure /v1/echo\nauth=Bearer tok-9f8e7d6c\nbody=hello API"
+        )
+    );
+    // Without the secret, the example says what is missing.
+    let bare = request(
+        "PUT",
+        &server.url("/v1/functions/bare"),
+        Some(&key),
+        std::fs::read(artifacts::EXAMPLE_CALL_API_COMPONENT).unwrap(),
+    )
+    .await;
+    assert_eq!(bare.status, 201);
+    let reply = request(
+        "POST",
+        &server.url("/v1/functions/bare/invoke"),
+        Some(&key),
+        "x",
+    )
+    .await;
+    let problem = reply.problem(500, "not-configured");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("API_TOKEN"),
+        "{problem}"
+    );
+    server.stop().await;
 }
