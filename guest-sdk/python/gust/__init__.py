@@ -45,6 +45,7 @@ except ImportError:
     _output = None
 
 from ._base import Error, Request, Response, _describe_exception, _name, _to_response
+from .fetch import FetchError, FetchResponse, fetch
 from .model import GenerateParams, Model
 from .tensor import Dtype, Tensor, TensorError, devices
 from .web import HttpRequest, http
@@ -52,6 +53,8 @@ from .web import HttpRequest, http
 __all__ = [
     "Dtype",
     "Error",
+    "FetchError",
+    "FetchResponse",
     "GenerateParams",
     "HttpRequest",
     "Model",
@@ -61,6 +64,7 @@ __all__ = [
     "TensorError",
     "devices",
     "emit",
+    "fetch",
     "function",
     "http",
 ]

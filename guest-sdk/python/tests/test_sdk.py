@@ -173,6 +173,47 @@ class RegistrationTests(unittest.TestCase):
         self.assertIn("both", str(raised.exception))
 
 
+class FetchTests(unittest.TestCase):
+    def test_urls_split_into_scheme_authority_and_path(self):
+        from gust.fetch import _split_url
+
+        self.assertEqual(
+            _split_url("https://api.example.com:8443/v1/x?q=1#frag"),
+            ("https", "api.example.com:8443", "/v1/x?q=1"),
+        )
+        self.assertEqual(_split_url("http://h?q"), ("http", "h", "/?q"))
+        for bad in ("ftp://h/x", "https://", "api.example.com/x", "https://u@h/"):
+            with self.assertRaises(ValueError):
+                _split_url(bad)
+
+    def test_responses_and_errors(self):
+        reply = gust.FetchResponse(200, [("Content-Type", "application/json")], b'{"ok": 1}')
+        self.assertEqual(reply.header("content-type"), "application/json")
+        self.assertEqual(reply.json(), {"ok": 1})
+        with self.assertRaises(gust.Error) as raised:
+            gust.FetchResponse(200, [], b"\xff").text()
+        self.assertEqual((raised.exception.code, raised.exception.status), ("invalid-response", 502))
+        error = gust.FetchError("GET https://x", "HttpRequestDenied")
+        self.assertIsInstance(error, gust.Error)
+        self.assertEqual((error.code, error.status, error.reason), ("fetch-failed", 502, "HttpRequestDenied"))
+        self.assertIn("GET https://x: HttpRequestDenied", error.message)
+
+    def test_the_bindings_fetch_uses_are_in_both_worlds(self):
+        # The names `gust.fetch` imports inside a component: both worlds
+        # import wasi:http/outgoing-handler.
+        from wit_world.imports import outgoing_handler, streams, wasi_http_types as http
+
+        self.assertTrue(callable(outgoing_handler.handle))
+        self.assertTrue(hasattr(streams, "StreamError_Closed"))
+        for name in ("Method_Get", "Method_Post", "Method_Other", "Scheme_Https", "Scheme_Http",
+                     "RequestOptions", "OutgoingRequest", "OutgoingBody", "IncomingBody", "Fields"):
+            self.assertTrue(hasattr(http, name), name)
+        from gust.fetch import _reason
+
+        self.assertEqual(_reason(http.ErrorCode_HttpRequestDenied()), "HttpRequestDenied")
+        self.assertEqual(_reason(http.ErrorCode_ConnectionTimeout()), "ConnectionTimeout")
+
+
 @unittest.skipUnless(WEB_WORLD, "the web app's world only")
 class WebWorldTests(unittest.TestCase):
     def test_emit_is_refused_in_a_web_app(self):

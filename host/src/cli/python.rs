@@ -48,6 +48,10 @@ const SDK_FILES: &[(&str, &str)] = &[
         "gust/web.py",
         include_str!("../../../guest-sdk/python/gust/web.py"),
     ),
+    (
+        "gust/fetch.py",
+        include_str!("../../../guest-sdk/python/gust/fetch.py"),
+    ),
 ];
 
 /// The WIT of the `gust:function` worlds and every package they use
