@@ -15,7 +15,7 @@ use crate::wire;
 /// Set a secret: the body is its value (UTF-8, 1 byte to 64 KiB).
 #[utoipa::path(
     put, path = "/v1/secrets/{name}", tag = "secrets", operation_id = "putSecret",
-    params(("name" = String, Path, description = "Secret name, `^[A-Z_][A-Z0-9_]{0,127}$`: the environment variable functions see")),
+    params(("name" = String, Path, pattern = "^[A-Z_][A-Z0-9_]{0,127}$", description = "Secret name: the environment variable functions see")),
     request_body(description = "The value (UTF-8 text)", content((String = "text/plain"), (Vec<u8> = "application/octet-stream"))),
     responses(
         (status = 201, description = "A new secret", body = wire::Secret),
@@ -71,7 +71,7 @@ pub(super) async fn list(
 /// without it.
 #[utoipa::path(
     delete, path = "/v1/secrets/{name}", tag = "secrets", operation_id = "deleteSecret",
-    params(("name" = String, Path, description = "Secret name")),
+    params(("name" = String, Path, pattern = "^[A-Z_][A-Z0-9_]{0,127}$", description = "Secret name")),
     responses(
         (status = 204, description = "Deleted"),
         (status = 400, description = "A bad name (invalid-secret-name)", body = Problem, content_type = "application/problem+json"),
