@@ -42,8 +42,10 @@ pub(super) async fn spawn(
     let limit = service.policy(&tenant).max_body_bytes;
     let (parts, body) = read_capped(request, limit, "the request body").await?;
     let content_type = content_type(&parts.headers);
+    // Read here: the request's trace does not cross to the blocking thread.
+    let trace = crate::trace::TraceContext::current();
     let job = super::blocking(&service, move |s| {
-        s.spawn_job(&tenant, &name, content_type, body.to_vec())
+        s.spawn_job(&tenant, &name, content_type, body.to_vec(), trace)
     })
     .await?;
     let url = format!("/v1/jobs/{}", job.id);

@@ -456,6 +456,9 @@ pub(super) async fn map(
     let body = request.into_body();
 
     let (chunks, chunk_stream) = mpsc::channel::<Chunk>(16);
+    // Every input's invocation is part of the request's trace; the workers
+    // are tasks of their own, so they are given it.
+    let trace = crate::trace::TraceContext::current();
     tokio::spawn(async move {
         // Held until the map is done (or its caller gone).
         let _stream_slot = stream_slot;
@@ -474,7 +477,7 @@ pub(super) async fn map(
             .map(|_| {
                 let target = Arc::clone(&target);
                 let (input_rx, result_tx) = (Arc::clone(&input_rx), result_tx.clone());
-                tokio::spawn(async move {
+                tokio::spawn(trace.scope(async move {
                     loop {
                         let next = input_rx.lock().await.recv().await;
                         let Some((index, input)) = next else { return };
@@ -483,7 +486,7 @@ pub(super) async fn map(
                             return;
                         }
                     }
-                })
+                }))
             })
             .collect();
         drop(result_tx);

@@ -358,8 +358,9 @@ impl Service {
         }
     }
 
-    /// Queues an invocation of the tenant's handler `name` with `input`;
-    /// the job is stored (and flushed) before this returns.
+    /// Queues an invocation of the tenant's handler `name` with `input`,
+    /// to run in `trace` (the spawning request's); the job is stored (and
+    /// flushed) before this returns.
     ///
     /// # Errors
     /// [`ServiceError::NotFound`], [`ServiceError::WrongWorld`],
@@ -370,11 +371,12 @@ impl Service {
         name: &str,
         content_type: String,
         input: Vec<u8>,
+        trace: crate::trace::TraceContext,
     ) -> Result<JobRecord, ServiceError> {
         self.handler_function(tenant, name, "only handler functions run as jobs")?;
         let limit = self.policy(tenant).max_queued_jobs;
         if let Some(shared) = self.store.shared() {
-            let job = pending_job(tenant, name, content_type, input);
+            let job = pending_job(tenant, name, content_type, input, trace);
             // Counted and stored in one step in the store, across hosts.
             if !shared.enqueue_job(&job, limit)? {
                 self.metrics.rejected("job-queue-full");
@@ -389,7 +391,7 @@ impl Service {
             self.metrics.rejected("job-queue-full");
             return Err(ServiceError::QueueFull { limit });
         };
-        let job = pending_job(tenant, name, content_type, input);
+        let job = pending_job(tenant, name, content_type, input, trace);
         self.store.put_job(&job)?;
         // Accepted means it survives a crash from here on.
         if let Err(e) = self.store.flush() {
@@ -547,8 +549,14 @@ impl Service {
     }
 }
 
-/// A new pending job.
-fn pending_job(tenant: &str, name: &str, content_type: String, input: Vec<u8>) -> JobRecord {
+/// A new pending job, whose runs join `trace`.
+fn pending_job(
+    tenant: &str,
+    name: &str,
+    content_type: String,
+    input: Vec<u8>,
+    trace: crate::trace::TraceContext,
+) -> JobRecord {
     let now = now_millis();
     JobRecord {
         id: new_job_id(now),
@@ -564,6 +572,7 @@ fn pending_job(tenant: &str, name: &str, content_type: String, input: Vec<u8>) -
         input,
         result: None,
         error: None,
+        traceparent: Some(trace.traceparent()),
     }
 }
 
@@ -808,6 +817,15 @@ async fn execute(
         }
     };
     let tenant = job.tenant.clone();
+    let trace = job
+        .traceparent
+        .as_deref()
+        .and_then(crate::trace::TraceContext::parse);
+    // Under the spawning request's span.
+    let started = Started {
+        trace: trace.unwrap_or(started.trace),
+        ..started
+    };
     let call = CallRequest {
         body: job.input.clone(),
         content_type: job.content_type.clone(),

@@ -533,6 +533,10 @@ pub struct JobRecord {
     pub result: Option<JobResult>,
     /// Set when it failed or was cancelled.
     pub error: Option<JobError>,
+    /// The W3C `traceparent` of the request that spawned it: its runs are
+    /// part of that trace. Absent in jobs from before traces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl JobRecord {

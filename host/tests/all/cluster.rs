@@ -84,6 +84,7 @@ fn job(n: usize, function: &str) -> JobRecord {
         input: vec![b'x'; 10],
         result: None,
         error: None,
+        traceparent: None,
     }
 }
 

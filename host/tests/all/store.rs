@@ -528,6 +528,7 @@ fn jobs_and_schedules_round_trip_and_everything_survives_a_reopen() {
             input: vec![0, 1, 2, 255],
             result: None,
             error: None,
+            traceparent: None,
         };
         s.store.put_job(&job).unwrap();
         let mut running = job.clone();

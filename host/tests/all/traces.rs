@@ -274,5 +274,72 @@ async fn a_callers_trace_runs_through_the_function_to_the_api_it_calls() {
     // Its root: no parent.
     let root = one(&found, invoke_route);
     assert!(root.parent_span_id.is_empty(), "{root:?}");
+
+    // A job runs in the trace of the request that spawned it.
+    let job_trace = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let spawned = request_with(
+        "POST",
+        &format!("{}/v1/functions/hello/spawn", host.url),
+        Some(&demo),
+        "later",
+        &[(
+            "traceparent",
+            &format!("00-{job_trace}-0102030405060708-01"),
+        )],
+    )
+    .await;
+    assert_eq!(spawned.status, 202, "{}", spawned.text());
+    let job_id = spawned.json()["job_id"].as_str().unwrap().to_owned();
+    let job = crate::jobs::poll_json(&format!("{}/v1/jobs/{job_id}", host.url), &demo, |job| {
+        job["status"] == "succeeded"
+    })
+    .await;
+    let run = job["invocation_id"].as_str().unwrap();
+    let record = request_with(
+        "GET",
+        &format!("{}/v1/invocations/{run}", host.url),
+        Some(&demo),
+        "",
+        &[],
+    )
+    .await
+    .json();
+    assert_eq!(record["trace_id"], job_trace, "{record}");
+    let spawn_route = "POST /v1/functions/{name}/spawn";
+    let found = spans_of(&spans, job_trace, &[spawn_route, "invocation", "call"]).await;
+    let spawn = one(&found, spawn_route);
+    assert_eq!(one(&found, "invocation").parent_span_id, spawn.span_id);
+
+    // So does every input of a map, each run by a worker task.
+    let map_trace = "6bf92f3577b34da6a3ce929d0e0e4736";
+    let mapped = request_with(
+        "POST",
+        &format!("{}/v1/functions/hello/map", host.url),
+        Some(&demo),
+        r#"["a", "b"]"#,
+        &[
+            (
+                "traceparent",
+                &format!("00-{map_trace}-0102030405060708-01"),
+            ),
+            ("content-type", "application/json"),
+        ],
+    )
+    .await;
+    assert_eq!(mapped.status, 200, "{}", mapped.text());
+    for line in mapped.text().lines() {
+        let item: serde_json::Value = serde_json::from_str(line).unwrap();
+        let run = item["invocation_id"].as_str().unwrap();
+        let record = request_with(
+            "GET",
+            &format!("{}/v1/invocations/{run}", host.url),
+            Some(&demo),
+            "",
+            &[],
+        )
+        .await
+        .json();
+        assert_eq!(record["trace_id"], map_trace, "{record}");
+    }
     host.kill();
 }
