@@ -16,6 +16,16 @@ from typing import Any, Callable, List, Optional, Tuple, Union
 _INVALID_INPUT = "invalid-input"
 
 
+def _find_header(headers: List[Tuple[str, str]], name: str) -> Optional[str]:
+    """The value of the first of ``headers`` called ``name``, compared
+    case-insensitively, or ``None``."""
+    wanted = name.lower()
+    for key, value in headers:
+        if key.lower() == wanted:
+            return value
+    return None
+
+
 class Error(Exception):
     """A failure the function reports on purpose.
 
@@ -70,11 +80,7 @@ class Request:
 
     def header(self, name: str) -> Optional[str]:
         """The first header called ``name``, compared case-insensitively."""
-        wanted = name.lower()
-        for key, value in self.headers:
-            if key.lower() == wanted:
-                return value
-        return None
+        return _find_header(self.headers, name)
 
     def __repr__(self) -> str:
         return (

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json as _json
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ._base import Error
+from ._base import Error, _find_header
 
 try:
     # Imported when the app is loaded (not at the first call): componentize-py
@@ -68,11 +68,7 @@ class FetchResponse:
 
     def header(self, name: str) -> Optional[str]:
         """The first header called ``name`` (case-insensitive), or ``None``."""
-        wanted = name.lower()
-        for key, value in self.headers:
-            if key.lower() == wanted:
-                return value
-        return None
+        return _find_header(self.headers, name)
 
     def text(self) -> str:
         """The body as UTF-8 text (``invalid-response``, 502, if it is not)."""

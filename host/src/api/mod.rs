@@ -157,13 +157,11 @@ async fn trace_request(
         .get("traceparent")
         .and_then(|value| value.to_str().ok())
         .and_then(crate::trace::TraceContext::parse);
+    // Borrowed: the span's fields are only formatted when it is recorded.
     let route = request
         .extensions()
         .get::<axum::extract::MatchedPath>()
-        .map_or_else(
-            || request.uri().path().to_owned(),
-            |path| path.as_str().to_owned(),
-        );
+        .map_or(request.uri().path(), axum::extract::MatchedPath::as_str);
     let span = tracing::info_span!(
         "request",
         otel.name = format!("{} {route}", request.method()),

@@ -317,6 +317,30 @@ impl Secrets {
         Ok(())
     }
 
+    /// Reads `tenant`'s sealed secrets from `store` again (after this host
+    /// changed them), leaving the other tenants' as they are.
+    pub(crate) fn reload_tenant(
+        &self,
+        store: &dyn MetaStore,
+        tenant: &str,
+    ) -> Result<(), StoreError> {
+        let held: HashMap<String, SecretRecord> = store
+            .secrets(tenant)?
+            .into_iter()
+            .map(|record| (record.name.clone(), record))
+            .collect();
+        if let Ok(mut current) = self.sealed.write() {
+            let mut sealed = Sealed::clone(&current);
+            if held.is_empty() {
+                sealed.remove(tenant);
+            } else {
+                sealed.insert(tenant.to_owned(), Arc::new(held));
+            }
+            *current = Arc::new(sealed);
+        }
+        Ok(())
+    }
+
     fn tenant(&self, tenant: &str) -> Option<Arc<HashMap<String, SecretRecord>>> {
         self.sealed.read().ok()?.get(tenant).cloned()
     }
@@ -433,13 +457,12 @@ impl Service {
         }
         // The next call sees it, on this host at once (others when the
         // store tells them).
-        self.secrets.reload(self.store.as_ref())?;
+        self.secrets.reload_tenant(self.store.as_ref(), tenant)?;
+        // As stored: a replaced secret keeps its first `created_at`.
         let stored = self
-            .store
-            .secrets(tenant)?
-            .iter()
-            .find(|s| s.name == name)
-            .map(SecretInfo::from)
+            .secrets
+            .tenant(tenant)
+            .and_then(|held| held.get(name).map(SecretInfo::from))
             .unwrap_or_else(|| SecretInfo::from(&record));
         tracing::info!(%tenant, secret = %name, created = put == SecretPut::Created, "secret set");
         Ok((stored, put == SecretPut::Created))
@@ -469,7 +492,7 @@ impl Service {
         if !self.store.delete_secret(tenant, name)? {
             return Err(ServiceError::NotFound(format!("no secret {name}")));
         }
-        self.secrets.reload(self.store.as_ref())?;
+        self.secrets.reload_tenant(self.store.as_ref(), tenant)?;
         tracing::info!(%tenant, secret = %name, "secret deleted");
         Ok(())
     }

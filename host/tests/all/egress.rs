@@ -124,11 +124,77 @@ async fn stalling_upstream(reply: &'static [u8]) -> SocketAddr {
     addr
 }
 
+/// A server that trusts a test CA (`--ca-file`), an HTTPS upstream that
+/// CA signed, and tenants with the policies given.
+pub(crate) struct HttpsHost {
+    pub(crate) server: TestServer,
+    pub(crate) ca: TestCa,
+    pub(crate) upstream: SocketAddr,
+    _dir: TempDir,
+}
+
+impl HttpsHost {
+    /// Starts the upstream, writes the policies `policies(upstream)` names
+    /// (tenant, policy text; beside the server fixture's own), then the
+    /// server.
+    pub(crate) async fn start(
+        policies: impl FnOnce(SocketAddr) -> Vec<(&'static str, String)>,
+    ) -> Self {
+        let dir = TempDir::new().unwrap();
+        let ca = TestCa::new("Gust egress test CA");
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, &ca.pem).unwrap();
+        let upstream = tls_upstream(&ca).await;
+        let policy_dir = dir.path().join("policies");
+        std::fs::create_dir_all(&policy_dir).unwrap();
+        for (tenant, policy) in policies(upstream) {
+            std::fs::write(policy_dir.join(format!("{tenant}.toml")), policy).unwrap();
+        }
+        let server = TestServer::start_configured(dir.path(), |config| {
+            config.runtime.ca_file = Some(ca_file);
+        })
+        .await;
+        Self {
+            server,
+            ca,
+            upstream,
+            _dir: dir,
+        }
+    }
+
+    /// Sets the tenant's secret `API_TOKEN` to `token` and deploys
+    /// `component` as `name` with it.
+    pub(crate) async fn deploy_with_token(
+        &self,
+        key: &str,
+        name: &str,
+        component: &Path,
+        token: &str,
+    ) {
+        let set = request(
+            "PUT",
+            &self.server.url("/v1/secrets/API_TOKEN"),
+            Some(key),
+            token.to_owned(),
+        )
+        .await;
+        assert_eq!(set.status, 201, "{}", set.text());
+        let deployed = request(
+            "PUT",
+            &self
+                .server
+                .url(&format!("/v1/functions/{name}?secrets=API_TOKEN")),
+            Some(key),
+            std::fs::read(component).unwrap(),
+        )
+        .await;
+        assert_eq!(deployed.status, 201, "{}", deployed.text());
+    }
+}
+
 /// The tenants of these tests, by their policies.
-fn egress_policies(dir: &Path) {
-    let policies = dir.join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    for (tenant, policy) in [
+fn egress_policies() -> Vec<(&'static str, String)> {
+    [
         // Names may lead to private addresses. A long deadline: the
         // guest's own timeouts must fire long before it.
         (
@@ -142,34 +208,25 @@ fn egress_policies(dir: &Path) {
             "tlsonly",
             "outbound_http = [\"https://localhost\"]\noutbound_private = true\n",
         ),
-    ] {
-        std::fs::write(policies.join(format!("{tenant}.toml")), policy).unwrap();
-    }
+    ]
+    .into_iter()
+    .map(|(tenant, policy)| (tenant, policy.to_owned()))
+    .collect()
 }
 
 struct Egress {
-    server: TestServer,
-    _dir: TempDir,
-    ca: TestCa,
+    https: HttpsHost,
     keys: Vec<(String, String)>,
 }
 
 impl Egress {
     async fn start() -> Self {
-        let dir = TempDir::new().unwrap();
-        let ca = TestCa::new("Gust egress test CA");
-        let ca_file = dir.path().join("ca.pem");
-        std::fs::write(&ca_file, &ca.pem).unwrap();
-        // Beside the files the server's fixture writes.
-        egress_policies(dir.path());
-        let server = TestServer::start_configured(dir.path(), |config| {
-            config.runtime.ca_file = Some(ca_file);
-        })
-        .await;
+        let https = HttpsHost::start(|_| egress_policies()).await;
+        let server = &https.server;
         let bytes = std::fs::read(artifacts::HTTP_HELLO_COMPONENT).unwrap();
         let mut keys = Vec::new();
         for name in ["secure", "named", "tlsonly"] {
-            let key = tenant(&server, name).await;
+            let key = tenant(server, name).await;
             let reply = request(
                 "PUT",
                 &server.url("/v1/functions/web?public=true"),
@@ -180,12 +237,7 @@ impl Egress {
             assert_eq!(reply.status, 201, "{}", reply.text());
             keys.push((name.to_owned(), key));
         }
-        Self {
-            server,
-            _dir: dir,
-            ca,
-            keys,
-        }
+        Self { https, keys }
     }
 
     fn key(&self, tenant: &str) -> &str {
@@ -196,7 +248,7 @@ impl Egress {
     async fn get(&self, tenant: &str, path: &str) -> (u16, String, String) {
         let reply = request(
             "GET",
-            &self.server.url(&format!("/http/{tenant}/web/{path}")),
+            &self.https.server.url(&format!("/http/{tenant}/web/{path}")),
             None,
             "",
         )
@@ -213,7 +265,8 @@ impl Egress {
     /// The invocation record `id` of `tenant`, once written.
     async fn record(&self, tenant: &str, id: &str) -> serde_json::Value {
         for _ in 0..100 {
-            let (status, record) = invocation_status(&self.server, self.key(tenant), id).await;
+            let (status, record) =
+                invocation_status(&self.https.server, self.key(tenant), id).await;
             if status == 200 {
                 return record;
             }
@@ -226,7 +279,7 @@ impl Egress {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_egress_trusts_the_ca_file_and_checks_certificates() {
     let egress = Egress::start().await;
-    let upstream = tls_upstream(&egress.ca).await;
+    let upstream = tls_upstream(&egress.https.ca).await;
     let port = upstream.port();
     // By name, verified against the CA given with --ca-file.
     let (status, body, _) = egress
@@ -262,13 +315,13 @@ async fn https_egress_trusts_the_ca_file_and_checks_certificates() {
     let record = egress.record("tlsonly", &id).await;
     let denied = record["egress_denied"].to_string();
     assert!(denied.contains("only https"), "{record}");
-    egress.server.stop().await;
+    egress.https.server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn names_that_resolve_to_private_addresses_are_refused_unless_allowed() {
     let egress = Egress::start().await;
-    let upstream = tls_upstream(&egress.ca).await;
+    let upstream = tls_upstream(&egress.https.ca).await;
     let port = upstream.port();
     // `localhost` is listed, but it resolves to loopback.
     let (status, body, id) = egress
@@ -308,7 +361,7 @@ async fn names_that_resolve_to_private_addresses_are_refused_unless_allowed() {
     assert_eq!((status, body.as_str()), (200, "200 secure /hello"));
     let record = egress.record("secure", &id).await;
     assert!(record.get("egress_denied").is_none(), "{record}");
-    egress.server.stop().await;
+    egress.https.server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,47 +431,27 @@ async fn the_guests_connect_first_byte_and_between_bytes_timeouts_fire() {
     assert!(body.starts_with("body: "), "{body}");
     fast(started);
     drop(fillers);
-    egress.server.stop().await;
+    egress.https.server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_call_api_example_calls_https_with_its_secret() {
-    let dir = TempDir::new().unwrap();
-    let ca = TestCa::new("Gust egress test CA");
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, &ca.pem).unwrap();
-    let upstream = tls_upstream(&ca).await;
-    let policies = dir.path().join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    std::fs::write(
-        policies.join("caller.toml"),
-        format!(
-            "outbound_http = [\"https://localhost\"]\noutbound_private = true\n[env]\nAPI_URL = \"https://localhost:{}/v1/echo\"\n",
-            upstream.port()
-        ),
-    )
-    .unwrap();
-    let server = TestServer::start_configured(dir.path(), |config| {
-        config.runtime.ca_file = Some(ca_file);
+    let https = HttpsHost::start(|upstream| {
+        vec![(
+            "caller",
+            format!(
+                "outbound_http = [\"https://localhost\"]\noutbound_private = true\n[env]\nAPI_URL = \"https://localhost:{}/v1/echo\"\n",
+                upstream.port()
+            ),
+        )]
     })
     .await;
-    let key = tenant(&server, "caller").await;
-    let set = request(
-        "PUT",
-        &server.url("/v1/secrets/API_TOKEN"),
-        Some(&key),
-        "tok-9f8e7d6c",
-    )
-    .await;
-    assert_eq!(set.status, 201, "{}", set.text());
-    let deployed = request(
-        "PUT",
-        &server.url("/v1/functions/call-api?secrets=API_TOKEN"),
-        Some(&key),
-        std::fs::read(artifacts::EXAMPLE_CALL_API_COMPONENT).unwrap(),
-    )
-    .await;
-    assert_eq!(deployed.status, 201, "{}", deployed.text());
+    let server = &https.server;
+    let key = tenant(server, "caller").await;
+    let component = Path::new(artifacts::EXAMPLE_CALL_API_COMPONENT);
+    https
+        .deploy_with_token(&key, "call-api", component, "tok-9f8e7d6c")
+        .await;
     let reply = request(
         "POST",
         &server.url("/v1/functions/call-api/invoke"),
@@ -438,7 +471,7 @@ async fn the_call_api_example_calls_https_with_its_secret() {
         "PUT",
         &server.url("/v1/functions/bare"),
         Some(&key),
-        std::fs::read(artifacts::EXAMPLE_CALL_API_COMPONENT).unwrap(),
+        std::fs::read(component).unwrap(),
     )
     .await;
     assert_eq!(bare.status, 201);
@@ -454,5 +487,5 @@ async fn the_call_api_example_calls_https_with_its_secret() {
         problem["detail"].as_str().unwrap().contains("API_TOKEN"),
         "{problem}"
     );
-    server.stop().await;
+    https.server.stop().await;
 }

@@ -148,47 +148,27 @@ async fn a_python_function_answers_json_errors_tensors_and_timeouts() {
 /// outcome in the SDK) does not end it, a timeout does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_function_calls_an_https_api_with_its_secret() {
-    use super::egress::{TestCa, tls_upstream};
+    use super::egress::HttpsHost;
 
     let Some(component) = python_fixture("fixture") else {
         return;
     };
-    let dir = TempDir::new().unwrap();
-    let ca = TestCa::new("Gust Python egress CA");
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, &ca.pem).unwrap();
-    let upstream = tls_upstream(&ca).await;
-    let policies = dir.path().join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    std::fs::write(
-        policies.join("pyegress.toml"),
-        "timeout_ms = 5000\nmemory_mb = 256\nmax_component_bytes = 67108864\n\
-         outbound_http = [\"https://localhost\"]\noutbound_private = true\n",
-    )
-    .unwrap();
-    let server = TestServer::start_configured(dir.path(), |config| {
-        config.runtime.ca_file = Some(ca_file);
+    let https = HttpsHost::start(|_| {
+        vec![(
+            "pyegress",
+            "timeout_ms = 5000\nmemory_mb = 256\nmax_component_bytes = 67108864\n\
+             outbound_http = [\"https://localhost\"]\noutbound_private = true\n"
+                .to_owned(),
+        )]
     })
     .await;
-    let key = tenant(&server, "pyegress").await;
-    let set = request(
-        "PUT",
-        &server.url("/v1/secrets/API_TOKEN"),
-        Some(&key),
-        "py-tok-123",
-    )
-    .await;
-    assert_eq!(set.status, 201, "{}", set.text());
-    let deployed = request(
-        "PUT",
-        &server.url("/v1/functions/fixture?secrets=API_TOKEN"),
-        Some(&key),
-        std::fs::read(&component).unwrap(),
-    )
-    .await;
-    assert_eq!(deployed.status, 201, "{}", deployed.text());
+    let (server, upstream) = (&https.server, https.upstream);
+    let key = tenant(server, "pyegress").await;
+    https
+        .deploy_with_token(&key, "fixture", &component, "py-tok-123")
+        .await;
     let url = format!("https://localhost:{}/v1/echo", upstream.port());
-    let reply = invoke_op(&server, &key, "fetch", &url).await;
+    let reply = invoke_op(server, &key, "fetch", &url).await;
     assert_eq!(
         (reply.status, reply.text().as_str()),
         (
@@ -198,7 +178,7 @@ async fn a_python_function_calls_an_https_api_with_its_secret() {
     );
     // A host the policy does not list: the SDK's FetchError, uncaught,
     // is the function's 502.
-    let denied = invoke_op(&server, &key, "fetch", "https://example.invalid/").await;
+    let denied = invoke_op(server, &key, "fetch", "https://example.invalid/").await;
     let problem = denied.problem(502, "fetch-failed");
     assert!(
         problem["detail"]
@@ -207,7 +187,7 @@ async fn a_python_function_calls_an_https_api_with_its_secret() {
             .contains("HttpRequestDenied"),
         "{problem}"
     );
-    server.stop().await;
+    https.server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -117,6 +117,31 @@ async fn spans_of(spans: &Mutex<Vec<Span>>, trace: &str, names: &[&str]) -> Vec<
     }
 }
 
+/// The trace id of invocation `id` on the host at `url`, once its record
+/// is written.
+async fn trace_of(url: &str, key: &str, id: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = request_with(
+            "GET",
+            &format!("{url}/v1/invocations/{id}"),
+            Some(key),
+            "",
+            &[],
+        )
+        .await;
+        if reply.status == 200 {
+            let record = reply.json();
+            return record["trace_id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no trace id: {record}"))
+                .to_owned();
+        }
+        assert!(Instant::now() < deadline, "no record {id}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn one<'a>(spans: &'a [Span], name: &str) -> &'a Span {
     spans
         .iter()
@@ -186,23 +211,7 @@ async fn a_callers_trace_runs_through_the_function_to_the_api_it_calls() {
     assert_ne!(hop[2], caller_span);
 
     // So is the invocation record.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let record = loop {
-        let reply = request_with(
-            "GET",
-            &format!("{}/v1/invocations/{id}", host.url),
-            Some(&key),
-            "",
-            &[],
-        )
-        .await;
-        if reply.status == 200 {
-            break reply.json();
-        }
-        assert!(Instant::now() < deadline, "no record {id}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(record["trace_id"], trace, "{record}");
+    assert_eq!(trace_of(&host.url, &key, &id).await, trace);
 
     // And the host's spans, linked: the request under the caller's span,
     // the outgoing request's span the parent the API saw.
@@ -257,16 +266,7 @@ async fn a_callers_trace_runs_through_the_function_to_the_api_it_calls() {
     .await;
     assert_eq!(invoked.text(), "Hello, trace!");
     let id = invoked.headers["gust-invocation-id"].to_str().unwrap();
-    let record = request_with(
-        "GET",
-        &format!("{}/v1/invocations/{id}", host.url),
-        Some(&demo),
-        "",
-        &[],
-    )
-    .await
-    .json();
-    let own = record["trace_id"].as_str().unwrap().to_owned();
+    let own = trace_of(&host.url, &demo, id).await;
     assert_eq!(own.len(), 32);
     assert_ne!(own, trace);
     let invoke_route = "POST /v1/functions/{name}/invoke";
@@ -295,16 +295,7 @@ async fn a_callers_trace_runs_through_the_function_to_the_api_it_calls() {
     })
     .await;
     let run = job["invocation_id"].as_str().unwrap();
-    let record = request_with(
-        "GET",
-        &format!("{}/v1/invocations/{run}", host.url),
-        Some(&demo),
-        "",
-        &[],
-    )
-    .await
-    .json();
-    assert_eq!(record["trace_id"], job_trace, "{record}");
+    assert_eq!(trace_of(&host.url, &demo, run).await, job_trace);
     let spawn_route = "POST /v1/functions/{name}/spawn";
     let found = spans_of(&spans, job_trace, &[spawn_route, "invocation", "call"]).await;
     let spawn = one(&found, spawn_route);
@@ -330,16 +321,7 @@ async fn a_callers_trace_runs_through_the_function_to_the_api_it_calls() {
     for line in mapped.text().lines() {
         let item: serde_json::Value = serde_json::from_str(line).unwrap();
         let run = item["invocation_id"].as_str().unwrap();
-        let record = request_with(
-            "GET",
-            &format!("{}/v1/invocations/{run}", host.url),
-            Some(&demo),
-            "",
-            &[],
-        )
-        .await
-        .json();
-        assert_eq!(record["trace_id"], map_trace, "{record}");
+        assert_eq!(trace_of(&host.url, &demo, run).await, map_trace);
     }
     host.kill();
 }
