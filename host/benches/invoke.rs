@@ -11,6 +11,12 @@
 //! `reuse_instances`, here 1000 calls per instance): call + return of the
 //! instance to the idle pool, one instantiation per 1000 calls.
 //!
+//! `restart/*`: a restarted host making a function ready from its compiled
+//! artifact (`load_compiled`: check the artifact's MAC, deserialize,
+//! pre-instantiate; the component's own bytes are not read), and the same
+//! followed by its first call in a fresh instance. Target: ≤ 20 ms for the
+//! Python hello.
+//!
 //! `gpu/*`: a guest's tiny bridge op (relu of 16 floats) against the cpu
 //! backend called natively. `guest_relu_x0` and `guest_relu_x100` are whole
 //! invocations doing 0 and 100 ops, so the per-op round trip is their
@@ -103,6 +109,31 @@ fn bench_invoke(c: &mut Criterion) {
         });
     }
     group.finish();
+
+    let mut restart = c.benchmark_group("restart");
+    restart.sample_size(20);
+    let components = std::iter::once(("hello", &rust_hello))
+        .chain(python_hello.as_ref().map(|bytes| ("python_hello", bytes)));
+    for (id, bytes) in components {
+        // A new engine over the cache the cases above filled, as after a
+        // restart (the artifact is in the page cache, as on a host that
+        // just wrote or read it).
+        let runtime = Runtime::new(RuntimeConfig::new(cache.path())).unwrap();
+        let digest = gust_host::digest::Digest::of(bytes);
+        let ready = || runtime.load_compiled(&digest).unwrap().unwrap();
+        assert_eq!(ready().source(), gust_host::runtime::LoadSource::Cache);
+        restart.bench_function(format!("{id}_load"), |b| b.iter(ready));
+        restart.bench_function(format!("{id}_first_call"), |b| {
+            b.to_async(&tokio).iter(|| async {
+                let loaded = ready();
+                let invocation = runtime
+                    .invoke(&loaded, Request::default(), &CallLimits::default())
+                    .await;
+                assert!(invocation.outcome.is_ok());
+            });
+        });
+    }
+    restart.finish();
 }
 
 fn bench_gpu(c: &mut Criterion) {

@@ -163,13 +163,43 @@ impl Runtime {
             }
             lookup => {
                 if let Lookup::Rejected(reason) = lookup {
-                    self.stats.cache_rejections.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%digest, %reason, path = %self.cache.path_for(&digest).display(), "ignoring compiled-cache entry; recompiling");
+                    self.reject(&digest, &reason);
                 }
                 (self.compile(&digest, bytes)?, LoadSource::Compiled)
             }
         };
         self.prepare(digest, component, source)
+    }
+
+    /// Loads the component `digest` from its verified compiled artifact
+    /// alone, without its bytes: what a restart does for every function
+    /// compiled before, so it neither reads nor hashes the component.
+    /// `None` when the cache holds no valid entry for it (a rejected entry
+    /// is counted and logged): then fetch the bytes and [`Runtime::load`]
+    /// them.
+    pub fn load_compiled(&self, digest: &Digest) -> Option<Result<LoadedComponent, LoadError>> {
+        let _span = tracing::debug_span!("load", %digest).entered();
+        match self.cache.load(&self.engine, digest) {
+            Lookup::Hit(component) => {
+                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                Some(self.prepare(*digest, component, LoadSource::Cache))
+            }
+            Lookup::Miss => None,
+            Lookup::Rejected(reason) => {
+                self.reject(digest, &reason);
+                // Removed, so that the load that follows compiles without
+                // checking (and rejecting) it again.
+                if let Err(e) = self.cache.remove(digest) {
+                    tracing::warn!(%digest, error = %e, "could not remove a rejected compiled-cache entry");
+                }
+                None
+            }
+        }
+    }
+
+    fn reject(&self, digest: &Digest, reason: &str) {
+        self.stats.cache_rejections.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%digest, %reason, path = %self.cache.path_for(digest).display(), "ignoring compiled-cache entry; recompiling");
     }
 
     /// Removes the compiled artifact of `digest` from the cache: its

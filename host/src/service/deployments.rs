@@ -111,17 +111,26 @@ pub fn checked_name<'a>(name: &'a str, what: &'static str) -> Result<&'a str, Se
 /// stdout and stderr each would otherwise be built in memory at once.
 const LOG_PAGE_BYTES: usize = 4 << 20;
 
-/// Reads the blob `digest` and loads it (from the compiled cache when it
-/// is there).
+/// Loads the component `digest`: from its compiled artifact alone when the
+/// cache has a valid one (a restart then reads no blob), otherwise from its
+/// blob, which must still hash to `digest`.
 fn load_blob(
     blobs: &dyn crate::store::BlobStore,
     runtime: &crate::runtime::Runtime,
     digest: &Digest,
 ) -> Result<LoadedComponent, String> {
+    if let Some(loaded) = runtime.load_compiled(digest) {
+        return loaded.map_err(|e| e.to_string());
+    }
     let bytes = blobs
         .get(digest)
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("component blob {digest} is missing"))?;
+    if Digest::of(&bytes) != *digest {
+        return Err(format!(
+            "component blob {digest} is corrupt (its bytes hash to something else)"
+        ));
+    }
     runtime.load(&bytes).map_err(|e| e.to_string())
 }
 

@@ -114,3 +114,56 @@ fn the_cache_key_is_private() {
         .mode();
     assert_eq!(mode & 0o077, 0, "cache key mode {mode:o}");
 }
+
+#[tokio::test]
+async fn a_restart_loads_from_the_artifact_alone() {
+    let dir = TempDir::new().unwrap();
+    let bytes = std::fs::read(artifacts::HELLO_COMPONENT).unwrap();
+    let digest = gust_host::digest::Digest::of(&bytes);
+    let first = fresh_runtime(dir.path());
+    // Nothing compiled yet: the caller must fetch the bytes.
+    assert!(first.load_compiled(&digest).is_none());
+    first.load(&bytes).unwrap();
+    drop(first);
+
+    let second = fresh_runtime(dir.path());
+    let loaded = second.load_compiled(&digest).unwrap().unwrap();
+    assert_eq!(
+        (loaded.source(), loaded.digest()),
+        (LoadSource::Cache, digest)
+    );
+    let stats = second.stats();
+    assert_eq!((stats.compiles, stats.cache_hits), (0, 1));
+    assert!(invoke(&second, &loaded, "").await.outcome.is_ok());
+}
+
+#[tokio::test]
+async fn a_rejected_artifact_is_removed_and_the_bytes_compiled_once() {
+    let dir = TempDir::new().unwrap();
+    let bytes = std::fs::read(artifacts::HELLO_COMPONENT).unwrap();
+    let digest = gust_host::digest::Digest::of(&bytes);
+    fresh_runtime(dir.path()).load(&bytes).unwrap();
+    let entry = cache_entries(dir.path()).pop().unwrap();
+    // One flipped byte anywhere fails the MAC: the last one here.
+    let mut artifact = std::fs::read(&entry).unwrap();
+    let last = artifact.len() - 1;
+    artifact[last] ^= 1;
+    std::fs::write(&entry, &artifact).unwrap();
+
+    let rt = fresh_runtime(dir.path());
+    assert!(rt.load_compiled(&digest).is_none());
+    assert_eq!(rt.stats().cache_rejections, 1);
+    assert!(cache_entries(dir.path()).is_empty());
+    // The load that follows compiles without meeting the bad entry again.
+    assert_eq!(rt.load(&bytes).unwrap().source(), LoadSource::Compiled);
+    let stats = rt.stats();
+    assert_eq!((stats.compiles, stats.cache_rejections), (1, 1));
+    assert_eq!(
+        fresh_runtime(dir.path())
+            .load_compiled(&digest)
+            .unwrap()
+            .unwrap()
+            .source(),
+        LoadSource::Cache
+    );
+}
