@@ -35,6 +35,10 @@
 mod python_build;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+
+/// The allocator the `gust` binary runs with (see `host/src/main.rs`).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use gust_host::runtime::{AllocationConfig, CallLimits, Request, Reuse, Runtime, RuntimeConfig};
 
 fn bench_invoke(c: &mut Criterion) {

@@ -6,6 +6,17 @@ use clap::Parser;
 
 mod cli;
 
+/// jemalloc, not glibc's malloc: per-request allocations were an eighth of
+/// the HTTP path's CPU under load with glibc (see `benches/README.md`).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's settings, read at its start: a background thread returns
+/// freed pages to the system after 1 s (the default keeps them 10 s, so
+/// bursts showed as RSS held for long after them), and no "muzzy" stage.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static JEMALLOC_CONF: &[u8; 60] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     // Guests yield to the executor at every epoch tick (10 ms), so a busy

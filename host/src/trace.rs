@@ -86,12 +86,10 @@ impl TraceContext {
 
     /// A new trace, sampled.
     pub fn new_root() -> Self {
-        let mut trace_id = [0u8; 16];
-        let mut parent_id = [0u8; 8];
-        // The OS source failing leaves a zero id, which readers treat as no
-        // trace: patched to a fixed non-zero value rather than failing a call.
-        let _ = getrandom::fill(&mut trace_id);
-        let _ = getrandom::fill(&mut parent_id);
+        // The thread's CSPRNG (seeded from the OS): no syscall per request.
+        let mut trace_id: [u8; 16] = rand::random();
+        let mut parent_id: [u8; 8] = rand::random();
+        // An all-zero id means "no trace" to readers.
         trace_id[15] |= 1;
         parent_id[7] |= 1;
         Self {

@@ -178,7 +178,9 @@ impl Runtime {
         let started = call.started;
         let reused_guest = call.guest.take();
         let store = &mut call.store;
-        let run = async {
+        // Boxed: Wasmtime's instantiate and call futures make this one
+        // kilobytes large, and every combinator below would copy it again.
+        let run = Box::pin(async {
             let guest = match reused_guest {
                 Some(guest) => guest,
                 None => {
@@ -195,7 +197,7 @@ impl Runtime {
                 .await;
             timings.call = started.elapsed() - timings.instantiate;
             result.map(|returned| (returned, guest))
-        };
+        });
         // Host imports may await; a cancel must not wait for them.
         let result = tokio::select! {
             result = tokio::time::timeout(call.hard_limit, run) => result,

@@ -138,6 +138,16 @@ struct InvocationIdentity {
     tenant: String,
 }
 
+/// A function's records being written in one batch.
+struct Batched {
+    /// Where its current incarnation's records go.
+    prefix: Vec<u8>,
+    /// Its records, those of this batch included.
+    count: u64,
+    /// Records this batch wrote.
+    added: u64,
+}
+
 /// An `invocations` key and, where the record decodes, its
 /// `invocation_ids` key.
 type RecordKeys = (IVec, Option<Vec<u8>>);
@@ -273,6 +283,84 @@ impl SledStore {
             }
         }
         Ok(found)
+    }
+
+    /// A function about to get records: where they go and how many it has.
+    fn batched(
+        &self,
+        function_key: &[u8],
+        record: &InvocationRecord,
+    ) -> Result<Batched, StoreError> {
+        let Some(stored) = self.load_function(function_key)? else {
+            return Err(StoreError::Missing(format!(
+                "function {}/{}",
+                record.tenant, record.function
+            )));
+        };
+        Ok(Batched {
+            prefix: invocation_prefix(&record.tenant, &record.function, stored.incarnation),
+            count: self.count(function_key)?,
+            added: 0,
+        })
+    }
+
+    /// Writes one record and its id entry (the caller holds `writes`).
+    fn insert_record(
+        &self,
+        record: &InvocationRecord,
+        function: &mut Batched,
+    ) -> Result<u64, StoreError> {
+        let value = encode(record)?;
+        let id_key = invocation_id_key(&record.tenant, &record.id);
+        if let Some(existing) = self.invocation_ids.get(&id_key).map_err(backend)? {
+            // Ids are unique, so an existing one is a retried write: fine if
+            // it is the same record.
+            return match self.invocations.get(&existing).map_err(backend)? {
+                Some(current) if current.as_ref() == value.as_slice() => Ok(0),
+                _ => Err(StoreError::Conflict(format!("invocation {:?}", record.id))),
+            };
+        }
+        let seq = self.db.generate_id().map_err(backend)?;
+        let mut record_key = function.prefix.clone();
+        record_key.extend_from_slice(&seq.to_be_bytes());
+        self.invocations
+            .insert(&record_key, value.as_slice())
+            .map_err(backend)?;
+        self.invocation_ids
+            .insert(&id_key, record_key.as_slice())
+            .map_err(backend)?;
+        function.count = function.count.saturating_add(1);
+        function.added += 1;
+        Ok(0)
+    }
+
+    /// Removes a function's records beyond the retention, oldest first, and
+    /// writes its count (the caller holds `writes`). Returns how many went.
+    fn prune(&self, function_key: &[u8], function: Batched) -> Result<u64, StoreError> {
+        let retention = self.retention as u64;
+        let mut count = function.count;
+        let mut pruned = 0;
+        if count > retention {
+            for (key, id_key) in self.oldest(&function.prefix, count - retention)? {
+                if self.invocations.remove(&key).map_err(backend)?.is_some() {
+                    count = count.saturating_sub(1);
+                    pruned += 1;
+                    if let Some(id_key) = id_key
+                        && self
+                            .invocation_ids
+                            .get(&id_key)
+                            .map_err(backend)?
+                            .is_some_and(|current| current.as_ref() == AsRef::<[u8]>::as_ref(&key))
+                    {
+                        self.invocation_ids.remove(&id_key).map_err(backend)?;
+                    }
+                }
+            }
+        }
+        self.invocation_counts
+            .insert(function_key, &count.to_be_bytes()[..])
+            .map_err(backend)?;
+        Ok(pruned)
     }
 
     /// The store's write lock (see `writes`).
@@ -655,69 +743,89 @@ impl MetaStore for SledStore {
     }
 
     fn record_invocation(&self, record: &InvocationRecord) -> Result<u64, StoreError> {
-        let what = format!("function {}/{}", record.tenant, record.function);
-        let function_key = function_key(&record.tenant, &record.function);
+        let mut answers = self.record_invocations(std::slice::from_ref(record));
+        answers.pop().unwrap_or(Ok(0))
+    }
+
+    /// Writes the records in order under one hold of the write lock, reading
+    /// each function once and pruning each function once, after its last
+    /// record: under load the writer thread hands over hundreds of records
+    /// at a time, and per record this leaves two inserts, the id check and
+    /// the pruning of one old record.
+    fn record_invocations(&self, records: &[InvocationRecord]) -> Vec<Result<u64, StoreError>> {
         if self.retention == 0 {
-            // Nothing is kept (the record counts as pruned at once), but the
-            // caller still learns of a missing function, as with any other
-            // retention.
-            return match self.load_function(&function_key)? {
-                Some(_) => Ok(1),
-                None => Err(StoreError::Missing(what)),
-            };
+            // Nothing is kept (each record counts as pruned at once), but
+            // the caller still learns of a missing function, as with any
+            // other retention.
+            return records
+                .iter()
+                .map(|record| {
+                    match self.load_function(&function_key(&record.tenant, &record.function))? {
+                        Some(_) => Ok(1),
+                        None => Err(StoreError::Missing(format!(
+                            "function {}/{}",
+                            record.tenant, record.function
+                        ))),
+                    }
+                })
+                .collect();
         }
-        let value = encode(record)?;
-        let id_key = invocation_id_key(&record.tenant, &record.id);
-        let seq = self.db.generate_id().map_err(backend)?;
-        let retention = self.retention as u64;
-        // One writer at a time (see "No transactions"). The record is the
-        // commit point; a crash after it leaves at worst a record without
-        // its id entry or a count one off, both of which retention and
+        let mut answers: Vec<Result<u64, StoreError>> = Vec::with_capacity(records.len());
+        // Per function written to: its state, and which answer is its last.
+        let mut touched: std::collections::HashMap<Vec<u8>, (Option<Batched>, usize)> =
+            std::collections::HashMap::new();
+        // One writer at a time (see "No transactions"). Each record is its
+        // own commit point; a crash after it leaves at worst a record
+        // without its id entry or a count off, both of which retention and
         // reads already tolerate.
         let _writes = self.exclusive();
-        let Some(stored) = self.load_function(&function_key)? else {
-            return Err(StoreError::Missing(what));
-        };
-        if let Some(existing) = self.invocation_ids.get(&id_key).map_err(backend)? {
-            // Ids are unique, so an existing one is a retried write: fine if
-            // it is the same record.
-            return match self.invocations.get(&existing).map_err(backend)? {
-                Some(current) if current.as_ref() == value.as_slice() => Ok(0),
-                _ => Err(StoreError::Conflict(format!("invocation {:?}", record.id))),
+        for (index, record) in records.iter().enumerate() {
+            let function_key = function_key(&record.tenant, &record.function);
+            let (function, last) = match touched.entry(function_key) {
+                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::hash_map::Entry::Vacant(entry) => {
+                    let function = self.batched(entry.key(), record);
+                    let (function, error) = match function {
+                        Ok(function) => (Some(function), None),
+                        Err(e) => (None, Some(e)),
+                    };
+                    let slot = entry.insert((function, index));
+                    if let Some(e) = error {
+                        answers.push(Err(e));
+                        continue;
+                    }
+                    slot
+                }
             };
+            *last = index;
+            answers.push(match function {
+                Some(function) => self.insert_record(record, function),
+                // Its function was missing (or unreadable) for an earlier
+                // record of this batch, and the lock is still held.
+                None => Err(StoreError::Missing(format!(
+                    "function {}/{}",
+                    record.tenant, record.function
+                ))),
+            });
         }
-        let prefix = invocation_prefix(&record.tenant, &record.function, stored.incarnation);
-        let mut record_key = prefix.clone();
-        record_key.extend_from_slice(&seq.to_be_bytes());
-        self.invocations
-            .insert(&record_key, value.as_slice())
-            .map_err(backend)?;
-        self.invocation_ids
-            .insert(&id_key, record_key.as_slice())
-            .map_err(backend)?;
-        let mut count = self.count(&function_key)?.saturating_add(1);
-        let mut pruned = 0;
-        if count > retention {
-            for (key, id_key) in self.oldest(&prefix, count - retention)? {
-                if self.invocations.remove(&key).map_err(backend)?.is_some() {
-                    count = count.saturating_sub(1);
-                    pruned += 1;
-                    if let Some(id_key) = id_key
-                        && self
-                            .invocation_ids
-                            .get(&id_key)
-                            .map_err(backend)?
-                            .is_some_and(|current| current.as_ref() == AsRef::<[u8]>::as_ref(&key))
-                    {
-                        self.invocation_ids.remove(&id_key).map_err(backend)?;
+        for (function_key, (function, last)) in touched {
+            let Some(function) = function.filter(|function| function.added > 0) else {
+                continue;
+            };
+            match self.prune(&function_key, function) {
+                Ok(pruned) => {
+                    if let Some(Ok(answer)) = answers.get_mut(last) {
+                        *answer = pruned;
+                    }
+                }
+                Err(e) => {
+                    if let Some(answer) = answers.get_mut(last) {
+                        *answer = Err(e);
                     }
                 }
             }
         }
-        self.invocation_counts
-            .insert(&function_key, &count.to_be_bytes()[..])
-            .map_err(backend)?;
-        Ok(pruned)
+        answers
     }
 
     fn invocation(&self, tenant: &str, id: &str) -> Result<Option<InvocationRecord>, StoreError> {
@@ -1266,6 +1374,46 @@ mod tests {
         assert!(!store.digest_in_use("sha256:bb").unwrap());
         store.delete_function("t1", "f").unwrap();
         assert!(!store.digest_in_use(DIGEST_B).unwrap());
+    }
+
+    #[test]
+    fn a_batch_keeps_the_newest_records_of_each_function_and_fails_only_its_missing_ones() {
+        let (_dir, store) = with_function(3);
+        store
+            .deploy(&request("acme", "other", DIGEST_A, false))
+            .unwrap();
+        let mut batch: Vec<InvocationRecord> = (0..6)
+            .map(|i| invocation("acme", "hello", &format!("inv_h{i}")))
+            .collect();
+        batch.insert(2, invocation("acme", "other", "inv_o0"));
+        batch.insert(4, invocation("acme", "gone", "inv_g0"));
+        batch.push(invocation("acme", "gone", "inv_g1"));
+        // A retried write of a record already in the batch.
+        batch.push(invocation("acme", "hello", "inv_h5"));
+        let answers = store.record_invocations(&batch);
+        let missing: Vec<usize> = answers
+            .iter()
+            .enumerate()
+            .filter(|(_, answer)| matches!(answer, Err(StoreError::Missing(_))))
+            .map(|(index, _)| index)
+            .collect();
+        assert_eq!(missing, [4, 9]);
+        // The pruned count is told once per function, by its last record.
+        let pruned: u64 = answers.iter().filter_map(|answer| answer.as_ref().ok()).sum();
+        assert_eq!(pruned, 3);
+        assert_eq!(
+            ids(&store.invocations("acme", "hello", 100).unwrap()),
+            ["inv_h5", "inv_h4", "inv_h3"]
+        );
+        assert_eq!(
+            ids(&store.invocations("acme", "other", 100).unwrap()),
+            ["inv_o0"]
+        );
+        assert_eq!(store.invocation("acme", "inv_h0").unwrap(), None);
+        assert_eq!(store.invocations.len(), 4);
+        assert_eq!(store.invocation_ids.len(), 4);
+        assert_eq!(store.count(&function_key("acme", "hello")).unwrap(), 3);
+        assert_eq!(store.count(&function_key("acme", "other")).unwrap(), 1);
     }
 
     #[test]
