@@ -1399,7 +1399,10 @@ mod tests {
             .collect();
         assert_eq!(missing, [4, 9]);
         // The pruned count is told once per function, by its last record.
-        let pruned: u64 = answers.iter().filter_map(|answer| answer.as_ref().ok()).sum();
+        let pruned: u64 = answers
+            .iter()
+            .filter_map(|answer| answer.as_ref().ok())
+            .sum();
         assert_eq!(pruned, 3);
         assert_eq!(
             ids(&store.invocations("acme", "hello", 100).unwrap()),
