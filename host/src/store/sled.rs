@@ -1397,7 +1397,7 @@ mod tests {
             .filter(|(_, answer)| matches!(answer, Err(StoreError::Missing(_))))
             .map(|(index, _)| index)
             .collect();
-        assert_eq!(missing, [4, 9]);
+        assert_eq!(missing, [4, 8]);
         // The pruned count is told once per function, by its last record.
         let pruned: u64 = answers
             .iter()
