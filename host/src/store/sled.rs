@@ -138,6 +138,11 @@ struct InvocationIdentity {
     tenant: String,
 }
 
+/// The error of a record whose function is not (or no longer) deployed.
+fn missing_function(record: &InvocationRecord) -> StoreError {
+    StoreError::Missing(format!("function {}/{}", record.tenant, record.function))
+}
+
 /// A function's records being written in one batch.
 struct Batched {
     /// Where its current incarnation's records go.
@@ -292,10 +297,7 @@ impl SledStore {
         record: &InvocationRecord,
     ) -> Result<Batched, StoreError> {
         let Some(stored) = self.load_function(function_key)? else {
-            return Err(StoreError::Missing(format!(
-                "function {}/{}",
-                record.tenant, record.function
-            )));
+            return Err(missing_function(record));
         };
         Ok(Batched {
             prefix: invocation_prefix(&record.tenant, &record.function, stored.incarnation),
@@ -762,10 +764,7 @@ impl MetaStore for SledStore {
                 .map(|record| {
                     match self.load_function(&function_key(&record.tenant, &record.function))? {
                         Some(_) => Ok(1),
-                        None => Err(StoreError::Missing(format!(
-                            "function {}/{}",
-                            record.tenant, record.function
-                        ))),
+                        None => Err(missing_function(record)),
                     }
                 })
                 .collect();
@@ -784,17 +783,14 @@ impl MetaStore for SledStore {
             let (function, last) = match touched.entry(function_key) {
                 std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
                 std::collections::hash_map::Entry::Vacant(entry) => {
-                    let function = self.batched(entry.key(), record);
-                    let (function, error) = match function {
-                        Ok(function) => (Some(function), None),
-                        Err(e) => (None, Some(e)),
-                    };
-                    let slot = entry.insert((function, index));
-                    if let Some(e) = error {
-                        answers.push(Err(e));
-                        continue;
+                    match self.batched(entry.key(), record) {
+                        Ok(function) => entry.insert((Some(function), index)),
+                        Err(e) => {
+                            entry.insert((None, index));
+                            answers.push(Err(e));
+                            continue;
+                        }
                     }
-                    slot
                 }
             };
             *last = index;
@@ -802,10 +798,7 @@ impl MetaStore for SledStore {
                 Some(function) => self.insert_record(record, function),
                 // Its function was missing (or unreadable) for an earlier
                 // record of this batch, and the lock is still held.
-                None => Err(StoreError::Missing(format!(
-                    "function {}/{}",
-                    record.tenant, record.function
-                ))),
+                None => Err(missing_function(record)),
             });
         }
         for (function_key, (function, last)) in touched {
