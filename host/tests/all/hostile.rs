@@ -230,21 +230,31 @@ async fn anonymous_callers_have_their_own_budget_and_see_no_internals() {
     let url = |path: &str| server.url(&format!("/http/anon/open{path}"));
 
     // One anonymous call spins; the next anonymous one is refused.
-    let loop_url = url("/loop");
-    let spinning = tokio::spawn(async move { request("GET", &loop_url, None, "").await });
     let started = std::time::Instant::now();
-    // Until the spinning call ends (4 s after it is admitted, which under
-    // a loaded machine can itself take seconds), every other anonymous
-    // call must be refused; it may not have been admitted yet at first.
-    let refused = loop {
-        let reply = request("GET", &url("/"), None, "").await;
-        if reply.status == 429
-            || spinning.is_finished()
-            || started.elapsed() > Duration::from_secs(30)
-        {
-            break reply;
+    let (refused, spinning) = loop {
+        let loop_url = url("/loop");
+        let spinning = tokio::spawn(async move { request("GET", &loop_url, None, "").await });
+        // Until the spinning call ends (4 s after it is admitted, which
+        // under a loaded machine can itself take seconds), every other
+        // anonymous call must be refused; it may not have been admitted yet
+        // at first.
+        let probe = loop {
+            let reply = request("GET", &url("/"), None, "").await;
+            if reply.status == 429 || spinning.is_finished() {
+                break reply;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        if probe.status == 429 {
+            break (probe, spinning);
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The spinning call ended first: it was refused itself when it
+        // arrived while a probe held the one anonymous slot. Start again.
+        spinning.await.unwrap().problem(429, "too-many-requests");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the spinning call never got the anonymous slot"
+        );
     };
     refused.problem(429, "too-many-requests");
     // The tenant's own key still has its own slots.
