@@ -11,6 +11,14 @@
 //! `reuse_instances`, here 1000 calls per instance): call + return of the
 //! instance to the idle pool, one instantiation per 1000 calls.
 //!
+//! `ready/python_hello*`: a call that finds a fresh instance made ready for
+//! it (policy `ready_instances`, the default): take it, call, drop. Before each timed
+//! call the bench waits, untimed, until the next instance is ready, so the
+//! figure is the latency of a call when the host keeps up; `*_back_to_back`
+//! calls without waiting (a call that finds none instantiates its own, while
+//! the next is made on the other core). The instantiation itself still
+//! costs what `invoke/hello_pooling` and `invoke/python_hello` say.
+//!
 //! `restart/*`: a restarted host making a function ready from its compiled
 //! artifact (`load_compiled`: check the artifact's MAC, deserialize,
 //! pre-instantiate; the component's own bytes are not read), and the same
@@ -39,7 +47,9 @@ use criterion::{Criterion, criterion_group, criterion_main};
 /// The allocator the `gust` binary runs with (see `host/src/main.rs`).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-use gust_host::runtime::{AllocationConfig, CallLimits, Request, Reuse, Runtime, RuntimeConfig};
+use gust_host::runtime::{
+    AllocationConfig, CallLimits, Ready, Request, Reuse, Runtime, RuntimeConfig,
+};
 
 fn bench_invoke(c: &mut Criterion) {
     let rust_hello = std::fs::read(gust_test_artifacts::HELLO_COMPONENT).unwrap();
@@ -113,6 +123,71 @@ fn bench_invoke(c: &mut Criterion) {
         });
     }
     group.finish();
+
+    let mut ready = c.benchmark_group("ready");
+    // The timed part is short and the waits between are not counted:
+    // criterion's defaults would make this group run for minutes.
+    ready.warm_up_time(std::time::Duration::from_millis(200));
+    ready.measurement_time(std::time::Duration::from_millis(500));
+    ready.sample_size(30);
+    // Two workers: the instance is made in a task of its own, as in `gust
+    // serve`, while the bench's thread runs the call.
+    let workers = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Only Python: the Rust hello instantiates in less time than handing
+    // the work to another thread takes, so none is made ahead for it
+    // (`RuntimeConfig::ready_min_instantiate`).
+    if let Some(bytes) = &python_hello {
+        let id = "python_hello";
+        let runtime = Runtime::new(RuntimeConfig::new(cache.path())).unwrap();
+        let loaded = runtime.load(bytes).unwrap();
+        let limits = CallLimits {
+            ready: Some(Ready {
+                scope: "bench/hello".into(),
+                count: 1,
+            }),
+            ..CallLimits::default()
+        };
+        let until_ready = || {
+            while runtime.ready_instances("bench/hello") == 0 {
+                std::thread::sleep(std::time::Duration::from_micros(20));
+            }
+        };
+        // The first call makes the first ready instance; the second must
+        // take it, or the figure means nothing.
+        for expect_ready in [false, true] {
+            let check = workers.block_on(runtime.invoke(&loaded, Request::default(), &limits));
+            assert!(check.outcome.is_ok(), "{:?}", check.outcome);
+            assert_eq!(check.timings.ready, expect_ready, "{id}");
+            until_ready();
+        }
+        ready.bench_function(id, |b| {
+            b.iter_custom(|iters| {
+                let mut timed = std::time::Duration::ZERO;
+                for _ in 0..iters {
+                    until_ready();
+                    let started = std::time::Instant::now();
+                    let invocation =
+                        workers.block_on(runtime.invoke(&loaded, Request::default(), &limits));
+                    timed += started.elapsed();
+                    debug_assert!(invocation.timings.ready);
+                }
+                timed
+            });
+        });
+        ready.bench_function(format!("{id}_back_to_back"), |b| {
+            b.iter(|| workers.block_on(runtime.invoke(&loaded, Request::default(), &limits)));
+        });
+        let stats = runtime.stats();
+        eprintln!(
+            "{id}: {} of {} instances made were taken ready",
+            stats.ready_hits, stats.instantiations
+        );
+    }
+    ready.finish();
 
     let mut restart = c.benchmark_group("restart");
     restart.sample_size(20);

@@ -136,6 +136,11 @@ pub struct Timings {
     /// The call ran in an instance an earlier call left behind.
     #[serde(default)]
     pub reused_instance: bool,
+    /// The call ran in a fresh instance made ready before it came (policy
+    /// `ready_instances`): `instantiate_us` is then only the store's
+    /// preparation.
+    #[serde(default)]
+    pub ready_instance: bool,
 }
 
 impl From<&TimingsRecord> for Timings {
@@ -145,6 +150,7 @@ impl From<&TimingsRecord> for Timings {
             call_us: record.call_us,
             total_us: record.total_us,
             reused_instance: record.reused_instance,
+            ready_instance: record.ready_instance,
         }
     }
 }

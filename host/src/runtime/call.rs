@@ -28,15 +28,8 @@ impl Runtime {
     /// and the caller's controls.
     fn new_call(&self, limits: &CallLimits, control: CallControl) -> Call {
         let started = Instant::now();
-        let stdout = BoundedCapture::new(limits.stdout_limit);
-        let stderr = BoundedCapture::new(limits.stderr_limit);
+        let (grants, stdout, stderr) = wasi_grants(limits);
         let memory_limit = usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX);
-        let grants = WasiGrants {
-            env: Arc::clone(&limits.env),
-            preopens: Arc::clone(&limits.preopens),
-            stdout: stdout.clone(),
-            stderr: stderr.clone(),
-        };
         let state = CallState::new(grants, memory_limit);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
@@ -63,6 +56,25 @@ impl Runtime {
             uses: idle.uses,
         };
         self.arm(resumed, started, limits, control)
+    }
+
+    /// A call in a fresh instance made ready before it came: the instance's
+    /// store gets the call's WASI grants and captures (its instantiation
+    /// ran no host import, so it has built no WASI context yet).
+    fn ready_call(&self, ready: IdleInstance, limits: &CallLimits, control: CallControl) -> Call {
+        let started = Instant::now();
+        self.stats.ready_hits.fetch_add(1, Ordering::Relaxed);
+        let (grants, stdout, stderr) = wasi_grants(limits);
+        let mut store = ready.store;
+        store.data_mut().grants = grants;
+        let fresh = Resumable {
+            store,
+            guest: Some(ready.guest),
+            stdout,
+            stderr,
+            uses: 0,
+        };
+        self.arm(fresh, started, limits, control)
     }
 
     /// Sets a store up for one call: the call's limits and grants, its
@@ -131,6 +143,14 @@ impl Runtime {
         }
     }
 
+    /// Whether an instantiation that failed with `error` may be tried
+    /// again: it found no slot in the allocator, and an instance kept for
+    /// later (ready or reused) was dropped to free one. A call comes before
+    /// a kept instance.
+    fn evicted_for(&self, error: &wasmtime::Error) -> bool {
+        error.downcast_ref::<PoolConcurrencyLimitError>().is_some() && self.idle.evict_oldest()
+    }
+
     /// Runs one invocation of a handler component in a fresh instance (or,
     /// when `limits.reuse` allows, one an earlier call left behind).
     /// Never fails: every way a call can end is an [`Outcome`].
@@ -158,15 +178,26 @@ impl Runtime {
         let Prepared::Handler(pre) = &component.inner.prepared else {
             return Invocation::host_error("this component serves wasi:http; call it over HTTP");
         };
+        let digest = component.digest();
         let reuse = limits.reuse.as_ref().filter(|reuse| reuse.max_uses > 1);
-        let idle = reuse.and_then(|reuse| self.idle.take(reuse, component.digest(), limits));
+        let ready = match reuse {
+            Some(_) => None,
+            None => limits.ready.as_ref().filter(|ready| ready.count > 0),
+        };
+        let idle = match (reuse, ready) {
+            (Some(reuse), _) => self.idle.take(&reuse.scope, digest, limits, false),
+            (None, Some(ready)) => self.idle.take(&ready.scope, digest, limits, true),
+            (None, None) => None,
+        };
         let mut call = match idle {
+            Some(idle) if idle.is_ready() => self.ready_call(idle, limits, control),
             Some(idle) => self.resumed_call(idle, limits, control),
             None => self.new_call(limits, control),
         };
         let cancel = call.cancel.clone();
         let mut timings = Timings {
-            reused: call.guest.is_some(),
+            reused: call.guest.is_some() && call.uses > 0,
+            ready: call.guest.is_some() && call.uses == 0,
             ..Timings::default()
         };
         let request = wit_handler::Request {
@@ -184,7 +215,15 @@ impl Runtime {
             let guest = match reused_guest {
                 Some(guest) => guest,
                 None => {
-                    pre.instantiate_async(&mut *store)
+                    let instantiate = async {
+                        loop {
+                            match pre.instantiate_async(&mut *store).await {
+                                Err(error) if self.evicted_for(&error) => {}
+                                result => break result,
+                            }
+                        }
+                    };
+                    instantiate
                         .instrument(tracing::info_span!("instantiate"))
                         .await?
                 }
@@ -236,7 +275,24 @@ impl Runtime {
         };
         let (invocation, idle) = call.finish(result, timings);
         if let (Some(reuse), Some(idle)) = (reuse, idle) {
-            self.idle.put(reuse, component.digest(), idle);
+            self.idle.put(&reuse.scope, digest, idle);
+        }
+        if !timings.ready && !timings.reused {
+            let nanos = u64::try_from(timings.instantiate.as_nanos()).unwrap_or(u64::MAX);
+            component
+                .inner
+                .instantiate_nanos
+                .store(nanos, Ordering::Relaxed);
+        }
+        let worth_it = u128::from(component.inner.instantiate_nanos.load(Ordering::Relaxed))
+            >= self.config.ready_min_instantiate.as_nanos();
+        if let Some(ready) = ready.filter(|_| worth_it) {
+            // Made once this call is done, not beside it: instantiating
+            // maps and unmaps memory, which stalls the page faults of a
+            // call running at the same time in the same process (a Python
+            // call took 4× as long). A call that comes before it is made
+            // instantiates its own.
+            self.prepare_next(pre, ready, digest, limits);
         }
         invocation
     }
@@ -264,6 +320,7 @@ impl Runtime {
             )));
         };
         let pre = pre.clone();
+        let runtime = Arc::clone(self);
         let mut call = self.new_call(limits, control);
         call.store.data_mut().output = control::OutputSink::Refused;
         let (sender, receiver) = tokio::sync::oneshot::channel();
@@ -282,8 +339,15 @@ impl Runtime {
                 let started = call.started;
                 let store = &mut call.store;
                 let run = async {
-                    let proxy = pre
-                        .instantiate_async(&mut *store)
+                    let instantiate = async {
+                        loop {
+                            match pre.instantiate_async(&mut *store).await {
+                                Err(error) if runtime.evicted_for(&error) => {}
+                                result => break result,
+                            }
+                        }
+                    };
+                    let proxy = instantiate
                         .instrument(tracing::info_span!("instantiate"))
                         .await?;
                     timings.instantiate = started.elapsed();
@@ -312,6 +376,20 @@ impl Runtime {
             completion,
         })
     }
+}
+
+/// The WASI grants of a call with `limits`, and the captures of its stdout
+/// and stderr.
+fn wasi_grants(limits: &CallLimits) -> (WasiGrants, BoundedCapture, BoundedCapture) {
+    let stdout = BoundedCapture::new(limits.stdout_limit);
+    let stderr = BoundedCapture::new(limits.stderr_limit);
+    let grants = WasiGrants {
+        env: Arc::clone(&limits.env),
+        preopens: Arc::clone(&limits.preopens),
+        stdout: stdout.clone(),
+        stderr: stderr.clone(),
+    };
+    (grants, stdout, stderr)
 }
 
 /// A store, new or left behind by an earlier call, before it is armed for
@@ -362,7 +440,7 @@ impl Call {
             _ => false,
         };
         let idle = match (keep, self.guest) {
-            (true, Some(guest)) => Some(IdleInstance::new(
+            (true, Some(guest)) => Some(IdleInstance::reused(
                 {
                     let mut store = self.store;
                     // Nothing of this call's caller stays with the idle

@@ -105,6 +105,15 @@ pub struct RuntimeConfig {
     pub max_idle_per_function: usize,
     /// An idle instance unused this long is dropped.
     pub idle_instance_timeout: Duration,
+    /// Ready instances (see [`Ready`](super::Ready)) being made at once,
+    /// all functions together: each takes a core while it instantiates.
+    pub max_preparing_instances: usize,
+    /// Instances are made ahead only for components whose instantiation
+    /// took at least this long on a call's path. Below it, handing the work
+    /// to another task costs the call more than it saves: a Rust hello
+    /// instantiates in ~4 µs, and waking a worker thread for the task took
+    /// longer (benches/README.md, "ready instances").
+    pub ready_min_instantiate: Duration,
     /// A PEM file of CA certificates that guests' HTTPS requests trust
     /// besides the system's roots (`gust serve --ca-file`), for private CAs.
     pub ca_file: Option<PathBuf>,
@@ -121,6 +130,9 @@ impl RuntimeConfig {
             max_idle_instances: 32,
             max_idle_per_function: 4,
             idle_instance_timeout: Duration::from_secs(60),
+            max_preparing_instances: std::thread::available_parallelism()
+                .map_or(1, std::num::NonZeroUsize::get),
+            ready_min_instantiate: Duration::from_micros(100),
             ca_file: None,
         }
     }
@@ -150,6 +162,10 @@ pub struct CallLimits {
     /// scope left behind (and leave its own for the next); `None`: a fresh
     /// instance, always.
     pub reuse: Option<super::reuse::Reuse>,
+    /// Whether the call may take a fresh instance made ready before it
+    /// came, and have the next one made; ignored when `reuse` applies.
+    /// `None`: the call instantiates its own.
+    pub ready: Option<super::reuse::Ready>,
 }
 
 /// A host directory the guest sees at `guest_path`; inside it, nothing
@@ -210,6 +226,7 @@ impl Default for CallLimits {
             preopens: Arc::new([]),
             gpu: None,
             reuse: None,
+            ready: None,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! linker with the host's imports, and the counters of the runtime's work.
 //! The epoch ticker that drives deadlines is in [`super::epoch`].
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use wasmtime::component::Linker;
@@ -55,6 +56,7 @@ pub struct RuntimeStats {
     pub(super) cache_rejections: AtomicU64,
     pub(super) instantiations: AtomicU64,
     pub(super) reuses: AtomicU64,
+    pub(super) ready_hits: AtomicU64,
 }
 
 /// A point-in-time copy of [`RuntimeStats`].
@@ -70,6 +72,8 @@ pub struct StatsSnapshot {
     pub instantiations: u64,
     /// Calls served by an instance an earlier call left behind.
     pub reuses: u64,
+    /// Calls served by a fresh instance made ready before they came.
+    pub ready_hits: u64,
 }
 
 impl RuntimeStats {
@@ -81,6 +85,7 @@ impl RuntimeStats {
             cache_rejections: self.cache_rejections.load(Ordering::Relaxed),
             instantiations: self.instantiations.load(Ordering::Relaxed),
             reuses: self.reuses.load(Ordering::Relaxed),
+            ready_hits: self.ready_hits.load(Ordering::Relaxed),
         }
     }
 }
@@ -164,22 +169,23 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(RuntimeError::Linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(RuntimeError::Linker)?;
-        host::add_function_to_linker(&mut linker, |state: &mut CallState| &mut state.output)
+        host::add_function_to_linker(&mut linker, CallState::output)
             .map_err(RuntimeError::Linker)?;
         host::gpu::add_to_linker(&mut linker).map_err(RuntimeError::Linker)?;
         host::nn::add_to_linker(&mut linker).map_err(RuntimeError::Linker)?;
         let cache = CompileCache::open(&config.cache_dir, &engine)?;
         let ticker = EpochTicker::start(engine.clone(), config.epoch_tick);
-        let idle = InstancePool::new(
+        let idle = Arc::new(InstancePool::new(
             config.max_idle_instances,
             config.max_idle_per_function,
+            config.max_preparing_instances,
             config.idle_instance_timeout,
-        );
+        ));
         Ok(Self {
             engine,
             linker,
             cache,
-            stats: RuntimeStats::default(),
+            stats: Arc::default(),
             allocator,
             config,
             idle,

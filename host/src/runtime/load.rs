@@ -108,6 +108,9 @@ pub(super) struct LoadedInner {
     pub(super) prepared: Prepared,
     source: LoadSource,
     imports: Vec<String>,
+    /// How long the last instantiation on a call's path took, in
+    /// nanoseconds (0 until one has): whether making instances ahead pays.
+    pub(super) instantiate_nanos: std::sync::atomic::AtomicU64,
 }
 
 impl LoadedComponent {
@@ -286,6 +289,7 @@ impl Runtime {
                 prepared,
                 source,
                 imports,
+                instantiate_nanos: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }

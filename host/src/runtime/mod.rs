@@ -27,10 +27,12 @@ mod http;
 mod imports;
 mod load;
 mod outcome;
+mod ready;
 mod reuse;
 mod state;
 
 use std::fmt;
+use std::sync::Arc;
 
 use wasmtime::Engine;
 use wasmtime::component::Linker;
@@ -52,7 +54,7 @@ pub use self::load::{
 pub use self::outcome::{
     GuestError, Invocation, Outcome, Request, Response, Timings, new_invocation_id,
 };
-pub use self::reuse::Reuse;
+pub use self::reuse::{Ready, Reuse};
 /// Kept at this path for the API layer; the type lives in [`crate::digest`].
 pub use crate::digest::Digest;
 
@@ -71,10 +73,10 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<CallState>,
     cache: CompileCache,
-    stats: RuntimeStats,
+    stats: Arc<RuntimeStats>,
     allocator: AllocatorInUse,
     config: RuntimeConfig,
-    idle: InstancePool,
+    idle: Arc<InstancePool>,
     egress: egress::EgressClient,
     _ticker: EpochTicker,
 }

@@ -183,6 +183,10 @@ pub struct Timings {
     /// [`Reuse`](super::Reuse)); `instantiate` was then only the store's
     /// preparation.
     pub reused: bool,
+    /// The call ran in a fresh instance made ready before it came (see
+    /// [`Ready`](super::Ready)); `instantiate` was then only the store's
+    /// preparation.
+    pub ready: bool,
 }
 
 /// Everything known about one finished invocation.

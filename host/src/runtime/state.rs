@@ -156,6 +156,11 @@ pub(crate) struct CallState {
     pub(crate) gpu: GpuSession,
     /// Where `gust:function/output.emit` sends chunks.
     pub(crate) output: super::control::OutputSink,
+    /// Whether any host import reached this state: every import goes
+    /// through one of the views below (WASI, `wasi:http`, the bridge,
+    /// `wasi:nn`) or [`CallState::output`]. An instance whose instantiation
+    /// left this unset saw nothing of the call it was made for.
+    pub(crate) host_touched: bool,
 }
 
 impl CallState {
@@ -178,7 +183,14 @@ impl CallState {
             },
             gpu: GpuSession::new(None, None),
             output: super::control::OutputSink::default(),
+            host_touched: false,
         }
+    }
+
+    /// The output sink, for `gust:function/output`.
+    pub(crate) fn output(&mut self) -> &mut super::control::OutputSink {
+        self.host_touched = true;
+        &mut self.output
     }
 
     /// Sets what belongs to one call: its memory limit (the memory already
@@ -216,6 +228,7 @@ impl CallState {
 
 impl WasiView for CallState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
+        self.host_touched = true;
         let Self {
             grants,
             wasi,
@@ -229,6 +242,7 @@ impl WasiView for CallState {
 
 impl WasiHttpView for CallState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
+        self.host_touched = true;
         WasiHttpCtxView {
             ctx: &mut self.http,
             table: &mut self.table,
@@ -239,6 +253,7 @@ impl WasiHttpView for CallState {
 
 impl GpuView for CallState {
     fn gpu(&mut self) -> GpuCtxView<'_> {
+        self.host_touched = true;
         GpuCtxView {
             session: &mut self.gpu,
             table: &mut self.table,
@@ -249,6 +264,7 @@ impl GpuView for CallState {
 
 impl NnView for CallState {
     fn nn(&mut self) -> NnCtxView<'_> {
+        self.host_touched = true;
         NnCtxView {
             session: &mut self.gpu,
             table: &mut self.table,

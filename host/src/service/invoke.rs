@@ -433,6 +433,7 @@ impl Service {
                 call_us: micros(invocation.timings.call),
                 total_us: micros(total),
                 reused_instance: invocation.timings.reused,
+                ready_instance: invocation.timings.ready,
             },
             peak_memory_bytes: invocation.peak_memory_bytes,
             stdout: invocation.stdout.text(),

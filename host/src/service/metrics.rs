@@ -114,6 +114,7 @@ impl Metrics {
             counter!("gust_cache_rejections_total").absolute(stats.cache_rejections);
             counter!("gust_instantiations_total").absolute(stats.instantiations);
             counter!("gust_instance_reuses_total").absolute(stats.reuses);
+            counter!("gust_instance_ready_hits_total").absolute(stats.ready_hits);
             gauge!("gust_invocations_in_flight").set(in_flight as f64);
             gauge!("gust_functions_loaded").set(functions as f64);
             // Every tenant's model loads together (each tenant sees its own

@@ -403,6 +403,10 @@ pub struct TimingsRecord {
     /// `reuse_instances`); absent in records from before reuse existed.
     #[serde(default)]
     pub reused_instance: bool,
+    /// The call ran in a fresh instance made ready before it came (policy
+    /// `ready_instances`); absent in records from before that existed.
+    #[serde(default)]
+    pub ready_instance: bool,
 }
 
 /// A finished invocation, as kept (with bounded retention).

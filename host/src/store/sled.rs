@@ -1273,6 +1273,7 @@ mod tests {
                 call_us: 2,
                 total_us: 3,
                 reused_instance: false,
+                ready_instance: false,
             },
             peak_memory_bytes: 65536,
             stdout: "out".into(),

@@ -61,6 +61,9 @@ pub const MAX_STORED_JOB_BYTES_RANGE: RangeInclusive<u64> = 1..=1024 * GIB;
 pub const MAX_QUEUED_JOBS_RANGE: RangeInclusive<u64> = 0..=1_000_000;
 /// Allowed `reuse_instances` (0 and 1: every call gets a fresh instance).
 pub const REUSE_INSTANCES_RANGE: RangeInclusive<u64> = 0..=1_000_000;
+/// Allowed `ready_instances` (0: every call instantiates its own). The
+/// host keeps at most `max_idle_per_function` of them per function anyway.
+pub const READY_INSTANCES_RANGE: RangeInclusive<u64> = 0..=16;
 /// Allowed `max_body_bytes`: bodies are buffered, so keep them bounded.
 pub const MAX_BODY_BYTES_RANGE: RangeInclusive<u64> = 1..=GIB;
 /// Allowed `max_component_bytes`.
@@ -328,6 +331,9 @@ pub struct Policy {
     /// Calls of one function that one instance may serve, one after the
     /// other (instance reuse); 0 or 1: a fresh instance for every call.
     pub reuse_instances: u32,
+    /// Fresh instances of each function kept ready, made off the request
+    /// path before the calls that take them come; 0: none.
+    pub ready_instances: u32,
     /// Largest request body, in bytes.
     pub max_body_bytes: u64,
     /// Largest component upload, in bytes.
@@ -370,6 +376,7 @@ impl Default for Policy {
             max_stored_jobs: 1000,
             max_stored_job_bytes: 256 * MIB,
             reuse_instances: 0,
+            ready_instances: 1,
             max_body_bytes: 10 * MIB,
             max_component_bytes: 64 * MIB,
             max_functions: 100,
@@ -407,6 +414,7 @@ impl fmt::Debug for Policy {
             .field("max_stored_jobs", &self.max_stored_jobs)
             .field("max_stored_job_bytes", &self.max_stored_job_bytes)
             .field("reuse_instances", &self.reuse_instances)
+            .field("ready_instances", &self.ready_instances)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_component_bytes", &self.max_component_bytes)
             .field("max_functions", &self.max_functions)
@@ -450,6 +458,10 @@ impl Policy {
             reuse: (self.reuse_instances > 1).then(|| crate::runtime::Reuse {
                 scope: crate::runtime::Reuse::scope_of(tenant, function),
                 max_uses: self.reuse_instances,
+            }),
+            ready: (self.ready_instances > 0).then(|| crate::runtime::Ready {
+                scope: crate::runtime::Reuse::scope_of(tenant, function),
+                count: self.ready_instances,
             }),
             ..CallLimits::default()
         }
@@ -591,6 +603,10 @@ impl Policy {
             let n = doc.in_range("reuse_instances", v, REUSE_INSTANCES_RANGE)?;
             // The range keeps it within 32 bits.
             policy.reuse_instances = u32::try_from(n).unwrap_or(u32::MAX);
+        }
+        if let Some(v) = raw.ready_instances {
+            let n = doc.in_range("ready_instances", v, READY_INSTANCES_RANGE)?;
+            policy.ready_instances = u32::try_from(n).unwrap_or(u32::MAX);
         }
         if let Some(v) = raw.max_body_bytes {
             policy.max_body_bytes =
@@ -766,6 +782,7 @@ struct RawPolicy {
     max_stored_jobs: Option<Spanned<u64>>,
     max_stored_job_bytes: Option<Spanned<ByteCount>>,
     reuse_instances: Option<Spanned<u64>>,
+    ready_instances: Option<Spanned<u64>>,
     max_body_bytes: Option<Spanned<ByteCount>>,
     max_component_bytes: Option<Spanned<ByteCount>>,
     max_functions: Option<Spanned<u64>>,

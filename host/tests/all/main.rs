@@ -25,6 +25,7 @@ mod models;
 mod python;
 mod python_build;
 mod quotas;
+mod ready;
 mod records;
 mod reuse;
 mod routes;

@@ -160,7 +160,7 @@ async fn the_policy_turns_reuse_on_per_function() {
     let dir = TempDir::new().unwrap();
     let server = TestServer::start(dir.path()).await;
     let reusing = tenant(&server, "reuse").await;
-    let fresh = tenant(&server, "other").await;
+    let fresh = tenant(&server, "fresh").await;
     for key in [&reusing, &fresh] {
         for name in ["one", "two"] {
             let deployed = deploy(&server, key, name, COUNTER_COMPONENT).await;

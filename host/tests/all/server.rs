@@ -37,6 +37,8 @@ pub(crate) fn policies(dir: &Path) -> PathBuf {
     )
     .unwrap();
     std::fs::write(policies.join("other.toml"), "timeout_ms = 5000\n").unwrap();
+    // No instances made ahead: every call instantiates its own.
+    std::fs::write(policies.join("fresh.toml"), "ready_instances = 0\n").unwrap();
     // One call at a time and a job queue of two.
     std::fs::write(
         policies.join("queue.toml"),

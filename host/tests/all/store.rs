@@ -222,6 +222,7 @@ fn invocation(tenant: &str, function: &str, id: &str) -> InvocationRecord {
             call_us: 2,
             total_us: 3,
             reused_instance: false,
+            ready_instance: false,
         },
         peak_memory_bytes: 65536,
         stdout: "out".into(),
