@@ -20,7 +20,7 @@ use super::control::{self, CallControl, Cancel};
 use super::egress::{Egress, EgressLog};
 use super::load::{LoadedComponent, Prepared};
 use super::outcome::{self, GuestError, Invocation, Outcome, Request, Response, Timings};
-use super::reuse::IdleInstance;
+use super::reuse::{IdleInstance, Instance, Ready};
 use super::state::{CallState, WasiGrants};
 
 impl Runtime {
@@ -50,7 +50,7 @@ impl Runtime {
         self.stats.reuses.fetch_add(1, Ordering::Relaxed);
         let resumed = Resumable {
             store: idle.store,
-            guest: Some(idle.guest),
+            guest: idle.guest.into_handler(),
             stdout: idle.stdout,
             stderr: idle.stderr,
             uses: idle.uses,
@@ -58,10 +58,15 @@ impl Runtime {
         self.arm(resumed, started, limits, control)
     }
 
-    /// A call in a fresh instance made ready before it came: the instance's
-    /// store gets the call's WASI grants and captures (its instantiation
-    /// ran no host import, so it has built no WASI context yet).
-    fn ready_call(&self, ready: IdleInstance, limits: &CallLimits, control: CallControl) -> Call {
+    /// A call in a fresh instance made ready before it came, and that
+    /// instance: its store gets the call's WASI grants and captures (its
+    /// instantiation ran no host import, so it has built no WASI context).
+    fn ready_call(
+        &self,
+        ready: IdleInstance,
+        limits: &CallLimits,
+        control: CallControl,
+    ) -> (Call, Instance) {
         let started = Instant::now();
         self.stats.ready_hits.fetch_add(1, Ordering::Relaxed);
         let (grants, stdout, stderr) = wasi_grants(limits);
@@ -69,12 +74,53 @@ impl Runtime {
         store.data_mut().grants = grants;
         let fresh = Resumable {
             store,
-            guest: Some(ready.guest),
+            guest: None,
             stdout,
             stderr,
             uses: 0,
         };
-        self.arm(fresh, started, limits, control)
+        (self.arm(fresh, started, limits, control), ready.guest)
+    }
+
+    /// The ready-instance permission that applies to a call with `limits`:
+    /// none where reuse does.
+    fn ready_for(limits: &CallLimits) -> Option<&Ready> {
+        match limits.reuse.as_ref().filter(|reuse| reuse.max_uses > 1) {
+            Some(_) => None,
+            None => limits.ready.as_ref().filter(|ready| ready.count > 0),
+        }
+    }
+
+    /// After a call of `component` with `timings`: remembers how quickly
+    /// it has instantiated, and has the next instance made where that is
+    /// slow enough to pay (see [`RuntimeConfig::ready_min_instantiate`]).
+    ///
+    /// [`RuntimeConfig::ready_min_instantiate`]: super::RuntimeConfig::ready_min_instantiate
+    fn after_call(
+        &self,
+        component: &LoadedComponent,
+        ready: Option<&Ready>,
+        timings: &Timings,
+        limits: &CallLimits,
+    ) {
+        if !timings.ready && !timings.reused && !timings.instantiate.is_zero() {
+            let nanos = u64::try_from(timings.instantiate.as_nanos()).unwrap_or(u64::MAX);
+            component
+                .inner
+                .instantiate_nanos
+                .fetch_min(nanos, Ordering::Relaxed);
+        }
+        let quickest = component.inner.instantiate_nanos.load(Ordering::Relaxed);
+        let worth_it = quickest != u64::MAX
+            && u128::from(quickest) >= self.config.ready_min_instantiate.as_nanos();
+        if let Some(ready) = ready.filter(|_| worth_it) {
+            // Made once this call is done, not beside it: instantiating
+            // maps and unmaps memory, which stalls the page faults of a
+            // call running at the same time in the same process (a Python
+            // call took 4× as long). A call that comes before it is made
+            // instantiates its own.
+            self.prepare_next(component, ready, limits);
+        }
     }
 
     /// Sets a store up for one call: the call's limits and grants, its
@@ -180,17 +226,18 @@ impl Runtime {
         };
         let digest = component.digest();
         let reuse = limits.reuse.as_ref().filter(|reuse| reuse.max_uses > 1);
-        let ready = match reuse {
-            Some(_) => None,
-            None => limits.ready.as_ref().filter(|ready| ready.count > 0),
-        };
+        let ready = Self::ready_for(limits);
         let idle = match (reuse, ready) {
             (Some(reuse), _) => self.idle.take(&reuse.scope, digest, limits, false),
             (None, Some(ready)) => self.idle.take(&ready.scope, digest, limits, true),
             (None, None) => None,
         };
         let mut call = match idle {
-            Some(idle) if idle.is_ready() => self.ready_call(idle, limits, control),
+            Some(idle) if idle.is_ready() => {
+                let (mut call, instance) = self.ready_call(idle, limits, control);
+                call.guest = instance.into_handler();
+                call
+            }
             Some(idle) => self.resumed_call(idle, limits, control),
             None => self.new_call(limits, control),
         };
@@ -277,23 +324,7 @@ impl Runtime {
         if let (Some(reuse), Some(idle)) = (reuse, idle) {
             self.idle.put(&reuse.scope, digest, idle);
         }
-        if !timings.ready && !timings.reused {
-            let nanos = u64::try_from(timings.instantiate.as_nanos()).unwrap_or(u64::MAX);
-            component
-                .inner
-                .instantiate_nanos
-                .store(nanos, Ordering::Relaxed);
-        }
-        let worth_it = u128::from(component.inner.instantiate_nanos.load(Ordering::Relaxed))
-            >= self.config.ready_min_instantiate.as_nanos();
-        if let Some(ready) = ready.filter(|_| worth_it) {
-            // Made once this call is done, not beside it: instantiating
-            // maps and unmaps memory, which stalls the page faults of a
-            // call running at the same time in the same process (a Python
-            // call took 4× as long). A call that comes before it is made
-            // instantiates its own.
-            self.prepare_next(pre, ready, digest, limits);
-        }
+        self.after_call(component, ready, &timings, limits);
         invocation
     }
 
@@ -321,7 +352,19 @@ impl Runtime {
         };
         let pre = pre.clone();
         let runtime = Arc::clone(self);
-        let mut call = self.new_call(limits, control);
+        let ready = Self::ready_for(limits).cloned();
+        let idle = ready.as_ref().and_then(|ready| {
+            self.idle
+                .take(&ready.scope, component.digest(), limits, true)
+        });
+        let (mut call, mut proxy) = match idle {
+            Some(idle) => {
+                let (call, instance) = self.ready_call(idle, limits, control);
+                (call, instance.into_http())
+            }
+            None => (self.new_call(limits, control), None),
+        };
+        let component = component.clone();
         call.store.data_mut().output = control::OutputSink::Refused;
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let store = call.store.data_mut();
@@ -335,21 +378,29 @@ impl Runtime {
         };
         let completion = tokio::spawn(
             async move {
-                let mut timings = Timings::default();
+                let mut timings = Timings {
+                    ready: proxy.is_some(),
+                    ..Timings::default()
+                };
                 let started = call.started;
                 let store = &mut call.store;
                 let run = async {
-                    let instantiate = async {
-                        loop {
-                            match pre.instantiate_async(&mut *store).await {
-                                Err(error) if runtime.evicted_for(&error) => {}
-                                result => break result,
-                            }
+                    let proxy = match proxy.take() {
+                        Some(proxy) => proxy,
+                        None => {
+                            let instantiate = async {
+                                loop {
+                                    match pre.instantiate_async(&mut *store).await {
+                                        Err(error) if runtime.evicted_for(&error) => {}
+                                        result => break result,
+                                    }
+                                }
+                            };
+                            instantiate
+                                .instrument(tracing::info_span!("instantiate"))
+                                .await?
                         }
                     };
-                    let proxy = instantiate
-                        .instrument(tracing::info_span!("instantiate"))
-                        .await?;
                     timings.instantiate = started.elapsed();
                     let result = proxy
                         .wasi_http_incoming_handler()
@@ -366,7 +417,10 @@ impl Runtime {
                     Ok(Ok(())) => Ok(Outcome::Ok(Response::default())),
                     Ok(Err(error)) => Err(Some(error)),
                 };
-                call.finish(result, timings).0
+                let limits = call.limits.clone();
+                let invocation = call.finish(result, timings).0;
+                runtime.after_call(&component, ready.as_ref(), &timings, &limits);
+                invocation
             }
             // The guest runs on in a task of its own: in the caller's span.
             .instrument(tracing::Span::current()),

@@ -108,8 +108,8 @@ pub struct RuntimeConfig {
     /// Ready instances (see [`Ready`](super::Ready)) being made at once,
     /// all functions together: each takes a core while it instantiates.
     pub max_preparing_instances: usize,
-    /// Instances are made ahead only for components whose instantiation
-    /// took at least this long on a call's path. Below it, handing the work
+    /// Instances are made ahead only for components whose quickest
+    /// instantiation on a call's path took at least this long. Below it, handing the work
     /// to another task costs the call more than it saves: a Rust hello
     /// instantiates in ~4 µs, and waking a worker thread for the task took
     /// longer (benches/README.md, "ready instances").

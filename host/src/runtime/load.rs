@@ -108,8 +108,10 @@ pub(super) struct LoadedInner {
     pub(super) prepared: Prepared,
     source: LoadSource,
     imports: Vec<String>,
-    /// How long the last instantiation on a call's path took, in
-    /// nanoseconds (0 until one has): whether making instances ahead pays.
+    /// The quickest instantiation on a call's path so far, in nanoseconds
+    /// (`u64::MAX` until one): whether making instances ahead pays. The
+    /// quickest, because a loaded machine only ever makes it slower than
+    /// the component's own cost.
     pub(super) instantiate_nanos: std::sync::atomic::AtomicU64,
 }
 
@@ -289,7 +291,7 @@ impl Runtime {
                 prepared,
                 source,
                 imports,
-                instantiate_nanos: std::sync::atomic::AtomicU64::new(0),
+                instantiate_nanos: std::sync::atomic::AtomicU64::new(u64::MAX),
             }),
         })
     }

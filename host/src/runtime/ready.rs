@@ -17,14 +17,15 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument as _;
 use wasmtime::{Engine, PoolConcurrencyLimitError, Store, UpdateDeadline};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use super::Runtime;
 use super::bindings::GuestPre;
 use super::capture::BoundedCapture;
 use super::config::CallLimits;
-use super::reuse::{IdleInstance, Ready};
+use super::load::{LoadedComponent, Prepared};
+use super::reuse::{IdleInstance, Instance, Ready};
 use super::state::{CallState, WasiGrants};
-use crate::digest::Digest;
 
 impl Runtime {
     /// Has another fresh instance of `pre` made for the calls of `ready`'s
@@ -32,11 +33,11 @@ impl Runtime {
     /// Outside a Tokio runtime nothing is made.
     pub(super) fn prepare_next(
         &self,
-        pre: &GuestPre<CallState>,
+        component: &LoadedComponent,
         ready: &Ready,
-        digest: Digest,
         limits: &CallLimits,
     ) {
+        let digest = component.digest();
         let Ok(tokio) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -44,7 +45,10 @@ impl Runtime {
             return;
         };
         let engine = self.engine.clone();
-        let pre = pre.clone();
+        let pre = match &component.inner.prepared {
+            Prepared::Handler(pre) => Pre::Handler(pre.clone()),
+            Prepared::Http(pre) => Pre::Http(pre.clone()),
+        };
         let stats = Arc::clone(&self.stats);
         let memory_limit = usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX);
         let timeout = limits.timeout;
@@ -52,7 +56,10 @@ impl Runtime {
             async move {
                 stats.instantiations.fetch_add(1, Ordering::Relaxed);
                 let made = instantiate_ahead(&engine, memory_limit, timeout, async |store| {
-                    pre.instantiate_async(store).await
+                    Ok(match &pre {
+                        Pre::Handler(pre) => Instance::Handler(pre.instantiate_async(store).await?),
+                        Pre::Http(pre) => Instance::Http(pre.instantiate_async(store).await?),
+                    })
                 })
                 .await;
                 preparation.finish(match made {
@@ -63,6 +70,12 @@ impl Runtime {
             .instrument(tracing::debug_span!("prepare", scope = %ready.scope)),
         );
     }
+}
+
+/// What an instance is made from, owned by the task that makes it.
+enum Pre {
+    Handler(GuestPre<CallState>),
+    Http(ProxyPre<CallState>),
 }
 
 /// Instantiates a component (`instantiate` does, in the store given) for a

@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use wasmtime::Store;
+use wasmtime_wasi_http::p2::bindings::Proxy;
 
 use super::bindings::Guest;
 use super::capture::BoundedCapture;
@@ -106,10 +107,36 @@ enum Kept {
     Ready,
 }
 
+/// A kept instance's exports, by world.
+pub(crate) enum Instance {
+    /// A `gust:function/handler` component.
+    Handler(Guest),
+    /// A `wasi:http/proxy` component.
+    Http(Proxy),
+}
+
+impl Instance {
+    /// The handler's exports, if it is one.
+    pub(crate) fn into_handler(self) -> Option<Guest> {
+        match self {
+            Self::Handler(guest) => Some(guest),
+            Self::Http(_) => None,
+        }
+    }
+
+    /// The proxy's exports, if it is one.
+    pub(crate) fn into_http(self) -> Option<Proxy> {
+        match self {
+            Self::Http(proxy) => Some(proxy),
+            Self::Handler(_) => None,
+        }
+    }
+}
+
 /// An instance between calls, with the store that owns it.
 pub(crate) struct IdleInstance {
     pub(crate) store: Store<CallState>,
-    pub(crate) guest: Guest,
+    pub(crate) guest: Instance,
     pub(crate) stdout: BoundedCapture,
     pub(crate) stderr: BoundedCapture,
     /// Calls it has served.
@@ -130,7 +157,7 @@ impl IdleInstance {
     ) -> Self {
         Self {
             store,
-            guest,
+            guest: Instance::Handler(guest),
             stdout,
             stderr,
             uses,
@@ -141,7 +168,7 @@ impl IdleInstance {
 
     /// A fresh instance whose instantiation ran no host import; the call
     /// that takes it gives it its own WASI grants and captures.
-    pub(crate) fn ready(store: Store<CallState>, guest: Guest) -> Self {
+    pub(crate) fn ready(store: Store<CallState>, guest: Instance) -> Self {
         Self {
             store,
             guest,

@@ -11,7 +11,7 @@ use gust_host::runtime::{
 use gust_test_artifacts::{COUNTER_COMPONENT, ENV_VAR_COMPONENT};
 use tempfile::TempDir;
 
-use super::server::{TestServer, deploy, invocation_record, request, tenant};
+use super::server::{TestServer, deploy, invocation_record, invocation_status, request, tenant};
 use super::{limits, load, request as call_request};
 
 /// A runtime that makes instances ahead for every component, however
@@ -243,4 +243,42 @@ async fn no_instance_is_made_ahead_for_a_component_that_instantiates_quickly() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(runtime.ready_instances("a/counter"), 0);
     assert_eq!(runtime.stats().instantiations, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wasi_http_functions_get_ready_instances_too() {
+    let dir = TempDir::new().unwrap();
+    let server = TestServer::start_configured(dir.path(), |config| {
+        config.runtime.ready_min_instantiate = Duration::ZERO;
+    })
+    .await;
+    let key = tenant(&server, "acme").await;
+    let bytes = std::fs::read(gust_test_artifacts::HTTP_HELLO_COMPONENT).unwrap();
+    let deployed = request("PUT", &server.url("/v1/functions/web"), Some(&key), bytes).await;
+    assert_eq!(deployed.status, 201, "{}", deployed.text());
+    let url = server.url("/http/acme/web/echo?n=1");
+    let mut ready = Vec::new();
+    for i in 0..4 {
+        let body = format!("request {i}");
+        let reply = request("POST", &url, Some(&key), body.clone()).await;
+        // The request reached the instance whole, ready or not.
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.text(), body);
+        assert_eq!(reply.headers["x-path"], "/echo?n=1");
+        let id = reply.headers["gust-invocation-id"].to_str().unwrap();
+        // The record is written once the guest is done.
+        let mut found = invocation_status(&server, &key, id).await;
+        for _ in 0..250 {
+            if found.0 == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            found = invocation_status(&server, &key, id).await;
+        }
+        let record = found.1;
+        ready.push(record["timings"]["ready_instance"].as_bool().unwrap());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(ready, [false, true, true, true]);
+    server.stop().await;
 }
