@@ -18,6 +18,7 @@ use super::capture::BoundedCapture;
 use super::config::CallLimits;
 use super::control::{self, CallControl, Cancel};
 use super::egress::{Egress, EgressLog};
+use super::engine::Running;
 use super::load::{LoadedComponent, Prepared};
 use super::outcome::{self, GuestError, Invocation, Outcome, Request, Response, Timings};
 use super::reuse::{IdleInstance, Instance, Ready};
@@ -224,6 +225,7 @@ impl Runtime {
         let Prepared::Handler(pre) = &component.inner.prepared else {
             return Invocation::host_error("this component serves wasi:http; call it over HTTP");
         };
+        let running = Running::start(&self.stats);
         let digest = component.digest();
         let reuse = limits.reuse.as_ref().filter(|reuse| reuse.max_uses > 1);
         let ready = Self::ready_for(limits);
@@ -324,6 +326,7 @@ impl Runtime {
         if let (Some(reuse), Some(idle)) = (reuse, idle) {
             self.idle.put(&reuse.scope, digest, idle);
         }
+        drop(running);
         self.after_call(component, ready, &timings, limits);
         invocation
     }
@@ -352,6 +355,7 @@ impl Runtime {
         };
         let pre = pre.clone();
         let runtime = Arc::clone(self);
+        let running = Running::start(&self.stats);
         let ready = Self::ready_for(limits).cloned();
         let idle = ready.as_ref().and_then(|ready| {
             self.idle
@@ -419,6 +423,7 @@ impl Runtime {
                 };
                 let limits = call.limits.clone();
                 let invocation = call.finish(result, timings).0;
+                drop(running);
                 runtime.after_call(&component, ready.as_ref(), &timings, &limits);
                 invocation
             }

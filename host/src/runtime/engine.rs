@@ -57,6 +57,24 @@ pub struct RuntimeStats {
     pub(super) instantiations: AtomicU64,
     pub(super) reuses: AtomicU64,
     pub(super) ready_hits: AtomicU64,
+    /// Calls running now: instances are made ahead only while it is 0.
+    pub(super) running: std::sync::atomic::AtomicUsize,
+}
+
+/// One running call, counted in [`RuntimeStats::running`] while it lives.
+pub(super) struct Running(Arc<RuntimeStats>);
+
+impl Running {
+    pub(super) fn start(stats: &Arc<RuntimeStats>) -> Self {
+        stats.running.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(stats))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A point-in-time copy of [`RuntimeStats`].

@@ -240,6 +240,17 @@ pub(crate) struct Preparation {
 }
 
 impl Preparation {
+    /// Gives up: the host was busy. No instance is made ahead, for any
+    /// function, until it has been quiet a while ([`BUSY_BACKOFF`]).
+    pub(crate) fn host_busy(self) {
+        let until = Instant::now() + BUSY_BACKOFF;
+        *self
+            .pool
+            .quiet_after
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(until);
+    }
+
     /// Keeps the instance (`Ok(Some)`) if its slot still wants it;
     /// `Err(())` means the component's instantiation is not to be prepared
     /// again (it ran a host import, or failed).
@@ -258,9 +269,16 @@ impl Drop for Preparation {
     }
 }
 
+/// How long instances are not made ahead after a host was found busy: a
+/// busy host has no idle time to make them in, and asking after every call
+/// costs a thread wake-up each (10% of a saturated host's throughput).
+const BUSY_BACKOFF: Duration = Duration::from_millis(20);
+
 /// The kept instances of every scope and component.
 pub(crate) struct InstancePool {
     inner: Mutex<Inner>,
+    /// No instance is made ahead before this (see [`Preparation::host_busy`]).
+    quiet_after: Mutex<Option<Instant>>,
     max_idle: usize,
     max_idle_per_key: usize,
     max_preparing: usize,
@@ -281,6 +299,7 @@ impl InstancePool {
                 next_generation: 0,
                 unpreparable: HashSet::new(),
             }),
+            quiet_after: Mutex::new(None),
             max_idle,
             max_idle_per_key,
             max_preparing,
@@ -368,6 +387,13 @@ impl InstancePool {
         let wanted = usize::try_from(wanted)
             .unwrap_or(usize::MAX)
             .min(self.max_idle_per_key);
+        let quiet_after = *self
+            .quiet_after
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if quiet_after.is_some_and(|after| Instant::now() < after) {
+            return None;
+        }
         let mut inner = self.lock();
         if wanted == 0
             || inner.preparing >= self.max_preparing
