@@ -1,6 +1,6 @@
-//! Ready instances: a fresh instance made in a task of its own before the
-//! call that takes it comes (see [`Ready`] and the `reuse` module, which
-//! keeps them).
+//! Ready instances: a fresh instance made in idle time, on a thread of its
+//! own, before the call that takes it comes (see [`Ready`] and the `reuse`
+//! module, which keeps them).
 //!
 //! An instance made ahead is handed to a call only if it is exactly what a
 //! fresh instantiation for that call would have given. Instantiation runs
@@ -29,9 +29,10 @@ use super::reuse::{IdleInstance, Instance, Ready};
 use super::state::{CallState, WasiGrants};
 
 impl Runtime {
-    /// Has another fresh instance of `pre` made for the calls of `ready`'s
-    /// scope, in a task of its own, if the pool wants one (see [`Ready`]).
-    /// Outside a Tokio runtime nothing is made.
+    /// Has another fresh instance of `component` made for the calls of
+    /// `ready`'s scope, if the pool wants one (see [`Ready`]): on a
+    /// blocking-pool thread, shortly after this call, and only if no call
+    /// is running then. Outside a Tokio runtime nothing is made.
     pub(super) fn prepare_next(
         &self,
         component: &LoadedComponent,

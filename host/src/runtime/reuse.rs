@@ -8,9 +8,9 @@
 //! thousands of function references every time it is instantiated.
 //!
 //! **Ready instances** (the default, policy `ready_instances`) keep that
-//! guarantee and take the instantiation off the call's path: after a call
-//! of a function takes one (or finds none), another is instantiated in a
-//! task of its own, never called, and handed to the next call of the same
+//! guarantee and take the instantiation off the call's path: once a call of
+//! a function is done, another is instantiated in idle time (see the
+//! `ready` module), never called, and handed to the next call of the same
 //! function as if it had been instantiated for it. That holds only for an
 //! instantiation that ran no host import (nothing of the call it was made
 //! for — environment, clocks, randomness, grants — can have reached it) and
