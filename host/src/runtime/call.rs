@@ -111,10 +111,7 @@ impl Runtime {
                 .instantiate_nanos
                 .fetch_min(nanos, Ordering::Relaxed);
         }
-        let quickest = component.inner.instantiate_nanos.load(Ordering::Relaxed);
-        let worth_it = quickest != u64::MAX
-            && u128::from(quickest) >= self.config.ready_min_instantiate.as_nanos();
-        if let Some(ready) = ready.filter(|_| worth_it) {
+        if let Some(ready) = ready.filter(|_| self.worth_preparing(component)) {
             // Made once this call is done, not beside it: instantiating
             // maps and unmaps memory, which stalls the page faults of a
             // call running at the same time in the same process (a Python
@@ -122,6 +119,14 @@ impl Runtime {
             // instantiates its own.
             self.prepare_next(component, ready, limits);
         }
+    }
+
+    /// Whether instances of `component` are made ahead: its quickest
+    /// instantiation on a call's path so far was slow enough. (Where they
+    /// are not, a call does not even look for one.)
+    fn worth_preparing(&self, component: &LoadedComponent) -> bool {
+        let quickest = component.inner.instantiate_nanos.load(Ordering::Relaxed);
+        quickest != u64::MAX && u128::from(quickest) >= self.config.ready_min_instantiate.as_nanos()
     }
 
     /// Sets a store up for one call: the call's limits and grants, its
@@ -231,8 +236,10 @@ impl Runtime {
         let ready = Self::ready_for(limits);
         let idle = match (reuse, ready) {
             (Some(reuse), _) => self.idle.take(&reuse.scope, digest, limits, false),
-            (None, Some(ready)) => self.idle.take(&ready.scope, digest, limits, true),
-            (None, None) => None,
+            (None, Some(ready)) if self.worth_preparing(component) => {
+                self.idle.take(&ready.scope, digest, limits, true)
+            }
+            (None, _) => None,
         };
         let mut call = match idle {
             Some(idle) if idle.is_ready() => {
@@ -357,10 +364,13 @@ impl Runtime {
         let runtime = Arc::clone(self);
         let running = Running::start(&self.stats);
         let ready = Self::ready_for(limits).cloned();
-        let idle = ready.as_ref().and_then(|ready| {
-            self.idle
-                .take(&ready.scope, component.digest(), limits, true)
-        });
+        let idle = ready
+            .as_ref()
+            .filter(|_| self.worth_preparing(component))
+            .and_then(|ready| {
+                self.idle
+                    .take(&ready.scope, component.digest(), limits, true)
+            });
         let (mut call, mut proxy) = match idle {
             Some(idle) => {
                 let (call, instance) = self.ready_call(idle, limits, control);
