@@ -195,12 +195,28 @@ impl Runtime {
         }
     }
 
-    /// Whether an instantiation that failed with `error` may be tried
-    /// again: it found no slot in the allocator, and an instance kept for
-    /// later (ready or reused) was dropped to free one. A call comes before
-    /// a kept instance.
-    fn evicted_for(&self, error: &wasmtime::Error) -> bool {
-        error.downcast_ref::<PoolConcurrencyLimitError>().is_some() && self.idle.evict_oldest()
+    /// A new instance of `prepared` in a call's `store`. While the
+    /// allocator has no slot for it and an instance is kept for later
+    /// (ready or reused), the one kept longest is dropped and instantiation
+    /// tried again: a call comes before a kept instance.
+    async fn instantiate_evicting(
+        &self,
+        prepared: &Prepared,
+        store: &mut Store<CallState>,
+    ) -> wasmtime::Result<Instance> {
+        let instantiate = async {
+            loop {
+                match prepared.instantiate(&mut *store).await {
+                    Err(error)
+                        if error.downcast_ref::<PoolConcurrencyLimitError>().is_some()
+                            && self.idle.evict_oldest() => {}
+                    result => break result,
+                }
+            }
+        };
+        instantiate
+            .instrument(tracing::info_span!("instantiate"))
+            .await
     }
 
     /// Runs one invocation of a handler component in a fresh instance (or,
@@ -227,9 +243,9 @@ impl Runtime {
         limits: &CallLimits,
         control: CallControl,
     ) -> Invocation {
-        let Prepared::Handler(pre) = &component.inner.prepared else {
+        if !matches!(component.inner.prepared, Prepared::Handler(_)) {
             return Invocation::host_error("this component serves wasi:http; call it over HTTP");
-        };
+        }
         let running = Running::start(&self.stats);
         let digest = component.digest();
         let reuse = limits.reuse.as_ref().filter(|reuse| reuse.max_uses > 1);
@@ -270,19 +286,11 @@ impl Runtime {
         let run = Box::pin(async {
             let guest = match reused_guest {
                 Some(guest) => guest,
-                None => {
-                    let instantiate = async {
-                        loop {
-                            match pre.instantiate_async(&mut *store).await {
-                                Err(error) if self.evicted_for(&error) => {}
-                                result => break result,
-                            }
-                        }
-                    };
-                    instantiate
-                        .instrument(tracing::info_span!("instantiate"))
-                        .await?
-                }
+                None => self
+                    .instantiate_evicting(&component.inner.prepared, store)
+                    .await?
+                    .into_handler()
+                    .ok_or_else(|| wasmtime::format_err!("not a handler component"))?,
             };
             timings.instantiate = started.elapsed();
             let result = guest
@@ -355,12 +363,11 @@ impl Runtime {
     {
         use wasmtime_wasi_http::WasiHttpView as _;
 
-        let Prepared::Http(pre) = &component.inner.prepared else {
+        if !matches!(component.inner.prepared, Prepared::Http(_)) {
             return Err(Box::new(Invocation::host_error(
                 "this component exports gust:function/handler; invoke it instead",
             )));
-        };
-        let pre = pre.clone();
+        }
         let runtime = Arc::clone(self);
         let running = Running::start(&self.stats);
         let ready = Self::ready_for(limits).cloned();
@@ -401,19 +408,11 @@ impl Runtime {
                 let run = async {
                     let proxy = match proxy.take() {
                         Some(proxy) => proxy,
-                        None => {
-                            let instantiate = async {
-                                loop {
-                                    match pre.instantiate_async(&mut *store).await {
-                                        Err(error) if runtime.evicted_for(&error) => {}
-                                        result => break result,
-                                    }
-                                }
-                            };
-                            instantiate
-                                .instrument(tracing::info_span!("instantiate"))
-                                .await?
-                        }
+                        None => runtime
+                            .instantiate_evicting(&component.inner.prepared, store)
+                            .await?
+                            .into_http()
+                            .ok_or_else(|| wasmtime::format_err!("not a wasi:http component"))?,
                     };
                     timings.instantiate = started.elapsed();
                     let result = proxy

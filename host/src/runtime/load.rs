@@ -13,6 +13,7 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use super::bindings::GuestPre;
 use super::cache::Lookup;
 use super::imports;
+use super::reuse::Instance;
 use super::state::CallState;
 use super::{Digest, Runtime};
 
@@ -90,10 +91,24 @@ pub enum LoadSource {
     Cache,
 }
 
+#[derive(Clone)]
 pub(super) enum Prepared {
     Handler(GuestPre<CallState>),
     // Served by the HTTP front end, which arrives with the server.
     Http(ProxyPre<CallState>),
+}
+
+impl Prepared {
+    /// A new instance in `store`, of whichever world the component is.
+    pub(super) async fn instantiate(
+        &self,
+        store: &mut wasmtime::Store<CallState>,
+    ) -> wasmtime::Result<Instance> {
+        Ok(match self {
+            Self::Handler(pre) => Instance::Handler(pre.instantiate_async(store).await?),
+            Self::Http(pre) => Instance::Http(pre.instantiate_async(store).await?),
+        })
+    }
 }
 
 /// A validated, compiled, pre-instantiated component, ready to invoke.

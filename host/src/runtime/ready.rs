@@ -17,15 +17,13 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument as _;
 use wasmtime::{Engine, PoolConcurrencyLimitError, Store, UpdateDeadline};
-use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use super::Runtime;
-use super::bindings::GuestPre;
 use super::capture::BoundedCapture;
 use super::config::CallLimits;
 use super::engine::RuntimeStats;
 use super::load::{LoadedComponent, Prepared};
-use super::reuse::{IdleInstance, Instance, Ready};
+use super::reuse::{IdleInstance, Ready};
 use super::state::{CallState, WasiGrants};
 
 impl Runtime {
@@ -47,10 +45,7 @@ impl Runtime {
             return;
         };
         let engine = self.engine.clone();
-        let pre = match &component.inner.prepared {
-            Prepared::Handler(pre) => Pre::Handler(pre.clone()),
-            Prepared::Http(pre) => Pre::Http(pre.clone()),
-        };
+        let pre = component.inner.prepared.clone();
         let stats = Arc::clone(&self.stats);
         let memory_limit = usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX);
         let timeout = limits.timeout;
@@ -84,29 +79,20 @@ const SETTLE: Duration = Duration::from_micros(200);
 /// Makes one instance of `pre` ahead of its call (see [`instantiate_ahead`]).
 async fn make_ahead(
     engine: &Engine,
-    pre: &Pre,
+    pre: &Prepared,
     memory_limit: usize,
     timeout: Duration,
     stats: &RuntimeStats,
 ) -> Result<Option<IdleInstance>, ()> {
     stats.instantiations.fetch_add(1, Ordering::Relaxed);
     let made = instantiate_ahead(engine, memory_limit, timeout, async |store| {
-        Ok(match pre {
-            Pre::Handler(pre) => Instance::Handler(pre.instantiate_async(store).await?),
-            Pre::Http(pre) => Instance::Http(pre.instantiate_async(store).await?),
-        })
+        pre.instantiate(store).await
     })
     .await;
     match made {
         Ok(made) => Ok(made.map(|(store, guest)| IdleInstance::ready(store, guest))),
         Err(_) => Err(()),
     }
-}
-
-/// What an instance is made from, owned by the task that makes it.
-enum Pre {
-    Handler(GuestPre<CallState>),
-    Http(ProxyPre<CallState>),
 }
 
 /// Instantiates a component (`instantiate` does, in the store given) for a

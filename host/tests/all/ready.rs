@@ -23,6 +23,14 @@ fn runtime() -> (Runtime, TempDir) {
     (Runtime::new(config).unwrap(), dir)
 }
 
+/// A server that makes instances ahead for every component.
+async fn server(dir: &TempDir) -> TestServer {
+    TestServer::start_configured(dir.path(), |config| {
+        config.runtime.ready_min_instantiate = Duration::ZERO;
+    })
+    .await
+}
+
 fn ready(scope: &str) -> CallLimits {
     CallLimits {
         ready: Some(Ready {
@@ -200,10 +208,7 @@ async fn a_call_takes_the_slot_of_a_kept_instance_when_the_pool_is_full() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn functions_get_ready_instances_by_default() {
     let dir = TempDir::new().unwrap();
-    let server = TestServer::start_configured(dir.path(), |config| {
-        config.runtime.ready_min_instantiate = Duration::ZERO;
-    })
-    .await;
+    let server = server(&dir).await;
     let key = tenant(&server, "acme").await;
     let deployed = deploy(&server, &key, "counter", COUNTER_COMPONENT).await;
     assert_eq!(deployed.status, 201, "{}", deployed.text());
@@ -248,10 +253,7 @@ async fn no_instance_is_made_ahead_for_a_component_that_instantiates_quickly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wasi_http_functions_get_ready_instances_too() {
     let dir = TempDir::new().unwrap();
-    let server = TestServer::start_configured(dir.path(), |config| {
-        config.runtime.ready_min_instantiate = Duration::ZERO;
-    })
-    .await;
+    let server = server(&dir).await;
     let key = tenant(&server, "acme").await;
     let bytes = std::fs::read(gust_test_artifacts::HTTP_HELLO_COMPONENT).unwrap();
     let deployed = request("PUT", &server.url("/v1/functions/web"), Some(&key), bytes).await;
