@@ -97,6 +97,26 @@ fn instance_reuse_is_scoped_to_the_function() {
 }
 
 #[test]
+fn ready_instances_are_on_by_default_scoped_to_the_function_and_bounded() {
+    let ready = Policy::default()
+        .call_limits("acme", "resize")
+        .ready
+        .unwrap();
+    assert_eq!(&*ready.scope, "acme/resize");
+    assert_eq!(ready.count, 1);
+    let p = parse("ready_instances = 4\n").unwrap();
+    assert_eq!(p.call_limits("acme", "resize").ready.unwrap().count, 4);
+    assert_eq!(
+        parse("ready_instances = 0\n")
+            .unwrap()
+            .call_limits("a", "f")
+            .ready,
+        None
+    );
+    expect_error("ready_instances = 17\n", 1, "ready_instances");
+}
+
+#[test]
 fn call_limits_map_the_policy() {
     let p = parse(
         "timeout_ms = 1500\nmemory_mb = 64\nlog_bytes = \"1 KiB\"\n[env]\nB = \"2\"\nA = \"1\"\n",
