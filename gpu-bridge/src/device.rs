@@ -567,9 +567,11 @@ impl Tensor {
         self.len() == 0
     }
 
-    /// Bytes of data (`len × dtype size`).
+    /// Bytes of data (`len × dtype size`, or whole blocks of a quantized
+    /// dtype).
     pub fn byte_len(&self) -> usize {
-        self.len() * self.dtype.size()
+        let (per_block, block_bytes) = self.dtype.block();
+        self.len() / per_block * block_bytes
     }
 
     fn operand(&self) -> Operand<'_> {
@@ -857,14 +859,20 @@ impl Device {
         data: Vec<u8>,
         account: &Arc<Account>,
     ) -> Result<Tensor> {
-        let expected = element_count(shape)? * dtype.size();
+        let expected = dtype.bytes_for(shape)?;
         if data.len() != expected {
             return Err(BridgeError::invalid(format!(
                 "a {dtype} tensor of shape {shape:?} needs {expected} bytes, got {}",
                 data.len()
             )));
         }
-        let elements = expected / dtype.size();
+        if dtype.is_quantized() && !self.inner.description.arithmetic_dtypes.contains(&dtype) {
+            return Err(BridgeError::unsupported(format!(
+                "{} has no {dtype} kernels; dequantize on the host and upload f32",
+                self.inner.description.name
+            )));
+        }
+        let elements = element_count(shape)?;
         let cost = self.element_cost(elements);
         let time = account.reserve_time(cost)?;
         let storage = Storage::pending(Charge::new(&self.inner, account, expected as u64)?);
@@ -892,7 +900,7 @@ impl Device {
         shape: &[usize],
         account: &Arc<Account>,
     ) -> Result<Tensor> {
-        let bytes = element_count(shape)? * dtype.size();
+        let bytes = dtype.bytes_for(shape)?;
         self.upload(dtype, shape, vec![0; bytes], account).await
     }
 
@@ -948,7 +956,7 @@ impl Device {
         }
         let shapes: Vec<Operand<'_>> = operands.iter().map(|t| t.operand()).collect();
         let plan = op.plan(&shapes)?;
-        let out_bytes = element_count(&plan.shape)? * plan.dtype.size();
+        let out_bytes = plan.dtype.bytes_for(&plan.shape)?;
         match plan.work {
             Work::Alias => {
                 let source = operands.first().ok_or_else(|| {
@@ -962,6 +970,12 @@ impl Device {
             }
             Work::Empty | Work::Zeros => self.zeros(plan.dtype, &plan.shape, account).await,
             Work::Kernel(kernel) => {
+                if matches!(kernel, Kernel::Linear { .. }) && !self.inner.description.linear {
+                    return Err(BridgeError::unsupported(format!(
+                        "linear runs on the cpu backend only, not on {}; use matmul",
+                        self.inner.description.name
+                    )));
+                }
                 if let Some(dtype) = kernel.compute_dtype()
                     && !self.inner.description.arithmetic_dtypes.contains(&dtype)
                 {
@@ -985,10 +999,14 @@ impl Device {
                             .saturating_mul(*n)
                             .saturating_mul(lhs_offsets.len()),
                     ),
+                    Kernel::Linear { m, k, n, .. } => (
+                        CostClass::MultiplyAdds,
+                        m.saturating_mul(*k).saturating_mul(*n),
+                    ),
                     _ => (
                         CostClass::Elements,
                         operands.iter().map(|t| t.len()).sum::<usize>()
-                            + out_bytes / plan.dtype.size(),
+                            + element_count(&plan.shape)?,
                     ),
                 };
                 let units = work as u64;

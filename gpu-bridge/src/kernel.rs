@@ -142,6 +142,11 @@ pub const fn dtype_code(dtype: DType) -> (u32, &'static str) {
         DType::BF16 => (2, "GUST_BF16"),
         DType::I32 => (3, "GUST_I32"),
         DType::U32 => (4, "GUST_U32"),
+        DType::Q4_0 => (5, "GUST_Q4_0"),
+        DType::Q4_1 => (6, "GUST_Q4_1"),
+        DType::Q8_0 => (7, "GUST_Q8_0"),
+        DType::Q4K => (8, "GUST_Q4_K"),
+        DType::Q6K => (9, "GUST_Q6_K"),
     }
 }
 
@@ -384,6 +389,43 @@ pub enum Kernel {
         /// Element count.
         len: usize,
     },
+    /// `out[m, n] = x[m, k] · w[n, k]ᵀ`: a linear layer with its weights as
+    /// they are stored (`[out, in]`). Inputs: `[x, w]`; `x` and `out` are
+    /// f32 when `dtype` is quantized (activations are quantized to 8 bits
+    /// on the fly), else `dtype`.
+    Linear {
+        /// The weights' element type.
+        dtype: DType,
+        /// Rows of `x` and of the output.
+        m: usize,
+        /// Columns of `x` and of `w`.
+        k: usize,
+        /// Rows of `w`, columns of the output.
+        n: usize,
+    },
+    /// `out[i] = x[i]` for the `len` values of quantized `dtype`'s blocks,
+    /// as f32. Inputs: `[x]`.
+    Dequantize {
+        /// The quantized element type.
+        dtype: DType,
+        /// Element count (whole blocks).
+        len: usize,
+    },
+    /// `out[r, 0..row_len] = table[indices[r], 0..row_len]` as f32, for a
+    /// table of quantized `dtype`; an index outside `0..rows` gives zeros.
+    /// Inputs: `[table, indices]`.
+    GatherQuantized {
+        /// The table's quantized element type.
+        dtype: DType,
+        /// `I32` or `U32`.
+        index_dtype: DType,
+        /// Number of indices (= output rows).
+        indices: usize,
+        /// Rows in the table.
+        rows: usize,
+        /// Elements per row (whole blocks).
+        row_len: usize,
+    },
 }
 
 impl Kernel {
@@ -420,6 +462,9 @@ impl Kernel {
             Self::Gather { .. } => "gather",
             Self::Cast { .. } => "cast",
             Self::Attention { .. } => "attention",
+            Self::Linear { .. } => "linear",
+            Self::Dequantize { .. } => "cast",
+            Self::GatherQuantized { .. } => "gather",
         }
     }
 }
@@ -438,7 +483,11 @@ impl Kernel {
             | Self::Softmax { dtype, .. }
             | Self::LayerNorm { dtype, .. }
             | Self::RmsNorm { dtype, .. }
-            | Self::Attention { dtype, .. } => Some(*dtype),
+            | Self::Attention { dtype, .. }
+            // Quantized dtypes: only backends that list them run these.
+            | Self::Linear { dtype, .. }
+            | Self::Dequantize { dtype, .. }
+            | Self::GatherQuantized { dtype, .. } => Some(*dtype),
             Self::Permute { .. }
             | Self::Slice { .. }
             | Self::Concat { .. }

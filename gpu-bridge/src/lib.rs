@@ -26,6 +26,7 @@ pub mod error;
 pub mod kernel;
 pub mod models;
 mod op;
+pub(crate) mod quant;
 
 pub use account::{Account, DEFAULT_TIME_PER_MINUTE};
 pub use backend::{Backend, BackendKind, DeviceDescription};

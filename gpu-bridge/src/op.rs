@@ -109,6 +109,15 @@ pub enum Op {
         /// Tokens in each sequence, in order; they sum to `tokens`.
         lengths: Vec<u32>,
     },
+    /// A linear layer, `x · wᵀ`, with the weights as models store them:
+    /// `w` is `[out, in]`, `x` is `[..., in]`, the result `[..., out]`.
+    /// Operands: `[x, w]`. `w` may be a quantized dtype (then `x` is f32 and
+    /// is quantized to 8 bits per value on the fly); otherwise both have
+    /// the same float dtype. Only backends whose
+    /// [`DeviceDescription::linear`] is set run it.
+    ///
+    /// [`DeviceDescription::linear`]: crate::backend::DeviceDescription::linear
+    Linear,
 }
 
 /// The dtype and shape of one operand.
@@ -306,6 +315,7 @@ impl Op {
             Self::Gather => "gather",
             Self::Cast { .. } => "cast",
             Self::Attention { .. } => "attention",
+            Self::Linear => "linear",
         }
     }
 
@@ -315,7 +325,27 @@ impl Op {
         for operand in operands {
             element_count(operand.shape)?;
         }
+        // Quantized blocks are weights: a linear layer's (operand 1), a
+        // gathered table's (operand 0), or dequantized by a cast.
+        let quantized_at = match self {
+            Self::Linear => Some(1),
+            Self::Gather | Self::Cast { .. } => Some(0),
+            _ => None,
+        };
+        for (i, operand) in operands.iter().enumerate() {
+            if operand.dtype.is_quantized() && quantized_at != Some(i) {
+                return Err(BridgeError::shape(format!(
+                    "{name}: a {} tensor takes only linear (as the weights), gather (as the \
+                     table) and a cast to f32",
+                    operand.dtype
+                )));
+            }
+        }
         let plan = match self {
+            Self::Linear => {
+                arity(name, operands, 2)?;
+                plan_linear(operands[0], operands[1])?
+            }
             Self::Matmul => {
                 arity(name, operands, 2)?;
                 plan_matmul(operands[0], operands[1])?
@@ -540,6 +570,20 @@ impl Op {
                 let mut shape = indices.shape.to_vec();
                 shape.extend_from_slice(row_shape);
                 element_count(&shape)?;
+                if table.dtype.is_quantized() {
+                    table.dtype.bytes_for(table.shape)?;
+                    return Ok(Plan {
+                        dtype: DType::F32,
+                        shape,
+                        work: Work::Kernel(Kernel::GatherQuantized {
+                            dtype: table.dtype,
+                            index_dtype: indices.dtype,
+                            indices: element_count(indices.shape)?,
+                            rows,
+                            row_len: row_shape.iter().product(),
+                        }),
+                    });
+                }
                 Plan {
                     dtype: table.dtype,
                     shape,
@@ -559,8 +603,25 @@ impl Op {
             Self::Cast { to } => {
                 arity(name, operands, 1)?;
                 let x = operands[0];
+                if to.is_quantized() && x.dtype != *to {
+                    return Err(BridgeError::unsupported(format!(
+                        "cast: the bridge does not quantize; upload {to} blocks as they are"
+                    )));
+                }
                 let work = if x.dtype == *to {
                     Work::Alias
+                } else if x.dtype.is_quantized() {
+                    if *to != DType::F32 {
+                        return Err(BridgeError::unsupported(format!(
+                            "cast: {} dequantizes to f32 only",
+                            x.dtype
+                        )));
+                    }
+                    x.dtype.bytes_for(x.shape)?;
+                    Work::Kernel(Kernel::Dequantize {
+                        dtype: x.dtype,
+                        len: element_count(x.shape)?,
+                    })
                 } else {
                     Work::Kernel(Kernel::Cast {
                         from: x.dtype,
@@ -592,6 +653,50 @@ fn unary_operand<'a>(name: &str, operands: &[Operand<'a>]) -> Result<Operand<'a>
     arity(name, operands, 1)?;
     float(name, operands[0].dtype)?;
     Ok(operands[0])
+}
+
+fn plan_linear(x: Operand<'_>, w: Operand<'_>) -> Result<Plan> {
+    let &[n, k] = w.shape else {
+        return Err(BridgeError::shape(format!(
+            "linear: the weights are [out, in], got {:?}",
+            w.shape
+        )));
+    };
+    let Some((&inner, leading)) = x.shape.split_last() else {
+        return Err(BridgeError::shape(
+            "linear: the input needs at least one dimension",
+        ));
+    };
+    if inner != k {
+        return Err(BridgeError::shape(format!(
+            "linear: input {:?} does not end in the weights' {k} inputs ({:?})",
+            x.shape, w.shape
+        )));
+    }
+    if w.dtype.is_quantized() {
+        w.dtype.bytes_for(w.shape)?;
+        if x.dtype != DType::F32 {
+            return Err(BridgeError::shape(format!(
+                "linear: {} weights take f32 inputs, got {}",
+                w.dtype, x.dtype
+            )));
+        }
+    } else {
+        float("linear", w.dtype)?;
+        same_dtype("linear", x.dtype, w.dtype)?;
+    }
+    let mut shape = leading.to_vec();
+    shape.push(n);
+    Ok(Plan {
+        dtype: x.dtype,
+        shape,
+        work: Work::Kernel(Kernel::Linear {
+            dtype: w.dtype,
+            m: leading.iter().product(),
+            k,
+            n,
+        }),
+    })
 }
 
 fn plan_attention(qkv: Operand<'_>, heads: u32, lengths: &[u32]) -> Result<Plan> {

@@ -16,6 +16,7 @@ use crate::backend::{Backend, BackendKind, DeviceDescription};
 use crate::dtype::DType;
 use crate::error::{BridgeError, ErrorCode, Result};
 use crate::kernel::{BinaryOp, Kernel, ReduceOp, UnaryOp};
+use crate::quant;
 
 mod attention;
 mod recycler;
@@ -188,8 +189,18 @@ impl Backend for CpuBackend {
             name: format!("cpu ({} threads)", self.threads),
             is_gpu: false,
             memory_bytes: self.memory_bytes,
-            arithmetic_dtypes: vec![DType::F32, DType::F16, DType::BF16],
+            arithmetic_dtypes: vec![
+                DType::F32,
+                DType::F16,
+                DType::BF16,
+                DType::Q4_0,
+                DType::Q4_1,
+                DType::Q8_0,
+                DType::Q4K,
+                DType::Q6K,
+            ],
             fused_attention: true,
+            linear: true,
         }
     }
 
@@ -251,6 +262,8 @@ impl Backend for CpuBackend {
 fn run_kernel(kernel: &Kernel, inputs: &[&CpuBuffer], output: &mut CpuBuffer) -> Result<()> {
     match kernel.compute_dtype() {
         Some(DType::F32) | None => run_native(kernel, inputs, output),
+        // Quantized weights: the kernels read their blocks as they are.
+        Some(quantized) if quantized.is_quantized() => run_native(kernel, inputs, output),
         Some(half @ (DType::F16 | DType::BF16)) => run_widened(kernel, half, inputs, output),
         Some(other) => Err(BridgeError::shape(format!(
             "{} needs a float dtype, not {other}",
@@ -318,7 +331,8 @@ fn with_dtype(kernel: &Kernel, to: DType) -> Kernel {
         | Kernel::Softmax { dtype, .. }
         | Kernel::LayerNorm { dtype, .. }
         | Kernel::RmsNorm { dtype, .. }
-        | Kernel::Attention { dtype, .. } => *dtype = to,
+        | Kernel::Attention { dtype, .. }
+        | Kernel::Linear { dtype, .. } => *dtype = to,
         _ => {}
     }
     kernel
@@ -599,6 +613,107 @@ fn run_native(kernel: &Kernel, inputs: &[&CpuBuffer], output: &mut CpuBuffer) ->
         Kernel::Cast { from, to, len } => {
             cast(*from, *to, *len, input(inputs, 0, kernel)?, output);
         }
+        &Kernel::Linear { dtype, m, k, n } => {
+            let x = &input(inputs, 0, kernel)?.f32s()[..m * k];
+            let w = input(inputs, 1, kernel)?;
+            let out = &mut output.f32s_mut()[..m * n];
+            if dtype.is_quantized() {
+                let weights = quant::Weights {
+                    dtype,
+                    blocks: w.bytes(),
+                    n,
+                    k,
+                };
+                quant::linear(QUANT_KERNELS.with(|k| *k), weights, x, m, out)?;
+            } else {
+                linear_f32(m, k, n, x, &w.f32s()[..n * k], out)?;
+            }
+        }
+        &Kernel::Dequantize { dtype, len } => {
+            let kind = quant::GgmlType::of(dtype)
+                .ok_or_else(|| BridgeError::backend(format!("{dtype} is not quantized")))?;
+            let raw = &input(inputs, 0, kernel)?.bytes()[..dtype.bytes_for(&[len])?];
+            quant::dequantize_into(kind, raw, &mut output.f32s_mut()[..len]);
+        }
+        &Kernel::GatherQuantized {
+            dtype,
+            index_dtype,
+            indices,
+            rows,
+            row_len,
+        } => {
+            let kind = quant::GgmlType::of(dtype)
+                .ok_or_else(|| BridgeError::backend(format!("{dtype} is not quantized")))?;
+            let row_bytes = dtype.bytes_for(&[row_len])?;
+            let table = input(inputs, 0, kernel)?.bytes();
+            let index_words = &input(inputs, 1, kernel)?.words[..indices];
+            let dst = output.f32s_mut();
+            for (r, &word) in index_words.iter().enumerate() {
+                let index = match index_dtype {
+                    DType::I32 => usize::try_from(word.cast_signed()).ok(),
+                    _ => usize::try_from(word).ok(),
+                };
+                let out = &mut dst[r * row_len..(r + 1) * row_len];
+                match index.filter(|&i| i < rows) {
+                    Some(i) => quant::dequantize_into(
+                        kind,
+                        &table[i * row_bytes..(i + 1) * row_bytes],
+                        out,
+                    ),
+                    None => out.fill(0.0),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+thread_local! {
+    /// The quantized kernels this CPU runs best, looked up once per thread.
+    static QUANT_KERNELS: quant::Kernels = quant::Kernels::best();
+}
+
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ` in f32.
+fn linear_f32(m: usize, k: usize, n: usize, x: &[f32], w: &[f32], out: &mut [f32]) -> Result<()> {
+    if m == 1 {
+        // One row: `w · x` is the matrix-vector product `matmul` splits over
+        // the threads.
+        return matmul(n, k, 1, &[0], &[0], w, x, out);
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return Ok(());
+    }
+    let parallelism = if m * n * k >= GEMM_PARALLEL_THRESHOLD {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: `x` holds m×k, `w` n×k and `out` m×n floats (sliced by the
+    // caller); `w` is read as the k×n matrix wᵀ (row stride 1, column
+    // stride k); `out` aliases neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
     }
     Ok(())
 }
@@ -1147,6 +1262,8 @@ fn cast(from: DType, to: DType, len: usize, x: &CpuBuffer, output: &mut CpuBuffe
             DType::U32 => f64::from(x.words[i]),
             DType::F16 => f16::from_bits(halves_in[i]).to_f64(),
             DType::BF16 => bf16::from_bits(halves_in[i]).to_f64(),
+            // A quantized cast is planned as `Kernel::Dequantize`.
+            DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::Q4K | DType::Q6K => 0.0,
         }
     };
     match to {
@@ -1175,6 +1292,8 @@ fn cast(from: DType, to: DType, len: usize, x: &CpuBuffer, output: &mut CpuBuffe
                 *o = f64_to_half_bits(read(i), to);
             }
         }
+        // The bridge does not quantize: `Op::Cast` refuses these targets.
+        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::Q4K | DType::Q6K => {}
     }
 }
 

@@ -69,6 +69,10 @@ pub struct DeviceDescription {
     /// where it replaces a dozen memory-bound ops a layer). Model code
     /// composes attention from plain ops where it does not.
     pub fused_attention: bool,
+    /// Whether the backend runs [`crate::Op::Linear`] (the cpu backend, with
+    /// quantized weights: its `arithmetic_dtypes` list the quantized dtypes
+    /// it multiplies). Model code uses `matmul` where it does not.
+    pub linear: bool,
 }
 
 /// One device's kernels and memory. See the module docs for threading.

@@ -1,19 +1,19 @@
-//! GGUF (versions 2 and 3): metadata, tensor infos, and dequantization of
-//! the weights into f32 on load.
+//! GGUF (versions 2 and 3): metadata, tensor infos, and the weights.
 //!
-//! The bridge computes in f32 (its matmul is `gemm` on the cpu backend and
-//! plain f32 shaders on the GPUs), so quantized blocks are expanded once,
-//! when the model is read, rather than per call. Every length and count read
+//! Weights in a format the bridge has kernels for (Q4_0, Q4_1, Q8_0, Q4_K,
+//! Q6_K: see the `quant` module) stay in their blocks, as the bridge's
+//! quantized dtypes; the others (F16, BF16, Q5_0, Q5_1) are expanded to f32
+//! once, when the model is read, rather than per call. A device without
+//! quantized kernels gets f32 instead (`HostTensor::dequantized`). Every length and count read
 //! from the file is checked against the bytes that remain before anything
 //! is allocated for it: a malformed file gives an `invalid-argument` error,
 //! never a panic or a huge allocation.
 
 use std::collections::BTreeMap;
 
-use half::{bf16, f16};
-
 use crate::dtype::DType;
 use crate::kernel::{MAX_ELEMENTS, MAX_RANK};
+use crate::quant::{self, GgmlType};
 
 /// "GGUF" read as a little-endian u32.
 const MAGIC: u32 = 0x4655_4747;
@@ -132,54 +132,6 @@ impl GgufMetadata {
     }
 }
 
-/// The ggml tensor types this reader knows, with their block layout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum GgmlType {
-    F32,
-    F16,
-    BF16,
-    Q4_0,
-    Q4_1,
-    Q5_0,
-    Q5_1,
-    Q8_0,
-    Q4K,
-    Q6K,
-}
-
-impl GgmlType {
-    fn from_id(id: u32) -> Option<Self> {
-        Some(match id {
-            0 => Self::F32,
-            1 => Self::F16,
-            2 => Self::Q4_0,
-            3 => Self::Q4_1,
-            6 => Self::Q5_0,
-            7 => Self::Q5_1,
-            8 => Self::Q8_0,
-            12 => Self::Q4K,
-            14 => Self::Q6K,
-            30 => Self::BF16,
-            _ => return None,
-        })
-    }
-
-    /// Elements per block and bytes per block.
-    fn block(self) -> (usize, usize) {
-        match self {
-            Self::F32 => (1, 4),
-            Self::F16 | Self::BF16 => (1, 2),
-            Self::Q4_0 => (32, 18),
-            Self::Q4_1 => (32, 20),
-            Self::Q5_0 => (32, 22),
-            Self::Q5_1 => (32, 24),
-            Self::Q8_0 => (32, 34),
-            Self::Q4K => (256, 144),
-            Self::Q6K => (256, 210),
-        }
-    }
-}
-
 /// A ggml type id's name, for errors about types this reader lacks.
 fn type_name(id: u32) -> String {
     let name = match id {
@@ -212,20 +164,20 @@ struct TensorInfo {
     bytes: u64,
 }
 
-/// A tensor dequantized to f32, ready to upload.
+/// A tensor ready to upload: f32, or a quantized dtype's blocks.
 #[derive(Debug)]
-pub(crate) struct F32Tensor {
+pub(crate) struct GgufTensor {
     pub(crate) name: String,
     pub(crate) dtype: DType,
     pub(crate) shape: Vec<usize>,
     pub(crate) data: Vec<u8>,
 }
 
-/// A GGUF file read whole: its metadata and every tensor in f32.
+/// A GGUF file read whole: its metadata and every tensor.
 #[derive(Debug)]
 pub(crate) struct GgufContent {
     pub(crate) metadata: GgufMetadata,
-    pub(crate) tensors: Vec<F32Tensor>,
+    pub(crate) tensors: Vec<GgufTensor>,
 }
 
 /// Bounds-checked little-endian reads over the file's bytes.
@@ -363,7 +315,8 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Parse a whole GGUF file and dequantize every tensor to f32. The error is
+/// Parse a whole GGUF file: quantized tensors the bridge has kernels for
+/// stay quantized, the rest become f32. The error is
 /// a sentence about what is wrong with the file.
 pub(crate) fn parse(bytes: &[u8]) -> std::result::Result<GgufContent, GgufError> {
     let mut c = Cursor {
@@ -443,10 +396,13 @@ pub(crate) fn parse(bytes: &[u8]) -> std::result::Result<GgufContent, GgufError>
         // Both fit in the file, hence in usize.
         let start = (data_start + info.offset) as usize;
         let raw = &bytes[start..start + info.bytes as usize];
-        let data = dequantize(info.kind, raw);
-        tensors.push(F32Tensor {
+        let (dtype, data) = match info.kind.quantized_dtype() {
+            Some(dtype) => (dtype, raw.to_vec()),
+            None => (DType::F32, dequantize(info.kind, raw)),
+        };
+        tensors.push(GgufTensor {
             name: info.name,
-            dtype: DType::F32,
+            dtype,
             shape: info.shape,
             data,
         });
@@ -504,130 +460,19 @@ fn tensor_info(c: &mut Cursor<'_>) -> std::result::Result<TensorInfo, GgufError>
     })
 }
 
-fn half(bytes: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
-}
-
 /// Expand `raw` (whole blocks of `kind`, as `tensor_info` checked) into
 /// little-endian f32 bytes.
-fn dequantize(kind: GgmlType, raw: &[u8]) -> Vec<u8> {
+pub(crate) fn dequantize(kind: GgmlType, raw: &[u8]) -> Vec<u8> {
     let (block_elems, block_bytes) = kind.block();
-    let mut out = Vec::with_capacity(raw.len() / block_bytes * block_elems * 4);
-    let mut values = [0f32; 256];
-    for block in raw.chunks_exact(block_bytes) {
-        let values = &mut values[..block_elems];
-        dequantize_block(kind, block, values);
-        for v in values.iter() {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-    }
-    out
-}
-
-fn dequantize_block(kind: GgmlType, b: &[u8], out: &mut [f32]) {
-    match kind {
-        GgmlType::F32 => out[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-        GgmlType::F16 => out[0] = half(b, 0),
-        GgmlType::BF16 => out[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32(),
-        GgmlType::Q4_0 => {
-            let d = half(b, 0);
-            for (j, &q) in b[2..18].iter().enumerate() {
-                out[j] = (f32::from(q & 0x0F) - 8.0) * d;
-                out[j + 16] = (f32::from(q >> 4) - 8.0) * d;
-            }
-        }
-        GgmlType::Q4_1 => {
-            let (d, m) = (half(b, 0), half(b, 2));
-            for (j, &q) in b[4..20].iter().enumerate() {
-                out[j] = f32::from(q & 0x0F) * d + m;
-                out[j + 16] = f32::from(q >> 4) * d + m;
-            }
-        }
-        GgmlType::Q5_0 | GgmlType::Q5_1 => {
-            let d = half(b, 0);
-            let (m, rest) = if kind == GgmlType::Q5_1 {
-                (half(b, 2), &b[4..])
-            } else {
-                (-16.0 * d, &b[2..])
-            };
-            let qh = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
-            for (j, &q) in rest[4..20].iter().enumerate() {
-                let h0 = ((qh >> j) & 1) << 4;
-                let h1 = ((qh >> (j + 16)) & 1) << 4;
-                out[j] = (u32::from(q & 0x0F) | h0) as f32 * d + m;
-                out[j + 16] = (u32::from(q >> 4) | h1) as f32 * d + m;
-            }
-        }
-        GgmlType::Q8_0 => {
-            let d = half(b, 0);
-            for (o, &q) in out.iter_mut().zip(&b[2..34]) {
-                *o = f32::from(q as i8) * d;
-            }
-        }
-        GgmlType::Q4K => dequantize_q4k(b, out),
-        GgmlType::Q6K => dequantize_q6k(b, out),
-    }
-}
-
-/// The 6-bit scale and min of sub-block `j` of a K-quant block (ggml's
-/// `get_scale_min_k4`).
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        (
-            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
-    }
-}
-
-/// Q4_K: d, dmin (f16), 12 bytes of packed 6-bit scales and mins, then 128
-/// bytes of 4-bit values for 8 sub-blocks of 32.
-fn dequantize_q4k(b: &[u8], out: &mut [f32]) {
-    let (d, dmin) = (half(b, 0), half(b, 2));
-    let scales = &b[4..16];
-    let qs = &b[16..144];
-    for chunk in 0..4 {
-        let q = &qs[chunk * 32..chunk * 32 + 32];
-        let (s0, m0) = scale_min_k4(2 * chunk, scales);
-        let (s1, m1) = scale_min_k4(2 * chunk + 1, scales);
-        let (d0, min0) = (d * f32::from(s0), dmin * f32::from(m0));
-        let (d1, min1) = (d * f32::from(s1), dmin * f32::from(m1));
-        for l in 0..32 {
-            out[chunk * 64 + l] = d0 * f32::from(q[l] & 0x0F) - min0;
-            out[chunk * 64 + 32 + l] = d1 * f32::from(q[l] >> 4) - min1;
-        }
-    }
-}
-
-/// Q6_K: 128 bytes of low 4 bits, 64 bytes of high 2 bits, 16 i8 scales,
-/// then d (f16), for 16 sub-blocks of 16.
-fn dequantize_q6k(b: &[u8], out: &mut [f32]) {
-    let d = half(b, 208);
-    for half_block in 0..2 {
-        let ql = &b[half_block * 64..half_block * 64 + 64];
-        let qh = &b[128 + half_block * 32..128 + half_block * 32 + 32];
-        let sc = &b[192 + half_block * 8..192 + half_block * 8 + 8];
-        let y = &mut out[half_block * 128..half_block * 128 + 128];
-        for l in 0..32 {
-            let is = l / 16;
-            let q1 = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i8 - 32;
-            let q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
-            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
-            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
-            let scale = |i: usize| d * f32::from(sc[is + i] as i8);
-            y[l] = scale(0) * f32::from(q1);
-            y[l + 32] = scale(2) * f32::from(q2);
-            y[l + 64] = scale(4) * f32::from(q3);
-            y[l + 96] = scale(6) * f32::from(q4);
-        }
-    }
+    let mut values = vec![0f32; raw.len() / block_bytes * block_elems];
+    quant::dequantize_into(kind, raw, &mut values);
+    crate::dtype::f32_to_bytes(&values)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::f16;
 
     fn header(version: u32, tensors: u64, kvs: u64) -> Vec<u8> {
         let mut b = MAGIC.to_le_bytes().to_vec();
@@ -681,13 +526,13 @@ mod tests {
         let mut q4 = f16::from_f32(0.5).to_le_bytes().to_vec();
         q4.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
         let mut out = [0f32; 32];
-        dequantize_block(GgmlType::Q4_0, &q4, &mut out);
+        quant::dequantize_block(GgmlType::Q4_0, &q4, &mut out);
         assert_eq!(out[0], -4.0);
         assert_eq!(out[15], 3.5);
         assert_eq!(out[16], 3.5);
         let mut q8 = f16::from_f32(0.25).to_le_bytes().to_vec();
         q8.extend((0..32i8).map(|j| (j - 16) as u8));
-        dequantize_block(GgmlType::Q8_0, &q8, &mut out);
+        quant::dequantize_block(GgmlType::Q8_0, &q8, &mut out);
         assert_eq!(out[0], -4.0);
         assert_eq!(out[31], 3.75);
     }

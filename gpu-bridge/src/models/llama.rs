@@ -218,21 +218,25 @@ impl Config {
     }
 }
 
-/// The weights tensor `name` with `shape`, or a clear error.
+/// The weights tensor `name` with `shape`, or a clear error: f32, or (a
+/// matrix, where `quantized`) any quantized dtype.
 fn weight(
     tensors: &BTreeMap<String, Tensor>,
     name: &str,
     shape: &[usize],
+    quantized: bool,
     model: &str,
 ) -> Result<Tensor> {
     let t = tensors
         .get(name)
         .ok_or_else(|| invalid(model, format!("tensor `{name}` is missing")))?;
-    if t.shape() != shape || t.dtype() != DType::F32 {
+    let dtype_ok = t.dtype() == DType::F32 || (quantized && t.dtype().is_quantized());
+    if t.shape() != shape || !dtype_ok {
+        let expected = if quantized { "f32 or quantized" } else { "f32" };
         return Err(invalid(
             model,
             format!(
-                "tensor `{name}` is {} {:?}, expected f32 {shape:?}",
+                "tensor `{name}` is {} {:?}, expected {expected} {shape:?}",
                 t.dtype(),
                 t.shape()
             ),
@@ -263,16 +267,26 @@ impl Llama {
             .ok_or_else(|| invalid(model, "tensor `token_embd.weight` is missing"))?;
         let c = Config::from_metadata(meta, vocab, model)?;
         let (d, kv) = (c.hidden, c.kv_heads * c.head_dim);
-        let embed = weight(tensors, "token_embd.weight", &[c.vocab, d], model)?;
+        // Quantized matrices come only where the device runs `linear` on
+        // them (the registry expands them to f32 elsewhere).
+        let linear = device.description().linear;
+        let embed = weight(tensors, "token_embd.weight", &[c.vocab, d], linear, model)?;
         let output = match tensors.get("output.weight") {
-            Some(_) => weight(tensors, "output.weight", &[c.vocab, d], model)?,
+            Some(_) => weight(tensors, "output.weight", &[c.vocab, d], linear, model)?,
             // Tied embeddings: the output projection is the embedding table.
             None => embed.clone(),
         };
         let mut layers = Vec::with_capacity(c.layers);
         for i in 0..c.layers {
             let w = |name: &str, shape: &[usize]| {
-                weight(tensors, &format!("blk.{i}.{name}.weight"), shape, model)
+                let quantized = linear && shape.len() == 2;
+                weight(
+                    tensors,
+                    &format!("blk.{i}.{name}.weight"),
+                    shape,
+                    quantized,
+                    model,
+                )
             };
             layers.push(Layer {
                 attn_norm: w("attn_norm", &[d])?,
@@ -286,7 +300,7 @@ impl Llama {
                 down: w("ffn_down", &[d, c.ffn])?,
             });
         }
-        let output_norm = weight(tensors, "output_norm.weight", &[d], model)?;
+        let output_norm = weight(tensors, "output_norm.weight", &[d], false, model)?;
 
         let (cos, sin, rot) = rope_tables(&c);
         let hd = c.head_dim;
@@ -479,8 +493,12 @@ impl Llama {
             .map_err(|e| BridgeError::backend(format!("generate: cannot decode tokens: {e}")))
     }
 
-    /// `x @ Wᵀ` for `x: [t, in]` and `w: [out, in]`, as `(W @ xᵀ)ᵀ`.
+    /// `x @ Wᵀ` for `x: [t, in]` and `w: [out, in]`: one `linear` op where
+    /// the device has it (quantized weights included), else `(W @ xᵀ)ᵀ`.
     async fn linear(g: Graph<'_>, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        if g.device.description().linear {
+            return g.op(Op::Linear, &[x, w]).await;
+        }
         let (t, inner) = (x.shape()[0], x.shape()[1]);
         let out = w.shape()[0];
         if t == 1 {

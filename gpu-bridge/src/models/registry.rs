@@ -10,6 +10,7 @@ use tracing::Instrument;
 
 use crate::account::Account;
 use crate::device::{Device, Tensor};
+use crate::dtype::DType;
 use crate::error::{BridgeError, ErrorCode, Result};
 use crate::models::batch::Batcher;
 use crate::models::gguf::GgufMetadata;
@@ -530,10 +531,31 @@ impl ModelRegistry {
         let (reply, answer) = oneshot::channel();
         let folder = entry.folder.clone();
         let read_manifest = Arc::clone(manifest);
+        // Quantized weights stay quantized for the llama family on a device
+        // that multiplies them as they are; other families' graphs compute
+        // in f32.
+        let kernels = if manifest.family == "llama" {
+            device.description().arithmetic_dtypes.clone()
+        } else {
+            Vec::new()
+        };
         std::thread::Builder::new()
             .name(format!("gust-model-{}", manifest.name))
             .spawn(move || {
                 let read = read_model(&folder, &read_manifest).and_then(|mut data| {
+                    for tensor in data.tensors.values_mut() {
+                        if tensor.dtype.is_quantized() && !kernels.contains(&tensor.dtype) {
+                            let host = std::mem::replace(
+                                tensor,
+                                HostTensor {
+                                    dtype: DType::F32,
+                                    shape: Vec::new(),
+                                    data: Vec::new(),
+                                },
+                            );
+                            *tensor = host.dequantized();
+                        }
+                    }
                     let prepared = runner::prepare(&folder, &read_manifest, &mut data.tensors)?;
                     Ok((data, prepared))
                 });

@@ -30,6 +30,21 @@ pub(crate) struct HostTensor {
     pub(crate) data: Vec<u8>,
 }
 
+impl HostTensor {
+    /// The same values in f32 if the tensor is quantized, for a device
+    /// without quantized kernels (8 times the bytes of Q4_0).
+    pub(crate) fn dequantized(self) -> Self {
+        match crate::quant::GgmlType::of(self.dtype) {
+            None => self,
+            Some(kind) => Self {
+                data: gguf::dequantize(kind, &self.data),
+                dtype: DType::F32,
+                ..self
+            },
+        }
+    }
+}
+
 /// A reader that hashes everything read through it.
 struct Hashing<R> {
     inner: R,

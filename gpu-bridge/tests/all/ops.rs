@@ -579,7 +579,140 @@ pub(crate) fn encode(dtype: DType, values: &[f64]) -> Vec<u8> {
             // `from_f64` does not).
             DType::F16 => out.extend(half::f16::from_f32(v as f32).to_le_bytes()),
             DType::BF16 => out.extend(half::bf16::from_f32(v as f32).to_le_bytes()),
+            quantized => unreachable!("ops tests do not encode {quantized}"),
         }
     }
     out
+}
+
+#[test]
+fn linear_with_f32_weights_is_x_times_w_transposed() {
+    on_every_device(|device, rng| {
+        // One row (decoding), a few, and enough for gemm's threads.
+        for (x, w) in [
+            (&[1usize, 64][..], &[48usize, 64][..]),
+            (&[2, 3, 40][..], &[17, 40][..]),
+            (&[70, 96][..], &[130, 96][..]),
+        ] {
+            if !device.description().linear {
+                let acct = account();
+                let xs = upload_f32(device, x, &rng.f32s(x.iter().product()), &acct);
+                let ws = upload_f32(device, w, &rng.f32s(w.iter().product()), &acct);
+                let err = block_on(device.run(&Op::Linear, &[&xs, &ws], &acct))
+                    .expect_err("a backend without linear refuses it");
+                assert_eq!(err.code, gust_gpu_bridge::ErrorCode::Unsupported, "{err}");
+                continue;
+            }
+            check_f32_op(device, rng, Op::Linear, &[x, w], |v| {
+                r::matmul(&v[0], &r::permute(&v[1], &[1, 0]))
+            });
+        }
+    });
+}
+
+/// Blocks of `dtype` (Q8_0 or Q4_0) for `rows × k` small integers times
+/// 2⁻⁴, and those values: every value is exact in f16 and f32.
+fn exact_blocks(dtype: DType, rows: usize, k: usize, rng: &mut Rng) -> (Vec<u8>, Vec<f64>) {
+    let d = half::f16::from_f32(1.0 / 16.0).to_le_bytes();
+    let (mut bytes, mut values) = (Vec::new(), Vec::new());
+    for _ in 0..rows * k / 32 {
+        bytes.extend_from_slice(&d);
+        let q: Vec<i32> = (0..32)
+            .map(|_| match dtype {
+                DType::Q8_0 => rng.below(255) as i32 - 127,
+                _ => rng.below(16) as i32,
+            })
+            .collect();
+        match dtype {
+            DType::Q8_0 => {
+                bytes.extend(q.iter().map(|&v| v as i8 as u8));
+                values.extend(q.iter().map(|&v| f64::from(v) / 16.0));
+            }
+            _ => {
+                bytes.extend((0..16).map(|j| (q[j] | (q[j + 16] << 4)) as u8));
+                values.extend(q.iter().map(|&v| f64::from(v - 8) / 16.0));
+            }
+        }
+    }
+    (bytes, values)
+}
+
+#[test]
+fn linear_with_quantized_weights_on_the_cpu() {
+    on_every_device(|device, rng| {
+        let acct = account();
+        for dtype in [DType::Q8_0, DType::Q4_0] {
+            let (m, k, n) = (5, 96, 70);
+            let (bytes, wv) = exact_blocks(dtype, n, k, rng);
+            let uploaded = block_on(device.upload(dtype, &[n, k], bytes.clone(), &acct));
+            if !device.description().arithmetic_dtypes.contains(&dtype) {
+                let err = uploaded.expect_err("no quantized tensors where no kernels take them");
+                assert_eq!(err.code, gust_gpu_bridge::ErrorCode::Unsupported, "{err}");
+                continue;
+            }
+            let w = uploaded.unwrap();
+            assert_eq!(w.byte_len(), bytes.len());
+            // Activations whose 8-bit blocks are exact: multiples of 2⁻⁷
+            // with ±127 in every block, so the product is exact too.
+            let xv: Vec<f32> = (0..m * k)
+                .map(|i| {
+                    if i % 32 == 7 {
+                        127.0 / 128.0
+                    } else {
+                        (rng.below(255) as f32 - 127.0) / 128.0
+                    }
+                })
+                .collect();
+            let x = upload_f32(device, &[m, k], &xv, &acct);
+            let out = run(device, Op::Linear, &[&x, &w], &acct);
+            assert_eq!(out.shape(), [m, n]);
+            assert_eq!(out.dtype(), DType::F32);
+            let got = read_f64(device, &out, &acct);
+            let expected: Vec<f64> = (0..m * n)
+                .map(|i| {
+                    let (r, j) = (i / n, i % n);
+                    (0..k)
+                        .map(|c| f64::from(xv[r * k + c]) * wv[j * k + c])
+                        .sum()
+                })
+                .collect();
+            assert_close(
+                &format!("linear {dtype}"),
+                device,
+                &got,
+                &expected,
+                rng.seed,
+            );
+            // Dequantized by a cast and by gather, the weights are exact.
+            let cast = run(device, Op::Cast { to: DType::F32 }, &[&w], &acct);
+            assert_eq!(read_f64(device, &cast, &acct), wv);
+            let idx =
+                block_on(device.upload(DType::I32, &[3], dtype::i32_to_bytes(&[2, -1, 0]), &acct))
+                    .unwrap();
+            let rows = run(device, Op::Gather, &[&w, &idx], &acct);
+            let rows = read_f64(device, &rows, &acct);
+            assert_eq!(rows[..k], wv[2 * k..3 * k]);
+            assert!(rows[k..2 * k].iter().all(|&v| v == 0.0));
+            assert_eq!(rows[2 * k..], wv[..k]);
+
+            // What quantized tensors refuse, before anything runs.
+            let shape_err = |op: Op, operands: &[&gust_gpu_bridge::Tensor]| {
+                block_on(device.run(&op, operands, &acct)).expect_err(op.name())
+            };
+            let e = shape_err(Op::Binary(BinaryOp::Add), &[&w, &w]);
+            assert_eq!(e.code, gust_gpu_bridge::ErrorCode::ShapeMismatch, "{e}");
+            let e = shape_err(Op::Linear, &[&w, &x]);
+            assert_eq!(e.code, gust_gpu_bridge::ErrorCode::ShapeMismatch, "{e}");
+            let short = upload_f32(device, &[m, 64], &xv[..m * 64], &acct);
+            let e = shape_err(Op::Linear, &[&short, &w]);
+            assert_eq!(e.code, gust_gpu_bridge::ErrorCode::ShapeMismatch, "{e}");
+            let e = shape_err(Op::Cast { to: DType::F16 }, &[&w]);
+            assert_eq!(e.code, gust_gpu_bridge::ErrorCode::Unsupported, "{e}");
+            let e = shape_err(Op::Cast { to: dtype }, &[&x]);
+            assert_eq!(e.code, gust_gpu_bridge::ErrorCode::Unsupported, "{e}");
+            let e = block_on(device.upload(dtype, &[2, 30], vec![0; 34], &acct))
+                .expect_err("a partial block");
+            assert_eq!(e.code, gust_gpu_bridge::ErrorCode::ShapeMismatch, "{e}");
+        }
+    });
 }

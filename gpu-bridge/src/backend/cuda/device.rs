@@ -171,6 +171,7 @@ impl CudaBackend {
                 memory_bytes: u64::try_from(memory).unwrap_or(u64::MAX),
                 arithmetic_dtypes: vec![DType::F32, DType::F16, DType::BF16],
                 fused_attention: false,
+                linear: false,
             },
         })
     }

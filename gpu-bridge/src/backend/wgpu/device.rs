@@ -119,6 +119,7 @@ impl WgpuBackend {
                 memory_bytes,
                 arithmetic_dtypes: vec![DType::F32],
                 fused_attention: false,
+                linear: false,
             },
             limits,
             bind_group_layout,

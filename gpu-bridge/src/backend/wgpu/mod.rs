@@ -155,6 +155,12 @@ impl Backend for WgpuBackend {
                     call.name
                 )));
             }
+            Kernel::Linear { .. } | Kernel::Dequantize { .. } | Kernel::GatherQuantized { .. } => {
+                return Err(BridgeError::unsupported(format!(
+                    "{} with quantized or [out, in] weights runs on the cpu backend only",
+                    call.name
+                )));
+            }
             &Kernel::Unary { op, dtype, len } => elementwise::unary(&call, op, dtype, len)?,
             &Kernel::Affine {
                 dtype,

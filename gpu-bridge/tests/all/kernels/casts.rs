@@ -43,6 +43,7 @@ fn cast_ref(from: DType, to: DType, raw: u32) -> u32 {
         DType::BF16 => Value::Float(bf16::from_bits(raw as u16).to_f32()),
         DType::I32 => Value::Int(i64::from(raw as i32)),
         DType::U32 => Value::Int(i64::from(raw)),
+        quantized => unreachable!("{quantized} has no single elements"),
     };
     match (value, to) {
         (Value::Float(f), DType::F32) => f.to_bits(),
@@ -58,6 +59,7 @@ fn cast_ref(from: DType, to: DType, raw: u32) -> u32 {
             i.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32 as u32
         }
         (Value::Int(i), DType::U32) => i.clamp(0, i64::from(u32::MAX)) as u32,
+        (_, quantized) => unreachable!("the bridge does not cast to {quantized}"),
     }
 }
 
@@ -67,6 +69,7 @@ fn is_nan_bits(dtype: DType, raw: u32) -> bool {
         DType::F16 => f16::from_bits(raw as u16).is_nan(),
         DType::BF16 => bf16::from_bits(raw as u16).is_nan(),
         DType::I32 | DType::U32 => false,
+        quantized => unreachable!("{quantized} has no single elements"),
     }
 }
 
@@ -168,6 +171,7 @@ fn cast_specials(dtype: DType) -> Vec<u32> {
             (1 << 31) + (1 << 23) + 1,
             (1 << 31) + (1 << 23),
         ],
+        quantized => unreachable!("{quantized} has no single elements"),
     }
 }
 
@@ -250,6 +254,7 @@ fn listed(dtype: DType) -> Vec<u32> {
             .collect(),
         DType::I32 => INTS.iter().map(|&v| (v as i32).cast_unsigned()).collect(),
         DType::U32 => INTS.iter().map(|&v| v as u32).collect(),
+        quantized => unreachable!("{quantized} has no single elements"),
     }
 }
 

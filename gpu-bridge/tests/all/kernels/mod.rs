@@ -155,9 +155,12 @@ pub(crate) fn on_every_backend(name: &str, test: impl Fn(&mut dyn Runner, &mut R
     }
 }
 
-/// The float dtypes `backend` computes in.
+/// The float dtypes `backend` computes in (not the quantized weight
+/// dtypes its `linear` also takes).
 pub(crate) fn float_dtypes(backend: &dyn Runner) -> Vec<DType> {
-    backend.description().arithmetic_dtypes
+    let mut dtypes = backend.description().arithmetic_dtypes;
+    dtypes.retain(|d| d.is_float());
+    dtypes
 }
 
 /// `values` stored as the float `dtype`, and the values the device really
@@ -182,6 +185,7 @@ pub(crate) fn encode(dtype: DType, values: &[f64]) -> (Vec<u8>, Vec<f64>) {
                 exact.push(h.to_f64());
             }
             DType::I32 | DType::U32 => unreachable!("compute tests use float dtypes"),
+            quantized => unreachable!("compute tests do not encode {quantized}"),
         }
     }
     (bytes, exact)

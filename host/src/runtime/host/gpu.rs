@@ -270,6 +270,9 @@ fn to_wit_dtype(dtype: DType) -> Dtype {
         DType::BF16 => Dtype::Bf16,
         DType::I32 => Dtype::I32,
         DType::U32 => Dtype::U32,
+        // No WIT call gives a guest a quantized tensor (`linear`, `gather`
+        // and `cast` turn them into f32), so this is never asked.
+        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::Q4K | DType::Q6K => Dtype::F32,
     }
 }
 

@@ -301,6 +301,11 @@ impl NnCtxView<'_> {
                 DType::F16 => TensorType::Fp16,
                 DType::BF16 => TensorType::Bf16,
                 DType::I32 | DType::U32 => TensorType::I32,
+                // Graph outputs are computed, never a model's quantized
+                // weights (graph families' weights are f32).
+                DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::Q4K | DType::Q6K => {
+                    TensorType::Fp32
+                }
             };
             answers.push((
                 name,
