@@ -970,9 +970,13 @@ impl Device {
             }
             Work::Empty | Work::Zeros => self.zeros(plan.dtype, &plan.shape, account).await,
             Work::Kernel(kernel) => {
-                if matches!(kernel, Kernel::Linear { .. }) && !self.inner.description.linear {
+                if matches!(kernel, Kernel::Linear { .. } | Kernel::SwiGlu { .. })
+                    && !self.inner.description.linear
+                {
                     return Err(BridgeError::unsupported(format!(
-                        "linear runs on the cpu backend only, not on {}; use matmul",
+                        "{} runs on the cpu backend only, not on {}; compose it from matmul \
+                         and elementwise ops",
+                        op.name(),
                         self.inner.description.name
                     )));
                 }
@@ -999,9 +1003,10 @@ impl Device {
                             .saturating_mul(*n)
                             .saturating_mul(lhs_offsets.len()),
                     ),
-                    Kernel::Linear { m, k, n, .. } => (
+                    Kernel::Linear { m, k, ns, .. } => (
                         CostClass::MultiplyAdds,
-                        m.saturating_mul(*k).saturating_mul(*n),
+                        m.saturating_mul(*k)
+                            .saturating_mul(ns.iter().sum::<usize>()),
                     ),
                     _ => (
                         CostClass::Elements,

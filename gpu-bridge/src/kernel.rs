@@ -389,18 +389,29 @@ pub enum Kernel {
         /// Element count.
         len: usize,
     },
-    /// `out[m, n] = x[m, k] · w[n, k]ᵀ`: a linear layer with its weights as
-    /// they are stored (`[out, in]`). Inputs: `[x, w]`; `x` and `out` are
-    /// f32 when `dtype` is quantized (activations are quantized to 8 bits
-    /// on the fly), else `dtype`.
+    /// `out[m, Σn] = x[m, k] · [w₁ w₂ …]ᵀ`: linear layers with their
+    /// weights as they are stored (`wᵢ` is `[nᵢ, k]`), their outputs side by
+    /// side. Inputs: `[x, w₁, w₂, …]`; `x` and `out` are f32 when `dtype` is
+    /// quantized (activations are quantized to 8 bits on the fly), else
+    /// `dtype`.
     Linear {
         /// The weights' element type.
         dtype: DType,
         /// Rows of `x` and of the output.
         m: usize,
-        /// Columns of `x` and of `w`.
+        /// Columns of `x` and of every weight matrix.
         k: usize,
-        /// Rows of `w`, columns of the output.
+        /// Rows of each weight matrix, in order.
+        ns: Vec<usize>,
+    },
+    /// `out[r, i] = silu(x[r, i]) · x[r, n + i]` for `x: [rows, 2n]`.
+    /// Inputs: `[x]`.
+    SwiGlu {
+        /// Element type of input and output (float).
+        dtype: DType,
+        /// Rows.
+        rows: usize,
+        /// Columns of the output, half of the input's.
         n: usize,
     },
     /// `out[i] = x[i]` for the `len` values of quantized `dtype`'s blocks,
@@ -463,6 +474,7 @@ impl Kernel {
             Self::Cast { .. } => "cast",
             Self::Attention { .. } => "attention",
             Self::Linear { .. } => "linear",
+            Self::SwiGlu { .. } => "swiglu",
             Self::Dequantize { .. } => "cast",
             Self::GatherQuantized { .. } => "gather",
         }
@@ -486,6 +498,7 @@ impl Kernel {
             | Self::Attention { dtype, .. }
             // Quantized dtypes: only backends that list them run these.
             | Self::Linear { dtype, .. }
+            | Self::SwiGlu { dtype, .. }
             | Self::Dequantize { dtype, .. }
             | Self::GatherQuantized { dtype, .. } => Some(*dtype),
             Self::Permute { .. }

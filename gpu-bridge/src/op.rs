@@ -111,13 +111,24 @@ pub enum Op {
     },
     /// A linear layer, `x · wᵀ`, with the weights as models store them:
     /// `w` is `[out, in]`, `x` is `[..., in]`, the result `[..., out]`.
-    /// Operands: `[x, w]`. `w` may be a quantized dtype (then `x` is f32 and
-    /// is quantized to 8 bits per value on the fly); otherwise both have
-    /// the same float dtype. Only backends whose
+    /// Operands: `[x, w]`, or `[x, w₁, w₂, …]` for several layers of the
+    /// same input at once (a transformer's query, key and value): the
+    /// results side by side, `[..., out₁ + out₂ + …]`, for one pass over
+    /// `x`. The weights share a dtype, which may be quantized (then `x` is
+    /// f32 and is quantized to 8 bits per value on the fly); otherwise `x`
+    /// has the weights' float dtype. Only backends whose
     /// [`DeviceDescription::linear`] is set run it.
     ///
     /// [`DeviceDescription::linear`]: crate::backend::DeviceDescription::linear
     Linear,
+    /// SwiGLU: `x` is `[..., 2n]`, the result `[..., n]` is
+    /// `silu(x[..., :n]) · x[..., n:]` (a gated MLP's gate and up
+    /// projections, side by side as one `linear` gives them). Operands:
+    /// `[x]`. Only backends whose [`DeviceDescription::linear`] is set run
+    /// it.
+    ///
+    /// [`DeviceDescription::linear`]: crate::backend::DeviceDescription::linear
+    SwiGlu,
 }
 
 /// The dtype and shape of one operand.
@@ -316,6 +327,7 @@ impl Op {
             Self::Cast { .. } => "cast",
             Self::Attention { .. } => "attention",
             Self::Linear => "linear",
+            Self::SwiGlu => "swiglu",
         }
     }
 
@@ -325,15 +337,15 @@ impl Op {
         for operand in operands {
             element_count(operand.shape)?;
         }
-        // Quantized blocks are weights: a linear layer's (operand 1), a
+        // Quantized blocks are weights: a linear layer's (operands 1..), a
         // gathered table's (operand 0), or dequantized by a cast.
-        let quantized_at = match self {
-            Self::Linear => Some(1),
-            Self::Gather | Self::Cast { .. } => Some(0),
-            _ => None,
+        let weights = |i: usize| match self {
+            Self::Linear => i >= 1,
+            Self::Gather | Self::Cast { .. } => i == 0,
+            _ => false,
         };
         for (i, operand) in operands.iter().enumerate() {
-            if operand.dtype.is_quantized() && quantized_at != Some(i) {
+            if operand.dtype.is_quantized() && !weights(i) {
                 return Err(BridgeError::shape(format!(
                     "{name}: a {} tensor takes only linear (as the weights), gather (as the \
                      table) and a cast to f32",
@@ -342,9 +354,35 @@ impl Op {
             }
         }
         let plan = match self {
-            Self::Linear => {
-                arity(name, operands, 2)?;
-                plan_linear(operands[0], operands[1])?
+            Self::Linear => match operands {
+                [x, weights @ ..] if !weights.is_empty() => plan_linear(*x, weights)?,
+                _ => {
+                    return Err(BridgeError::invalid(
+                        "linear takes an input and at least one weight matrix",
+                    ));
+                }
+            },
+            Self::SwiGlu => {
+                let x = unary_operand(name, operands)?;
+                let Some((&width, leading)) = x.shape.split_last() else {
+                    return Err(BridgeError::shape("swiglu: the input needs a dimension"));
+                };
+                if !width.is_multiple_of(2) {
+                    return Err(BridgeError::shape(format!(
+                        "swiglu: the last dimension ({width}) is not a gate and an up half"
+                    )));
+                }
+                let mut shape = leading.to_vec();
+                shape.push(width / 2);
+                Plan {
+                    dtype: x.dtype,
+                    shape,
+                    work: Work::Kernel(Kernel::SwiGlu {
+                        dtype: x.dtype,
+                        rows: leading.iter().product(),
+                        n: width / 2,
+                    }),
+                }
             }
             Self::Matmul => {
                 arity(name, operands, 2)?;
@@ -655,46 +693,60 @@ fn unary_operand<'a>(name: &str, operands: &[Operand<'a>]) -> Result<Operand<'a>
     Ok(operands[0])
 }
 
-fn plan_linear(x: Operand<'_>, w: Operand<'_>) -> Result<Plan> {
-    let &[n, k] = w.shape else {
-        return Err(BridgeError::shape(format!(
-            "linear: the weights are [out, in], got {:?}",
-            w.shape
-        )));
-    };
-    let Some((&inner, leading)) = x.shape.split_last() else {
+fn plan_linear(x: Operand<'_>, weights: &[Operand<'_>]) -> Result<Plan> {
+    let Some((&k, leading)) = x.shape.split_last() else {
         return Err(BridgeError::shape(
             "linear: the input needs at least one dimension",
         ));
     };
-    if inner != k {
-        return Err(BridgeError::shape(format!(
-            "linear: input {:?} does not end in the weights' {k} inputs ({:?})",
-            x.shape, w.shape
-        )));
+    let dtype = weights[0].dtype;
+    let mut ns = Vec::with_capacity(weights.len());
+    for w in weights {
+        let &[n, inner] = w.shape else {
+            return Err(BridgeError::shape(format!(
+                "linear: the weights are [out, in], got {:?}",
+                w.shape
+            )));
+        };
+        if inner != k {
+            return Err(BridgeError::shape(format!(
+                "linear: input {:?} does not end in the weights' {inner} inputs ({:?})",
+                x.shape, w.shape
+            )));
+        }
+        if w.dtype != dtype {
+            return Err(BridgeError::shape(format!(
+                "linear: the weights of one call share a dtype, not {dtype} and {}",
+                w.dtype
+            )));
+        }
+        if w.dtype.is_quantized() {
+            w.dtype.bytes_for(w.shape)?;
+        }
+        ns.push(n);
     }
-    if w.dtype.is_quantized() {
-        w.dtype.bytes_for(w.shape)?;
+    if dtype.is_quantized() {
         if x.dtype != DType::F32 {
             return Err(BridgeError::shape(format!(
-                "linear: {} weights take f32 inputs, got {}",
-                w.dtype, x.dtype
+                "linear: {dtype} weights take f32 inputs, got {}",
+                x.dtype
             )));
         }
     } else {
-        float("linear", w.dtype)?;
-        same_dtype("linear", x.dtype, w.dtype)?;
+        float("linear", dtype)?;
+        same_dtype("linear", x.dtype, dtype)?;
     }
     let mut shape = leading.to_vec();
-    shape.push(n);
+    shape.push(ns.iter().sum());
+    element_count(&shape)?;
     Ok(Plan {
         dtype: x.dtype,
         shape,
         work: Work::Kernel(Kernel::Linear {
-            dtype: w.dtype,
+            dtype,
             m: leading.iter().product(),
             k,
-            n,
+            ns,
         }),
     })
 }

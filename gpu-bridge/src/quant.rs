@@ -452,55 +452,81 @@ pub(crate) struct Weights<'a> {
     pub(crate) k: usize,
 }
 
-/// `out[t, n] = x[t, k] · w[n, k]ᵀ`, rows of `w` split over the current
-/// rayon pool.
+/// `out[t, Σn] = x[t, k] · [w₁ w₂ …]ᵀ`: each weight matrix's products side
+/// by side, `x` quantized once, and the rows of every matrix split over the
+/// current rayon pool in one parallel pass.
 pub(crate) fn linear(
     kernels: Kernels,
-    weights: Weights<'_>,
+    weights: &[Weights<'_>],
     x: &[f32],
     t: usize,
     out: &mut [f32],
 ) -> Result<()> {
-    let Weights {
-        dtype,
-        blocks: w,
-        n,
-        k,
-    } = weights;
-    let row = row_bytes(dtype, k)?;
-    if w.len() < n * row || x.len() < t * k || out.len() < t * n {
+    let k = weights.first().map_or(0, |w| w.k);
+    let total: usize = weights.iter().map(|w| w.n).sum();
+    if x.len() < t * k || out.len() < t * total {
         return Err(BridgeError::backend(format!(
-            "quantized linear: buffers of {}, {} and {} bytes are short for {t}×{k} · ({n}×{k})ᵀ",
-            w.len(),
+            "quantized linear: buffers of {} and {} bytes are short for {t}×{k} · ({total}×{k})ᵀ",
             x.len() * 4,
             out.len() * 4
         )));
     }
-    let (w, x, out) = (&w[..n * row], &x[..t * k], &mut out[..t * n]);
-    let acts = Acts::quantize(kernels, x, t, k);
+    // Work items: (first output column, row bytes, dtype, rows of blocks).
     let threads = rayon::current_num_threads().max(1);
-    // Enough chunks to balance the threads, few enough that each is worth
-    // handing out.
-    let chunk = n.div_ceil(threads * 4).max(16);
+    let mut items: Vec<(usize, usize, DType, &[u8])> = Vec::new();
+    let mut column = 0;
+    for w in weights {
+        let row = row_bytes(w.dtype, w.k)?;
+        if w.k != k || w.blocks.len() < w.n * row {
+            return Err(BridgeError::backend(format!(
+                "quantized linear: {} bytes of {} weights are short for {}×{}, or {} ≠ {k}",
+                w.blocks.len(),
+                w.dtype,
+                w.n,
+                w.k,
+                w.k
+            )));
+        }
+        // Enough chunks to balance the threads, few enough that each is
+        // worth handing out.
+        let chunk = w.n.div_ceil(threads * 4).max(16);
+        for (c, rows) in w.blocks[..w.n * row].chunks(chunk * row).enumerate() {
+            items.push((column + c * chunk, row, w.dtype, rows));
+        }
+        column += w.n;
+    }
+    let acts = Acts::quantize(kernels, &x[..t * k], t, k);
+    let out = &mut out[..t * total];
     if t == 1 {
-        out.par_chunks_mut(chunk)
-            .zip(w.par_chunks(chunk * row))
-            .for_each(|(out, w)| rows(kernels, dtype, w, row, &acts, out));
+        // The output is one row: each item writes its own stretch of it.
+        let mut rest = &mut *out;
+        let mut pieces = Vec::with_capacity(items.len());
+        for &(_, row, dtype, w) in &items {
+            let (piece, tail) = rest.split_at_mut(w.len() / row);
+            pieces.push((row, dtype, w, piece));
+            rest = tail;
+        }
+        pieces
+            .into_par_iter()
+            .for_each(|(row, dtype, w, out)| rows(kernels, dtype, w, row, &acts, out));
     } else {
-        // Each chunk of weight rows gives a `[rows, t]` block of the output's
-        // columns, placed afterwards: the scatter costs `t · n` stores.
-        let blocks: Vec<Vec<f32>> = w
-            .par_chunks(chunk * row)
-            .map(|w| {
+        // Each item gives a `[rows, t]` block of the output's columns,
+        // placed afterwards: the scatter costs `t · Σn` stores.
+        let blocks: Vec<Vec<f32>> = items
+            .par_iter()
+            .map(|&(_, row, dtype, w)| {
                 let mut local = vec![0f32; w.len() / row * t];
                 rows(kernels, dtype, w, row, &acts, &mut local);
                 local
             })
             .collect();
-        for (c, local) in blocks.iter().enumerate() {
-            for (j, values) in local.chunks_exact(t).enumerate() {
-                for (r, v) in values.iter().enumerate() {
-                    out[r * n + c * chunk + j] = *v;
+        // Row by row of the output, so the stores are contiguous (the
+        // blocks are small and stay in cache).
+        for (&(first, ..), local) in items.iter().zip(&blocks) {
+            let rows = local.len() / t;
+            for (r, out_row) in out.chunks_exact_mut(total).enumerate() {
+                for (j, o) in out_row[first..first + rows].iter_mut().enumerate() {
+                    *o = local[j * t + r];
                 }
             }
         }
@@ -529,17 +555,16 @@ macro_rules! rows_driver {
         #[allow(clippy::needless_range_loop)]
         fn rows_impl(dtype: DType, w: &[u8], row: usize, acts: &Acts, out: &mut [f32]) {
             let t = acts.rows;
+            // The activation rows, grouped once for every weight row.
+            let fours: Vec<_> = (0..t / 4).map(|g| acts.group::<4>(4 * g)).collect();
+            let ones: Vec<_> = (t / 4 * 4..t).map(|r| acts.group::<1>(r)).collect();
             for (wrow, o) in w.chunks_exact(row).zip(out.chunks_exact_mut(t)) {
-                let mut r = 0;
-                while r + 4 <= t {
-                    let (a, s) = acts.group::<4>(r);
-                    o[r..r + 4].copy_from_slice(&$dot::<4>(dtype, wrow, a, s));
-                    r += 4;
+                let (grouped, rest) = o.split_at_mut(t / 4 * 4);
+                for (o, &(a, s)) in grouped.chunks_exact_mut(4).zip(&fours) {
+                    o.copy_from_slice(&$dot::<4>(dtype, wrow, a, s));
                 }
-                while r < t {
-                    let (a, s) = acts.group::<1>(r);
-                    o[r] = $dot::<1>(dtype, wrow, a, s)[0];
-                    r += 1;
+                for (o, &(a, s)) in rest.iter_mut().zip(&ones) {
+                    *o = $dot::<1>(dtype, wrow, a, s)[0];
                 }
             }
         }
@@ -1051,7 +1076,7 @@ mod tests {
                 n,
                 k,
             };
-            linear(kernels, weights, &x, t, &mut out).unwrap();
+            linear(kernels, &[weights], &x, t, &mut out).unwrap();
             for (i, (got, want)) in out.iter().zip(&expected).enumerate() {
                 assert!(
                     (got - want).abs() <= bound[i],
@@ -1084,6 +1109,51 @@ mod tests {
             // more weight rows than one chunk.
             for (n, t) in [(1, 1), (37, 1), (70, 7), (300, 2)] {
                 check(kind, n, k, t, n as u64 * 31 + t as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn several_matrices_side_by_side_equal_each_alone() {
+        for kind in KINDS {
+            let dtype = kind.quantized_dtype().unwrap();
+            let (elems, _) = kind.block();
+            let k = elems.max(64);
+            let shapes = [37, 5, 300];
+            let blocks: Vec<Vec<u8>> = shapes
+                .iter()
+                .map(|&n| blocks(kind, n * k / elems, n as u64))
+                .collect();
+            let weights: Vec<Weights<'_>> = shapes
+                .iter()
+                .zip(&blocks)
+                .map(|(&n, b)| Weights {
+                    dtype,
+                    blocks: b,
+                    n,
+                    k,
+                })
+                .collect();
+            let total: usize = shapes.iter().sum();
+            for t in [1, 6] {
+                let x: Vec<f32> = (0..t * k).map(|i| (i as f32 * 0.21).cos()).collect();
+                let kernels = Kernels::best();
+                let mut together = vec![f32::NAN; t * total];
+                linear(kernels, &weights, &x, t, &mut together).unwrap();
+                let mut column = 0;
+                for w in &weights {
+                    let mut alone = vec![f32::NAN; t * w.n];
+                    linear(kernels, &[*w], &x, t, &mut alone).unwrap();
+                    for r in 0..t {
+                        assert_eq!(
+                            together[r * total + column..r * total + column + w.n],
+                            alone[r * w.n..(r + 1) * w.n],
+                            "{kind:?} t={t} matrix of {} rows",
+                            w.n
+                        );
+                    }
+                    column += w.n;
+                }
             }
         }
     }
@@ -1129,7 +1199,7 @@ mod tests {
             n: 1,
             k: 32,
         };
-        let err = linear(Kernels::Portable, weights, &[0.0; 32], 1, &mut out).unwrap_err();
+        let err = linear(Kernels::Portable, &[weights], &[0.0; 32], 1, &mut out).unwrap_err();
         assert!(err.to_string().contains("short"), "{err}");
         let err = row_bytes(DType::Q4K, 300).unwrap_err();
         assert!(err.to_string().contains("multiple"), "{err}");

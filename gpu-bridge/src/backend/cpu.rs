@@ -332,7 +332,8 @@ fn with_dtype(kernel: &Kernel, to: DType) -> Kernel {
         | Kernel::LayerNorm { dtype, .. }
         | Kernel::RmsNorm { dtype, .. }
         | Kernel::Attention { dtype, .. }
-        | Kernel::Linear { dtype, .. } => *dtype = to,
+        | Kernel::Linear { dtype, .. }
+        | Kernel::SwiGlu { dtype, .. } => *dtype = to,
         _ => {}
     }
     kernel
@@ -613,20 +614,50 @@ fn run_native(kernel: &Kernel, inputs: &[&CpuBuffer], output: &mut CpuBuffer) ->
         Kernel::Cast { from, to, len } => {
             cast(*from, *to, *len, input(inputs, 0, kernel)?, output);
         }
-        &Kernel::Linear { dtype, m, k, n } => {
+        Kernel::Linear { dtype, m, k, ns } => {
+            let (dtype, m, k) = (*dtype, *m, *k);
+            let total: usize = ns.iter().sum();
             let x = &input(inputs, 0, kernel)?.f32s()[..m * k];
-            let w = input(inputs, 1, kernel)?;
-            let out = &mut output.f32s_mut()[..m * n];
+            let out = &mut output.f32s_mut()[..m * total];
             if dtype.is_quantized() {
-                let weights = quant::Weights {
-                    dtype,
-                    blocks: w.bytes(),
-                    n,
-                    k,
-                };
-                quant::linear(QUANT_KERNELS.with(|k| *k), weights, x, m, out)?;
+                let weights = ns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &n)| {
+                        Ok(quant::Weights {
+                            dtype,
+                            blocks: input(inputs, i + 1, kernel)?.bytes(),
+                            n,
+                            k,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                quant::linear(QUANT_KERNELS.with(|k| *k), &weights, x, m, out)?;
+            } else if let [n] = ns[..] {
+                linear_f32(m, k, n, x, &input(inputs, 1, kernel)?.f32s()[..n * k], out)?;
             } else {
-                linear_f32(m, k, n, x, &w.f32s()[..n * k], out)?;
+                // Several f32 matrices: each on its own, placed side by side.
+                let mut column = 0;
+                for (i, &n) in ns.iter().enumerate() {
+                    let w = &input(inputs, i + 1, kernel)?.f32s()[..n * k];
+                    let mut part = vec![0f32; m * n];
+                    linear_f32(m, k, n, x, w, &mut part)?;
+                    for (row, values) in part.chunks_exact(n.max(1)).enumerate() {
+                        out[row * total + column..row * total + column + n].copy_from_slice(values);
+                    }
+                    column += n;
+                }
+            }
+        }
+        &Kernel::SwiGlu { rows, n, .. } => {
+            let x = &input(inputs, 0, kernel)?.f32s()[..rows * 2 * n];
+            let out = &mut output.f32s_mut()[..rows * n];
+            for (x, out) in x.chunks_exact(2 * n).zip(out.chunks_exact_mut(n)) {
+                let (gate, up) = x.split_at(n);
+                // As `silu` then `mul`, to the bit.
+                for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
             }
         }
         &Kernel::Dequantize { dtype, len } => {

@@ -69,9 +69,10 @@ pub struct DeviceDescription {
     /// where it replaces a dozen memory-bound ops a layer). Model code
     /// composes attention from plain ops where it does not.
     pub fused_attention: bool,
-    /// Whether the backend runs [`crate::Op::Linear`] (the cpu backend, with
-    /// quantized weights: its `arithmetic_dtypes` list the quantized dtypes
-    /// it multiplies). Model code uses `matmul` where it does not.
+    /// Whether the backend runs [`crate::Op::Linear`] and
+    /// [`crate::Op::SwiGlu`] (the cpu backend, with quantized weights: its
+    /// `arithmetic_dtypes` list the quantized dtypes it multiplies). Model
+    /// code uses `matmul` and elementwise ops where it does not.
     pub linear: bool,
 }
 

@@ -493,6 +493,13 @@ impl Llama {
             .map_err(|e| BridgeError::backend(format!("generate: cannot decode tokens: {e}")))
     }
 
+    /// Whether `weights` go through one `linear` op together (and the gated
+    /// MLP through `swiglu`): where the device has them and the weights
+    /// share a dtype.
+    fn fused(&self, weights: &[&Tensor]) -> bool {
+        self.device.description().linear && weights.iter().all(|w| w.dtype() == weights[0].dtype())
+    }
+
     /// `x @ Wᵀ` for `x: [t, in]` and `w: [out, in]`: one `linear` op where
     /// the device has it (quantized weights included), else `(W @ xᵀ)ᵀ`.
     async fn linear(g: Graph<'_>, x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -585,12 +592,30 @@ impl Llama {
 
         for (layer, cached) in self.layers.iter().zip(cache.iter_mut()) {
             let h = g.op(rms_norm.clone(), &[&x, &layer.attn_norm]).await?;
-            let q = Self::linear(g, &h, &layer.wq).await?;
-            let k = Self::linear(g, &h, &layer.wk).await?;
-            let v = Self::linear(g, &h, &layer.wv).await?;
-            let q = self.heads(g, &q, c.heads).await?;
-            let k = self.heads(g, &k, c.kv_heads).await?;
-            let v = self.heads(g, &v, c.kv_heads).await?;
+            let (q, k, v) = if self.fused(&[&layer.wq, &layer.wk, &layer.wv]) {
+                // One pass over the normalised input for all three; heads
+                // are then whole rows of `[heads + 2·kv, t, hd]`.
+                let qkv = g
+                    .op(Op::Linear, &[&h, &layer.wq, &layer.wk, &layer.wv])
+                    .await?;
+                let all = c.heads + 2 * c.kv_heads;
+                let qkv = self.heads(g, &qkv, all).await?;
+                let (heads, kv) = (c.heads as u32, c.kv_heads as u32);
+                (
+                    g.slice(&qkv, 0, 0, heads).await?,
+                    g.slice(&qkv, 0, heads, kv).await?,
+                    g.slice(&qkv, 0, heads + kv, kv).await?,
+                )
+            } else {
+                let q = Self::linear(g, &h, &layer.wq).await?;
+                let k = Self::linear(g, &h, &layer.wk).await?;
+                let v = Self::linear(g, &h, &layer.wv).await?;
+                (
+                    self.heads(g, &q, c.heads).await?,
+                    self.heads(g, &k, c.kv_heads).await?,
+                    self.heads(g, &v, c.kv_heads).await?,
+                )
+            };
             let q = self.rope(g, &q, &cos_q, &sin_q).await?;
             let k = self.rope(g, &k, &cos, &sin).await?;
             // Keys are cached transposed, `[kv, hd, positions]`: a new key
@@ -624,10 +649,15 @@ impl Llama {
             x = g.add(&x, &attn).await?;
 
             let h = g.op(rms_norm.clone(), &[&x, &layer.ffn_norm]).await?;
-            let gate = Self::linear(g, &h, &layer.gate).await?;
-            let up = Self::linear(g, &h, &layer.up).await?;
-            let gate = g.unary(UnaryOp::Silu, &gate).await?;
-            let act = g.binary(BinaryOp::Mul, &gate, &up).await?;
+            let act = if self.fused(&[&layer.gate, &layer.up]) {
+                let both = g.op(Op::Linear, &[&h, &layer.gate, &layer.up]).await?;
+                g.op(Op::SwiGlu, &[&both]).await?
+            } else {
+                let gate = Self::linear(g, &h, &layer.gate).await?;
+                let up = Self::linear(g, &h, &layer.up).await?;
+                let gate = g.unary(UnaryOp::Silu, &gate).await?;
+                g.binary(BinaryOp::Mul, &gate, &up).await?
+            };
             let down = Self::linear(g, &act, &layer.down).await?;
             x = g.add(&x, &down).await?;
         }

@@ -75,12 +75,13 @@ impl CudaBackend {
                 "{} runs on the cpu backend only; compose it from matmul and softmax",
                 kernel.name()
             ))),
-            Kernel::Linear { .. } | Kernel::Dequantize { .. } | Kernel::GatherQuantized { .. } => {
-                Err(BridgeError::unsupported(format!(
-                    "{} with quantized or [out, in] weights runs on the cpu backend only",
-                    kernel.name()
-                )))
-            }
+            Kernel::Linear { .. }
+            | Kernel::SwiGlu { .. }
+            | Kernel::Dequantize { .. }
+            | Kernel::GatherQuantized { .. } => Err(BridgeError::unsupported(format!(
+                "{} with quantized or [out, in] weights runs on the cpu backend only",
+                kernel.name()
+            ))),
             &Kernel::Unary { op, dtype, len } => {
                 self.unary(kernel, (op, dtype, len), inputs, output)
             }

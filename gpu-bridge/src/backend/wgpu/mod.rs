@@ -155,7 +155,10 @@ impl Backend for WgpuBackend {
                     call.name
                 )));
             }
-            Kernel::Linear { .. } | Kernel::Dequantize { .. } | Kernel::GatherQuantized { .. } => {
+            Kernel::Linear { .. }
+            | Kernel::SwiGlu { .. }
+            | Kernel::Dequantize { .. }
+            | Kernel::GatherQuantized { .. } => {
                 return Err(BridgeError::unsupported(format!(
                     "{} with quantized or [out, in] weights runs on the cpu backend only",
                     call.name
