@@ -54,6 +54,7 @@ fn main() {
     let rounds: usize = env_or("ROUNDS", 3);
     let threads: usize = env_or("THREADS", 2);
 
+    let rss_before = rss_bytes();
     let registry = ModelRegistry::open(&dir).unwrap();
     let device = Device::start_inline(
         CpuBackend::with_threads(4 << 30, threads),
@@ -84,6 +85,15 @@ fn main() {
     };
     // Warm: the first run faults in buffers.
     run();
+    let file = std::fs::metadata(dir.join(MODEL).join("SmolLM2-135M-Instruct.Q4_1.gguf"))
+        .map_or(0, |m| m.len());
+    let resident = registry.account().used_bytes();
+    let growth = rss_bytes().saturating_sub(rss_before);
+    println!(
+        "resident file_bytes={file} device_bytes={resident} ({:.2}x) rss_growth={growth} ({:.2}x)",
+        resident as f64 / file as f64,
+        growth as f64 / file as f64
+    );
     for _ in 0..rounds {
         let (generation, started, first, ended) = run();
         let produced = generation.tokens.len();
@@ -102,4 +112,16 @@ fn main() {
             generation.tokens
         );
     }
+}
+
+/// This process's resident set, from `/proc/self/status` (0 elsewhere).
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(0)
 }

@@ -707,10 +707,20 @@ fn the_fetched_smollm2_matches_candle_when_present() {
     let model = block_on(registry.load(SMOLLM, &device)).unwrap();
     assert_eq!(model.family(), "llama");
     assert_eq!(model.gguf_metadata().unwrap().version, 3);
+    // Resident as the file's own blocks: the weights, the norms and the
+    // rotary tables come to at most 1.3 times the file (f32 weights were
+    // 5.5 times).
+    let gguf = dir.join(SMOLLM).join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let file = std::fs::metadata(&gguf).unwrap().len();
+    let resident = registry.account().used_bytes();
+    eprintln!("SmolLM2: {resident} bytes resident for a {file}-byte file");
+    assert!(
+        resident as f64 <= 1.3 * file as f64,
+        "{resident} bytes resident for a {file}-byte file"
+    );
     let prompt = "The capital of France is";
     let ids = model.tokenize(prompt).unwrap();
     assert_eq!(ids.len(), 5, "{ids:?}");
-    let gguf = dir.join(SMOLLM).join("SmolLM2-135M-Instruct.Q4_1.gguf");
     let bytes = std::fs::read(&gguf).unwrap();
     let ours = generate(&model, prompt, &greedy(16));
     eprintln!("SmolLM2: {:?} -> {:?}", ours.text, ours.tokens);
