@@ -47,10 +47,11 @@ except ImportError:
 from ._base import Error, Request, Response, _describe_exception, _name, _to_response
 from .fetch import FetchError, FetchResponse, fetch
 from .model import GenerateParams, Model
-from .tensor import Dtype, Tensor, TensorError, devices
+from .tensor import BlockFormat, Dtype, Tensor, TensorError, devices
 from .web import HttpRequest, http
 
 __all__ = [
+    "BlockFormat",
     "Dtype",
     "Error",
     "FetchError",

@@ -20,10 +20,27 @@ from typing import Any, List, Optional, Sequence, Union
 
 from componentize_py_types import Err as _Err
 from wit_world.imports import gust_gpu_types as _gpu
+from wit_world.imports import layers as _layers
 from wit_world.imports import tensors as _raw
 
 Dtype = _gpu.Dtype
 """Element types: ``Dtype.F32``, ``F16``, ``BF16``, ``I32``, ``U32``."""
+
+BlockFormat = _layers.BlockFormat
+"""ggml block formats for :meth:`Tensor.from_blocks`: ``Q4_0``, ``Q4_1``,
+``Q8_0``, ``Q4_K``, ``Q6_K``."""
+
+BlockFormatLike = Union[_layers.BlockFormat, str]
+
+
+def _format(format: BlockFormatLike) -> _layers.BlockFormat:
+    if isinstance(format, _layers.BlockFormat):
+        return format
+    try:
+        return _layers.BlockFormat[str(format).upper().replace("-", "_")]
+    except KeyError:
+        names = ", ".join(f.name.lower() for f in _layers.BlockFormat)
+        raise TensorError("invalid-argument", f"unknown block format {format!r}; one of {names}") from None
 
 DtypeLike = Union[_gpu.Dtype, str]
 
@@ -154,6 +171,15 @@ class Tensor:
     def from_bytes(cls, dtype: DtypeLike, shape: Sequence[int], data: bytes) -> "Tensor":
         """Upload little-endian, row-major ``data`` as ``dtype``."""
         return cls._call(_raw.Tensor.from_bytes, _dtype(dtype), list(shape), bytes(data))
+
+    @classmethod
+    def from_blocks(cls, format: BlockFormatLike, shape: Sequence[int], data: bytes) -> "Tensor":
+        """Upload a weight matrix as ggml blocks of ``format`` (``"q4_1"``,
+        ``BlockFormat.Q8_0``, …), exactly the bytes a GGUF file holds; the
+        last dimension is whole blocks (32 values, 256 for the K formats).
+        It stays in its blocks on the host and goes to :meth:`linear` as
+        weights, :meth:`gather` as a table and :meth:`cast` to f32."""
+        return cls._call(_layers.from_blocks, _format(format), list(shape), bytes(data))
 
     @classmethod
     def zeros(cls, dtype: DtypeLike, shape: Sequence[int]) -> "Tensor":
@@ -340,6 +366,22 @@ class Tensor:
     def cast(self, to: DtypeLike) -> "Tensor":
         """Convert to another element type."""
         return self._op(_raw.cast, self._t, _dtype(to))
+
+    @property
+    def block_format(self) -> Optional[_layers.BlockFormat]:
+        """The block format of a tensor from :meth:`from_blocks`, else None."""
+        return _layers.format(self._t)
+
+    def linear(self, *weights: "Tensor") -> "Tensor":
+        """Linear layers over this input (``[..., in]``): ``self · wᵀ`` for
+        each weight matrix ``w`` (``[out, in]``; f32 or blocks), side by side
+        in the last dimension, for one pass over the input."""
+        return self._op(_layers.linear, self._t, [w._t for w in weights])
+
+    def swiglu(self) -> "Tensor":
+        """SwiGLU over the last dimension (``[..., 2n]`` → ``[..., n]``):
+        ``silu(gate) * up`` of its two halves."""
+        return self._op(_layers.swiglu, self._t)
 
     # -- operators --------------------------------------------------------
 

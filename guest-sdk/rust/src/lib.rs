@@ -75,7 +75,7 @@ pub use tensor::{Tensor, TensorError};
 /// These are the raw generated bindings; importing nothing from here keeps
 /// the component free of `gust:gpu` imports.
 pub mod gpu {
-    pub use crate::bindings::gust::gpu::{models, tensors, types};
+    pub use crate::bindings::gust::gpu::{layers, models, tensors, types};
 }
 
 pub use bindings::gust::function::types::{Error, Request, Response};

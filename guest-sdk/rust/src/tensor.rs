@@ -25,6 +25,8 @@
 
 use std::fmt;
 
+use crate::bindings::gust::gpu::layers;
+pub use crate::bindings::gust::gpu::layers::BlockFormat;
 use crate::bindings::gust::gpu::tensors as raw;
 pub use crate::bindings::gust::gpu::types::{DeviceInfo, Dtype, ErrorCode};
 
@@ -119,6 +121,38 @@ impl Tensor {
     /// Upload raw little-endian bytes as `dtype` with `shape`.
     pub fn from_bytes(dtype: Dtype, shape: &[u32], data: &[u8]) -> Result<Self> {
         wrap(raw::Tensor::from_bytes(dtype, shape, data))
+    }
+
+    /// Upload a weight matrix as ggml blocks of `format`, exactly the bytes
+    /// a GGUF file holds for it; the last dimension of `shape` is whole
+    /// blocks (32 values, 256 for the K formats). It stays in its blocks on
+    /// the host (a quarter to an eighth of f32) and goes to
+    /// [`Tensor::linear`] as weights, to [`Tensor::gather`] as a table and
+    /// to [`Tensor::cast`] to f32; other ops refuse it. The cpu backend
+    /// runs these.
+    pub fn from_blocks(format: BlockFormat, shape: &[u32], data: &[u8]) -> Result<Self> {
+        wrap(layers::from_blocks(format, shape, data))
+    }
+
+    /// The block format of a tensor from [`Tensor::from_blocks`]; `None`
+    /// for others (whose [`Tensor::dtype`] tells their type).
+    pub fn block_format(&self) -> Option<BlockFormat> {
+        layers::format(&self.0)
+    }
+
+    /// Linear layers over `self` (`[..., in]`): `self · wᵀ` for each weight
+    /// matrix `w` (`[out, in]`, as models store them; f32 or blocks), the
+    /// results side by side in the last dimension. Several matrices of one
+    /// input (a transformer's query, key and value) cost one pass over it.
+    pub fn linear(&self, weights: &[&Tensor]) -> Result<Tensor> {
+        let handles: Vec<&raw::Tensor> = weights.iter().map(|t| &t.0).collect();
+        wrap(layers::linear(&self.0, &handles))
+    }
+
+    /// SwiGLU over the last dimension (`[..., 2n]` → `[..., n]`):
+    /// `silu(gate) · up` of its two halves.
+    pub fn swiglu(&self) -> Result<Tensor> {
+        wrap(layers::swiglu(&self.0))
     }
 
     /// A tensor of zeros.

@@ -167,6 +167,67 @@ async fn without_a_grant_the_bridge_is_forbidden() {
     );
 }
 
+/// What the `layers` command of the tensors fixture computes, in f64: the
+/// two linear layers side by side (`[2, 6]`) and their SwiGLU (`[2, 3]`).
+fn layers_reference() -> (Vec<f64>, Vec<f64>) {
+    let x: Vec<f64> = (0..128)
+        .map(|i| {
+            if i % 32 == 0 {
+                127.0 / 128.0
+            } else {
+                (f64::from(i % 17) - 8.0) / 128.0
+            }
+        })
+        .collect();
+    let w = |step: usize, r: usize, c: usize| ((r * 7 + c * step) % 21) as f64 / 16.0 - 10.0 / 16.0;
+    let mut y = Vec::new();
+    for row in 0..2 {
+        for (step, r) in [(3, 0), (3, 1), (3, 2), (5, 0), (5, 1), (5, 2)] {
+            y.push(
+                (0..64)
+                    .map(|c| x[row * 64 + c] * w(step, r, c))
+                    .sum::<f64>(),
+            );
+        }
+    }
+    let gated = (0..6)
+        .map(|i| {
+            let (row, c) = (i / 3, i % 3);
+            let (gate, up) = (y[row * 6 + c], y[row * 6 + 3 + c]);
+            gate / (1.0 + (-gate).exp()) * up
+        })
+        .collect();
+    (y, gated)
+}
+
+#[tokio::test]
+async fn guests_multiply_quantized_blocks_with_linear_and_swiglu() {
+    let (rt, _dir) = runtime();
+    let tensors = load(&rt, artifacts::TENSORS_COMPONENT);
+    let device = cpu_device();
+    let account = Account::new("t", None, None);
+    let invocation = call(&rt, &tensors, "layers", &grant(&device, &account)).await;
+    let body = text(&invocation);
+    let lines: Vec<&str> = body.lines().collect();
+    assert_eq!(lines.len(), 4, "{body}");
+    assert_eq!(lines[0], "Some(Q80)");
+    // Printed as the shortest text that reads back as the same f32.
+    let numbers = |line: &str| -> Vec<f64> {
+        line.split(' ')
+            .map(|v| f64::from(v.parse::<f32>().expect("a number")))
+            .collect()
+    };
+    let (y, gated) = layers_reference();
+    // The activations' 8-bit blocks are exact: so is the product.
+    assert_eq!(numbers(lines[1]), y, "{body}");
+    for (got, want) in numbers(lines[2]).iter().zip(&gated) {
+        assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{body}");
+    }
+    assert_eq!(lines[3], "shape-mismatch", "{body}");
+    device.synchronize(&account).await.unwrap();
+    assert_eq!(device.used_bytes(), 0, "the call's tensors are freed");
+}
+
 #[tokio::test]
 async fn shape_errors_reach_the_guest_as_values() {
     let (rt, _dir) = runtime();

@@ -117,6 +117,21 @@ async fn a_python_function_answers_json_errors_tensors_and_timeouts() {
         tensor.json(),
         serde_json::json!({"shape": [2, 1], "values": [[-1.0], [-1.0]], "sum": [3.0, 7.0]})
     );
+    // Quantized blocks and whole layers (`gust:gpu/layers`) from Python.
+    let layers = invoke_op(&server, &key, "layers", "").await;
+    assert_eq!(layers.status, 200, "{}", layers.text());
+    let layers = layers.json();
+    assert_eq!(layers["format"], "Q8_0", "{layers}");
+    assert_eq!(layers["plain"], serde_json::Value::Null, "{layers}");
+    assert_eq!(
+        layers["weights"],
+        serde_json::json!([-1.0, -0.9375, -0.875])
+    );
+    let y: f64 = -127.0 / 128.0;
+    assert_eq!(layers["linear"], serde_json::json!([[y, y]]), "{layers}");
+    let gated = layers["swiglu"][0][0].as_f64().unwrap();
+    let want = y / (1.0 + (-y).exp()) * y;
+    assert!((gated - want).abs() < 1e-6, "{layers}: {want}");
     let mismatch = invoke_op(&server, &key, "shape-error", "").await;
     let problem = mismatch.problem(500, "gpu-shape-mismatch");
     assert!(

@@ -95,7 +95,13 @@ pub(super) fn float_suffix(dtype: DType, kernel: &Kernel) -> Result<&'static str
         DType::F32 => Ok("f32"),
         DType::F16 => Ok("f16"),
         DType::BF16 => Ok("bf16"),
-        DType::I32 | DType::U32 => Err(BridgeError::shape(format!(
+        DType::I32
+        | DType::U32
+        | DType::Q4_0
+        | DType::Q4_1
+        | DType::Q8_0
+        | DType::Q4K
+        | DType::Q6K => Err(BridgeError::shape(format!(
             "{} needs a float dtype, not {dtype}",
             kernel.name()
         ))),

@@ -27,6 +27,7 @@ use gust_gpu_bridge::{
 use tracing::Instrument as _;
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
+use crate::runtime::bindings::gust::gpu::layers::{self, BlockFormat};
 use crate::runtime::bindings::gust::gpu::models::{self, GenerateParams};
 use crate::runtime::bindings::gust::gpu::tensors::{self, DeviceInfo};
 use crate::runtime::bindings::gust::gpu::types::{self, Dtype, Error, ErrorCode};
@@ -222,11 +223,12 @@ impl HasData for HasGpu {
     type Data<'a> = GpuCtxView<'a>;
 }
 
-/// Adds `gust:gpu` (`types`, `tensors`, `models`) to `linker`, each call
+/// Adds `gust:gpu` (`types`, `tensors`, `layers`, `models`) to `linker`, each call
 /// working on the [`GpuCtxView`] its store's data lends.
 pub(crate) fn add_to_linker<T: GpuView + 'static>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
     types::add_to_linker::<T, HasGpu>(linker, T::gpu)?;
     tensors::add_to_linker::<T, HasGpu>(linker, T::gpu)?;
+    layers::add_to_linker::<T, HasGpu>(linker, T::gpu)?;
     models::add_to_linker::<T, HasGpu>(linker, T::gpu)?;
     Ok(())
 }
@@ -270,10 +272,31 @@ fn to_wit_dtype(dtype: DType) -> Dtype {
         DType::BF16 => Dtype::Bf16,
         DType::I32 => Dtype::I32,
         DType::U32 => Dtype::U32,
-        // No WIT call gives a guest a quantized tensor (`linear`, `gather`
-        // and `cast` turn them into f32), so this is never asked.
+        // Blocks from `layers.from-blocks` stand for f32 values (`format`
+        // tells their storage), as `read-f32`, `cast` and `gather` give.
         DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::Q4K | DType::Q6K => Dtype::F32,
     }
+}
+
+fn to_bridge_format(format: BlockFormat) -> DType {
+    match format {
+        BlockFormat::Q40 => DType::Q4_0,
+        BlockFormat::Q41 => DType::Q4_1,
+        BlockFormat::Q80 => DType::Q8_0,
+        BlockFormat::Q4K => DType::Q4K,
+        BlockFormat::Q6K => DType::Q6K,
+    }
+}
+
+fn to_wit_format(dtype: DType) -> Option<BlockFormat> {
+    Some(match dtype {
+        DType::Q4_0 => BlockFormat::Q40,
+        DType::Q4_1 => BlockFormat::Q41,
+        DType::Q8_0 => BlockFormat::Q80,
+        DType::Q4K => BlockFormat::Q4K,
+        DType::Q6K => BlockFormat::Q6K,
+        _ => return None,
+    })
 }
 
 fn shape_of(shape: &[u32]) -> Vec<usize> {
@@ -610,6 +633,30 @@ impl tensors::Host for GpuCtxView<'_> {
             &[&x],
         )
         .await
+    }
+}
+
+impl layers::Host for GpuCtxView<'_> {
+    async fn from_blocks(
+        &mut self,
+        format: BlockFormat,
+        shape: Vec<u32>,
+        data: Vec<u8>,
+    ) -> Outcome<T> {
+        self.upload(to_bridge_format(format), &shape, data).await
+    }
+
+    async fn format(&mut self, x: T) -> wasmtime::Result<Option<BlockFormat>> {
+        Ok(to_wit_format(self.table.get(&x)?.tensor.dtype()))
+    }
+
+    async fn linear(&mut self, x: T, weights: Vec<T>) -> Outcome<T> {
+        let operands: Vec<&T> = std::iter::once(&x).chain(&weights).collect();
+        self.op(Op::Linear, &operands).await
+    }
+
+    async fn swiglu(&mut self, x: T) -> Outcome<T> {
+        self.op(Op::SwiGlu, &[&x]).await
     }
 }
 

@@ -9,6 +9,11 @@
 //! - `mismatch`: a matmul of incompatible shapes, returned with `?`.
 //! - `relu <N>`: `N` relus of a 16-element tensor, each result dropped (the
 //!   bridge round-trip benchmark); answers `N`.
+//! - `layers`: two Q8_0 weight matrices uploaded as blocks
+//!   ([`layers_weights`]), `linear` of [`layers_input`] with both side by
+//!   side, then `swiglu`; answers the block format, the linear values, the
+//!   swiglu values (a line each), and the error code of adding two block
+//!   tensors. `host/tests/all/gpu.rs` computes the same in f64.
 
 use gust_sdk::{Error, Request, Response, Tensor};
 
@@ -24,6 +29,60 @@ fn chain() -> Result<Response, Error> {
     let values = weighted.to_vec_f32()?;
     let lines: Vec<String> = values.iter().map(|v| v.to_string()).collect();
     Ok(Response::text(lines.join("\n")))
+}
+
+/// `[2, 64]` activations, multiples of 1/128 with 127/128 in each block of
+/// 32: their 8-bit blocks are exact, so the products are too.
+fn layers_input() -> Vec<f32> {
+    (0..128)
+        .map(|i| {
+            if i % 32 == 0 {
+                127.0 / 128.0
+            } else {
+                ((i % 17) as f32 - 8.0) / 128.0
+            }
+        })
+        .collect()
+}
+
+/// A `[3, 64]` Q8_0 matrix: scale 1/16 and small integers
+/// `(7r + step·c) mod 21 − 10` for row `r`, column `c`.
+fn layers_weights(step: usize) -> Vec<u8> {
+    let mut blocks = Vec::new();
+    for r in 0..3 {
+        for b in 0..2 {
+            // 1/16 as an f16.
+            blocks.extend_from_slice(&0x2C00u16.to_le_bytes());
+            for j in 0..32 {
+                let q = ((r * 7 + (b * 32 + j) * step) % 21) as i8 - 10;
+                blocks.push(q as u8);
+            }
+        }
+    }
+    blocks
+}
+
+fn layers() -> Result<Response, Error> {
+    use gust_sdk::tensor::BlockFormat;
+    let x = Tensor::from_f32(&[2, 64], &layers_input())?;
+    let w = Tensor::from_blocks(BlockFormat::Q80, &[3, 64], &layers_weights(3))?;
+    let v = Tensor::from_blocks(BlockFormat::Q80, &[3, 64], &layers_weights(5))?;
+    let y = x.linear(&[&w, &v])?;
+    let gated = y.swiglu()?;
+    let refused = match w.add(&w) {
+        Ok(_) => "accepted".to_owned(),
+        Err(e) => e.code_name().to_owned(),
+    };
+    let line = |t: &Tensor| -> Result<String, Error> {
+        let values: Vec<String> = t.to_vec_f32()?.iter().map(|v| v.to_string()).collect();
+        Ok(values.join(" "))
+    };
+    Ok(Response::text(format!(
+        "{:?}\n{}\n{}\n{refused}",
+        w.block_format(),
+        line(&y)?,
+        line(&gated)?
+    )))
 }
 
 fn allocate(mib: u32) -> (Vec<Tensor>, Option<String>) {
@@ -46,6 +105,7 @@ fn handle(req: Request) -> Result<Response, Error> {
     };
     match verb {
         "chain" => chain(),
+        "layers" => layers(),
         "devices" => {
             let lines: Vec<String> = gust_sdk::tensor::devices()
                 .iter()
