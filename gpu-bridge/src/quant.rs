@@ -747,11 +747,7 @@ macro_rules! x86_kernels {
             ) -> [f32; R] {
                 let size = if SIGNED { 18 } else { 20 };
                 let mask = _mm_set1_epi8(0x0F);
-                // Two accumulators each, for even and odd blocks: one chain
-                // of dependent FMAs would wait out their latency per block.
-                let mut acc = [[_mm256_setzero_ps(); 2]; R];
-                let mut extra = [[0f32; 2]; R];
-                for (b, blk) in w.chunks_exact(size).enumerate() {
+                let step = |b: usize, blk: &[u8], acc: &mut [__m256; R], extra: &mut [f32; R]| {
                     // d and m in one conversion.
                     // SAFETY: a block starts with its two f16 values.
                     let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(unsafe {
@@ -769,22 +765,37 @@ macro_rules! x86_kernels {
                         _mm_and_si128(_mm_srli_epi16(q, 4), mask),
                         _mm_and_si128(q, mask),
                     );
-                    let lane = b & 1;
                     for r in 0..R {
                         // SAFETY: as many activation blocks as weight blocks
                         // (the caller's promise).
                         let (sc, x) = unsafe { (*s[r].get_unchecked(b), act(a[r], b)) };
                         let p = $mul_sum(u, x);
-                        acc[r][lane] = _mm256_fmadd_ps(
+                        acc[r] = _mm256_fmadd_ps(
                             _mm256_cvtepi32_ps(p),
                             _mm256_set1_ps(d * sc.d),
-                            acc[r][lane],
+                            acc[r],
                         );
-                        extra[r][lane] += m * sc.sum;
+                        extra[r] += m * sc.sum;
                     }
+                };
+                // Even and odd blocks accumulate apart, in registers: one
+                // chain of dependent FMAs would wait out their latency per
+                // block.
+                let (mut even, mut odd) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+                let (mut even_extra, mut odd_extra) = ([0f32; R], [0f32; R]);
+                let mut pairs = w.chunks_exact(2 * size);
+                let mut b = 0;
+                for pair in &mut pairs {
+                    let (first, second) = pair.split_at(size);
+                    step(b, first, &mut even, &mut even_extra);
+                    step(b + 1, second, &mut odd, &mut odd_extra);
+                    b += 2;
+                }
+                if let Some(last) = pairs.remainder().get(..size) {
+                    step(b, last, &mut even, &mut even_extra);
                 }
                 std::array::from_fn(|r| {
-                    hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + extra[r][0] + extra[r][1]
+                    hsum(_mm256_add_ps(even[r], odd[r])) + even_extra[r] + odd_extra[r]
                 })
             }
 
@@ -796,24 +807,34 @@ macro_rules! x86_kernels {
                 a: [&[i8]; R],
                 s: [&[ActScale]; R],
             ) -> [f32; R] {
-                // Even and odd blocks accumulate apart (see `dot_q4`).
-                let mut acc = [[_mm256_setzero_ps(); 2]; R];
-                for (b, blk) in w.chunks_exact(34).enumerate() {
+                let step = |b: usize, blk: &[u8], acc: &mut [__m256; R]| {
                     let d = f16([blk[0], blk[1]]);
                     // SAFETY: 32 values follow the scale.
                     let q = unsafe { _mm256_loadu_si256(blk.as_ptr().add(2).cast()) };
                     // |q| as unsigned, and the sign moved onto the activations.
                     let u = _mm256_sign_epi8(q, q);
-                    let lane = b & 1;
                     for r in 0..R {
                         // SAFETY: as many activation blocks as weight blocks.
                         let (sc, x) = unsafe { (*s[r].get_unchecked(b), act(a[r], b)) };
                         let p = $mul_sum(u, _mm256_sign_epi8(x, q));
                         let scale = _mm256_set1_ps(d * sc.d);
-                        acc[r][lane] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[r][lane]);
+                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[r]);
                     }
+                };
+                // Even and odd blocks accumulate apart (see `dot_q4`).
+                let (mut even, mut odd) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+                let mut pairs = w.chunks_exact(68);
+                let mut b = 0;
+                for pair in &mut pairs {
+                    let (first, second) = pair.split_at(34);
+                    step(b, first, &mut even);
+                    step(b + 1, second, &mut odd);
+                    b += 2;
                 }
-                std::array::from_fn(|r| hsum(_mm256_add_ps(acc[r][0], acc[r][1])))
+                if let Some(last) = pairs.remainder().get(..34) {
+                    step(b, last, &mut even);
+                }
+                std::array::from_fn(|r| hsum(_mm256_add_ps(even[r], odd[r])))
             }
 
             /// # Safety

@@ -38,6 +38,7 @@ const PROVIDED: &[&str] = &[
     "gust:function/output@0.1.0",
     "gust:gpu/types@0.1.0",
     "gust:gpu/tensors@0.1.0",
+    "gust:gpu/layers@0.1.0",
     "gust:gpu/models@0.1.0",
 ];
 

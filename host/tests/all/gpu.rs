@@ -210,7 +210,7 @@ async fn guests_multiply_quantized_blocks_with_linear_and_swiglu() {
     let body = text(&invocation);
     let lines: Vec<&str> = body.lines().collect();
     assert_eq!(lines.len(), 4, "{body}");
-    assert_eq!(lines[0], "Some(Q80)");
+    assert_eq!(lines[0], "Some(BlockFormat::Q80)");
     // Printed as the shortest text that reads back as the same f32.
     let numbers = |line: &str| -> Vec<f64> {
         line.split(' ')
