@@ -600,12 +600,8 @@ fn run_native(kernel: &Kernel, inputs: &[&CpuBuffer], output: &mut CpuBuffer) ->
             let row_bytes = row_len * elem_size;
             let dst = output.bytes_mut();
             for (r, &word) in index_words.iter().enumerate() {
-                let index = match index_dtype {
-                    DType::I32 => usize::try_from(word.cast_signed()).ok(),
-                    _ => usize::try_from(word).ok(),
-                };
                 let out = &mut dst[r * row_bytes..(r + 1) * row_bytes];
-                match index.filter(|i| i < rows) {
+                match table_row(*index_dtype, word, *rows) {
                     Some(i) => out.copy_from_slice(&table[i * row_bytes..(i + 1) * row_bytes]),
                     None => out.fill(0),
                 }
@@ -661,8 +657,7 @@ fn run_native(kernel: &Kernel, inputs: &[&CpuBuffer], output: &mut CpuBuffer) ->
             }
         }
         &Kernel::Dequantize { dtype, len } => {
-            let kind = quant::GgmlType::of(dtype)
-                .ok_or_else(|| BridgeError::backend(format!("{dtype} is not quantized")))?;
+            let kind = ggml_kind(dtype)?;
             let raw = &input(inputs, 0, kernel)?.bytes()[..dtype.bytes_for(&[len])?];
             quant::dequantize_into(kind, raw, &mut output.f32s_mut()[..len]);
         }
@@ -673,19 +668,14 @@ fn run_native(kernel: &Kernel, inputs: &[&CpuBuffer], output: &mut CpuBuffer) ->
             rows,
             row_len,
         } => {
-            let kind = quant::GgmlType::of(dtype)
-                .ok_or_else(|| BridgeError::backend(format!("{dtype} is not quantized")))?;
+            let kind = ggml_kind(dtype)?;
             let row_bytes = dtype.bytes_for(&[row_len])?;
             let table = input(inputs, 0, kernel)?.bytes();
             let index_words = &input(inputs, 1, kernel)?.words[..indices];
             let dst = output.f32s_mut();
             for (r, &word) in index_words.iter().enumerate() {
-                let index = match index_dtype {
-                    DType::I32 => usize::try_from(word.cast_signed()).ok(),
-                    _ => usize::try_from(word).ok(),
-                };
                 let out = &mut dst[r * row_len..(r + 1) * row_len];
-                match index.filter(|&i| i < rows) {
+                match table_row(index_dtype, word, rows) {
                     Some(i) => quant::dequantize_into(
                         kind,
                         &table[i * row_bytes..(i + 1) * row_bytes],
@@ -697,6 +687,22 @@ fn run_native(kernel: &Kernel, inputs: &[&CpuBuffer], output: &mut CpuBuffer) ->
         }
     }
     Ok(())
+}
+
+/// The table row a gather index word names: `None` (a row of zeros) when
+/// it is negative (for `i32`) or past the table's `rows`.
+fn table_row(index_dtype: DType, word: u32, rows: usize) -> Option<usize> {
+    let index = match index_dtype {
+        DType::I32 => usize::try_from(word.cast_signed()).ok(),
+        _ => usize::try_from(word).ok(),
+    };
+    index.filter(|&i| i < rows)
+}
+
+/// The block layout of a quantized dtype.
+fn ggml_kind(dtype: DType) -> Result<quant::GgmlType> {
+    quant::GgmlType::of(dtype)
+        .ok_or_else(|| BridgeError::backend(format!("{dtype} is not quantized")))
 }
 
 thread_local! {
