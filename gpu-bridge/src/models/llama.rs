@@ -4,9 +4,11 @@
 //! metadata.
 //!
 //! Layout choices, made so that no weight needs a copy at load:
-//! - GGUF stores a linear layer as `W[out, in]`. `x @ Wᵀ` is computed as
-//!   `(W @ xᵀ)ᵀ`; for one token `xᵀ` is `x` under another shape, so
-//!   decoding is one matrix-vector product per layer and no transposes.
+//! - GGUF stores a linear layer as `W[out, in]`. Where the device runs
+//!   `Op::Linear` (the cpu backend) that is `x @ Wᵀ` straight from the
+//!   file's quantized blocks, query/key/value and gate/up each in one op;
+//!   elsewhere the weights are f32 and `x @ Wᵀ` is `(W @ xᵀ)ᵀ` (for one
+//!   token `xᵀ` is `x` under another shape: a matrix-vector product).
 //! - llama.cpp's converter permutes the q/k rows so that RoPE rotates
 //!   adjacent pairs `(2i, 2i+1)` (candle's `rope_i`). Rotating pairs is
 //!   linear, so `rope(x) = x·cos + (x @ R)·sin` with `R` a fixed ±1 matrix
