@@ -47,7 +47,10 @@ for target in policy component map_split gguf safetensors op_plan; do
     cp -r fuzz/corpus/"$target"/. "$corpus"/ 2>/dev/null || true
     cp -r "$seeds/$target"/. "$corpus"/ 2>/dev/null || true
     echo "--- $target (${seconds}s)"
-    if ! fuzz run "$target" "$corpus" -- -max_total_time="$seconds" -timeout=10 \
+    # -timeout per input: the component seeds are whole guests that a debug
+    # (`--dev`) Wasmtime compiles, and one took over 10 s on the 2-core CI
+    # machine (a timeout artifact, not a hang); a real hang still fails.
+    if ! fuzz run "$target" "$corpus" -- -max_total_time="$seconds" -timeout=60 \
         -rss_limit_mb=4096 -print_final_stats=1 2>"$seeds/$target.log"; then
         tail -40 "$seeds/$target.log"
         echo "FAILED: $target (the input is under fuzz/artifacts/$target/)"
