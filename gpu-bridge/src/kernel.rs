@@ -391,12 +391,14 @@ pub enum Kernel {
     },
     /// `out[m, Σn] = x[m, k] · [w₁ w₂ …]ᵀ`: linear layers with their
     /// weights as they are stored (`wᵢ` is `[nᵢ, k]`), their outputs side by
-    /// side. Inputs: `[x, w₁, w₂, …]`; `x` and `out` are f32 when `dtype` is
-    /// quantized (activations are quantized to 8 bits on the fly), else
-    /// `dtype`.
+    /// side. Inputs: `[x, w₁, w₂, …]`; `x` and `out` have dtype `input`.
     Linear {
         /// The weights' element type.
         dtype: DType,
+        /// The element type of `x` and of the output: f32 for quantized
+        /// weights (activations are quantized to 8 bits on the fly) and for
+        /// f16/bf16 weights with f32 inputs, else `dtype`.
+        input: DType,
         /// Rows of `x` and of the output.
         m: usize,
         /// Columns of `x` and of every weight matrix.

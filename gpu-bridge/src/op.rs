@@ -115,8 +115,9 @@ pub enum Op {
     /// same input at once (a transformer's query, key and value): the
     /// results side by side, `[..., out₁ + out₂ + …]`, for one pass over
     /// `x`. The weights share a dtype, which may be quantized (then `x` is
-    /// f32 and is quantized to 8 bits per value on the fly); otherwise `x`
-    /// has the weights' float dtype. Only backends whose
+    /// f32 and is quantized to 8 bits per value on the fly) or f16/bf16
+    /// with an f32 `x` (weights kept in 16 bits, arithmetic and result in
+    /// f32); otherwise `x` has the weights' float dtype. Only backends whose
     /// [`DeviceDescription::linear`] is set run it.
     ///
     /// [`DeviceDescription::linear`]: crate::backend::DeviceDescription::linear
@@ -734,7 +735,12 @@ fn plan_linear(x: Operand<'_>, weights: &[Operand<'_>]) -> Result<Plan> {
         }
     } else {
         float("linear", dtype)?;
-        same_dtype("linear", x.dtype, dtype)?;
+        // Half-precision weights also take f32 inputs: weights stored in
+        // 16 bits, arithmetic and result in f32.
+        let half_weights = matches!(dtype, DType::F16 | DType::BF16) && x.dtype == DType::F32;
+        if !half_weights {
+            same_dtype("linear", x.dtype, dtype)?;
+        }
     }
     let mut shape = leading.to_vec();
     shape.push(ns.iter().sum());
@@ -744,6 +750,7 @@ fn plan_linear(x: Operand<'_>, weights: &[Operand<'_>]) -> Result<Plan> {
         shape,
         work: Work::Kernel(Kernel::Linear {
             dtype,
+            input: x.dtype,
             m: leading.iter().product(),
             k,
             ns,

@@ -2,7 +2,9 @@
 //! reference the other backends are tested against.
 //!
 //! Matrix products go through the `gemm` crate (the kernels candle uses),
-//! except those of a few rows, which have their own kernel (`skinny`);
+//! except those of a few rows, which have their own kernel (`skinny`), and
+//! linear layers over quantized (`quant`) or 16-bit weights with f32 inputs
+//! (`half_linear`), which read the weights as they are stored;
 //! elementwise work and row-wise reductions fan out over rayon once they are
 //! big enough to pay for it. `f16`/`bf16` arithmetic widens to `f32`, computes,
 //! and rounds back, which is how mixed-precision CPU kernels usually do it.
@@ -19,6 +21,7 @@ use crate::kernel::{BinaryOp, Kernel, ReduceOp, UnaryOp};
 use crate::quant;
 
 mod attention;
+mod half_linear;
 mod recycler;
 #[cfg(target_arch = "x86_64")]
 mod skinny;
@@ -260,6 +263,14 @@ impl Backend for CpuBackend {
 }
 
 fn run_kernel(kernel: &Kernel, inputs: &[&CpuBuffer], output: &mut CpuBuffer) -> Result<()> {
+    if let Kernel::Linear {
+        input: DType::F32, ..
+    } = kernel
+    {
+        // f32 inputs: quantized or half-precision weights are read as they
+        // are, never widened as a whole.
+        return run_native(kernel, inputs, output);
+    }
     match kernel.compute_dtype() {
         Some(DType::F32) | None => run_native(kernel, inputs, output),
         // Quantized weights: the kernels read their blocks as they are.
@@ -610,12 +621,54 @@ fn run_native(kernel: &Kernel, inputs: &[&CpuBuffer], output: &mut CpuBuffer) ->
         Kernel::Cast { from, to, len } => {
             cast(*from, *to, *len, input(inputs, 0, kernel)?, output);
         }
-        Kernel::Linear { dtype, m, k, ns } => {
+        Kernel::Linear {
+            dtype, m, k, ns, ..
+        } => {
             let (dtype, m, k) = (*dtype, *m, *k);
             let total: usize = ns.iter().sum();
             let x = &input(inputs, 0, kernel)?.f32s()[..m * k];
             let out = &mut output.f32s_mut()[..m * total];
-            if dtype.is_quantized() {
+            if k == 0 {
+                out.fill(0.0);
+            } else if let Some(half) = match dtype {
+                DType::F16 => Some(half_linear::Half::F16),
+                DType::BF16 => Some(half_linear::Half::Bf16),
+                _ => None,
+            } {
+                let halves = |i: usize, n: usize| -> Result<&[u16]> {
+                    let words = &input(inputs, i + 1, kernel)?.words;
+                    bytemuck::cast_slice::<u32, u16>(words)
+                        .get(..n * k)
+                        .ok_or_else(|| BridgeError::backend("linear weights out of bounds"))
+                };
+                let matrices = ns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &n)| halves(i, n))
+                    .collect::<Result<Vec<_>>>()?;
+                let x_bf16 = half_linear::bf16_inputs(half, x);
+                let product = half_linear::Product {
+                    half,
+                    m,
+                    k,
+                    x,
+                    x_bf16: x_bf16.as_deref(),
+                    matrices: &matrices,
+                    out: out.as_mut_ptr(),
+                    stride: total,
+                };
+                let threads = if m * k * total >= GEMM_PARALLEL_THRESHOLD {
+                    rayon::current_num_threads()
+                } else {
+                    1
+                };
+                for_column_blocks(total, half_linear::TILE_COLUMNS, threads, |first, width| {
+                    // SAFETY: each matrix holds n × k halves (sliced
+                    // above), x m × k floats and out m × total, which
+                    // aliases neither; the blocks' columns are disjoint.
+                    unsafe { half_linear::columns(&product, first, width) }
+                });
+            } else if dtype.is_quantized() {
                 let weights = ns
                     .iter()
                     .enumerate()

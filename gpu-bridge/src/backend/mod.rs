@@ -70,9 +70,10 @@ pub struct DeviceDescription {
     /// composes attention from plain ops where it does not.
     pub fused_attention: bool,
     /// Whether the backend runs [`crate::Op::Linear`] and
-    /// [`crate::Op::SwiGlu`] (the cpu backend, with quantized weights: its
-    /// `arithmetic_dtypes` list the quantized dtypes it multiplies). Model
-    /// code uses `matmul` and elementwise ops where it does not.
+    /// [`crate::Op::SwiGlu`] (the cpu backend, with quantized weights, whose
+    /// dtypes its `arithmetic_dtypes` list, and with f16/bf16 weights times
+    /// f32 inputs). Model code uses `matmul` and elementwise ops where it
+    /// does not.
     pub linear: bool,
 }
 

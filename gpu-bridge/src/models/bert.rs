@@ -3,11 +3,15 @@
 //! state and L2 normalisation (what sentence-transformers does for
 //! all-MiniLM-L6-v2 and its relatives).
 //!
-//! Weights are rearranged on the host while loading, never per call: each
-//! linear layer's `[out, in]` matrix is transposed to the `[in, out]` the
-//! matmul wants, and the query, key and value projections are fused into
-//! one `[in, 3·out]` matrix with the attention scale folded into the query
-//! part, so a layer's attention starts with a single matmul.
+//! Weights are rearranged on the host while loading, never per call, with
+//! the attention scale folded into the query projection. On a device that
+//! multiplies 16-bit weights into f32 (`linear` on the cpu backend) the
+//! linear layers stay `[out, in]` and are rounded once to the manifest's
+//! `linear_weights` (f16 unless it says otherwise), and a layer's query,
+//! key and value projections are one `linear` op over the three matrices.
+//! Elsewhere each `[out, in]` matrix is transposed to the `[in, out]` the
+//! matmul wants and the three projections are fused into one `[in, 3·out]`
+//! matrix, so a layer's attention starts with a single matmul.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -73,10 +77,15 @@ pub(crate) struct Prepared {
     config: BertConfig,
     tokenizer: Tokenizer,
     activation: UnaryOp,
+    /// Linear layers are `[out, in]` 16-bit matrices for `linear`, not
+    /// `[in, out]` f32 ones for `matmul`.
+    stored_linear: bool,
 }
 
 struct Layer {
-    qkv_weight: Tensor,
+    /// `[query, key, value]` for `linear`, or the one fused `[in, 3·out]`
+    /// matrix for `matmul`.
+    qkv_weights: Vec<Tensor>,
     qkv_bias: Tensor,
     attention_out_weight: Tensor,
     attention_out_bias: Tensor,
@@ -103,6 +112,8 @@ pub(crate) struct Bert {
     embedding_norm_weight: Tensor,
     embedding_norm_bias: Tensor,
     layers: Vec<Layer>,
+    /// See [`Prepared::stored_linear`].
+    stored_linear: bool,
 }
 
 fn invalid(manifest: &ModelManifest, why: impl std::fmt::Display) -> BridgeError {
@@ -110,11 +121,14 @@ fn invalid(manifest: &ModelManifest, why: impl std::fmt::Display) -> BridgeError
 }
 
 /// Read the config and tokenizer and rearrange the weights in `tensors`
-/// (host memory, before upload). Blocks on disk; run on the reader thread.
+/// (host memory, before upload), the linear layers for `linear` in
+/// `linear_weights` unless that is f32. Blocks on disk; run on the reader
+/// thread.
 pub(crate) fn prepare(
     folder: &Path,
     manifest: &ModelManifest,
     tensors: &mut BTreeMap<String, HostTensor>,
+    linear_weights: DType,
 ) -> Result<Prepared> {
     let config_file = manifest.file(FileRole::Config).ok_or_else(|| {
         invalid(
@@ -186,27 +200,32 @@ pub(crate) fn prepare(
         widen_to_f32(tensor);
     }
     let scale = 1.0 / ((config.hidden_size / heads) as f32).sqrt();
+    let stored_linear = linear_weights != DType::F32;
     for i in 0..config.num_hidden_layers {
         let mut parts = Vec::with_capacity(3);
         let mut biases = Vec::with_capacity(3);
         for (part, factor) in [("query", scale), ("key", 1.0), ("value", 1.0)] {
-            let weight = take(
-                manifest,
-                tensors,
-                &Names::layer(i, &format!("attention.self.{part}.weight")),
-            )?;
+            let name = Names::layer(i, &format!("attention.self.{part}.weight"));
+            let weight = take(manifest, tensors, &name)?;
             let bias = take(
                 manifest,
                 tensors,
                 &Names::layer(i, &format!("attention.self.{part}.bias")),
             )?;
-            parts.push(scaled(transposed(manifest, weight)?, factor));
+            if stored_linear {
+                let weight = rounded(manifest, scaled(weight, factor), linear_weights)?;
+                tensors.insert(name, weight);
+            } else {
+                parts.push(scaled(transposed(manifest, weight)?, factor));
+            }
             biases.push(scaled(bias, factor));
         }
-        tensors.insert(
-            Names::layer(i, "attention.qkv.weight"),
-            concat_columns(manifest, &parts)?,
-        );
+        if !stored_linear {
+            tensors.insert(
+                Names::layer(i, "attention.qkv.weight"),
+                concat_columns(manifest, &parts)?,
+            );
+        }
         tensors.insert(
             Names::layer(i, "attention.qkv.bias"),
             concat_columns(manifest, &biases)?,
@@ -218,13 +237,19 @@ pub(crate) fn prepare(
         ] {
             let name = Names::layer(i, &format!("{linear}.weight"));
             let weight = take(manifest, tensors, &name)?;
-            tensors.insert(name, transposed(manifest, weight)?);
+            let weight = if stored_linear {
+                rounded(manifest, weight, linear_weights)?
+            } else {
+                transposed(manifest, weight)?
+            };
+            tensors.insert(name, weight);
         }
     }
     Ok(Prepared {
         config,
         tokenizer,
         activation,
+        stored_linear,
     })
 }
 
@@ -287,6 +312,42 @@ fn scaled(mut tensor: HostTensor, factor: f32) -> HostTensor {
         tensor.data = dtype::f32_to_bytes(&values);
     }
     tensor
+}
+
+/// A 2-D f32 linear weight rounded (to nearest even) to the 16-bit `to`,
+/// still `[out, in]`.
+fn rounded(manifest: &ModelManifest, tensor: HostTensor, to: DType) -> Result<HostTensor> {
+    if tensor.shape.len() != 2 || tensor.dtype != DType::F32 {
+        return Err(invalid(
+            manifest,
+            format!(
+                "a linear weight is {} {:?}, not a 2-D float matrix",
+                tensor.dtype, tensor.shape
+            ),
+        ));
+    }
+    let values = f32_values(&tensor);
+    let data: Vec<u8> = match to {
+        DType::F16 => values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
+        DType::BF16 => values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect(),
+        other => {
+            return Err(BridgeError::unsupported(format!(
+                "model `{}` (bert): linear_weights = {other} (f32, f16 or bf16)",
+                manifest.name
+            )));
+        }
+    };
+    Ok(HostTensor {
+        dtype: to,
+        shape: tensor.shape,
+        data,
+    })
 }
 
 /// `[out, in]` to `[in, out]`.
@@ -409,8 +470,16 @@ impl Prepared {
         let mut layers = Vec::with_capacity(self.config.num_hidden_layers);
         for i in 0..self.config.num_hidden_layers {
             let l = |rest: &str| get(&Names::layer(i, rest));
+            let qkv_weights = if self.stored_linear {
+                ["query", "key", "value"]
+                    .iter()
+                    .map(|part| l(&format!("attention.self.{part}.weight")))
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                vec![l("attention.qkv.weight")?]
+            };
             layers.push(Layer {
-                qkv_weight: l("attention.qkv.weight")?,
+                qkv_weights,
                 qkv_bias: l("attention.qkv.bias")?,
                 attention_out_weight: l("attention.output.dense.weight")?,
                 attention_out_bias: l("attention.output.dense.bias")?,
@@ -434,6 +503,7 @@ impl Prepared {
             config: self.config,
             tokenizer: Arc::new(self.tokenizer),
             activation: self.activation,
+            stored_linear: self.stored_linear,
         })
     }
 }
@@ -760,7 +830,9 @@ impl Bert {
         };
 
         for layer in &self.layers {
-            let qkv = g.linear(&x, &layer.qkv_weight, &layer.qkv_bias).await?;
+            let qkv = self
+                .project(g, &x, &layer.qkv_weights, &layer.qkv_bias)
+                .await?;
             let context = if fused {
                 let attention = Op::Attention {
                     heads: heads as u32,
@@ -800,10 +872,11 @@ impl Bert {
                     None => context,
                 }
             };
-            let attended = g
-                .linear(
+            let attended = self
+                .project(
+                    g,
                     &context,
-                    &layer.attention_out_weight,
+                    std::slice::from_ref(&layer.attention_out_weight),
                     &layer.attention_out_bias,
                 )
                 .await?;
@@ -816,12 +889,22 @@ impl Bert {
                     eps,
                 )
                 .await?;
-            let inner = g
-                .linear(&x, &layer.intermediate_weight, &layer.intermediate_bias)
+            let inner = self
+                .project(
+                    g,
+                    &x,
+                    std::slice::from_ref(&layer.intermediate_weight),
+                    &layer.intermediate_bias,
+                )
                 .await?;
             let inner = g.unary(self.activation, &inner).await?;
-            let out = g
-                .linear(&inner, &layer.output_weight, &layer.output_bias)
+            let out = self
+                .project(
+                    g,
+                    &inner,
+                    std::slice::from_ref(&layer.output_weight),
+                    &layer.output_bias,
+                )
                 .await?;
             let out = g.add(&out, &x).await?;
             x = g
@@ -863,6 +946,31 @@ impl Bert {
             None
         };
         Ok((last_hidden, pooled))
+    }
+
+    /// A linear layer (or several side by side) plus its bias, in the
+    /// layout `prepare` chose.
+    async fn project(
+        &self,
+        g: Graph<'_>,
+        x: &Tensor,
+        weights: &[Tensor],
+        bias: &Tensor,
+    ) -> Result<Tensor> {
+        let product = if self.stored_linear {
+            let mut operands = Vec::with_capacity(weights.len() + 1);
+            operands.push(x);
+            operands.extend(weights);
+            g.op(Op::Linear, &operands).await?
+        } else {
+            let [weight] = weights else {
+                return Err(BridgeError::backend(
+                    "bert: a matmul layer has one fused weight matrix",
+                ));
+            };
+            g.matmul(x, weight).await?
+        };
+        g.add(&product, bias).await
     }
 }
 

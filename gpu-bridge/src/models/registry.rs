@@ -539,6 +539,7 @@ impl ModelRegistry {
         } else {
             Vec::new()
         };
+        let linear_weights = runner::linear_weights(manifest, device.description());
         std::thread::Builder::new()
             .name(format!("gust-model-{}", manifest.name))
             .spawn(move || {
@@ -556,7 +557,12 @@ impl ModelRegistry {
                             *tensor = host.dequantized();
                         }
                     }
-                    let prepared = runner::prepare(&folder, &read_manifest, &mut data.tensors)?;
+                    let prepared = runner::prepare(
+                        &folder,
+                        &read_manifest,
+                        &mut data.tensors,
+                        linear_weights,
+                    )?;
                     Ok((data, prepared))
                 });
                 let _ = reply.send(read);

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::account::Account;
+use crate::backend::DeviceDescription;
 use crate::device::{Device, Tensor};
+use crate::dtype::DType;
 use crate::error::{BridgeError, ErrorCode, Result};
 use crate::kernel::{BinaryOp, UnaryOp};
 use crate::models::batch::{BatchStats, Work};
@@ -52,14 +54,34 @@ pub(crate) fn prepare(
     folder: &Path,
     manifest: &ModelManifest,
     tensors: &mut BTreeMap<String, HostTensor>,
+    linear_weights: DType,
 ) -> Result<Prepared> {
     match manifest.family.as_str() {
-        "bert" => bert::prepare(folder, manifest, tensors).map(|p| Prepared::Bert(Box::new(p))),
+        "bert" => bert::prepare(folder, manifest, tensors, linear_weights)
+            .map(|p| Prepared::Bert(Box::new(p))),
         "llama" => Ok(Prepared::Llama),
         _ => Ok(match &manifest.graph {
             Some(graph) => Prepared::Graph(graph.clone()),
             None => Prepared::Weights,
         }),
+    }
+}
+
+/// The dtype a family's linear-layer weights stay in on `device`: the
+/// manifest's `linear_weights` (bf16 for the bert family when it says
+/// nothing) where the device multiplies such weights into f32 with
+/// `linear`, else f32.
+pub(crate) fn linear_weights(manifest: &ModelManifest, device: &DeviceDescription) -> DType {
+    let wanted = match (manifest.linear_weights, manifest.family.as_str()) {
+        (Some(dtype), _) => dtype.to_dtype(),
+        (None, "bert") => DType::BF16,
+        (None, _) => DType::F32,
+    };
+    let runs = device.linear && device.arithmetic_dtypes.contains(&wanted);
+    if wanted != DType::F32 && runs {
+        wanted
+    } else {
+        DType::F32
     }
 }
 

@@ -610,6 +610,77 @@ fn linear_with_f32_weights_is_x_times_w_transposed() {
     });
 }
 
+/// f16 and bf16 weights times f32 inputs give f32 (the weights stay in 16
+/// bits), several matrices side by side, on the backends that run
+/// `linear`. The values are small multiples of 2⁻⁴ and 2⁻³, exact in both
+/// formats and in bf16-rounded inputs, so every path is exact up to f32
+/// summation.
+#[test]
+fn linear_with_16_bit_weights_and_f32_inputs() {
+    on_every_device(|device, rng| {
+        if !device.description().linear {
+            return;
+        }
+        let acct = account();
+        for dtype in [DType::F16, DType::BF16] {
+            // Rows past a register tile, a depth past 32 lanes, matrices
+            // narrower than a tile.
+            let (m, k, ns) = (11, 70, [3usize, 5, 66]);
+            let xv: Vec<f32> = (0..m * k)
+                .map(|_| (rng.below(33) as f32 - 16.0) / 8.0)
+                .collect();
+            let x = upload_f32(device, &[m, k], &xv, &acct);
+            let mut weights = Vec::new();
+            let mut wvs = Vec::new();
+            for &n in &ns {
+                let wv: Vec<f32> = (0..n * k)
+                    .map(|_| (rng.below(33) as f32 - 16.0) / 16.0)
+                    .collect();
+                let bytes: Vec<u8> = wv
+                    .iter()
+                    .flat_map(|&v| match dtype {
+                        DType::F16 => half::f16::from_f32(v).to_le_bytes(),
+                        _ => half::bf16::from_f32(v).to_le_bytes(),
+                    })
+                    .collect();
+                let w = block_on(device.upload(dtype, &[n, k], bytes, &acct)).unwrap();
+                weights.push(w);
+                wvs.push(wv);
+            }
+            let mut operands = vec![&x];
+            operands.extend(&weights);
+            let out = run(device, Op::Linear, &operands, &acct);
+            let total: usize = ns.iter().sum();
+            assert_eq!(out.shape(), [m, total]);
+            assert_eq!(out.dtype(), DType::F32);
+            let got = read_f64(device, &out, &acct);
+            let mut expected = vec![0f64; m * total];
+            let mut column = 0;
+            for (wv, &n) in wvs.iter().zip(&ns) {
+                for r in 0..m {
+                    for j in 0..n {
+                        expected[r * total + column + j] = (0..k)
+                            .map(|c| f64::from(xv[r * k + c]) * f64::from(wv[j * k + c]))
+                            .sum();
+                    }
+                }
+                column += n;
+            }
+            assert_eq!(got, expected, "linear {dtype} weights, f32 inputs");
+            // Inputs of a third dtype are refused before anything runs.
+            let other = if dtype == DType::F16 {
+                DType::BF16
+            } else {
+                DType::F16
+            };
+            let halves = run(device, Op::Cast { to: other }, &[&x], &acct);
+            let e = block_on(device.run(&Op::Linear, &[&halves, &weights[0]], &acct))
+                .expect_err("mixed 16-bit dtypes");
+            assert_eq!(e.code, gust_gpu_bridge::ErrorCode::ShapeMismatch, "{e}");
+        }
+    });
+}
+
 /// Blocks of `dtype` (Q8_0 or Q4_0) for `rows × k` small integers times
 /// 2⁻⁴, and those values: every value is exact in f16 and f32.
 fn exact_blocks(dtype: DType, rows: usize, k: usize, rng: &mut Rng) -> (Vec<u8>, Vec<f64>) {
