@@ -32,7 +32,7 @@ use crate::account::Account;
 use crate::device::{Device, Tensor};
 use crate::dtype::{self, DType};
 use crate::error::{BridgeError, Result};
-use crate::kernel::{BinaryOp, UnaryOp};
+use crate::kernel::{BinaryOp, ReduceOp, UnaryOp};
 use crate::models::gguf::{GgufMetadata, GgufValue};
 use crate::models::graph::Graph;
 use crate::models::sampling::{
@@ -401,8 +401,12 @@ impl Llama {
         let mut position = prompt_ids.len();
         let mut stop_at = None;
         let finish = loop {
-            let row = self.read_f32(&logits, account).await?;
-            let next = sampler.sample(&row)?;
+            let next = if sampler.greedy() {
+                self.largest(&logits, account).await?
+            } else {
+                let row = self.read_f32(&logits, account).await?;
+                sampler.sample(&row)?
+            };
             if Some(next) == self.eos {
                 break FinishReason::Eos;
             }
@@ -453,6 +457,30 @@ impl Llama {
         let mut cache = vec![None; self.config.layers];
         let logits = self.forward(prompt, 0, &mut cache, account).await?;
         self.read_f32(&logits, account).await
+    }
+
+    /// The greedy token: the index of the largest logit (the first of
+    /// equals, as [`Sampler::sample`] picks), found on the device, so that
+    /// 4 bytes come back per token instead of the vocabulary's logits
+    /// (192 KB for SmolLM2) and the host does not scan them. The logit
+    /// itself comes back too: the device's argmax counts a NaN as the
+    /// largest, so a NaN anywhere is caught here as the host would catch it.
+    async fn largest(&self, logits: &Tensor, account: &Arc<Account>) -> Result<u32> {
+        let g = Graph::new(&self.device, account);
+        let argmax = Op::Reduce {
+            op: ReduceOp::ArgMax,
+            dim: 0,
+            keep_dim: true,
+        };
+        let index = g.op(argmax, &[logits]).await?;
+        let column = g.reshape(logits, &[self.config.vocab, 1]).await?;
+        let value = g.gather(&column, &index).await?;
+        let index = self.device.read(&index, account).await?;
+        let value = self.read_f32(&value, account).await?;
+        match (index.get(..4), value.first()) {
+            (Some(&[a, b, c, d]), Some(v)) if !v.is_nan() => Ok(u32::from_le_bytes([a, b, c, d])),
+            _ => Err(Sampler::bad_logits()),
+        }
     }
 
     /// An f32 tensor's values (the bytes of a `Vec<u8>` need not be aligned

@@ -154,11 +154,21 @@ impl Sampler {
 
     /// The next token id. Greedy picks the first maximum; sampling keeps the
     /// top-k, then the top-p nucleus, of the tempered softmax.
+    /// Whether [`sample`](Self::sample) takes the largest logit (the first
+    /// of equals), which the device can find without reading the logits
+    /// back.
+    pub(crate) fn greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+
+    /// The error for logits that hold a NaN (or nothing).
+    pub(crate) fn bad_logits() -> BridgeError {
+        BridgeError::backend("generate: the model produced empty or NaN logits")
+    }
+
     pub(crate) fn sample(&mut self, logits: &[f32]) -> Result<u32> {
         if logits.is_empty() || logits.iter().any(|v| v.is_nan()) {
-            return Err(BridgeError::backend(
-                "generate: the model produced empty or NaN logits",
-            ));
+            return Err(Self::bad_logits());
         }
         if self.temperature == 0.0 {
             let mut best = 0;

@@ -105,6 +105,12 @@ const EXTRA: [(&str, GgmlDType); 7] = [
 /// The bytes of a tiny llama GGUF: random weights in F32, F16, Q8_0 and
 /// Q4_1, tokenizer metadata, and the extra tensors.
 fn tiny_gguf(seed: u64) -> Vec<u8> {
+    tiny_gguf_with(seed, 1.0)
+}
+
+/// [`tiny_gguf`] with the final norm's weights scaled by `norm_scale` (NaN
+/// makes every logit NaN).
+fn tiny_gguf_with(seed: u64, norm_scale: f32) -> Vec<u8> {
     let mut rng = Rng::seeded(seed);
     let (tokens, merges, types) = vocab();
     let vocab = tokens.len();
@@ -120,7 +126,7 @@ fn tiny_gguf(seed: u64) -> Vec<u8> {
         ),
         (
             "output_norm.weight".into(),
-            qtensor(&mut rng, &[HIDDEN], 1.0, GgmlDType::F32),
+            qtensor(&mut rng, &[HIDDEN], norm_scale, GgmlDType::F32),
         ),
     ];
     for i in 0..LAYERS {
@@ -343,6 +349,36 @@ fn the_tiny_llama_matches_candle_greedy_on_every_device() {
             // Weights expanded to f32 at load: f32 arithmetic.
             assert_matches_candle(name, &ours, &reference, 12);
             assert_matches_candle(&format!("{name} (f32)"), &ours, &exact, 20);
+        }
+    }
+}
+
+/// NaN logits fail the call rather than name a token, whether greedy
+/// (the argmax runs on the device and only its logit comes back) or
+/// sampled (the logits come back), on every device.
+#[test]
+fn nan_logits_fail_greedy_and_sampled_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = tiny_gguf_with(TINY_SEED, f32::NAN);
+    write_folder(dir.path(), "nan-llama", "llama", &bytes);
+    let registry = ModelRegistry::open(dir.path()).unwrap();
+    let sampled = GenerateParams {
+        temperature: 0.8,
+        seed: Some(7),
+        ..greedy(4)
+    };
+    for device in devices() {
+        let model = block_on(registry.load("nan-llama", device)).unwrap();
+        for params in [greedy(4), sampled.clone()] {
+            let err = block_on(model.generate("the cat", &params, &account(), &mut |_| {
+                ControlFlow::Continue(())
+            }))
+            .expect_err("NaN logits");
+            assert!(
+                err.message.contains("NaN logits"),
+                "{}: {err}",
+                device.description().name
+            );
         }
     }
 }
