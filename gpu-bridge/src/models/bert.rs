@@ -7,7 +7,7 @@
 //! the attention scale folded into the query projection. On a device that
 //! multiplies 16-bit weights into f32 (`linear` on the cpu backend) the
 //! linear layers stay `[out, in]` and are rounded once to the manifest's
-//! `linear_weights` (f16 unless it says otherwise), and a layer's query,
+//! `linear_weights` (bf16 unless it says otherwise), and a layer's query,
 //! key and value projections are one `linear` op over the three matrices.
 //! Elsewhere each `[out, in]` matrix is transposed to the `[in, out]` the
 //! matmul wants and the three projections are fused into one `[in, 3·out]`
