@@ -58,7 +58,7 @@ fn op(b: &mut Bytes<'_>) -> Op {
         ReduceOp::Max,
         ReduceOp::ArgMax,
     ];
-    match b.u8() % 16 {
+    match b.u8() % 17 {
         0 => Op::Matmul,
         1 => Op::Binary(binary[usize::from(b.u8()) % binary.len()]),
         2 => Op::Affine {
@@ -99,6 +99,7 @@ fn op(b: &mut Bytes<'_>) -> Op {
         12 => Op::Concat { dim: b.i32() },
         13 => Op::Gather,
         14 => Op::Cast { to: b.dtype() },
+        15 => Op::CausalAttention,
         _ => Op::Attention {
             heads: b.u32(),
             lengths: b.list(Bytes::u32),

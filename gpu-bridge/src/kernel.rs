@@ -406,6 +406,25 @@ pub enum Kernel {
         /// Rows of each weight matrix, in order.
         ns: Vec<usize>,
     },
+    /// Causal grouped-query attention over pages of cached keys and
+    /// values ([`crate::Op::CausalAttention`]). Inputs: `[q, k₁, …, kₚ,
+    /// v₁, …, vₚ]`; `q` is `[heads, t, head_dim]`, page `i` of keys and of
+    /// values `[kv_heads, lengths[i], head_dim]`; `out` is `[t, heads ×
+    /// head_dim]`.
+    CausalAttention {
+        /// Element type of every input and the output (float).
+        dtype: DType,
+        /// Query heads.
+        heads: usize,
+        /// Key/value heads.
+        kv_heads: usize,
+        /// Width of a head.
+        head_dim: usize,
+        /// New positions.
+        t: usize,
+        /// Positions in each page, in order.
+        lengths: Vec<usize>,
+    },
     /// `out[r, i] = silu(x[r, i]) · x[r, n + i]` for `x: [rows, 2n]`.
     /// Inputs: `[x]`.
     SwiGlu {
@@ -475,6 +494,7 @@ impl Kernel {
             Self::Gather { .. } => "gather",
             Self::Cast { .. } => "cast",
             Self::Attention { .. } => "attention",
+            Self::CausalAttention { .. } => "causal-attention",
             Self::Linear { .. } => "linear",
             Self::SwiGlu { .. } => "swiglu",
             Self::Dequantize { .. } => "cast",
@@ -498,6 +518,7 @@ impl Kernel {
             | Self::LayerNorm { dtype, .. }
             | Self::RmsNorm { dtype, .. }
             | Self::Attention { dtype, .. }
+            | Self::CausalAttention { dtype, .. }
             // Quantized dtypes: only backends that list them run these.
             | Self::Linear { dtype, .. }
             | Self::SwiGlu { dtype, .. }

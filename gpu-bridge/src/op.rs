@@ -109,6 +109,19 @@ pub enum Op {
         /// Tokens in each sequence, in order; they sum to `tokens`.
         lengths: Vec<u32>,
     },
+    /// Causal grouped-query attention over a cache of keys and values kept
+    /// in pages: a decoder's attention for `t` new positions. Operands:
+    /// `[q, k₁, …, kₚ, v₁, …, vₚ]`: `q` is `[heads, t, head_dim]`, queries
+    /// already scaled; pages `kᵢ` and `vᵢ` are `[kv_heads, lenᵢ,
+    /// head_dim]`, in position order, with `Σ lenᵢ = total ≥ t`. Query `i`
+    /// sits at position `total − t + i` and attends keys `0..=total − t +
+    /// i`; query head `h` reads kv head `h / (heads / kv_heads)`. The output
+    /// is `[t, heads × head_dim]`. Pages let a cache grow by copying only
+    /// its last page. Only backends whose
+    /// [`DeviceDescription::fused_attention`] is set run it.
+    ///
+    /// [`DeviceDescription::fused_attention`]: crate::backend::DeviceDescription::fused_attention
+    CausalAttention,
     /// A linear layer, `x · wᵀ`, with the weights as models store them:
     /// `w` is `[out, in]`, `x` is `[..., in]`, the result `[..., out]`.
     /// Operands: `[x, w]`, or `[x, w₁, w₂, …]` for several layers of the
@@ -328,6 +341,7 @@ impl Op {
             Self::Cast { .. } => "cast",
             Self::Attention { .. } => "attention",
             Self::Linear => "linear",
+            Self::CausalAttention => "causal-attention",
             Self::SwiGlu => "swiglu",
         }
     }
@@ -363,6 +377,7 @@ impl Op {
                     ));
                 }
             },
+            Self::CausalAttention => plan_causal_attention(operands)?,
             Self::SwiGlu => {
                 let x = unary_operand(name, operands)?;
                 let Some((&width, leading)) = x.shape.split_last() else {
@@ -754,6 +769,75 @@ fn plan_linear(x: Operand<'_>, weights: &[Operand<'_>]) -> Result<Plan> {
             m: leading.iter().product(),
             k,
             ns,
+        }),
+    })
+}
+
+fn plan_causal_attention(operands: &[Operand<'_>]) -> Result<Plan> {
+    let name = "causal-attention";
+    let [q, pages @ ..] = operands else {
+        return Err(BridgeError::invalid(format!("{name} needs operands")));
+    };
+    if pages.is_empty() || !pages.len().is_multiple_of(2) {
+        return Err(BridgeError::invalid(format!(
+            "{name} takes queries and as many key pages as value pages, got {} operands",
+            operands.len()
+        )));
+    }
+    float(name, q.dtype)?;
+    let &[heads, t, head_dim] = q.shape else {
+        return Err(BridgeError::shape(format!(
+            "{name}: queries are [heads, t, head_dim], got {:?}",
+            q.shape
+        )));
+    };
+    let (keys, values) = pages.split_at(pages.len() / 2);
+    let mut kv_heads = None;
+    let mut lengths = Vec::with_capacity(keys.len());
+    for (k, v) in keys.iter().zip(values) {
+        same_dtype(name, q.dtype, k.dtype)?;
+        same_dtype(name, q.dtype, v.dtype)?;
+        let &[kv, len, width] = k.shape else {
+            return Err(BridgeError::shape(format!(
+                "{name}: a key page is [kv_heads, positions, head_dim], got {:?}",
+                k.shape
+            )));
+        };
+        if v.shape != k.shape || width != head_dim || *kv_heads.get_or_insert(kv) != kv {
+            return Err(BridgeError::shape(format!(
+                "{name}: pages {:?} and {:?} do not match each other, the other pages or                  queries {:?}",
+                k.shape, v.shape, q.shape
+            )));
+        }
+        lengths.push(len);
+    }
+    let kv_heads = kv_heads.unwrap_or(0);
+    if kv_heads == 0 || heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return Err(BridgeError::shape(format!(
+            "{name}: {heads} query heads do not share {kv_heads} key/value heads evenly"
+        )));
+    }
+    let total = lengths
+        .iter()
+        .try_fold(0usize, |sum, &l| sum.checked_add(l))
+        .unwrap_or(usize::MAX);
+    if t == 0 || head_dim == 0 || total < t {
+        return Err(BridgeError::shape(format!(
+            "{name}: {t} new positions of width {head_dim} need at least as many cached,              the pages hold {total}"
+        )));
+    }
+    let shape = vec![t, heads * head_dim];
+    element_count(&shape)?;
+    Ok(Plan {
+        dtype: q.dtype,
+        shape,
+        work: Work::Kernel(Kernel::CausalAttention {
+            dtype: q.dtype,
+            heads,
+            kv_heads,
+            head_dim,
+            t,
+            lengths,
         }),
     })
 }

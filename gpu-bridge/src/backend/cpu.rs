@@ -343,6 +343,7 @@ fn with_dtype(kernel: &Kernel, to: DType) -> Kernel {
         | Kernel::LayerNorm { dtype, .. }
         | Kernel::RmsNorm { dtype, .. }
         | Kernel::Attention { dtype, .. }
+        | Kernel::CausalAttention { dtype, .. }
         | Kernel::Linear { dtype, .. }
         | Kernel::SwiGlu { dtype, .. } => *dtype = to,
         _ => {}
@@ -461,6 +462,30 @@ fn run_native(kernel: &Kernel, inputs: &[&CpuBuffer], output: &mut CpuBuffer) ->
         } => {
             let qkv = input(inputs, 0, kernel)?.f32s();
             attention::attention(*heads, *head_dim, lengths, qkv, output.f32s_mut())?;
+        }
+        Kernel::CausalAttention {
+            heads,
+            kv_heads,
+            head_dim,
+            t,
+            lengths,
+            ..
+        } => {
+            let q = input(inputs, 0, kernel)?.f32s();
+            let pages = (0..lengths.len())
+                .map(|i| {
+                    let k = input(inputs, 1 + i, kernel)?.f32s();
+                    let v = input(inputs, 1 + lengths.len() + i, kernel)?.f32s();
+                    Ok((k, v))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let shape = attention::Causal {
+                heads: *heads,
+                kv_heads: *kv_heads,
+                head_dim: *head_dim,
+                t: *t,
+            };
+            attention::causal(shape, q, &pages, lengths, output.f32s_mut())?;
         }
         Kernel::LayerNorm {
             rows,

@@ -13,9 +13,15 @@
 //!   adjacent pairs `(2i, 2i+1)` (candle's `rope_i`). Rotating pairs is
 //!   linear, so `rope(x) = x·cos + (x @ R)·sin` with `R` a fixed ±1 matrix
 //!   that maps `(a, b)` to `(-b, a)`: four ops and no strided gathers.
-//! - The KV cache is per call, on the device, grown by `concat` (keys as
-//!   `[kv_heads, head_dim, positions]`, values as `[kv_heads, positions,
-//!   head_dim]`); only the last row of logits is read back.
+//! - The KV cache is per call, on the device. Where the device fuses
+//!   attention (the cpu backend) it is pages of up to [`CACHE_PAGE`]
+//!   positions, keys and values both `[kv_heads, positions, head_dim]`: a
+//!   token joins the last page (copying at most a page) and one
+//!   `causal-attention` op reads every page, with the causal mask and the
+//!   grouping of query heads inside it. Elsewhere it is grown by `concat`
+//!   (keys as `[kv_heads, head_dim, positions]`, values as `[kv_heads,
+//!   positions, head_dim]`) and attention is composed of matmuls and a
+//!   softmax. Only the last row of logits is read back.
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
@@ -118,6 +124,12 @@ impl std::fmt::Debug for Llama {
             .finish_non_exhaustive()
     }
 }
+
+/// Positions per page of the key/value cache where attention is fused: a
+/// decoded token copies at most this many positions per layer (the page
+/// it joins) instead of the whole cache, and attention reads one page more
+/// per this many positions.
+const CACHE_PAGE: usize = 64;
 
 fn invalid(model: &str, why: impl std::fmt::Display) -> BridgeError {
     BridgeError::invalid(format!("model `{model}`: {why}"))
@@ -395,7 +407,7 @@ impl Llama {
         let positions = self.config.positions;
         let mut sampler = Sampler::new(params);
         let mut scanner = StopScanner::new(&params.stop);
-        let mut cache: Vec<Option<(Tensor, Tensor)>> = vec![None; self.config.layers];
+        let mut cache: Vec<Vec<(Tensor, Tensor)>> = vec![Vec::new(); self.config.layers];
         let mut tokens: Vec<u32> = Vec::new();
         let mut logits = self.forward(prompt_ids, 0, &mut cache, account).await?;
         let mut position = prompt_ids.len();
@@ -454,7 +466,7 @@ impl Llama {
         account: &Arc<Account>,
     ) -> Result<Vec<f32>> {
         self.check_prompt(prompt)?;
-        let mut cache = vec![None; self.config.layers];
+        let mut cache = vec![Vec::new(); self.config.layers];
         let logits = self.forward(prompt, 0, &mut cache, account).await?;
         self.read_f32(&logits, account).await
     }
@@ -571,7 +583,7 @@ impl Llama {
         &self,
         ids: &[u32],
         start: usize,
-        cache: &mut [Option<(Tensor, Tensor)>],
+        cache: &mut [Vec<(Tensor, Tensor)>],
         account: &Arc<Account>,
     ) -> Result<Tensor> {
         let c = &self.config;
@@ -597,7 +609,8 @@ impl Llama {
         let sin = slice(&self.sin).await?;
         let cos_q = slice(&self.cos_q).await?;
         let sin_q = slice(&self.sin_q).await?;
-        let mask = if t > 1 {
+        let fused = self.device.description().fused_attention;
+        let mask = if t > 1 && !fused {
             let mut values = vec![0f32; t * total];
             for (i, row) in values.chunks_exact_mut(total).enumerate() {
                 row[start + i + 1..].fill(MASKED);
@@ -648,33 +661,54 @@ impl Llama {
             };
             let q = self.rope(g, &q, &cos_q, &sin_q).await?;
             let k = self.rope(g, &k, &cos, &sin).await?;
-            // Keys are cached transposed, `[kv, hd, positions]`: a new key
-            // `[kv, 1, hd]` is that shape for free, and the scores need no
-            // transpose of the whole cache per token.
-            let kt = g.op(Op::Transpose { dim0: 1, dim1: 2 }, &[&k]).await?;
-            let (kt, v) = match cached.take() {
-                Some((kt_old, v_old)) => {
-                    let kt = g.op(Op::Concat { dim: 2 }, &[&kt_old, &kt]).await?;
-                    let v = g.op(Op::Concat { dim: 1 }, &[&v_old, &v]).await?;
-                    (kt, v)
+            let o = if fused {
+                // Pages of keys and values, `[kv, positions, hd]`: new
+                // positions join the last page while it is short, so a
+                // token copies at most a page, not the whole cache.
+                match cached.pop() {
+                    Some((k_old, v_old)) if k_old.shape()[1] < CACHE_PAGE => {
+                        let k = g.op(Op::Concat { dim: 1 }, &[&k_old, &k]).await?;
+                        let v = g.op(Op::Concat { dim: 1 }, &[&v_old, &v]).await?;
+                        cached.push((k, v));
+                    }
+                    full => {
+                        cached.extend(full);
+                        cached.push((k, v));
+                    }
                 }
-                None => (kt, v),
-            };
-            *cached = Some((kt.clone(), v.clone()));
+                let mut operands = vec![&q];
+                operands.extend(cached.iter().map(|(k, _)| k));
+                operands.extend(cached.iter().map(|(_, v)| v));
+                g.op(Op::CausalAttention, &operands).await?
+            } else {
+                // Keys are cached transposed, `[kv, hd, positions]`: a new
+                // key `[kv, 1, hd]` is that shape for free, and the scores
+                // need no transpose of the whole cache per token.
+                let kt = g.op(Op::Transpose { dim0: 1, dim1: 2 }, &[&k]).await?;
+                let (kt, v) = match cached.pop() {
+                    Some((kt_old, v_old)) => {
+                        let kt = g.op(Op::Concat { dim: 2 }, &[&kt_old, &kt]).await?;
+                        let v = g.op(Op::Concat { dim: 1 }, &[&v_old, &v]).await?;
+                        (kt, v)
+                    }
+                    None => (kt, v),
+                };
+                cached.push((kt.clone(), v.clone()));
 
-            // Heads sharing a kv head are stacked as rows: [kv, groups·t, hd].
-            let q = g.reshape(&q, &[c.kv_heads, groups * t, hd]).await?;
-            let mut scores = g.matmul(&q, &kt).await?;
-            if let Some(mask) = &mask {
-                let s4 = g.reshape(&scores, &[c.kv_heads, groups, t, total]).await?;
-                let masked = g.add(&s4, mask).await?;
-                scores = g.reshape(&masked, &[c.kv_heads, groups * t, total]).await?;
-            }
-            let probs = g.softmax(&scores, -1).await?;
-            let o = g.matmul(&probs, &v).await?;
-            let o = g.reshape(&o, &[c.heads, t, hd]).await?;
-            let o = g.permute(&o, &[1, 0, 2]).await?;
-            let o = g.reshape(&o, &[t, c.hidden]).await?;
+                // Heads sharing a kv head are stacked as rows: [kv, groups·t, hd].
+                let q = g.reshape(&q, &[c.kv_heads, groups * t, hd]).await?;
+                let mut scores = g.matmul(&q, &kt).await?;
+                if let Some(mask) = &mask {
+                    let s4 = g.reshape(&scores, &[c.kv_heads, groups, t, total]).await?;
+                    let masked = g.add(&s4, mask).await?;
+                    scores = g.reshape(&masked, &[c.kv_heads, groups * t, total]).await?;
+                }
+                let probs = g.softmax(&scores, -1).await?;
+                let o = g.matmul(&probs, &v).await?;
+                let o = g.reshape(&o, &[c.heads, t, hd]).await?;
+                let o = g.permute(&o, &[1, 0, 2]).await?;
+                g.reshape(&o, &[t, c.hidden]).await?
+            };
             let attn = Self::linear(g, &o, &layer.wo).await?;
             x = g.add(&x, &attn).await?;
 

@@ -765,14 +765,40 @@ fn the_fetched_smollm2_matches_candle_when_present() {
     // llama.cpp (llama-cpp-python 0.3.36, 2 threads, greedy; what
     // `benches/llama_cpp.sh` runs) on this same file, whose sha256 the
     // manifest pins, picks these 16 tokens. Ours multiply the same 8-bit
-    // activation blocks with the same Q4_1/Q8_0 blocks, and pick the same.
+    // activation blocks with the same Q4_1/Q8_0 blocks; attention sums in
+    // another order (llama.cpp keeps its cache in f16). The 15th token
+    // ("…approximately 32" or "31") is a near tie: with the fused cpu
+    // attention our top two logits there are 0.003 apart (29.672 against
+    // 29.669), with attention composed of matmuls 0.05. So the first 14
+    // must be llama.cpp's, and where ours part from llama.cpp's its token
+    // must be within a near tie of our choice.
     const LLAMA_CPP: [u32; 16] = [
         7042, 30, 198, 198, 504, 1797, 1918, 553, 253, 2155, 282, 4723, 216, 35, 33, 33,
     ];
-    assert_eq!(
-        ours.tokens, LLAMA_CPP,
-        "SmolLM2: tokens differ from llama.cpp's"
+    let agree = ours
+        .tokens
+        .iter()
+        .zip(&LLAMA_CPP)
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(
+        agree >= 14,
+        "SmolLM2: tokens differ from llama.cpp's at {agree}: {:?} vs {LLAMA_CPP:?}",
+        ours.tokens
     );
+    if agree < LLAMA_CPP.len() {
+        let mut context = ids.clone();
+        context.extend(&ours.tokens[..agree]);
+        let logits = block_on(model.next_token_logits(&context, &account())).unwrap();
+        let ours_logit = logits[ours.tokens[agree] as usize];
+        let theirs = logits[LLAMA_CPP[agree] as usize];
+        assert!(
+            ours_logit - theirs < 0.1,
+            "SmolLM2: token {agree}: llama.cpp's {} has logit {theirs}, ours {} {ours_logit}",
+            LLAMA_CPP[agree],
+            ours.tokens[agree]
+        );
+    }
 
     // Candle (its quantized matmul, and the same weights multiplied in
     // f32) rounds differently, and a near tie at step 5 goes the other

@@ -610,6 +610,111 @@ fn linear_with_f32_weights_is_x_times_w_transposed() {
     });
 }
 
+/// Causal grouped-query attention over pages of keys and values, against
+/// the softmax of scaled dot products computed here in f64: the cache cut
+/// into pages at different places gives the same result, query `i` sees
+/// only positions up to its own, and query heads share kv heads in order.
+#[test]
+fn causal_attention_over_pages_matches_the_reference() {
+    on_every_device(|device, rng| {
+        let acct = account();
+        let (heads, kv_heads, hd) = (6, 2, 20);
+        for (t, cuts) in [
+            (1, &[5, 1][..]),
+            (3, &[4, 3][..]),
+            (4, &[2, 3, 1][..]),
+            (5, &[5][..]),
+        ] {
+            let total: usize = cuts.iter().sum();
+            let qv = rng.f32s(heads * t * hd);
+            let kv_all = rng.f32s(kv_heads * total * hd);
+            let vv_all = rng.f32s(kv_heads * total * hd);
+            let q = upload_f32(device, &[heads, t, hd], &qv, &acct);
+            // Page p holds positions start..start + len of every kv head.
+            let page = |values: &[f32], start: usize, len: usize| {
+                let rows: Vec<f32> = (0..kv_heads)
+                    .flat_map(|h| values[(h * total + start) * hd..][..len * hd].to_vec())
+                    .collect();
+                upload_f32(device, &[kv_heads, len, hd], &rows, &acct)
+            };
+            let (mut keys, mut values, mut start) = (Vec::new(), Vec::new(), 0);
+            for &len in cuts {
+                keys.push(page(&kv_all, start, len));
+                values.push(page(&vv_all, start, len));
+                start += len;
+            }
+            let mut operands = vec![&q];
+            operands.extend(&keys);
+            operands.extend(&values);
+            let result = block_on(device.run(&Op::CausalAttention, &operands, &acct));
+            if !device.description().fused_attention {
+                let err = result.expect_err("only backends with fused attention run it");
+                assert_eq!(err.code, gust_gpu_bridge::ErrorCode::Unsupported, "{err}");
+                continue;
+            }
+            let out = result.unwrap();
+            assert_eq!(out.shape(), [t, heads * hd]);
+            let got = read_f64(device, &out, &acct);
+            let mut want = vec![0f64; t * heads * hd];
+            for i in 0..t {
+                for h in 0..heads {
+                    let kvh = h / (heads / kv_heads);
+                    let seen = total - t + i + 1;
+                    let query = &qv[(h * t + i) * hd..][..hd];
+                    let scores: Vec<f64> = (0..seen)
+                        .map(|j| {
+                            let key = &kv_all[(kvh * total + j) * hd..][..hd];
+                            query
+                                .iter()
+                                .zip(key)
+                                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                                .sum()
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let sum: f64 = exps.iter().sum();
+                    for (j, e) in exps.iter().enumerate() {
+                        let value = &vv_all[(kvh * total + j) * hd..][..hd];
+                        for d in 0..hd {
+                            want[i * heads * hd + h * hd + d] += e / sum * f64::from(value[d]);
+                        }
+                    }
+                }
+            }
+            assert_close(
+                &format!("causal attention, t {t}, pages {cuts:?}"),
+                device,
+                &got,
+                &want,
+                rng.seed,
+            );
+        }
+        // Shapes that do not fit are refused before anything runs.
+        let q = upload_f32(device, &[6, 3, 20], &rng.f32s(360), &acct);
+        let k = upload_f32(device, &[4, 2, 20], &rng.f32s(160), &acct);
+        let short = upload_f32(device, &[2, 2, 20], &rng.f32s(80), &acct);
+        for (what, operands) in [
+            ("heads not a multiple of kv heads", vec![&q, &k, &k]),
+            (
+                "fewer cached positions than queries",
+                vec![&q, &short, &short],
+            ),
+            ("a key page without its value page", vec![&q, &short]),
+        ] {
+            let err = block_on(device.run(&Op::CausalAttention, &operands, &acct)).expect_err(what);
+            assert!(
+                matches!(
+                    err.code,
+                    gust_gpu_bridge::ErrorCode::ShapeMismatch
+                        | gust_gpu_bridge::ErrorCode::InvalidArgument
+                ),
+                "{what}: {err}"
+            );
+        }
+    });
+}
+
 /// f16 and bf16 weights times f32 inputs give f32 (the weights stay in 16
 /// bits), several matrices side by side, on the backends that run
 /// `linear`. The values are small multiples of 2⁻⁴ and 2⁻³, exact in both

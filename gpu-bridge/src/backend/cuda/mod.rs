@@ -71,10 +71,12 @@ impl CudaBackend {
         output: &mut CudaBuffer,
     ) -> Result<()> {
         match kernel {
-            Kernel::Attention { .. } => Err(BridgeError::unsupported(format!(
-                "{} runs on the cpu backend only; compose it from matmul and softmax",
-                kernel.name()
-            ))),
+            Kernel::Attention { .. } | Kernel::CausalAttention { .. } => {
+                Err(BridgeError::unsupported(format!(
+                    "{} runs on the cpu backend only; compose it from matmul and softmax",
+                    kernel.name()
+                )))
+            }
             Kernel::Linear { .. }
             | Kernel::SwiGlu { .. }
             | Kernel::Dequantize { .. }

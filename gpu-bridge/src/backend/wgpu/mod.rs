@@ -149,7 +149,7 @@ impl Backend for WgpuBackend {
             out: &output.buffer,
         };
         let steps = match kernel {
-            Kernel::Attention { .. } => {
+            Kernel::Attention { .. } | Kernel::CausalAttention { .. } => {
                 return Err(BridgeError::unsupported(format!(
                     "{} runs on the cpu backend only; compose it from matmul and softmax",
                     call.name
