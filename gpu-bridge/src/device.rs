@@ -980,6 +980,18 @@ impl Device {
                         self.inner.description.name
                     )));
                 }
+                if matches!(
+                    kernel,
+                    Kernel::Attention { .. } | Kernel::CausalAttention { .. }
+                ) && !self.inner.description.fused_attention
+                {
+                    return Err(BridgeError::unsupported(format!(
+                        "{} runs on the cpu backend only, not on {}; compose it from matmul \
+                         and softmax",
+                        op.name(),
+                        self.inner.description.name
+                    )));
+                }
                 if let Some(dtype) = kernel.compute_dtype()
                     && !self.inner.description.arithmetic_dtypes.contains(&dtype)
                 {
