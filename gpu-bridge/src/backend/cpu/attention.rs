@@ -198,10 +198,15 @@ pub(super) fn causal(
     // One task per (query row, head): its output slice is its own.
     let run = |(index, output): (usize, &mut [f32])| {
         let (row, head) = (index / heads, index % heads);
-        let query = &q[(head * t + row) * head_dim..][..head_dim];
-        let kv = head / (heads / kv_heads);
-        let seen = total - t + row + 1;
-        one_query(head_dim, query, kv, pages, lengths, seen, output);
+        let query = Query {
+            head_dim,
+            q: &q[(head * t + row) * head_dim..][..head_dim],
+            kv: head / (heads / kv_heads),
+            pages,
+            lengths,
+            seen: total - t + row + 1,
+        };
+        query.attend(output);
     };
     let out = &mut out[..t * hidden];
     if work >= CAUSAL_PARALLEL_THRESHOLD {
@@ -212,88 +217,74 @@ pub(super) fn causal(
     Ok(())
 }
 
-/// One query head over the first `seen` positions of kv head `kv`.
-fn one_query(
+/// One query head of a [`causal`] attention.
+struct Query<'a> {
     head_dim: usize,
-    query: &[f32],
-    kv: usize,
-    pages: &[(&[f32], &[f32])],
-    lengths: &[usize],
-    seen: usize,
-    output: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F, the only feature the function
-        // enables.
-        unsafe { one_query_avx512(head_dim, query, kv, pages, lengths, seen, output) };
-        return;
-    }
-    one_query_portable(head_dim, query, kv, pages, lengths, seen, output);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn one_query_avx512(
-    head_dim: usize,
-    query: &[f32],
-    kv: usize,
-    pages: &[(&[f32], &[f32])],
-    lengths: &[usize],
-    seen: usize,
-    output: &mut [f32],
-) {
-    one_query_portable(head_dim, query, kv, pages, lengths, seen, output);
-}
-
-/// The rows of kv head `kv` in each page, the first `seen` positions in all.
-fn rows<'a>(
-    head_dim: usize,
+    /// The query, `head_dim` values.
+    q: &'a [f32],
+    /// The kv head it reads.
     kv: usize,
     pages: &'a [(&'a [f32], &'a [f32])],
     lengths: &'a [usize],
+    /// Positions it sees: the first `seen` of all pages.
     seen: usize,
-) -> impl Iterator<Item = (&'a [f32], &'a [f32])> + 'a {
-    pages
-        .iter()
-        .zip(lengths)
-        .flat_map(move |(&(keys, values), &len)| {
-            let at = kv * len * head_dim;
-            keys[at..at + len * head_dim]
-                .chunks_exact(head_dim)
-                .zip(values[at..at + len * head_dim].chunks_exact(head_dim))
-        })
-        .take(seen)
 }
 
-#[inline(always)]
-fn one_query_portable(
-    head_dim: usize,
-    query: &[f32],
-    kv: usize,
-    pages: &[(&[f32], &[f32])],
-    lengths: &[usize],
-    seen: usize,
-    output: &mut [f32],
-) {
-    let mut scores = Vec::with_capacity(seen);
-    let mut max = f32::NEG_INFINITY;
-    for (key, _) in rows(head_dim, kv, pages, lengths, seen) {
-        let score = dot(query, key);
-        max = max.max(score);
-        scores.push(score);
+impl Query<'_> {
+    /// Writes the attention output, `head_dim` values.
+    fn attend(&self, output: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, the only feature the function
+            // enables.
+            unsafe { self.attend_avx512(output) };
+            return;
+        }
+        self.attend_portable(output);
     }
-    for score in scores.iter_mut() {
-        *score = exp_vectorisable(*score - max);
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn attend_avx512(&self, output: &mut [f32]) {
+        self.attend_portable(output);
     }
-    // In f64, as the softmax kernel sums.
-    let sum: f64 = scores.iter().map(|&e| f64::from(e)).sum();
-    let inv = (1.0 / sum) as f32;
-    output.fill(0.0);
-    for ((_, value), &score) in rows(head_dim, kv, pages, lengths, seen).zip(&scores) {
-        let weight = score * inv;
-        for (o, &v) in output.iter_mut().zip(value) {
-            *o += weight * v;
+
+    /// The key and value rows of its kv head, position by position.
+    fn rows(&self) -> impl Iterator<Item = (&[f32], &[f32])> {
+        let (head_dim, kv) = (self.head_dim, self.kv);
+        self.pages
+            .iter()
+            .zip(self.lengths)
+            .flat_map(move |(&(keys, values), &len)| {
+                let at = kv * len * head_dim;
+                keys[at..at + len * head_dim]
+                    .chunks_exact(head_dim)
+                    .zip(values[at..at + len * head_dim].chunks_exact(head_dim))
+            })
+            .take(self.seen)
+    }
+
+    #[inline(always)]
+    fn attend_portable(&self, output: &mut [f32]) {
+        let mut scores = Vec::with_capacity(self.seen);
+        let mut max = f32::NEG_INFINITY;
+        for (key, _) in self.rows() {
+            let score = dot(self.q, key);
+            max = max.max(score);
+            scores.push(score);
+        }
+        for score in scores.iter_mut() {
+            *score = exp_vectorisable(*score - max);
+        }
+        // In f64, as the softmax kernel sums.
+        let sum: f64 = scores.iter().map(|&e| f64::from(e)).sum();
+        let inv = (1.0 / sum) as f32;
+        output.fill(0.0);
+        for ((_, value), &score) in self.rows().zip(&scores) {
+            let weight = score * inv;
+            for (o, &v) in output.iter_mut().zip(value) {
+                *o += weight * v;
+            }
         }
     }
 }
