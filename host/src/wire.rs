@@ -55,6 +55,10 @@ pub struct Function {
     /// only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<String>,
+    /// Its own configuration values (`wasi:config/store`), over the tenant
+    /// policy's `[config]`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub config: std::collections::BTreeMap<String, String>,
     /// When the function was first deployed.
     #[serde(default)]
     pub created_at: String,
@@ -80,6 +84,7 @@ impl Function {
             retryable: record.retryable,
             schedule: schedule.map(str::to_owned),
             secrets: record.secrets.clone(),
+            config: record.config.clone(),
             created_at: rfc3339(record.created_at),
             updated_at: rfc3339(record.updated_at),
         }
@@ -112,6 +117,44 @@ impl From<&crate::service::SecretInfo> for Secret {
 pub struct SecretList {
     /// The tenant's secrets, by name.
     pub secrets: Vec<Secret>,
+}
+
+/// A key-value bucket, as `GET /v1/kv` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct KvBucket {
+    /// Its name, as functions open it.
+    pub name: String,
+    /// Keys it holds.
+    pub keys: u64,
+    /// Bytes of its keys and values (what `kv_max_bytes` counts).
+    pub bytes: u64,
+}
+
+impl From<&crate::store::KvBucket> for KvBucket {
+    fn from(bucket: &crate::store::KvBucket) -> Self {
+        Self {
+            name: bucket.name.clone(),
+            keys: bucket.keys,
+            bytes: bucket.bytes,
+        }
+    }
+}
+
+/// `GET /v1/kv`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct KvBucketList {
+    /// The tenant's buckets that hold keys, by name.
+    pub buckets: Vec<KvBucket>,
+}
+
+/// `GET /v1/kv/{bucket}`: a page of keys.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct KvKeyList {
+    /// Keys, in byte order.
+    pub keys: Vec<String>,
+    /// Pass as `cursor` for the next page; absent on the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<u64>,
 }
 
 /// `GET /v1/functions`.

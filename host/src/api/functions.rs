@@ -1,6 +1,7 @@
 //! Functions and their records: deploy, list, get, delete, logs and
 //! invocations.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
@@ -13,7 +14,8 @@ use super::{Handled, empty, json_response};
 use crate::service::Service;
 use crate::wire;
 
-/// `?public=…&retryable=…` of a deploy.
+/// `?public=…&retryable=…&secrets=…` of a deploy; `config=KEY=VALUE`
+/// (repeatable) is read from the raw query by [`deploy_config`].
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub(super) struct DeployFlags {
@@ -43,12 +45,16 @@ pub(super) struct LogsQuery {
 /// `201` for a new version, `200` when bytes and flags are unchanged.
 #[utoipa::path(
     put, path = "/v1/functions/{name}", tag = "functions", operation_id = "deployFunction",
-    params(("name" = String, Path, description = "Function name"), DeployFlags),
+    params(
+        ("name" = String, Path, description = "Function name"),
+        DeployFlags,
+        ("config" = Option<Vec<String>>, Query, description = "A configuration value the function reads through wasi:config/store, as `KEY=VALUE` (repeat for more; over the tenant policy's `[config]`)"),
+    ),
     request_body(description = "The component's bytes (any content type)", content((Vec<u8> = "application/wasm"), (Vec<u8> = "application/octet-stream"))),
     responses(
         (status = 201, description = "A new version", body = wire::Function),
         (status = 200, description = "Unchanged", body = wire::Function),
-        (status = 400, description = "Invalid name, flags or component (invalid-name, invalid-component, …), or a secret the tenant does not have (invalid-secret, invalid-secret-name)", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Invalid name, flags or component (invalid-name, invalid-component, …), a bad configuration value (invalid-config), or a secret the tenant does not have (invalid-secret, invalid-secret-name)", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid tenant key", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The body did not arrive within the host's body timeout", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Larger than the policy allows", body = Problem, content_type = "application/problem+json"),
@@ -76,12 +82,14 @@ pub(super) async fn deploy(
         .filter(|name| !name.is_empty())
         .map(str::to_owned)
         .collect();
+    let config = deploy_config(request.uri().query())?;
     let limit = service.policy(&tenant).max_component_bytes;
     let (_, bytes) = read_capped(request, limit, "the component").await?;
     let options = crate::service::DeployOptions {
         public,
         retryable,
         secrets,
+        config,
     };
     let deployed = service.deploy(&tenant, &name, bytes, options).await?;
     let status = if deployed.changed {
@@ -93,6 +101,26 @@ pub(super) async fn deploy(
         status,
         &wire::Function::from_record(&deployed.function, deployed.schedule.as_deref()),
     ))
+}
+
+/// The `config=KEY=VALUE` pairs of a deploy's query (a key given twice:
+/// the last wins), checked.
+fn deploy_config(query: Option<&str>) -> Result<BTreeMap<String, String>, Problem> {
+    let mut config = BTreeMap::new();
+    for (name, pair) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        if name != "config" {
+            continue;
+        }
+        let Some((key, value)) = pair.split_once('=') else {
+            return Err(Problem::bad_request(
+                "invalid-config",
+                format!("`config={pair}` must be `config=KEY=VALUE`"),
+            ));
+        };
+        config.insert(key.to_owned(), value.to_owned());
+    }
+    crate::service::check_config(&config)?;
+    Ok(config)
 }
 
 /// List the caller's functions.

@@ -17,6 +17,7 @@ mod host;
 mod http_route;
 mod invoke;
 mod jobs;
+mod kv;
 mod map;
 mod openapi;
 mod problem;

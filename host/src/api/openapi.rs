@@ -10,7 +10,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::problem::Problem;
-use super::{functions, host, http_route, invoke, jobs, map, schedules, secrets, tenants, ws};
+use super::{functions, host, http_route, invoke, jobs, kv, map, schedules, secrets, tenants, ws};
 use crate::service::Service;
 
 /// The document's fixed parts: info, tags, the bearer scheme and the
@@ -42,6 +42,7 @@ use crate::service::Service;
         (name = "jobs", description = "Invocations that run later"),
         (name = "schedules", description = "Cron schedules"),
         (name = "secrets", description = "Tenant secrets: set once, given to the functions deployed with them as environment variables"),
+        (name = "kv", description = "Key-value buckets: what functions keep through wasi:keyvalue, to inspect and seed"),
         (name = "keys", description = "API keys and tenants"),
         (name = "gpu", description = "GPU-bridge usage and models")
     )
@@ -84,6 +85,9 @@ pub(super) fn routes() -> OpenApiRouter<Arc<Service>> {
         .routes(routes!(schedules::put, schedules::get, schedules::delete))
         .routes(routes!(secrets::list))
         .routes(routes!(secrets::put, secrets::delete))
+        .routes(routes!(kv::buckets))
+        .routes(routes!(kv::keys))
+        .routes(routes!(kv::get, kv::put, kv::delete))
         .routes(routes!(host::usage))
         .routes(routes!(host::models))
         .routes(routes!(tenants::create_own_key, tenants::list_own_keys))

@@ -54,6 +54,12 @@ pub(crate) struct DeployArgs {
     #[arg(long = "secret", value_name = "NAME")]
     pub(crate) secrets: Vec<String>,
 
+    /// A configuration value the function reads through
+    /// `wasi:config/store`, over the tenant policy's `[config]`; repeat
+    /// for more. Redeploying without it takes it away.
+    #[arg(long = "config", value_name = "KEY=VALUE", value_parser = config_pair)]
+    pub(crate) config: Vec<String>,
+
     #[command(flatten)]
     pub(crate) connect: ConnectArgs,
 }
@@ -162,6 +168,12 @@ pub(crate) async fn deploy(
         let names: Vec<String> = args.secrets.iter().map(|s| segment(s)).collect();
         flags.push(format!("secrets={}", names.join(",")));
     }
+    for pair in &args.config {
+        flags.push(format!(
+            "config={}",
+            form_urlencoded::byte_serialize(pair.as_bytes()).collect::<String>()
+        ));
+    }
     if !flags.is_empty() {
         path.push('?');
         path.push_str(&flags.join("&"));
@@ -188,6 +200,14 @@ pub(crate) async fn deploy(
     let function: Function = decode(value, "function")?;
     writeln!(out, "{}", summary(status, &function))?;
     Ok(())
+}
+
+/// A `--config` argument: `KEY=VALUE`.
+fn config_pair(text: &str) -> Result<String, String> {
+    match text.split_once('=') {
+        Some((key, _)) if !key.is_empty() => Ok(text.to_owned()),
+        _ => Err(format!("`{text}` must be KEY=VALUE")),
+    }
 }
 
 /// The one line a deploy prints.
@@ -344,6 +364,7 @@ mod tests {
             public: true,
             retryable: false,
             secrets: Vec::new(),
+            config: Vec::new(),
             connect: host.connect(),
         };
         let mut out = Vec::new();
@@ -383,6 +404,7 @@ mod tests {
             public: false,
             retryable: false,
             secrets: Vec::new(),
+            config: Vec::new(),
             connect: ConnectArgs {
                 url: "http://127.0.0.1:1".to_owned(),
                 key: Some("gust_x".to_owned()),

@@ -13,6 +13,7 @@ mod deploy;
 mod functions;
 mod invoke;
 mod jobs;
+mod kv;
 mod map;
 mod objects;
 mod output;
@@ -173,6 +174,11 @@ enum Command {
     /// variables. Values are sealed at rest and never shown again.
     #[command(after_long_help = CLIENT_EXIT_STATUS)]
     Secrets(secrets::SecretsArgs),
+
+    /// Inspect and seed the tenant's key-value buckets: what its functions
+    /// keep through `wasi:keyvalue`.
+    #[command(after_long_help = CLIENT_EXIT_STATUS)]
+    Kv(kv::KvArgs),
 }
 
 /// Where compiled components are cached when `--cache-dir` is not given.
@@ -310,6 +316,10 @@ pub(crate) async fn dispatch(cli: Cli) -> ExitCode {
                 &mut stderr(),
             ))
             .await
+        }
+        Command::Kv(args) => {
+            let mut stdin = std::io::stdin();
+            client_command(kv::kv(&args, &mut stdin, &mut stdout(), &mut stderr())).await
         }
     }
 }

@@ -1,10 +1,12 @@
-//! Host bindings generated from `wit/` (the `gust:function/guest` world).
+//! Host bindings generated from `wit/` (the `gust:function/platform`
+//! world: the `guest` world and the standard interfaces the host links
+//! beside it).
 
 #![allow(missing_docs, unreachable_pub)]
 
 wasmtime::component::bindgen!({
     path: "../wit",
-    world: "gust:function/guest",
+    world: "gust:function/platform",
     imports: { default: async | trappable },
     exports: { default: async },
     with: {
@@ -14,5 +16,6 @@ wasmtime::component::bindgen!({
         "wasi:nn/graph.graph": crate::runtime::host::nn::NnGraph,
         "wasi:nn/inference.graph-execution-context": crate::runtime::host::nn::NnContext,
         "wasi:nn/errors.error": crate::runtime::host::nn::NnError,
+        "wasi:keyvalue/store.bucket": crate::runtime::host::kv::KvBucket,
     },
 });

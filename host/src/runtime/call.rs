@@ -12,7 +12,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 use super::Runtime;
-use super::bindings::Guest;
+use super::bindings::Platform;
 use super::bindings::exports::gust::function::handler as wit_handler;
 use super::capture::BoundedCapture;
 use super::config::CallLimits;
@@ -156,7 +156,14 @@ impl Runtime {
             log: EgressLog::default(),
             trace: control.trace,
         };
-        state.renew(egress, memory_limit, limits.gpu.clone(), deadline);
+        state.renew(
+            egress,
+            memory_limit,
+            limits.gpu.clone(),
+            deadline,
+            Arc::clone(&limits.config),
+            limits.kv.clone(),
+        );
         state.output = match control.stream {
             Some(sender) => control::OutputSink::stream(sender, cancel.clone()),
             None => control::OutputSink::Buffer {
@@ -464,7 +471,7 @@ fn wasi_grants(limits: &CallLimits) -> (WasiGrants, BoundedCapture, BoundedCaptu
 /// a call.
 struct Resumable {
     store: Store<CallState>,
-    guest: Option<Guest>,
+    guest: Option<Platform>,
     stdout: BoundedCapture,
     stderr: BoundedCapture,
     uses: u32,
@@ -475,7 +482,7 @@ struct Call {
     store: Store<CallState>,
     /// Before the call: the instance to reuse, if any. After it: the
     /// instance to keep, if the call may leave it behind.
-    guest: Option<Guest>,
+    guest: Option<Platform>,
     stdout: BoundedCapture,
     stderr: BoundedCapture,
     started: Instant,

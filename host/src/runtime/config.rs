@@ -158,6 +158,12 @@ pub struct CallLimits {
     /// GPU-bridge devices and the tenant's account; `None` makes every
     /// bridge call answer `forbidden`.
     pub gpu: Option<super::host::GpuGrant>,
+    /// What `wasi:config/store` answers, sorted by key (shared, not
+    /// copied, per call).
+    pub config: Arc<[(String, String)]>,
+    /// The tenant's key-value buckets; `None`: `wasi:keyvalue` answers
+    /// `access-denied`.
+    pub kv: Option<Arc<dyn super::host::KeyValue>>,
     /// Whether the call may run in an instance an earlier call of the same
     /// scope left behind (and leave its own for the next); `None`: a fresh
     /// instance, always.
@@ -225,6 +231,8 @@ impl Default for CallLimits {
             outbound: OutboundPolicy::default(),
             preopens: Arc::new([]),
             gpu: None,
+            config: Arc::new([]),
+            kv: None,
             reuse: None,
             ready: None,
         }

@@ -191,6 +191,8 @@ impl Runtime {
             .map_err(RuntimeError::Linker)?;
         host::gpu::add_to_linker(&mut linker).map_err(RuntimeError::Linker)?;
         host::nn::add_to_linker(&mut linker).map_err(RuntimeError::Linker)?;
+        host::kv::add_to_linker(&mut linker).map_err(RuntimeError::Linker)?;
+        host::config::add_to_linker(&mut linker).map_err(RuntimeError::Linker)?;
         let cache = CompileCache::open(&config.cache_dir, &engine)?;
         let ticker = EpochTicker::start(engine.clone(), config.epoch_tick);
         let idle = Arc::new(InstancePool::new(

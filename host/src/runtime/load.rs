@@ -10,7 +10,7 @@ use std::time::Instant;
 use wasmtime::component::Component;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
-use super::bindings::GuestPre;
+use super::bindings::PlatformPre;
 use super::cache::Lookup;
 use super::imports;
 use super::reuse::Instance;
@@ -93,7 +93,7 @@ pub enum LoadSource {
 
 #[derive(Clone)]
 pub(super) enum Prepared {
-    Handler(GuestPre<CallState>),
+    Handler(PlatformPre<CallState>),
     // Served by the HTTP front end, which arrives with the server.
     Http(ProxyPre<CallState>),
 }
@@ -294,7 +294,7 @@ impl Runtime {
             .iter()
             .any(|e| imports::same_interface(e, HANDLER_EXPORT))
         {
-            Prepared::Handler(GuestPre::new(pre).map_err(LoadError::ExportMismatch)?)
+            Prepared::Handler(PlatformPre::new(pre).map_err(LoadError::ExportMismatch)?)
         } else if exports.iter().any(|e| e.starts_with(HTTP_EXPORT_PREFIX)) {
             Prepared::Http(ProxyPre::new(pre).map_err(LoadError::ExportMismatch)?)
         } else {

@@ -46,7 +46,7 @@ pub use self::egress::{
     Destination, EgressError, InvalidOutboundRule, OutboundPolicy, OutboundRule, restricted_kind,
 };
 pub use self::engine::{AllocatorInUse, RuntimeError, RuntimeStats, StatsSnapshot};
-pub use self::host::{GpuGrant, ModelGrant, ModelUsage};
+pub use self::host::{GpuGrant, KeyValue, KvFailure, ModelGrant, ModelUsage};
 pub use self::http::{BodyTooLarge, CappedBody, CappedBodyError};
 pub use self::load::{
     HANDLER_EXPORT, HTTP_EXPORT_PREFIX, LoadError, LoadSource, LoadedComponent, World,

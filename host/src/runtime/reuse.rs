@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use wasmtime::Store;
 use wasmtime_wasi_http::p2::bindings::Proxy;
 
-use super::bindings::Guest;
+use super::bindings::Platform;
 use super::capture::BoundedCapture;
 use super::config::{CallLimits, Preopen};
 use super::state::CallState;
@@ -110,14 +110,14 @@ enum Kept {
 /// A kept instance's exports, by world.
 pub(crate) enum Instance {
     /// A `gust:function/handler` component.
-    Handler(Guest),
+    Handler(Platform),
     /// A `wasi:http/proxy` component.
     Http(Proxy),
 }
 
 impl Instance {
     /// The handler's exports, if it is one.
-    pub(crate) fn into_handler(self) -> Option<Guest> {
+    pub(crate) fn into_handler(self) -> Option<Platform> {
         match self {
             Self::Handler(guest) => Some(guest),
             Self::Http(_) => None,
@@ -149,7 +149,7 @@ impl IdleInstance {
     /// An instance an earlier call, made with `limits`, left behind.
     pub(crate) fn reused(
         store: Store<CallState>,
-        guest: Guest,
+        guest: Platform,
         stdout: BoundedCapture,
         stderr: BoundedCapture,
         uses: u32,

@@ -10,7 +10,9 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 use super::capture::BoundedCapture;
 use super::egress::Egress;
 use super::host::GpuGrant;
+use super::host::config::{ConfigCtxView, ConfigView};
 use super::host::gpu::{GpuCtxView, GpuSession, GpuView};
+use super::host::kv::{KeyValue, KvCtxView, KvView};
 use super::host::nn::{NnCtxView, NnView};
 use super::http::GustHttpHooks;
 
@@ -156,6 +158,10 @@ pub(crate) struct CallState {
     pub(crate) gpu: GpuSession,
     /// Where `gust:function/output.emit` sends chunks.
     pub(crate) output: super::control::OutputSink,
+    /// What `wasi:config/store` answers, sorted by key.
+    config: Arc<[(String, String)]>,
+    /// The tenant's buckets (`wasi:keyvalue`); `None`: no access.
+    kv: Option<Arc<dyn KeyValue>>,
     /// Whether any host import reached this state: every import goes
     /// through one of the views below (WASI, `wasi:http`, the bridge,
     /// `wasi:nn`) or [`CallState::output`]. An instance whose instantiation
@@ -183,6 +189,8 @@ impl CallState {
             },
             gpu: GpuSession::new(None, None),
             output: super::control::OutputSink::default(),
+            config: Arc::new([]),
+            kv: None,
             host_touched: false,
         }
     }
@@ -195,7 +203,7 @@ impl CallState {
 
     /// Sets what belongs to one call: its memory limit (the memory already
     /// held counts against it), egress (rules, deadline, trace), GPU grant
-    /// and deadline.
+    /// and deadline, configuration and key-value access.
     /// Tensors and other resources an earlier call of a reused instance
     /// left behind stay, charged as before.
     pub(crate) fn renew(
@@ -204,7 +212,11 @@ impl CallState {
         memory_limit_bytes: usize,
         gpu: Option<GpuGrant>,
         deadline: std::time::Instant,
+        config: Arc<[(String, String)]>,
+        kv: Option<Arc<dyn KeyValue>>,
     ) {
+        self.config = config;
+        self.kv = kv;
         self.http_hooks = GustHttpHooks {
             egress: Some(egress),
         };
@@ -269,6 +281,25 @@ impl NnView for CallState {
             session: &mut self.gpu,
             table: &mut self.table,
             limiter: &mut self.limiter,
+        }
+    }
+}
+
+impl ConfigView for CallState {
+    fn config(&mut self) -> ConfigCtxView<'_> {
+        self.host_touched = true;
+        ConfigCtxView {
+            values: &self.config,
+        }
+    }
+}
+
+impl KvView for CallState {
+    fn kv(&mut self) -> KvCtxView<'_> {
+        self.host_touched = true;
+        KvCtxView {
+            kv: self.kv.as_ref(),
+            table: &mut self.table,
         }
     }
 }

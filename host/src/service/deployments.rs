@@ -1,7 +1,7 @@
 //! Functions: deploy (validate, compile, store, cache), list, delete, and
 //! the in-memory map of loaded deployments every call starts from.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use super::{ServeError, Service, ServiceError};
@@ -147,6 +147,40 @@ pub struct DeployOptions {
     pub retryable: bool,
     /// The tenant's secrets its calls get as environment variables.
     pub secrets: Vec<String>,
+    /// Configuration values its calls read through `wasi:config/store`,
+    /// over the tenant policy's `[config]`.
+    pub config: BTreeMap<String, String>,
+}
+
+/// Configuration values one function may be deployed with, at most.
+pub const MAX_FUNCTION_CONFIG: usize = 256;
+
+/// Checks a deploy's configuration values (see [`DeployOptions::config`]).
+///
+/// # Errors
+/// [`ServiceError::InvalidConfig`] naming what is wrong.
+pub fn check_config(config: &BTreeMap<String, String>) -> Result<(), ServiceError> {
+    use crate::tenancy::policy::{MAX_CONFIG_KEY_LEN, MAX_CONFIG_VALUE_BYTES, valid_config_key};
+    if config.len() > MAX_FUNCTION_CONFIG {
+        return Err(ServiceError::InvalidConfig(format!(
+            "{} configuration values given; a function has at most {MAX_FUNCTION_CONFIG}",
+            config.len()
+        )));
+    }
+    for (key, value) in config {
+        if !valid_config_key(key) {
+            return Err(ServiceError::InvalidConfig(format!(
+                "{key:?} is not a valid configuration key: use 1-{MAX_CONFIG_KEY_LEN} of A-Z, a-z, 0-9, `_`, `.` and `-`"
+            )));
+        }
+        if value.len() > MAX_CONFIG_VALUE_BYTES {
+            return Err(ServiceError::InvalidConfig(format!(
+                "the value of {key:?} is {} bytes; at most {MAX_CONFIG_VALUE_BYTES}",
+                value.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl Service {
@@ -267,6 +301,7 @@ impl Service {
         options: DeployOptions,
     ) -> Result<Deployed, ServiceError> {
         let name = checked_name(name, "function")?.to_owned();
+        check_config(&options.config)?;
         // Refused before compiling: it could not be stored.
         self.ready().map_err(ServiceError::StoreUnavailable)?;
         // Refused before compiling too: a secret the tenant does not have.
@@ -354,6 +389,7 @@ impl Service {
                     public: options.public,
                     retryable: options.retryable,
                     secrets: options.secrets,
+                    config: options.config,
                 })?)
             });
             let deployed = match written {

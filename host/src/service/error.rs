@@ -123,6 +123,16 @@ pub enum ServiceError {
         /// Why.
         reason: String,
     },
+    /// A configuration key or value that cannot be one (deploy `config`).
+    #[error("{0}")]
+    InvalidConfig(String),
+    /// A bucket name or key that cannot be one, or a value that cannot be
+    /// stored as asked (a counter that is not a number).
+    #[error("{0}")]
+    InvalidKv(String),
+    /// A key-value write beyond the tenant's `kv_*` quotas.
+    #[error("{0}")]
+    KvQuota(#[source] crate::store::KvRefused),
     /// The thing to create exists already.
     #[error("{0}")]
     Conflict(String),
@@ -195,6 +205,9 @@ impl ServiceError {
                 "secret-unreadable",
                 false,
             ),
+            Self::InvalidConfig(_) => (StatusCode::BAD_REQUEST, "invalid-config", false),
+            Self::InvalidKv(_) => (StatusCode::BAD_REQUEST, "invalid-kv", false),
+            Self::KvQuota(_) => (StatusCode::INSUFFICIENT_STORAGE, "quota-exceeded", false),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict", false),
             Self::Unloadable { .. }
             | Self::Volume(_)

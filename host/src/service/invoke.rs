@@ -224,7 +224,8 @@ impl Service {
     }
 
     /// `deployment` ready to call: loaded, limits resolved, its secrets
-    /// opened into its environment.
+    /// opened into its environment and configuration, its configuration
+    /// laid over the policy's, its key-value grant made.
     ///
     /// # Errors
     /// [`ServiceError::Unloadable`], [`ServiceError::Volume`],
@@ -236,8 +237,10 @@ impl Service {
             reason,
         })?;
         let mut limits = self.limits(&record.tenant, &record.name)?;
-        if !record.secrets.is_empty() {
-            limits.env = self.secret_env(&record, &limits.env)?;
+        limits.kv = self.kv_grant(&record.tenant);
+        if !record.secrets.is_empty() || !record.config.is_empty() {
+            (limits.env, limits.config) =
+                self.function_grants(&record, &limits.env, &limits.config)?;
         }
         Ok(Target {
             function: record,

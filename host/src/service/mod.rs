@@ -20,6 +20,7 @@ mod error;
 mod health;
 mod invoke;
 pub mod jobs;
+mod kv;
 mod metrics;
 mod records;
 mod schedules;
@@ -35,11 +36,16 @@ use self::admission::Admission;
 pub use self::admission::{Admit, Permit};
 pub use self::config::{ConnectionLimits, FirstStart, ServeConfig, ServeError, StoreLocation};
 use self::deployments::Deployments;
-pub use self::deployments::{DeployOptions, Deployed, Deployment, checked_name};
+pub use self::deployments::{
+    DeployOptions, Deployed, Deployment, MAX_FUNCTION_CONFIG, check_config, checked_name,
+};
 pub use self::error::ServiceError;
 pub use self::invoke::{Access, Failure, Started, Target, json_input};
 pub use self::jobs::CANCELLED_STATUS;
 use self::jobs::Jobs;
+pub use self::kv::{
+    KvKeys, MAX_BUCKET_NAME_LEN, MAX_KEYS_PAGE, MAX_KV_KEY_BYTES, valid_bucket_name,
+};
 use self::metrics::Metrics;
 use self::schedules::Schedules;
 pub use self::secrets::{

@@ -27,6 +27,9 @@ use zeroize::Zeroizing;
 use super::{Service, ServiceError};
 use crate::store::{MetaStore, SecretPut, SecretRecord, StoreError, now_millis};
 
+/// Names and values, sorted by name: an environment or a configuration.
+type Pairs = Arc<[(String, String)]>;
+
 /// The largest secret value, in bytes.
 pub const MAX_SECRET_BYTES: usize = 64 * 1024;
 
@@ -523,17 +526,41 @@ impl Service {
         Ok(names)
     }
 
-    /// The environment of a call of `function`: the policy's `env` and the
-    /// function's secrets (a secret wins over a policy variable of the same
-    /// name), and the secrets' values for redacting its captured output.
-    pub(crate) fn secret_env(
+    /// The environment and configuration of a call of `function`:
+    /// - environment: the policy's `env` and the function's secrets (a
+    ///   secret wins over a policy variable of the same name);
+    /// - configuration (`wasi:config`): the policy's `[config]`, the
+    ///   function's own values over it, its secrets over both.
+    pub(crate) fn function_grants(
         &self,
         function: &crate::store::FunctionRecord,
-        policy_env: &Arc<[(String, String)]>,
-    ) -> Result<Arc<[(String, String)]>, ServiceError> {
-        let opened = self
-            .secrets
-            .open(&function.tenant, &function.name, &function.secrets)?;
+        policy_env: &Pairs,
+        policy_config: &Pairs,
+    ) -> Result<(Pairs, Pairs), ServiceError> {
+        let opened = if function.secrets.is_empty() {
+            Vec::new()
+        } else {
+            self.secrets
+                .open(&function.tenant, &function.name, &function.secrets)?
+        };
+        let mut config: std::collections::BTreeMap<&str, &str> = policy_config
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        config.extend(
+            function
+                .config
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        config.extend(opened.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let config: Pairs = config
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        if opened.is_empty() {
+            return Ok((Arc::clone(policy_env), config));
+        }
         let mut env: Vec<(String, String)> = policy_env
             .iter()
             .filter(|(name, _)| !opened.iter().any(|(secret, _)| secret == name))
@@ -545,7 +572,7 @@ impl Service {
                 .map(|(name, value)| (name.clone(), value.as_str().to_owned())),
         );
         env.sort();
-        Ok(env.into())
+        Ok((env.into(), config))
     }
 
     /// `function`'s secret values, for redacting what it printed; empty

@@ -8,15 +8,18 @@
 //! PostgreSQL database that several hosts share.
 
 mod blobs;
+pub mod kv;
 pub mod migrate;
 pub mod postgres;
 pub mod sled;
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
 pub use self::blobs::{BlobStore, FsBlobStore};
+pub use self::kv::{KvBucket, KvLimits, KvRefused, KvStore, KvWrite};
 
 /// Milliseconds since the Unix epoch.
 pub type UnixMillis = u64;
@@ -265,6 +268,10 @@ pub struct FunctionRecord {
     /// name, sorted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<String>,
+    /// Configuration values its calls read through `wasi:config/store`
+    /// (over the tenant policy's `[config]`), by key.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
     /// First deploy.
     pub created_at: UnixMillis,
     /// Latest changed deploy.
@@ -290,6 +297,8 @@ pub struct DeployRequest {
     pub retryable: bool,
     /// Secrets by name, sorted (see [`FunctionRecord::secrets`]).
     pub secrets: Vec<String>,
+    /// Configuration values (see [`FunctionRecord::config`]).
+    pub config: BTreeMap<String, String>,
 }
 
 impl DeployRequest {
@@ -310,6 +319,7 @@ impl DeployRequest {
             public: self.public,
             retryable: self.retryable,
             secrets: self.secrets.clone(),
+            config: self.config.clone(),
             created_at,
             updated_at,
         }
@@ -321,6 +331,7 @@ impl DeployRequest {
             && current.public == self.public
             && current.retryable == self.retryable
             && current.secrets == self.secrets
+            && current.config == self.config
     }
 }
 
@@ -727,6 +738,9 @@ pub trait MetaStore: Send + Sync + 'static {
     fn check_ready(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// The tenants' key-value buckets.
+    fn kv(&self) -> &dyn KvStore;
 
     /// What a store that several hosts share offers beyond this trait;
     /// `None` for a store only this process writes (which then keeps its

@@ -47,7 +47,7 @@ const STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Columns of `functions` in the order [`function`] reads them.
-const FUNCTION_COLUMNS: &str = "tenant, name, version, digest, size, world, public, retryable, created_at, updated_at, incarnation, secrets";
+const FUNCTION_COLUMNS: &str = "tenant, name, version, digest, size, world, public, retryable, created_at, updated_at, incarnation, secrets, config";
 
 /// A PostgreSQL-backed store; cheap to clone (the pool and runtime are
 /// shared).
@@ -405,6 +405,7 @@ fn function(row: &Row) -> Result<(FunctionRecord, i64), StoreError> {
         public: row.try_get(6).map_err(postgres)?,
         retryable: row.try_get(7).map_err(postgres)?,
         secrets: row.try_get(11).map_err(postgres)?,
+        config: json(row, 12)?,
         created_at: u64_of(row.try_get(8).map_err(postgres)?),
         updated_at: u64_of(row.try_get(9).map_err(postgres)?),
     };
@@ -803,6 +804,10 @@ impl MetaStore for PgStore {
         Ok(())
     }
 
+    fn kv(&self) -> &dyn super::KvStore {
+        self
+    }
+
     fn shared(&self) -> Option<&dyn SharedStore> {
         Some(self)
     }
@@ -853,7 +858,8 @@ async fn deploy_once(
             (request.function(1, now, now), row.try_get(0)?)
         }
     };
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 12] = [
+    let config = Json(&record.config);
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 13] = [
         &record.tenant,
         &record.name,
         &incarnation,
@@ -866,14 +872,15 @@ async fn deploy_once(
         &i64_of(record.created_at),
         &i64_of(record.updated_at),
         &record.secrets,
+        &config,
     ];
     if first {
         // A first deploy racing another of the same name fails here with a
         // unique violation and is retried (it then finds the other's row).
         tx.execute(
             "INSERT INTO functions (tenant, name, incarnation, version, digest, size, world,
-                                    public, retryable, created_at, updated_at, secrets)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                                    public, retryable, created_at, updated_at, secrets, config)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
             &params,
         )
         .await?;
@@ -881,7 +888,8 @@ async fn deploy_once(
         // The row is locked (`FOR UPDATE` above).
         tx.execute(
             "UPDATE functions SET version = $4, digest = $5, size = $6, world = $7,
-                    public = $8, retryable = $9, updated_at = $11, secrets = $12
+                    public = $8, retryable = $9, updated_at = $11, secrets = $12,
+                    config = $13
               WHERE tenant = $1 AND name = $2 AND incarnation = $3 AND created_at = $10",
             &params,
         )
@@ -984,6 +992,7 @@ impl BlobStore for PgBlobStore {
 // Last: they use the helpers above, `params!` among them.
 mod import;
 mod jobs;
+mod kv;
 mod records;
 mod secrets;
 pub mod tls;

@@ -23,6 +23,8 @@
 //! | `jobs`              | part(tenant) job id (raw)                 | [`JobRecord`] (JSON)               |
 //! | `schedules`         | part(tenant) part(function)               | [`ScheduleRecord`] (JSON)          |
 //! | `secrets`           | part(tenant) part(name)                   | [`SecretRecord`] (JSON, sealed)    |
+//! | `kv`                | part(tenant) part(bucket) part(key)       | the value (raw)                    |
+//! | `kv_journal`        | seq                                       | a batch of `kv` writes (JSON)      |
 //!
 //! The default tree holds `gust_meta_format` = `1`, the layout's version.
 //!
@@ -59,6 +61,8 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sled::{Db, IVec, Tree};
+
+mod kv;
 
 use super::{
     ApiKeyRecord, BackendError, DeployRequest, Deployed, FunctionRecord, InvocationRecord,
@@ -104,6 +108,13 @@ pub struct SledStore {
     secrets: Tree,
     /// Bumped at every secret write (see [`MetaStore::secrets_changed`]).
     secrets_changed: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Tenants' buckets (see `kv`).
+    kv: Tree,
+    /// Batches of `kv` writes being made (see `kv`).
+    kv_journal: Tree,
+    /// What each tenant's buckets hold, counted at its first write since
+    /// the store was opened; read and changed only under `writes`.
+    kv_usage: Arc<std::sync::Mutex<std::collections::HashMap<String, super::kv::KvUsage>>>,
     /// Records that did not decode, moved aside (key `<tree>\0<key>`) so
     /// that one bad record does not stop the host from starting.
     quarantine: Tree,
@@ -199,12 +210,16 @@ impl SledStore {
             schedules: tree("schedules")?,
             secrets: tree("secrets")?,
             secrets_changed: Arc::new(tokio::sync::watch::Sender::new(0)),
+            kv: tree("kv")?,
+            kv_journal: tree("kv_journal")?,
+            kv_usage: Arc::default(),
             quarantine: tree("quarantine")?,
             db,
             retention: retention_per_function,
             writes: Arc::new(std::sync::Mutex::new(())),
         };
         store.repair()?;
+        store.replay_kv_journal()?;
         store.finish_purges()?;
         Ok(store)
     }
@@ -1009,6 +1024,10 @@ impl MetaStore for SledStore {
         self.secrets_changed.subscribe()
     }
 
+    fn kv(&self) -> &dyn super::KvStore {
+        self
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         self.sync()
     }
@@ -1239,6 +1258,7 @@ mod tests {
     fn request(tenant: &str, name: &str, digest: &str, public: bool) -> DeployRequest {
         DeployRequest {
             secrets: Vec::new(),
+            config: std::collections::BTreeMap::new(),
             retryable: false,
             tenant: tenant.into(),
             name: name.into(),

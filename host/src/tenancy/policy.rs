@@ -72,6 +72,25 @@ pub const MAX_COMPONENT_BYTES_RANGE: RangeInclusive<u64> = 1..=GIB;
 pub const MAX_FUNCTIONS_RANGE: RangeInclusive<u64> = 1..=100_000;
 /// Allowed `max_secrets`.
 pub const MAX_SECRETS_RANGE: RangeInclusive<u64> = 0..=10_000;
+/// Allowed `kv_max_buckets` (0: no key-value store).
+pub const KV_MAX_BUCKETS_RANGE: RangeInclusive<u64> = 0..=10_000;
+/// Allowed `kv_max_keys`.
+pub const KV_MAX_KEYS_RANGE: RangeInclusive<u64> = 0..=100_000_000;
+/// Allowed `kv_max_bytes`.
+pub const KV_MAX_BYTES_RANGE: RangeInclusive<u64> = 0..=1024 * GIB;
+/// The longest configuration key (`[config]`, `deploy --config`).
+pub const MAX_CONFIG_KEY_LEN: usize = 128;
+/// The longest configuration value.
+pub const MAX_CONFIG_VALUE_BYTES: usize = 16 * 1024;
+
+/// Whether `key` may name a configuration value (`wasi:config`): 1 to
+/// [`MAX_CONFIG_KEY_LEN`] ASCII letters, digits, `_`, `.` and `-`.
+pub fn valid_config_key(key: &str) -> bool {
+    (1..=MAX_CONFIG_KEY_LEN).contains(&key.len())
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
 /// Allowed `max_storage_bytes`: up to a TiB of components per tenant.
 pub const MAX_STORAGE_BYTES_RANGE: RangeInclusive<u64> = 1..=1024 * GIB;
 /// Allowed `log_bytes` (0 keeps no output); every invocation record stores
@@ -361,6 +380,16 @@ pub struct Policy {
     pub outbound_private: bool,
     /// GPU-bridge quotas.
     pub gpu: GpuPolicy,
+    /// Configuration values every function of the tenant reads through
+    /// `wasi:config/store`, sorted by key (a function's own values win).
+    pub config: Arc<[(String, String)]>,
+    /// Key-value buckets (`wasi:keyvalue`, `/v1/kv`) holding keys, at most;
+    /// 0: the tenant has no key-value store.
+    pub kv_max_buckets: u64,
+    /// Keys in one bucket, at most.
+    pub kv_max_keys: u64,
+    /// Bytes of all keys and values of all buckets together, at most.
+    pub kv_max_bytes: u64,
 }
 
 impl Default for Policy {
@@ -388,6 +417,10 @@ impl Default for Policy {
             outbound_private: false,
             max_secrets: 100,
             gpu: GpuPolicy::default(),
+            config: Arc::new([]),
+            kv_max_buckets: 16,
+            kv_max_keys: 100_000,
+            kv_max_bytes: 64 * MIB,
         }
     }
 }
@@ -426,6 +459,10 @@ impl fmt::Debug for Policy {
             .field("outbound_private", &self.outbound_private)
             .field("max_secrets", &self.max_secrets)
             .field("gpu", &self.gpu)
+            .field("config", &EnvNames(&self.config))
+            .field("kv_max_buckets", &self.kv_max_buckets)
+            .field("kv_max_keys", &self.kv_max_keys)
+            .field("kv_max_bytes", &self.kv_max_bytes)
             .finish()
     }
 }
@@ -452,6 +489,7 @@ impl Policy {
             timeout: self.timeout(),
             memory_bytes: self.memory_bytes(),
             env: Arc::clone(&self.env),
+            config: Arc::clone(&self.config),
             stdout_limit: log_bytes,
             stderr_limit: log_bytes,
             outbound: self.outbound_policy(),
@@ -652,6 +690,18 @@ impl Policy {
         if let Some(gpu) = raw.gpu {
             doc.gpu(gpu, &mut policy.gpu)?;
         }
+        if let Some(config) = raw.config {
+            policy.config = doc.config(config)?;
+        }
+        if let Some(v) = raw.kv_max_buckets {
+            policy.kv_max_buckets = doc.in_range("kv_max_buckets", v, KV_MAX_BUCKETS_RANGE)?;
+        }
+        if let Some(v) = raw.kv_max_keys {
+            policy.kv_max_keys = doc.in_range("kv_max_keys", v, KV_MAX_KEYS_RANGE)?;
+        }
+        if let Some(v) = raw.kv_max_bytes {
+            policy.kv_max_bytes = doc.bytes_in_range("kv_max_bytes", v, KV_MAX_BYTES_RANGE)?;
+        }
         Ok(policy)
     }
 }
@@ -794,6 +844,10 @@ struct RawPolicy {
     outbound_private: Option<bool>,
     max_secrets: Option<Spanned<u64>>,
     gpu: Option<RawGpu>,
+    config: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
+    kv_max_buckets: Option<Spanned<u64>>,
+    kv_max_keys: Option<Spanned<u64>>,
+    kv_max_bytes: Option<Spanned<ByteCount>>,
 }
 
 #[derive(Deserialize)]
@@ -947,6 +1001,35 @@ impl Doc<'_> {
                 }
                 if value.get_ref().contains('\0') {
                     return Err(self.error(value.span(), key, "a value cannot contain NUL"));
+                }
+                Ok((name.into_inner(), value.into_inner()))
+            })
+            .collect()
+    }
+
+    fn config(
+        &self,
+        config: BTreeMap<Spanned<String>, Spanned<String>>,
+    ) -> Result<Arc<[(String, String)]>, InvalidPolicy> {
+        config
+            .into_iter()
+            .map(|(name, value)| {
+                let key = format!("config.{}", toml_key(name.get_ref()));
+                if !valid_config_key(name.get_ref()) {
+                    return Err(self.error(
+                        name.span(),
+                        key,
+                        format!(
+                            "a configuration key is 1 to {MAX_CONFIG_KEY_LEN} ASCII letters, digits, `_`, `.` or `-`"
+                        ),
+                    ));
+                }
+                if value.get_ref().len() > MAX_CONFIG_VALUE_BYTES {
+                    return Err(self.error(
+                        value.span(),
+                        key,
+                        format!("a configuration value is at most {MAX_CONFIG_VALUE_BYTES} bytes"),
+                    ));
                 }
                 Ok((name.into_inner(), value.into_inner()))
             })

@@ -58,6 +58,7 @@ fn query_i64(url: &str, sql: &str) -> i64 {
 fn deploy_request(name: &str, retryable: bool) -> DeployRequest {
     DeployRequest {
         secrets: Vec::new(),
+        config: Default::default(),
         tenant: "acme".into(),
         name: name.into(),
         digest: "sha256:aaaa".into(),

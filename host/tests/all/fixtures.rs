@@ -600,3 +600,33 @@ async fn streamer() {
     let invocation = call.await.expect("join");
     assert_eq!(invocation.outcome, Outcome::Cancelled);
 }
+
+/// `wasi:config` answers from the call's values (a missing key is none);
+/// `wasi:keyvalue` without a grant is denied, not a trap. (With a tenant's
+/// buckets: `kv.rs`.)
+#[tokio::test]
+async fn kv_config() {
+    let (rt, _dir) = runtime();
+    let component = load(&rt, artifacts::KV_CONFIG_COMPONENT);
+    let limits = CallLimits {
+        config: Arc::new([
+            ("a.key".to_owned(), "one".to_owned()),
+            ("b".to_owned(), "two".to_owned()),
+        ]),
+        ..limits()
+    };
+    let call = |body: &'static str| {
+        let (rt, component, limits) = (&rt, &component, &limits);
+        async move { rt.invoke(component, request(body), limits).await.outcome }
+    };
+    assert_eq!(ok_text(&call("config a.key").await), "one");
+    assert_eq!(ok_text(&call("config missing").await), "<none>");
+    assert_eq!(ok_text(&call("config-all").await), "a.key=one\nb=two\n");
+    match call("get bucket key").await {
+        Outcome::GuestError(error) => {
+            assert_eq!(error.code, "kv");
+            assert_eq!(error.message, "access-denied");
+        }
+        other => panic!("expected the guest's error, got {other:?}"),
+    }
+}

@@ -18,6 +18,7 @@ mod fixtures;
 mod gpu;
 mod hostile;
 mod jobs;
+mod kv;
 mod limits;
 mod load_errors;
 mod map;

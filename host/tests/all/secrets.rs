@@ -190,7 +190,12 @@ async fn secrets_reach_only_the_functions_deployed_with_them() {
 
 /// Runs `gust ARGS` against the host at `url` with `key`, `stdin` piped
 /// in: the exit code, stdout and stderr.
-fn gust(url: &str, key: &str, args: &[&str], stdin: &[u8]) -> (Option<i32>, String, String) {
+pub(crate) fn gust(
+    url: &str,
+    key: &str,
+    args: &[&str],
+    stdin: &[u8],
+) -> (Option<i32>, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_gust"))
         .args(args)
         .env("GUST_URL", url)

@@ -14,7 +14,8 @@ use gust_host::store::postgres::{PgBlobStore, PgStore};
 use gust_host::store::sled::SledStore;
 use gust_host::store::{
     ApiKeyRecord, BlobStore, DeployRequest, FsBlobStore, FunctionWorld, InvocationRecord,
-    JobRecord, JobStatus, MetaStore, ScheduleRecord, StoreError, TimingsRecord,
+    JobRecord, JobStatus, KvBucket, KvLimits, KvRefused, KvWrite, MetaStore, ScheduleRecord,
+    StoreError, TimingsRecord,
 };
 use tempfile::TempDir;
 
@@ -188,6 +189,7 @@ fn both(retention: usize, test: impl Fn(Subject)) {
 fn request(tenant: &str, name: &str, digest: &str, public: bool) -> DeployRequest {
     DeployRequest {
         secrets: Vec::new(),
+        config: Default::default(),
         tenant: tenant.into(),
         name: name.into(),
         digest: digest.into(),
@@ -808,4 +810,175 @@ async fn hosts_up_together_follow_each_others_changes() {
     );
     a.stop().await;
     b.stop().await;
+}
+
+const KV_LIMITS: KvLimits = KvLimits {
+    max_buckets: 3,
+    max_keys: 4,
+    max_bytes: 200,
+};
+
+fn set(key: &str, value: &[u8]) -> KvWrite {
+    KvWrite::Set(key.to_owned(), value.to_vec())
+}
+
+#[test]
+fn kv_entries_are_read_written_listed_and_kept_per_tenant_and_bucket() {
+    both(10, |s| {
+        s.store.create_tenant("acme").unwrap();
+        s.store.create_tenant("acme2").unwrap();
+        let kv = s.store.kv();
+        kv.kv_write(
+            "acme",
+            "b",
+            &[set("x", b"1"), set("a/b", b"22"), set("\u{e9}", b"")],
+            KV_LIMITS,
+        )
+        .unwrap()
+        .unwrap();
+        kv.kv_write("acme2", "b", &[set("x", b"other")], KV_LIMITS)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            kv.kv_get("acme", "b", "x").unwrap().as_deref(),
+            Some(&b"1"[..])
+        );
+        assert_eq!(
+            kv.kv_get("acme2", "b", "x").unwrap().as_deref(),
+            Some(&b"other"[..])
+        );
+        assert_eq!(kv.kv_get("acme", "c", "x").unwrap(), None);
+        assert_eq!(
+            kv.kv_get_many("acme", "b", &["a/b".into(), "nope".into(), "\u{e9}".into()])
+                .unwrap(),
+            vec![Some(b"22".to_vec()), None, Some(Vec::new())]
+        );
+        // Byte order, paged by offset.
+        assert_eq!(
+            kv.kv_keys("acme", "b", 0, 10).unwrap(),
+            ["a/b", "x", "\u{e9}"]
+        );
+        assert_eq!(kv.kv_keys("acme", "b", 1, 1).unwrap(), ["x"]);
+        assert!(kv.kv_keys("acme", "b", 5, 10).unwrap().is_empty());
+        assert_eq!(
+            kv.kv_buckets("acme").unwrap(),
+            [KvBucket {
+                name: "b".into(),
+                keys: 3,
+                bytes: 2 + 5 + 2
+            }]
+        );
+        // A delete in a batch with a set; the emptied bucket goes.
+        kv.kv_write(
+            "acme",
+            "b",
+            &[
+                KvWrite::Delete("x".into()),
+                KvWrite::Delete("a/b".into()),
+                KvWrite::Delete("\u{e9}".into()),
+            ],
+            KV_LIMITS,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(kv.kv_buckets("acme").unwrap().is_empty());
+        assert_eq!(kv.kv_get("acme", "b", "x").unwrap(), None);
+
+        kv.kv_write("acme", "kept", &[set("k", b"v")], KV_LIMITS)
+            .unwrap()
+            .unwrap();
+        let s = s.reopen();
+        let kv = s.store.kv();
+        assert_eq!(
+            kv.kv_get("acme", "kept", "k").unwrap().as_deref(),
+            Some(&b"v"[..])
+        );
+        assert_eq!(kv.kv_buckets("acme").unwrap()[0].keys, 1);
+    });
+}
+
+#[test]
+fn kv_quotas_refuse_the_whole_write_and_never_a_shrinking_one() {
+    both(10, |s| {
+        s.store.create_tenant("acme").unwrap();
+        let kv = s.store.kv();
+        for bucket in ["a", "b", "c"] {
+            kv.kv_write("acme", bucket, &[set("k", b"v")], KV_LIMITS)
+                .unwrap()
+                .unwrap();
+        }
+        assert_eq!(
+            kv.kv_write("acme", "d", &[set("k", b"v")], KV_LIMITS)
+                .unwrap(),
+            Err(KvRefused::Buckets { max: 3 })
+        );
+        let five: Vec<KvWrite> = (0..5).map(|i| set(&format!("n{i}"), b"")).collect();
+        assert!(matches!(
+            kv.kv_write("acme", "a", &five, KV_LIMITS).unwrap(),
+            Err(KvRefused::Keys { max: 4, .. })
+        ));
+        // Nothing of the refused batch was stored.
+        assert_eq!(kv.kv_keys("acme", "a", 0, 10).unwrap(), ["k"]);
+        assert!(matches!(
+            kv.kv_write("acme", "a", &[set("big", &[0; 200])], KV_LIMITS)
+                .unwrap(),
+            Err(KvRefused::Bytes { max: 200, .. })
+        ));
+        // Under a lowered quota, deleting still works.
+        let none = KvLimits {
+            max_buckets: 0,
+            max_keys: 0,
+            max_bytes: 0,
+        };
+        kv.kv_write("acme", "a", &[KvWrite::Delete("k".into())], none)
+            .unwrap()
+            .unwrap();
+        assert_eq!(kv.kv_buckets("acme").unwrap().len(), 2);
+        // Writes of a tenant that does not exist are refused (sled has no
+        // tenant check of its own: the service only writes for tenants).
+        if matches!(s.kind, Kind::Postgres(_)) {
+            assert!(
+                kv.kv_write("ghost", "a", &[set("k", b"v")], KV_LIMITS)
+                    .is_err()
+            );
+        }
+    });
+}
+
+#[test]
+fn kv_counters_add_up_under_concurrent_increments() {
+    both(10, |s| {
+        s.store.create_tenant("acme").unwrap();
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                let store = Arc::clone(&s.store);
+                scope.spawn(move || {
+                    for _ in 0..25 {
+                        store
+                            .kv()
+                            .kv_increment("acme", "c", "hits", 2, KV_LIMITS)
+                            .unwrap()
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        let kv = s.store.kv();
+        assert_eq!(
+            kv.kv_get("acme", "c", "hits").unwrap().as_deref(),
+            Some(&b"400"[..])
+        );
+        assert_eq!(
+            kv.kv_increment("acme", "c", "hits", 0, KV_LIMITS).unwrap(),
+            Ok(400)
+        );
+        kv.kv_write("acme", "c", &[set("text", b"abc")], KV_LIMITS)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            kv.kv_increment("acme", "c", "text", 1, KV_LIMITS).unwrap(),
+            Err(KvRefused::NotANumber { key: "text".into() })
+        );
+        assert_eq!(kv.kv_buckets("acme").unwrap()[0].keys, 2);
+    });
 }

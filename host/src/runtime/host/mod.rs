@@ -8,12 +8,15 @@
 //! its view. The glue thus depends on the parts it uses, not on the runtime's
 //! call machinery, and the runtime's linker setup is a list of packages.
 
+pub(super) mod config;
 pub(super) mod gpu;
+pub(super) mod kv;
 pub(super) mod nn;
 
 use wasmtime::component::{HasSelf, Linker};
 
 pub use self::gpu::{GpuGrant, ModelGrant, ModelUsage};
+pub use self::kv::{KeyValue, KvFailure};
 use super::bindings::gust::function::{output, types as fn_types};
 use super::control::OutputSink;
 

@@ -30,8 +30,8 @@ impl PgStore {
         let f = function.clone();
         let inserted = self.execute(
             "INSERT INTO functions (tenant, name, incarnation, version, digest, size, world,
-                                    public, retryable, created_at, updated_at, secrets)
-             SELECT $1, $2, nextval('incarnations'), $3, $4, $5, $6, $7, $8, $9, $10, $11
+                                    public, retryable, created_at, updated_at, secrets, config)
+             SELECT $1, $2, nextval('incarnations'), $3, $4, $5, $6, $7, $8, $9, $10, $11, $12
              WHERE EXISTS (SELECT 1 FROM tenants WHERE name = $1)
              ON CONFLICT (tenant, name) DO NOTHING",
             params![
@@ -45,7 +45,8 @@ impl PgStore {
                 f.retryable,
                 i64_of(f.created_at),
                 i64_of(f.updated_at),
-                f.secrets.clone()
+                f.secrets.clone(),
+                tokio_postgres::types::Json(f.config.clone())
             ],
         )?;
         if inserted == 1 {
