@@ -55,7 +55,8 @@ const SDK_FILES: &[(&str, &str)] = &[
 ];
 
 /// The WIT of the `gust:function` worlds and every package they use
-/// (`http-guest` includes `wasi:http/proxy`, which reaches all of WASI).
+/// (`http-guest` includes `wasi:http/proxy`, which reaches all of WASI;
+/// `platform` adds `wasi:keyvalue` and `wasi:config`).
 const WIT_FILES: &[(&str, &str)] = &[
     ("function.wit", include_str!("../../../wit/function.wit")),
     (
@@ -93,6 +94,14 @@ const WIT_FILES: &[(&str, &str)] = &[
     (
         "deps/sockets/sockets.wit",
         include_str!("../../../wit/deps/sockets/sockets.wit"),
+    ),
+    (
+        "deps/keyvalue/keyvalue.wit",
+        include_str!("../../../wit/deps/keyvalue/keyvalue.wit"),
+    ),
+    (
+        "deps/config/config.wit",
+        include_str!("../../../wit/deps/config/config.wit"),
     ),
 ];
 
