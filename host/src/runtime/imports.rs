@@ -2,50 +2,20 @@
 //!
 //! The linker itself is the authority (`instantiate_pre` decides); this list
 //! only turns its first error into the complete list a user needs to fix
-//! their component in one go.
+//! their component in one go. `build.rs` makes it from the worlds the
+//! linker is built from, so it names what is linked.
 
-/// Interfaces the linker defines, `namespace:package/interface@version`.
-const PROVIDED: &[&str] = &[
-    "wasi:cli/environment@0.2.12",
-    "wasi:cli/exit@0.2.12",
-    "wasi:cli/stdin@0.2.12",
-    "wasi:cli/stdout@0.2.12",
-    "wasi:cli/stderr@0.2.12",
-    "wasi:cli/terminal-input@0.2.12",
-    "wasi:cli/terminal-output@0.2.12",
-    "wasi:cli/terminal-stdin@0.2.12",
-    "wasi:cli/terminal-stdout@0.2.12",
-    "wasi:cli/terminal-stderr@0.2.12",
-    "wasi:clocks/monotonic-clock@0.2.12",
-    "wasi:clocks/wall-clock@0.2.12",
-    "wasi:filesystem/types@0.2.12",
-    "wasi:filesystem/preopens@0.2.12",
-    "wasi:io/error@0.2.12",
-    "wasi:io/poll@0.2.12",
-    "wasi:io/streams@0.2.12",
-    "wasi:random/random@0.2.12",
-    "wasi:random/insecure@0.2.12",
-    "wasi:random/insecure-seed@0.2.12",
-    "wasi:sockets/network@0.2.12",
-    "wasi:sockets/instance-network@0.2.12",
-    "wasi:sockets/udp@0.2.12",
-    "wasi:sockets/udp-create-socket@0.2.12",
-    "wasi:sockets/tcp@0.2.12",
-    "wasi:sockets/tcp-create-socket@0.2.12",
-    "wasi:sockets/ip-name-lookup@0.2.12",
-    "wasi:http/types@0.2.12",
-    "wasi:http/outgoing-handler@0.2.12",
-    "gust:function/output@0.1.0",
-    "gust:gpu/types@0.1.0",
-    "gust:gpu/tensors@0.1.0",
-    "gust:gpu/layers@0.1.0",
-    "gust:gpu/models@0.1.0",
-];
+include!(concat!(env!("OUT_DIR"), "/provided.rs"));
 
 /// Splits `ns:pkg/iface@1.2.3` into the name and the part of the version
-/// that semver compatibility pins: the major for 1.x+, major.minor for 0.x.
+/// that semver compatibility pins: the major for 1.x+, major.minor for 0.x,
+/// all of it for a pre-release (`0.2.0-draft` is compatible with nothing
+/// else, as Wasmtime's linker has it).
 fn compat_key(name: &str) -> (&str, String) {
     let (base, version) = name.split_once('@').unwrap_or((name, ""));
+    if version.contains('-') {
+        return (base, version.to_owned());
+    }
     let mut parts = version.split('.');
     let major = parts.next().unwrap_or("");
     let minor = parts.next().unwrap_or("");
@@ -63,7 +33,7 @@ pub(crate) fn same_interface(a: &str, b: &str) -> bool {
 }
 
 /// Whether the host provides the import `name` (semver-compatibly).
-pub(crate) fn is_provided(name: &str) -> bool {
+pub fn is_provided(name: &str) -> bool {
     PROVIDED
         .iter()
         .any(|provided| same_interface(name, provided))
@@ -81,6 +51,19 @@ mod tests {
         assert!(is_provided("wasi:http/types@0.2.0"));
         assert!(!is_provided("wasi:http/types@0.3.0"));
         assert!(!is_provided("acme:thing/api@1.0.0"));
+        assert!(!is_provided("wasi:keyvalue/store@0.2.0"));
+        assert!(!is_provided("wasi:keyvalue/store@0.2.0-draft2"));
+        // Every package the linker gets, wasi:nn and the platform's
+        // standard interfaces included.
+        for linked in [
+            "wasi:nn/graph@0.2.0-rc-2024-10-28",
+            "wasi:keyvalue/atomics@0.2.0-draft",
+            "wasi:config/store@0.2.0-rc.1",
+            "gust:function/output@0.1.0",
+            "wasi:sockets/tcp@0.2.0",
+        ] {
+            assert!(is_provided(linked), "{linked}");
+        }
         assert!(same_interface(
             "gust:function/handler@0.1.2",
             "gust:function/handler@0.1.0"

@@ -48,6 +48,7 @@ pub use self::egress::{
 pub use self::engine::{AllocatorInUse, RuntimeError, RuntimeStats, StatsSnapshot};
 pub use self::host::{GpuGrant, KeyValue, KvFailure, ModelGrant, ModelUsage};
 pub use self::http::{BodyTooLarge, CappedBody, CappedBodyError};
+pub use self::imports::is_provided;
 pub use self::load::{
     HANDLER_EXPORT, HTTP_EXPORT_PREFIX, LoadError, LoadSource, LoadedComponent, World,
 };

@@ -90,6 +90,21 @@ fn a_component_without_the_handler_export() {
 }
 
 #[test]
+fn every_example_imports_only_what_the_host_provides() {
+    let (rt, _dir) = runtime();
+    for (name, path) in artifacts::EXAMPLES {
+        let bytes = std::fs::read(path).unwrap();
+        let loaded = rt.load(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        for import in loaded.imports() {
+            assert!(
+                gust_host::runtime::is_provided(import),
+                "{name} imports {import}"
+            );
+        }
+    }
+}
+
+#[test]
 fn every_fixture_loads_with_its_world() {
     let (rt, _dir) = runtime();
     for (name, path) in artifacts::FIXTURES {
@@ -107,6 +122,27 @@ fn every_fixture_loads_with_its_world() {
             matches!(*name, "tensors" | "models" | "hostile"),
             "{name}: only a function that calls the bridge imports it: {:?}",
             loaded.imports()
+        );
+        // The list that explains unsatisfied imports names everything
+        // the linker gave this component.
+        for import in loaded.imports() {
+            assert!(
+                gust_host::runtime::is_provided(import),
+                "{name} imports {import}, which the host links, but the list of provided interfaces lacks it"
+            );
+        }
+        let uses_kv = loaded
+            .imports()
+            .iter()
+            .any(|i| i.starts_with("wasi:keyvalue"));
+        let uses_config = loaded
+            .imports()
+            .iter()
+            .any(|i| i.starts_with("wasi:config"));
+        assert_eq!(
+            (uses_kv, uses_config),
+            (*name == "kv_config", *name == "kv_config"),
+            "{name}"
         );
         let uses_nn = loaded.imports().iter().any(|i| i.starts_with("wasi:nn"));
         assert_eq!(
