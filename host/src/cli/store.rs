@@ -111,6 +111,7 @@ fn summary(copied: &Copied) -> String {
         line("tenants", copied.tenants),
         line("keys", copied.keys),
         line("secrets", copied.secrets),
+        line("kv", copied.kv),
         line("functions", copied.functions),
         line("blobs", copied.blobs),
         line("schedules", copied.schedules),

@@ -3,15 +3,16 @@
 //!
 //! What is copied: tenants, API keys (their hashes: the keys themselves
 //! were never stored), secrets (sealed, as they are: the hosts sharing the
-//! database need the same `GUST_SECRETS_KEY`), functions with their
-//! versions and component blobs, schedules, and jobs not yet finished. Invocation records and finished
+//! database need the same `GUST_SECRETS_KEY`), key-value entries,
+//! functions with their versions, configuration and component blobs,
+//! schedules, and jobs not yet finished. Invocation records and finished
 //! jobs stay behind (they are history, and retention would soon drop
 //! them). Every step is idempotent: a migration that stopped half-way is
 //! finished by running it again, and what the database has already is
 //! never overwritten.
 
 use super::postgres::{Imported, PgStore};
-use super::{BlobStore, MetaStore, StoreError};
+use super::{BlobStore, KvStore as _, MetaStore, StoreError};
 use crate::digest::Digest;
 
 /// How many of each kind were copied, and how many were there already.
@@ -23,6 +24,8 @@ pub struct Copied {
     pub keys: (u64, u64),
     /// Secrets.
     pub secrets: (u64, u64),
+    /// Key-value entries (a key already in the database is left as it is).
+    pub kv: (u64, u64),
     /// Functions.
     pub functions: (u64, u64),
     /// Component blobs.
@@ -31,6 +34,58 @@ pub struct Copied {
     pub schedules: (u64, u64),
     /// Jobs not yet finished.
     pub jobs: (u64, u64),
+}
+
+/// Entries read from the embedded store at a time.
+const KV_PAGE: usize = 1000;
+
+/// Copies `tenant`'s key-value entries, leaving any key the database has
+/// already as it is. Quotas are not applied: what was stored was within
+/// the tenant's quotas when it was written.
+fn copy_kv(
+    from: &dyn MetaStore,
+    to: &PgStore,
+    tenant: &str,
+    counts: &mut (u64, u64),
+) -> Result<(), StoreError> {
+    let unlimited = super::KvLimits {
+        max_buckets: u64::MAX,
+        max_keys: u64::MAX,
+        max_bytes: u64::MAX,
+    };
+    for bucket in from.kv().kv_buckets(tenant)? {
+        let mut offset = 0u64;
+        loop {
+            let keys = from.kv().kv_keys(tenant, &bucket.name, offset, KV_PAGE)?;
+            let values = from.kv().kv_get_many(tenant, &bucket.name, &keys)?;
+            let there = to.kv_get_many(tenant, &bucket.name, &keys)?;
+            let mut writes = Vec::new();
+            for ((key, value), there) in keys.iter().zip(values).zip(there) {
+                match (value, there) {
+                    (_, Some(_)) => count(counts, Imported::Present),
+                    (Some(value), None) => {
+                        writes.push(super::KvWrite::Set(key.clone(), value));
+                        count(counts, Imported::Copied);
+                    }
+                    // Gone since it was listed: nothing to copy.
+                    (None, None) => {}
+                }
+            }
+            if !writes.is_empty()
+                && let Err(refused) = to.kv_write(tenant, &bucket.name, &writes, unlimited)?
+            {
+                return Err(StoreError::Conflict(format!(
+                    "key-value entries of {tenant}/{}: {refused}",
+                    bucket.name
+                )));
+            }
+            if keys.len() < KV_PAGE {
+                break;
+            }
+            offset += KV_PAGE as u64;
+        }
+    }
+    Ok(())
 }
 
 fn count(pair: &mut (u64, u64), imported: Imported) {
@@ -73,6 +128,7 @@ pub fn copy(
         for secret in from.secrets(&tenant.name)? {
             count(&mut copied.secrets, to.import_secret(&secret)?);
         }
+        copy_kv(from, to, &tenant.name, &mut copied.kv)?;
     }
     for function in from.all_functions()? {
         // The blob first: a function is never stored without its component.

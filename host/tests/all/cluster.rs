@@ -988,6 +988,15 @@ async fn a_sled_host_moves_to_postgres_with_gust_store_migrate() {
     )
     .await;
     assert_eq!(env.status, 201, "{}", env.text());
+    // Key-value entries, counters included.
+    for (path, value) in [
+        ("/v1/kv/cache/a", "1"),
+        ("/v1/kv/cache/b%2Fc", "two"),
+        ("/v1/kv/hits/n", "41"),
+    ] {
+        let put = request("PUT", &sled.url(path), Some(&demo), value).await;
+        assert_eq!(put.status, 204, "{}", put.text());
+    }
     sled.stop().await;
 
     // Bad input first: not a data directory, not a database URL.
@@ -1014,6 +1023,7 @@ async fn a_sled_host_moves_to_postgres_with_gust_store_migrate() {
     assert_eq!(counts(&out, "tenants"), (2, 0));
     assert_eq!(counts(&out, "keys"), (2, 0));
     assert_eq!(counts(&out, "secrets"), (1, 0));
+    assert_eq!(counts(&out, "kv"), (3, 0));
     assert_eq!(counts(&out, "functions"), (4, 0));
     assert_eq!(counts(&out, "schedules"), (1, 0));
     assert_eq!(counts(&out, "jobs"), (2, 0));
@@ -1022,6 +1032,7 @@ async fn a_sled_host_moves_to_postgres_with_gust_store_migrate() {
     assert_eq!(status, 0, "{again}{err}");
     assert_eq!(counts(&again, "functions"), (0, 4));
     assert_eq!(counts(&again, "secrets"), (0, 1));
+    assert_eq!(counts(&again, "kv"), (0, 3));
     assert_eq!(counts(&again, "jobs"), (0, 2));
 
     // A host on PostgreSQL, on the same data directory: the same keys,
@@ -1056,6 +1067,11 @@ async fn a_sled_host_moves_to_postgres_with_gust_store_migrate() {
     )
     .await;
     assert_eq!(secret.text(), "moved-along-0042");
+    let moved = request("GET", &pg.url("/v1/kv/cache/b%2Fc"), Some(&demo), "").await;
+    assert_eq!((moved.status, moved.text().as_str()), (200, "two"));
+    let buckets = request("GET", &pg.url("/v1/kv"), Some(&demo), "").await;
+    assert_eq!(buckets.json()["buckets"][1]["name"], "hits");
+    assert_eq!(buckets.json()["buckets"][0]["keys"], 2);
     let metrics = request(
         "GET",
         &pg.url("/metrics"),
