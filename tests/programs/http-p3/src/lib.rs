@@ -21,7 +21,11 @@ struct Service;
 
 /// A response whose body is what `fill` writes to it, after `handle`
 /// returns.
-fn response<F>(status: u16, content_type: &str, fill: impl FnOnce(wit_bindgen::StreamWriter<u8>) -> F) -> Result<Response, ErrorCode>
+fn response<F>(
+    status: u16,
+    content_type: &str,
+    fill: impl FnOnce(wit_bindgen::StreamWriter<u8>) -> F,
+) -> Result<Response, ErrorCode>
 where
     F: Future<Output = ()> + 'static,
 {
@@ -70,7 +74,10 @@ impl wasip3::exports::http::handler::Guest for Service {
     async fn handle(request: Request) -> Result<Response, ErrorCode> {
         let path = request.get_path_with_query().unwrap_or_default();
         let path = path.split('?').next().unwrap_or_default().to_owned();
-        let number = |prefix: &str| path.strip_prefix(prefix).and_then(|n| n.parse::<u64>().ok());
+        let number = |prefix: &str| {
+            path.strip_prefix(prefix)
+                .and_then(|n| n.parse::<u64>().ok())
+        };
         if path == "/echo" {
             echo(request)
         } else if let Some(ms) = number("/sleep/") {
@@ -79,7 +86,11 @@ impl wasip3::exports::http::handler::Guest for Service {
         } else if let Some(n) = number("/stream/") {
             response(200, "text/plain", move |mut body| async move {
                 for i in 0..n {
-                    if !body.write_all(format!("chunk {i}\n").into_bytes()).await.is_empty() {
+                    if !body
+                        .write_all(format!("chunk {i}\n").into_bytes())
+                        .await
+                        .is_empty()
+                    {
                         return;
                     }
                     monotonic_clock::wait_for(20_000_000).await;

@@ -54,7 +54,9 @@ fn handle(req: Request) -> Result<Response, Error> {
     let command = text.split(' ').next().unwrap_or_default();
     let answer = match command {
         "config" => {
-            let [_, key] = words(text, 2)?[..] else { unreachable!() };
+            let [_, key] = words(text, 2)?[..] else {
+                unreachable!()
+            };
             config::get(key)
                 .map_err(config_error)?
                 .unwrap_or_else(|| "<none>".to_owned())
@@ -65,28 +67,48 @@ fn handle(req: Request) -> Result<Response, Error> {
             all.iter().map(|(k, v)| format!("{k}={v}\n")).collect()
         }
         "set" => {
-            let [_, b, k, v] = words(text, 4)?[..] else { unreachable!() };
-            store::open(b).map_err(kv_error)?.set(k, v.as_bytes()).map_err(kv_error)?;
+            let [_, b, k, v] = words(text, 4)?[..] else {
+                unreachable!()
+            };
+            store::open(b)
+                .map_err(kv_error)?
+                .set(k, v.as_bytes())
+                .map_err(kv_error)?;
             "ok".to_owned()
         }
         "get" => {
-            let [_, b, k] = words(text, 3)?[..] else { unreachable!() };
+            let [_, b, k] = words(text, 3)?[..] else {
+                unreachable!()
+            };
             match store::open(b).map_err(kv_error)?.get(k).map_err(kv_error)? {
                 Some(value) => String::from_utf8_lossy(&value).into_owned(),
                 None => "<none>".to_owned(),
             }
         }
         "del" => {
-            let [_, b, k] = words(text, 3)?[..] else { unreachable!() };
-            store::open(b).map_err(kv_error)?.delete(k).map_err(kv_error)?;
+            let [_, b, k] = words(text, 3)?[..] else {
+                unreachable!()
+            };
+            store::open(b)
+                .map_err(kv_error)?
+                .delete(k)
+                .map_err(kv_error)?;
             "ok".to_owned()
         }
         "exists" => {
-            let [_, b, k] = words(text, 3)?[..] else { unreachable!() };
-            store::open(b).map_err(kv_error)?.exists(k).map_err(kv_error)?.to_string()
+            let [_, b, k] = words(text, 3)?[..] else {
+                unreachable!()
+            };
+            store::open(b)
+                .map_err(kv_error)?
+                .exists(k)
+                .map_err(kv_error)?
+                .to_string()
         }
         "list" => {
-            let [_, b] = words(text, 2)?[..] else { unreachable!() };
+            let [_, b] = words(text, 2)?[..] else {
+                unreachable!()
+            };
             let bucket = store::open(b).map_err(kv_error)?;
             let mut keys = Vec::new();
             let mut cursor = None;
@@ -101,15 +123,21 @@ fn handle(req: Request) -> Result<Response, Error> {
             keys.iter().map(|k| format!("{k}\n")).collect()
         }
         "incr" => {
-            let [_, b, k, n] = words(text, 4)?[..] else { unreachable!() };
+            let [_, b, k, n] = words(text, 4)?[..] else {
+                unreachable!()
+            };
             let n: u64 = n
                 .parse()
                 .map_err(|_| Error::new("usage", "N is a u64").with_status(400))?;
             let bucket = store::open(b).map_err(kv_error)?;
-            atomics::increment(&bucket, k, n).map_err(kv_error)?.to_string()
+            atomics::increment(&bucket, k, n)
+                .map_err(kv_error)?
+                .to_string()
         }
         "batch" => {
-            let [_, b, n] = words(text, 3)?[..] else { unreachable!() };
+            let [_, b, n] = words(text, 3)?[..] else {
+                unreachable!()
+            };
             let n: usize = n
                 .parse()
                 .map_err(|_| Error::new("usage", "N is a number").with_status(400))?;
@@ -130,7 +158,9 @@ fn handle(req: Request) -> Result<Response, Error> {
                 })
                 .collect()
         }
-        other => return Err(Error::new("usage", format!("unknown command {other:?}")).with_status(400)),
+        other => {
+            return Err(Error::new("usage", format!("unknown command {other:?}")).with_status(400));
+        }
     };
     Ok(Response::text(answer))
 }
