@@ -111,9 +111,6 @@ impl RuntimeStats {
 fn engine_config(config: &RuntimeConfig, pooling: Option<&PoolingConfig>) -> wasmtime::Config {
     let mut wasm = wasmtime::Config::new();
     wasm.wasm_component_model(true)
-        // WASI 0.3 (`wasi:http/service` components): its streams, futures
-        // and async exports.
-        .wasm_component_model_async(true)
         .epoch_interruption(true)
         .cranelift_opt_level(OptLevel::Speed)
         .parallel_compilation(true)
@@ -190,8 +187,6 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(RuntimeError::Linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(RuntimeError::Linker)?;
-        wasmtime_wasi::p3::add_to_linker(&mut linker).map_err(RuntimeError::Linker)?;
-        wasmtime_wasi_http::p3::add_to_linker(&mut linker).map_err(RuntimeError::Linker)?;
         host::add_function_to_linker(&mut linker, CallState::output)
             .map_err(RuntimeError::Linker)?;
         host::gpu::add_to_linker(&mut linker).map_err(RuntimeError::Linker)?;

@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use wasmtime::component::Component;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
-use wasmtime_wasi_http::p3::bindings::ServicePre;
 
 use super::bindings::PlatformPre;
 use super::cache::Lookup;
@@ -22,9 +21,6 @@ use super::{Digest, Runtime};
 pub const HANDLER_EXPORT: &str = "gust:function/handler@0.1.0";
 /// Interface a component exports to serve HTTP (`wasi:http/proxy`).
 pub const HTTP_EXPORT_PREFIX: &str = "wasi:http/incoming-handler@";
-/// Interface a WASI 0.3 component exports to serve HTTP
-/// (`wasi:http/service`).
-pub const HTTP_P3_EXPORT_PREFIX: &str = "wasi:http/handler@0.3";
 /// Why a component could not be loaded.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -54,7 +50,7 @@ pub enum LoadError {
     },
     /// The component does not export a world the host can run.
     #[error(
-        "the component exports neither `{HANDLER_EXPORT}` nor `wasi:http/incoming-handler` (WASI 0.2) nor `wasi:http/handler` (WASI 0.3); it exports: {}",
+        "the component exports neither `{HANDLER_EXPORT}` nor `wasi:http/incoming-handler`; it exports: {}",
         if .exports.is_empty() { "nothing".to_owned() } else { .exports.join(", ") }
     )]
     MissingExport {
@@ -72,10 +68,8 @@ pub enum LoadError {
 pub enum World {
     /// Exports `gust:function/handler`.
     Handler,
-    /// Exports `wasi:http/incoming-handler` (WASI 0.2).
+    /// Exports `wasi:http/incoming-handler`.
     Http,
-    /// Exports `wasi:http/handler` (WASI 0.3, the component model's async).
-    HttpP3,
 }
 
 impl World {
@@ -84,7 +78,6 @@ impl World {
         match self {
             Self::Handler => "handler",
             Self::Http => "http",
-            Self::HttpP3 => "http-p3",
         }
     }
 }
@@ -103,7 +96,6 @@ pub(super) enum Prepared {
     Handler(PlatformPre<CallState>),
     // Served by the HTTP front end, which arrives with the server.
     Http(ProxyPre<CallState>),
-    HttpP3(ServicePre<CallState>),
 }
 
 impl Prepared {
@@ -115,7 +107,6 @@ impl Prepared {
         Ok(match self {
             Self::Handler(pre) => Instance::Handler(pre.instantiate_async(store).await?),
             Self::Http(pre) => Instance::Http(pre.instantiate_async(store).await?),
-            Self::HttpP3(pre) => Instance::HttpP3(pre.instantiate_async(store).await?),
         })
     }
 }
@@ -150,7 +141,6 @@ impl LoadedComponent {
         match self.inner.prepared {
             Prepared::Handler(_) => World::Handler,
             Prepared::Http(_) => World::Http,
-            Prepared::HttpP3(_) => World::HttpP3,
         }
     }
 
@@ -307,8 +297,6 @@ impl Runtime {
             Prepared::Handler(PlatformPre::new(pre).map_err(LoadError::ExportMismatch)?)
         } else if exports.iter().any(|e| e.starts_with(HTTP_EXPORT_PREFIX)) {
             Prepared::Http(ProxyPre::new(pre).map_err(LoadError::ExportMismatch)?)
-        } else if exports.iter().any(|e| e.starts_with(HTTP_P3_EXPORT_PREFIX)) {
-            Prepared::HttpP3(ServicePre::new(pre).map_err(LoadError::ExportMismatch)?)
         } else {
             return Err(LoadError::MissingExport { exports });
         };

@@ -375,7 +375,10 @@ fn i64_of(value: u64) -> i64 {
 }
 
 fn world_name(world: FunctionWorld) -> &'static str {
-    world.as_str()
+    match world {
+        FunctionWorld::Handler => "handler",
+        FunctionWorld::Http => "http",
+    }
 }
 
 /// A `functions` row read with [`FUNCTION_COLUMNS`], and its incarnation.
@@ -384,7 +387,6 @@ fn function(row: &Row) -> Result<(FunctionRecord, i64), StoreError> {
     let world = match world.as_str() {
         "handler" => FunctionWorld::Handler,
         "http" => FunctionWorld::Http,
-        "http-p3" => FunctionWorld::HttpP3,
         other => {
             return Err(StoreError::Corrupt {
                 key: "functions".into(),
