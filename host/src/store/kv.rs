@@ -197,15 +197,29 @@ impl KvUsage {
         }
         Ok(usage)
     }
+
+    /// An increment of the counter `key` of `bucket`, which holds `current`
+    /// (absent: 0), by `delta`: its new value, the write that stores it and
+    /// the usage after that write; or why it is refused.
+    pub(crate) fn increment(
+        &self,
+        bucket: &str,
+        key: &str,
+        current: Option<&[u8]>,
+        delta: u64,
+        limits: KvLimits,
+    ) -> Result<(u64, KvWrite, KvUsage), KvRefused> {
+        let (value, bytes) = incremented(key, current, delta)?;
+        let before = current.map(|value| entry_bytes(key, value.len()));
+        let write = KvWrite::Set(key.to_owned(), bytes);
+        let after = self.after(bucket, std::slice::from_ref(&write), &[before], limits)?;
+        Ok((value, write, after))
+    }
 }
 
 /// The value after adding `delta` to the counter `current` holds (absent:
 /// 0), as its stored bytes.
-pub(crate) fn incremented(
-    key: &str,
-    current: Option<&[u8]>,
-    delta: u64,
-) -> Result<(u64, Vec<u8>), KvRefused> {
+fn incremented(key: &str, current: Option<&[u8]>, delta: u64) -> Result<(u64, Vec<u8>), KvRefused> {
     let value = match current {
         None => 0,
         Some(bytes) => std::str::from_utf8(bytes)

@@ -57,6 +57,28 @@ async fn ok(server: &TestServer, key: &str, command: &str) -> String {
     reply.text()
 }
 
+/// Increments counter `counters/hits` 32 times at once, the calls spread
+/// over `hosts`, and checks that each call saw a value of its own, 1 to 32:
+/// no update was lost.
+async fn increment_32_times(hosts: &[&TestServer], key: &str) {
+    let calls: Vec<_> = (0..32)
+        .map(|i| {
+            let url = hosts[i % hosts.len()].url("/v1/functions/kv/invoke");
+            let key = key.to_owned();
+            tokio::spawn(
+                async move { request("POST", &url, Some(&key), "incr counters hits 1").await },
+            )
+        })
+        .collect();
+    let mut seen = BTreeSet::new();
+    for call in calls {
+        let reply = call.await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        seen.insert(reply.text().parse::<u64>().unwrap());
+    }
+    assert_eq!(seen, (1..=32).collect::<BTreeSet<u64>>());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_layers_policy_function_and_secret_values_and_misses_are_none() {
     let dir = TempDir::new().unwrap();
@@ -151,21 +173,7 @@ async fn buckets_are_per_tenant_atomic_within_quotas_and_outlive_a_restart() {
     assert_eq!(ok(&server, &one, "list b").await, "k1\nk3\n");
 
     // atomics: 32 concurrent increments, no update lost.
-    let calls: Vec<_> = (0..32)
-        .map(|_| {
-            let (url, key) = (server.url("/v1/functions/kv/invoke"), one.clone());
-            tokio::spawn(
-                async move { request("POST", &url, Some(&key), "incr counters hits 1").await },
-            )
-        })
-        .collect();
-    let mut seen = BTreeSet::new();
-    for call in calls {
-        let reply = call.await.unwrap();
-        assert_eq!(reply.status, 200, "{}", reply.text());
-        seen.insert(reply.text().parse::<u64>().unwrap());
-    }
-    assert_eq!(seen, (1..=32).collect::<BTreeSet<u64>>());
+    increment_32_times(&[&server], &one).await;
     assert_eq!(ok(&server, &one, "get counters hits").await, "32");
     let not_a_number = call(&server, &one, "incr b k1 1").await;
     assert_eq!(not_a_number.status, 500);
@@ -323,22 +331,7 @@ async fn two_hosts_on_postgres_share_buckets_and_lose_no_increment() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let calls: Vec<_> = (0..32)
-        .map(|i| {
-            let host = if i % 2 == 0 { &a } else { &b };
-            let (url, key) = (host.url("/v1/functions/kv/invoke"), one.clone());
-            tokio::spawn(
-                async move { request("POST", &url, Some(&key), "incr counters hits 1").await },
-            )
-        })
-        .collect();
-    let mut seen = BTreeSet::new();
-    for call in calls {
-        let reply = call.await.unwrap();
-        assert_eq!(reply.status, 200, "{}", reply.text());
-        seen.insert(reply.text().parse::<u64>().unwrap());
-    }
-    assert_eq!(seen, (1..=32).collect::<BTreeSet<u64>>());
+    increment_32_times(&[&a, &b], &one).await;
     assert_eq!(ok(&b, &one, "get counters hits").await, "32");
 
     // A quota holds across hosts: the second bucket on A, the third on B.

@@ -11,9 +11,7 @@ use std::collections::BTreeMap;
 use deadpool_postgres::Transaction;
 
 use super::{PgStore, StoreError, i64_of, pool_error, postgres, u64_of};
-use crate::store::kv::{
-    KvBucket, KvLimits, KvRefused, KvStore, KvUsage, KvWrite, entry_bytes, incremented,
-};
+use crate::store::kv::{KvBucket, KvLimits, KvRefused, KvStore, KvUsage, KvWrite, entry_bytes};
 
 /// Locks `tenant` for a key-value write and reads what its buckets hold.
 async fn lock_usage(tx: &Transaction<'_>, tenant: &str) -> Result<KvUsage, StoreError> {
@@ -208,17 +206,12 @@ impl KvStore for PgStore {
                 .map(|row| row.try_get(0))
                 .transpose()
                 .map_err(postgres)?;
-            let (value, bytes) = match incremented(&key, current.as_deref(), delta) {
-                Ok(next) => next,
-                Err(refused) => return Ok(Err(refused)),
-            };
-            let before = current.map(|value| entry_bytes(&key, value.len()));
-            let write = [KvWrite::Set(key, bytes)];
-            let after = match usage.after(&bucket, &write, &[before], limits) {
-                Ok(after) => after,
-                Err(refused) => return Ok(Err(refused)),
-            };
-            apply(&tx, &tenant, &bucket, &write).await?;
+            let (value, write, after) =
+                match usage.increment(&bucket, &key, current.as_deref(), delta, limits) {
+                    Ok(increment) => increment,
+                    Err(refused) => return Ok(Err(refused)),
+                };
+            apply(&tx, &tenant, &bucket, &[write]).await?;
             save_usage(&tx, &tenant, &bucket, &after).await?;
             tx.commit().await.map_err(postgres)?;
             Ok(Ok(value))

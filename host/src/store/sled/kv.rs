@@ -15,9 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{SledStore, backend, decode, encode, part, push_part, split_parts};
 use crate::store::StoreError;
-use crate::store::kv::{
-    KvBucket, KvLimits, KvRefused, KvStore, KvUsage, KvWrite, entry_bytes, incremented,
-};
+use crate::store::kv::{KvBucket, KvLimits, KvRefused, KvStore, KvUsage, KvWrite, entry_bytes};
 
 /// A batch of writes as the journal keeps it.
 #[derive(Serialize, Deserialize)]
@@ -240,21 +238,15 @@ impl KvStore for SledStore {
         limits: KvLimits,
     ) -> Result<Result<u64, KvRefused>, StoreError> {
         let _writes = self.exclusive();
-        let full_key = kv_key(tenant, bucket, key);
-        let current = self.kv.get(&full_key).map_err(backend)?;
-        let (value, bytes) = match incremented(key, current.as_deref(), delta) {
-            Ok(next) => next,
-            Err(refused) => return Ok(Err(refused)),
-        };
-        let before = current.map(|value| entry_bytes(key, value.len()));
-        let write = [KvWrite::Set(key.to_owned(), bytes)];
+        let current = self.kv.get(kv_key(tenant, bucket, key)).map_err(backend)?;
         let usage = self.kv_usage_of(tenant)?;
-        let after = match usage.after(bucket, &write, &[before], limits) {
-            Ok(after) => after,
-            Err(refused) => return Ok(Err(refused)),
-        };
+        let (value, write, after) =
+            match usage.increment(bucket, key, current.as_deref(), delta, limits) {
+                Ok(increment) => increment,
+                Err(refused) => return Ok(Err(refused)),
+            };
         let done = self
-            .apply_kv(tenant, bucket, &write)
+            .apply_kv(tenant, bucket, &[write])
             .and_then(|()| self.sync());
         self.remember_usage(tenant, done.is_ok().then_some(after));
         done.map(|()| Ok(value))
