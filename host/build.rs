@@ -5,18 +5,25 @@
 //!
 //! The linker gets `wasmtime-wasi`'s WASI (the `wasi:cli/imports` world),
 //! `wasmtime-wasi-http`'s `wasi:http` (the `wasi:http/proxy` world's
-//! imports) and the bindings generated from `gust:function/platform`.
+//! imports), both again at 0.3 (`wit-p3/`, world `gust:wasi-p3/linked`),
+//! and the bindings generated from `gust:function/platform`.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// The worlds whose imports the linker defines.
-const LINKED_WORLDS: &[&str] = &[
-    "gust:function/platform",
-    "wasi:cli/imports",
-    "wasi:http/proxy",
+/// The worlds whose imports the linker defines, by WIT directory.
+const LINKED_WORLDS: &[(&str, &[&str])] = &[
+    (
+        "../wit",
+        &[
+            "gust:function/platform",
+            "wasi:cli/imports",
+            "wasi:http/proxy",
+        ],
+    ),
+    ("wit-p3", &["gust:wasi-p3/linked"]),
 ];
 
 fn main() -> ExitCode {
@@ -31,22 +38,24 @@ fn main() -> ExitCode {
 
 fn run() -> Result<(), String> {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").map_err(|e| e.to_string())?);
-    let wit = manifest.join("../wit");
-    println!("cargo::rerun-if-changed={}", wit.display());
-    let mut resolve = wit_parser::Resolve::default();
-    let (main, _) = resolve
-        .push_dir(&wit)
-        .map_err(|e| format!("reading {}: {e:#}", wit.display()))?;
     let mut provided = BTreeSet::new();
-    for name in LINKED_WORLDS {
-        let world = resolve
-            .select_world(&[main], Some(name))
-            .map_err(|e| format!("world {name}: {e:#}"))?;
-        for item in resolve.worlds[world].imports.values() {
-            if let wit_parser::WorldItem::Interface { id, .. } = item
-                && let Some(interface) = resolve.id_of(*id)
-            {
-                provided.insert(interface);
+    for (dir, worlds) in LINKED_WORLDS {
+        let wit = manifest.join(dir);
+        println!("cargo::rerun-if-changed={}", wit.display());
+        let mut resolve = wit_parser::Resolve::default();
+        let (main, _) = resolve
+            .push_dir(&wit)
+            .map_err(|e| format!("reading {}: {e:#}", wit.display()))?;
+        for name in *worlds {
+            let world = resolve
+                .select_world(&[main], Some(name))
+                .map_err(|e| format!("world {name}: {e:#}"))?;
+            for item in resolve.worlds[world].imports.values() {
+                if let wit_parser::WorldItem::Interface { id, .. } = item
+                    && let Some(interface) = resolve.id_of(*id)
+                {
+                    provided.insert(interface);
+                }
             }
         }
     }

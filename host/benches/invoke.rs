@@ -25,6 +25,13 @@
 //! followed by its first call in a fresh instance. Target: ≤ 20 ms for the
 //! Python hello.
 //!
+//! `http/p2_hello` and `http/p3_hello`: one `GET /` to the `http-hello`
+//! (WASI 0.2, `wasi:http/proxy`) and `http-p3` (WASI 0.3,
+//! `wasi:http/service`) fixtures through `Runtime::serve_http`, fresh
+//! instance, response body read to its end and the call's completion
+//! awaited. The 0.3 one runs on the runtime's second engine (component-model
+//! async, on-demand allocation).
+//!
 //! `gpu/*`: a guest's tiny bridge op (relu of 16 floats) against the cpu
 //! backend called natively. `guest_relu_x0` and `guest_relu_x100` are whole
 //! invocations doing 0 and 100 ops, so the per-op round trip is their
@@ -215,6 +222,58 @@ fn bench_invoke(c: &mut Criterion) {
     restart.finish();
 }
 
+fn bench_http(c: &mut Criterion) {
+    use http_body_util::BodyExt as _;
+
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let cache = tempfile::TempDir::new().unwrap();
+    let runtime = std::sync::Arc::new(Runtime::new(RuntimeConfig::new(cache.path())).unwrap());
+    let mut group = c.benchmark_group("http");
+    for (id, path, world) in [
+        (
+            "p2_hello",
+            gust_test_artifacts::HTTP_HELLO_COMPONENT,
+            "http",
+        ),
+        (
+            "p3_hello",
+            gust_test_artifacts::HTTP_P3_COMPONENT,
+            "http-p3",
+        ),
+    ] {
+        let loaded = runtime.load(&std::fs::read(path).unwrap()).unwrap();
+        assert_eq!(loaded.world().as_str(), world);
+        let serve = || async {
+            let request = hyper::Request::builder()
+                .uri("http://localhost/")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let call = runtime
+                .serve_http(
+                    &loaded,
+                    request,
+                    &CallLimits::default(),
+                    gust_host::runtime::CallControl::default(),
+                )
+                .ok()
+                .unwrap();
+            let response = call.response.await.unwrap().unwrap();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            let invocation = call.completion.await.unwrap();
+            (body, invocation)
+        };
+        // Every call must really answer, or the figure means nothing.
+        let (body, invocation) = tokio.block_on(serve());
+        assert!(body.to_ascii_lowercase().starts_with(b"hello"), "{body:?}");
+        assert!(invocation.outcome.is_ok(), "{:?}", invocation.outcome);
+        group.bench_function(id, |b| b.to_async(&tokio).iter(serve));
+    }
+    group.finish();
+}
+
 fn bench_gpu(c: &mut Criterion) {
     use gust_gpu_bridge::{Account, Backend, Device, DeviceOptions, Kernel, UnaryOp};
     let bytes = std::fs::read(gust_test_artifacts::TENSORS_COMPONENT).unwrap();
@@ -269,5 +328,5 @@ fn bench_gpu(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_invoke, bench_gpu);
+criterion_group!(benches, bench_invoke, bench_http, bench_gpu);
 criterion_main!(benches);

@@ -11,8 +11,8 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use crate::store::{
-    ApiKeyRecord, FunctionRecord, FunctionWorld, InvocationRecord, JobRecord, ScheduleRecord,
-    TenantRecord, TimingsRecord, UnixMillis,
+    ApiKeyRecord, FunctionRecord, InvocationRecord, JobRecord, ScheduleRecord, TenantRecord,
+    TimingsRecord, UnixMillis,
 };
 
 /// A time as the API shows it: RFC 3339 with milliseconds, UTC.
@@ -40,7 +40,8 @@ pub struct Function {
     /// Size of the component in bytes.
     #[serde(default)]
     pub size: u64,
-    /// `handler` or `http`.
+    /// `handler`, `http` (WASI 0.2 `wasi:http/proxy`) or `http-p3` (WASI
+    /// 0.3 `wasi:http/service`).
     pub world: String,
     /// Whether `/http/{tenant}/{name}/…` answers callers without a key.
     #[serde(default)]
@@ -75,11 +76,7 @@ impl Function {
             version: record.version,
             digest: record.digest.clone(),
             size: record.size,
-            world: match record.world {
-                FunctionWorld::Handler => "handler",
-                FunctionWorld::Http => "http",
-            }
-            .to_owned(),
+            world: record.world.as_str().to_owned(),
             public: record.public,
             retryable: record.retryable,
             schedule: schedule.map(str::to_owned),

@@ -190,7 +190,7 @@ async fn serve(service: Arc<Service>, Route { tenant, name }: Route, request: Re
                 Problem::new(
                     StatusCode::BAD_GATEWAY,
                     "function-http-error",
-                    format!("the function answered with an error: {code:?}"),
+                    format!("the function answered with an error: {code}"),
                 )
                 .with_invocation(&started.id),
             );

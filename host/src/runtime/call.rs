@@ -27,12 +27,17 @@ use super::state::{CallState, WasiGrants};
 impl Runtime {
     /// A fresh store for one call: memory limit, deadline, captured stdio,
     /// and the caller's controls.
-    fn new_call(&self, limits: &CallLimits, control: CallControl) -> Call {
+    fn new_call(
+        &self,
+        component: &LoadedComponent,
+        limits: &CallLimits,
+        control: CallControl,
+    ) -> Call {
         let started = Instant::now();
         let (grants, stdout, stderr) = wasi_grants(limits);
         let memory_limit = usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX);
         let state = CallState::new(grants, memory_limit);
-        let mut store = Store::new(&self.engine, state);
+        let mut store = Store::new(self.engine_of(component), state);
         store.limiter(|state| &mut state.limiter);
         self.stats.instantiations.fetch_add(1, Ordering::Relaxed);
         let fresh = Resumable {
@@ -119,6 +124,31 @@ impl Runtime {
             // instantiates its own.
             self.prepare_next(component, ready, limits);
         }
+    }
+
+    /// Records how a `wasi:http` call (0.2 or 0.3) ended: `result` is its
+    /// run under the call's hard limit. The response (status, headers,
+    /// body) went to the caller as the guest gave it; here only success is
+    /// recorded.
+    fn end_http_call(
+        &self,
+        call: Call,
+        result: Result<wasmtime::Result<()>, tokio::time::error::Elapsed>,
+        timings: Timings,
+        running: Running,
+        component: &LoadedComponent,
+        ready: Option<&Ready>,
+    ) -> Invocation {
+        let result = match result {
+            Err(_elapsed) => Err(None),
+            Ok(Ok(())) => Ok(Outcome::Ok(Response::default())),
+            Ok(Err(error)) => Err(Some(error)),
+        };
+        let limits = call.limits.clone();
+        let invocation = call.finish(result, timings).0;
+        drop(running);
+        self.after_call(component, ready, &timings, &limits);
+        invocation
     }
 
     /// Whether instances of `component` are made ahead: its quickest
@@ -271,7 +301,7 @@ impl Runtime {
                 call
             }
             Some(idle) => self.resumed_call(idle, limits, control),
-            None => self.new_call(limits, control),
+            None => self.new_call(component, limits, control),
         };
         let cancel = call.cancel.clone();
         let mut timings = Timings {
@@ -370,10 +400,16 @@ impl Runtime {
     {
         use wasmtime_wasi_http::WasiHttpView as _;
 
-        if !matches!(component.inner.prepared, Prepared::Http(_)) {
-            return Err(Box::new(Invocation::host_error(
-                "this component exports gust:function/handler; invoke it instead",
-            )));
+        match component.inner.prepared {
+            Prepared::Http(_) => {}
+            Prepared::HttpP3(_) => {
+                return Ok(self.serve_http_p3(component, request, limits, control));
+            }
+            Prepared::Handler(_) => {
+                return Err(Box::new(Invocation::host_error(
+                    "this component exports gust:function/handler; invoke it instead",
+                )));
+            }
         }
         let runtime = Arc::clone(self);
         let running = Running::start(&self.stats);
@@ -390,7 +426,7 @@ impl Runtime {
                 let (call, instance) = self.ready_call(idle, limits, control);
                 (call, instance.into_http())
             }
-            None => (self.new_call(limits, control), None),
+            None => (self.new_call(component, limits, control), None),
         };
         let component = component.clone();
         call.store.data_mut().output = control::OutputSink::Refused;
@@ -430,26 +466,105 @@ impl Runtime {
                     timings.call = started.elapsed() - timings.instantiate;
                     result
                 };
-                let result = match tokio::time::timeout(call.hard_limit, run).await {
-                    Err(_elapsed) => Err(None),
-                    // The response (status, headers, body) went to the caller
-                    // through the outparam; here only success is recorded.
-                    Ok(Ok(())) => Ok(Outcome::Ok(Response::default())),
-                    Ok(Err(error)) => Err(Some(error)),
-                };
-                let limits = call.limits.clone();
-                let invocation = call.finish(result, timings).0;
-                drop(running);
-                runtime.after_call(&component, ready.as_ref(), &timings, &limits);
-                invocation
+                let result = tokio::time::timeout(call.hard_limit, run).await;
+                runtime.end_http_call(call, result, timings, running, &component, ready.as_ref())
             }
             // The guest runs on in a task of its own: in the caller's span.
             .instrument(tracing::Span::current()),
         );
         Ok(HttpCall {
-            response: receiver,
+            response: Box::pin(async move {
+                receiver
+                    .await
+                    .map(|answer| answer.map_err(|code| format!("{code:?}")))
+            }),
             completion,
         })
+    }
+
+    /// [`Runtime::serve_http`] for a WASI 0.3 `wasi:http/service`
+    /// component, in a fresh instance. Its `handle` runs in the store's
+    /// event loop (`run_concurrent`), which goes on running until the
+    /// response body is done with: the guest writes the body through it,
+    /// possibly after `handle` returned.
+    fn serve_http_p3<B>(
+        self: &Arc<Self>,
+        component: &LoadedComponent,
+        request: hyper::Request<B>,
+        limits: &CallLimits,
+        control: CallControl,
+    ) -> HttpCall
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        use wasmtime_wasi_http::WasiHttpView as _;
+
+        let runtime = Arc::clone(self);
+        let running = Running::start(&self.stats);
+        let mut call = self.new_call(component, limits, control);
+        let component = component.clone();
+        call.store.data_mut().output = control::OutputSink::Refused;
+        let (sender, receiver) = tokio::sync::oneshot::channel::<HttpAnswer>();
+        let (request, request_body) =
+            wasmtime_wasi_http::p3::Request::from_http(call.store.data_mut().http().hooks, request);
+        let completion = tokio::spawn(
+            async move {
+                let mut timings = Timings::default();
+                let started = call.started;
+                let store = &mut call.store;
+                let run = async {
+                    let service = runtime
+                        .instantiate_evicting(&component.inner.prepared, store)
+                        .await?
+                        .into_http_p3()
+                        .ok_or_else(|| {
+                            wasmtime::format_err!("not a WASI 0.3 wasi:http component")
+                        })?;
+                    timings.instantiate = started.elapsed();
+                    let served = store
+                        .run_concurrent(async move |accessor| {
+                            let respond = async {
+                                let response = match service.handle(accessor, request).await? {
+                                    Ok(response) => response,
+                                    Err(code) => {
+                                        let _ = sender.send(Err(format!("{code:?}")));
+                                        return wasmtime::Result::Ok(());
+                                    }
+                                };
+                                let response = accessor
+                                    .with(|store| response.into_http(store, async { Ok(()) }))?;
+                                let (done, body_done) = tokio::sync::oneshot::channel();
+                                let response = response.map(|body| {
+                                    http_body_util::BodyExt::boxed_unsync(
+                                        super::http::NotifyingBody::new(body, done),
+                                    )
+                                });
+                                if sender.send(Ok(response)).is_ok() {
+                                    let _ = body_done.await;
+                                }
+                                Ok(())
+                            };
+                            // The request body flows in while the guest
+                            // runs; its failure (too large, the caller gone)
+                            // reaches the guest as its read's error.
+                            let (responded, _request_body) = futures::join!(respond, request_body);
+                            responded
+                        })
+                        .instrument(tracing::info_span!("call"))
+                        .await;
+                    timings.call = started.elapsed() - timings.instantiate;
+                    served?
+                };
+                let result = tokio::time::timeout(call.hard_limit, run).await;
+                runtime.end_http_call(call, result, timings, running, &component, None)
+            }
+            .instrument(tracing::Span::current()),
+        );
+        HttpCall {
+            response: Box::pin(receiver),
+            completion,
+        }
     }
 }
 
@@ -557,16 +672,18 @@ impl Call {
     }
 }
 
+/// What a `wasi:http` guest answered: its response, or the error code it
+/// gave instead of one (as text).
+pub type HttpAnswer = Result<hyper::Response<HyperOutgoingBody>, String>;
+
 /// A `wasi:http` request in flight; see [`Runtime::serve_http`].
 pub struct HttpCall {
-    /// Resolves to the guest's response once it calls
-    /// `response-outparam.set`; an error (the sender dropped) means the guest
-    /// finished or failed without responding: see `completion`.
-    pub response: tokio::sync::oneshot::Receiver<
-        Result<
-            hyper::Response<HyperOutgoingBody>,
-            wasmtime_wasi_http::p2::bindings::http::types::ErrorCode,
-        >,
+    /// Resolves to the guest's answer once it has one (WASI 0.2: it calls
+    /// `response-outparam.set`; 0.3: `handle` returns); an error means the
+    /// guest finished or failed without answering: see `completion`.
+    pub response: futures::future::BoxFuture<
+        'static,
+        Result<HttpAnswer, tokio::sync::oneshot::error::RecvError>,
     >,
     /// Resolves when the guest has finished (its body fully written) with
     /// the invocation's outcome; for success the outcome's response is empty

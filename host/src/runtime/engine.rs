@@ -108,8 +108,46 @@ impl RuntimeStats {
     }
 }
 
-fn engine_config(config: &RuntimeConfig, pooling: Option<&PoolingConfig>) -> wasmtime::Config {
+/// The engine that runs WASI 0.3 components (those exporting
+/// `wasi:http/handler@0.3`), beside the one that runs all the others.
+///
+/// Two engines, because Wasmtime's concurrency support (the component
+/// model's async, which WASI 0.3 is built on) belongs to an engine, and an
+/// engine with it makes every call dearer, WASI 0.2 ones included: each
+/// store sets up the async task state and each call goes through the
+/// concurrent path (a Rust hello 9.8 → 19–22 µs; `benches/README.md`). So
+/// WASI 0.2 components keep an engine without it, and WASI 0.3 ones, told
+/// apart at load by that export, get this one. It allocates on demand: a
+/// second pool would reserve a second slab of address space for a minority
+/// of functions, whose calls cost far more than an mmap anyway.
+pub(super) struct Wasi3Engine {
+    pub(super) engine: Engine,
+    pub(super) linker: Linker<CallState>,
+    /// In a directory of its own under the runtime's cache directory, so
+    /// that neither cache's clean-up takes the other's entries.
+    pub(super) cache: CompileCache,
+}
+
+/// Which of the runtime's two engines (see [`Wasi3Engine`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Concurrency {
+    /// No component-model async: WASI 0.2 and the gust worlds.
+    Off,
+    /// Component-model async: WASI 0.3.
+    On,
+}
+
+fn engine_config(
+    config: &RuntimeConfig,
+    pooling: Option<&PoolingConfig>,
+    concurrency: Concurrency,
+) -> wasmtime::Config {
     let mut wasm = wasmtime::Config::new();
+    wasm.concurrency_support(concurrency == Concurrency::On);
+    if concurrency == Concurrency::On {
+        // WASI 0.3's streams, futures and async exports.
+        wasm.wasm_component_model_async(true);
+    }
     wasm.wasm_component_model(true)
         .epoch_interruption(true)
         .cranelift_opt_level(OptLevel::Speed)
@@ -156,11 +194,11 @@ fn engine_config(config: &RuntimeConfig, pooling: Option<&PoolingConfig>) -> was
 
 fn build_engine(config: &RuntimeConfig) -> Result<(Engine, AllocatorInUse), RuntimeError> {
     match &config.allocation {
-        AllocationConfig::OnDemand => Engine::new(&engine_config(config, None))
+        AllocationConfig::OnDemand => Engine::new(&engine_config(config, None, Concurrency::Off))
             .map(|engine| (engine, AllocatorInUse::OnDemand))
             .map_err(RuntimeError::Engine),
         AllocationConfig::Pooling(pool) => {
-            match Engine::new(&engine_config(config, Some(pool))) {
+            match Engine::new(&engine_config(config, Some(pool), Concurrency::Off)) {
                 Ok(engine) => Ok((engine, AllocatorInUse::Pooling)),
                 Err(pool_error) => {
                     // Typically the virtual address space reservation failed
@@ -168,8 +206,8 @@ fn build_engine(config: &RuntimeConfig) -> Result<(Engine, AllocatorInUse), Runt
                     // allocation is slower but works.
                     let reason = format!("{pool_error:#}");
                     tracing::warn!(%reason, "pooling allocator unavailable; falling back to on-demand allocation");
-                    let engine =
-                        Engine::new(&engine_config(config, None)).map_err(RuntimeError::Engine)?;
+                    let engine = Engine::new(&engine_config(config, None, Concurrency::Off))
+                        .map_err(RuntimeError::Engine)?;
                     Ok((engine, AllocatorInUse::OnDemandFallback { reason }))
                 }
             }
@@ -177,24 +215,63 @@ fn build_engine(config: &RuntimeConfig) -> Result<(Engine, AllocatorInUse), Runt
     }
 }
 
+/// One of the runtime's engines with its linker and cache.
+#[derive(Clone, Copy)]
+pub(super) struct Side<'a> {
+    pub(super) engine: &'a Engine,
+    pub(super) linker: &'a Linker<CallState>,
+    pub(super) cache: &'a CompileCache,
+    /// Whether it is the WASI 0.3 engine.
+    pub(super) wasi3: bool,
+}
+
+/// The WASI 0.3 engine's cache directory, under the runtime's.
+const WASI3_CACHE: &str = "wasi3";
+
+/// A linker with every import the host provides: WASI 0.2 (and, with
+/// `concurrency` on, WASI 0.3 beside it) and the `gust:function/platform`
+/// interfaces.
+fn new_linker(
+    engine: &Engine,
+    concurrency: Concurrency,
+) -> Result<Linker<CallState>, RuntimeError> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(RuntimeError::Linker)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+        .map_err(RuntimeError::Linker)?;
+    if concurrency == Concurrency::On {
+        wasmtime_wasi::p3::add_to_linker(&mut linker).map_err(RuntimeError::Linker)?;
+        wasmtime_wasi_http::p3::add_to_linker(&mut linker).map_err(RuntimeError::Linker)?;
+    }
+    host::add_function_to_linker(&mut linker, CallState::output).map_err(RuntimeError::Linker)?;
+    host::gpu::add_to_linker(&mut linker).map_err(RuntimeError::Linker)?;
+    host::nn::add_to_linker(&mut linker).map_err(RuntimeError::Linker)?;
+    host::kv::add_to_linker(&mut linker).map_err(RuntimeError::Linker)?;
+    host::config::add_to_linker(&mut linker).map_err(RuntimeError::Linker)?;
+    Ok(linker)
+}
+
 impl Runtime {
-    /// Creates the engine (falling back to on-demand allocation if the pool
+    /// Creates the engines (the WASI 0.2 one falling back to on-demand allocation if the pool
     /// cannot be reserved), the linker, the cache and the epoch ticker.
     pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
         let egress = super::egress::EgressClient::new(config.ca_file.as_deref())?;
         let (engine, allocator) = build_engine(&config)?;
-        let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(RuntimeError::Linker)?;
-        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
-            .map_err(RuntimeError::Linker)?;
-        host::add_function_to_linker(&mut linker, CallState::output)
-            .map_err(RuntimeError::Linker)?;
-        host::gpu::add_to_linker(&mut linker).map_err(RuntimeError::Linker)?;
-        host::nn::add_to_linker(&mut linker).map_err(RuntimeError::Linker)?;
-        host::kv::add_to_linker(&mut linker).map_err(RuntimeError::Linker)?;
-        host::config::add_to_linker(&mut linker).map_err(RuntimeError::Linker)?;
+        let linker = new_linker(&engine, Concurrency::Off)?;
         let cache = CompileCache::open(&config.cache_dir, &engine)?;
-        let ticker = EpochTicker::start(engine.clone(), config.epoch_tick);
+        let wasi3 = {
+            let engine = Engine::new(&engine_config(&config, None, Concurrency::On))
+                .map_err(RuntimeError::Engine)?;
+            Wasi3Engine {
+                linker: new_linker(&engine, Concurrency::On)?,
+                cache: CompileCache::open(&config.cache_dir.join(WASI3_CACHE), &engine)?,
+                engine,
+            }
+        };
+        let ticker = EpochTicker::start(
+            vec![engine.clone(), wasi3.engine.clone()],
+            config.epoch_tick,
+        );
         let idle = Arc::new(InstancePool::new(
             config.max_idle_instances,
             config.max_idle_per_function,
@@ -205,6 +282,7 @@ impl Runtime {
             engine,
             linker,
             cache,
+            wasi3,
             stats: Arc::default(),
             allocator,
             config,
@@ -214,9 +292,33 @@ impl Runtime {
         })
     }
 
-    /// The Wasmtime engine.
+    /// The Wasmtime engine of every component but WASI 0.3 ones.
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The engine (WASI 0.3's when `wasi3`), with its linker and cache.
+    pub(super) fn side(&self, wasi3: bool) -> Side<'_> {
+        if wasi3 {
+            Side {
+                engine: &self.wasi3.engine,
+                linker: &self.wasi3.linker,
+                cache: &self.wasi3.cache,
+                wasi3,
+            }
+        } else {
+            Side {
+                engine: &self.engine,
+                linker: &self.linker,
+                cache: &self.cache,
+                wasi3,
+            }
+        }
+    }
+
+    /// The engine `component` was compiled for.
+    pub(super) fn engine_of(&self, component: &super::LoadedComponent) -> &Engine {
+        self.side(component.world() == super::World::HttpP3).engine
     }
 
     /// The allocator actually in use.
@@ -232,5 +334,19 @@ impl Runtime {
     /// Work counters.
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Runtime, RuntimeConfig};
+
+    #[test]
+    fn only_the_wasi3_engine_pays_for_concurrency() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let runtime = Runtime::new(RuntimeConfig::new(dir.path().join("cache"))).unwrap();
+        assert!(!runtime.engine().get_concurrency_support());
+        assert!(runtime.wasi3.engine.get_concurrency_support());
+        assert!(runtime.side(true).wasi3 && !runtime.side(false).wasi3);
     }
 }

@@ -1,4 +1,4 @@
-//! The one thread that advances the engine's epoch.
+//! The one thread that advances the engines' epochs.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -7,15 +7,16 @@ use std::time::Duration;
 
 use wasmtime::Engine;
 
-/// Increments the engine epoch every tick until dropped. Deadlines of all
-/// stores are measured against it, so one ticker serves every call.
+/// Increments the epoch of every engine it was given (the runtime's WASI
+/// 0.2 and 0.3 engines) every tick until dropped. Deadlines of all stores
+/// are measured against it, so one ticker serves every call.
 pub(crate) struct EpochTicker {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl EpochTicker {
-    pub(crate) fn start(engine: Engine, tick: Duration) -> Self {
+    pub(crate) fn start(engines: Vec<Engine>, tick: Duration) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
@@ -23,7 +24,9 @@ impl EpochTicker {
             .spawn(move || {
                 while !thread_stop.load(Ordering::Acquire) {
                     std::thread::park_timeout(tick);
-                    engine.increment_epoch();
+                    for engine in &engines {
+                        engine.increment_epoch();
+                    }
                 }
             });
         let thread = match thread {

@@ -133,3 +133,60 @@ where
         self.inner.size_hint()
     }
 }
+
+/// A response body that says when it is done with (ended, failed or
+/// dropped by the caller): a WASI 0.3 guest writes its body through the
+/// store's event loop, which must keep running until then.
+pub(crate) struct NotifyingBody {
+    inner: wasmtime_wasi_http::p2::body::HyperOutgoingBody,
+    done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl NotifyingBody {
+    /// Wraps `inner`; `done` fires once it is done with.
+    pub(crate) fn new(
+        inner: wasmtime_wasi_http::p2::body::HyperOutgoingBody,
+        done: tokio::sync::oneshot::Sender<()>,
+    ) -> Self {
+        Self {
+            inner,
+            done: Some(done),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(());
+        }
+    }
+}
+
+impl Drop for NotifyingBody {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl Body for NotifyingBody {
+    type Data = Bytes;
+    type Error = HttpError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            self.finish();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -49,7 +49,9 @@ mod tests {
         assert!(is_provided("wasi:io/streams@0.2.3"));
         assert!(!is_provided("wasi:io/streams@0.3.0"));
         assert!(is_provided("wasi:http/types@0.2.0"));
-        assert!(!is_provided("wasi:http/types@0.3.0"));
+        // WASI 0.3 is linked beside 0.2, not anything later.
+        assert!(is_provided("wasi:http/types@0.3.0"));
+        assert!(!is_provided("wasi:http/types@0.4.0"));
         assert!(!is_provided("acme:thing/api@1.0.0"));
         assert!(!is_provided("wasi:keyvalue/store@0.2.0"));
         assert!(!is_provided("wasi:keyvalue/store@0.2.0-draft2"));

@@ -9,9 +9,11 @@ use std::time::Instant;
 
 use wasmtime::component::Component;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p3::bindings::ServicePre;
 
 use super::bindings::PlatformPre;
 use super::cache::Lookup;
+use super::engine::Side;
 use super::imports;
 use super::reuse::Instance;
 use super::state::CallState;
@@ -21,6 +23,9 @@ use super::{Digest, Runtime};
 pub const HANDLER_EXPORT: &str = "gust:function/handler@0.1.0";
 /// Interface a component exports to serve HTTP (`wasi:http/proxy`).
 pub const HTTP_EXPORT_PREFIX: &str = "wasi:http/incoming-handler@";
+/// Interface a WASI 0.3 component exports to serve HTTP
+/// (`wasi:http/service`).
+pub const HTTP_P3_EXPORT_PREFIX: &str = "wasi:http/handler@0.3";
 /// Why a component could not be loaded.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -50,7 +55,7 @@ pub enum LoadError {
     },
     /// The component does not export a world the host can run.
     #[error(
-        "the component exports neither `{HANDLER_EXPORT}` nor `wasi:http/incoming-handler`; it exports: {}",
+        "the component exports neither `{HANDLER_EXPORT}` nor `wasi:http/incoming-handler` (WASI 0.2) nor `wasi:http/handler` (WASI 0.3); it exports: {}",
         if .exports.is_empty() { "nothing".to_owned() } else { .exports.join(", ") }
     )]
     MissingExport {
@@ -68,8 +73,10 @@ pub enum LoadError {
 pub enum World {
     /// Exports `gust:function/handler`.
     Handler,
-    /// Exports `wasi:http/incoming-handler`.
+    /// Exports `wasi:http/incoming-handler` (WASI 0.2).
     Http,
+    /// Exports `wasi:http/handler` (WASI 0.3, the component model's async).
+    HttpP3,
 }
 
 impl World {
@@ -78,6 +85,7 @@ impl World {
         match self {
             Self::Handler => "handler",
             Self::Http => "http",
+            Self::HttpP3 => "http-p3",
         }
     }
 }
@@ -96,6 +104,7 @@ pub(super) enum Prepared {
     Handler(PlatformPre<CallState>),
     // Served by the HTTP front end, which arrives with the server.
     Http(ProxyPre<CallState>),
+    HttpP3(ServicePre<CallState>),
 }
 
 impl Prepared {
@@ -107,6 +116,7 @@ impl Prepared {
         Ok(match self {
             Self::Handler(pre) => Instance::Handler(pre.instantiate_async(store).await?),
             Self::Http(pre) => Instance::Http(pre.instantiate_async(store).await?),
+            Self::HttpP3(pre) => Instance::HttpP3(pre.instantiate_async(store).await?),
         })
     }
 }
@@ -141,6 +151,7 @@ impl LoadedComponent {
         match self.inner.prepared {
             Prepared::Handler(_) => World::Handler,
             Prepared::Http(_) => World::Http,
+            Prepared::HttpP3(_) => World::HttpP3,
         }
     }
 
@@ -176,19 +187,20 @@ impl Runtime {
         // Compiling is the expensive part of a deploy (and of a cold start
         // after a cache rejection); its logs carry the component's digest.
         let _span = tracing::debug_span!("load", %digest).entered();
-        let (component, source) = match self.cache.load(&self.engine, &digest) {
+        let side = self.side(exports_wasi3_http(bytes));
+        let (component, source) = match side.cache.load(side.engine, &digest) {
             Lookup::Hit(component) => {
                 self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
                 (component, LoadSource::Cache)
             }
             lookup => {
                 if let Lookup::Rejected(reason) = lookup {
-                    self.reject(&digest, &reason);
+                    self.reject(side, &digest, &reason);
                 }
-                (self.compile(&digest, bytes)?, LoadSource::Compiled)
+                (self.compile(side, &digest, bytes)?, LoadSource::Compiled)
             }
         };
-        self.prepare(digest, component, source)
+        self.prepare(side, digest, component, source)
     }
 
     /// Loads the component `digest` from its verified compiled artifact
@@ -199,27 +211,32 @@ impl Runtime {
     /// them.
     pub fn load_compiled(&self, digest: &Digest) -> Option<Result<LoadedComponent, LoadError>> {
         let _span = tracing::debug_span!("load", %digest).entered();
-        match self.cache.load(&self.engine, digest) {
-            Lookup::Hit(component) => {
-                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-                Some(self.prepare(*digest, component, LoadSource::Cache))
-            }
-            Lookup::Miss => None,
-            Lookup::Rejected(reason) => {
-                self.reject(digest, &reason);
-                // Removed, so that the load that follows compiles without
-                // checking (and rejecting) it again.
-                if let Err(e) = self.cache.remove(digest) {
-                    tracing::warn!(%digest, error = %e, "could not remove a rejected compiled-cache entry");
+        // Each engine has its own cache; a component is in one of them (a
+        // miss is one `stat`).
+        for side in [self.side(false), self.side(true)] {
+            match side.cache.load(side.engine, digest) {
+                Lookup::Hit(component) => {
+                    self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    return Some(self.prepare(side, *digest, component, LoadSource::Cache));
                 }
-                None
+                Lookup::Miss => {}
+                Lookup::Rejected(reason) => {
+                    self.reject(side, digest, &reason);
+                    // Removed, so that the load that follows compiles without
+                    // checking (and rejecting) it again.
+                    if let Err(e) = side.cache.remove(digest) {
+                        tracing::warn!(%digest, error = %e, "could not remove a rejected compiled-cache entry");
+                    }
+                    return None;
+                }
             }
         }
+        None
     }
 
-    fn reject(&self, digest: &Digest, reason: &str) {
+    fn reject(&self, side: Side<'_>, digest: &Digest, reason: &str) {
         self.stats.cache_rejections.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(%digest, %reason, path = %self.cache.path_for(digest).display(), "ignoring compiled-cache entry; recompiling");
+        tracing::warn!(%digest, %reason, path = %side.cache.path_for(digest).display(), "ignoring compiled-cache entry; recompiling");
     }
 
     /// Removes the compiled artifact of `digest` from the cache: its
@@ -228,7 +245,8 @@ impl Runtime {
     /// # Errors
     /// The artifact could not be removed.
     pub fn forget_compiled(&self, digest: &Digest) -> Result<(), super::CacheError> {
-        self.cache.remove(digest)
+        self.cache.remove(digest)?;
+        self.wasi3.cache.remove(digest)
     }
 
     /// Removes every compiled artifact but those of `keep` (the components
@@ -237,18 +255,23 @@ impl Runtime {
     /// # Errors
     /// The cache directory could not be read or a file not removed.
     pub fn retain_compiled(&self, keep: &[Digest]) -> Result<usize, super::CacheError> {
-        self.cache.retain(keep)
+        Ok(self.cache.retain(keep)? + self.wasi3.cache.retain(keep)?)
     }
 
-    fn compile(&self, digest: &Digest, bytes: &[u8]) -> Result<Component, LoadError> {
+    fn compile(
+        &self,
+        side: Side<'_>,
+        digest: &Digest,
+        bytes: &[u8],
+    ) -> Result<Component, LoadError> {
         self.stats.compiles.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        let component = Component::new(&self.engine, bytes).map_err(LoadError::Invalid)?;
+        let component = Component::new(side.engine, bytes).map_err(LoadError::Invalid)?;
         tracing::info!(%digest, elapsed = ?started.elapsed(), "compiled component");
         // A failure to cache costs a recompile later, not this load.
         match component.serialize() {
             Ok(artifact) => {
-                if let Err(e) = self.cache.store(digest, &artifact) {
+                if let Err(e) = side.cache.store(digest, &artifact) {
                     tracing::warn!(%digest, error = %e, "could not write the compiled cache");
                 }
             }
@@ -261,20 +284,21 @@ impl Runtime {
 
     fn prepare(
         &self,
+        side: Side<'_>,
         digest: Digest,
         component: Component,
         source: LoadSource,
     ) -> Result<LoadedComponent, LoadError> {
         let component_type = component.component_type();
         let imports: Vec<String> = component_type
-            .imports(&self.engine)
+            .imports(side.engine)
             .map(|(name, _)| name.to_owned())
             .collect();
         let exports: Vec<String> = component_type
-            .exports(&self.engine)
+            .exports(side.engine)
             .map(|(name, _)| name.to_owned())
             .collect();
-        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
+        let pre = side.linker.instantiate_pre(&component).map_err(|e| {
             let mut unsatisfied: Vec<String> = imports
                 .iter()
                 .filter(|name| !imports::is_provided(name))
@@ -290,7 +314,10 @@ impl Runtime {
                 detail: e,
             }
         })?;
-        let prepared = if exports
+        let prepared = if side.wasi3 {
+            // Only what `exports_wasi3_http` found sends a component here.
+            Prepared::HttpP3(ServicePre::new(pre).map_err(LoadError::ExportMismatch)?)
+        } else if exports
             .iter()
             .any(|e| imports::same_interface(e, HANDLER_EXPORT))
         {
@@ -312,6 +339,52 @@ impl Runtime {
     }
 }
 
+/// Whether the component `bytes` exports WASI 0.3's `wasi:http/handler`,
+/// and so runs on the runtime's WASI 0.3 engine. Read from its own export
+/// sections alone, nested modules and components skipped: a pass over
+/// section headers, not a validation. Anything malformed answers `false`,
+/// and the compile that follows says what is wrong.
+fn exports_wasi3_http(bytes: &[u8]) -> bool {
+    use wasmtime::wasmparser::{Chunk, Parser, Payload};
+
+    let mut parser = Parser::new(0);
+    let mut at = 0;
+    loop {
+        let Some(rest) = bytes.get(at..) else {
+            return false;
+        };
+        let payload = match parser.parse(rest, true) {
+            Ok(Chunk::Parsed { consumed, payload }) => {
+                at += consumed;
+                payload
+            }
+            Ok(Chunk::NeedMoreData(_)) | Err(_) => return false,
+        };
+        match payload {
+            // The parser has stepped over the nested one already; so do we.
+            Payload::ModuleSection {
+                unchecked_range, ..
+            }
+            | Payload::ComponentSection {
+                unchecked_range, ..
+            } => at = unchecked_range.end,
+            Payload::ComponentExportSection(exports) => {
+                for export in exports {
+                    match export {
+                        Ok(export) if export.name.name.starts_with(HTTP_P3_EXPORT_PREFIX) => {
+                            return true;
+                        }
+                        Ok(_) => {}
+                        Err(_) => return false,
+                    }
+                }
+            }
+            Payload::End(_) => return false,
+            _ => {}
+        }
+    }
+}
+
 fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
     if bytes.is_empty() {
         return Err(LoadError::Empty);
@@ -328,4 +401,38 @@ fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exports_wasi3_http;
+
+    fn component(wat: &str) -> Vec<u8> {
+        wat::parse_str(wat).unwrap()
+    }
+
+    #[test]
+    fn the_wasi3_engine_is_chosen_by_the_outer_components_own_export() {
+        let exports = component(
+            r#"(component (instance $i) (export "wasi:http/handler@0.3.0" (instance $i)))"#,
+        );
+        assert!(exports_wasi3_http(&exports));
+        // A WASI 0.2 server, and a nested component exporting the name
+        // where the outer one does not: the other engine.
+        let p2 = component(
+            r#"(component (instance $i) (export "wasi:http/incoming-handler@0.2.6" (instance $i)))"#,
+        );
+        assert!(!exports_wasi3_http(&p2));
+        let nested = component(
+            r#"(component
+                (component (instance $i) (export "wasi:http/handler@0.3.0" (instance $i)))
+                (core module (func (export "f")))
+                (instance $j)
+                (export "gust:function/handler@0.1.0" (instance $j)))"#,
+        );
+        assert!(!exports_wasi3_http(&nested));
+        // Malformed or cut short: not WASI 0.3 (compiling says why).
+        assert!(!exports_wasi3_http(b"\0asm"));
+        assert!(!exports_wasi3_http(b"\0asm\x0d\0\x01\0\x0b\x7f"));
+    }
 }

@@ -38,7 +38,7 @@ use wasmtime::Engine;
 use wasmtime::component::Linker;
 
 pub use self::cache::CacheError;
-pub use self::call::HttpCall;
+pub use self::call::{HttpAnswer, HttpCall};
 pub use self::capture::{BoundedCapture, CapturedOutput};
 pub use self::config::{AllocationConfig, CallLimits, PoolingConfig, Preopen, RuntimeConfig};
 pub use self::control::{CallControl, Cancel};
@@ -50,7 +50,8 @@ pub use self::host::{GpuGrant, KeyValue, KvFailure, ModelGrant, ModelUsage};
 pub use self::http::{BodyTooLarge, CappedBody, CappedBodyError};
 pub use self::imports::is_provided;
 pub use self::load::{
-    HANDLER_EXPORT, HTTP_EXPORT_PREFIX, LoadError, LoadSource, LoadedComponent, World,
+    HANDLER_EXPORT, HTTP_EXPORT_PREFIX, HTTP_P3_EXPORT_PREFIX, LoadError, LoadSource,
+    LoadedComponent, World,
 };
 pub use self::outcome::{
     GuestError, Invocation, Outcome, Request, Response, Timings, new_invocation_id,
@@ -74,6 +75,7 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<CallState>,
     cache: CompileCache,
+    wasi3: engine::Wasi3Engine,
     stats: Arc<RuntimeStats>,
     allocator: AllocatorInUse,
     config: RuntimeConfig,

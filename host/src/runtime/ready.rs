@@ -44,7 +44,7 @@ impl Runtime {
         let Some(preparation) = self.idle.start_preparing(&ready.scope, digest, ready.count) else {
             return;
         };
-        let engine = self.engine.clone();
+        let engine = self.engine_of(component).clone();
         let pre = component.inner.prepared.clone();
         let stats = Arc::clone(&self.stats);
         let memory_limit = usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX);

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use wasmtime::Store;
 use wasmtime_wasi_http::p2::bindings::Proxy;
+use wasmtime_wasi_http::p3::bindings::Service;
 
 use super::bindings::Platform;
 use super::capture::BoundedCapture;
@@ -113,6 +114,8 @@ pub(crate) enum Instance {
     Handler(Platform),
     /// A `wasi:http/proxy` component.
     Http(Proxy),
+    /// A `wasi:http/service` (WASI 0.3) component.
+    HttpP3(Service),
 }
 
 impl Instance {
@@ -120,7 +123,7 @@ impl Instance {
     pub(crate) fn into_handler(self) -> Option<Platform> {
         match self {
             Self::Handler(guest) => Some(guest),
-            Self::Http(_) => None,
+            Self::Http(_) | Self::HttpP3(_) => None,
         }
     }
 
@@ -128,7 +131,15 @@ impl Instance {
     pub(crate) fn into_http(self) -> Option<Proxy> {
         match self {
             Self::Http(proxy) => Some(proxy),
-            Self::Handler(_) => None,
+            Self::Handler(_) | Self::HttpP3(_) => None,
+        }
+    }
+
+    /// The WASI 0.3 service's exports, if it is one.
+    pub(crate) fn into_http_p3(self) -> Option<Service> {
+        match self {
+            Self::HttpP3(service) => Some(service),
+            Self::Handler(_) | Self::Http(_) => None,
         }
     }
 }

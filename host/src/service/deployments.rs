@@ -367,6 +367,7 @@ impl Service {
         let size = bytes.len() as u64;
         let world = match component.world() {
             World::Http => FunctionWorld::Http,
+            World::HttpP3 => FunctionWorld::HttpP3,
             _ => FunctionWorld::Handler,
         };
         let deployed = {

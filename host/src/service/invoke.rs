@@ -517,7 +517,7 @@ impl Service {
             || ServiceError::NotFound(format!("no HTTP function `{name}` for tenant `{tenant}`"));
         let deployment = self
             .deployment(tenant, name)
-            .filter(|d| d.record.world == FunctionWorld::Http)
+            .filter(|d| d.record.world.serves_http())
             .ok_or_else(not_found)?;
         let access = if deployment.record.public {
             match caller() {

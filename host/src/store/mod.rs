@@ -239,8 +239,26 @@ pub struct ApiKeyRecord {
 pub enum FunctionWorld {
     /// Exports `gust:function/handler`.
     Handler,
-    /// Exports `wasi:http/incoming-handler`.
+    /// Exports `wasi:http/incoming-handler` (WASI 0.2).
     Http,
+    /// Exports `wasi:http/handler` (WASI 0.3).
+    HttpP3,
+}
+
+impl FunctionWorld {
+    /// Whether `/http/{tenant}/{name}/…` serves it.
+    pub fn serves_http(self) -> bool {
+        matches!(self, Self::Http | Self::HttpP3)
+    }
+
+    /// The name the API and the stores use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Handler => "handler",
+            Self::Http => "http",
+            Self::HttpP3 => "http-p3",
+        }
+    }
 }
 
 /// A deployed function: its current version.

@@ -375,10 +375,7 @@ fn i64_of(value: u64) -> i64 {
 }
 
 fn world_name(world: FunctionWorld) -> &'static str {
-    match world {
-        FunctionWorld::Handler => "handler",
-        FunctionWorld::Http => "http",
-    }
+    world.as_str()
 }
 
 /// A `functions` row read with [`FUNCTION_COLUMNS`], and its incarnation.
@@ -387,6 +384,7 @@ fn function(row: &Row) -> Result<(FunctionRecord, i64), StoreError> {
     let world = match world.as_str() {
         "handler" => FunctionWorld::Handler,
         "http" => FunctionWorld::Http,
+        "http-p3" => FunctionWorld::HttpP3,
         other => {
             return Err(StoreError::Corrupt {
                 key: "functions".into(),

@@ -167,3 +167,61 @@ async fn a_rejected_artifact_is_removed_and_the_bytes_compiled_once() {
         LoadSource::Cache
     );
 }
+
+/// WASI 0.3 components run on an engine of their own (component-model
+/// async on), with a cache of its own beside the other engine's: found again
+/// after a restart, and cleaned up with it.
+#[tokio::test]
+async fn a_wasi_0_3_component_is_cached_apart_and_found_after_a_restart() {
+    use std::sync::Arc;
+
+    let dir = TempDir::new().unwrap();
+    let p3 = std::fs::read(artifacts::HTTP_P3_COMPONENT).unwrap();
+    let p2 = std::fs::read(artifacts::HELLO_COMPONENT).unwrap();
+    let (p3_digest, p2_digest) = (
+        gust_host::digest::Digest::of(&p3),
+        gust_host::digest::Digest::of(&p2),
+    );
+    let first = fresh_runtime(dir.path());
+    assert_eq!(first.load(&p3).unwrap().world().as_str(), "http-p3");
+    first.load(&p2).unwrap();
+    let wasi3 = dir.path().join("wasi3");
+    assert_eq!(cache_entries(dir.path()).len(), 1, "the WASI 0.2 entry");
+    assert_eq!(cache_entries(&wasi3).len(), 1, "the WASI 0.3 entry");
+    drop(first);
+
+    let second = Arc::new(fresh_runtime(dir.path()));
+    let loaded = second.load_compiled(&p3_digest).unwrap().unwrap();
+    assert_eq!(
+        (loaded.source(), loaded.world().as_str()),
+        (LoadSource::Cache, "http-p3")
+    );
+    let hello = second.load_compiled(&p2_digest).unwrap().unwrap();
+    assert_eq!(hello.world().as_str(), "handler");
+    assert_eq!(second.stats().compiles, 0);
+    // Both still run, each on its own engine.
+    let request = hyper::Request::builder()
+        .uri("http://localhost/")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let call = second
+        .serve_http(
+            &loaded,
+            request,
+            &super::limits(),
+            gust_host::runtime::CallControl::default(),
+        )
+        .ok()
+        .unwrap();
+    assert_eq!(call.response.await.unwrap().unwrap().status(), 200);
+    assert!(call.completion.await.unwrap().outcome.is_ok());
+    assert!(invoke(&second, &hello, "").await.outcome.is_ok());
+
+    // Keeping only the WASI 0.3 component removes the other's artifact,
+    // and forgetting it empties its own cache.
+    assert_eq!(second.retain_compiled(&[p3_digest]).unwrap(), 2);
+    assert!(cache_entries(dir.path()).is_empty());
+    assert_eq!(cache_entries(&wasi3).len(), 1);
+    second.forget_compiled(&p3_digest).unwrap();
+    assert!(cache_entries(&wasi3).is_empty());
+}

@@ -327,6 +327,73 @@ async fn http_hello() {
     assert_eq!(call.completion.await.unwrap().outcome.code(), "timeout");
 }
 
+/// A WASI 0.3 `wasi:http/service` component: served like a 0.2 one,
+/// its body written through the store's event loop after `handle` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_p3() {
+    use http_body_util::BodyExt;
+
+    let (rt, _dir) = runtime();
+    let rt = Arc::new(rt);
+    let component = load(&rt, artifacts::HTTP_P3_COMPONENT);
+    assert_eq!(component.world().as_str(), "http-p3");
+
+    let call = serve(&rt, &component, "GET", "/", "").await;
+    let response = call.response.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/plain");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"Hello from WASI 0.3\n");
+    assert!(call.completion.await.unwrap().outcome.is_ok());
+
+    let call = serve(&rt, &component, "POST", "/echo", "posted body").await;
+    let response = call.response.await.unwrap().unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"posted body");
+    assert!(call.completion.await.unwrap().outcome.is_ok());
+
+    let call = serve(&rt, &component, "GET", "/sleep/30", "").await;
+    let body = call.response.await.unwrap().unwrap().into_body();
+    assert_eq!(
+        &body.collect().await.unwrap().to_bytes()[..],
+        b"slept 30 ms\n"
+    );
+
+    // The body streams: the first chunk arrives while the guest still runs.
+    let call = serve(&rt, &component, "GET", "/stream/4", "").await;
+    let mut body = call.response.await.unwrap().unwrap().into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"chunk 0\n");
+    assert!(!call.completion.is_finished(), "the guest is still writing");
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(&rest[..], b"chunk 1\nchunk 2\nchunk 3\n");
+    assert!(call.completion.await.unwrap().outcome.is_ok());
+
+    // A caller that goes away mid-body ends the call.
+    let call = serve(&rt, &component, "GET", "/stream/1000", "").await;
+    let mut body = call.response.await.unwrap().unwrap().into_body();
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+    let ended = tokio::time::timeout(Duration::from_secs(5), call.completion).await;
+    assert!(ended.is_ok(), "the call went on without a reader");
+
+    // A guest that never answers is stopped at the deadline.
+    let request = hyper::Request::builder()
+        .uri("http://localhost/spin")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let short = CallLimits {
+        timeout: Duration::from_millis(200),
+        ..limits()
+    };
+    let call = rt
+        .serve_http(&component, request, &short, CallControl::default())
+        .ok()
+        .unwrap();
+    assert!(call.response.await.is_err());
+    assert_eq!(call.completion.await.unwrap().outcome.code(), "timeout");
+}
+
 #[tokio::test]
 async fn fs_access() {
     let (rt, dir) = runtime();

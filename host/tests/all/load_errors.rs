@@ -110,10 +110,10 @@ fn every_fixture_loads_with_its_world() {
     for (name, path) in artifacts::FIXTURES {
         let bytes = std::fs::read(path).unwrap();
         let loaded = rt.load(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let world = if matches!(*name, "http_hello" | "hostile_http") {
-            "http"
-        } else {
-            "handler"
+        let world = match *name {
+            "http_hello" | "hostile_http" => "http",
+            "http_p3" => "http-p3",
+            _ => "handler",
         };
         assert_eq!(loaded.world().as_str(), world, "{name}");
         let uses_gpu = loaded.imports().iter().any(|i| i.starts_with("gust:gpu"));

@@ -17,6 +17,7 @@ mod egress;
 mod fixtures;
 mod gpu;
 mod hostile;
+mod http_p3;
 mod jobs;
 mod kv;
 mod limits;
