@@ -252,8 +252,9 @@ fn new_linker(
 }
 
 impl Runtime {
-    /// Creates the engines (the WASI 0.2 one falling back to on-demand allocation if the pool
-    /// cannot be reserved), the linker, the cache and the epoch ticker.
+    /// Creates the engines (the pooled one falling back to on-demand
+    /// allocation if the pool cannot be reserved), their linkers and
+    /// caches, and the epoch ticker.
     pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
         let egress = super::egress::EgressClient::new(config.ca_file.as_deref())?;
         let (engine, allocator) = build_engine(&config)?;
