@@ -7,6 +7,10 @@
 //! componentize-py (skipped, with a message, when it is not installed).
 //! Target: median ≤ 0.5 ms pooled.
 //!
+//! `invoke/js_hello*`: the same for `examples/js/hello` built with esbuild
+//! and ComponentizeJS (skipped, with a message, when they are not
+//! installed). Target: median ≤ 0.5 ms pooled.
+//!
 //! `*_reused`: the same calls with instance reuse (policy
 //! `reuse_instances`, here 1000 calls per instance): call + return of the
 //! instance to the idle pool, one instantiation per 1000 calls.
@@ -65,6 +69,9 @@ fn bench_invoke(c: &mut Criterion) {
         "hello",
     )
     .map(|path| std::fs::read(path).unwrap());
+    let js_hello =
+        python_build::js_component(&python_build::root().join("examples/js/hello"), "js-hello")
+            .map(|path| std::fs::read(path).unwrap());
     let tokio = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -92,6 +99,15 @@ fn bench_invoke(c: &mut Criterion) {
         cases.push((
             "python_hello_reused",
             python_hello,
+            AllocationConfig::default(),
+            1000,
+        ));
+    }
+    if let Some(js_hello) = &js_hello {
+        cases.push(("js_hello", js_hello, AllocationConfig::default(), 1));
+        cases.push((
+            "js_hello_reused",
+            js_hello,
             AllocationConfig::default(),
             1000,
         ));

@@ -15,8 +15,9 @@ use super::client::ClientError;
 #[derive(Debug, Args)]
 pub(crate) struct BuildArgs {
     /// What to build: a Python app (`app.py`; a `requirements.txt` beside
-    /// it is bundled, pure-Python packages only) or a Rust crate's
-    /// directory.
+    /// it is bundled, pure-Python packages only), a JavaScript or
+    /// TypeScript app (`app.js`, `app.ts`; its imports and pure-JS npm
+    /// packages are bundled) or a Rust crate's directory.
     pub(crate) source: PathBuf,
 
     /// Where to write the component [default: the app's path with `.wasm`
@@ -28,6 +29,22 @@ pub(crate) struct BuildArgs {
 /// Whether `source` names a Python app rather than a crate or component.
 pub(crate) fn is_python(source: &Path) -> bool {
     source.extension().is_some_and(|e| e == "py")
+}
+
+/// Whether `source` names an app in a language `gust build` builds from a
+/// single source file (Python, JavaScript, TypeScript).
+pub(crate) fn is_script(source: &Path) -> bool {
+    is_python(source) || super::js::is_js(source)
+}
+
+/// Builds the app `source` (see [`is_script`]) into the component `output`.
+pub(crate) fn build_script(source: &Path, output: &Path) -> Result<(), ClientError> {
+    if is_python(source) {
+        super::python::build_app(source, output)?;
+    } else {
+        super::js::build_app(source, output)?;
+    }
+    Ok(())
 }
 
 /// `gust build`: builds and prints where the component is.
@@ -48,14 +65,14 @@ pub(crate) async fn build(
 }
 
 fn build_any(source: &Path, output: Option<PathBuf>) -> Result<PathBuf, ClientError> {
-    if is_python(source) {
+    if is_script(source) {
         let output = output.unwrap_or_else(|| source.with_extension("wasm"));
-        super::python::build_app(source, &output)?;
+        build_script(source, &output)?;
         return Ok(output);
     }
     if !source.is_dir() {
         return Err(ClientError::Input(format!(
-            "{} is neither a Python app (`.py`) nor a Rust crate directory",
+            "{} is neither a Python app (`.py`), a JavaScript or TypeScript app (`.js`, `.ts`) nor a Rust crate directory",
             source.display()
         )));
     }

@@ -26,8 +26,10 @@ pub(crate) struct DeployArgs {
     /// What to deploy: a `.wasm` component built for wasm32-wasip2 that
     /// exports `gust:function/handler` or `wasi:http/incoming-handler`; a
     /// Rust crate's directory, which is built first (cargo, release,
-    /// wasm32-wasip2) and its cdylib deployed; or a Python app (`app.py`),
-    /// built first with componentize-py (see `gust build`).
+    /// wasm32-wasip2) and its cdylib deployed; a Python app (`app.py`),
+    /// built first with componentize-py; or a JavaScript or TypeScript app
+    /// (`app.js`, `app.ts`), built first with ComponentizeJS (see `gust
+    /// build`).
     pub(crate) component: PathBuf,
 
     /// Function name, `^[a-z0-9][a-z0-9-]{0,62}$` [default: the crate's
@@ -79,10 +81,11 @@ pub(crate) fn default_name(component: &Path) -> Result<String, ClientError> {
     })
 }
 
-/// The name a Python app deploys as: its file's stem, except that the
-/// conventional `app.py`/`main.py` take their directory's name
-/// (`examples/python/hello/app.py` deploys as `hello`).
-fn python_default_name(app: &Path) -> Result<String, ClientError> {
+/// The name a Python or JavaScript app deploys as: its file's stem, except
+/// that the conventional `app.py`/`main.py` (`app.js`, `main.ts`, …) take
+/// their directory's name (`examples/python/hello/app.py` deploys as
+/// `hello`).
+fn script_default_name(app: &Path) -> Result<String, ClientError> {
     let stem = app.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
     if stem == "app" || stem == "main" {
         let dir = app
@@ -102,9 +105,10 @@ pub(crate) async fn deploy(
     _err: &mut dyn Write,
 ) -> Result<(), ClientError> {
     let client = Client::from_args(&args.connect, KeyKind::Tenant)?;
-    // Holds a Python build's component until the upload is done.
+    // Holds a Python or JavaScript build's component until the upload is
+    // done.
     let mut _scratch = None;
-    let (component, default) = if super::build::is_python(&args.component) {
+    let (component, default) = if super::build::is_script(&args.component) {
         let app = args.component.clone();
         let (scratch, component) = tokio::task::spawn_blocking(move || {
             let scratch = tempfile::Builder::new()
@@ -114,7 +118,7 @@ pub(crate) async fn deploy(
                     ClientError::Input(format!("cannot create a scratch directory: {e}"))
                 })?;
             let component = scratch.path().join("app.wasm");
-            super::python::build_app(&app, &component)?;
+            super::build::build_script(&app, &component)?;
             Ok::<_, ClientError>((scratch, component))
         })
         .await
@@ -122,7 +126,7 @@ pub(crate) async fn deploy(
         _scratch = Some(scratch);
         let name = match &args.name {
             Some(_) => String::new(),
-            None => python_default_name(&args.component)?,
+            None => script_default_name(&args.component)?,
         };
         (component, name)
     } else if args.component.is_dir() {

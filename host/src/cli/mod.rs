@@ -13,6 +13,7 @@ mod deploy;
 mod functions;
 mod invoke;
 mod jobs;
+mod js;
 mod kv;
 mod map;
 mod objects;

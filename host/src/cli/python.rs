@@ -57,7 +57,7 @@ const SDK_FILES: &[(&str, &str)] = &[
 /// The WIT of the `gust:function` worlds and every package they use
 /// (`http-guest` includes `wasi:http/proxy`, which reaches all of WASI;
 /// `platform` adds `wasi:keyvalue` and `wasi:config`).
-const WIT_FILES: &[(&str, &str)] = &[
+pub(super) const WIT_FILES: &[(&str, &str)] = &[
     ("function.wit", include_str!("../../../wit/function.wit")),
     (
         "deps/gust-gpu/gpu.wit",
@@ -253,7 +253,7 @@ fn module_name(app: &Path) -> Result<String, ClientError> {
     Ok(stem.to_owned())
 }
 
-fn write_tree(root: &Path, files: &[(&str, &str)]) -> Result<(), ClientError> {
+pub(super) fn write_tree(root: &Path, files: &[(&str, &str)]) -> Result<(), ClientError> {
     for (relative, contents) in files {
         let path = root.join(relative);
         if let Some(parent) = path.parent() {
@@ -264,7 +264,7 @@ fn write_tree(root: &Path, files: &[(&str, &str)]) -> Result<(), ClientError> {
     Ok(())
 }
 
-fn scratch_error(path: &Path, e: &std::io::Error) -> ClientError {
+pub(super) fn scratch_error(path: &Path, e: &std::io::Error) -> ClientError {
     ClientError::Input(format!(
         "cannot write the build's scratch file {}: {e}",
         path.display()
@@ -272,7 +272,7 @@ fn scratch_error(path: &Path, e: &std::io::Error) -> ClientError {
 }
 
 /// A spinner on stderr (only on a terminal) for the ~45 s steps.
-fn spinner(message: String) -> ProgressBar {
+pub(super) fn spinner(message: String) -> ProgressBar {
     let target = if std::io::stderr().is_terminal() {
         ProgressDrawTarget::stderr()
     } else {
@@ -288,7 +288,7 @@ fn spinner(message: String) -> ProgressBar {
     bar
 }
 
-fn run_quietly(command: &mut Command, what: &str) -> Result<Output, ClientError> {
+pub(super) fn run_quietly(command: &mut Command, what: &str) -> Result<Output, ClientError> {
     command
         .stdin(Stdio::null())
         .output()
@@ -296,7 +296,7 @@ fn run_quietly(command: &mut Command, what: &str) -> Result<Output, ClientError>
 }
 
 /// Both streams of a failed tool run, trimmed, for the error message.
-fn tool_output(output: &Output) -> String {
+pub(super) fn tool_output(output: &Output) -> String {
     let mut text = String::from_utf8_lossy(&output.stderr).trim().to_owned();
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !stdout.trim().is_empty() {

@@ -19,6 +19,7 @@ mod gpu;
 mod hostile;
 mod http_p3;
 mod jobs;
+mod js;
 mod kv;
 mod limits;
 mod load_errors;

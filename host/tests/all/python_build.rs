@@ -1,5 +1,6 @@
-//! Python components for the tests and the benches, built with `gust build`
-//! (componentize-py) and cached under the target directory, keyed by a hash
+//! Python and JavaScript components for the tests and the benches, built
+//! with `gust build` (componentize-py; esbuild and ComponentizeJS) and
+//! cached under the target directory, keyed by a hash
 //! of the app's directory, the SDK and the WIT, so an unchanged app costs
 //! nothing on the next run. Shared by `tests/all` and `benches/invoke.rs`.
 
@@ -37,8 +38,9 @@ fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// `gust build <app> -o <out>`, or `None` (after saying why) when
-/// componentize-py is not installed. The caller holds [`BUILD`].
+/// `gust build <app> -o <out>`, or `None` (after saying why) when its
+/// toolchain (componentize-py; ComponentizeJS and esbuild) is not
+/// installed. The caller holds [`BUILD`].
 pub(crate) fn gust_build(app: &Path, out: &Path) -> Option<std::process::Output> {
     let output = Command::new(env!("CARGO_BIN_EXE_gust"))
         .arg("build")
@@ -48,22 +50,27 @@ pub(crate) fn gust_build(app: &Path, out: &Path) -> Option<std::process::Output>
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    if stderr.contains("componentize-py not found") {
-        eprintln!(
-            "skipping: componentize-py is not installed ({})",
-            stderr.trim()
-        );
-        return None;
+    for tool in ["componentize-py", "componentize-js", "esbuild"] {
+        if stderr.contains(&format!("{tool} not found")) {
+            // CI installs every toolchain: there a missing one is a failure.
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{tool} is not installed in CI: {}",
+                stderr.trim()
+            );
+            eprintln!("skipping: {tool} is not installed ({})", stderr.trim());
+            return None;
+        }
     }
     Some(output)
 }
 
-/// The cache key of an app directory: its files, the SDK package's and the WIT's,
-/// names and contents.
-fn cache_key(app_dir: &Path) -> String {
+/// The cache key of an app directory: its files, the SDK package's (`sdk`,
+/// under the root) and the WIT's, names and contents.
+fn cache_key(app_dir: &Path, sdk: &str) -> String {
     let mut files = Vec::new();
     files_under(app_dir, &mut files);
-    files_under(&root().join("guest-sdk/python/gust"), &mut files);
+    files_under(&root().join(sdk), &mut files);
     files_under(&root().join("wit"), &mut files);
     let mut hash = Sha256::new();
     for file in files {
@@ -84,15 +91,25 @@ fn cache_key(app_dir: &Path) -> String {
 /// `gust build`; `None` (after saying why) when componentize-py is not
 /// installed. `name` prefixes the cached file.
 pub(crate) fn python_component(app_dir: &Path, name: &str) -> Option<PathBuf> {
+    cached_build(app_dir, "app.py", "guest-sdk/python/gust", name)
+}
+
+/// The component of `<app_dir>/app.js`, as [`python_component`] (but with
+/// ComponentizeJS and esbuild).
+pub(crate) fn js_component(app_dir: &Path, name: &str) -> Option<PathBuf> {
+    cached_build(app_dir, "app.js", "guest-sdk/js", name)
+}
+
+fn cached_build(app_dir: &Path, app: &str, sdk: &str, name: &str) -> Option<PathBuf> {
     let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gust-python-cache");
-    let cached = cache.join(format!("{name}-{}.wasm", cache_key(app_dir)));
+    let cached = cache.join(format!("{name}-{}.wasm", cache_key(app_dir, sdk)));
     let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     if cached.is_file() {
         return Some(cached);
     }
     std::fs::create_dir_all(&cache).unwrap();
     let partial = cached.with_extension("partial");
-    let out = gust_build(&app_dir.join("app.py"), &partial)?;
+    let out = gust_build(&app_dir.join(app), &partial)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "gust build {name} failed: {stderr}");
     std::fs::rename(&partial, &cached).unwrap();

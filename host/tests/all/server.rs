@@ -56,6 +56,12 @@ pub(crate) fn policies(dir: &Path) -> PathBuf {
         "timeout_ms = 3000\nmemory_mb = 256\nmax_component_bytes = 67108864\n",
     )
     .unwrap();
+    // JavaScript components carry SpiderMonkey (~14 MB).
+    std::fs::write(
+        policies.join("js.toml"),
+        "timeout_ms = 3000\nmemory_mb = 256\nmax_component_bytes = 67108864\n",
+    )
+    .unwrap();
     // One instance serves up to three calls of a function.
     std::fs::write(
         policies.join("reuse.toml"),

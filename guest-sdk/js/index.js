@@ -1,0 +1,225 @@
+// Write Gust functions in JavaScript (or TypeScript).
+//
+// A Gust function is a WebAssembly component that exports
+// `gust:function/handler`. `gust build app.js` bundles the app with this
+// module (esbuild) and turns it into one with ComponentizeJS; the app's
+// default export is its function:
+//
+//     import gust from "gust";
+//
+//     export default gust.fn(async (req) => `Hello, ${req.text()}!`);
+//
+// Why `export default gust.fn(…)` and not a decorator or a registration
+// call: an ES module's default export is how edge runtimes and bundlers
+// name "the thing this module is", it needs no transpiler setting, and
+// `gust build` can check at build time that the app has one.
+//
+// The function receives a `Request` and returns (or resolves to) a
+// `Response`, a `Uint8Array`/`ArrayBuffer` (application/octet-stream), a
+// string (text/plain), any other JSON-serialisable value (application/json)
+// or `undefined`/`null` (204, empty). Throwing `gust.Error` is a normal,
+// recorded outcome that the host answers with an HTTP error; any other
+// uncaught exception becomes the error `unhandled-exception` (500) whose
+// message carries the exception's name, message and stack, so it shows up in
+// the invocation record instead of trapping the instance.
+
+import { emit as emitChunk } from "gust:function/output@0.1.0";
+
+const encoder = new TextEncoder();
+const MARK = Symbol.for("gust.fn");
+
+/** A failure the function reports on purpose: the host answers `status`
+ * with a problem document carrying `code` and `message`. */
+export class GustError extends Error {
+  /**
+   * @param {string} code stable, machine-readable (e.g. `invalid-input`)
+   * @param {string} message for people
+   * @param {number} [status] HTTP status, 400..=599 (500 otherwise)
+   */
+  constructor(code, message, status = 500) {
+    super(message);
+    this.name = "GustError";
+    this.code = String(code);
+    this.status = status;
+  }
+}
+
+/** One invocation's input. */
+export class Request {
+  /** @param {{body: Uint8Array, contentType: string, headers: [string, string][], invocationId: string}} raw */
+  constructor(raw) {
+    /** The body, exactly as the caller sent it. */
+    this.bytes = raw.body;
+    /** Its media type (`application/octet-stream` when the caller named none). */
+    this.contentType = raw.contentType;
+    /** Caller headers the host passes through, as `[name, value]` pairs in order. */
+    this.headers = raw.headers;
+    /** The host's id for this invocation (also in the `gust-invocation-id` header). */
+    this.invocationId = raw.invocationId;
+  }
+
+  /** The first value of header `name` (case-insensitive), or `undefined`. */
+  header(name) {
+    const wanted = String(name).toLowerCase();
+    const found = this.headers.find(([key]) => key.toLowerCase() === wanted);
+    return found === undefined ? undefined : found[1];
+  }
+
+  /** The body as UTF-8 text; invalid UTF-8 is `invalid-input` (400). */
+  text() {
+    try {
+      return new TextDecoder("utf-8", { fatal: true }).decode(this.bytes);
+    } catch {
+      throw new GustError("invalid-input", "the request body is not UTF-8 text", 400);
+    }
+  }
+
+  /** The body parsed as JSON; a body that does not parse is `invalid-input` (400). */
+  json() {
+    const text = this.text();
+    try {
+      return JSON.parse(text);
+    } catch (e) {
+      throw new GustError("invalid-input", `the request body is not JSON: ${e.message}`, 400);
+    }
+  }
+}
+
+/** A function's answer. */
+export class Response {
+  /**
+   * @param {Uint8Array | ArrayBuffer | string} body
+   * @param {{status?: number, contentType?: string, headers?: [string, string][] | Record<string, string>}} [init]
+   */
+  constructor(body, init = {}) {
+    this.body = toBytes(body);
+    this.status = init.status ?? 200;
+    this.contentType =
+      init.contentType ??
+      (typeof body === "string" ? "text/plain; charset=utf-8" : "application/octet-stream");
+    const headers = init.headers ?? [];
+    this.headers = Array.isArray(headers) ? headers : Object.entries(headers);
+  }
+
+  /** A `text/plain; charset=utf-8` response. */
+  static text(body, status = 200) {
+    return new Response(String(body), { status, contentType: "text/plain; charset=utf-8" });
+  }
+
+  /** An `application/json` response holding `value` serialised. */
+  static json(value, status = 200) {
+    let text;
+    try {
+      text = JSON.stringify(value);
+    } catch (e) {
+      throw new GustError("internal-error", `the response is not JSON-serialisable: ${e.message}`, 500);
+    }
+    if (text === undefined) {
+      throw new GustError("internal-error", `a ${typeof value} is not JSON-serialisable`, 500);
+    }
+    return new Response(text, { status, contentType: "application/json" });
+  }
+
+  /** An `application/octet-stream` response. */
+  static bytes(body, status = 200) {
+    return new Response(toBytes(body), { status, contentType: "application/octet-stream" });
+  }
+}
+
+function toBytes(body) {
+  if (body instanceof Uint8Array) return body;
+  if (body instanceof ArrayBuffer) return new Uint8Array(body);
+  if (ArrayBuffer.isView(body)) return new Uint8Array(body.buffer, body.byteOffset, body.byteLength);
+  return encoder.encode(String(body));
+}
+
+/** Sends `chunk` (text or bytes) to a streaming caller now (SSE, WebSocket);
+ * other callers get every chunk, in order, before the response body. */
+export function emit(chunk) {
+  emitChunk(typeof chunk === "string" ? encoder.encode(chunk) : toBytes(chunk));
+}
+
+/** Marks `handler` as the app's function: `export default gust.fn(handler)`. */
+export function fn(handler) {
+  if (typeof handler !== "function") {
+    throw new TypeError("gust.fn takes the function that handles a request");
+  }
+  return { [MARK]: handler };
+}
+
+/** The response for whatever the handler returned. */
+function toResponse(value) {
+  if (value instanceof Response) return value;
+  if (value === undefined || value === null) {
+    return new Response(new Uint8Array(0), { status: 204 });
+  }
+  if (value instanceof Uint8Array || value instanceof ArrayBuffer || ArrayBuffer.isView(value)) {
+    return Response.bytes(value);
+  }
+  if (typeof value === "string") return Response.text(value);
+  if (typeof value === "function" || typeof value === "symbol" || typeof value === "bigint") {
+    throw new GustError(
+      "internal-error",
+      `the function returned a ${typeof value}; return a gust.Response, bytes, a string, a JSON value or nothing`,
+      500,
+    );
+  }
+  return Response.json(value);
+}
+
+/** `Name: message`, a blank line, then the stack (which already names the
+ * frames down to where it was thrown). */
+function describe(error) {
+  if (error instanceof Error) {
+    const summary = error.message ? `${error.name}: ${error.message}` : error.name;
+    return error.stack ? `${summary}\n\n${error.stack}` : summary;
+  }
+  let text;
+  try {
+    text = JSON.stringify(error);
+  } catch {
+    text = undefined;
+  }
+  return `uncaught ${typeof error}: ${text ?? String(error)}`;
+}
+
+/** A WIT `error` for the host, thrown the way ComponentizeJS returns the
+ * `err` case of a `result`. */
+function failure(code, message, status) {
+  const error = new Error(message);
+  error.payload = { code, message, status };
+  return error;
+}
+
+/** The `gust:function/handler` export for the app's default export
+ * (`gust build` generates the module that calls it). */
+export function exportHandler(app) {
+  const handler = app && app[MARK];
+  if (typeof handler !== "function") {
+    throw new TypeError("the app's default export must be gust.fn(handler)");
+  }
+  return {
+    async handle(raw) {
+      let response;
+      try {
+        response = toResponse(await handler(new Request(raw)));
+      } catch (e) {
+        if (e instanceof GustError) {
+          const status = Number.isInteger(e.status) && e.status >= 400 && e.status <= 599 ? e.status : 500;
+          throw failure(e.code, e.message, status);
+        }
+        throw failure("unhandled-exception", describe(e), 500);
+      }
+      return {
+        status: response.status,
+        contentType: response.contentType,
+        headers: response.headers.map(([name, value]) => [String(name), String(value)]),
+        body: response.body,
+      };
+    },
+  };
+}
+
+const gust = { fn, emit, Request, Response, Error: GustError };
+export { GustError as Error };
+export default gust;
