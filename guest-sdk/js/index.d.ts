@@ -72,11 +72,102 @@ export declare function emit(chunk: string | Uint8Array): void;
 /** Used by the module `gust build` generates; not for apps. */
 export declare function exportHandler(app: GustFunction): unknown;
 
+export type Dtype = "f32" | "f16" | "bf16" | "i32" | "u32";
+export type BlockFormat = "q4-0" | "q4-1" | "q8-0" | "q4-k" | "q6-k";
+
+/** A bridge call failed: `code` (`shape-mismatch`, …) and `detail`. An
+ * uncaught one is the function error `gpu-<code>`. */
+export declare class TensorError extends Error {
+  readonly code: string;
+  readonly detail: string;
+  /** The HTTP status this failure maps to as a function error. */
+  status(): number;
+}
+
+export interface DeviceInfo {
+  backend: string;
+  name: string;
+  isGpu: boolean;
+  memoryAvailable: bigint;
+}
+
+/** The devices this invocation may use, the default first. */
+export declare function devices(): DeviceInfo[];
+
+type Nested = number | Nested[];
+
+/** A tensor on the host's device. */
+export declare class Tensor {
+  static fromF32(shape: ArrayLike<number>, values: ArrayLike<number>): Tensor;
+  static fromI32(shape: ArrayLike<number>, values: ArrayLike<number>): Tensor;
+  static fromBytes(dtype: Dtype, shape: ArrayLike<number>, data: Uint8Array): Tensor;
+  static fromBlocks(format: BlockFormat, shape: ArrayLike<number>, data: Uint8Array): Tensor;
+  static zeros(dtype: Dtype, shape: ArrayLike<number>): Tensor;
+  static fromArray(values: Nested, dtype?: Dtype): Tensor;
+  static concat(tensors: Tensor[], dim?: number): Tensor;
+  readonly shape: number[];
+  readonly dtype: Dtype;
+  readonly blockFormat: BlockFormat | undefined;
+  read(): Uint8Array;
+  readF32(): Float32Array;
+  toArray(): Nested;
+  matmul(other: Tensor): Tensor;
+  add(other: Tensor | number): Tensor;
+  sub(other: Tensor | number): Tensor;
+  mul(other: Tensor | number): Tensor;
+  div(other: Tensor | number): Tensor;
+  affine(scale: number, offset: number): Tensor;
+  relu(): Tensor;
+  gelu(): Tensor;
+  silu(): Tensor;
+  tanh(): Tensor;
+  exp(): Tensor;
+  softmax(dim?: number): Tensor;
+  layerNorm(weight?: Tensor, bias?: Tensor, eps?: number): Tensor;
+  rmsNorm(weight?: Tensor, eps?: number): Tensor;
+  sum(dim?: number, keepDim?: boolean): Tensor;
+  mean(dim?: number, keepDim?: boolean): Tensor;
+  max(dim?: number, keepDim?: boolean): Tensor;
+  argmax(dim?: number, keepDim?: boolean): Tensor;
+  transpose(dim0?: number, dim1?: number): Tensor;
+  permute(dims: ArrayLike<number>): Tensor;
+  reshape(shape: ArrayLike<number>): Tensor;
+  slice(dim: number, start: number, length: number): Tensor;
+  gather(indices: Tensor): Tensor;
+  cast(to: Dtype): Tensor;
+  linear(...weights: Tensor[]): Tensor;
+  swiglu(): Tensor;
+}
+
+export interface GenerateSettings {
+  maxTokens?: number;
+  temperature?: number;
+  topK?: number;
+  topP?: number;
+  seed?: number | bigint;
+  stop?: string[];
+}
+
+/** A model resident on the host's device. */
+export declare class Model {
+  static load(name: string): Model;
+  readonly name: string;
+  readonly family: string;
+  embed(texts: string | string[]): number[][];
+  generate(prompt: string, settings?: GenerateSettings): string;
+  generateStream(prompt: string, settings?: GenerateSettings): string;
+  run(inputs: Record<string, Tensor>): Record<string, Tensor>;
+}
+
 declare const gust: {
   fn: typeof fn;
   emit: typeof emit;
   Request: typeof Request;
   Response: typeof Response;
   Error: typeof GustError;
+  Tensor: typeof Tensor;
+  Model: typeof Model;
+  TensorError: typeof TensorError;
+  devices: typeof devices;
 };
 export default gust;

@@ -17,13 +17,18 @@
 // The function receives a `Request` and returns (or resolves to) a
 // `Response`, a `Uint8Array`/`ArrayBuffer` (application/octet-stream), a
 // string (text/plain), any other JSON-serialisable value (application/json)
-// or `undefined`/`null` (204, empty). Throwing `gust.Error` is a normal,
+// or `undefined`/`null` (204, empty). `Tensor` and `Model` reach the host's
+// device and resident models (`tensor.js`). Throwing `gust.Error` is a normal,
 // recorded outcome that the host answers with an HTTP error; any other
 // uncaught exception becomes the error `unhandled-exception` (500) whose
 // message carries the exception's name, message and stack, so it shows up in
 // the invocation record instead of trapping the instance.
 
 import { emit as emitChunk } from "gust:function/output@0.1.0";
+
+import { Model, Tensor, TensorError, devices } from "./tensor.js";
+
+export { Model, Tensor, TensorError, devices };
 
 const encoder = new TextEncoder();
 const MARK = Symbol.for("gust.fn");
@@ -208,6 +213,9 @@ export function exportHandler(app) {
           const status = Number.isInteger(e.status) && e.status >= 400 && e.status <= 599 ? e.status : 500;
           throw failure(e.code, e.message, status);
         }
+        if (e instanceof TensorError) {
+          throw failure(`gpu-${e.code}`, e.detail, e.status());
+        }
         throw failure("unhandled-exception", describe(e), 500);
       }
       return {
@@ -220,6 +228,6 @@ export function exportHandler(app) {
   };
 }
 
-const gust = { fn, emit, Request, Response, Error: GustError };
+const gust = { fn, emit, Request, Response, Error: GustError, Tensor, Model, TensorError, devices };
 export { GustError as Error };
 export default gust;

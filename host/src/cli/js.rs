@@ -34,6 +34,10 @@ const SDK_FILES: &[(&str, &str)] = &[
         include_str!("../../../guest-sdk/js/index.js"),
     ),
     (
+        "gust/tensor.js",
+        include_str!("../../../guest-sdk/js/tensor.js"),
+    ),
+    (
         "gust/index.d.ts",
         include_str!("../../../guest-sdk/js/index.d.ts"),
     ),

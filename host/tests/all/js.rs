@@ -87,6 +87,28 @@ async fn a_javascript_function_answers_json_errors_exceptions_streams_and_timeou
     assert_eq!(custom.headers["content-type"], "text/x-fixture");
     assert_eq!(custom.headers["x-fixture"], "js");
 
+    // Tensors on the host's device, and an uncaught bridge error.
+    let tensor = invoke_op(&server, &key, "tensor", "").await;
+    assert_eq!(tensor.status, 200, "{}", tensor.text());
+    assert_eq!(
+        tensor.json(),
+        // (JavaScript writes whole floats without a fraction.)
+        serde_json::json!({
+            "shape": [2, 1],
+            "values": [[-1], [-1]],
+            "sum": [3, 7],
+            "gathered": [[3, 4], [1, 2]],
+            "argmax": [1, 1],
+            "device": "cpu",
+        })
+    );
+    let mismatch = invoke_op(&server, &key, "tensor-error", "").await;
+    let problem = mismatch.problem(500, "gpu-shape-mismatch");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("matmul"),
+        "{problem}"
+    );
+
     // Emitted chunks lead the body for a caller that does not stream; an
     // event stream gets each as an event. The app's own module
     // (`helper.js`) was bundled with it.
@@ -177,4 +199,64 @@ export default gust.fn((req: Request): Greeting => ({ greeting: `Hello, ${req.te
 
 fn wasmparser_is_component(bytes: &[u8]) -> bool {
     bytes.starts_with(b"\0asm") && bytes.get(4..8) == Some(&[0x0d, 0x00, 0x01, 0x00])
+}
+
+/// `examples/js/hello` and `examples/js/embed` (MiniLM, when
+/// `scripts/fetch-models.sh` has fetched it) deployed and called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_javascript_hello_and_embed_examples_answer() {
+    let Some(hello) = js_component(&root().join("examples/js/hello"), "js-hello") else {
+        return;
+    };
+    let dir = TempDir::new().unwrap();
+    let models = super::models::fetched_models_with("all-minilm-l6-v2");
+    let server = TestServer::start_configured(dir.path(), |config| {
+        config.models_dir = models.clone();
+    })
+    .await;
+    let key = tenant(&server, "jsmodels").await;
+    let deployed = deploy(&server, &key, "hello", hello.to_str().unwrap()).await;
+    assert_eq!(deployed.status, 201, "{}", deployed.text());
+    let invoke = |name: &'static str, body: &'static str| {
+        let url = server.url(&format!("/v1/functions/{name}/invoke"));
+        let key = key.clone();
+        async move {
+            request_with(
+                "POST",
+                &url,
+                Some(&key),
+                body.to_owned(),
+                &[("content-type", "application/json")],
+            )
+            .await
+        }
+    };
+    assert_eq!(invoke("hello", "Ada").await.text(), "Hello, Ada!");
+    assert_eq!(invoke("hello", "").await.text(), "Hello, world!");
+
+    if models.is_some() {
+        let Some(embed) = js_component(&root().join("examples/js/embed"), "js-embed") else {
+            return;
+        };
+        let deployed = deploy(&server, &key, "embed", embed.to_str().unwrap()).await;
+        assert_eq!(deployed.status, 201, "{}", deployed.text());
+        let ranked = invoke(
+            "embed",
+            r#"{"sentences": ["The new movie is awesome.", "A man is eating food."],
+                "query": "someone having a meal"}"#,
+        )
+        .await;
+        assert_eq!(ranked.status, 200, "{}", ranked.text());
+        let answer = ranked.json();
+        assert_eq!(answer["model"], "all-minilm-l6-v2", "{answer}");
+        let ranking = answer["ranked"].as_array().unwrap();
+        assert_eq!(ranking[0]["sentence"], "A man is eating food.", "{answer}");
+        let (first, second) = (
+            ranking[0]["score"].as_f64().unwrap(),
+            ranking[1]["score"].as_f64().unwrap(),
+        );
+        assert!(first > 0.4 && first <= 1.0 && second < first, "{answer}");
+        invoke("embed", "{}").await.problem(400, "invalid-input");
+    }
+    server.stop().await;
 }

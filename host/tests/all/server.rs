@@ -74,6 +74,12 @@ pub(crate) fn policies(dir: &Path) -> PathBuf {
         "timeout_ms = 10000\nmemory_mb = 256\nmax_component_bytes = 67108864\n[gpu]\nmodels = [\"all-minilm-l6-v2\"]\ntime_ms_per_minute = 600000\n",
     )
     .unwrap();
+    // JavaScript and the same resident model.
+    std::fs::write(
+        policies.join("jsmodels.toml"),
+        "timeout_ms = 10000\nmemory_mb = 256\nmax_component_bytes = 67108864\n[gpu]\nmodels = [\"all-minilm-l6-v2\"]\ntime_ms_per_minute = 600000\n",
+    )
+    .unwrap();
     std::fs::write(policies.join("nogpu.toml"), "[gpu]\nbackends = []\n").unwrap();
     // One anonymous call at a time, beside two of the tenant's own.
     std::fs::write(
