@@ -15,7 +15,7 @@
 //! `reuse_instances`, here 1000 calls per instance): call + return of the
 //! instance to the idle pool, one instantiation per 1000 calls.
 //!
-//! `ready/python_hello*`: a call that finds a fresh instance made ready for
+//! `ready/{python,js}_hello*`: a call that finds a fresh instance made ready for
 //! it (policy `ready_instances`, the default): take it, call, drop. Before each timed
 //! call the bench waits, untimed, until the next instance is ready, so the
 //! figure is the latency of a call when the host keeps up; `*_back_to_back`
@@ -160,11 +160,12 @@ fn bench_invoke(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    // Only Python: the Rust hello instantiates in less time than handing
+    // Only Python and JavaScript: the Rust hello instantiates in less time than handing
     // the work to another thread takes, so none is made ahead for it
     // (`RuntimeConfig::ready_min_instantiate`).
-    if let Some(bytes) = &python_hello {
-        let id = "python_hello";
+    let slow_starters = [("python_hello", &python_hello), ("js_hello", &js_hello)];
+    for (id, bytes) in slow_starters {
+        let Some(bytes) = bytes else { continue };
         let runtime = Runtime::new(RuntimeConfig::new(cache.path())).unwrap();
         let loaded = runtime.load(bytes).unwrap();
         let limits = CallLimits {
