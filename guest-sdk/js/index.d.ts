@@ -66,6 +66,17 @@ export interface GustFunction {
 /** Marks `handler` as the app's function. */
 export declare function fn(handler: (req: Request) => Returned | Promise<Returned>): GustFunction;
 
+/** The app's web handler, as `export default gust.http(handler)` makes it. */
+export interface GustHttp {
+  readonly [mark: symbol]: (request: globalThis.Request) => unknown;
+}
+
+/** Marks `handler` as a web app: a web-standard `Request` in, a `Response`
+ * (or text, or a JSON value) out, served at `/http/{tenant}/{name}/…`. */
+export declare function http(
+  handler: (request: globalThis.Request) => globalThis.Response | string | object | Promise<globalThis.Response | string | object>,
+): GustHttp;
+
 /** Sends `chunk` to a streaming caller now. */
 export declare function emit(chunk: string | Uint8Array): void;
 
@@ -161,6 +172,7 @@ export declare class Model {
 
 declare const gust: {
   fn: typeof fn;
+  http: typeof http;
   emit: typeof emit;
   Request: typeof Request;
   Response: typeof Response;

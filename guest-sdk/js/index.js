@@ -14,6 +14,10 @@
 // name "the thing this module is", it needs no transpiler setting, and
 // `gust build` can check at build time that the app has one.
 //
+// A web app exports `gust.http(async (request) => new Response(…))` instead:
+// a web-standard `Request` in, a `Response` out, served at
+// `/http/{tenant}/{name}/…` (`web.js`).
+//
 // The function receives a `Request` and returns (or resolves to) a
 // `Response`, a `Uint8Array`/`ArrayBuffer` (application/octet-stream), a
 // string (text/plain), any other JSON-serialisable value (application/json)
@@ -24,11 +28,14 @@
 // message carries the exception's name, message and stack, so it shows up in
 // the invocation record instead of trapping the instance.
 
-import { emit as emitChunk } from "gust:function/output@0.1.0";
+// `gust build` resolves this to `output.js` for a function and to
+// `output-web.js` for a web app, whose world has no output stream.
+import { emit as emitChunk } from "gust-output";
 
 import { Model, Tensor, TensorError, devices } from "./tensor.js";
+import { exportIncomingHandler as webHandler, http } from "./web.js";
 
-export { Model, Tensor, TensorError, devices };
+export { Model, Tensor, TensorError, devices, http };
 
 const encoder = new TextEncoder();
 const MARK = Symbol.for("gust.fn");
@@ -228,6 +235,12 @@ export function exportHandler(app) {
   };
 }
 
-const gust = { fn, emit, Request, Response, Error: GustError, Tensor, Model, TensorError, devices };
+/** The `wasi:http/incoming-handler` export for a web app's default export
+ * (`gust build` generates the module that calls it). */
+export function exportIncomingHandler(app) {
+  return webHandler(app, GustError, TensorError, describe);
+}
+
+const gust = { fn, http, emit, Request, Response, Error: GustError, Tensor, Model, TensorError, devices };
 export { GustError as Error };
 export default gust;

@@ -260,3 +260,59 @@ async fn the_javascript_hello_and_embed_examples_answer() {
     }
     server.stop().await;
 }
+
+/// `examples/js/webapp` (`gust.http`): a `wasi:http/proxy` component whose
+/// handler takes a web `Request` and returns a `Response`, served at
+/// `/http/{tenant}/{name}/…`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_javascript_web_app_is_served_over_http() {
+    let Some(webapp) = js_component(&root().join("examples/js/webapp"), "js-webapp") else {
+        return;
+    };
+    let dir = TempDir::new().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let key = tenant(&server, "js").await;
+    let bytes = std::fs::read(&webapp).unwrap();
+    let deployed = super::server::request(
+        "PUT",
+        &server.url("/v1/functions/webapp?public=true"),
+        Some(&key),
+        bytes,
+    )
+    .await;
+    assert_eq!(deployed.status, 201, "{}", deployed.text());
+    assert_eq!(deployed.json()["world"], "http");
+    let get = |path: &'static str| {
+        let url = server.url(&format!("/http/js/webapp/{path}"));
+        async move { super::server::request("GET", &url, None, "").await }
+    };
+    let hello = get("hello?name=Ada").await;
+    assert_eq!((hello.status, hello.text().as_str()), (200, "Hello, Ada!"));
+    assert_eq!(
+        get("json?a=1").await.json(),
+        serde_json::json!({"method": "GET", "path": "/json", "query": {"a": "1"}})
+    );
+    let echoed = request_with(
+        "POST",
+        &server.url("/http/js/webapp/echo"),
+        None,
+        "posted body".to_owned(),
+        &[("content-type", "text/x-test")],
+    )
+    .await;
+    assert_eq!(echoed.text(), "posted body");
+    assert_eq!(echoed.headers["content-type"], "text/x-test");
+    assert_eq!(echoed.headers["x-method"], "POST");
+    let refused = get("refuse").await;
+    assert_eq!(refused.status, 422);
+    assert_eq!(refused.json()["code"], "invalid-input");
+    let raised = get("raise").await;
+    assert_eq!(raised.status, 500);
+    let detail = raised.json()["detail"].as_str().unwrap().to_owned();
+    assert!(
+        detail.starts_with("RangeError: the app failed on purpose"),
+        "{detail}"
+    );
+    assert_eq!(get("elsewhere").await.status, 404);
+    server.stop().await;
+}
