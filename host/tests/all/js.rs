@@ -152,12 +152,32 @@ fn a_broken_app_fails_its_build_with_the_file_and_line() {
             "No matching export",
         ),
         (
+            // A package that needs a Node built-in: refused by the
+            // built-in's name, at the package's line that asks for it.
+            "needsfs.js",
+            "import gust from \"gust\";\nimport read from \"needsfs\";\n\
+             export default gust.fn(() => read());\n",
+            "needsfs/index.js:1:",
+        ),
+        (
             "nodefs.js",
             "import { readFileSync } from \"node:fs\";\nimport gust from \"gust\";\n\
              export default gust.fn(() => readFileSync(\"/etc/passwd\", \"utf8\"));\n",
             "node:fs",
         ),
     ];
+    let needs_fs = dir.path().join("node_modules/needsfs");
+    std::fs::create_dir_all(&needs_fs).unwrap();
+    std::fs::write(
+        needs_fs.join("package.json"),
+        r#"{"name": "needsfs", "version": "1.0.0", "main": "index.js"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        needs_fs.join("index.js"),
+        "const fs = require(\"fs\");\nmodule.exports = () => fs.readFileSync(\"/etc/hostname\", \"utf8\");\n",
+    )
+    .unwrap();
     let _one_at_a_time = super::python_build::BUILD
         .lock()
         .unwrap_or_else(|e| e.into_inner());
@@ -174,13 +194,27 @@ fn a_broken_app_fails_its_build_with_the_file_and_line() {
     }
 
     // TypeScript is compiled on the way (its types only checked by the
-    // user's editor or `tsc`: esbuild strips them).
+    // user's editor or `tsc`: esbuild strips them), and a pure-JS npm
+    // package (CommonJS, found in `node_modules` beside the app) bundled.
+    let package = dir.path().join("node_modules/shout");
+    std::fs::create_dir_all(&package).unwrap();
+    std::fs::write(
+        package.join("package.json"),
+        r#"{"name": "shout", "version": "1.0.0", "main": "index.js"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        package.join("index.js"),
+        "module.exports = (text) => text.toUpperCase();\n",
+    )
+    .unwrap();
     let app = dir.path().join("typed.ts");
     std::fs::write(
         &app,
         r#"import gust, { type Request } from "gust";
+import shout from "shout";
 interface Greeting { greeting: string }
-export default gust.fn((req: Request): Greeting => ({ greeting: `Hello, ${req.text()}!` }));
+export default gust.fn((req: Request): Greeting => ({ greeting: shout(`Hello, ${req.text()}!`) }));
 "#,
     )
     .unwrap();
