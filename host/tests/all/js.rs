@@ -166,18 +166,11 @@ fn a_broken_app_fails_its_build_with_the_file_and_line() {
             "node:fs",
         ),
     ];
-    let needs_fs = dir.path().join("node_modules/needsfs");
-    std::fs::create_dir_all(&needs_fs).unwrap();
-    std::fs::write(
-        needs_fs.join("package.json"),
-        r#"{"name": "needsfs", "version": "1.0.0", "main": "index.js"}"#,
-    )
-    .unwrap();
-    std::fs::write(
-        needs_fs.join("index.js"),
+    npm_package(
+        dir.path(),
+        "needsfs",
         "const fs = require(\"fs\");\nmodule.exports = () => fs.readFileSync(\"/etc/hostname\", \"utf8\");\n",
-    )
-    .unwrap();
+    );
     let _one_at_a_time = super::python_build::BUILD
         .lock()
         .unwrap_or_else(|e| e.into_inner());
@@ -196,18 +189,11 @@ fn a_broken_app_fails_its_build_with_the_file_and_line() {
     // TypeScript is compiled on the way (its types only checked by the
     // user's editor or `tsc`: esbuild strips them), and a pure-JS npm
     // package (CommonJS, found in `node_modules` beside the app) bundled.
-    let package = dir.path().join("node_modules/shout");
-    std::fs::create_dir_all(&package).unwrap();
-    std::fs::write(
-        package.join("package.json"),
-        r#"{"name": "shout", "version": "1.0.0", "main": "index.js"}"#,
-    )
-    .unwrap();
-    std::fs::write(
-        package.join("index.js"),
+    npm_package(
+        dir.path(),
+        "shout",
         "module.exports = (text) => text.toUpperCase();\n",
-    )
-    .unwrap();
+    );
     let app = dir.path().join("typed.ts");
     std::fs::write(
         &app,
@@ -229,6 +215,19 @@ export default gust.fn((req: Request): Greeting => ({ greeting: shout(`Hello, ${
     );
     let component = std::fs::read(&out).unwrap();
     assert!(wasmparser_is_component(&component));
+}
+
+/// A CommonJS npm package `name` in `dir/node_modules`, its `index.js`
+/// holding `source`.
+fn npm_package(dir: &std::path::Path, name: &str, source: &str) {
+    let package = dir.join("node_modules").join(name);
+    std::fs::create_dir_all(&package).unwrap();
+    std::fs::write(
+        package.join("package.json"),
+        format!(r#"{{"name": "{name}", "version": "1.0.0", "main": "index.js"}}"#),
+    )
+    .unwrap();
+    std::fs::write(package.join("index.js"), source).unwrap();
 }
 
 fn wasmparser_is_component(bytes: &[u8]) -> bool {
@@ -280,16 +279,7 @@ async fn the_javascript_hello_and_embed_examples_answer() {
                 "query": "someone having a meal"}"#,
         )
         .await;
-        assert_eq!(ranked.status, 200, "{}", ranked.text());
-        let answer = ranked.json();
-        assert_eq!(answer["model"], "all-minilm-l6-v2", "{answer}");
-        let ranking = answer["ranked"].as_array().unwrap();
-        assert_eq!(ranking[0]["sentence"], "A man is eating food.", "{answer}");
-        let (first, second) = (
-            ranking[0]["score"].as_f64().unwrap(),
-            ranking[1]["score"].as_f64().unwrap(),
-        );
-        assert!(first > 0.4 && first <= 1.0 && second < first, "{answer}");
+        super::python::assert_meal_ranked_first(&ranked);
         invoke("embed", "{}").await.problem(400, "invalid-input");
     }
     server.stop().await;

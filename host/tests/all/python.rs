@@ -393,18 +393,25 @@ async fn the_python_tensor_and_embed_examples_answer() {
                 "query": "someone having a meal"}"#,
         )
         .await;
-        assert_eq!(ranked.status, 200, "{}", ranked.text());
-        let answer = ranked.json();
-        assert_eq!(answer["model"], "all-minilm-l6-v2", "{answer}");
-        let ranking = answer["ranked"].as_array().unwrap();
-        assert_eq!(ranking[0]["sentence"], "A man is eating food.", "{answer}");
-        let (first, second) = (
-            ranking[0]["score"].as_f64().unwrap(),
-            ranking[1]["score"].as_f64().unwrap(),
-        );
-        assert!(first > 0.4 && first <= 1.0 && second < first, "{answer}");
+        assert_meal_ranked_first(&ranked);
     }
     server.stop().await;
+}
+
+/// What the embed examples (Python's and JavaScript's) answer for two
+/// sentences and the query "someone having a meal": MiniLM ranks the meal
+/// first, with a cosine in (0.4, 1] above the other's.
+pub(crate) fn assert_meal_ranked_first(ranked: &super::server::Reply) {
+    assert_eq!(ranked.status, 200, "{}", ranked.text());
+    let answer = ranked.json();
+    assert_eq!(answer["model"], "all-minilm-l6-v2", "{answer}");
+    let ranking = answer["ranked"].as_array().unwrap();
+    assert_eq!(ranking[0]["sentence"], "A man is eating food.", "{answer}");
+    let (first, second) = (
+        ranking[0]["score"].as_f64().unwrap(),
+        ranking[1]["score"].as_f64().unwrap(),
+    );
+    assert!(first > 0.4 && first <= 1.0 && second < first, "{answer}");
 }
 
 /// The SDK's own unit tests (`guest-sdk/python/tests`), run by the Python
