@@ -400,6 +400,18 @@ impl ModelRegistry {
         resident.into_iter().map(|(_, n)| n.to_owned()).collect()
     }
 
+    /// Every resident model, on every device, by device and then name.
+    pub fn residents(&self) -> Vec<Arc<ResidentModel>> {
+        let state = self.lock();
+        let mut resident: Vec<(&(u64, String), Arc<ResidentModel>)> = state
+            .slots
+            .iter()
+            .filter_map(|(key, slot)| Some((key, Arc::clone(slot.cell.get()?))))
+            .collect();
+        resident.sort_by(|a, b| a.0.cmp(b.0));
+        resident.into_iter().map(|(_, model)| model).collect()
+    }
+
     /// Evict every model on `device` that nobody holds; returns the bytes
     /// freed.
     pub fn evict_unused(&self, device: &Device) -> u64 {

@@ -11,6 +11,7 @@
 // right away; boxing it would buy nothing measurable.
 #![allow(clippy::result_large_err)]
 
+mod console;
 mod extract;
 mod functions;
 mod host;
@@ -135,7 +136,11 @@ pub(crate) fn with_invocation_id(headers: &mut http::HeaderMap, id: &str) {
 /// generated from them.
 pub fn router(service: Arc<Service>) -> axum::Router {
     let body_timeout = service.config().connections.body_timeout;
-    openapi::router()
+    let mut routes = openapi::router();
+    if service.config().console {
+        routes = routes.merge(console::router());
+    }
+    routes
         .with_state(service)
         .layer(axum::middleware::map_request_with_state(
             body_timeout,

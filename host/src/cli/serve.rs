@@ -110,6 +110,10 @@ pub(crate) struct ServeArgs {
     #[arg(long)]
     no_batching: bool,
 
+    /// Do not serve the web console at `/console/`.
+    #[arg(long)]
+    no_console: bool,
+
     /// A PEM file of CA certificates that functions' HTTPS requests trust
     /// besides the system's roots (which `SSL_CERT_FILE` and
     /// `SSL_CERT_DIR` can point elsewhere): for APIs behind a private CA.
@@ -186,6 +190,7 @@ pub(crate) async fn serve(args: ServeArgs) -> ExitCode {
             .map_or(u64::MAX, |mb| mb.saturating_mul(1 << 20)),
         batching: !args.no_batching,
     };
+    config.console = !args.no_console;
     let pool = PoolingConfig {
         max_instances: args.max_instances.max(1),
         total_memories: args.max_instances.max(1).saturating_mul(2),

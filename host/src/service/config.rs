@@ -46,6 +46,8 @@ pub struct ServeConfig {
     /// The key tenant secrets are sealed with (`GUST_SECRETS_KEY`); `None`
     /// uses `<data-dir>/secrets.key`, generated at the first start.
     pub secrets_key: Option<super::secrets::SecretsKeyText>,
+    /// Serve the web console at `/console/` (`--no-console` turns it off).
+    pub console: bool,
 }
 
 /// Where a host keeps its state.
@@ -136,6 +138,7 @@ impl ServeConfig {
             connections: ConnectionLimits::default(),
             store: StoreLocation::Embedded,
             secrets_key: None,
+            console: true,
         }
     }
 }

@@ -15,6 +15,7 @@
 
 mod admission;
 mod config;
+mod console;
 mod deployments;
 mod error;
 mod health;
@@ -35,6 +36,7 @@ use std::time::Duration;
 use self::admission::Admission;
 pub use self::admission::{Admit, Permit};
 pub use self::config::{ConnectionLimits, FirstStart, ServeConfig, ServeError, StoreLocation};
+pub use self::console::{ADMIN_KEY_ID, CallStats, Minute, Resident, SignedIn, call_stats};
 use self::deployments::Deployments;
 pub use self::deployments::{
     DeployOptions, Deployed, Deployment, MAX_FUNCTION_CONFIG, check_config, checked_name,

@@ -62,6 +62,10 @@ pub enum SecretsKeyError {
 /// The host's key for sealing secrets.
 pub(crate) struct SecretsKey {
     cipher: XChaCha20Poly1305,
+    /// The console's session-signing key, derived from this one: every
+    /// host sharing a store (and so this key) accepts the same sessions,
+    /// and a new secrets key ends every session.
+    session: Zeroizing<[u8; 32]>,
     /// A digest of the key (not the key), stored with each sealed value so
     /// that one sealed under another key is reported as such.
     id: String,
@@ -131,8 +135,14 @@ impl SecretsKey {
             .finalize();
         Self {
             cipher: XChaCha20Poly1305::new((&*key).into()),
+            session: Zeroizing::new(blake3::derive_key("gust console session v1", &key[..])),
             id: hex::encode(&id[..8]),
         }
+    }
+
+    /// A MAC of `data` under the console's session key.
+    pub(crate) fn session_mac(&self, data: &[u8]) -> [u8; 32] {
+        *blake3::keyed_hash(&self.session, data).as_bytes()
     }
 
     /// The key's id (a digest, safe to show).
@@ -291,6 +301,11 @@ pub(crate) struct Secrets {
 }
 
 impl Secrets {
+    /// The key that seals them.
+    pub(crate) fn key(&self) -> &SecretsKey {
+        &self.key
+    }
+
     /// Loads every tenant's sealed secrets from `store`.
     pub(crate) fn load(key: SecretsKey, store: &dyn MetaStore) -> Result<Self, StoreError> {
         let secrets = Self {

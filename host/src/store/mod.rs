@@ -722,6 +722,8 @@ pub trait MetaStore: Send + Sync + 'static {
     fn delete_job(&self, tenant: &str, id: &str) -> Result<bool, StoreError>;
     /// Every job of every tenant, oldest first (recovery and retention).
     fn all_jobs(&self) -> Result<Vec<JobRecord>, StoreError>;
+    /// The jobs of `tenant` still kept, oldest first (ids are time-ordered).
+    fn jobs(&self, tenant: &str) -> Result<Vec<JobRecord>, StoreError>;
 
     /// Creates or replaces a function's schedule.
     fn put_schedule(&self, schedule: &ScheduleRecord) -> Result<(), StoreError>;
@@ -731,6 +733,8 @@ pub trait MetaStore: Send + Sync + 'static {
     fn delete_schedule(&self, tenant: &str, function: &str) -> Result<bool, StoreError>;
     /// Every schedule of every tenant.
     fn all_schedules(&self) -> Result<Vec<ScheduleRecord>, StoreError>;
+    /// The schedules of `tenant`, by function name.
+    fn schedules(&self, tenant: &str) -> Result<Vec<ScheduleRecord>, StoreError>;
 
     /// Stores a secret, replacing the tenant's secret of that name (whose
     /// `created_at` is kept); a new one only while the tenant has fewer

@@ -716,6 +716,13 @@ impl MetaStore for PgStore {
             |row| json(row, 0),
         )
     }
+    fn jobs(&self, tenant: &str) -> Result<Vec<JobRecord>, StoreError> {
+        self.rows(
+            r#"SELECT record FROM jobs WHERE tenant = $1 ORDER BY id COLLATE "C""#,
+            params![tenant.to_owned()],
+            |row| json(row, 0),
+        )
+    }
     fn put_schedule(&self, schedule: &ScheduleRecord) -> Result<(), StoreError> {
         self.execute(
             "INSERT INTO schedules (tenant, function, record) VALUES ($1, $2, $3)
@@ -746,6 +753,13 @@ impl MetaStore for PgStore {
         self.rows(
             r#"SELECT record FROM schedules ORDER BY tenant COLLATE "C", function COLLATE "C""#,
             params![],
+            |row| json(row, 0),
+        )
+    }
+    fn schedules(&self, tenant: &str) -> Result<Vec<ScheduleRecord>, StoreError> {
+        self.rows(
+            r#"SELECT record FROM schedules WHERE tenant = $1 ORDER BY function COLLATE "C""#,
+            params![tenant.to_owned()],
             |row| json(row, 0),
         )
     }

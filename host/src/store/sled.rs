@@ -929,6 +929,11 @@ impl MetaStore for SledStore {
         Ok(jobs)
     }
 
+    fn jobs(&self, tenant: &str) -> Result<Vec<JobRecord>, StoreError> {
+        // Keyed by tenant, then time-ordered id.
+        decode_all("jobs", self.jobs.scan_prefix(part(tenant)))
+    }
+
     fn put_schedule(&self, schedule: &ScheduleRecord) -> Result<(), StoreError> {
         self.schedules
             .insert(
@@ -961,6 +966,10 @@ impl MetaStore for SledStore {
 
     fn all_schedules(&self) -> Result<Vec<ScheduleRecord>, StoreError> {
         self.decode_or_quarantine("schedules", &self.schedules, self.schedules.iter())
+    }
+
+    fn schedules(&self, tenant: &str) -> Result<Vec<ScheduleRecord>, StoreError> {
+        decode_all("schedules", self.schedules.scan_prefix(part(tenant)))
     }
 
     fn put_secret(&self, secret: &SecretRecord, max: u64) -> Result<SecretPut, StoreError> {

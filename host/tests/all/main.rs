@@ -11,6 +11,7 @@
 mod cache;
 mod cli;
 mod cluster;
+mod console;
 mod crash;
 mod diskfull;
 mod egress;

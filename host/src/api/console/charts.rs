@@ -1,0 +1,281 @@
+//! The console's charts, drawn with `plotters` into SVG on the server:
+//! the page embeds them, so they need no script and print as they show.
+//! A chart that cannot be drawn says so in its place instead of failing
+//! the page.
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use crate::service::Minute;
+
+/// Chart size in SVG user units (the CSS scales it to the page).
+const SIZE: (u32, u32) = (640, 240);
+const CALLS: RGBColor = RGBColor(37, 99, 235);
+const ERRORS: RGBColor = RGBColor(220, 38, 38);
+const SLOW: RGBColor = RGBColor(217, 119, 6);
+const USED: RGBColor = RGBColor(22, 163, 74);
+
+type Drawn = Result<(), Box<dyn std::error::Error>>;
+
+/// Draws into an SVG string with `draw`; a failure becomes a small SVG
+/// that says so.
+fn svg(draw: impl FnOnce(&DrawingArea<SVGBackend<'_>, Shift>) -> Drawn) -> String {
+    let mut out = String::new();
+    let result = {
+        let root = SVGBackend::with_string(&mut out, SIZE).into_drawing_area();
+        root.fill(&WHITE)
+            .map_err(Into::into)
+            .and_then(|()| draw(&root))
+            .and_then(|()| root.present().map_err(Into::into))
+    };
+    match result {
+        Ok(()) => out,
+        Err(error) => {
+            tracing::warn!(%error, "a console chart could not be drawn");
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="640" height="40"><text x="8" y="24">This chart could not be drawn.</text></svg>"#.to_owned()
+        }
+    }
+}
+
+/// The x coordinate of a minute: minutes before the last one (≤ 0).
+fn minutes_ago(minutes: &[Minute]) -> impl Iterator<Item = (i32, &Minute)> {
+    let last = minutes.len();
+    minutes
+        .iter()
+        .enumerate()
+        .map(move |(i, m)| (i as i32 + 1 - last as i32, m))
+}
+
+/// Calls and failed calls per minute.
+pub(super) fn calls_per_minute(minutes: &[Minute]) -> String {
+    svg(|root| {
+        let top = minutes.iter().map(|m| m.calls).max().unwrap_or(0).max(1);
+        let left = 1 - minutes.len().max(1) as i32;
+        let mut chart = ChartBuilder::on(root)
+            .margin(12)
+            .x_label_area_size(32)
+            .y_label_area_size(44)
+            .build_cartesian_2d(left..0, 0..top + top.div_ceil(10))?;
+        chart
+            .configure_mesh()
+            .x_desc("minutes ago")
+            .y_desc("calls")
+            .light_line_style(WHITE.mix(0.0))
+            .draw()?;
+        chart
+            .draw_series(LineSeries::new(
+                minutes_ago(minutes).map(|(x, m)| (x, m.calls)),
+                CALLS.stroke_width(2),
+            ))?
+            .label("calls")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], CALLS.stroke_width(2)));
+        chart
+            .draw_series(LineSeries::new(
+                minutes_ago(minutes).map(|(x, m)| (x, m.errors)),
+                ERRORS.stroke_width(2),
+            ))?
+            .label("failed")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], ERRORS.stroke_width(2)));
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK.mix(0.3))
+            .draw()?;
+        Ok(())
+    })
+}
+
+/// Median and 95th percentile latency per minute (minutes without calls
+/// are left out).
+pub(super) fn latency_per_minute(minutes: &[Minute]) -> String {
+    svg(|root| {
+        let top = minutes
+            .iter()
+            .map(|m| m.p95_ms)
+            .fold(0.0_f64, f64::max)
+            .max(1.0);
+        let left = 1 - minutes.len().max(1) as i32;
+        let mut chart = ChartBuilder::on(root)
+            .margin(12)
+            .x_label_area_size(32)
+            .y_label_area_size(52)
+            .build_cartesian_2d(left..0, 0.0..top * 1.1)?;
+        chart
+            .configure_mesh()
+            .x_desc("minutes ago")
+            .y_desc("ms")
+            .light_line_style(WHITE.mix(0.0))
+            .draw()?;
+        let with_calls = || minutes_ago(minutes).filter(|(_, m)| m.calls > 0);
+        chart
+            .draw_series(
+                LineSeries::new(
+                    with_calls().map(|(x, m)| (x, m.p50_ms)),
+                    CALLS.stroke_width(2),
+                )
+                // A lone minute with calls still shows.
+                .point_size(2),
+            )?
+            .label("p50")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], CALLS.stroke_width(2)));
+        chart
+            .draw_series(
+                LineSeries::new(
+                    with_calls().map(|(x, m)| (x, m.p95_ms)),
+                    SLOW.stroke_width(2),
+                )
+                // A lone minute with calls still shows.
+                .point_size(2),
+            )?
+            .label("p95")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], SLOW.stroke_width(2)));
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK.mix(0.3))
+            .draw()?;
+        Ok(())
+    })
+}
+
+/// Counts by label as bars: calls by outcome, say. `ok_label` is drawn in
+/// the success colour, the rest in the failure colour.
+pub(super) fn bars(counts: &[(String, u64)], y_desc: &str, ok_label: Option<&str>) -> String {
+    svg(|root| {
+        let n = counts.len().max(1) as u32;
+        let top = counts.iter().map(|(_, c)| *c).max().unwrap_or(0).max(1);
+        let label = |value: &SegmentValue<u32>| match value {
+            SegmentValue::CenterOf(i) => counts
+                .get(*i as usize)
+                .map(|(name, _)| name.clone())
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        let mut chart = ChartBuilder::on(root)
+            .margin(12)
+            .x_label_area_size(32)
+            .y_label_area_size(44)
+            .build_cartesian_2d((0..n).into_segmented(), 0..top + top.div_ceil(10))?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(counts.len().max(1))
+            .x_label_formatter(&label)
+            .y_desc(y_desc)
+            .light_line_style(WHITE.mix(0.0))
+            .draw()?;
+        chart.draw_series(counts.iter().enumerate().map(|(i, (name, count))| {
+            let colour = if Some(name.as_str()) == ok_label {
+                USED
+            } else {
+                ERRORS
+            };
+            let i = i as u32;
+            let mut bar = Rectangle::new(
+                [
+                    (SegmentValue::Exact(i), 0),
+                    (SegmentValue::Exact(i + 1), *count),
+                ],
+                colour.filled(),
+            );
+            bar.set_margin(0, 0, 12, 12);
+            bar
+        }))?;
+        Ok(())
+    })
+}
+
+/// How much of each quota is used, in percent: one bar per (label, used,
+/// limit); a limit of zero means no quota and draws no bar.
+pub(super) fn quotas(items: &[(String, f64, f64)]) -> String {
+    svg(|root| {
+        let n = items.len().max(1) as u32;
+        let label = |value: &SegmentValue<u32>| match value {
+            SegmentValue::CenterOf(i) => items
+                .get(*i as usize)
+                .map(|(name, _, _)| name.clone())
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        let mut chart = ChartBuilder::on(root)
+            .margin(12)
+            .x_label_area_size(32)
+            .y_label_area_size(44)
+            .build_cartesian_2d((0..n).into_segmented(), 0.0..100.0)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(items.len().max(1))
+            .x_label_formatter(&label)
+            .y_desc("% of quota")
+            .light_line_style(WHITE.mix(0.0))
+            .draw()?;
+        chart.draw_series(
+            items
+                .iter()
+                .enumerate()
+                .filter(|(_, item)| item.2 > 0.0)
+                .map(|(i, (_, used, limit))| {
+                    let share = (used / limit * 100.0).clamp(0.0, 100.0);
+                    let colour = if share >= 90.0 { ERRORS } else { USED };
+                    let i = i as u32;
+                    let mut bar = Rectangle::new(
+                        [
+                            (SegmentValue::Exact(i), 0.0),
+                            (SegmentValue::Exact(i + 1), share),
+                        ],
+                        colour.filled(),
+                    );
+                    bar.set_margin(0, 0, 16, 16);
+                    bar
+                }),
+        )?;
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charts_are_svg_with_their_series_and_labels() {
+        let minutes: Vec<Minute> = (0..61)
+            .map(|i| Minute {
+                at: i * 60_000,
+                calls: i % 7,
+                errors: u64::from(i % 7 == 3),
+                p50_ms: 1.5,
+                p95_ms: 4.0,
+            })
+            .collect();
+        for chart in [calls_per_minute(&minutes), latency_per_minute(&minutes)] {
+            assert!(chart.starts_with("<svg"), "{chart}");
+            assert!(chart.contains("<polyline"), "{chart}");
+            assert!(chart.contains("minutes ago"));
+        }
+        let outcomes = bars(
+            &[("ok".into(), 40), ("<trap>".into(), 3)],
+            "calls",
+            Some("ok"),
+        );
+        assert!(outcomes.contains("<rect"));
+        // Guests choose error codes: their text is escaped.
+        assert!(outcomes.contains("&lt;trap&gt;") && !outcomes.contains("<trap>"));
+        let quota = quotas(&[
+            ("memory".into(), 50.0, 100.0),
+            ("no quota".into(), 1.0, 0.0),
+        ]);
+        assert!(quota.contains("<rect") && quota.contains("% of quota"));
+    }
+
+    #[test]
+    fn empty_data_still_draws() {
+        assert!(calls_per_minute(&[]).starts_with("<svg"));
+        assert!(latency_per_minute(&[]).starts_with("<svg"));
+        assert!(bars(&[], "calls", None).starts_with("<svg"));
+        assert!(quotas(&[]).starts_with("<svg"));
+    }
+}
