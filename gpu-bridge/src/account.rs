@@ -162,6 +162,23 @@ impl Account {
         Duration::from_nanos(self.device_nanos.load(Ordering::Acquire))
     }
 
+    /// How much of the device time quota is in use now: the quota's bucket
+    /// holds a minute's allowance and refills at that rate, so this is the
+    /// device time of roughly the last minute. `None` without a quota.
+    pub fn time_quota_in_use(&self) -> Option<(Duration, Duration)> {
+        let bucket = self.time.as_ref()?;
+        let mut bucket = bucket
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        bucket.refill(Instant::now());
+        let capacity = bucket.per_minute.as_nanos() as i128;
+        let used = (capacity - bucket.available_nanos).clamp(0, capacity);
+        Some((
+            Duration::from_nanos(u64::try_from(used).unwrap_or(u64::MAX)),
+            bucket.per_minute,
+        ))
+    }
+
     /// Reserve `bytes` here and in every parent, or nothing at all.
     pub(crate) fn reserve(&self, bytes: u64) -> Result<()> {
         let reserved = self
@@ -370,6 +387,31 @@ mod tests {
         let err = call.check_time().unwrap_err();
         assert_eq!(err.code, ErrorCode::QuotaExceeded);
         assert!(err.message.contains("retry in"), "{err}");
+    }
+
+    #[test]
+    fn the_quota_in_use_is_what_the_bucket_lacks() {
+        assert_eq!(Account::new("free", None, None).time_quota_in_use(), None);
+        // A minute's allowance of 60 s refills 1 ms per ms: slow next to
+        // the charges, so the figures are the charges to within the test's
+        // own run time.
+        let tenant = Account::new("tenant", None, Some(Duration::from_secs(60)));
+        let (used, quota) = tenant.time_quota_in_use().unwrap();
+        assert_eq!((used, quota), (Duration::ZERO, Duration::from_secs(60)));
+        tenant
+            .child("call", None)
+            .charge_time(Duration::from_secs(20));
+        let (used, _) = tenant.time_quota_in_use().unwrap();
+        assert!(
+            used <= Duration::from_secs(20) && used > Duration::from_secs(19),
+            "{used:?}"
+        );
+        // Overspent, it reports the whole quota.
+        tenant.charge_time(Duration::from_secs(100));
+        assert_eq!(
+            tenant.time_quota_in_use().unwrap().0,
+            Duration::from_secs(60)
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! the JSON API uses.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use super::Admit;
 use super::invoke::{Started, invocation_status};
@@ -112,7 +113,7 @@ fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
 pub fn call_stats(
     records: &[InvocationRecord],
     now: UnixMillis,
-    window: std::time::Duration,
+    window: Duration,
     kept_all: bool,
 ) -> CallStats {
     const MINUTE: u64 = 60_000;
@@ -236,7 +237,7 @@ impl Service {
         &self,
         tenant: &str,
         name: &str,
-        window: std::time::Duration,
+        window: Duration,
     ) -> Result<CallStats, ServiceError> {
         if self.store.function(tenant, name)?.is_none() {
             return Err(ServiceError::NotFound(format!("no function `{name}`")));
@@ -276,6 +277,13 @@ impl Service {
                 }
             })
             .collect()
+    }
+
+    /// How much of the tenant's device time quota is in use (about the
+    /// last minute's device time), and the quota; `None` without a quota
+    /// or before its first use of the bridge.
+    pub fn gpu_time_in_use(&self, tenant: &str) -> Option<(Duration, Duration)> {
+        self.gpu.existing_account(tenant)?.time_quota_in_use()
     }
 
     /// Host-wide model counters: loads, hits, failures, evictions.

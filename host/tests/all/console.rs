@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use gust_test_artifacts::{EXAMPLE_HELLO_COMPONENT, HELLO_COMPONENT, PANICS_COMPONENT};
+use gust_test_artifacts::{
+    EXAMPLE_HELLO_COMPONENT, HELLO_COMPONENT, PANICS_COMPONENT, TENSORS_COMPONENT,
+};
 use tempfile::TempDir;
 
 use crate::server::{ADMIN_KEY, Reply, TestServer, deploy, request, request_with, tenant};
@@ -521,6 +523,42 @@ async fn forms_need_the_sessions_token_and_tenants_see_only_their_own() {
     )
     .await;
     assert_eq!(called.text(), "Hello, web!");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_shows_gpu_use_against_the_quota() {
+    let dir = TempDir::new().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    // The `models` policy: 600 000 ms of device time per minute.
+    let key = tenant(&server, "models").await;
+    assert_eq!(
+        deploy(&server, &key, "tensors", TENSORS_COMPONENT)
+            .await
+            .status,
+        201
+    );
+    let mut browser = Browser::new(&server);
+    browser.sign_in(&key).await;
+    let before = browser.get("/console/usage").await.text();
+    assert!(before.contains("600000 ms per minute"), "{before}");
+    assert!(
+        before.contains(", 0 µs in use"),
+        "no bridge use yet: {before}"
+    );
+    let chain = request(
+        "POST",
+        &server.url("/v1/functions/tensors/invoke"),
+        Some(&key),
+        "chain",
+    )
+    .await;
+    assert_eq!(chain.status, 200, "{}", chain.text());
+    let after = browser.get("/console/usage").await.text();
+    // The CPU backend charges memory, not device time (a GPU's is).
+    assert!(before.contains("0 B now, 0 B at peak"), "{before}");
+    assert!(!after.contains("0 B at peak"), "{after}");
+    assert!(after.contains("device time, last minute"));
     server.stop().await;
 }
 

@@ -8,7 +8,7 @@ use http::HeaderMap;
 use maud::html;
 
 use super::session::Session;
-use super::views::{bytes, csrf_input, figure, maybe_time, outcome, time};
+use super::views::{bytes, csrf_input, figure, maybe_time, micros, outcome, time};
 use super::{Answer, TokenForm, charts, check_csrf, not_yours, see_other, session_page, tenant_of};
 use crate::api::blocking;
 use crate::api::extract::Params;
@@ -212,6 +212,7 @@ pub(super) async fn usage(State(service): State<Arc<Service>>, session: Session)
     let tenant = tenant_of(&session)?;
     let usage = service.usage(&tenant);
     let gpu = &usage.gpu;
+    let time = service.gpu_time_in_use(&tenant);
     let quotas = [
         (
             "memory now".to_owned(),
@@ -222,6 +223,11 @@ pub(super) async fn usage(State(service): State<Arc<Service>>, session: Session)
             "peak memory".to_owned(),
             gpu.peak_memory_bytes as f64,
             gpu.memory_limit_bytes as f64,
+        ),
+        (
+            "device time, last minute".to_owned(),
+            time.map_or(0.0, |(used, _)| used.as_secs_f64()),
+            time.map_or(0.0, |(_, quota)| quota.as_secs_f64()),
         ),
     ];
     let body = html! {
@@ -234,14 +240,17 @@ pub(super) async fn usage(State(service): State<Arc<Service>>, session: Session)
             }
             dt { "Device time" } dd { (format!("{:.3} s", gpu.device_seconds)) }
             dt { "Device time quota" } dd {
-                @if gpu.time_ms_per_minute == 0 { "none" } @else { (gpu.time_ms_per_minute) " ms per minute" }
+                @if gpu.time_ms_per_minute == 0 { "none" } @else {
+                    (gpu.time_ms_per_minute) " ms per minute"
+                    @if let Some((used, _)) = time { ", " (micros(used.as_micros() as u64)) " in use" }
+                }
             }
             dt { "Device memory" } dd { (bytes(gpu.memory_bytes)) " now, " (bytes(gpu.peak_memory_bytes)) " at peak" }
             dt { "Memory quota" } dd {
                 @if gpu.memory_limit_bytes == 0 { "none" } @else { (bytes(gpu.memory_limit_bytes)) }
             }
         }
-        (figure("GPU memory against the tenant's quota", &charts::quotas(&quotas)))
+        (figure("GPU memory and device time against the tenant's quotas (no bar: no quota)", &charts::quotas(&quotas)))
     };
     Ok(session_page(
         &service,
