@@ -563,6 +563,88 @@ async fn usage_shows_gpu_use_against_the_quota() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_feeds_send_new_invocations_and_count_as_streams() {
+    use http_body_util::BodyExt as _;
+    let dir = TempDir::new().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let demo = server.demo_key.clone().unwrap();
+    assert_eq!(
+        deploy(&server, &demo, "hello", HELLO_COMPONENT)
+            .await
+            .status,
+        201
+    );
+    let mut browser = Browser::new(&server);
+    browser.sign_in(&demo).await;
+    let cookie = browser.cookie_header();
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let open = || {
+        let request = hyper::Request::get(server.url("/console/functions/hello/live"))
+            .header("cookie", &cookie)
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap();
+        client.request(request)
+    };
+    // The first feed: a call made now arrives as a table row.
+    let mut feed = open().await.unwrap();
+    assert_eq!(feed.status(), 200);
+    assert_eq!(feed.headers()["content-type"], "text/event-stream");
+    let called = request(
+        "POST",
+        &server.url("/v1/functions/hello/invoke"),
+        Some(&demo),
+        "live",
+    )
+    .await;
+    let id = called.headers["gust-invocation-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !seen.contains(&format!(r#"data-id="{id}""#)) {
+        let frame = tokio::time::timeout_at(deadline.into(), feed.body_mut().frame())
+            .await
+            .expect("the new invocation arrives")
+            .unwrap()
+            .unwrap();
+        if let Some(data) = frame.data_ref() {
+            seen.push_str(&String::from_utf8_lossy(data));
+        }
+    }
+    assert!(seen.starts_with("event: invocation\ndata: <tr"), "{seen}");
+    // Feeds are the tenant's streams (default `max_streams`: 16).
+    let mut feeds = vec![feed];
+    for _ in 1..16 {
+        let feed = open().await.unwrap();
+        assert_eq!(feed.status(), 200);
+        feeds.push(feed);
+    }
+    let refused = open().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let body = refused.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("too-many-streams"));
+    // A closed page gives its place back (the feed notices within a poll).
+    drop(feeds.pop());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let again = open().await.unwrap();
+        if again.status() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the closed feed's place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(feeds);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_can_be_turned_off() {
     let dir = TempDir::new().unwrap();
     let server = TestServer::start_configured(dir.path(), |config| config.console = false).await;

@@ -477,15 +477,24 @@ pub(super) async fn live(
     Params(name): Params<String>,
 ) -> Answer {
     let tenant = tenant_of(&session)?;
+    // A feed is one of the tenant's long-lived requests (its policy's
+    // `max_streams`): open pages cannot poll the store without bound.
+    let slot = service.open_stream(&tenant)?;
     let (t, n) = (tenant.clone(), name.clone());
     // What is on the page already is not sent again.
     let (first, _) = blocking(&service, move |s| s.invocations(&t, &n, RECENT, None)).await?;
     let mut seen: HashSet<String> = first.into_iter().map(|r| r.id).collect();
     let (frames, receiver) = tokio::sync::mpsc::channel::<Result<BodyFrame<Bytes>, BoxError>>(4);
     let task = async move {
+        let _slot = slot;
         let mut quiet = Duration::ZERO;
         loop {
             tokio::time::sleep(LIVE_POLL).await;
+            // The page went away: give the stream's place back now, not at
+            // the next event.
+            if frames.is_closed() {
+                return;
+            }
             let (t, n) = (tenant.clone(), name.clone());
             let Ok((records, _)) =
                 blocking(&service, move |s| s.invocations(&t, &n, RECENT, None)).await
@@ -530,10 +539,9 @@ pub(super) async fn live(
             }
         }
     };
-    let handle = tokio::spawn(task);
-    // The task ends when the page goes away (its sends fail); until then
-    // the host waits for it at shutdown like any other work.
-    drop(handle);
+    // Detached: it ends within a poll of its page going away (at the
+    // latest when shutdown closes the connection), giving back its slot.
+    drop(tokio::spawn(task));
     let body = http_body_util::BodyExt::boxed_unsync(StreamBody::new(tokio_stream_from(receiver)));
     let mut response = respond(StatusCode::OK, body);
     response.headers_mut().insert(
