@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use gust_test_artifacts::{
-    EXAMPLE_HELLO_COMPONENT, HELLO_COMPONENT, PANICS_COMPONENT, TENSORS_COMPONENT,
+    EXAMPLE_HELLO_COMPONENT, HELLO_COMPONENT, MODELS_COMPONENT, PANICS_COMPONENT, TENSORS_COMPONENT,
 };
 use tempfile::TempDir;
 
@@ -557,8 +557,68 @@ async fn usage_shows_gpu_use_against_the_quota() {
     let after = browser.get("/console/usage").await.text();
     // The CPU backend charges memory, not device time (a GPU's is).
     assert!(before.contains("0 B now, 0 B at peak"), "{before}");
-    assert!(!after.contains("0 B at peak"), "{after}");
+    assert!(!after.contains("now, 0 B at peak"), "{after}");
     assert!(after.contains("device time, last minute"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_models_page_shows_residency_and_batches() {
+    use gust_gpu_bridge::models::testing::write_tiny_bert;
+    let dir = TempDir::new().unwrap();
+    let models = dir.path().join("data").join("models");
+    write_tiny_bert(&models, "tiny-bert", "", 7).unwrap();
+    let batching = "\n[batching]\nmax_batch = 8\nmax_delay_ms = 5\nmax_queue = 8\n";
+    write_tiny_bert(&models, "queue-bert", batching, 11).unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let key = tenant(&server, "models").await;
+    assert_eq!(
+        deploy(&server, &key, "models", MODELS_COMPONENT)
+            .await
+            .status,
+        201
+    );
+    let mut browser = Browser::new(&server);
+    browser.sign_in(&key).await;
+    let before = browser.get("/console/models").await.text();
+    assert!(
+        before.contains("None: a model loads at its first use."),
+        "{before}"
+    );
+    for model in ["tiny-bert", "queue-bert"] {
+        let reply = request(
+            "POST",
+            &server.url("/v1/functions/models/invoke"),
+            Some(&key),
+            format!("embed {model}\nthe cat"),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let page = browser.get("/console/models").await.text();
+    let residents = page
+        .split(r#"<table id="residents">"#)
+        .nth(1)
+        .unwrap_or_else(|| panic!("{page}"));
+    let row = |model: &str| {
+        let start = residents
+            .find(&format!("<th scope=\"row\">{model}</th>"))
+            .unwrap_or_else(|| panic!("{model}: {page}"));
+        residents[start..][..residents[start..].find("</tr>").unwrap()].to_owned()
+    };
+    // Batching: one pass answered the one call; without: no counts.
+    let queue = row("queue-bert");
+    assert!(
+        queue.contains("<td>cpu") && queue.contains("<td>1</td><td>1</td>"),
+        "{queue}"
+    );
+    let tiny = row("tiny-bert");
+    assert!(tiny.contains("<td>–</td><td>–</td>"), "{tiny}");
+    assert!(page.contains("Mean batch size"), "{page}");
+    assert!(
+        page.contains("This tenant's loads</dt><dd>2</dd>"),
+        "{page}"
+    );
     server.stop().await;
 }
 

@@ -9,7 +9,10 @@ use maud::html;
 
 use super::session::Session;
 use super::views::{bytes, csrf_input, figure, maybe_time, micros, outcome, time};
-use super::{Answer, TokenForm, charts, check_csrf, not_yours, see_other, session_page, tenant_of};
+use super::{
+    Answer, TokenForm, charts, check_csrf, not_yours, see_other, session_page, tenant_action,
+    tenant_of,
+};
 use crate::api::blocking;
 use crate::api::extract::Params;
 use crate::service::Service;
@@ -74,9 +77,14 @@ pub(super) async fn cancel_job(
     headers: HeaderMap,
     axum::Form(form): axum::Form<TokenForm>,
 ) -> Answer {
-    let tenant = tenant_of(&session)?;
-    check_csrf(&service, &session, &headers, form.csrf.as_deref())?;
-    blocking(&service, move |s| s.cancel_job(&tenant, &id)).await?;
+    tenant_action(
+        &service,
+        &session,
+        &headers,
+        form.csrf.as_deref(),
+        move |s, tenant| s.cancel_job(tenant, &id),
+    )
+    .await?;
     Ok(see_other("/console/jobs"))
 }
 
@@ -320,9 +328,14 @@ pub(super) async fn create_key(
     headers: HeaderMap,
     axum::Form(form): axum::Form<TokenForm>,
 ) -> Answer {
-    let tenant = tenant_of(&session)?;
-    check_csrf(&service, &session, &headers, form.csrf.as_deref())?;
-    let (record, secret) = blocking(&service, move |s| s.create_key(&tenant)).await?;
+    let (record, secret) = tenant_action(
+        &service,
+        &session,
+        &headers,
+        form.csrf.as_deref(),
+        |s, tenant| s.create_key(tenant),
+    )
+    .await?;
     keys_page(&service, &session, Some((record.id, secret))).await
 }
 
@@ -333,9 +346,14 @@ pub(super) async fn revoke_key(
     headers: HeaderMap,
     axum::Form(form): axum::Form<TokenForm>,
 ) -> Answer {
-    let tenant = tenant_of(&session)?;
-    check_csrf(&service, &session, &headers, form.csrf.as_deref())?;
-    blocking(&service, move |s| s.revoke_key(&tenant, &id)).await?;
+    tenant_action(
+        &service,
+        &session,
+        &headers,
+        form.csrf.as_deref(),
+        move |s, tenant| s.revoke_key(tenant, &id),
+    )
+    .await?;
     // Revoking the session's own key ends the session: the next page
     // sends it to sign in.
     Ok(see_other("/console/keys"))

@@ -46,53 +46,21 @@ fn minutes_ago(minutes: &[Minute]) -> impl Iterator<Item = (i32, &Minute)> {
         .map(move |(i, m)| (i as i32 + 1 - last as i32, m))
 }
 
-/// Calls and failed calls per minute.
-pub(super) fn calls_per_minute(minutes: &[Minute]) -> String {
-    svg(|root| {
-        let top = minutes.iter().map(|m| m.calls).max().unwrap_or(0).max(1);
-        let left = 1 - minutes.len().max(1) as i32;
-        let mut chart = ChartBuilder::on(root)
-            .margin(12)
-            .x_label_area_size(32)
-            .y_label_area_size(44)
-            .build_cartesian_2d(left..0, 0..top + top.div_ceil(10))?;
-        chart
-            .configure_mesh()
-            .x_desc("minutes ago")
-            .y_desc("calls")
-            .light_line_style(WHITE.mix(0.0))
-            .draw()?;
-        chart
-            .draw_series(LineSeries::new(
-                minutes_ago(minutes).map(|(x, m)| (x, m.calls)),
-                CALLS.stroke_width(2),
-            ))?
-            .label("calls")
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], CALLS.stroke_width(2)));
-        chart
-            .draw_series(LineSeries::new(
-                minutes_ago(minutes).map(|(x, m)| (x, m.errors)),
-                ERRORS.stroke_width(2),
-            ))?
-            .label("failed")
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], ERRORS.stroke_width(2)));
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK.mix(0.3))
-            .draw()?;
-        Ok(())
-    })
+/// One line of a per-minute chart.
+struct Line {
+    label: &'static str,
+    colour: RGBColor,
+    value: fn(&Minute) -> f64,
+    /// Minutes without calls are left out (a latency has no value there).
+    only_with_calls: bool,
 }
 
-/// Median and 95th percentile latency per minute (minutes without calls
-/// are left out).
-pub(super) fn latency_per_minute(minutes: &[Minute]) -> String {
+/// Lines over the minutes, oldest left, the last minute at 0.
+fn per_minute(minutes: &[Minute], y_desc: &str, lines: &[Line]) -> String {
     svg(|root| {
-        let top = minutes
+        let top = lines
             .iter()
-            .map(|m| m.p95_ms)
+            .flat_map(|line| minutes.iter().map(line.value))
             .fold(0.0_f64, f64::max)
             .max(1.0);
         let left = 1 - minutes.len().max(1) as i32;
@@ -104,32 +72,20 @@ pub(super) fn latency_per_minute(minutes: &[Minute]) -> String {
         chart
             .configure_mesh()
             .x_desc("minutes ago")
-            .y_desc("ms")
+            .y_desc(y_desc)
             .light_line_style(WHITE.mix(0.0))
             .draw()?;
-        let with_calls = || minutes_ago(minutes).filter(|(_, m)| m.calls > 0);
-        chart
-            .draw_series(
-                LineSeries::new(
-                    with_calls().map(|(x, m)| (x, m.p50_ms)),
-                    CALLS.stroke_width(2),
-                )
-                // A lone minute with calls still shows.
-                .point_size(2),
-            )?
-            .label("p50")
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], CALLS.stroke_width(2)));
-        chart
-            .draw_series(
-                LineSeries::new(
-                    with_calls().map(|(x, m)| (x, m.p95_ms)),
-                    SLOW.stroke_width(2),
-                )
-                // A lone minute with calls still shows.
-                .point_size(2),
-            )?
-            .label("p95")
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], SLOW.stroke_width(2)));
+        for line in lines {
+            let style = line.colour.stroke_width(2);
+            let points = minutes_ago(minutes)
+                .filter(|(_, m)| !line.only_with_calls || m.calls > 0)
+                .map(|(x, m)| (x, (line.value)(m)));
+            chart
+                // Points too: a lone minute with calls still shows.
+                .draw_series(LineSeries::new(points, style).point_size(2))?
+                .label(line.label)
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], style));
+        }
         chart
             .configure_series_labels()
             .position(SeriesLabelPosition::UpperLeft)
@@ -138,6 +94,50 @@ pub(super) fn latency_per_minute(minutes: &[Minute]) -> String {
             .draw()?;
         Ok(())
     })
+}
+
+/// Calls and failed calls per minute.
+pub(super) fn calls_per_minute(minutes: &[Minute]) -> String {
+    per_minute(
+        minutes,
+        "calls",
+        &[
+            Line {
+                label: "calls",
+                colour: CALLS,
+                value: |m| m.calls as f64,
+                only_with_calls: false,
+            },
+            Line {
+                label: "failed",
+                colour: ERRORS,
+                value: |m| m.errors as f64,
+                only_with_calls: false,
+            },
+        ],
+    )
+}
+
+/// Median and 95th percentile latency per minute, in milliseconds.
+pub(super) fn latency_per_minute(minutes: &[Minute]) -> String {
+    per_minute(
+        minutes,
+        "ms",
+        &[
+            Line {
+                label: "p50",
+                colour: CALLS,
+                value: |m| m.p50_ms,
+                only_with_calls: true,
+            },
+            Line {
+                label: "p95",
+                colour: SLOW,
+                value: |m| m.p95_ms,
+                only_with_calls: true,
+            },
+        ],
+    )
 }
 
 /// Counts by label as bars: calls by outcome, say. `ok_label` is drawn in

@@ -18,7 +18,10 @@ use super::session::{CSRF_FIELD, Session};
 use super::views::{
     bytes, csrf_input, figure, maybe_time, micros, millis, outcome, problem_box, time,
 };
-use super::{Answer, PageError, TokenForm, charts, check_csrf, see_other, session_page, tenant_of};
+use super::{
+    Answer, PageError, TokenForm, charts, check_csrf, see_other, session_page, tenant_action,
+    tenant_of,
+};
 use crate::api::extract::{Params, QueryParams, read_capped};
 use crate::api::problem::Problem;
 use crate::api::{BoxError, blocking, respond};
@@ -457,9 +460,14 @@ pub(super) async fn delete(
     headers: HeaderMap,
     axum::Form(form): axum::Form<TokenForm>,
 ) -> Answer {
-    let tenant = tenant_of(&session)?;
-    check_csrf(&service, &session, &headers, form.csrf.as_deref())?;
-    blocking(&service, move |s| s.delete_function(&tenant, &name)).await?;
+    tenant_action(
+        &service,
+        &session,
+        &headers,
+        form.csrf.as_deref(),
+        move |s, tenant| s.delete_function(tenant, &name),
+    )
+    .await?;
     Ok(see_other("/console/functions"))
 }
 

@@ -165,6 +165,20 @@ fn check_csrf(
     }
 }
 
+/// What a tenant's state-changing form does, once its CSRF token is
+/// checked: `work` on the tenant, on a blocking thread.
+async fn tenant_action<T: Send + 'static>(
+    service: &Arc<Service>,
+    session: &Session,
+    headers: &HeaderMap,
+    csrf: Option<&str>,
+    work: impl FnOnce(&Service, &str) -> Result<T, ServiceError> + Send + 'static,
+) -> Result<T, PageError> {
+    let tenant = tenant_of(session)?;
+    check_csrf(service, session, headers, csrf)?;
+    Ok(super::blocking(service, move |s| work(s, &tenant)).await?)
+}
+
 /// A page of `session`'s: the frame with its navigation and CSRF token.
 fn session_page(
     service: &Service,
