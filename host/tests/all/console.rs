@@ -240,6 +240,13 @@ async fn sessions_are_signed_expire_and_end_with_their_key() {
     assert_eq!(problem_on(&reply).1, "csrf-refused");
     assert!(!stranger.cookies.contains_key("gust_session"));
 
+    // A form without its fields: a problem page, not a bare rejection.
+    let reply = browser
+        .post("/console/sign-in", &[("nothing", "here")])
+        .await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(problem_on(&reply).1, "invalid-request");
+
     // The right key: a session cookie, not the key.
     assert_eq!(browser.sign_in(&demo).await, "/console/functions");
     let session = browser.cookies["gust_session"].clone();
@@ -480,7 +487,9 @@ async fn forms_need_the_sessions_token_and_tenants_see_only_their_own() {
     let token = csrf(&owner.get("/console/functions").await);
     let junk = b"not a component".to_vec();
     let oversized = vec![0u8; 4 * 1024 * 1024 + 1];
-    for (bytes, status) in [(&junk, 400), (&oversized, 413)] {
+    // Past axum's default 2 MiB body limit, within the policy's 4 MiB.
+    let big = [b"\0asm\x0d\0\x01\0".as_slice(), &[0u8; 3 << 20]].concat();
+    for (bytes, status) in [(&junk, 400), (&big, 400), (&oversized, 413)] {
         let api = request(
             "PUT",
             &server.url("/v1/functions/upload"),

@@ -10,8 +10,8 @@ use maud::html;
 use super::session::Session;
 use super::views::{bytes, csrf_input, figure, maybe_time, micros, outcome, time};
 use super::{
-    Answer, TokenForm, charts, check_csrf, not_yours, see_other, session_page, tenant_action,
-    tenant_of,
+    Answer, PageForm, TokenForm, charts, check_csrf, not_yours, see_other, session_page,
+    tenant_action, tenant_of,
 };
 use crate::api::blocking;
 use crate::api::extract::Params;
@@ -75,7 +75,7 @@ pub(super) async fn cancel_job(
     session: Session,
     Params(id): Params<String>,
     headers: HeaderMap,
-    axum::Form(form): axum::Form<TokenForm>,
+    PageForm(form): PageForm<TokenForm>,
 ) -> Answer {
     tenant_action(
         &service,
@@ -326,7 +326,7 @@ pub(super) async fn create_key(
     State(service): State<Arc<Service>>,
     session: Session,
     headers: HeaderMap,
-    axum::Form(form): axum::Form<TokenForm>,
+    PageForm(form): PageForm<TokenForm>,
 ) -> Answer {
     let (record, secret) = tenant_action(
         &service,
@@ -344,7 +344,7 @@ pub(super) async fn revoke_key(
     session: Session,
     Params(id): Params<String>,
     headers: HeaderMap,
-    axum::Form(form): axum::Form<TokenForm>,
+    PageForm(form): PageForm<TokenForm>,
 ) -> Answer {
     tenant_action(
         &service,
@@ -415,7 +415,7 @@ pub(super) async fn create_tenant(
     State(service): State<Arc<Service>>,
     session: Session,
     headers: HeaderMap,
-    axum::Form(form): axum::Form<TenantForm>,
+    PageForm(form): PageForm<TenantForm>,
 ) -> Answer {
     if !session.is_admin() {
         return Err(not_yours());

@@ -19,8 +19,8 @@ use super::views::{
     bytes, csrf_input, figure, maybe_time, micros, millis, outcome, problem_box, time,
 };
 use super::{
-    Answer, PageError, TokenForm, charts, check_csrf, see_other, session_page, tenant_action,
-    tenant_of,
+    Answer, PageError, PageForm, TokenForm, charts, check_csrf, see_other, session_page,
+    tenant_action, tenant_of,
 };
 use crate::api::extract::{Params, QueryParams, read_capped};
 use crate::api::problem::Problem;
@@ -420,7 +420,7 @@ pub(super) async fn invoke(
     session: Session,
     Params(name): Params<String>,
     headers: HeaderMap,
-    axum::Form(form): axum::Form<InvokeForm>,
+    PageForm(form): PageForm<InvokeForm>,
 ) -> Answer {
     let tenant = tenant_of(&session)?;
     check_csrf(&service, &session, &headers, form.csrf.as_deref())?;
@@ -458,7 +458,7 @@ pub(super) async fn delete(
     session: Session,
     Params(name): Params<String>,
     headers: HeaderMap,
-    axum::Form(form): axum::Form<TokenForm>,
+    PageForm(form): PageForm<TokenForm>,
 ) -> Answer {
     tenant_action(
         &service,

@@ -121,6 +121,26 @@ impl IntoResponse for PageError {
     }
 }
 
+/// A form body, refused with a problem page (not axum's plain-text
+/// rejection) when it cannot be read.
+#[derive(Debug)]
+pub(crate) struct PageForm<T>(pub(crate) T);
+
+impl<T, S> axum::extract::FromRequest<S> for PageForm<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = PageError;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, PageError> {
+        axum::Form::<T>::from_request(request, state)
+            .await
+            .map(|axum::Form(form)| Self(form))
+            .map_err(|e| PageError(Problem::bad_request("invalid-request", e.body_text())))
+    }
+}
+
 /// What a console handler answers.
 pub(crate) type Answer = Result<Response, PageError>;
 
@@ -256,7 +276,7 @@ struct SignInForm {
 async fn sign_in(
     State(service): State<Arc<Service>>,
     headers: HeaderMap,
-    axum::Form(form): axum::Form<SignInForm>,
+    PageForm(form): PageForm<SignInForm>,
 ) -> Response {
     if !session::sign_in_token_ok(&service, &headers, &form.csrf) {
         let problem = Problem::new(
@@ -309,7 +329,7 @@ async fn sign_out(
     State(service): State<Arc<Service>>,
     session: Session,
     headers: HeaderMap,
-    axum::Form(form): axum::Form<TokenForm>,
+    PageForm(form): PageForm<TokenForm>,
 ) -> Answer {
     check_csrf(&service, &session, &headers, form.csrf.as_deref())?;
     let mut response = see_other("/console/sign-in");
