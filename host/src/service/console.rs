@@ -22,8 +22,8 @@ use crate::tenancy::keys;
 pub struct SignedIn {
     /// Who the key acts for.
     pub caller: Caller,
-    /// The key's public id (`key_…`), or [`ADMIN_KEY_ID`]-prefixed
-    /// fingerprint of the admin key.
+    /// The key's public id (`key_…`), or for the admin key a fingerprint
+    /// of it prefixed with [`ADMIN_KEY_ID`].
     pub key_id: String,
 }
 

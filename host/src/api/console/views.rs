@@ -6,7 +6,7 @@ use maud::{DOCTYPE, Markup, PreEscaped, html};
 use super::session::{CSRF_FIELD, Session};
 use crate::store::UnixMillis;
 
-/// The pages of the navigation, as (path, label); the admin's first.
+/// A tenant session's navigation, as (path, label).
 const TENANT_NAV: &[(&str, &str)] = &[
     ("/console/functions", "Functions"),
     ("/console/jobs", "Jobs"),
@@ -15,6 +15,7 @@ const TENANT_NAV: &[(&str, &str)] = &[
     ("/console/usage", "Usage"),
     ("/console/keys", "Keys"),
 ];
+/// The admin session's navigation.
 const ADMIN_NAV: &[(&str, &str)] = &[("/console/tenants", "Tenants")];
 
 /// What a page needs of its session to draw the frame.
