@@ -55,8 +55,9 @@ struct Line {
     only_with_calls: bool,
 }
 
-/// Lines over the minutes, oldest left, the last minute at 0.
-fn per_minute(minutes: &[Minute], y_desc: &str, lines: &[Line]) -> String {
+/// Lines over the minutes, oldest left, the last minute at 0; `whole`
+/// for counts (whole-number ticks only).
+fn per_minute(minutes: &[Minute], y_desc: &str, whole: bool, lines: &[Line]) -> String {
     svg(|root| {
         let top = lines
             .iter()
@@ -73,6 +74,7 @@ fn per_minute(minutes: &[Minute], y_desc: &str, lines: &[Line]) -> String {
             .configure_mesh()
             .x_desc("minutes ago")
             .y_desc(y_desc)
+            .y_label_formatter(&whole_ticks(whole))
             .light_line_style(WHITE.mix(0.0))
             .draw()?;
         for line in lines {
@@ -81,8 +83,15 @@ fn per_minute(minutes: &[Minute], y_desc: &str, lines: &[Line]) -> String {
                 .filter(|(_, m)| !line.only_with_calls || m.calls > 0)
                 .map(|(x, m)| (x, (line.value)(m)));
             chart
-                // Points too: a lone minute with calls still shows.
-                .draw_series(LineSeries::new(points, style).point_size(2))?
+                // Points where minutes are left out: a lone minute with
+                // calls still shows.
+                .draw_series(
+                    LineSeries::new(points, style).point_size(if line.only_with_calls {
+                        2
+                    } else {
+                        0
+                    }),
+                )?
                 .label(line.label)
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], style));
         }
@@ -101,6 +110,7 @@ pub(super) fn calls_per_minute(minutes: &[Minute]) -> String {
     per_minute(
         minutes,
         "calls",
+        true,
         &[
             Line {
                 label: "calls",
@@ -123,6 +133,7 @@ pub(super) fn latency_per_minute(minutes: &[Minute]) -> String {
     per_minute(
         minutes,
         "ms",
+        false,
         &[
             Line {
                 label: "p50",
@@ -140,16 +151,33 @@ pub(super) fn latency_per_minute(minutes: &[Minute]) -> String {
     )
 }
 
-/// Counts by label as bars: calls by outcome, say. `ok_label` is drawn in
-/// the success colour, the rest in the failure colour.
-pub(super) fn bars(counts: &[(String, u64)], y_desc: &str, ok_label: Option<&str>) -> String {
+/// Tick labels of a value axis: counts (`whole`) label only their
+/// whole-number ticks.
+fn whole_ticks(whole: bool) -> impl Fn(&f64) -> String {
+    move |y| match (whole, y.fract() == 0.0) {
+        (true, true) => format!("{y:.0}"),
+        (true, false) => String::new(),
+        (false, _) => format!("{y}"),
+    }
+}
+
+/// One bar of a bar chart: its label, its height (`None` draws none) and
+/// its colour.
+struct Bar {
+    label: String,
+    value: Option<f64>,
+    colour: RGBColor,
+}
+
+/// Labelled bars on an axis from 0 to `top`; whole-number ticks when
+/// `whole` (counts).
+fn labelled_bars(bars: &[Bar], top: f64, y_desc: &str, whole: bool) -> String {
     svg(|root| {
-        let n = counts.len().max(1) as u32;
-        let top = counts.iter().map(|(_, c)| *c).max().unwrap_or(0).max(1);
+        let n = bars.len().max(1) as u32;
         let label = |value: &SegmentValue<u32>| match value {
-            SegmentValue::CenterOf(i) => counts
+            SegmentValue::CenterOf(i) => bars
                 .get(*i as usize)
-                .map(|(name, _)| name.clone())
+                .map(|bar| bar.label.clone())
                 .unwrap_or_default(),
             _ => String::new(),
         };
@@ -157,83 +185,76 @@ pub(super) fn bars(counts: &[(String, u64)], y_desc: &str, ok_label: Option<&str
             .margin(12)
             .x_label_area_size(32)
             .y_label_area_size(44)
-            .build_cartesian_2d((0..n).into_segmented(), 0..top + top.div_ceil(10))?;
+            .build_cartesian_2d((0..n).into_segmented(), 0.0..top)?;
         chart
             .configure_mesh()
             .disable_x_mesh()
-            .x_labels(counts.len().max(1))
+            .x_labels(bars.len().max(1))
             .x_label_formatter(&label)
+            // Counts tick at whole numbers only.
+            .y_labels(if whole {
+                (top as usize).clamp(1, 10)
+            } else {
+                10
+            })
+            .y_label_formatter(&whole_ticks(whole))
             .y_desc(y_desc)
             .light_line_style(WHITE.mix(0.0))
             .draw()?;
-        chart.draw_series(counts.iter().enumerate().map(|(i, (name, count))| {
-            let colour = if Some(name.as_str()) == ok_label {
-                USED
-            } else {
-                ERRORS
-            };
+        chart.draw_series(bars.iter().enumerate().filter_map(|(i, bar)| {
             let i = i as u32;
-            let mut bar = Rectangle::new(
+            let mut drawn = Rectangle::new(
                 [
-                    (SegmentValue::Exact(i), 0),
-                    (SegmentValue::Exact(i + 1), *count),
+                    (SegmentValue::Exact(i), 0.0),
+                    (SegmentValue::Exact(i + 1), bar.value?),
                 ],
-                colour.filled(),
+                bar.colour.filled(),
             );
-            bar.set_margin(0, 0, 12, 12);
-            bar
+            drawn.set_margin(0, 0, 12, 12);
+            Some(drawn)
         }))?;
         Ok(())
     })
 }
 
+/// Counts by label as bars: calls by outcome, say. `ok_label` is drawn in
+/// the success colour, the rest in the failure colour.
+pub(super) fn bars(counts: &[(String, u64)], y_desc: &str, ok_label: Option<&str>) -> String {
+    let top = counts.iter().map(|(_, c)| *c).max().unwrap_or(0).max(1);
+    let bars: Vec<Bar> = counts
+        .iter()
+        .map(|(name, count)| Bar {
+            label: name.clone(),
+            value: Some(*count as f64),
+            colour: if Some(name.as_str()) == ok_label {
+                USED
+            } else {
+                ERRORS
+            },
+        })
+        .collect();
+    labelled_bars(&bars, (top + top.div_ceil(10)) as f64, y_desc, true)
+}
+
 /// How much of each quota is used, in percent: one bar per (label, used,
 /// limit); a limit of zero means no quota and draws no bar.
 pub(super) fn quotas(items: &[(String, f64, f64)]) -> String {
-    svg(|root| {
-        let n = items.len().max(1) as u32;
-        let label = |value: &SegmentValue<u32>| match value {
-            SegmentValue::CenterOf(i) => items
-                .get(*i as usize)
-                .map(|(name, _, _)| name.clone())
-                .unwrap_or_default(),
-            _ => String::new(),
-        };
-        let mut chart = ChartBuilder::on(root)
-            .margin(12)
-            .x_label_area_size(32)
-            .y_label_area_size(44)
-            .build_cartesian_2d((0..n).into_segmented(), 0.0..100.0)?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_labels(items.len().max(1))
-            .x_label_formatter(&label)
-            .y_desc("% of quota")
-            .light_line_style(WHITE.mix(0.0))
-            .draw()?;
-        chart.draw_series(
-            items
-                .iter()
-                .enumerate()
-                .filter(|(_, item)| item.2 > 0.0)
-                .map(|(i, (_, used, limit))| {
-                    let share = (used / limit * 100.0).clamp(0.0, 100.0);
-                    let colour = if share >= 90.0 { ERRORS } else { USED };
-                    let i = i as u32;
-                    let mut bar = Rectangle::new(
-                        [
-                            (SegmentValue::Exact(i), 0.0),
-                            (SegmentValue::Exact(i + 1), share),
-                        ],
-                        colour.filled(),
-                    );
-                    bar.set_margin(0, 0, 16, 16);
-                    bar
-                }),
-        )?;
-        Ok(())
-    })
+    let bars: Vec<Bar> = items
+        .iter()
+        .map(|(name, used, limit)| {
+            let share = (*limit > 0.0).then(|| (used / limit * 100.0).clamp(0.0, 100.0));
+            Bar {
+                label: name.clone(),
+                value: share,
+                colour: if share.is_some_and(|s| s >= 90.0) {
+                    ERRORS
+                } else {
+                    USED
+                },
+            }
+        })
+        .collect();
+    labelled_bars(&bars, 100.0, "% of quota", false)
 }
 
 #[cfg(test)]
