@@ -83,6 +83,10 @@ export declare function emit(chunk: string | Uint8Array): void;
 /** Used by the module `gust build` generates; not for apps. */
 export declare function exportHandler(app: GustFunction): unknown;
 
+/** Used by the module `gust build` generates (the build-time warm-up of the
+ * snapshot every instance starts from); not for apps. */
+export declare function warmUp(): Promise<void>;
+
 export type Dtype = "f32" | "f16" | "bf16" | "i32" | "u32";
 export type BlockFormat = "q4-0" | "q4-1" | "q8-0" | "q4-k" | "q6-k";
 

@@ -45,6 +45,14 @@ async fn a_javascript_function_answers_json_errors_exceptions_streams_and_timeou
     let record = invocation_record(&server, &key, id).await;
     eprintln!("js hello timings: {}", record["timings"]);
 
+    // Every call starts from the build's snapshot: the warm-up `gust build`
+    // runs there never calls the app's handler, and no call sees another's
+    // module state.
+    for _ in 0..2 {
+        let calls = invoke_op(&server, &key, "calls", "").await;
+        assert_eq!(calls.json(), serde_json::json!({"calls": 1}));
+    }
+
     // JSON both ways, and the invocation id the host gave the call.
     let json = invoke_op(&server, &key, "json", r#"{"a": [1, 2.5, "x"], "b": null}"#).await;
     assert_eq!(json.status, 200, "{}", json.text());
