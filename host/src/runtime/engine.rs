@@ -163,7 +163,9 @@ fn engine_config(
         // the next call (hello: 38 µs -> 7 µs per call). Without it, keeping
         // memory resident means memsetting the whole kept region, which costs
         // more than the madvise it saves, so memories are then decommitted.
-        let scan = pool.pagemap_scan && PoolingAllocationConfig::is_pagemap_scan_available();
+        let scan = pool.pagemap_scan
+            && PoolingAllocationConfig::is_pagemap_scan_available()
+            && !swap_may_hold_guest_pages();
         let memory_keep_resident = if scan {
             pool.memory_keep_resident_bytes
         } else {
@@ -190,6 +192,42 @@ fn engine_config(
         wasm.allocation_strategy(InstanceAllocationStrategy::OnDemand);
     }
     wasm
+}
+
+/// Whether the kernel may swap guest memory out, which makes resetting
+/// memories and tables by `PAGEMAP_SCAN` unsafe in Wasmtime 48: its scan
+/// looks for written pages that are *present*, so a page the previous call
+/// dirtied and the kernel then swapped out is neither reset nor decommitted,
+/// and the next instance in that slot would read the previous call's data
+/// (for a table: its function references). Without the scan, kept-resident
+/// bytes are rewritten whole and the rest is decommitted, which also drops
+/// swapped pages. Checked when the engine is made: `docs/deploy.md` says to
+/// restart the host after turning swap on.
+fn swap_may_hold_guest_pages() -> bool {
+    match std::fs::read_to_string("/proc/swaps") {
+        Ok(swaps) => {
+            let devices = swap_devices(&swaps);
+            if devices > 0 {
+                tracing::warn!(
+                    devices,
+                    "swap is on: linear memories and tables are reset without PAGEMAP_SCAN (slower, but a swapped-out page cannot outlive its call)"
+                );
+            }
+            devices > 0
+        }
+        // Not Linux's procfs: nothing says swap is off, so assume it may be
+        // on (PAGEMAP_SCAN is Linux-only anyway).
+        Err(_) => true,
+    }
+}
+
+/// The swap areas `/proc/swaps` lists (a header line, then one per area).
+fn swap_devices(swaps: &str) -> usize {
+    swaps
+        .lines()
+        .skip(1)
+        .filter(|line| !line.trim().is_empty())
+        .count()
 }
 
 fn build_engine(config: &RuntimeConfig) -> Result<(Engine, AllocatorInUse), RuntimeError> {
@@ -340,7 +378,19 @@ impl Runtime {
 
 #[cfg(test)]
 mod tests {
-    use super::{Runtime, RuntimeConfig};
+    use super::{Runtime, RuntimeConfig, swap_devices};
+
+    #[test]
+    fn swap_areas_are_counted_from_proc_swaps() {
+        let header = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n";
+        assert_eq!(swap_devices(header), 0);
+        assert_eq!(swap_devices(""), 0);
+        let two = format!(
+            "{header}/swapfile                               file\t\t2097148\t\t0\t\t-2\n\
+             /dev/zram0                              partition\t4194300\t\t1024\t\t100\n"
+        );
+        assert_eq!(swap_devices(&two), 2);
+    }
 
     #[test]
     fn only_the_wasi3_engine_pays_for_concurrency() {
