@@ -125,6 +125,44 @@ def _require_handler() -> None:
         )
 
 
+def _warm_up_handler(req: Request) -> str:
+    """What the build-time warm-up runs instead of the app: the path a
+    simple function takes (the body as text, a text response)."""
+    return req.text()
+
+
+def _warm_up() -> None:
+    """Calls the export once while componentize-py snapshots the component
+    (called by the generated entry module, after ``_require_handler``), with
+    an empty request and the SDK's own handler: never the app's, which may
+    need the host, absent at build time.
+
+    Every instance starts from that snapshot, so what a call makes on first
+    use (the SDK's wrappers and conversions, attribute caches) is already
+    made: a fresh instance's call took about 11% less time
+    (``benches/README.md``). The app's handler is put back before the
+    snapshot; nothing of the request stays.
+    """
+    global _handler
+    if _types is None:
+        return
+    app = _handler
+    _handler = _warm_up_handler
+    try:
+        response = Handler().handle(
+            _types.Request(
+                body=b"",
+                content_type="application/octet-stream",
+                headers=[],
+                invocation_id="",
+            )
+        )
+    finally:
+        _handler = app
+    if response.status != 200:
+        raise RuntimeError(f"gust build: the warm-up call answered {response.status}")
+
+
 def _require_http_handler() -> None:
     """The same check for a web app's build."""
     from . import web

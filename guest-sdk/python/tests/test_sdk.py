@@ -159,6 +159,22 @@ class RegistrationTests(unittest.TestCase):
             gust.function(two)
         gust._require_handler()
 
+    def test_the_warm_up_never_runs_the_apps_handler_and_puts_it_back(self):
+        calls = []
+
+        def app(req):
+            calls.append(req)
+            return "app"
+
+        gust.function(app)
+        gust._warm_up()
+        self.assertEqual(calls, [])
+        self.assertIs(gust._handler, app)
+        if not WEB_WORLD:
+            # What the warm-up ran, the SDK's own handler, answers as a
+            # function would.
+            self.assertEqual(gust._warm_up_handler(gust.Request(b"hi")), "hi")
+
     def test_a_component_is_a_function_or_a_web_app(self):
         with self.assertRaises(RuntimeError) as raised:
             gust._require_handler()
