@@ -277,8 +277,8 @@ const RESULT_PARTS = [
  * `Uint8Array`, `DataView`, …, resolved lazily there), the async function
  * machinery, the bytecode of self-hosted builtins and of the SDK's and the
  * bindings' functions, object shapes. Made here once, they are in the
- * snapshot: the first call into a fresh instance took about 2.5× less time
- * and wrote 60% fewer pages (`benches/README.md`). Nothing of a request
+ * snapshot: the first call into a fresh instance took 0.45× the time, with
+ * half the page faults (`benches/README.md`). Nothing of a request
  * stays behind: the warm-up's allocations are freed and the export is
  * unbound again (ComponentizeJS binds the app's handler after this).
  */
