@@ -87,6 +87,9 @@ export declare function exportHandler(app: GustFunction): unknown;
  * snapshot every instance starts from); not for apps. */
 export declare function warmUp(): Promise<void>;
 
+/** The same for a web app's module; not for apps. */
+export declare function warmUpWeb(): Promise<void>;
+
 export type Dtype = "f32" | "f16" | "bf16" | "i32" | "u32";
 export type BlockFormat = "q4-0" | "q4-1" | "q8-0" | "q4-k" | "q6-k";
 

@@ -33,9 +33,9 @@
 import { emit as emitChunk } from "gust-output";
 
 import { Model, Tensor, TensorError, devices } from "./tensor.js";
-import { exportIncomingHandler as webHandler, http } from "./web.js";
+import { exportIncomingHandler as webHandler, http, warmUpWeb } from "./web.js";
 
-export { Model, Tensor, TensorError, devices, http };
+export { Model, Tensor, TensorError, devices, http, warmUpWeb };
 
 const encoder = new TextEncoder();
 const MARK = Symbol.for("gust.fn");
