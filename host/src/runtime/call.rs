@@ -102,12 +102,15 @@ impl Runtime {
     /// slow enough to pay (see [`RuntimeConfig::ready_min_instantiate`]).
     ///
     /// [`RuntimeConfig::ready_min_instantiate`]: super::RuntimeConfig::ready_min_instantiate
+    /// `spent`: the call's store, if it was not kept; dropped here unless
+    /// the next instance's preparation takes it over.
     fn after_call(
         &self,
         component: &LoadedComponent,
         ready: Option<&Ready>,
         timings: &Timings,
         limits: &CallLimits,
+        spent: Option<Store<CallState>>,
     ) {
         if !timings.ready && !timings.reused && !timings.instantiate.is_zero() {
             let nanos = u64::try_from(timings.instantiate.as_nanos()).unwrap_or(u64::MAX);
@@ -122,7 +125,7 @@ impl Runtime {
             // call running at the same time in the same process (a Python
             // call took 4× as long). A call that comes before it is made
             // instantiates its own.
-            self.prepare_next(component, ready, limits);
+            self.prepare_next(component, ready, limits, spent);
         }
     }
 
@@ -145,9 +148,9 @@ impl Runtime {
             Ok(Err(error)) => Err(Some(error)),
         };
         let limits = call.limits.clone();
-        let invocation = call.finish(result, timings).0;
+        let (invocation, left) = call.finish(result, timings);
         drop(running);
-        self.after_call(component, ready, &timings, &limits);
+        self.after_call(component, ready, &timings, &limits, left.spent());
         invocation
     }
 
@@ -374,12 +377,16 @@ impl Runtime {
                 status: error.status,
             })),
         };
-        let (invocation, idle) = call.finish(result, timings);
-        if let (Some(reuse), Some(idle)) = (reuse, idle) {
-            self.idle.put(&reuse.scope, digest, idle);
-        }
+        let (invocation, left) = call.finish(result, timings);
+        let spent = match (reuse, left) {
+            (Some(reuse), Left::Idle(idle)) => {
+                self.idle.put(&reuse.scope, digest, idle);
+                None
+            }
+            (_, left) => left.spent(),
+        };
         drop(running);
-        self.after_call(component, ready, &timings, limits);
+        self.after_call(component, ready, &timings, limits, spent);
         invocation
     }
 
@@ -612,12 +619,13 @@ impl Call {
     /// Classifies the result and collects captures. `Err(None)` means the
     /// hard time limit fired; `Err(Some(e))` is a trap or host failure.
     /// Returns the instance for reuse when the call left one to keep (see
-    /// [`Call::guest`]), it returned normally and it has uses left.
+    /// [`Call::guest`]), it returned normally and it has uses left, and
+    /// otherwise the store, its host-side state released.
     fn finish(
         self,
         result: Result<Outcome, Option<wasmtime::Error>>,
         timings: Timings,
-    ) -> (Invocation, Option<IdleInstance>) {
+    ) -> (Invocation, Left) {
         let egress_denied = self.store.data().egress_denials();
         let limiter = &self.store.data().limiter;
         let peak_memory_bytes = limiter.peak_bytes as u64;
@@ -629,8 +637,8 @@ impl Call {
             }
             _ => false,
         };
-        let idle = match (keep, self.guest) {
-            (true, Some(guest)) => Some(IdleInstance::reused(
+        let left = match (keep, self.guest) {
+            (true, Some(guest)) => Left::Idle(IdleInstance::reused(
                 {
                     let mut store = self.store;
                     // Nothing of this call's caller stays with the idle
@@ -645,8 +653,9 @@ impl Call {
                 &self.limits,
             )),
             _ => {
-                drop(self.store);
-                None
+                let mut store = self.store;
+                store.data_mut().release();
+                Left::Spent(store)
             }
         };
         let stderr = self.stderr.take();
@@ -668,7 +677,31 @@ impl Call {
             peak_memory_bytes,
             egress_denied,
         };
-        (invocation, idle)
+        (invocation, left)
+    }
+}
+
+/// What a call leaves of its store (see [`Call::finish`]).
+enum Left {
+    /// The instance, kept for the next call of its scope.
+    Idle(IdleInstance),
+    /// The store, done with: what it held for the call is released (see
+    /// [`CallState::release`]); dropping it tears the instance down.
+    Spent(Store<CallState>),
+}
+
+impl Left {
+    /// The store to tear down: a spent one, or a kept instance's when
+    /// there is nowhere to keep it.
+    fn spent(self) -> Option<Store<CallState>> {
+        match self {
+            Self::Idle(idle) => {
+                let mut store = idle.store;
+                store.data_mut().release();
+                Some(store)
+            }
+            Self::Spent(store) => Some(store),
+        }
     }
 }
 

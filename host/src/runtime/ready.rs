@@ -19,7 +19,6 @@ use tracing::Instrument as _;
 use wasmtime::{Engine, PoolConcurrencyLimitError, Store, UpdateDeadline};
 
 use super::Runtime;
-use super::capture::BoundedCapture;
 use super::config::CallLimits;
 use super::engine::RuntimeStats;
 use super::load::{LoadedComponent, Prepared};
@@ -31,19 +30,31 @@ impl Runtime {
     /// `ready`'s scope, if the pool wants one (see [`Ready`]): on a
     /// blocking-pool thread, shortly after this call, and only if no call
     /// is running then. Outside a Tokio runtime nothing is made.
+    ///
+    /// `spent`, the store of the call just over (its host-side state
+    /// released), is torn down on that thread first, before the instance is
+    /// made (see [`Preparation::defer_teardown`]); with nothing to make, it
+    /// is dropped here.
+    ///
+    /// [`Preparation::defer_teardown`]: super::reuse::Preparation::defer_teardown
     pub(super) fn prepare_next(
         &self,
         component: &LoadedComponent,
         ready: &Ready,
         limits: &CallLimits,
+        spent: Option<Store<CallState>>,
     ) {
         let digest = component.digest();
         let Ok(tokio) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let Some(preparation) = self.idle.start_preparing(&ready.scope, digest, ready.count) else {
+        let Some(mut preparation) = self.idle.start_preparing(&ready.scope, digest, ready.count)
+        else {
             return;
         };
+        if let Some(store) = spent {
+            preparation.defer_teardown(store);
+        }
         let engine = self.engine_of(component).clone();
         let pre = component.inner.prepared.clone();
         let stats = Arc::clone(&self.stats);
@@ -62,6 +73,7 @@ impl Runtime {
             // beside a call slows that call's page faults (4× for Python),
             // and on a busy host the work would only move, not shrink.
             std::thread::sleep(SETTLE);
+            preparation.tear_down();
             if stats.running.load(Ordering::Relaxed) == 0 {
                 let made = make_ahead(&engine, &pre, memory_limit, timeout, &stats);
                 preparation.finish(runtime.block_on(made.instrument(span)));
@@ -108,13 +120,7 @@ async fn instantiate_ahead<G>(
 ) -> Result<Option<(Store<CallState>, G)>, Unready> {
     // No grants and empty captures: the call that takes the instance gives
     // it its own, which is only sound because none were used here.
-    let grants = WasiGrants {
-        env: Arc::new([]),
-        preopens: Arc::new([]),
-        stdout: BoundedCapture::new(0),
-        stderr: BoundedCapture::new(0),
-    };
-    let mut store = Store::new(engine, CallState::new(grants, memory_limit));
+    let mut store = Store::new(engine, CallState::new(WasiGrants::none(), memory_limit));
     store.limiter(|state| &mut state.limiter);
     let deadline = Instant::now() + timeout;
     store.set_epoch_deadline(1);

@@ -238,6 +238,9 @@ struct Inner {
     preparing: usize,
     next_generation: u64,
     unpreparable: HashSet<Digest>,
+    /// Stores whose calls are over, each left to the preparation whose
+    /// ticket it has to tear down (see [`Preparation::defer_teardown`]).
+    teardowns: Vec<(u64, Store<CallState>)>,
 }
 
 /// A ready instance being made. [`Preparation::finish`] hands the result
@@ -247,10 +250,42 @@ pub(crate) struct Preparation {
     pool: Arc<InstancePool>,
     key: Key,
     generation: u64,
+    /// This preparation's own number, unlike `generation` (its slot's).
+    ticket: u64,
     finished: bool,
 }
 
 impl Preparation {
+    /// Leaves `store`, whose call is over, to be dropped by this
+    /// preparation ([`Preparation::tear_down`]) before it makes its
+    /// instance, and not by the call. Dropping a store is Wasmtime resetting
+    /// its memory slot for the next instance (a few hundred µs for Python);
+    /// this way the call's answer does not wait for it, and the instance
+    /// made next gets that slot back, already holding the component's
+    /// memory image. The store's host-side state must already be released
+    /// ([`CallState::release`]). Until it is torn down, a call that finds
+    /// the allocator full drops it ([`InstancePool::evict_oldest`]), so it
+    /// never costs a call its slot.
+    pub(crate) fn defer_teardown(&mut self, store: Store<CallState>) {
+        let mut inner = self.pool.lock();
+        inner.teardowns.push((self.ticket, store));
+    }
+
+    /// Drops the store left to this preparation, unless a call needing its
+    /// slot already did.
+    pub(crate) fn tear_down(&mut self) {
+        let store = {
+            let mut inner = self.pool.lock();
+            let at = inner
+                .teardowns
+                .iter()
+                .position(|(ticket, _)| *ticket == self.ticket);
+            at.map(|at| inner.teardowns.swap_remove(at))
+        };
+        // Outside the lock: the reset takes a while.
+        drop(store);
+    }
+
     /// Gives up: the host was busy. No instance is made ahead, for any
     /// function, until it has been quiet a while ([`BUSY_BACKOFF`]).
     pub(crate) fn host_busy(self) {
@@ -273,6 +308,7 @@ impl Preparation {
 
 impl Drop for Preparation {
     fn drop(&mut self) {
+        self.tear_down();
         if !self.finished {
             self.pool
                 .end_preparing(&self.key, self.generation, Ok(None));
@@ -309,6 +345,7 @@ impl InstancePool {
                 preparing: 0,
                 next_generation: 0,
                 unpreparable: HashSet::new(),
+                teardowns: Vec::new(),
             }),
             quiet_after: Mutex::new(None),
             max_idle,
@@ -413,7 +450,8 @@ impl InstancePool {
         {
             return None;
         }
-        let generation = inner.next_generation;
+        let ticket = inner.next_generation;
+        let generation = ticket;
         let key = (Arc::clone(scope), digest);
         let slot = inner.slots.entry(key.clone()).or_insert_with(|| Slot {
             generation,
@@ -431,6 +469,7 @@ impl InstancePool {
             pool: Arc::clone(self),
             key,
             generation,
+            ticket,
             finished: false,
         })
     }
@@ -501,11 +540,18 @@ impl InstancePool {
         drop(expired);
     }
 
-    /// Drops the instance kept longest, if any: a call needs its slot in
-    /// the allocator more than a later call needs it kept.
+    /// Drops a store left for teardown, or else the instance kept longest,
+    /// if any: a call needs its slot in the allocator more than a later
+    /// call needs it kept.
     pub(crate) fn evict_oldest(&self) -> bool {
         let oldest = {
             let mut inner = self.lock();
+            // A store left for teardown first: nobody wants it any more.
+            if let Some((_, store)) = inner.teardowns.pop() {
+                drop(inner);
+                drop(store);
+                return true;
+            }
             let oldest = inner
                 .slots
                 .iter()

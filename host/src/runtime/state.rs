@@ -28,6 +28,18 @@ pub(crate) struct WasiGrants {
 }
 
 impl WasiGrants {
+    /// No environment, no directories, and captures that keep nothing: the
+    /// grants of a store no call owns (one made ahead of its call, or one
+    /// whose call is over).
+    pub(crate) fn none() -> Self {
+        Self {
+            env: Arc::new([]),
+            preopens: Arc::new([]),
+            stdout: BoundedCapture::new(0),
+            stderr: BoundedCapture::new(0),
+        }
+    }
+
     fn build(&self) -> WasiCtx {
         // Nothing is inherited: no host stdio, env, args, preopens or network
         // (sockets stay linked but every address is denied by default).
@@ -228,6 +240,19 @@ impl CallState {
 }
 
 impl CallState {
+    /// Drops everything this state holds for its call, leaving the state
+    /// of a store no call owns: the guest's resources (tensors with their
+    /// device-memory charges, streams, key-value handles), the output sink
+    /// (a streaming caller's end of the stream closes), the WASI context
+    /// with its open directories, egress, configuration and GPU session.
+    /// For a store whose call is over but whose instance is torn down later
+    /// (see `Preparation::defer_teardown`): what the caller can observe is
+    /// released exactly when dropping the whole store would have released
+    /// it; only Wasmtime's reset of the instance's memory waits.
+    pub(crate) fn release(&mut self) {
+        drop(std::mem::replace(self, Self::new(WasiGrants::none(), 0)));
+    }
+
     /// Why the call's outgoing requests were refused, emptied.
     pub(crate) fn egress_denials(&self) -> Vec<String> {
         self.http_hooks

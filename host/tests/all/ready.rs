@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gust_host::runtime::{
-    CallLimits, Invocation, LoadedComponent, Outcome, Ready, Reuse, Runtime, RuntimeConfig,
+    CallControl, CallLimits, Invocation, LoadedComponent, Outcome, Ready, Reuse, Runtime,
+    RuntimeConfig,
 };
-use gust_test_artifacts::{COUNTER_COMPONENT, ENV_VAR_COMPONENT};
+use gust_test_artifacts::{COUNTER_COMPONENT, ENV_VAR_COMPONENT, STREAMER_COMPONENT};
 use tempfile::TempDir;
 
 use super::server::{TestServer, deploy, invocation_record, invocation_status, request, tenant};
@@ -150,6 +151,41 @@ async fn a_ready_instance_runs_with_the_grants_of_the_call_that_takes_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_lets_go_of_its_caller_when_it_ends_though_its_instance_is_torn_down_later() {
+    // The store of a call whose next instance is being prepared is dropped
+    // later, on the preparing thread; what it held for its caller must not
+    // wait for that. A streaming caller's end of the stream shows it: the
+    // stream ends when the host drops its sender.
+    let (runtime, _dir) = runtime();
+    let streamer = load(&runtime, STREAMER_COMPONENT);
+    let limits = ready("acme/stream");
+    let first = runtime
+        .invoke(&streamer, call_request("one"), &limits)
+        .await;
+    assert_eq!(body(&first), "one\ndone\n");
+    for _ in 0..3 {
+        until_ready(&runtime, "acme/stream").await;
+        let (sender, mut chunks) = tokio::sync::mpsc::channel(16);
+        let control = CallControl {
+            stream: Some(sender),
+            ..CallControl::default()
+        };
+        let streamed = runtime
+            .invoke_with(&streamer, call_request("a b"), &limits, control)
+            .await;
+        assert!(streamed.timings.ready);
+        assert_eq!(body(&streamed), "done\n");
+        assert_eq!(chunks.try_recv().unwrap(), "a\n");
+        assert_eq!(chunks.try_recv().unwrap(), "b\n");
+        // At once, not once the instance is torn down.
+        assert_eq!(
+            chunks.try_recv(),
+            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ready_instance_is_not_taken_beyond_the_calls_memory_limit() {
     let (runtime, _dir) = runtime();
     let counter = load(&runtime, COUNTER_COMPONENT);
@@ -208,7 +244,9 @@ async fn a_call_takes_the_slot_of_a_kept_instance_when_the_pool_is_full() {
         .await;
     assert_eq!(body(&b), "1");
     assert!(!b.timings.ready);
-    // a's instance was dropped for b: a starts afresh.
+    // a's instance was dropped for b: a starts afresh. (b's store is left
+    // to the thread preparing b's next instance to tear down, a moment
+    // later; a's call, coming before that, drops it to get the slot.)
     let a = runtime.invoke(&counter, call_request(""), &reusing).await;
     assert_eq!(body(&a), "1");
 }
