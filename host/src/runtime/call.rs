@@ -100,10 +100,10 @@ impl Runtime {
     /// After a call of `component` with `timings`: remembers how quickly
     /// it has instantiated, and has the next instance made where that is
     /// slow enough to pay (see [`RuntimeConfig::ready_min_instantiate`]).
-    ///
-    /// [`RuntimeConfig::ready_min_instantiate`]: super::RuntimeConfig::ready_min_instantiate
     /// `spent`: the call's store, if it was not kept; dropped here unless
     /// the next instance's preparation takes it over.
+    ///
+    /// [`RuntimeConfig::ready_min_instantiate`]: super::RuntimeConfig::ready_min_instantiate
     fn after_call(
         &self,
         component: &LoadedComponent,
