@@ -620,7 +620,7 @@ impl Call {
     /// hard time limit fired; `Err(Some(e))` is a trap or host failure.
     /// Returns the instance for reuse when the call left one to keep (see
     /// [`Call::guest`]), it returned normally and it has uses left, and
-    /// otherwise the store, its host-side state released.
+    /// otherwise the store.
     fn finish(
         self,
         result: Result<Outcome, Option<wasmtime::Error>>,
@@ -652,11 +652,7 @@ impl Call {
                 uses,
                 &self.limits,
             )),
-            _ => {
-                let mut store = self.store;
-                store.data_mut().release();
-                Left::Spent(store)
-            }
+            _ => Left::Spent(self.store),
         };
         let stderr = self.stderr.take();
         let outcome = match result {
@@ -685,8 +681,7 @@ impl Call {
 enum Left {
     /// The instance, kept for the next call of its scope.
     Idle(IdleInstance),
-    /// The store, done with: what it held for the call is released (see
-    /// [`CallState::release`]); dropping it tears the instance down.
+    /// The store, done with; dropping it tears the instance down.
     Spent(Store<CallState>),
 }
 
@@ -695,11 +690,7 @@ impl Left {
     /// there is nowhere to keep it.
     fn spent(self) -> Option<Store<CallState>> {
         match self {
-            Self::Idle(idle) => {
-                let mut store = idle.store;
-                store.data_mut().release();
-                Some(store)
-            }
+            Self::Idle(idle) => Some(idle.store),
             Self::Spent(store) => Some(store),
         }
     }

@@ -31,8 +31,8 @@ impl Runtime {
     /// blocking-pool thread, shortly after this call, and only if no call
     /// is running then. Outside a Tokio runtime nothing is made.
     ///
-    /// `spent`, the store of the call just over (its host-side state
-    /// released), is torn down on that thread first, before the instance is
+    /// `spent`, the store of the call just over, has its host-side state
+    /// released at once and is torn down on that thread first, before the instance is
     /// made (see [`Preparation::defer_teardown`]); with nothing to make, it
     /// is dropped here.
     ///
@@ -52,7 +52,10 @@ impl Runtime {
         else {
             return;
         };
-        if let Some(store) = spent {
+        if let Some(mut store) = spent {
+            // What the store holds for the call goes now; only Wasmtime's
+            // teardown waits.
+            store.data_mut().release();
             preparation.defer_teardown(store);
         }
         let engine = self.engine_of(component).clone();
