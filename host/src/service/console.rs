@@ -229,7 +229,8 @@ impl Service {
     }
 
     /// The statistics of `name`'s calls over the `window` ending now, from
-    /// its kept invocation records.
+    /// its kept invocation records (those of calls answered before it
+    /// included, see [`Service::settle_records`]).
     ///
     /// # Errors
     /// [`ServiceError::NotFound`] for an unknown function, or a store failure.
@@ -243,6 +244,7 @@ impl Service {
             return Err(ServiceError::NotFound(format!("no function `{name}`")));
         }
         let kept = self.config.retention_per_function;
+        self.settle_records();
         let records: Vec<InvocationRecord> = self
             .store
             .invocations_before(tenant, name, kept, None)?

@@ -613,7 +613,9 @@ impl Service {
     /// A page of a function's invocation records, newest first: at most
     /// `limit`, older than `cursor` (from an earlier page) when given, and
     /// at most [`LOG_PAGE_BYTES`] of captured output (at least one record).
-    /// Also returns the cursor of the next page, if there is one.
+    /// Also returns the cursor of the next page, if there is one. Includes
+    /// the records of every call answered before it ([`Service::settle_records`]:
+    /// it may block the thread a moment).
     ///
     /// # Errors
     /// [`ServiceError::NotFound`] for an unknown function, or a store failure.
@@ -627,6 +629,7 @@ impl Service {
         if self.store.function(tenant, name)?.is_none() {
             return Err(no_function(name));
         }
+        self.settle_records();
         // One more than asked for tells whether another page follows.
         let mut records =
             self.store
@@ -651,11 +654,14 @@ impl Service {
         Ok((records.into_iter().map(|(_, r)| r).collect(), next))
     }
 
-    /// One invocation record of the tenant.
+    /// One invocation record of the tenant; the record of any call
+    /// answered before it is found ([`Service::settle_records`]: it may
+    /// block the thread a moment).
     ///
     /// # Errors
     /// [`ServiceError::NotFound`], or a store failure.
     pub fn invocation(&self, tenant: &str, id: &str) -> Result<InvocationRecord, ServiceError> {
+        self.settle_records();
         self.store
             .invocation(tenant, id)?
             .ok_or_else(|| ServiceError::NotFound(format!("no invocation `{id}`")))

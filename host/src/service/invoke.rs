@@ -176,6 +176,10 @@ pub fn json_input(json_text: &[u8]) -> Result<(Vec<u8>, &'static str), String> {
     }
 }
 
+/// How long a read of records waits for the record writer at most
+/// ([`Service::settle_records`]): a full queue takes well under a second.
+const SETTLE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Service {
     /// The tenant's deployed function `name`, whichever its world.
     ///
@@ -392,10 +396,11 @@ impl Service {
     }
 
     /// Records a finished invocation (and counts it); `status` is what the
-    /// caller got. On the embedded store, returns once the record is stored
-    /// (on the record writer's thread, see `records`); on a shared store,
-    /// once it is queued for the writer's next batch. A lost record does not
-    /// fail the call it describes.
+    /// caller got. Returns once the record is queued for the record
+    /// writer's next batch (see `records`), not written: on the embedded
+    /// store the service's reads of records wait for what was queued before
+    /// them ([`Service::settle_records`]), so a read after the call's answer
+    /// finds it. A lost record does not fail the call it describes.
     pub async fn record(
         &self,
         function: &FunctionRecord,
@@ -447,40 +452,41 @@ impl Service {
             trace_id: Some(started.trace.trace_id()),
         };
         let record = self.redacted(function, record);
-        if self.store.shared().is_some() {
-            // Off the request path: the writer batches it with others and
-            // counts it. With the store out of reach, not even waiting for
-            // room (the writer retries for a while; beyond the queue, the
-            // record is dropped and counted).
-            drop(permit);
-            let queued = if self.store_reachable() {
-                self.records.queue(record).await
-            } else {
-                self.records.queue_now(record)
-            };
-            if !queued {
-                self.metrics.record_failed();
-                // Many at once while the store is away: a line a second.
-                if let Some(dropped) = self.records.dropped() {
-                    tracing::warn!(
-                        dropped,
-                        "invocation records dropped: the store is out of reach, or far behind the calls"
-                    );
-                }
+        // Off the request path: the writer batches it with others and
+        // counts it. With a shared store out of reach, not even waiting for
+        // room (the writer retries for a while; beyond the queue, the
+        // record is dropped and counted).
+        drop(permit);
+        let queued = if self.store.shared().is_none() || self.store_reachable() {
+            self.records.queue(record).await
+        } else {
+            self.records.queue_now(record)
+        };
+        if !queued {
+            self.metrics.record_failed();
+            // Many at once while the store is away: a line a second.
+            if let Some(dropped) = self.records.dropped() {
+                tracing::warn!(
+                    dropped,
+                    "invocation records dropped: the store is out of reach, far behind the calls, or the record writer has stopped"
+                );
             }
+        }
+    }
+
+    /// Waits (blocking the thread) until the records of every call
+    /// answered so far are written, on the embedded store: what its reads
+    /// of records do first, so that a read after a call's answer finds the
+    /// call's record. On a shared store records are written off the
+    /// request path as before, and reads do not wait.
+    pub fn settle_records(&self) {
+        if self.store.shared().is_some() {
             return;
         }
-        drop(permit);
-        // The writer counts (and logs) what the store said; this waits so
-        // that a read after the answer finds the record.
-        match self.records.send(record).await {
-            Some(written) => {
-                let _ = written.await;
-            }
-            None => {
-                self.metrics.record_failed();
-                tracing::error!(invocation = %started.id, "could not record the invocation: the record writer has stopped");
-            }
+        if !self.records.settle(SETTLE_WITHIN) {
+            tracing::warn!(
+                "reading invocation records before the writer caught up: it is far behind the calls"
+            );
         }
     }
 

@@ -12,11 +12,14 @@
 //! ([`MetaStore::record_invocations`]): on PostgreSQL one transaction for
 //! many records.
 //!
-//! A call on the embedded store waits for its record to be written, so a
-//! read after the answer finds it ([`Recorder::send`]). On a shared store
-//! a call only waits for room in the queue ([`Recorder::queue`]): the
-//! record is written off the request path, in batches as large as the load
-//! makes them, and the writer counts (and logs) what the store said.
+//! A call only waits for room in the queue ([`Recorder::queue`]), never for
+//! the write: the record is written off the request path, in batches as
+//! large as the load makes them, and the writer counts (and logs) what the
+//! store said. Waiting for the write cost the embedded store's calls two
+//! thread wake-ups each (the writer's, then the call's), more than the
+//! write itself under load. A read that must see every record of the calls
+//! answered before it waits instead ([`Recorder::settle`]): reads are rare,
+//! calls are not.
 
 use std::sync::Arc;
 
@@ -31,25 +34,21 @@ const QUEUE: usize = 1024;
 /// Records written in one batch at most.
 const BATCH: usize = 256;
 
+/// How long the writer lets records gather after a batch that was not
+/// full: under load, a wake-up of the writer every 2 ms at most instead of
+/// one per call, while a read waits ([`Recorder::settle`]) at most this
+/// much longer.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// How often a batch is tried again when the store is out of reach, and
 /// how long after each failure.
 const RETRIES: usize = 10;
 const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Who waits for a record to be written. The writer counts every record
-/// in the metrics itself, whoever waits: a caller dropped while waiting
-/// (its client hung up) leaves its record counted all the same.
-enum Ack {
-    /// The call, told once the record is written.
-    Reply(oneshot::Sender<()>),
-    /// Nobody.
-    Counted,
-}
-
 /// What the writer thread is sent.
 enum Queued {
-    /// Write this record and acknowledge it.
-    Record(Box<InvocationRecord>, Ack),
+    /// Write this record (the writer counts it in the metrics).
+    Record(Box<InvocationRecord>),
     /// Answer once everything queued before is written.
     Drain(oneshot::Sender<()>),
 }
@@ -64,6 +63,43 @@ pub(super) struct Recorder {
     dropped: std::sync::Mutex<(u64, Option<std::time::Instant>)>,
     /// Records waiting for room in the queue ([`Recorder::queue`]).
     waiting: std::sync::atomic::AtomicUsize,
+    /// How far the writer has come: what [`Recorder::settle`] waits on.
+    progress: Arc<Progress>,
+}
+
+/// Records queued and records written (or failed) so far. A record is
+/// counted as it goes into the queue, under the same lock, so the count
+/// order is the queue's order; the queue is first in, first out. Once
+/// `written` reaches what `queued` was, every record queued before is
+/// therefore in the store.
+#[derive(Default)]
+struct Progress {
+    /// Records put in the queue; held while one is put in.
+    queued: std::sync::Mutex<u64>,
+    /// Records the writer is done with, and its signal when that grows.
+    written: std::sync::Mutex<u64>,
+    advanced: std::sync::Condvar,
+}
+
+impl Progress {
+    /// Puts `record` in the queue through `permit`, counted.
+    fn put(&self, permit: mpsc::Permit<'_, Queued>, record: InvocationRecord) {
+        let mut queued = self
+            .queued
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        permit.send(Queued::Record(Box::new(record)));
+        *queued += 1;
+    }
+
+    fn wrote(&self, count: usize) {
+        let mut written = self
+            .written
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *written = written.saturating_add(count as u64);
+        self.advanced.notify_all();
+    }
 }
 
 /// Records that may wait for room in the queue at most (a few MiB): calls
@@ -80,6 +116,8 @@ impl Recorder {
     /// counted in `metrics`.
     pub(super) fn start(store: Arc<dyn MetaStore>, metrics: Arc<Metrics>) -> std::io::Result<Self> {
         let (queue, mut queued) = mpsc::channel(QUEUE);
+        let progress = Arc::new(Progress::default());
+        let written = Arc::clone(&progress);
         let writer = std::thread::Builder::new()
             .name("gust-records".into())
             .spawn(move || {
@@ -87,16 +125,13 @@ impl Recorder {
                     store,
                     metrics,
                     records: Vec::with_capacity(BATCH),
-                    acks: Vec::with_capacity(BATCH),
+                    progress: written,
                 };
                 while let Some(first) = queued.blocking_recv() {
                     let mut next = Some(first);
                     while let Some(item) = next {
                         match item {
-                            Queued::Record(record, ack) => {
-                                batch.records.push(*record);
-                                batch.acks.push(ack);
-                            }
+                            Queued::Record(record) => batch.records.push(*record),
                             Queued::Drain(done) => {
                                 // Everything queued before it is written
                                 // before it is answered.
@@ -110,7 +145,17 @@ impl Recorder {
                             None
                         };
                     }
+                    let taken = batch.records.len();
                     batch.write();
+                    // Calls do not wait for their records, so the writer
+                    // need not start on each as it comes: it lets the next
+                    // batch gather. Under load that is one wake-up of this
+                    // thread per pause instead of one per call; a lone
+                    // call's record still goes at once. Not after a full
+                    // batch: more is waiting.
+                    if taken > 0 && taken < BATCH {
+                        std::thread::sleep(GATHER);
+                    }
                 }
             })?;
         Ok(Self {
@@ -118,6 +163,7 @@ impl Recorder {
             writer: Some(writer),
             dropped: std::sync::Mutex::new((0, None)),
             waiting: std::sync::atomic::AtomicUsize::new(0),
+            progress,
         })
     }
 
@@ -138,23 +184,6 @@ impl Recorder {
         Some(count)
     }
 
-    /// Queues `record` (waiting for room) and returns what answers once
-    /// the store has answered for it (so that a read after the call's
-    /// answer finds it); `None` if the writer has stopped.
-    pub(super) async fn send(&self, record: InvocationRecord) -> Option<oneshot::Receiver<()>> {
-        let (done, written) = oneshot::channel();
-        let queue = self.queue.as_ref()?;
-        let item = Queued::Record(Box::new(record), Ack::Reply(done));
-        // Queued at once when there is room, so that a caller dropped right
-        // after (its client hung up) still has its record written.
-        match queue.try_send(item) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(item)) => queue.send(item).await.ok()?,
-            Err(mpsc::error::TrySendError::Closed(_)) => return None,
-        }
-        Some(written)
-    }
-
     /// Queues `record`, waiting for room but not for the write (counted by
     /// the writer); false if the writer has stopped, or if [`MAX_WAITING`]
     /// records already wait for room (the store is far behind the calls:
@@ -164,30 +193,60 @@ impl Recorder {
             return false;
         };
         if let Ok(permit) = queue.try_reserve() {
-            permit.send(Queued::Record(Box::new(record), Ack::Counted));
+            self.progress.put(permit, record);
             return true;
         }
         let waiting = self
             .waiting
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let queued = waiting < MAX_WAITING
-            && queue
-                .send(Queued::Record(Box::new(record), Ack::Counted))
-                .await
-                .is_ok();
+        let permit = if waiting < MAX_WAITING {
+            queue.reserve().await.ok()
+        } else {
+            None
+        };
         self.waiting
             .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-        queued
+        match permit {
+            Some(permit) => {
+                self.progress.put(permit, record);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Queues `record` without waiting even for room; false if the queue
     /// is full or the writer has stopped.
     pub(super) fn queue_now(&self, record: InvocationRecord) -> bool {
-        self.queue.as_ref().is_some_and(|queue| {
-            queue
-                .try_send(Queued::Record(Box::new(record), Ack::Counted))
-                .is_ok()
-        })
+        match self.queue.as_ref().map(mpsc::Sender::try_reserve) {
+            Some(Ok(permit)) => {
+                self.progress.put(permit, record);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Waits (blocking the thread, at most `within`) until every record
+    /// queued before this call is written or has failed; false if it gave
+    /// up. Cheap when the writer has caught up: two locks.
+    pub(super) fn settle(&self, within: std::time::Duration) -> bool {
+        let target = *self
+            .progress
+            .queued
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let written = self
+            .progress
+            .written
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (_written, waited) = self
+            .progress
+            .advanced
+            .wait_timeout_while(written, within, |written| *written < target)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        !waited.timed_out()
     }
 
     /// Waits until every record queued so far is written.
@@ -206,12 +265,12 @@ struct Batch {
     store: Arc<dyn MetaStore>,
     metrics: Arc<Metrics>,
     records: Vec<InvocationRecord>,
-    acks: Vec<Ack>,
+    progress: Arc<Progress>,
 }
 
 impl Batch {
-    /// Writes the records as one batch and acknowledges each; leaves the
-    /// batch empty.
+    /// Writes the records as one batch and counts each; leaves the batch
+    /// empty.
     fn write(&mut self) {
         if self.records.is_empty() {
             return;
@@ -231,7 +290,7 @@ impl Batch {
             answers = self.store.record_invocations(&self.records);
         }
         let mut failed: Option<(usize, StoreError)> = None;
-        for ((ack, answer), record) in self.acks.drain(..).zip(answers).zip(&self.records) {
+        for (answer, record) in answers.into_iter().zip(&self.records) {
             match answer {
                 Ok(pruned) => self.metrics.record_written(pruned),
                 Err(error) => {
@@ -245,13 +304,11 @@ impl Batch {
                     }
                 }
             }
-            if let Ack::Reply(done) = ack {
-                let _ = done.send(());
-            }
         }
         if let Some((count, error)) = failed.filter(|(count, _)| *count > 1) {
             tracing::error!(count, %error, "could not record these invocations either");
         }
+        self.progress.wrote(self.records.len());
         self.records.clear();
     }
 }
