@@ -103,9 +103,9 @@ impl Progress {
 }
 
 /// Records that may wait for room in the queue at most (a few MiB): calls
-/// whose answers do not wait for their records (wasi:http, any call on a
-/// shared store) could otherwise pile them up without bound when the store
-/// is slower than the calls for long.
+/// whose answers do not wait for their records (a wasi:http call answers
+/// before its guest is done) could otherwise pile them up without bound
+/// when the store is slower than the calls for long.
 const MAX_WAITING: usize = 16_384;
 
 /// Warnings of dropped records come at most this often.
