@@ -32,9 +32,9 @@ impl Runtime {
     /// is running then. Outside a Tokio runtime nothing is made.
     ///
     /// `spent`, the store of the call just over, has its host-side state
-    /// released at once and is torn down on that thread first, before the instance is
-    /// made (see [`Preparation::defer_teardown`]); with nothing to make, it
-    /// is dropped here.
+    /// released at once and is torn down on that thread first, before the
+    /// instance is made (see [`Preparation::defer_teardown`]); with nothing
+    /// to make, it is dropped here.
     ///
     /// [`Preparation::defer_teardown`]: super::reuse::Preparation::defer_teardown
     pub(super) fn prepare_next(
