@@ -12,7 +12,7 @@ use super::extract::{Params, caller, declared_length};
 use super::problem::Problem;
 use super::{Handled, with_invocation_id};
 use crate::runtime::{CappedBody, Invocation};
-use crate::service::{Access, Admit, Failure, Service, Started};
+use crate::service::{Access, Admit, Failure, Service};
 
 type HttpError = wasmtime_wasi_http::Error;
 
@@ -129,7 +129,7 @@ async fn serve(service: Arc<Service>, Route { tenant, name }: Route, request: Re
         Access::Owner => service.admit(&tenant, Admit::Fail).await?,
         Access::Anonymous => service.admit_anonymous(&tenant)?,
     };
-    let started = Started::now();
+    let started = service.started(&target.function);
     // What an anonymous caller learns of a failure: its code and the
     // invocation id, not the function's internals (a trap's backtrace, a
     // host error's chain); the record keeps everything for the owner.

@@ -106,7 +106,7 @@ pub(super) async fn invoke(
     let limit = service.policy(&tenant).max_body_bytes;
     let (parts, body) = read_capped(request, limit, "the request body").await?;
     let permit = service.admit(&tenant, Admit::Fail).await?;
-    let started = Started::now();
+    let started = service.started(&target.function);
     let headers = parts
         .headers
         .iter()

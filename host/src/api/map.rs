@@ -22,7 +22,7 @@ use super::extract::{Params, TenantKey};
 use super::problem::Problem;
 use super::{BoxError, Handled, respond};
 use crate::runtime::{CallControl, Outcome, Request as CallRequest};
-use crate::service::{Admit, Failure, Service, Started, Target, json_input};
+use crate::service::{Admit, Failure, Service, Target, json_input};
 use crate::wire::{ErrorInfo, MapLine, output_value};
 
 /// Inputs that may be read ahead of the first one not yet written back, per
@@ -266,7 +266,7 @@ async fn run_one(map: &MapTarget, index: u64, input: Result<Vec<u8>, ItemError>)
     let Ok(permit) = service.admit(tenant, Admit::Wait).await else {
         return error_line(index, "overloaded", 503, "the host is shutting down".into());
     };
-    let started = Started::now();
+    let started = service.started(&target.function);
     let call = CallRequest {
         body,
         content_type: content_type.to_owned(),

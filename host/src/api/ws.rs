@@ -257,7 +257,7 @@ impl Session<'_> {
         let Ok(permit) = self.service.admit(self.tenant, Admit::Wait).await else {
             return Ok(false);
         };
-        let started = Started::now();
+        let started = self.service.started(&target.function);
         let call = CallRequest {
             body,
             content_type: content_type.to_owned(),

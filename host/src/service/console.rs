@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::Admit;
-use super::invoke::{Started, invocation_status};
+use super::invoke::invocation_status;
 use super::tenants::Caller;
 use super::{Service, ServiceError};
 use crate::runtime::{Invocation, Request as CallRequest};
@@ -326,7 +326,7 @@ impl Service {
         let target =
             self.handler_target(tenant, name, &format!("call it at /http/{tenant}/{name}/"))?;
         let permit = self.admit(tenant, Admit::Fail).await?;
-        let started = Started::now();
+        let started = self.started(&target.function);
         let call = CallRequest {
             body,
             content_type,

@@ -56,8 +56,13 @@ impl Started {
     /// trace (see [`TraceContext::current`]).
     pub fn now() -> Self {
         let at = now_millis();
+        Self::new(new_invocation_id(at), at)
+    }
+
+    /// An invocation starting now, at `at`, as `id`.
+    fn new(id: String, at: UnixMillis) -> Self {
         Self {
-            id: new_invocation_id(at),
+            id,
             at,
             instant: Instant::now(),
             trace: TraceContext::current(),
@@ -181,6 +186,20 @@ pub fn json_input(json_text: &[u8]) -> Result<(Vec<u8>, &'static str), String> {
 const SETTLE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Service {
+    /// An invocation of `function` starting now, in the current request's
+    /// trace, with an id the store drew where it draws them (its record
+    /// then costs the store less to keep: see
+    /// [`MetaStore::invocation_id`](crate::store::MetaStore::invocation_id)),
+    /// else a random one.
+    pub fn started(&self, function: &FunctionRecord) -> Started {
+        let at = now_millis();
+        let id = self
+            .store
+            .invocation_id(&function.tenant, &function.name, at)
+            .unwrap_or_else(|| new_invocation_id(at));
+        Started::new(id, at)
+    }
+
     /// The tenant's deployed function `name`, whichever its world.
     ///
     /// # Errors

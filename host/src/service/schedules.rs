@@ -25,7 +25,7 @@ use croner::Cron;
 use tokio::sync::Notify;
 use tracing::Instrument as _;
 
-use super::{Admit, Service, ServiceError, Started, json_input};
+use super::{Admit, Service, ServiceError, json_input};
 use crate::runtime::Request as CallRequest;
 use crate::store::{ScheduleRecord, SharedStore, StoreError, UnixMillis, now_millis};
 
@@ -360,7 +360,7 @@ async fn fire(service: &Arc<Service>, tenant: &str, function: &str, tick: UnixMi
     let Ok(permit) = service.admit(tenant, Admit::Wait).await else {
         return;
     };
-    let started = Started::now();
+    let started = service.started(&target.function);
     let call = CallRequest {
         body,
         content_type: content_type.to_owned(),

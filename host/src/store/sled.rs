@@ -6,7 +6,10 @@
 //! byte order equal to the order of the parts and makes no encoded key a
 //! prefix of another, so a prefix scan over `part(tenant)` never catches
 //! tenant `acme2` when asked for `acme`. `seq` and `inc` are big-endian
-//! `u64`s from [`sled::Db::generate_id`].
+//! `u64`s from [`sled::Db::generate_id`]. An invocation record's `seq` is
+//! drawn with its id where the store drew that (at the call's start), else
+//! when the record is written; a function's records list and age in `seq`
+//! order.
 //!
 //! | tree                | key                                       | value                              |
 //! |---------------------|-------------------------------------------|------------------------------------|
@@ -17,7 +20,7 @@
 //! | `functions`         | part(tenant) part(name)                   | stored function (JSON, see below)  |
 //! | `digests`           | part(digest) part(tenant) part(name)      | empty                              |
 //! | `invocations`       | part(tenant) part(function) inc seq       | [`InvocationRecord`] (JSON)        |
-//! | `invocation_ids`    | part(tenant) invocation id (raw)          | the record's `invocations` key     |
+//! | `invocation_ids`    | part(tenant) invocation id (raw)          | the record's `invocations` key (*) |
 //! | `invocation_counts` | part(tenant) part(function)               | live records of the function (u64) |
 //! | `purges`            | part(tenant) part(function) inc           | empty                              |
 //! | `jobs`              | part(tenant) job id (raw)                 | [`JobRecord`] (JSON)               |
@@ -26,7 +29,21 @@
 //! | `kv`                | part(tenant) part(bucket) part(key)       | the value (raw)                    |
 //! | `kv_journal`        | seq                                       | a batch of `kv` writes (JSON)      |
 //!
-//! The default tree holds `gust_meta_format` = `1`, the layout's version.
+//! The default tree holds `gust_meta_format` = `2`, the layout's version,
+//! and `gust_invocation_tag`, 4 random bytes drawn when the database was
+//! made (see below).
+//!
+//! (*) Only for records whose id the store did not draw. An id drawn by
+//! [`MetaStore::invocation_id`] is `inv_` + 12 hex digits (start, ms) + 8
+//! (the tag) + 8 (the first 4 bytes of the function name's SHA-256) + 16
+//! (a `seq`, drawn then, hidden by a keyed permutation whose key the
+//! default tree keeps as `gust_invocation_mask`): its record's key is the function's prefix and
+//! that `seq`, so a read finds it from the id by looking among the tenant's
+//! functions whose name hash matches, and the record costs one entry to
+//! write and one to prune instead of two each (records are the store's
+//! busiest writes). The tag keeps ids of another database, which could
+//! repeat a `seq`, on the indexed path. Layout `1` differs only in having
+//! no such records, and is taken as it is.
 //!
 //! A stored function carries, besides its [`FunctionRecord`], an
 //! *incarnation*: an id drawn at its first deploy and kept across versions.
@@ -67,13 +84,19 @@ mod kv;
 use super::{
     ApiKeyRecord, BackendError, DeployRequest, Deployed, FunctionRecord, InvocationRecord,
     JobRecord, MetaStore, ScheduleRecord, SecretPut, SecretRecord, StoreError, TenantRecord,
-    now_millis,
+    UnixMillis, now_millis,
 };
 
 /// Version of the layout above, kept in the default tree; a database written
 /// with another layout is refused rather than misread.
-const FORMAT_VERSION: &[u8] = b"1";
+const FORMAT_VERSION: &[u8] = b"2";
 const FORMAT_KEY: &[u8] = b"gust_meta_format";
+/// The layout before drawn invocation ids, opened as it is.
+const FORMAT_UNDRAWN_IDS: &[u8] = b"1";
+/// Where the database's tag is kept (see the layout).
+const TAG_KEY: &[u8] = b"gust_invocation_tag";
+/// Where the key of [`SeqMask`] is kept.
+const MASK_KEY: &[u8] = b"gust_invocation_mask";
 
 /// Invocation records a purge scans for at a time: bounded so that purging
 /// a deleted function's records never holds them all in memory.
@@ -119,6 +142,10 @@ pub struct SledStore {
     /// that one bad record does not stop the host from starting.
     quarantine: Tree,
     retention: usize,
+    /// This database's tag, in the ids it draws.
+    tag: u32,
+    /// How the ids it draws hold their `seq`.
+    mask: SeqMask,
     /// Serialises every write of several entries (records, deploys,
     /// deletes, keys) within this process: see "No transactions" above.
     writes: Arc<std::sync::Mutex<()>>,
@@ -147,6 +174,9 @@ struct StoredFunction {
 struct InvocationIdentity {
     id: String,
     tenant: String,
+    /// Tells a drawn id (see the layout) from a look-alike.
+    #[serde(default)]
+    function: String,
 }
 
 /// The error of a record whose function is not (or no longer) deployed.
@@ -181,11 +211,45 @@ impl SledStore {
             .cache_capacity(CACHE_BYTES)
             .open()
             .map_err(backend)?;
+        let tag = match db.get(TAG_KEY).map_err(backend)? {
+            Some(tag) => <[u8; 4]>::try_from(tag.as_ref())
+                .map(u32::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt {
+                    key: "gust_invocation_tag".into(),
+                    message: format!("{} bytes, not 4", tag.len()),
+                    source: None,
+                })?,
+            None => {
+                let tag: u32 = rand::random();
+                db.insert(TAG_KEY, &tag.to_be_bytes()[..])
+                    .map_err(backend)?;
+                tag
+            }
+        };
+        let mask = match db.get(MASK_KEY).map_err(backend)? {
+            Some(key) => <[u8; 32]>::try_from(key.as_ref())
+                .map(SeqMask)
+                .map_err(|_| StoreError::Corrupt {
+                    key: "gust_invocation_mask".into(),
+                    message: format!("{} bytes, not 32", key.len()),
+                    source: None,
+                })?,
+            None => {
+                let key: [u8; 32] = rand::random();
+                db.insert(MASK_KEY, &key[..]).map_err(backend)?;
+                SeqMask(key)
+            }
+        };
         match db.get(FORMAT_KEY).map_err(backend)? {
+            // The tag and mask are written first: a database marked `2` has
+            // them.
             None => {
                 db.insert(FORMAT_KEY, FORMAT_VERSION).map_err(backend)?;
             }
             Some(found) if found.as_ref() == FORMAT_VERSION => {}
+            Some(found) if found.as_ref() == FORMAT_UNDRAWN_IDS => {
+                db.insert(FORMAT_KEY, FORMAT_VERSION).map_err(backend)?;
+            }
             Some(found) => {
                 return Err(StoreError::Backend(BackendError::Format {
                     path: path.to_owned(),
@@ -216,6 +280,8 @@ impl SledStore {
             quarantine: tree("quarantine")?,
             db,
             retention: retention_per_function,
+            tag,
+            mask,
             writes: Arc::new(std::sync::Mutex::new(())),
         };
         store.repair()?;
@@ -296,6 +362,7 @@ impl SledStore {
             // which reads treat as absent.
             let id_key = serde_json::from_slice::<InvocationIdentity>(&value)
                 .ok()
+                .filter(|who| !self.is_drawn(&who.id, &who.function))
                 .map(|who| invocation_id_key(&who.tenant, &who.id));
             found.push((key, id_key));
             if found.len() as u64 >= limit {
@@ -321,13 +388,82 @@ impl SledStore {
         })
     }
 
-    /// Writes one record and its id entry (the caller holds `writes`).
+    /// The `seq` of `id` when this store drew it for a record of
+    /// `function` (see the layout).
+    fn drawn_seq(&self, id: &str, function: &str) -> Option<u64> {
+        DrawnId::parse(id)
+            .filter(|drawn| drawn.tag == self.tag && drawn.name == name_hash(function))
+            .map(|drawn| self.mask.reveal(drawn.seq))
+    }
+
+    /// Whether this store drew `id` for a record of `function`.
+    fn is_drawn(&self, id: &str, function: &str) -> bool {
+        DrawnId::parse(id)
+            .is_some_and(|drawn| drawn.tag == self.tag && drawn.name == name_hash(function))
+    }
+
+    /// The record of an id this store drew: looked for under each of the
+    /// tenant's functions whose name has the id's hash (its current
+    /// incarnation only, as for every read).
+    fn drawn_invocation(
+        &self,
+        tenant: &str,
+        id: &str,
+        drawn: &DrawnId,
+    ) -> Result<Option<InvocationRecord>, StoreError> {
+        let tenant_part = part(tenant);
+        for key in self.functions.scan_prefix(&tenant_part).keys() {
+            let key = key.map_err(backend)?;
+            let matches = split_parts(&key).is_some_and(
+                |parts| matches!(parts.as_slice(), [_, name] if name_hash(name) == drawn.name),
+            );
+            if !matches {
+                continue;
+            }
+            let Some(stored) = self.load_function(&key)? else {
+                continue;
+            };
+            let mut record_key =
+                invocation_prefix(tenant, &stored.function.name, stored.incarnation);
+            record_key.extend_from_slice(&self.mask.reveal(drawn.seq).to_be_bytes());
+            let Some(value) = self.invocations.get(&record_key).map_err(backend)? else {
+                continue;
+            };
+            let record: InvocationRecord = decode(INVOCATIONS, &record_key, &value)?;
+            if record.id == id && record.tenant == tenant {
+                return Ok(Some(record));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Writes one record and, unless the store drew its id, its id entry
+    /// (the caller holds `writes`).
     fn insert_record(
         &self,
         record: &InvocationRecord,
         function: &mut Batched,
     ) -> Result<u64, StoreError> {
         let value = encode(record)?;
+        if let Some(seq) = self.drawn_seq(&record.id, &record.function) {
+            let mut record_key = function.prefix.clone();
+            record_key.extend_from_slice(&seq.to_be_bytes());
+            // A `seq` is drawn once, so a record there is this one, written
+            // before (a retried write), unless it differs.
+            if let Some(current) = self.invocations.get(&record_key).map_err(backend)? {
+                return if current.as_ref() == value.as_slice() {
+                    Ok(0)
+                } else {
+                    Err(StoreError::Conflict(format!("invocation {:?}", record.id)))
+                };
+            }
+            self.invocations
+                .insert(record_key, value)
+                .map_err(backend)?;
+            function.count = function.count.saturating_add(1);
+            function.added += 1;
+            return Ok(0);
+        }
         let id_key = invocation_id_key(&record.tenant, &record.id);
         if let Some(existing) = self.invocation_ids.get(&id_key).map_err(backend)? {
             // Ids are unique, so an existing one is a retried write: fine if
@@ -836,7 +972,20 @@ impl MetaStore for SledStore {
         answers
     }
 
+    fn invocation_id(&self, _tenant: &str, function: &str, at: UnixMillis) -> Option<String> {
+        // Without a `seq` the caller draws a random id, which the indexed
+        // path keeps as before.
+        let seq = self.mask.hide(self.db.generate_id().ok()?);
+        let name = name_hash(function);
+        Some(format!("inv_{at:012x}{:08x}{name:08x}{seq:016x}", self.tag))
+    }
+
     fn invocation(&self, tenant: &str, id: &str) -> Result<Option<InvocationRecord>, StoreError> {
+        if let Some(drawn) = DrawnId::parse(id).filter(|drawn| drawn.tag == self.tag)
+            && let Some(record) = self.drawn_invocation(tenant, id, &drawn)?
+        {
+            return Ok(Some(record));
+        }
         let Some(record_key) = self
             .invocation_ids
             .get(invocation_id_key(tenant, id))
@@ -1099,6 +1248,80 @@ fn invocation_id_key(tenant: &str, id: &str) -> Vec<u8> {
     let mut key = part(tenant);
     key.extend_from_slice(id.as_bytes());
     key
+}
+
+/// How a drawn id holds its `seq`: through a keyed permutation (4 Feistel
+/// rounds over its 32-bit halves, each BLAKE3 keyed with the database's
+/// random key), so that ids do not tell how many the database drew. In the
+/// plain, two ids of a public function would tell an anonymous caller the
+/// host's call rate across every tenant.
+#[derive(Clone, Copy)]
+struct SeqMask([u8; 32]);
+
+impl SeqMask {
+    const ROUNDS: u8 = 4;
+
+    fn round(&self, round: u8, half: u32) -> u32 {
+        let [a, b, c, d] = half.to_be_bytes();
+        let hash = blake3::keyed_hash(&self.0, &[round, a, b, c, d]);
+        let bytes = hash.as_bytes();
+        u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+    }
+
+    fn hide(&self, seq: u64) -> u64 {
+        let (mut left, mut right) = ((seq >> 32) as u32, seq as u32);
+        for round in 0..Self::ROUNDS {
+            (left, right) = (right, left ^ self.round(round, right));
+        }
+        (u64::from(left) << 32) | u64::from(right)
+    }
+
+    fn reveal(&self, hidden: u64) -> u64 {
+        let (mut left, mut right) = ((hidden >> 32) as u32, hidden as u32);
+        for round in (0..Self::ROUNDS).rev() {
+            (left, right) = (right ^ self.round(round, left), left);
+        }
+        (u64::from(left) << 32) | u64::from(right)
+    }
+}
+
+/// The parts of an invocation id a store drew (see the layout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DrawnId {
+    tag: u32,
+    /// The function name's hash (`name_hash`).
+    name: u32,
+    /// The `seq`, hidden (see [`SeqMask`]).
+    seq: u64,
+}
+
+impl DrawnId {
+    /// `inv_` + 12 + 8 + 8 + 16 lowercase hex digits; `None` for any other
+    /// id (random ones have 16 digits after the time).
+    fn parse(id: &str) -> Option<Self> {
+        let digits = id.strip_prefix("inv_")?;
+        if digits.len() != 44
+            || !digits
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return None;
+        }
+        Some(Self {
+            tag: u32::from_str_radix(digits.get(12..20)?, 16).ok()?,
+            name: u32::from_str_radix(digits.get(20..28)?, 16).ok()?,
+            seq: u64::from_str_radix(digits.get(28..44)?, 16).ok()?,
+        })
+    }
+}
+
+/// The first 4 bytes of a function name's SHA-256: enough to pick the
+/// function of a drawn id among a tenant's few (a repeat only costs one
+/// more read), and the same in every build.
+fn name_hash(function: &str) -> u32 {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(function.as_bytes());
+    u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
 }
 
 /// The incarnation inside an `invocations` key (the 8 bytes before `seq`).
@@ -1906,6 +2129,200 @@ mod tests {
         );
         // Its id entry dangles, which reads as absent.
         assert_eq!(store.invocation("acme", "inv_1").unwrap(), None);
+    }
+
+    /// Records whose id the store drew: found by id without an id entry,
+    /// pruned like any other, alongside records with random ids, and
+    /// confined to their tenant and to the function's current incarnation.
+    #[test]
+    fn drawn_ids_find_their_records_without_an_id_entry() {
+        let (_dir, store) = with_function(3);
+        store.create_tenant("rival").unwrap();
+        store
+            .deploy(&request("rival", "hello", DIGEST_A, false))
+            .unwrap();
+        let drawn: Vec<String> = (0..5)
+            .map(|at| store.invocation_id("acme", "hello", 1000 + at).unwrap())
+            .collect();
+        for (at, id) in (1000..).zip(&drawn) {
+            assert_eq!(id.len(), 48, "{id}");
+            assert_eq!(u64::from_str_radix(&id[4..16], 16).ok(), Some(at), "{id}");
+        }
+        // Ids sort by start time, then by draw.
+        let mut sorted = drawn.clone();
+        sorted.sort();
+        assert_eq!(sorted, drawn);
+
+        // Recorded in an order unlike the draw's, with a random id between.
+        for id in [&drawn[1], &drawn[0], &drawn[2]] {
+            store
+                .record_invocation(&invocation("acme", "hello", id))
+                .unwrap();
+        }
+        store
+            .record_invocation(&invocation("acme", "hello", "inv_random"))
+            .unwrap();
+        assert_eq!(
+            store.invocation_ids.len(),
+            1,
+            "only the random id has an entry"
+        );
+        for id in [&drawn[1], &drawn[2], "inv_random"] {
+            let found = store.invocation("acme", id).unwrap();
+            assert_eq!(found.map(|record| record.id), Some(id.to_owned()));
+        }
+        // A drawn id's record takes its place by when the id was drawn (the
+        // start), a random id's by when it was written: retention (3)
+        // pushed out `drawn[0]`, which started first though it was written
+        // second.
+        assert_eq!(store.invocation("acme", &drawn[0]).unwrap(), None);
+        assert_eq!(store.invocations.len(), 3);
+        assert_eq!(
+            ids(&store.invocations("acme", "hello", 10).unwrap()),
+            ["inv_random", drawn[2].as_str(), drawn[1].as_str()]
+        );
+
+        // The same record again is a retried write; another under its id
+        // is refused.
+        assert_eq!(
+            store
+                .record_invocation(&invocation("acme", "hello", &drawn[2]))
+                .unwrap(),
+            0
+        );
+        assert_eq!(store.invocations.len(), 3);
+        let mut other = invocation("acme", "hello", &drawn[2]);
+        other.status = 500;
+        assert!(matches!(
+            store.record_invocation(&other),
+            Err(StoreError::Conflict(_))
+        ));
+
+        // Another tenant with a function of the same name finds nothing.
+        assert_eq!(store.invocation("rival", &drawn[2]).unwrap(), None);
+        // Nor does anyone once the function is deleted and deployed anew.
+        store.delete_function("acme", "hello").unwrap();
+        store
+            .deploy(&request("acme", "hello", DIGEST_A, false))
+            .unwrap();
+        assert_eq!(store.invocation("acme", &drawn[2]).unwrap(), None);
+        assert_eq!(store.invocations.len(), 0, "the purge took them all");
+        assert_eq!(store.invocation_ids.len(), 0);
+
+        // A record whose id was drawn before the delete lands in the new
+        // incarnation, as a random id's would, and is found.
+        store
+            .record_invocation(&invocation("acme", "hello", &drawn[3]))
+            .unwrap();
+        assert_eq!(
+            store.invocation("acme", &drawn[3]).unwrap().map(|r| r.id),
+            Some(drawn[3].clone())
+        );
+    }
+
+    /// An id of the drawn shape that this database did not draw (another
+    /// tag, or another function's name hash) is kept and found through the
+    /// id index: its `seq` could repeat one drawn here.
+    #[test]
+    fn look_alike_ids_take_the_indexed_path() {
+        let (_dir, store) = with_function(10);
+        store
+            .deploy(&request("acme", "other", DIGEST_A, false))
+            .unwrap();
+        let drawn = store.invocation_id("acme", "hello", 7).unwrap();
+        let foreign_tag = format!("inv_{:012x}{:08x}{}", 7, store.tag ^ 1, &drawn[24..]);
+        store
+            .record_invocation(&invocation("acme", "hello", &foreign_tag))
+            .unwrap();
+        // Drawn for `hello`, recorded for `other`.
+        store
+            .record_invocation(&invocation("acme", "other", &drawn))
+            .unwrap();
+        assert_eq!(store.invocation_ids.len(), 2);
+        for id in [&foreign_tag, &drawn] {
+            let found = store.invocation("acme", id).unwrap();
+            assert_eq!(found.map(|record| record.id), Some(id.clone()));
+        }
+        // Pruning and purging take their id entries with them.
+        store.delete_function("acme", "other").unwrap();
+        assert_eq!(store.invocation_ids.len(), 1);
+    }
+
+    #[test]
+    fn only_drawn_shapes_parse() {
+        let id = format!("inv_{:012x}{:08x}{:08x}{:016x}", 5, 0xdead_beef_u32, 7, 9);
+        assert_eq!(
+            DrawnId::parse(&id),
+            Some(DrawnId {
+                tag: 0xdead_beef,
+                name: 7,
+                seq: 9
+            })
+        );
+        for other in [
+            crate::runtime::new_invocation_id(5),
+            id.to_uppercase(),
+            id.replacen("inv_", "job_", 1),
+            format!("{id}0"),
+            id[..47].to_owned(),
+            format!("inv_{}+{}", &id[4..20], &id[21..]),
+        ] {
+            assert_eq!(DrawnId::parse(&other), None, "{other}");
+        }
+        // The same name, the same hash, in every build.
+        assert_eq!(name_hash("hello"), 0x2cf2_4dba);
+    }
+
+    #[test]
+    fn the_mask_hides_the_count_and_gives_it_back() {
+        let mask = SeqMask(*b"an example key, 32 bytes long!!!");
+        let other = SeqMask(*b"another key, also 32 bytes long!");
+        let hidden: Vec<u64> = (1000..1064).map(|seq| mask.hide(seq)).collect();
+        for (seq, hidden) in (1000..).zip(&hidden) {
+            assert_eq!(mask.reveal(*hidden), seq);
+            assert_ne!(other.reveal(*hidden), seq);
+        }
+        // Consecutive counts look nothing alike.
+        for pair in hidden.windows(2) {
+            assert!(pair[0].abs_diff(pair[1]) > 1 << 20, "{pair:x?}");
+        }
+        for seq in [0, 1, u64::from(u32::MAX), u64::MAX] {
+            assert_eq!(mask.reveal(mask.hide(seq)), seq);
+        }
+    }
+
+    /// A database of layout 1 (no drawn ids yet) opens as it is, keeps
+    /// finding its records, and draws ids from then on.
+    #[test]
+    fn a_layout_1_database_opens_and_moves_on() {
+        let (dir, store) = with_function(10);
+        store
+            .record_invocation(&invocation("acme", "hello", "inv_old"))
+            .unwrap();
+        // What layout 1 left: its marker, and no tag.
+        store.db.insert(FORMAT_KEY, FORMAT_UNDRAWN_IDS).unwrap();
+        store.db.remove(TAG_KEY).unwrap();
+        store.db.remove(MASK_KEY).unwrap();
+        store.db.flush().unwrap();
+        let store = reopen(&dir, store, 10);
+        assert_eq!(
+            store.db.get(FORMAT_KEY).unwrap().as_deref(),
+            Some(FORMAT_VERSION)
+        );
+        assert!(store.db.get(TAG_KEY).unwrap().is_some());
+        let drawn = store.invocation_id("acme", "hello", 8).unwrap();
+        store
+            .record_invocation(&invocation("acme", "hello", &drawn))
+            .unwrap();
+        for id in ["inv_old", drawn.as_str()] {
+            let found = store.invocation("acme", id).unwrap();
+            assert_eq!(found.map(|record| record.id), Some(id.to_owned()));
+        }
+        // The tag stays what it was at the next open.
+        let tag = store.tag;
+        let store = reopen(&dir, store, 10);
+        assert_eq!(store.tag, tag);
+        assert!(store.invocation("acme", &drawn).unwrap().is_some());
     }
 
     #[test]
