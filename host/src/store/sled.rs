@@ -211,35 +211,8 @@ impl SledStore {
             .cache_capacity(CACHE_BYTES)
             .open()
             .map_err(backend)?;
-        let tag = match db.get(TAG_KEY).map_err(backend)? {
-            Some(tag) => <[u8; 4]>::try_from(tag.as_ref())
-                .map(u32::from_be_bytes)
-                .map_err(|_| StoreError::Corrupt {
-                    key: "gust_invocation_tag".into(),
-                    message: format!("{} bytes, not 4", tag.len()),
-                    source: None,
-                })?,
-            None => {
-                let tag: u32 = rand::random();
-                db.insert(TAG_KEY, &tag.to_be_bytes()[..])
-                    .map_err(backend)?;
-                tag
-            }
-        };
-        let mask = match db.get(MASK_KEY).map_err(backend)? {
-            Some(key) => <[u8; 32]>::try_from(key.as_ref())
-                .map(SeqMask)
-                .map_err(|_| StoreError::Corrupt {
-                    key: "gust_invocation_mask".into(),
-                    message: format!("{} bytes, not 32", key.len()),
-                    source: None,
-                })?,
-            None => {
-                let key: [u8; 32] = rand::random();
-                db.insert(MASK_KEY, &key[..]).map_err(backend)?;
-                SeqMask(key)
-            }
-        };
+        let tag = u32::from_be_bytes(kept_random(&db, TAG_KEY)?);
+        let mask = SeqMask(kept_random(&db, MASK_KEY)?);
         match db.get(FORMAT_KEY).map_err(backend)? {
             // The tag and mask are written first: a database marked `2` has
             // them.
@@ -362,7 +335,7 @@ impl SledStore {
             // which reads treat as absent.
             let id_key = serde_json::from_slice::<InvocationIdentity>(&value)
                 .ok()
-                .filter(|who| !self.is_drawn(&who.id, &who.function))
+                .filter(|who| self.drawn(&who.id, &who.function).is_none())
                 .map(|who| invocation_id_key(&who.tenant, &who.id));
             found.push((key, id_key));
             if found.len() as u64 >= limit {
@@ -388,18 +361,17 @@ impl SledStore {
         })
     }
 
-    /// The `seq` of `id` when this store drew it for a record of
+    /// The parts of `id` when this store drew it for a record of
     /// `function` (see the layout).
-    fn drawn_seq(&self, id: &str, function: &str) -> Option<u64> {
+    fn drawn(&self, id: &str, function: &str) -> Option<DrawnId> {
         DrawnId::parse(id)
             .filter(|drawn| drawn.tag == self.tag && drawn.name == name_hash(function))
-            .map(|drawn| self.mask.reveal(drawn.seq))
     }
 
-    /// Whether this store drew `id` for a record of `function`.
-    fn is_drawn(&self, id: &str, function: &str) -> bool {
-        DrawnId::parse(id)
-            .is_some_and(|drawn| drawn.tag == self.tag && drawn.name == name_hash(function))
+    /// The `seq` of `id` when this store drew it for a record of `function`.
+    fn drawn_seq(&self, id: &str, function: &str) -> Option<u64> {
+        self.drawn(id, function)
+            .map(|drawn| self.mask.reveal(drawn.seq))
     }
 
     /// The record of an id this store drew: looked for under each of the
@@ -1248,6 +1220,23 @@ fn invocation_id_key(tenant: &str, id: &str) -> Vec<u8> {
     let mut key = part(tenant);
     key.extend_from_slice(id.as_bytes());
     key
+}
+
+/// `N` random bytes kept in the default tree under `key`: drawn and
+/// written at the first open, read back at every later one.
+fn kept_random<const N: usize>(db: &Db, key: &[u8]) -> Result<[u8; N], StoreError> {
+    match db.get(key).map_err(backend)? {
+        Some(kept) => <[u8; N]>::try_from(kept.as_ref()).map_err(|_| StoreError::Corrupt {
+            key: String::from_utf8_lossy(key).into_owned(),
+            message: format!("{} bytes, not {N}", kept.len()),
+            source: None,
+        }),
+        None => {
+            let drawn: [u8; N] = rand::random();
+            db.insert(key, &drawn[..]).map_err(backend)?;
+            Ok(drawn)
+        }
+    }
 }
 
 /// How a drawn id holds its `seq`: through a keyed permutation (4 Feistel
